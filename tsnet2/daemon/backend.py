@@ -1,0 +1,419 @@
+"""The daemon's network backend: one tailnet node.
+
+`Backend` joins the three outside parts the daemon owns: the coordination server (register,
+netmap long-poll), the WireGuard device (`tsnet2.node.Node`) and the node's state directory.
+It is a small state machine (see `State`) with watchers for the IPN bus, and it is the only
+place that knows what the netmap says: WhoIs, name resolution and status come from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import ipaddress
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from tsnet2.control.client import AuthError, ControlClient, ControlError
+from tsnet2.node import Node, PeerConfig
+from tsnet2.node.endpoint import detect_endpoints, parse_endpoint
+from tsnet2.node.keys import load_or_create_private_key, public_key_b64
+
+log = logging.getLogger("tsnet2d.backend")
+
+TAILNET_V4 = ipaddress.ip_network("100.64.0.0/10")
+TAILNET_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NODE_FILE = "node.json"
+POLL_TIMEOUT = 25.0  # seconds a netmap long-poll may wait; the server caps it too
+RETRY_MAX = 5.0  # longest pause between attempts to reach a control server that is down
+
+
+class State(enum.IntEnum):
+    """Backend states, numbered as Tailscale's ipn.State so LocalAPI clients read them."""
+
+    NO_STATE = 0
+    NEEDS_LOGIN = 2
+    STOPPED = 4
+    STARTING = 5
+    RUNNING = 6
+
+
+class BackendError(Exception):
+    """A start or lookup failed; the message is meant for the app's user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StartParams:
+    """What the app (or the daemon's own flags) asks the node to be."""
+
+    hostname: str
+    control_url: str
+    auth_key: str
+    ephemeral: bool
+    advertise_tags: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """Daemon flags for the WireGuard device."""
+
+    ifname: str = "tsnet2"
+    listen_port: int = 41641
+    backend: str = "auto"
+    advertise_endpoint: str | None = None
+
+
+def _node_ips(node: dict[str, Any]) -> list[IPAddress]:
+    out: list[IPAddress] = []
+    for a in node.get("addresses") or []:
+        with contextlib.suppress(ValueError):
+            out.append(ipaddress.ip_address(a))
+    return out
+
+
+def whois_summary(node: dict[str, Any] | None) -> dict[str, str] | None:
+    """The traffic log's compact WhoIs of a peer: node FQDN, stable node id, user login."""
+    if node is None:
+        return None
+    out: dict[str, str] = {}
+    if node.get("fqdn"):
+        out["node"] = str(node["fqdn"])
+    if node.get("stable_id"):
+        out["node_id"] = str(node["stable_id"])
+    login = (node.get("user") or {}).get("login_name")
+    if login:
+        out["user"] = str(login)
+    return out
+
+
+class Backend:
+    """One tailnet node: registration, device, netmap and state, with change notification."""
+
+    def __init__(self, state_dir: Path, device: DeviceConfig) -> None:
+        self.state_dir = state_dir
+        self.device_config = device
+        self.state = State.NO_STATE
+        self.params: StartParams | None = None
+        self.domain = ""
+        self.self_node: dict[str, Any] | None = None
+        self.peers: list[dict[str, Any]] = []
+        self.netmap_version = 0
+        self.control_connected = False
+        self.last_error = ""
+        self._node: Node | None = None
+        self._control: ControlClient | None = None
+        self._credential = ""
+        self._poll_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Condition()
+        self._change_seq = 0
+        self._lock = asyncio.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self, params: StartParams) -> None:
+        """Bring the node up: register, create the device, apply the netmap, start polling.
+
+        Idempotent while the node runs (later params are ignored, as in the prototype). A
+        failed start leaves nothing behind and can be retried.
+        """
+        async with self._lock:
+            if self.state in (State.STARTING, State.RUNNING):
+                return
+            if not params.control_url:
+                raise BackendError(
+                    "no control server: set Server.control_url or TS_CONTROL_URL for tsnet2d"
+                )
+            self.params = params
+            await self._set_state(State.STARTING)
+            try:
+                await self._bring_up(params)
+            except BaseException as exc:
+                self.last_error = str(exc)
+                await self._teardown(deregister=False)
+                await self._set_state(State.NEEDS_LOGIN if isinstance(exc, AuthError)
+                                      else State.STOPPED)
+                raise
+            self.last_error = ""
+            await self._set_state(State.RUNNING)
+
+    async def _bring_up(self, params: StartParams) -> None:
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = await asyncio.to_thread(load_or_create_private_key, self.state_dir)
+        saved = self._load_node_file()
+        cfg = self.device_config
+        if cfg.advertise_endpoint:
+            endpoints = [parse_endpoint(cfg.advertise_endpoint)]
+        else:
+            endpoints = await asyncio.to_thread(detect_endpoints, cfg.listen_port)
+        self._control = ControlClient(params.control_url)
+        credential = saved.get("node_credential", "")
+        if saved.get("control_url") != params.control_url:
+            credential = ""
+        auth_key = params.auth_key
+        if not credential and not auth_key:
+            raise BackendError(
+                "no auth key: set Server.auth_key, or TS_AUTHKEY for tsnet2d, to join the tailnet"
+            )
+        try:
+            reg = await self._control.register(
+                public_key=public_key_b64(key),
+                hostname=params.hostname,
+                endpoints=endpoints,
+                ephemeral=params.ephemeral,
+                tags=list(params.advertise_tags),
+                auth_key=auth_key or None,
+                node_credential=credential or None,
+            )
+        except AuthError:
+            if not credential or not auth_key:
+                raise
+            # The saved credential was refused (the node was removed): join again with the key.
+            log.warning("saved node credential refused; registering again with the auth key")
+            reg = await self._control.register(
+                public_key=public_key_b64(key), hostname=params.hostname, endpoints=endpoints,
+                ephemeral=params.ephemeral, tags=list(params.advertise_tags),
+                auth_key=auth_key, node_credential=None,
+            )
+        self._credential = reg.node_credential
+        self.domain = reg.domain
+        self.self_node = reg.node
+        self._save_node_file(
+            {"control_url": params.control_url, "node_credential": reg.node_credential,
+             "node": reg.node, "domain": reg.domain}
+        )
+        node = Node(ifname=cfg.ifname, listen_port=cfg.listen_port, backend=cfg.backend)
+        self._node = node
+        await asyncio.to_thread(node.start, key)
+        v4, v6 = self._addresses(reg.node)
+        await asyncio.to_thread(node.set_addresses, v4, v6)
+        netmap = await self._control.netmap(self._credential, since=0, timeout=0)
+        await self._apply_netmap(netmap)
+        self.control_connected = True
+        self._poll_task = asyncio.get_running_loop().create_task(
+            self._poll_loop(), name="tsnet2d-netmap-poll"
+        )
+
+    async def stop(self, *, deregister: bool | None = None) -> None:
+        """Take the node down. Ephemeral nodes leave the tailnet (deregister) by default."""
+        async with self._lock:
+            if self.state == State.NO_STATE:
+                return
+            if deregister is None:
+                deregister = bool(self.params and self.params.ephemeral)
+            await self._teardown(deregister=deregister)
+            await self._set_state(State.NO_STATE)
+
+    async def _teardown(self, *, deregister: bool) -> None:
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+            self._poll_task = None
+        if self._control is not None:
+            if deregister and self._credential:
+                try:
+                    await asyncio.wait_for(self._control.deregister(self._credential), 5)
+                    self._forget_node_file()
+                except (ControlError, TimeoutError) as exc:
+                    log.warning("could not deregister from the control server: %s", exc)
+            await self._control.aclose()
+            self._control = None
+        if self._node is not None:
+            await asyncio.to_thread(self._node.close)
+            self._node = None
+        self.control_connected = False
+        self.peers = []
+
+    # ---- netmap ----------------------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        assert self._control is not None
+        delay = 0.1
+        while True:
+            try:
+                netmap = await self._control.netmap(
+                    self._credential, since=self.netmap_version, timeout=POLL_TIMEOUT
+                )
+            except ControlError as exc:
+                if self.control_connected:
+                    log.warning("control server unreachable (%s); keeping current peers", exc)
+                    self.control_connected = False
+                    await self._notify()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            delay = 0.1
+            if not self.control_connected:
+                log.info("control server reachable again")
+                self.control_connected = True
+            if netmap.get("version", 0) != self.netmap_version:
+                await self._apply_netmap(netmap)
+
+    async def _apply_netmap(self, netmap: dict[str, Any]) -> None:
+        self.self_node = netmap.get("self") or self.self_node
+        self.domain = netmap.get("domain") or self.domain
+        peers = [p for p in netmap.get("peers") or [] if isinstance(p, dict)]
+        configs = [self._peer_config(p) for p in peers if p.get("public_key")]
+        if self._node is not None:
+            await asyncio.to_thread(self._node.apply_peers, configs)
+        self.peers = peers
+        self.netmap_version = int(netmap.get("version", 0))
+        log.info("netmap version %d: %d peers", self.netmap_version, len(peers))
+        await self._notify()
+
+    @staticmethod
+    def _peer_config(peer: dict[str, Any]) -> PeerConfig:
+        allowed = []
+        for ip in _node_ips(peer):
+            allowed.append(f"{ip}/{32 if ip.version == 4 else 128}")
+        endpoints = [str(e) for e in peer.get("endpoints") or []]
+        return PeerConfig(
+            public_key=str(peer["public_key"]),
+            endpoint=endpoints[0] if endpoints else None,
+            allowed_ips=allowed,
+            persistent_keepalive=25,
+        )
+
+    @staticmethod
+    def _addresses(node: dict[str, Any]) -> tuple[ipaddress.IPv4Address | None,
+                                                  ipaddress.IPv6Address | None]:
+        v4: ipaddress.IPv4Address | None = None
+        v6: ipaddress.IPv6Address | None = None
+        for ip in _node_ips(node):
+            if isinstance(ip, ipaddress.IPv4Address):
+                v4 = v4 or ip
+            else:
+                v6 = v6 or ip
+        return v4, v6
+
+    # ---- queries ---------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True once the node has addresses and a netmap."""
+        return self.state == State.RUNNING
+
+    def addresses(self) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
+        """Our tailnet addresses (None before start)."""
+        if self.self_node is None or self.state != State.RUNNING:
+            return None, None
+        return self._addresses(self.self_node)
+
+    def cert_domains(self) -> list[str] | None:
+        """Domains a certificate could be issued for: our FQDN without the trailing dot."""
+        if self.self_node is None or self.state != State.RUNNING:
+            return None
+        fqdn = str(self.self_node.get("fqdn", "")).rstrip(".")
+        return [fqdn] if fqdn else None
+
+    def nodes(self) -> Iterable[dict[str, Any]]:
+        """Self first, then peers."""
+        if self.self_node is not None:
+            yield self.self_node
+        yield from self.peers
+
+    def node_by_ip(self, ip: IPAddress) -> dict[str, Any] | None:
+        """The node (self or a peer) that owns a tailnet address, if any."""
+        for node in self.nodes():
+            if ip in _node_ips(node):
+                return node
+        return None
+
+    def resolve(self, host: str, family: int | None) -> IPAddress:
+        """Turn a dial host (tailnet IP, hostname or FQDN) into a tailnet address.
+
+        Raises BackendError with a message naming what was not found.
+        """
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            ip = None
+        if ip is not None:
+            if ip not in TAILNET_V4 and ip not in TAILNET_V6:
+                raise BackendError(f"{ip} is not a tailnet address (100.64.0.0/10 or "
+                                   f"fd7a:115c:a1e0::/48); tsnet2 dials tailnet peers only")
+            if self.node_by_ip(ip) is None:
+                raise BackendError(f"no tailnet node has address {ip}")
+            return ip
+        name = host.rstrip(".").lower()
+        for node in self.nodes():
+            fqdn = str(node.get("fqdn", "")).rstrip(".").lower()
+            if name in (str(node.get("name", "")).lower(), fqdn):
+                candidates = [a for a in _node_ips(node) if family in (None, a.version)]
+                if not candidates:
+                    raise BackendError(f"{host} has no IPv{family} tailnet address")
+                return candidates[0]
+        raise BackendError(f"no tailnet node named {host!r}")
+
+    def peer_stats(self) -> dict[str, Any]:
+        """WireGuard counters per peer public key (base64), empty when the device is down."""
+        if self._node is None:
+            return {}
+        return dict(self._node.peer_stats())
+
+    # ---- change notification (IPN bus) -----------------------------------------------
+
+    async def _set_state(self, state: State) -> None:
+        self.state = state
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._change_seq += 1
+            self._changed.notify_all()
+
+    async def wait_running(self, timeout: float | None) -> None:
+        """Wait until the node runs; raise BackendError if it stops or fails meanwhile."""
+        async def wait() -> None:
+            async with self._changed:
+                while self.state != State.RUNNING:
+                    if self.state in (State.NO_STATE, State.STOPPED, State.NEEDS_LOGIN):
+                        msg = self.last_error or "node is not started; call start() first"
+                        raise BackendError(msg)
+                    await self._changed.wait()
+        await asyncio.wait_for(wait(), timeout)
+
+    async def changes(self) -> AsyncIterator[int]:
+        """Yield once now and then after every state or netmap change (for the IPN bus)."""
+        seen = -1
+        while True:
+            async with self._changed:
+                while self._change_seq == seen:
+                    await self._changed.wait()
+                seen = self._change_seq
+            yield seen
+
+    # ---- state file ------------------------------------------------------------------
+
+    def _node_file(self) -> Path:
+        return self.state_dir / NODE_FILE
+
+    def _load_node_file(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self._node_file().read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self._node_file(), exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _save_node_file(self, data: dict[str, Any]) -> None:
+        path = self._node_file()
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+
+    def _forget_node_file(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._node_file().unlink()

@@ -1,0 +1,358 @@
+"""Flows: outbound dials (channel 0x03), listeners and parked accept slots (channel 0x04).
+
+Inbound flows are real kernel TCP connections accepted on the node's tailnet addresses. Each
+listener owns its bound sockets and a bounded FIFO of parked slots; a slot is an app
+connection waiting for a flow. The daemon watches every parked slot, so a slot whose app went
+away is dropped before it could swallow a flow. Outbound dials resolve the target from the
+netmap and connect a kernel TCP socket through the WireGuard device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import errno
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from tsnet2 import proto
+from tsnet2.daemon.backend import Backend, BackendError, whois_summary
+from tsnet2.daemon.io import IP_FREEBIND, mark, read_line, reset
+from tsnet2.daemon.splice import Splice
+from tsnet2.traffic import TrafficLog
+
+log = logging.getLogger("tsnet2d.datapath")
+
+DIAL_TIMEOUT = 30.0  # seconds for the kernel TCP connect to a peer
+HEADER_TIMEOUT = 10.0  # seconds for a client to send its header line
+SLOT_WAIT = 10.0  # seconds an inbound flow waits for a parked slot before it is dropped
+MAX_SLOTS = 64  # parked slots per listener; more are refused (a client parks 2 by default)
+BACKLOG = 512
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class ListenError(Exception):
+    """A listener could not be registered; the message is for the app."""
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """A parked accept connection waiting for a flow."""
+
+    sock: socket.socket
+    handed: asyncio.Future[tuple[socket.socket, str, str]]
+
+
+@dataclasses.dataclass(eq=False)
+class Listener:
+    """A registered listener: its bound sockets, parked slots and owner."""
+
+    id: str
+    network: str
+    port: int
+    addr: str
+    owner: object
+    ips: list[IPAddress] = dataclasses.field(default_factory=list)
+    socks: list[socket.socket] = dataclasses.field(default_factory=list)
+    slots: collections.deque[Slot] = dataclasses.field(default_factory=collections.deque)
+    slot_added: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+
+
+class Datapath:
+    """Owns listeners, parked slots and live flows for one daemon."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        traffic: TrafficLog,
+        spawn: Callable[[Any], asyncio.Task[None]],
+    ) -> None:
+        self.backend = backend
+        self.traffic = traffic
+        self._spawn = spawn
+        self.listeners: dict[str, Listener] = {}
+        self.splices: set[Splice] = set()
+
+    # ---- listeners -------------------------------------------------------------------
+
+    async def register_listener(self, network: str, addr: str, owner: object) -> Listener:
+        """Bind a listener on the node's tailnet addresses; return it (port 0 resolved)."""
+        try:
+            la = proto.parse_listen_addr(network, addr)
+        except proto.AddressError as exc:
+            raise ListenError(f"daemon: {exc}") from exc
+        if not self.backend.running:
+            try:
+                await self.backend.wait_running(timeout=10)
+            except (BackendError, TimeoutError) as exc:
+                raise ListenError("daemon: node is not running; call up() first") from exc
+        v4, v6 = self.backend.addresses()
+        ips: list[IPAddress] = []
+        if la.host is not None and not la.host.is_unspecified:
+            if la.host not in (v4, v6):
+                raise ListenError(f"daemon: {la.host} is not one of this node's addresses")
+            ips = [la.host]
+        else:
+            if la.network in ("tcp", "tcp4") and v4 is not None:
+                ips.append(v4)
+            if la.network in ("tcp", "tcp6") and v6 is not None:
+                ips.append(v6)
+        if not ips:
+            raise ListenError(f"daemon: node has no address for {la.network}")
+        for other in self.listeners.values():
+            if other.port == la.port and la.port != 0 and set(other.ips) & set(ips):
+                raise ListenError(
+                    f"daemon: listener already registered for {{{other.network} {la.port}}}"
+                )
+        socks = self._bind(ips, la.port)
+        port = socks[0].getsockname()[1]
+        shown = proto.format_addr(la.host, port) if la.host is not None else f":{port}"
+        lst = Listener(id=proto.new_id(), network=la.network, port=port, addr=shown,
+                       owner=owner, ips=ips, socks=socks)
+        self.listeners[lst.id] = lst
+        for s in socks:
+            lst.tasks.append(self._spawn(self._accept_loop(lst, s)))
+        log.info("listener %s: %s %s on %s", lst.id, la.network, shown,
+                 ", ".join(str(i) for i in ips))
+        return lst
+
+    def _bind(self, ips: list[IPAddress], port: int) -> list[socket.socket]:
+        for _attempt in range(16):
+            socks: list[socket.socket] = []
+            try:
+                for ip in ips:
+                    fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+                    s = socket.socket(fam, socket.SOCK_STREAM)
+                    socks.append(s)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    with contextlib.suppress(OSError):
+                        s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+                    if fam == socket.AF_INET6:
+                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    mark(s)
+                    s.bind((str(ip), port))
+                    port = s.getsockname()[1]
+                    s.listen(BACKLOG)
+                    s.setblocking(False)
+                return socks
+            except OSError as exc:
+                for s in socks:
+                    s.close()
+                if exc.errno == errno.EADDRINUSE and port != 0 and len(socks) > 1:
+                    port = 0  # an ephemeral port taken on the other family: pick another
+                    continue
+                if exc.errno == errno.EADDRINUSE:
+                    raise ListenError(f"daemon: port {port} is in use") from exc
+                raise ListenError(f"daemon: cannot listen: {exc}") from exc
+        raise ListenError("daemon: no free port on every address")
+
+    async def unregister_listener(self, listener_id: str) -> bool:
+        """Close a listener, its sockets and its parked slots. False if the id is unknown."""
+        lst = self.listeners.pop(listener_id, None)
+        if lst is None:
+            return False
+        for t in lst.tasks:
+            t.cancel()
+        for t in lst.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for s in lst.socks:
+            s.close()
+        while lst.slots:
+            slot = lst.slots.popleft()
+            if not slot.handed.done():
+                slot.handed.cancel()
+        log.info("listener %s closed", listener_id)
+        return True
+
+    async def release_owner(self, owner: object) -> None:
+        """Unregister every listener a (now disconnected) control connection owned."""
+        for lst in [x for x in self.listeners.values() if x.owner is owner]:
+            await self.unregister_listener(lst.id)
+
+    async def close_all(self) -> None:
+        """Daemon or node shutdown: listeners go, live flows are cut (and logged)."""
+        for lid in list(self.listeners):
+            await self.unregister_listener(lid)
+        for sp in list(self.splices):
+            sp.abort()
+
+    # ---- inbound ---------------------------------------------------------------------
+
+    async def _accept_loop(self, lst: Listener, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except OSError as exc:
+                log.warning("listener %s: accept failed: %s", lst.id, exc)
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            self._spawn(self._inbound(lst, conn))
+
+    async def _inbound(self, lst: Listener, conn: socket.socket) -> None:
+        try:
+            remote = _sockaddr(conn.getpeername())
+            local = _sockaddr(conn.getsockname())
+        except OSError:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLOT_WAIT
+        while True:
+            if lst.id not in self.listeners:
+                log.warning("listener %s closed; refusing flow from %s", lst.id, remote)
+                reset(conn)
+                return
+            slot = self._take_slot(lst)
+            if slot is not None:
+                slot.handed.set_result((conn, local, remote))
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                log.warning("no accept slot for listener %s; dropping flow from %s",
+                            lst.id, remote)
+                reset(conn)
+                return
+            lst.slot_added.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lst.slot_added.wait(), remaining)
+
+    @staticmethod
+    def _take_slot(lst: Listener) -> Slot | None:
+        while lst.slots:
+            slot = lst.slots.popleft()
+            if not slot.handed.done():
+                return slot
+        return None
+
+    async def park(self, sock: socket.socket, reader: proto.LineReader) -> None:
+        """Serve one accept channel: park it, then splice the flow it is handed."""
+        line = await read_line(sock, reader, HEADER_TIMEOUT)
+        listener_id = proto.decode_accept_request(line)
+        lst = self.listeners.get(listener_id)
+        if lst is None:
+            log.warning("accept slot for unknown listener %s refused", listener_id)
+            return
+        if len(lst.slots) >= MAX_SLOTS:
+            log.warning("listener %s has %d parked slots; refusing another", lst.id, MAX_SLOTS)
+            return
+        loop = asyncio.get_running_loop()
+        slot = Slot(sock=sock, handed=loop.create_future())
+        lst.slots.append(slot)
+        lst.slot_added.set()
+        watch = loop.create_task(loop.sock_recv(sock, 1))
+        try:
+            await asyncio.wait({watch, slot.handed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await watch
+        if not slot.handed.done():
+            # The app closed the slot (or wrote to it, which the protocol forbids).
+            slot.handed.cancel()
+            with contextlib.suppress(ValueError):
+                lst.slots.remove(slot)
+            return
+        if slot.handed.cancelled():
+            return
+        conn, local, remote = slot.handed.result()
+        try:
+            await loop.sock_sendall(sock, proto.encode_accept_header(lst.id, local, remote))
+        except OSError as exc:
+            # The app vanished between the check and the hand-off: give the flow to the
+            # next slot instead of losing it.
+            log.warning("accept slot for %s died (%s); re-queueing flow", lst.id, exc)
+            self._spawn(self._inbound(lst, conn))
+            return
+        whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
+        flow = self.traffic.open_flow(direction="in", local=local, remote=remote,
+                                      whois=whois, listener_id=lst.id)
+        await self._splice(flow, sock, conn, b"")
+
+    # ---- outbound --------------------------------------------------------------------
+
+    async def dial(self, sock: socket.socket, reader: proto.LineReader) -> None:
+        """Serve one dial channel: connect to the peer, reply, splice."""
+        loop = asyncio.get_running_loop()
+        line = await read_line(sock, reader, HEADER_TIMEOUT)
+        req = proto.decode_dial_request(line)
+        try:
+            peer = await self._connect(req.network or "tcp", req.addr)
+        except (BackendError, OSError, TimeoutError, ValueError) as exc:
+            msg = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                msg = f"dial {req.addr}: timed out after {DIAL_TIMEOUT:.0f}s"
+            log.info("dial %s %s failed: %s", req.network, req.addr, msg)
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, proto.encode_dial_reply(False, err=msg))
+            return
+        local = _sockaddr(peer.getsockname())
+        remote = _sockaddr(peer.getpeername())
+        try:
+            await loop.sock_sendall(
+                sock, proto.encode_dial_reply(True, local=local, remote=remote)
+            )
+        except OSError:
+            peer.close()
+            return
+        whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
+        flow = self.traffic.open_flow(direction="out", local=local, remote=remote, whois=whois)
+        await self._splice(flow, sock, peer, reader.take_rest())
+
+    async def _connect(self, network: str, addr: str) -> socket.socket:
+        if network not in ("tcp", "tcp4", "tcp6"):
+            raise BackendError(f"unsupported network {network!r}: tsnet2 dials tcp only")
+        if not self.backend.running:
+            raise BackendError("daemon: backend not started; call Start first")
+        host, port = proto.split_host_port(addr)
+        family = {"tcp4": 4, "tcp6": 6}.get(network)
+        ip = self.backend.resolve(host, family)
+        fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            s.setblocking(False)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            mark(s)
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(s, (str(ip), port)), DIAL_TIMEOUT
+            )
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    # ---- splice ----------------------------------------------------------------------
+
+    async def _splice(self, flow: Any, app: socket.socket, peer: socket.socket,
+                      pending: bytes) -> None:
+        sp = Splice(flow)
+        self.splices.add(sp)
+        try:
+            with contextlib.suppress(OSError):
+                peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await sp.start(app, peer, pending)
+            await sp.done
+        except BaseException:
+            sp.abort()
+            raise
+        finally:
+            self.splices.discard(sp)
+
+
+def _sockaddr(addr: Any) -> str:
+    host, port = addr[0], addr[1]
+    return proto.format_addr(ipaddress.ip_address(host), int(port))
+
+
+def _ip_of(addr: str) -> IPAddress:
+    host, _port = proto.split_host_port(addr)
+    return ipaddress.ip_address(host)

@@ -1,0 +1,273 @@
+"""LocalAPI over HTTP/1.1 on channel 0x02, answering with Tailscale's JSON shapes.
+
+The handler table maps an endpoint name to a handler and says whether it is read-only.
+Read-only endpoints are open to the app; endpoints that would change the node or reach the
+tailnet around the traffic log (Tailscale's `dial`, `prefs` edits, serve config...) answer
+403 with the reason. Like Tailscale's handler, requests with a Referer or Origin header, or
+a Host other than `local-tailscaled.sock`, are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+
+from tsnet2 import proto
+from tsnet2._version import __version__
+from tsnet2.daemon.backend import Backend, State
+from tsnet2.proto import tailscale
+
+log = logging.getLogger("tsnet2d.localapi")
+
+PREFIX = "/localapi/v0/"
+VALID_HOSTS = {"", "local-tailscaled.sock", "localhost"}
+MAX_REQUEST = 64 * 1024  # headers + body of one request; LocalAPI requests are small
+IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle
+
+# Endpoints Tailscale's LocalAPI has that we refuse on purpose, with the reason.
+REFUSED = {
+    "dial": "LocalAPI dial would reach the tailnet without the traffic log; use Server.dial",
+    "prefs": "the node's settings belong to tsnet2d, not to the app",
+    "serve-config": "serving is not supported through the LocalAPI",
+    "start": "the node is started through the control channel",
+    "login-interactive": "the node logs in with the daemon's credentials",
+    "logout": "the node's identity belongs to tsnet2d",
+    "set-expiry-sooner": "the node's identity belongs to tsnet2d",
+    "file-put/": "Taildrop is not supported",
+}
+
+
+@dataclasses.dataclass
+class Reply:
+    """A complete (non-streaming) LocalAPI answer."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+Handler = Callable[["Request"], Awaitable[Reply | None]]
+
+
+@dataclasses.dataclass
+class Request:
+    """One parsed LocalAPI request plus the means to stream an answer."""
+
+    method: str
+    endpoint: str
+    query: dict[str, list[str]]
+    conn: LocalAPIConnection
+
+
+def _json(status: int, obj: Any) -> Reply:
+    return Reply(status, proto.go_json(obj) + b"\n")
+
+
+def _error(status: int, message: str) -> Reply:
+    return _json(status, {"error": message})
+
+
+class LocalAPI:
+    """The endpoint table; one instance per daemon."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.routes: dict[str, tuple[bool, Handler]] = {}
+        self.register("status", read_only=True, handler=self.status)
+        self.register("whois", read_only=True, handler=self.whois)
+        self.register("watch-ipn-bus", read_only=True, handler=self.watch_ipn_bus)
+
+    def register(self, name: str, *, read_only: bool, handler: Handler) -> None:
+        """Add an endpoint; a duplicate name is a programming error."""
+        if name in self.routes:
+            raise ValueError(f"duplicate LocalAPI endpoint {name!r}")
+        self.routes[name] = (read_only, handler)
+
+    async def dispatch(self, req: Request) -> Reply | None:
+        """Gate (method, permissions) then call the endpoint's handler."""
+        for name, reason in REFUSED.items():
+            if req.endpoint == name or (name.endswith("/") and req.endpoint.startswith(name)):
+                return _error(403, f"{req.endpoint}: {reason}")
+        route = self.routes.get(req.endpoint)
+        if route is None:
+            return _error(404, f"{req.endpoint}: no such LocalAPI endpoint")
+        read_only, handler = route
+        if read_only and req.method not in ("GET", "HEAD"):
+            return _error(405, f"{req.endpoint}: use GET")
+        if not read_only:
+            return _error(403, f"{req.endpoint}: write access is not granted to the app")
+        if self.backend.state == State.NO_STATE:
+            return Reply(503, b"", "text/plain")
+        return await handler(req)
+
+    # ---- endpoints -------------------------------------------------------------------
+
+    async def status(self, req: Request) -> Reply:
+        """GET /localapi/v0/status[?peers=false]: ipnstate.Status."""
+        b = self.backend
+        with_peers = req.query.get("peers", ["true"])[0] != "false"
+        return _json(200, tailscale.status(
+            b.self_node or {}, b.peers if with_peers else [],
+            backend_state=b.state.name.title().replace("_", ""),
+            domain=b.domain, version=__version__, peer_stats=b.peer_stats(),
+        ))
+
+    async def whois(self, req: Request) -> Reply:
+        """GET /localapi/v0/whois?addr=IP[:port]: apitype.WhoIsResponse."""
+        addr = req.query.get("addr", [""])[0]
+        if not addr:
+            return _error(400, "missing 'addr' parameter")
+        try:
+            try:
+                ip = ipaddress.ip_address(addr.strip("[]"))
+            except ValueError:
+                host, _port = proto.split_host_port(addr)
+                ip = ipaddress.ip_address(host)
+        except ValueError:
+            return _error(400, f"invalid 'addr' parameter {addr!r}: want IP or IP:port")
+        node = self.backend.node_by_ip(ip)
+        if node is None:
+            return _error(404, "no match for IP:port")
+        return _json(200, tailscale.whois_response(node, self.backend.domain))
+
+    async def watch_ipn_bus(self, req: Request) -> None:
+        """GET /localapi/v0/watch-ipn-bus?mask=N: a stream of ipn.Notify JSON lines."""
+        try:
+            mask = int(req.query.get("mask", ["0"])[0])
+        except ValueError:
+            await req.conn.send_reply(_error(400, "invalid 'mask' parameter"))
+            return
+        b = self.backend
+        await req.conn.start_stream()
+
+        async def pump() -> None:
+            first = True
+            async for _seq in b.changes():
+                note = tailscale.notify(
+                    state=int(b.state), self_node=b.self_node, peers=b.peers,
+                    domain=b.domain, version=__version__, mask=mask, initial=first,
+                )
+                first = False
+                if note:
+                    await req.conn.stream(proto.go_json(note) + b"\n")
+
+        await req.conn.until_closed(pump())
+
+
+class LocalAPIConnection:
+    """HTTP/1.1 (h11) on one accepted LocalAPI channel socket."""
+
+    def __init__(self, api: LocalAPI, sock: socket.socket, pending: bytes = b"") -> None:
+        self.api = api
+        self.sock = sock
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+        if pending:
+            self.h11.receive_data(pending)
+        self._loop = asyncio.get_running_loop()
+
+    async def _send(self, *events: Any) -> None:
+        data = b"".join(self.h11.send(e) or b"" for e in events)
+        if data:
+            await self._loop.sock_sendall(self.sock, data)
+
+    async def _next_event(self) -> Any:
+        while True:
+            ev = self.h11.next_event()
+            if ev is not h11.NEED_DATA:
+                return ev
+            data = await asyncio.wait_for(self._loop.sock_recv(self.sock, 65536), IDLE_TIMEOUT)
+            self.h11.receive_data(data)
+
+    async def send_reply(self, reply: Reply) -> None:
+        """Send a whole response."""
+        headers = [("Content-Type", reply.content_type),
+                   ("Content-Length", str(len(reply.body)))]
+        if reply.status == 503:
+            headers.append(("Connection", "close"))
+        events: list[Any] = [h11.Response(status_code=reply.status, headers=headers,
+                                          reason=HTTPStatus(reply.status).phrase)]
+        if reply.body:
+            events.append(h11.Data(data=reply.body))
+        events.append(h11.EndOfMessage())
+        await self._send(*events)
+
+    async def start_stream(self) -> None:
+        """Begin a chunked streaming response."""
+        await self._send(h11.Response(status_code=200, reason="OK", headers=[
+            ("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")]))
+
+    async def stream(self, data: bytes) -> None:
+        """Send one chunk of a streaming response."""
+        await self._send(h11.Data(data=data))
+
+    async def until_closed(self, work: Awaitable[None]) -> None:
+        """Run `work` (a stream) until it ends or the client closes its side."""
+        work_task = asyncio.ensure_future(work)
+        closed = self._loop.create_task(self._loop.sock_recv(self.sock, 1))
+        try:
+            await asyncio.wait({work_task, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (work_task, closed):
+                t.cancel()
+            for t in (work_task, closed):
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await t
+
+    async def serve(self) -> None:
+        """Serve requests until the client closes, errs, or idles out."""
+        try:
+            while True:
+                try:
+                    ev = await self._next_event()
+                    if isinstance(ev, h11.ConnectionClosed):
+                        return
+                    if not isinstance(ev, h11.Request):
+                        continue
+                    request = ev
+                    while not isinstance(ev, h11.EndOfMessage):
+                        ev = await self._next_event()
+                        if isinstance(ev, h11.ConnectionClosed):
+                            return
+                except h11.RemoteProtocolError as exc:
+                    log.warning("localapi: bad request: %s", exc)
+                    with contextlib.suppress(h11.LocalProtocolError, OSError):
+                        await self.send_reply(_error(exc.error_status_hint, str(exc)))
+                    return
+                reply = await self._handle(request)
+                if reply is not None:
+                    await self.send_reply(reply)
+                else:
+                    await self._send(h11.EndOfMessage())
+                if self.h11.our_state is h11.MUST_CLOSE or (reply and reply.status == 503):
+                    return
+                self.h11.start_next_cycle()
+        except (TimeoutError, OSError):
+            return
+
+    async def _handle(self, request: h11.Request) -> Reply | None:
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
+        if "referer" in headers or "origin" in headers:
+            return _error(403, "Referer or Origin header is not allowed on the LocalAPI")
+        host = headers.get("host", "").split(":")[0]
+        if host not in VALID_HOSTS:
+            return _error(403, f"invalid Host header {host!r}")
+        target = urlsplit(request.target.decode("latin-1"))
+        if not target.path.startswith(PREFIX):
+            return _error(404, f"{target.path}: LocalAPI paths start with {PREFIX}")
+        req = Request(
+            method=request.method.decode(),
+            endpoint=target.path[len(PREFIX):],
+            query=parse_qs(target.query),
+            conn=self,
+        )
+        return await self.api.dispatch(req)

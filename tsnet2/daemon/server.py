@@ -1,0 +1,357 @@
+"""tsnet2d's socket server: one Unix socket, four channels, one owner for every task.
+
+Every connection starts with one byte naming its channel (`tsnet2.proto.ChannelKind`). The
+daemon checks the peer's uid (SO_PEERCRED) before reading anything, reads the byte within
+`KIND_TIMEOUT`, and hands the socket to that channel's handler. Handlers run as tasks owned by
+the `Daemon`; shutdown cancels and awaits all of them, cuts live flows (each gets its `close`
+record) and takes the node down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+import stat
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from tsnet2 import proto
+from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartParams, State
+from tsnet2.daemon.datapath import Datapath, ListenError
+from tsnet2.daemon.io import peer_uid
+from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
+from tsnet2.traffic import TrafficLog
+
+log = logging.getLogger("tsnet2d")
+
+KIND_TIMEOUT = 10.0  # seconds a new connection has to name its channel
+SHUTDOWN_TIMEOUT = 10.0  # seconds shutdown waits for handlers after cancelling them
+
+
+class DaemonError(Exception):
+    """The daemon cannot run as configured (message printed as `tsnet2d: <message>`)."""
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    """Everything tsnet2d is told by flags and environment."""
+
+    socket_path: Path
+    state_dir: Path
+    traffic_log: str
+    traffic_log_mode: str = "payload"
+    device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
+    allow_uids: frozenset[int] | None = None  # None: any uid; default: our own
+    hostname: str = ""
+    control_url: str = ""
+    auth_key: str = ""
+    ephemeral: bool = False
+    advertise_tags: tuple[str, ...] = ()
+    auto_start: bool = False
+
+
+class Daemon:
+    """The tsnet2d process: socket, channels, backend, traffic log."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.backend = Backend(config.state_dir, config.device)
+        self.traffic = TrafficLog(config.traffic_log, mode=config.traffic_log_mode)
+        self.datapath = Datapath(self.backend, self.traffic, self.spawn)
+        self.localapi = LocalAPI(self.backend)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._listen_sock: socket.socket | None = None
+
+    # ---- task ownership --------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run `coro` as a task the daemon owns: logged if it fails, cancelled at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal error in %s", task.get_name(), exc_info=task.exception())
+
+    def stop(self) -> None:
+        """Ask `run` to shut down (signal handlers call this)."""
+        self._stop.set()
+
+    # ---- run -------------------------------------------------------------------------
+
+    async def run(self, ready: Callable[[], None] | None = None) -> None:
+        """Serve until `stop()`; `ready` is called once the socket accepts connections."""
+        loop = asyncio.get_running_loop()
+        self._prepare_state_dir()
+        try:
+            self.traffic.open()
+            self._listen_sock = self._bind()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self.stop)
+            if ready is not None:
+                ready()
+            if self.config.auto_start:
+                self.spawn(self._auto_start())
+            accept = self.spawn(self._accept_loop(self._listen_sock))
+            await self._stop.wait()
+            accept.cancel()
+        finally:
+            await self._shutdown()
+
+    async def _auto_start(self) -> None:
+        try:
+            await self.backend.start(self._start_params({}))
+        except Exception as exc:
+            log.error("start failed: %s", exc)
+
+    async def _shutdown(self) -> None:
+        log.info("shutting down")
+        if self._listen_sock is not None:
+            self._listen_sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket_path.unlink()
+        await self.datapath.close_all()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
+        await self.backend.stop()
+        self.traffic.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _prepare_state_dir(self) -> None:
+        d = self.config.state_dir
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(d / "tsnet2d.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonError(f"another tsnet2d is running with state dir {d}") from None
+        self._lock_fd = fd
+
+    def _bind(self) -> socket.socket:
+        path = self.config.socket_path
+        parent = path.parent
+        if not parent.exists():
+            parent.mkdir(mode=0o750, parents=True)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise DaemonError(f"{path} exists and is not a socket; remove it or pick "
+                                  "another --socket path")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket left by a daemon that died
+            else:
+                raise DaemonError(f"another tsnet2d is listening on {path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o117)
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise DaemonError(f"cannot listen on {path}: {exc.strerror}") from exc
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o660)
+        sock.listen(512)
+        sock.setblocking(False)
+        return sock
+
+    # ---- connections -----------------------------------------------------------------
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("accept: %s; backing off", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            conn.setblocking(False)
+            self.spawn(self._serve_conn(conn))
+
+    async def _serve_conn(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            allowed = self.config.allow_uids
+            if allowed is not None:
+                uid = peer_uid(sock)
+                if uid not in allowed:
+                    log.warning("refused connection from uid %d (allowed: %s)",
+                                uid, ",".join(map(str, sorted(allowed))))
+                    return
+            try:
+                first = await asyncio.wait_for(loop.sock_recv(sock, 1), KIND_TIMEOUT)
+            except TimeoutError:
+                log.warning("connection did not name a channel within %.0fs", KIND_TIMEOUT)
+                return
+            if not first:
+                return
+            try:
+                kind = proto.parse_channel_byte(first[0])
+            except proto.ProtocolError as exc:
+                log.warning("refused connection: %s", exc)
+                return
+            if kind == proto.ChannelKind.CONTROL:
+                await self._control(sock)
+            elif kind == proto.ChannelKind.LOCALAPI:
+                await LocalAPIConnection(self.localapi, sock).serve()
+            elif kind == proto.ChannelKind.DIAL:
+                await self.datapath.dial(sock, proto.LineReader(proto.MAX_HEADER_LINE))
+            else:
+                await self.datapath.park(sock, proto.LineReader(proto.MAX_HEADER_LINE))
+        except proto.ProtocolError as exc:
+            log.warning("closing connection: %s", exc)
+        except TimeoutError:
+            log.warning("closing connection: header not received in time")
+        except OSError as exc:
+            log.info("connection ended: %s", exc)
+        finally:
+            sock.close()
+
+    # ---- control channel -------------------------------------------------------------
+
+    async def _control(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        core = proto.ControlServerCore()
+        write_lock = asyncio.Lock()
+        requests: set[asyncio.Task[None]] = set()
+        owner = object()  # identifies this connection's listeners
+
+        async def send(data: bytes) -> None:
+            async with write_lock:
+                await loop.sock_sendall(sock, data)
+
+        async def handle(req: proto.Request) -> None:
+            try:
+                result = await self._call(req.method, req.params or {}, owner)
+            except (BackendError, ListenError, ValueError, TimeoutError) as exc:
+                await send(core.reply_error(req.id, _message(exc)))
+                return
+            except proto.ProtocolError as exc:
+                await send(core.reply_error(req.id, f"daemon: {exc}"))
+                return
+            await send(core.reply(req.id, result))
+            if req.method == "close":
+                await self._close_node()
+
+        try:
+            while True:
+                data = await loop.sock_recv(sock, 65536)
+                if not data:
+                    return
+                for item in core.receive_data(data):
+                    if isinstance(item, proto.ProtocolError):
+                        log.warning("control: %s", item)
+                        continue
+                    task = loop.create_task(handle(item))
+                    requests.add(task)
+                    task.add_done_callback(requests.discard)
+        finally:
+            for t in list(requests):
+                t.cancel()
+            for t in list(requests):
+                with contextlib.suppress(asyncio.CancelledError, OSError):
+                    await t
+            await self.datapath.release_owner(owner)
+
+    async def _call(self, method: str, params: dict[str, Any], owner: object) -> dict[str, Any]:
+        b = self.backend
+        if method == "start":
+            await b.start(self._start_params(params))
+            return {}
+        if method == "up":
+            if b.state == State.NO_STATE:
+                raise BackendError("daemon: backend not started; call Start first")
+            await b.wait_running(None)
+            v4, v6 = b.addresses()
+            return {
+                "tailscale_ips": [str(ip) for ip in (v4, v6) if ip is not None] or None,
+                "node_name": str((b.self_node or {}).get("name", "")),
+                "cert_domains": b.cert_domains(),
+            }
+        if method == "close":
+            return {}
+        if method == "tailscale_ips":
+            v4, v6 = b.addresses()
+            out: dict[str, Any] = {}
+            if v4 is not None:
+                out["v4"] = str(v4)
+            if v6 is not None:
+                out["v6"] = str(v6)
+            return out
+        if method == "cert_domains":
+            return {"domains": b.cert_domains()}
+        if method == "register_listener":
+            lst = await self.datapath.register_listener(
+                _str(params, "network"), _str(params, "addr"), owner
+            )
+            return {"listener_id": lst.id, "addr": lst.addr}
+        if method == "unregister_listener":
+            await self.datapath.unregister_listener(_str(params, "listener_id"))
+            return {}
+        raise BackendError(f'daemon: unknown method "{method}"')
+
+    async def _close_node(self) -> None:
+        """The `close` RPC: the node goes down; the daemon keeps serving and can start again."""
+        await self.datapath.close_all()
+        await self.backend.stop()
+
+    def _start_params(self, p: dict[str, Any]) -> StartParams:
+        c = self.config
+        tags = p.get("advertise_tags") or list(c.advertise_tags)
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise ValueError("daemon: advertise_tags must be a list of strings")
+        return StartParams(
+            hostname=_str(p, "hostname") or c.hostname or socket.gethostname(),
+            control_url=_str(p, "control_url") or c.control_url,
+            auth_key=_str(p, "auth_key") or c.auth_key,
+            ephemeral=bool(p.get("ephemeral")) or c.ephemeral,
+            advertise_tags=tuple(tags),
+        )
+
+
+def _str(params: dict[str, Any], key: str) -> str:
+    v = params.get(key, "")
+    if v is None:
+        return ""
+    if not isinstance(v, str):
+        raise ValueError(f"daemon: parameter {key!r} must be a string")
+    return v
+
+
+def _message(exc: BaseException) -> str:
+    msg = str(exc) or type(exc).__name__
+    return msg if msg.startswith("daemon:") else f"daemon: {msg}"
+
+
+__all__ = ["Daemon", "DaemonConfig", "DaemonError"]

@@ -1,0 +1,139 @@
+"""Splice an app's Unix socket to a tailnet TCP socket, teeing every byte into the log.
+
+A flow is two asyncio protocols joined back to back, no task per flow: bytes read on one side
+are recorded (`Flow.data`) *before* they are written to the other side. Flow control uses the
+transports' own watermarks: when one side's write buffer fills, the other side stops reading.
+EOF is passed on as a half-close (`write_eof`), so a peer that shuts down its write side still
+gets the app's reply. The flow ends when both directions are done or either socket fails; the
+`close` record is written exactly once with the first real error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Literal
+
+from tsnet2.traffic import Flow
+
+Direction = Literal["app->peer", "peer->app"]
+
+# Large enough that a bulk transfer stays in few syscalls; small enough to bound the memory
+# a stalled flow can pin (two buffers of this size at most per flow).
+HIGH_WATER = 256 * 1024
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a spliced flow."""
+
+    def __init__(self, splice: Splice, direction: Direction) -> None:
+        self.splice = splice
+        self.direction = direction  # the direction of bytes READ on this side
+        self.transport: asyncio.Transport | None = None
+        self.other: _Side | None = None
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.splice.forward(self, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.splice.side_eof(self)
+        return True  # keep our write side open: half-close
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.splice.side_lost(self, exc)
+
+
+class Splice:
+    """A running flow between `app_sock` and `peer_sock`; await `done` for its end."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        *,
+        on_bytes: Callable[[Direction, int], None] | None = None,
+    ) -> None:
+        self.flow = flow
+        self.on_bytes = on_bytes
+        self.app = _Side(self, "app->peer")
+        self.peer = _Side(self, "peer->app")
+        self.app.other, self.peer.other = self.peer, self.app
+        self.error: str | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def start(
+        self, app_sock: socket.socket, peer_sock: socket.socket, pending: bytes = b""
+    ) -> None:
+        """Attach both sockets; `pending` holds app bytes read along with the header."""
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: self.peer, peer_sock)
+        if pending:
+            self.forward(self.app, pending)
+        await loop.connect_accepted_socket(lambda: self.app, app_sock)
+
+    def forward(self, side: _Side, data: bytes) -> None:
+        other = side.other
+        assert other is not None
+        self.flow.data(side.direction, data)
+        if self.on_bytes is not None:
+            self.on_bytes(side.direction, len(data))
+        if other.transport is None or other.transport.is_closing():
+            return
+        other.transport.write(data)
+
+    def side_eof(self, side: _Side) -> None:
+        other = side.other
+        assert other is not None
+        if other.transport is not None and not other.transport.is_closing():
+            if other.transport.can_write_eof():
+                other.transport.write_eof()
+            else:
+                other.transport.close()
+        if self.app.eof and self.peer.eof:
+            self._close_both()
+
+    def side_lost(self, side: _Side, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = f"{side.direction.split('->')[0]}: {exc}"
+        other = side.other
+        assert other is not None
+        if not other.lost and other.transport is not None:
+            if exc is not None:
+                other.transport.abort()
+            elif not (side.eof and other.eof):
+                # Closed without a clean half-close from this side: end the other side too.
+                other.transport.close()
+        if self.app.lost and self.peer.lost:
+            self.flow.close(self.error)
+            if not self.done.done():
+                self.done.set_result(None)
+
+    def _close_both(self) -> None:
+        for s in (self.app, self.peer):
+            if s.transport is not None and not s.transport.is_closing():
+                s.transport.close()
+
+    def abort(self) -> None:
+        """End the flow now (daemon shutdown): both sockets are reset."""
+        if self.error is None:
+            self.error = "daemon: flow cut by shutdown"
+        for s in (self.app, self.peer):
+            if s.transport is not None:
+                s.transport.abort()
