@@ -291,7 +291,7 @@ class Datapath:
             msg = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 msg = f"dial {req.addr}: timed out after {DIAL_TIMEOUT:.0f}s"
-            log.info("dial %s %s failed: %s", req.network, req.addr, msg)
+            log.warning("dial %s %s failed: %s", req.network, req.addr, msg)
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, proto.encode_dial_reply(False, err=msg))
             return

@@ -1,0 +1,306 @@
+"""tsnet2d as a real process, without a tailnet: CLI (S2), wire format (S7), bad input.
+
+These need no network namespace: a daemon whose node is not started still serves its socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tsnet2 import proto
+
+from .tailnet import wait_for
+
+DAEMON = [sys.executable, "-m", "tsnet2.daemon"]
+
+
+class Daemon:
+    """A running tsnet2d with its stderr captured to a file."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        self.dir = tmp
+        self.sock = tmp / "run" / "tsnet2.sock"
+        self.state = tmp / "state"
+        self.log = tmp / "tsnet2d.log"
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(
+                [*DAEMON, "--socket", str(self.sock), "--state-dir", str(self.state), *extra],
+                stderr=logf, stdout=subprocess.DEVNULL,
+            )
+        wait_for(lambda: "listening on" in self.text() or self.proc.poll() is not None, 20,
+                 "the readiness line")
+        assert self.proc.poll() is None, self.text()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def connect(self, kind: int | None = None) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(15)
+        s.connect(str(self.sock))
+        if kind is not None:
+            s.sendall(bytes([kind]))
+        return s
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(20)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0, d.text()
+
+
+def rpc(sock: socket.socket, frame: bytes) -> list[bytes]:
+    sock.sendall(frame)
+    return [_readline(sock)]
+
+
+def _readline(sock: socket.socket) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def closed_by_daemon(s: socket.socket) -> bool:
+    """True when the daemon closed the connection (EOF, or a reset if input was unread)."""
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def assert_serving(d: Daemon) -> None:
+    """The daemon still answers a fresh control connection."""
+    with d.connect(proto.ChannelKind.CONTROL) as s:
+        reply = rpc(s, b'{"id":7,"method":"tailscale_ips"}\n')[0]
+    assert reply == b'{"id":7,"result":"e30="}\n'
+
+
+# ---- S2: CLI --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["--socket", "--state-dir"])
+def test_missing_required_flag_exits_2(tmp_path: Path, missing: str) -> None:
+    args = {"--socket": str(tmp_path / "s.sock"), "--state-dir": str(tmp_path / "st")}
+    del args[missing]
+    argv = [x for kv in args.items() for x in kv]
+    out = subprocess.run([*DAEMON, *argv], capture_output=True, timeout=30)
+    assert out.returncode == 2
+    assert f"tsnet2d: {missing} is required" in out.stderr.decode()
+
+
+def test_ready_line_socket_and_log_modes(daemon: Daemon) -> None:
+    assert f"tsnet2d: pid={daemon.proc.pid} listening on {daemon.sock}" in daemon.text()
+    assert stat.S_IMODE(daemon.sock.stat().st_mode) == 0o660
+    assert stat.S_ISSOCK(daemon.sock.stat().st_mode)
+    assert stat.S_IMODE(daemon.sock.parent.stat().st_mode) == 0o750
+    assert stat.S_IMODE(daemon.state.stat().st_mode) == 0o700
+    log = daemon.state / "traffic.jsonl"
+    assert log.exists() and stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+def test_graceful_stop_removes_socket(tmp_path: Path) -> None:
+    d = Daemon(tmp_path)
+    assert d.stop() == 0
+    assert not d.sock.exists()
+
+
+def test_second_daemon_on_same_state_dir_refused(daemon: Daemon, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*DAEMON, "--socket", str(tmp_path / "other.sock"), "--state-dir", str(daemon.state)],
+        capture_output=True, timeout=30,
+    )
+    assert out.returncode == 1
+    assert b"another tsnet2d is running" in out.stderr
+    assert_serving(daemon)
+
+
+def test_stale_socket_is_replaced_but_a_file_is_not(tmp_path: Path) -> None:
+    stale = tmp_path / "run" / "tsnet2.sock"
+    stale.parent.mkdir(mode=0o750)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()  # a socket file nobody listens on: left by a crashed daemon
+    d = Daemon(tmp_path)
+    assert_serving(d)
+    assert d.stop() == 0
+    stale.write_text("not a socket")
+    out = subprocess.run([*DAEMON, "--socket", str(stale), "--state-dir", str(tmp_path / "s2")],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 1 and b"is not a socket" in out.stderr
+    assert stale.read_text() == "not a socket"
+
+
+# ---- S7: wire format ------------------------------------------------------------------
+
+
+def test_control_frames_use_base64(daemon: Daemon) -> None:
+    with daemon.connect(proto.ChannelKind.CONTROL) as s:
+        reply = rpc(s, b'{"id":1,"method":"cert_domains"}\n')[0]
+        frame = json.loads(reply)
+        assert frame["id"] == 1
+        assert json.loads(base64.b64decode(frame["result"])) == {"domains": None}
+        # Nested JSON params are accepted too (the prototype's documented, unused form).
+        nested = b'{"id":2,"method":"unregister_listener","params":{"listener_id":"x"}}\n'
+        assert rpc(s, nested)[0] == b'{"id":2,"result":"e30="}\n'
+        b64 = base64.b64encode(b'{"listener_id":"x"}').decode()
+        line = f'{{"id":3,"method":"unregister_listener","params":"{b64}"}}\n'.encode()
+        assert rpc(s, line)[0] == b'{"id":3,"result":"e30="}\n'
+
+
+def test_localapi_before_start_is_503(daemon: Daemon) -> None:
+    with daemon.connect(proto.ChannelKind.LOCALAPI) as s:
+        s.sendall(b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 503 ")
+    assert b"Connection: close" in data or b"connection: close" in data.lower()
+
+
+def test_dial_before_start_answers_ok_false(daemon: Daemon) -> None:
+    with daemon.connect(proto.ChannelKind.DIAL) as s:
+        s.sendall(proto.encode_dial_request("tcp", "100.64.0.1:80"))
+        line = _readline(s)
+    assert line == b'{"ok":false,"err":"daemon: backend not started; call Start first"}\n'
+
+
+# ---- bad input: each answered or closed cleanly, logged, and the daemon keeps serving ---
+
+
+def test_unknown_channel_byte(daemon: Daemon) -> None:
+    with daemon.connect() as s:
+        s.sendall(b"\x09hello")
+        assert closed_by_daemon(s)
+    wait_for(lambda: "unknown channel byte 0x09" in daemon.text(), 5, "log line")
+    assert_serving(daemon)
+
+
+def test_control_line_over_cap(daemon: Daemon) -> None:
+    with daemon.connect(proto.ChannelKind.CONTROL) as s:
+        chunk = b"x" * 65536
+        try:
+            for _ in range(proto.MAX_CONTROL_LINE // len(chunk) + 2):
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed by the daemon mid-send: that is the expected outcome
+        assert closed_by_daemon(s)
+    wait_for(lambda: "line" in daemon.text() and "closing connection" in daemon.text(), 5,
+             "log line about the long line")
+    assert_serving(daemon)
+
+
+def test_malformed_json_and_unknown_method(daemon: Daemon) -> None:
+    with daemon.connect(proto.ChannelKind.CONTROL) as s:
+        s.sendall(b"{this is not json}\n")
+        reply = rpc(s, b'{"id":5,"method":"frobnicate"}\n')[0]
+        assert json.loads(reply) == {"id": 5, "error": 'daemon: unknown method "frobnicate"'}
+        # The same connection still works after both.
+        assert rpc(s, b'{"id":6,"method":"tailscale_ips"}\n')[0] == b'{"id":6,"result":"e30="}\n'
+    wait_for(lambda: "invalid JSON" in daemon.text(), 5, "log line about bad JSON")
+    assert_serving(daemon)
+
+
+def test_dial_header_over_cap_and_garbage(daemon: Daemon) -> None:
+    with daemon.connect(proto.ChannelKind.DIAL) as s:
+        s.sendall(b"{" + b"a" * (proto.MAX_HEADER_LINE + 10))
+        assert closed_by_daemon(s)
+    with daemon.connect(proto.ChannelKind.DIAL) as s:
+        s.sendall(b'{"op":"explode"}\n')
+        assert closed_by_daemon(s)
+    wait_for(lambda: "explode" in daemon.text(), 5, "log line about the bad op")
+    assert_serving(daemon)
+
+
+def test_dial_header_that_never_ends(daemon: Daemon) -> None:
+    t0 = time.monotonic()
+    with daemon.connect(proto.ChannelKind.DIAL) as s:
+        s.sendall(b'{"op":"dial"')  # and then nothing, ever
+        assert closed_by_daemon(s)  # the daemon gives up after its header timeout
+    assert time.monotonic() - t0 < 14
+    wait_for(lambda: "header not received in time" in daemon.text(), 5, "log line")
+    assert_serving(daemon)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A scratch dir every uid can traverse (pytest's tmp_path is private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="tsnet2-uid-"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def open_daemon(open_dir: Path) -> Iterator[Daemon]:
+    d = Daemon(open_dir)
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0, d.text()
+
+
+def test_connection_from_other_uid_refused(open_daemon: Daemon) -> None:
+    daemon = open_daemon
+    # Open the path for everyone so only the daemon's own check stands in the way.
+    os.chmod(daemon.sock.parent, 0o755)
+    os.chmod(daemon.sock, 0o666)
+    code = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
+        "s.sendall(b'\\x01{\"id\":1,\"method\":\"tailscale_ips\"}\\n')\n"
+        "try:\n    print(repr(s.recv(100)))\n"
+        "except ConnectionResetError:\n    print(repr(b''))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(daemon.sock)], capture_output=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.strip() == b"b''"
+    wait_for(lambda: "refused connection from uid 65534" in daemon.text(), 5, "log line")
+    assert_serving(daemon)
+
+
+def test_allow_uid_flag_admits_that_uid(open_dir: Path) -> None:
+    d = Daemon(open_dir, "--allow-uid", "65534")
+    try:
+        os.chmod(d.sock.parent, 0o755)
+        os.chmod(d.sock, 0o666)
+        code = (
+            "import os, socket, sys\n"
+            "os.setgid(65534); os.setuid(65534)\n"
+            "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
+            "s.sendall(b'\\x01{\"id\":1,\"method\":\"tailscale_ips\"}\\n')\n"
+            "print(s.recv(100).decode().strip())\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code, str(d.sock)], capture_output=True,
+                             timeout=30)
+        assert out.stdout.decode().strip() == '{"id":1,"result":"e30="}', out.stderr.decode()
+    finally:
+        assert d.stop() == 0
