@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import enum
 import ipaddress
 import json
@@ -18,10 +19,10 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tsnet2.control.client import AuthError, ControlClient, ControlError
-from tsnet2.node import Node, PeerConfig
+from tsnet2.node import Node, NodeError, PeerConfig, PeerState
 from tsnet2.node.endpoint import detect_endpoints, parse_endpoint
 from tsnet2.node.keys import load_or_create_private_key, public_key_b64
 
@@ -67,7 +68,7 @@ class DeviceConfig:
 
     ifname: str = "tsnet2"
     listen_port: int = 41641
-    backend: str = "auto"
+    backend: Literal["auto", "kernel", "userspace"] = "auto"
     advertise_endpoint: str | None = None
 
 
@@ -353,11 +354,30 @@ class Backend:
                 return candidates[0]
         raise BackendError(f"no tailnet node named {host!r}")
 
-    def peer_stats(self) -> dict[str, Any]:
+    def peer_stats(self) -> dict[str, PeerState]:
         """WireGuard counters per peer public key (base64), empty when the device is down."""
         if self._node is None:
             return {}
-        return dict(self._node.peer_stats())
+        try:
+            return dict(self._node.peer_stats())
+        except NodeError as exc:
+            log.warning("cannot read WireGuard peer state: %s", exc)
+            return {}
+
+    def peer_status_stats(self) -> dict[str, dict[str, Any]]:
+        """`peer_stats` in the shape `tsnet2.proto.tailscale.status` takes."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, st in self.peer_stats().items():
+            hs = st.last_handshake
+            out[key] = {
+                "rx_bytes": st.rx_bytes,
+                "tx_bytes": st.tx_bytes,
+                "last_handshake": (datetime.datetime.fromtimestamp(hs, datetime.UTC)
+                                   if hs else None),
+                "cur_addr": st.endpoint or "",
+                "active": bool(hs),
+            }
+        return out
 
     # ---- change notification (IPN bus) -----------------------------------------------
 

@@ -250,8 +250,9 @@ class Datapath:
         lst.slots.append(slot)
         lst.slot_added.set()
         watch = loop.create_task(loop.sock_recv(sock, 1))
+        waiting: set[asyncio.Future[Any]] = {watch, slot.handed}
         try:
-            await asyncio.wait({watch, slot.handed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):

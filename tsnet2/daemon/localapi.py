@@ -34,6 +34,10 @@ VALID_HOSTS = {"", "local-tailscaled.sock", "localhost"}
 MAX_REQUEST = 64 * 1024  # headers + body of one request; LocalAPI requests are small
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle
 
+# ipn.NotifyWatchOpt bits we honour (ipn/backend.go).
+NOTIFY_INITIAL_STATE = 1 << 1
+NOTIFY_INITIAL_NETMAP = 1 << 3
+
 # Endpoints Tailscale's LocalAPI has that we refuse on purpose, with the reason.
 REFUSED = {
     "dial": "LocalAPI dial would reach the tailnet without the traffic log; use Server.dial",
@@ -117,9 +121,10 @@ class LocalAPI:
         b = self.backend
         with_peers = req.query.get("peers", ["true"])[0] != "false"
         return _json(200, tailscale.status(
-            b.self_node or {}, b.peers if with_peers else [],
+            b.self_node, b.peers if with_peers else [],
             backend_state=b.state.name.title().replace("_", ""),
-            domain=b.domain, version=__version__, peer_stats=b.peer_stats(),
+            domain=b.domain, version=__version__, peer_stats=b.peer_status_stats(),
+            cert_domains=b.cert_domains(),
         ))
 
     async def whois(self, req: Request) -> Reply:
@@ -151,14 +156,22 @@ class LocalAPI:
         await req.conn.start_stream()
 
         async def pump() -> None:
+            # Like tailscaled: the first Notify carries the state (NotifyInitialState) and
+            # the netmap (NotifyInitialNetMap) when asked; later ones follow every change.
             first = True
+            last_state: int | None = None
             async for _seq in b.changes():
+                state = int(b.state)
+                want_state = (mask & NOTIFY_INITIAL_STATE) if first else state != last_state
+                want_netmap = (mask & NOTIFY_INITIAL_NETMAP) if first else True
                 note = tailscale.notify(
-                    state=int(b.state), self_node=b.self_node, peers=b.peers,
-                    domain=b.domain, version=__version__, mask=mask, initial=first,
+                    __version__,
+                    state=state if want_state else None,
+                    self_node=b.self_node if want_netmap and b.running else None,
+                    peers=b.peers, domain=b.domain,
                 )
-                first = False
-                if note:
+                first, last_state = False, state
+                if len(note) > 1:
                     await req.conn.stream(proto.go_json(note) + b"\n")
 
         await req.conn.until_closed(pump())

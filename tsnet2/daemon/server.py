@@ -28,7 +28,7 @@ from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartPara
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.io import peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
-from tsnet2.traffic import TrafficLog
+from tsnet2.traffic import LogMode, TrafficLog
 
 log = logging.getLogger("tsnet2d")
 
@@ -47,7 +47,7 @@ class DaemonConfig:
     socket_path: Path
     state_dir: Path
     traffic_log: str
-    traffic_log_mode: str = "payload"
+    traffic_log_mode: LogMode = "payload"
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     allow_uids: frozenset[int] | None = None  # None: any uid; default: our own
     hostname: str = ""

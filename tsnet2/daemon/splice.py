@@ -39,6 +39,12 @@ class _Side(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
+        # The two sockets are attached one after the other: the first waits, not reading,
+        # until the second is there, so no byte arrives with nowhere to go.
+        if self.other is None or self.other.transport is None:
+            transport.pause_reading()
+        else:
+            self.other.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self.splice.forward(self, data)
@@ -94,9 +100,9 @@ class Splice:
         self.flow.data(side.direction, data)
         if self.on_bytes is not None:
             self.on_bytes(side.direction, len(data))
-        if other.transport is None or other.transport.is_closing():
-            return
-        other.transport.write(data)
+        assert other.transport is not None  # reading starts only once both are attached
+        if not other.transport.is_closing():
+            other.transport.write(data)
 
     def side_eof(self, side: _Side) -> None:
         other = side.other

@@ -1,0 +1,65 @@
+"""Shared fixtures for the integration tests: the netns lab and started WireGuard nodes.
+
+Tests marked ``@pytest.mark.netns`` are skipped (with the reason) unless the lab can run:
+root, ``ip``, wireguard-go and /dev/net/tun. After each ``lab`` fixture, nothing named with
+the lab's prefix may remain (namespace, link, wireguard-go socket or process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+from wireguard_tools import WireguardKey
+
+from tsnet2.lab import Lab, LabNode, check_prerequisites, find_leftovers
+from tsnet2.node import Node
+
+LAB_PROBLEMS = check_prerequisites()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip netns tests with a clear reason when the lab cannot run on this machine."""
+    if not LAB_PROBLEMS:
+        return
+    skip = pytest.mark.skip(reason="netns lab unavailable: " + "; ".join(LAB_PROBLEMS))
+    for item in items:
+        if item.get_closest_marker("netns") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """A fresh Lab; closed after the test, then checked to have left nothing behind."""
+    the_lab = Lab()
+    try:
+        yield the_lab
+    finally:
+        the_lab.close()
+    leftovers = find_leftovers(the_lab.prefix)
+    assert not leftovers, f"lab {the_lab.prefix} left behind: {leftovers}"
+
+
+StartNode = Callable[..., Node]
+
+
+@pytest.fixture
+def start_node(lab: Lab) -> Iterator[StartNode]:
+    """``start_node(lab_node, host=N, **node_kwargs)``: a started Node in that namespace with
+    addresses 100.64.0.N and fd7a:115c:a1e0::N; closed after the test (before the lab)."""
+    nodes: list[Node] = []
+
+    def start(lab_node: LabNode, host: int, **kwargs: object) -> Node:
+        node = Node(ifname=lab_node.ifname, **kwargs)  # type: ignore[arg-type]
+        with lab.in_netns(lab_node.netns):
+            node.start(WireguardKey.generate())
+        nodes.append(node)
+        node.set_addresses(IPv4Address(f"100.64.0.{host}"), IPv6Address(f"fd7a:115c:a1e0::{host}"))
+        return node
+
+    try:
+        yield start
+    finally:
+        for node in nodes:
+            node.close()

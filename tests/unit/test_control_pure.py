@@ -1,0 +1,153 @@
+"""Unit tests of the pure parts of tsnet2.control: names, ipam, API validation, tokens."""
+
+from __future__ import annotations
+
+import base64
+import os
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+
+from tsnet2.control import api, ipam
+from tsnet2.control.names import (
+    name_candidates,
+    parse_tags,
+    sanitize_hostname,
+    validate_domain,
+)
+from tsnet2.control.tokens import (
+    hash_secret,
+    new_auth_key,
+    new_node_credential,
+    validate_public_key,
+)
+
+
+def _pub() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        ("web", "web"),
+        ("Web Server!", "web-server"),
+        ("my.host.example.com", "my"),
+        ("--a__b--", "a-b"),
+        ("ÄBC", "bc"),
+        ("x" * 100, "x" * 63),
+        ("a" * 62 + "-b", "a" * 62),
+    ],
+)
+def test_sanitize_hostname(raw: str, want: str) -> None:
+    assert sanitize_hostname(raw) == want
+
+
+@pytest.mark.parametrize("raw", ["", "---", "...", "!!!"])
+def test_sanitize_hostname_rejects_empty(raw: str) -> None:
+    with pytest.raises(ValueError, match="no letters or digits"):
+        sanitize_hostname(raw)
+
+
+def test_name_candidates_fit_a_label() -> None:
+    it = name_candidates("a" * 63)
+    first = [next(it) for _ in range(12)]
+    assert first[0] == "a" * 63
+    assert first[1] == "a" * 61 + "-1"
+    assert first[11] == "a" * 60 + "-11"
+    assert all(len(n) <= 63 for n in first)
+    assert len(set(first)) == len(first)
+
+
+def test_tags_and_domain() -> None:
+    assert parse_tags(["tag:b", "tag:a", "tag:b"]) == ("tag:a", "tag:b")
+    for bad in ["a", "tag:", "tag:a b", "tag:-x"]:
+        with pytest.raises(ValueError, match="invalid tag"):
+            parse_tags([bad])
+    assert validate_domain("Example.COM.") == "example.com"
+    with pytest.raises(ValueError):
+        validate_domain("bad_domain")
+
+
+def test_ipam_skips_reserved_and_mirrors_ipv6() -> None:
+    assert ipam.addresses(1) == (IPv4Address("100.64.0.1"), IPv6Address("fd7a:115c:a1e0::1"))
+    assert not ipam.is_usable(0)
+    assert not ipam.is_usable(255)
+    assert not ipam.is_usable(256)
+    reserved = ipam.offset_of(IPv4Address("100.100.100.100"))
+    assert not ipam.is_usable(reserved)
+    assert not ipam.is_usable(ipam.V4_POOL.num_addresses - 1)
+    assert ipam.first_free([]) == 1
+    assert ipam.first_free(range(1, 255)) == 257
+    assert ipam.first_free([1, 2, 4]) == 3
+    assert ipam.first_free(range(1, reserved)) == reserved + 1
+    v4, v6 = ipam.addresses(reserved + 1)
+    assert str(v4) == "100.100.100.101"
+    assert int(v6) - int(ipam.V6_POOL.network_address) == reserved + 1
+    with pytest.raises(ValueError):
+        ipam.addresses(256)
+
+
+def test_tokens() -> None:
+    key, cred = new_auth_key(), new_node_credential()
+    assert key.startswith("tskey-auth-") and len(key) == 11 + 48
+    assert cred.startswith("tsnet2-node-")
+    assert new_auth_key() != key
+    assert hash_secret(key) != key and len(hash_secret(key)) == 64
+    pub = _pub()
+    assert validate_public_key(pub) == pub
+    for bad in ["", "abc", base64.b64encode(b"x" * 31).decode(), "!" * 44, "é" * 44]:
+        with pytest.raises(ValueError, match="public_key"):
+            validate_public_key(bad)
+
+
+def test_parse_register_defaults_and_errors() -> None:
+    pub = _pub()
+    req = api.parse_register({"public_key": pub, "hostname": "Node One", "extra": 1})
+    assert req.hostname == "node-one"
+    assert req.endpoints == () and req.tags == () and req.ephemeral is False
+    assert req.auth_key is None and req.node_credential is None
+    bad_bodies: list[tuple[dict[str, object], str]] = [
+        ({"hostname": "a"}, "public_key is required"),
+        ({"public_key": "short", "hostname": "a"}, "public_key"),
+        ({"public_key": pub}, "hostname is required"),
+        ({"public_key": pub, "hostname": 5}, "hostname is required"),
+        ({"public_key": pub, "hostname": "a", "ephemeral": "yes"}, "ephemeral"),
+        ({"public_key": pub, "hostname": "a", "tags": "tag:a"}, "tags must be a list"),
+        ({"public_key": pub, "hostname": "a", "tags": ["nope"]}, "invalid tag"),
+        ({"public_key": pub, "hostname": "a", "endpoints": "1.2.3.4:5"}, "endpoints must"),
+        ({"public_key": pub, "hostname": "a", "endpoints": ["1.2.3.4"]}, "ip:port"),
+        ({"public_key": pub, "hostname": "a", "auth_key": 7}, "auth_key must be a string"),
+    ]
+    for body, message in bad_bodies:
+        with pytest.raises(api.BadRequest, match=message):
+            api.parse_register(body)
+
+
+@pytest.mark.parametrize("ep", ["1.2.3.4:41641", "[fd00::1]:1", "[::1]:65535"])
+def test_valid_endpoints(ep: str) -> None:
+    assert api.validate_endpoint(ep) == ep
+
+
+@pytest.mark.parametrize(
+    "ep", ["1.2.3.4", "1.2.3.4:0", "1.2.3.4:65536", "fd00::1:80", "host:80", "[1.2.3.4]x:1", 5]
+)
+def test_invalid_endpoints(ep: object) -> None:
+    with pytest.raises(api.BadRequest):
+        api.validate_endpoint(ep)
+
+
+def test_parse_poll_query() -> None:
+    assert api.parse_poll_query(None, None, 60) == (0, 0.0)
+    assert api.parse_poll_query("5", "100", 60) == (5, 60.0)
+    for since, timeout in [("x", "1"), ("-1", "1"), ("1", "x"), ("1", "-2"), ("1", "inf")]:
+        with pytest.raises(api.BadRequest):
+            api.parse_poll_query(since, timeout, 60)
+    with pytest.raises(api.BadRequest, match="not valid JSON"):
+        api.parse_json_object(b"{nope")
+    with pytest.raises(api.BadRequest, match="JSON object"):
+        api.parse_json_object(b"[1]")
+
+
+def test_rfc3339() -> None:
+    assert api.rfc3339(0) == "1970-01-01T00:00:00Z"

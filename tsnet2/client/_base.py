@@ -1,0 +1,378 @@
+"""The non-I/O half shared by :class:`tsnet2.Server` and :class:`tsnet2.AsyncServer`.
+
+Configuration fields, argument validation, RPC parameter building, result parsing,
+the lifecycle state machine and error mapping live here; the sync and asyncio
+faces only move bytes (the httpx ``BaseClient`` pattern).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from tsnet2 import proto
+from tsnet2.client.errors import (
+    AddressError,
+    ClosedError,
+    DaemonError,
+    NotSupportedError,
+    ProtocolError,
+)
+
+IPAddress = IPv4Address | IPv6Address
+TailnetAddr = tuple[IPAddress, int]
+"""A tailnet endpoint: ``(ip_address, port)``."""
+
+LogFunc = Callable[[str], None]
+FallbackTCPHandler = Callable[[TailnetAddr, TailnetAddr], tuple[Callable[[Any], None] | None, bool]]
+"""Shape of a fallback TCP handler (Go: ``func(src, dst) (handler, intercept)``)."""
+
+# Timeouts (seconds). Go tsnet2 uses the same numbers (seed-spec §2.8).
+START_TIMEOUT = 30.0
+RPC_TIMEOUT = 5.0
+SHUTDOWN_RPC_TIMEOUT = 2.0
+SLOT_CONNECT_TIMEOUT = 5.0
+BACKOFF_INITIAL = 0.05
+BACKOFF_MAX = 1.0
+LOCALAPI_TIMEOUT = 30.0
+
+SUPPORTED_NETWORKS = ("tcp", "tcp4", "tcp6")
+NO_SOCKET_MESSAGE = (
+    "socket_path is required (pass Server(socket_path=...) or set TSNET2_SOCKET): not implemented"
+)
+TUN_MESSAGE = "Tun is not supported (the daemon owns the device)"
+
+_FIELDS = frozenset(
+    {
+        "dir",
+        "hostname",
+        "control_url",
+        "auth_key",
+        "ephemeral",
+        "socket_path",
+        "traffic_log_path",
+        "advertise_tags",
+        "port",
+        "store",
+        "logf",
+        "user_logf",
+        "tun",
+        "connect_timeout",
+        "accept_slots",
+    }
+)
+
+
+class State(enum.Enum):
+    """Lifecycle of a Server: UNOPENED -> STARTED -> CLOSED (CLOSED is final)."""
+
+    UNOPENED = "unopened"
+    STARTED = "started"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class Status:
+    """The node's status, returned by ``Server.up()``.
+
+    Attributes:
+        tailscale_ips: the node's tailnet addresses, IPv4 first.
+        cert_domains: DNS names the node can get TLS certificates for, or None.
+        node_name: the node's name (its hostname in the tailnet).
+        backend_state: the LocalAPI ``BackendState`` (``"Running"`` once up).
+        self: the LocalAPI status ``Self`` object (Tailscale field names).
+        raw: the whole LocalAPI ``/localapi/v0/status`` document.
+    """
+
+    tailscale_ips: list[IPAddress]
+    cert_domains: list[str] | None
+    node_name: str
+    backend_state: str
+    self: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------
+# address helpers
+
+
+def parse_tailnet_addr(s: str) -> TailnetAddr | None:
+    """Parse a daemon-supplied ``ip:port`` into ``(ip_address, port)``; "" gives None."""
+    if not s:
+        return None
+    try:
+        host, port = proto.split_host_port(s)
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError as exc:
+        raise ProtocolError(f"daemon sent a malformed address {s!r}: {exc}") from None
+    return ip, port
+
+
+def check_network(op: str, network: str) -> None:
+    """Reject every network except tcp, tcp4 and tcp6 (UDP is not implemented)."""
+    if network in SUPPORTED_NETWORKS:
+        return
+    if network.startswith("udp"):
+        raise NotSupportedError(f"{op}: unsupported network {network!r} (UDP is not implemented)")
+    raise AddressError(f"{op}: unsupported network {network!r} (want tcp, tcp4 or tcp6)")
+
+
+def check_dial_args(op: str, network: str, addr: str) -> None:
+    """Validate dial arguments before any socket is touched."""
+    check_network(op, network)
+    try:
+        host, _ = proto.split_host_port(addr)
+    except ValueError as exc:
+        raise AddressError(f"{op}: {exc}") from None
+    if not host:
+        raise AddressError(f"{op}: bad addr {addr!r}: missing host")
+
+
+def check_listen_args(op: str, network: str, addr: str) -> None:
+    """Validate listen arguments (network and bind address) before any socket is touched."""
+    check_network(op, network)
+    try:
+        proto.parse_listen_addr(network, addr)
+    except ValueError as exc:
+        raise AddressError(f"{op}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------
+# result parsing
+
+
+def as_object(op: str, value: Any) -> dict[str, Any]:
+    """Return an RPC result as a dict (None means ``{}``); ProtocolError otherwise."""
+    if value is None:
+        return {}
+    if isinstance(value, bytes | str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ProtocolError(f"{op}: daemon sent a result that is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{op}: daemon sent a {type(value).__name__} result, want an object")
+    return value
+
+
+def rpc_result(op: str, method: str, response: proto.Response) -> dict[str, Any]:
+    """Map a control-channel response to its result dict, or raise DaemonError."""
+    if response.error is not None:
+        raise DaemonError(
+            f"{op}: {response.error}", method=method, daemon_message=str(response.error)
+        )
+    return as_object(op, response.result)
+
+
+def _str_list(op: str, key: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"{op}: daemon sent a malformed {key!r}: {value!r}")
+    return list(value)
+
+
+def _ip(op: str, key: str, value: Any) -> IPAddress:
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise ProtocolError(f"{op}: daemon sent a malformed {key!r}: {value!r}") from None
+
+
+def parse_up_result(result: dict[str, Any]) -> tuple[list[IPAddress], str, list[str] | None]:
+    """``up`` result -> (tailscale_ips, node_name, cert_domains)."""
+    op = "tsnet2.up"
+    ips = [
+        _ip(op, "tailscale_ips", s)
+        for s in _str_list(op, "tailscale_ips", result.get("tailscale_ips")) or []
+    ]
+    node_name = result.get("node_name", "")
+    if not isinstance(node_name, str):
+        raise ProtocolError(f"{op}: daemon sent a malformed 'node_name': {node_name!r}")
+    return ips, node_name, _str_list(op, "cert_domains", result.get("cert_domains"))
+
+
+def build_status(up_result: dict[str, Any], raw_status: dict[str, Any]) -> Status:
+    """Combine the ``up`` RPC result and the LocalAPI status into a Status."""
+    ips, node_name, domains = parse_up_result(up_result)
+    self_obj = raw_status.get("Self")
+    backend_state = raw_status.get("BackendState", "")
+    return Status(
+        tailscale_ips=ips,
+        cert_domains=domains,
+        node_name=node_name,
+        backend_state=backend_state if isinstance(backend_state, str) else str(backend_state),
+        self=dict(self_obj) if isinstance(self_obj, dict) else {},
+        raw=raw_status,
+    )
+
+
+def parse_tailscale_ips(result: dict[str, Any]) -> tuple[IPv4Address | None, IPv6Address | None]:
+    """``tailscale_ips`` result ``{"v4"?: str, "v6"?: str}`` -> (v4 or None, v6 or None)."""
+    op = "tsnet2.tailscale_ips"
+    v4: IPv4Address | None = None
+    v6: IPv6Address | None = None
+    if result.get("v4"):
+        ip = _ip(op, "v4", result["v4"])
+        if not isinstance(ip, IPv4Address):
+            raise ProtocolError(f"{op}: daemon sent an IPv6 address as 'v4': {ip}")
+        v4 = ip
+    if result.get("v6"):
+        ip = _ip(op, "v6", result["v6"])
+        if not isinstance(ip, IPv6Address):
+            raise ProtocolError(f"{op}: daemon sent an IPv4 address as 'v6': {ip}")
+        v6 = ip
+    return v4, v6
+
+
+def parse_cert_domains(result: dict[str, Any]) -> list[str] | None:
+    """``cert_domains`` result ``{"domains": [str]|null}`` -> list or None."""
+    return _str_list("tsnet2.cert_domains", "domains", result.get("domains"))
+
+
+def parse_register_result(result: dict[str, Any]) -> tuple[str, str]:
+    """``register_listener`` result -> (listener_id, addr)."""
+    listener_id = result.get("listener_id")
+    addr = result.get("addr", "")
+    if not isinstance(listener_id, str) or not listener_id or not isinstance(addr, str):
+        raise ProtocolError(f"tsnet2.listen: daemon sent a malformed register result: {result!r}")
+    return listener_id, addr
+
+
+# ---------------------------------------------------------------------------
+# the shared base
+
+
+class ServerBase:
+    """Configuration and lifecycle shared by Server and AsyncServer (no I/O here)."""
+
+    dir: str
+    hostname: str
+    control_url: str
+    auth_key: str
+    ephemeral: bool
+    socket_path: str
+    traffic_log_path: str
+    advertise_tags: list[str] | None
+    port: int
+    store: Any
+    logf: LogFunc | None
+    user_logf: LogFunc | None
+    tun: Any
+    connect_timeout: float
+    accept_slots: int
+
+    def __init__(
+        self,
+        *,
+        dir: str = "",
+        hostname: str = "",
+        control_url: str = "",
+        auth_key: str = "",
+        ephemeral: bool = False,
+        socket_path: str | None = None,
+        traffic_log_path: str = "",
+        advertise_tags: Sequence[str] | None = None,
+        port: int = 0,
+        store: Any = None,
+        logf: LogFunc | None = None,
+        user_logf: LogFunc | None = None,
+        tun: Any = None,
+        connect_timeout: float = 10.0,
+        accept_slots: int = 2,
+    ) -> None:
+        object.__setattr__(self, "_frozen", False)
+        self.dir = dir
+        self.hostname = hostname
+        self.control_url = control_url
+        self.auth_key = auth_key
+        self.ephemeral = ephemeral
+        self.socket_path = (
+            socket_path if socket_path is not None else os.environ.get("TSNET2_SOCKET", "")
+        )
+        self.traffic_log_path = traffic_log_path
+        self.advertise_tags = list(advertise_tags) if advertise_tags is not None else None
+        self.port = port
+        self.store = store
+        self.logf = logf
+        self.user_logf = user_logf
+        self.tun = tun
+        self.connect_timeout = connect_timeout
+        self.accept_slots = accept_slots
+        self._state = State.UNOPENED
+        self._setup()
+
+    def _setup(self) -> None:
+        """Initialise the I/O face's private state (overridden by the faces)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIELDS and getattr(self, "_frozen", False):
+            raise AttributeError(
+                f"tsnet2: {type(self).__name__}.{name} cannot change after the server started"
+            )
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} hostname={self.hostname!r} "
+            f"socket_path={self.socket_path!r} state={self._state.value}>"
+        )
+
+    # -- state ------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once close() has been called."""
+        return self._state is State.CLOSED
+
+    def _check_startable(self, op: str) -> None:
+        """Raise the error start() would raise before touching the socket."""
+        if self._state is State.CLOSED:
+            raise ClosedError(f"{op}: server is closed")
+        if not self.socket_path:
+            raise NotSupportedError(f"{op}: {NO_SOCKET_MESSAGE}")
+        if self.tun is not None:
+            raise NotSupportedError(f"{op}: {TUN_MESSAGE}")
+        if self.connect_timeout < 0:
+            raise ValueError(f"{op}: connect_timeout must be >= 0, got {self.connect_timeout!r}")
+        if self.accept_slots < 1:
+            raise ValueError(f"{op}: accept_slots must be >= 1, got {self.accept_slots!r}")
+
+    def _mark_started(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+        self._state = State.STARTED
+
+    def _start_params(self) -> dict[str, Any]:
+        """The ``start`` RPC params; every key is always present (seed-spec §2.2)."""
+        return {
+            "hostname": self.hostname,
+            "control_url": self.control_url,
+            "auth_key": self.auth_key,
+            "ephemeral": bool(self.ephemeral),
+            "advertise_tags": list(self.advertise_tags) if self.advertise_tags else None,
+        }
+
+    def _log(self, msg: str) -> None:
+        if self.logf is not None:
+            self.logf(msg)
+
+    # -- methods that never touch the daemon ---------------------------------
+
+    def get_root_path(self) -> str:
+        """Return the ``dir`` field verbatim ("" when unset); the daemon keeps the real state."""
+        return self.dir
+
+    def register_fallback_tcp_handler(self, cb: FallbackTCPHandler) -> Callable[[], None]:
+        """Not supported yet: ``cb`` is never called. Returns a deregister function (a no-op)."""
+        self._log("tsnet2: register_fallback_tcp_handler is not supported; handler ignored")
+
+        def deregister() -> None:
+            """Remove the fallback handler (a no-op: it was never installed)."""
+
+        return deregister

@@ -1,0 +1,543 @@
+"""The asyncio face: :class:`AsyncServer`, :class:`AsyncListener`, :class:`AsyncConn`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from types import TracebackType
+from typing import Any
+
+from tsnet2 import proto
+from tsnet2.client import _base
+from tsnet2.client._aio_io import (
+    AsyncControl,
+    close_writer,
+    open_channel,
+    read_header,
+)
+from tsnet2.client._base import (
+    BACKOFF_INITIAL,
+    BACKOFF_MAX,
+    RPC_TIMEOUT,
+    SHUTDOWN_RPC_TIMEOUT,
+    SLOT_CONNECT_TIMEOUT,
+    START_TIMEOUT,
+    ServerBase,
+    State,
+    Status,
+    TailnetAddr,
+)
+from tsnet2.client.aio_local import AsyncLocalClient
+from tsnet2.client.errors import (
+    ClosedError,
+    DaemonUnavailableError,
+    DeadlineExceededError,
+    DialError,
+    Error,
+    NotSupportedError,
+    ProtocolError,
+)
+
+__all__ = ["AsyncConn", "AsyncListener", "AsyncServer"]
+
+
+class AsyncConn:
+    """A connection to a tailnet peer as asyncio streams (from ``dial`` or ``accept``).
+
+    Attributes:
+        reader: an :class:`asyncio.StreamReader` of the peer's bytes.
+        writer: an :class:`asyncio.StreamWriter`; ``writer.write_eof()`` half-closes.
+        tailnet_local: our end as ``(ip_address, port)``, or None if unknown.
+        tailnet_remote: the peer's end as ``(ip_address, port)``, or None if unknown.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tailnet_local: TailnetAddr | None,
+        tailnet_remote: TailnetAddr | None,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.tailnet_local = tailnet_local
+        self.tailnet_remote = tailnet_remote
+
+    def __repr__(self) -> str:
+        return (
+            f"<AsyncConn tailnet_local={self.tailnet_local} tailnet_remote={self.tailnet_remote}>"
+        )
+
+    def close(self) -> None:
+        """Start closing the connection (see wait_closed)."""
+        self.writer.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed (connection errors are ignored)."""
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+    async def __aenter__(self) -> AsyncConn:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+class AsyncServer(ServerBase):
+    """asyncio version of :class:`tsnet2.Server`: same fields, awaitable methods.
+
+    Fields (keyword arguments): dir, hostname, control_url, auth_key, ephemeral,
+    socket_path (default $TSNET2_SOCKET), traffic_log_path, advertise_tags, port,
+    store, logf, user_logf, tun, connect_timeout, accept_slots; see
+    ``help(tsnet2.Server)``. Use ``async with tsnet2.AsyncServer(...) as srv``.
+    The control channel's reader task belongs to the server: created by start(),
+    cancelled and awaited by close().
+    """
+
+    def _setup(self) -> None:
+        self._start_lock = asyncio.Lock()
+        self._control: AsyncControl | None = None
+        self._listeners: set[AsyncListener] = set()
+
+    async def start(self) -> None:
+        """Connect to the daemon and send ``start`` (idempotent once it succeeded).
+
+        Retries the connect for ``connect_timeout`` seconds, then raises
+        DaemonUnavailableError. A failed start can be retried.
+        """
+        op = "tsnet2.start"
+        async with self._start_lock:
+            if self._state is State.STARTED:
+                return
+            self._check_startable(op)
+            loop = asyncio.get_running_loop()
+            reader, writer = await open_channel(
+                self.socket_path,
+                int(proto.ChannelKind.CONTROL),
+                op,
+                loop.time() + self.connect_timeout,
+            )
+            control = AsyncControl(reader, writer, self.socket_path)
+            try:
+                resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
+                _base.rpc_result(op, "start", resp)
+            except BaseException:
+                await control.aclose()
+                raise
+            self._control = control
+            self._mark_started()
+        self._log(f"tsnet2: connected to the daemon at {self.socket_path}")
+
+    async def _rpc(
+        self, op: str, method: str, params: dict[str, Any] | None, timeout: float | None
+    ) -> dict[str, Any]:
+        control = self._control
+        if self._state is State.CLOSED or control is None:
+            raise ClosedError(f"{op}: server is closed")
+        return _base.rpc_result(op, method, await control.call(op, method, params, timeout))
+
+    async def up(self, timeout: float | None = None) -> Status:
+        """Start, wait until the node is running, and return its Status (``timeout`` in s)."""
+        op = "tsnet2.up"
+        try:
+            async with asyncio.timeout(timeout):
+                await self.start()
+                result = await self._rpc(op, "up", None, None)
+                raw = await self._local().status()
+        except TimeoutError as exc:
+            if isinstance(exc, Error):
+                raise
+            raise DeadlineExceededError(f"{op}: node not running within {timeout}s") from None
+        return _base.build_status(result, raw)
+
+    def _local(self) -> AsyncLocalClient:
+        return AsyncLocalClient(self.socket_path, connect_timeout=self.connect_timeout)
+
+    async def close(self) -> None:
+        """Close listeners, tell the daemon ``close``, stop the reader task, drop the connection.
+
+        Closing a server that never started is fine; a second call raises ClosedError.
+        """
+        op = "tsnet2.close"
+        async with self._start_lock:
+            if self._state is State.CLOSED:
+                raise ClosedError(f"{op}: server already closed")
+            self._state = State.CLOSED
+        control = self._control
+        for ln in list(self._listeners):
+            await ln.close()
+        self._control = None
+        if control is None:
+            return
+        try:
+            await control.call(op, "close", None, SHUTDOWN_RPC_TIMEOUT)
+        except Error as exc:
+            self._log(f"tsnet2: close RPC failed (ignored): {exc}")
+        finally:
+            await control.aclose()
+
+    async def aclose(self) -> None:
+        """Alias of close()."""
+        await self.close()
+
+    async def __aenter__(self) -> AsyncServer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.closed:
+            await self.close()
+
+    async def listen(self, network: str, addr: str) -> AsyncListener:
+        """Listen on the tailnet (tcp/tcp4/tcp6, ``addr`` like ``":8080"``)."""
+        op = "tsnet2.listen"
+        _base.check_listen_args(op, network, addr)
+        await self.start()
+        result = await self._rpc(
+            op, "register_listener", {"network": network, "addr": addr}, RPC_TIMEOUT
+        )
+        listener_id, bound = _base.parse_register_result(result)
+        ln = AsyncListener(self, network, bound, listener_id, self.accept_slots)
+        self._listeners.add(ln)
+        try:
+            await ln._park_initial()
+        except BaseException:
+            await ln.close()
+            raise
+        return ln
+
+    async def listen_tls(self, network: str, addr: str) -> AsyncListener:
+        """Not implemented: always raises NotSupportedError."""
+        raise NotSupportedError("tsnet2.listen_tls: not implemented")
+
+    async def _unregister(self, listener_id: str) -> None:
+        control = self._control
+        if control is None:
+            return
+        try:
+            await control.call(
+                "tsnet2.AsyncListener.close",
+                "unregister_listener",
+                {"listener_id": listener_id},
+                SHUTDOWN_RPC_TIMEOUT,
+            )
+        except Error as exc:
+            self._log(f"tsnet2: unregister_listener {listener_id} failed (ignored): {exc}")
+
+    def _gone_event(self) -> asyncio.Event | None:
+        return self._control.gone if self._control is not None else None
+
+    def _control_alive(self) -> bool:
+        control = self._control
+        return control is not None and control.broken is None
+
+    async def dial(self, network: str, addr: str, timeout: float | None = None) -> AsyncConn:
+        """Connect to ``addr`` (``"host:port"``) through the daemon; return an AsyncConn.
+
+        ``timeout`` bounds both the socket connect and the daemon's reply.
+        Raises DialError if the daemon could not connect.
+        """
+        op = "tsnet2.dial"
+        _base.check_dial_args(op, network, addr)
+        await self.start()
+        if not self._control_alive():
+            raise DaemonUnavailableError(f"{op}: the daemon went away; start a new Server")
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        reader, writer = await open_channel(
+            self.socket_path,
+            int(proto.ChannelKind.DIAL),
+            op,
+            now + (self.connect_timeout if timeout is None else timeout),
+            payload=proto.encode_dial_request(network, addr),
+        )
+        ok = False
+        try:
+            try:
+                async with asyncio.timeout_at(None if timeout is None else now + timeout):
+                    await writer.drain()
+                    line = await read_header(reader, op)
+            except TimeoutError as exc:
+                if isinstance(exc, Error):
+                    raise
+                raise DeadlineExceededError(f"{op}: no reply from the daemon in time") from None
+            except OSError as exc:
+                if isinstance(exc, Error):
+                    raise
+                raise DaemonUnavailableError(
+                    f"{op}: connection to the daemon failed: {exc}"
+                ) from exc
+            if line is None:
+                raise DaemonUnavailableError(
+                    f"{op}: the daemon closed the connection without a reply"
+                )
+            try:
+                reply = proto.decode_dial_reply(line)
+            except proto.ProtocolError as exc:
+                raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
+            if not reply.ok:
+                raise DialError(f"{op}: {reply.err or 'dial failed'}")
+            conn = AsyncConn(
+                reader,
+                writer,
+                _base.parse_tailnet_addr(reply.local or ""),
+                _base.parse_tailnet_addr(reply.remote or ""),
+            )
+            ok = True
+            return conn
+        finally:
+            if not ok:
+                await close_writer(writer)
+
+    async def local_client(self) -> AsyncLocalClient:
+        """Start, then return an AsyncLocalClient for the daemon's LocalAPI."""
+        await self.start()
+        return self._local()
+
+    async def tailscale_ips(self) -> tuple[IPv4Address | None, IPv6Address | None]:
+        """The node's (IPv4, IPv6) tailnet addresses, asked fresh; (None, None) before start."""
+        if self._state is not State.STARTED:
+            return None, None
+        return _base.parse_tailscale_ips(
+            await self._rpc("tsnet2.tailscale_ips", "tailscale_ips", None, RPC_TIMEOUT)
+        )
+
+    async def cert_domains(self) -> list[str] | None:
+        """DNS names this node can get TLS certificates for; None before start."""
+        if self._state is not State.STARTED:
+            return None
+        return _base.parse_cert_domains(
+            await self._rpc("tsnet2.cert_domains", "cert_domains", None, RPC_TIMEOUT)
+        )
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One parked accept connection."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    header: bytes | None = None
+    eof: bool = False
+
+
+class AsyncListener:
+    """asyncio version of :class:`tsnet2.Listener` (from ``AsyncServer.listen``).
+
+    ``await accept()`` returns an AsyncConn; ``async for conn in listener`` yields
+    connections until the listener is closed.
+
+    Attributes:
+        network: "tcp", "tcp4" or "tcp6".
+        addr: the bound address as the daemon reported it, like ``":8080"``.
+        listener_id: the daemon's id for this listener.
+    """
+
+    def __init__(
+        self, server: AsyncServer, network: str, addr: str, listener_id: str, slots: int
+    ) -> None:
+        self.network = network
+        self.addr = addr
+        self.listener_id = listener_id
+        self._server = server
+        self._k = slots
+        self._slots: list[_Slot] = []
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._closed_event = asyncio.Event()
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_INITIAL
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"slots={len(self._slots)}"
+        return f"<AsyncListener {self.network} {self.addr} id={self.listener_id} {state}>"
+
+    @property
+    def port(self) -> int:
+        """The bound port number (0 if the daemon's addr has none)."""
+        port = self.addr.rpartition(":")[2]
+        return int(port) if port.isdigit() else 0
+
+    async def _park_one(self, op: str) -> None:
+        loop = asyncio.get_running_loop()
+        reader, writer = await open_channel(
+            self._server.socket_path,
+            int(proto.ChannelKind.ACCEPT),
+            op,
+            loop.time() + SLOT_CONNECT_TIMEOUT,
+            payload=proto.encode_accept_request(self.listener_id),
+        )
+        self._slots.append(_Slot(reader, writer))
+        with contextlib.suppress(OSError):  # the slot then reads EOF and is re-parked
+            await writer.drain()
+
+    async def _park_initial(self) -> None:
+        while len(self._slots) < self._k:
+            await self._park_one("tsnet2.listen")
+
+    def _gone(self, op: str) -> DaemonUnavailableError:
+        return DaemonUnavailableError(
+            f"{op}: the daemon went away, so listener {self.addr} is gone; start a new Server"
+        )
+
+    def _schedule_retry(self) -> None:
+        self._retry_at = asyncio.get_running_loop().time() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+
+    async def _refill(self, op: str) -> None:
+        loop = asyncio.get_running_loop()
+        while len(self._slots) < self._k and loop.time() >= self._retry_at:
+            try:
+                await self._park_one(op)
+            except DaemonUnavailableError:
+                if not self._server._control_alive():
+                    raise self._gone(op) from None
+                self._schedule_retry()
+                return
+
+    @staticmethod
+    async def _read_slot(slot: _Slot, op: str) -> None:
+        line = await read_header(slot.reader, op)
+        if line is None:
+            slot.eof = True
+        else:
+            slot.header = line
+
+    async def _finish(self, slot: _Slot, op: str) -> AsyncConn:
+        self._slots.remove(slot)
+        try:
+            assert slot.header is not None
+            try:
+                header = proto.decode_accept_header(slot.header)
+            except proto.ProtocolError as exc:
+                raise ProtocolError(f"{op}: bad accept header: {exc}") from None
+            if header.listener_id and header.listener_id != self.listener_id:
+                raise ProtocolError(
+                    f"{op}: accept header names listener {header.listener_id}, "
+                    f"want {self.listener_id}"
+                )
+            conn = AsyncConn(
+                slot.reader,
+                slot.writer,
+                _base.parse_tailnet_addr(header.local),
+                _base.parse_tailnet_addr(header.remote),
+            )
+        except BaseException:
+            await close_writer(slot.writer)
+            raise
+        self._backoff = BACKOFF_INITIAL
+        with contextlib.suppress(DaemonUnavailableError):  # the next accept() reports it
+            await self._refill(op)
+        return conn
+
+    async def _drop_dead(self, op: str) -> None:
+        for slot in [s for s in self._slots if s.eof]:
+            self._slots.remove(slot)
+            await close_writer(slot.writer)
+            self._server._log(f"tsnet2: daemon dropped an accept slot of {self.addr}; re-parking")
+            self._schedule_retry()
+
+    async def accept(self, timeout: float | None = None) -> AsyncConn:
+        """Wait for the next inbound connection (``timeout`` in seconds, None = forever).
+
+        Raises ClosedError once the listener is closed, DeadlineExceededError on timeout.
+        """
+        op = "tsnet2.accept"
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        async with self._lock:
+            while True:
+                if self._closed:
+                    raise ClosedError(f"{op}: listener {self.addr} is closed")
+                ready = next((s for s in self._slots if s.header is not None), None)
+                if ready is not None:
+                    return await self._finish(ready, op)
+                gone = self._server._gone_event()
+                if gone is None or gone.is_set():
+                    raise self._gone(op)
+                await self._refill(op)
+                wait = None if deadline is None else max(0.0, deadline - loop.time())
+                if len(self._slots) < self._k:
+                    until_retry = max(0.0, self._retry_at - loop.time())
+                    wait = until_retry if wait is None else min(wait, until_retry)
+                await self._wait_any(op, gone, wait)
+                await self._drop_dead(op)
+                if gone.is_set():
+                    raise self._gone(op)
+                if (
+                    deadline is not None
+                    and loop.time() >= deadline
+                    and not self._closed
+                    and not any(s.header is not None for s in self._slots)
+                ):
+                    raise DeadlineExceededError(f"{op}: no connection within {timeout}s")
+
+    async def _wait_any(self, op: str, gone: asyncio.Event, wait: float | None) -> None:
+        """Wait until a slot has a header or EOF, the listener closes, or the daemon goes."""
+        readers = {asyncio.ensure_future(self._read_slot(s, op)): s for s in self._slots}
+        watchers = [
+            asyncio.ensure_future(self._closed_event.wait()),
+            asyncio.ensure_future(gone.wait()),
+        ]
+        tasks = [*readers, *watchers]
+        try:
+            await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+        for t, slot in readers.items():
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None:
+                self._slots.remove(slot)
+                await close_writer(slot.writer)
+                self._schedule_retry()
+                raise exc
+
+    def __aiter__(self) -> AsyncIterator[AsyncConn]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[AsyncConn]:
+        while True:
+            try:
+                yield await self.accept()
+            except ClosedError:
+                return
+
+    async def close(self) -> None:
+        """Unregister the listener and release every parked slot (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._closed_event.set()
+        await self._server._unregister(self.listener_id)
+        async with self._lock:
+            slots, self._slots = self._slots, []
+            for slot in slots:
+                await close_writer(slot.writer)
+        self._server._listeners.discard(self)
+
+    async def __aenter__(self) -> AsyncListener:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,192 @@
+"""Pure request validation and reply shapes of the coordination HTTP API.
+
+See docs/architecture.md ("Coordination HTTP API") and docs/control.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tsnet2.control.names import sanitize_hostname, validate_tag
+from tsnet2.control.store import NodeRecord
+from tsnet2.control.tokens import MAX_SECRET_LEN, validate_public_key
+
+MAX_BODY = 64 * 1024
+"""Largest accepted request body in bytes."""
+MAX_ENDPOINTS = 64
+"""Most endpoints a node may announce."""
+MAX_TAGS = 32
+"""Most tags a node may request."""
+
+
+class BadRequest(ValueError):
+    """The request is malformed; the message says what to fix (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class RegisterRequest:
+    """A validated ``POST /v1/register`` body."""
+
+    auth_key: str | None
+    node_credential: str | None
+    public_key: str
+    hostname: str
+    endpoints: tuple[str, ...]
+    ephemeral: bool
+    tags: tuple[str, ...]
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object body or raise BadRequest."""
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("request body must be a JSON object")
+    return value
+
+
+def _optional_str(body: dict[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a string")
+    if len(value) > MAX_SECRET_LEN:
+        raise BadRequest(f"{field} is too long")
+    return value
+
+
+def validate_endpoint(value: object) -> str:
+    """Return ``value`` if it is ``ip:port`` or ``[ipv6]:port``, else raise BadRequest."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise BadRequest(f"endpoint {str(value)[:64]!r} must be a string 'ip:port'")
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        sep = ""
+    try:
+        ipaddress.ip_address(host)
+        port_ok = sep == ":" and port.isdigit() and 0 < int(port) < 65536
+    except ValueError:
+        port_ok = False
+    if not port_ok:
+        raise BadRequest(f"endpoint {value!r} must be 'ip:port' or '[ipv6]:port'")
+    return value
+
+
+def validate_endpoints(value: object) -> tuple[str, ...]:
+    """Validate a JSON list of endpoints (None means empty)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest("endpoints must be a list of 'ip:port' strings")
+    if len(value) > MAX_ENDPOINTS:
+        raise BadRequest(f"too many endpoints ({len(value)}); at most {MAX_ENDPOINTS}")
+    return tuple(dict.fromkeys(validate_endpoint(v) for v in value))
+
+
+def parse_register(body: dict[str, Any]) -> RegisterRequest:
+    """Validate a register body; unknown fields are ignored."""
+    public_key = body.get("public_key")
+    if not isinstance(public_key, str):
+        raise BadRequest("public_key is required: a base64 WireGuard public key")
+    try:
+        validate_public_key(public_key)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    hostname = body.get("hostname")
+    if not isinstance(hostname, str) or not hostname:
+        raise BadRequest("hostname is required and must be a non-empty string")
+    if len(hostname) > 255:
+        raise BadRequest("hostname is longer than 255 characters")
+    try:
+        name = sanitize_hostname(hostname)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    ephemeral = body.get("ephemeral", False)
+    if ephemeral is None:
+        ephemeral = False
+    if not isinstance(ephemeral, bool):
+        raise BadRequest("ephemeral must be true or false")
+    tags_value = body.get("tags")
+    if tags_value is None:
+        tags_value = []
+    if not isinstance(tags_value, list) or not all(isinstance(t, str) for t in tags_value):
+        raise BadRequest("tags must be a list of strings like 'tag:name'")
+    if len(tags_value) > MAX_TAGS:
+        raise BadRequest(f"too many tags ({len(tags_value)}); at most {MAX_TAGS}")
+    try:
+        tags = tuple(sorted({validate_tag(t) for t in tags_value}))
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return RegisterRequest(
+        auth_key=_optional_str(body, "auth_key"),
+        node_credential=_optional_str(body, "node_credential"),
+        public_key=public_key,
+        hostname=name,
+        endpoints=validate_endpoints(body.get("endpoints")),
+        ephemeral=ephemeral,
+        tags=tags,
+    )
+
+
+def parse_endpoints_body(body: dict[str, Any]) -> tuple[str, ...]:
+    """Validate a ``POST /v1/endpoints`` body."""
+    if "endpoints" not in body:
+        raise BadRequest("endpoints is required: a list of 'ip:port' strings")
+    return validate_endpoints(body["endpoints"])
+
+
+def parse_poll_query(
+    since: str | None, timeout: str | None, max_timeout: float
+) -> tuple[int, float]:
+    """Validate the netmap query; ``timeout`` is capped at ``max_timeout`` (default 0)."""
+    try:
+        since_v = int(since) if since not in (None, "") else 0
+    except ValueError:
+        raise BadRequest("since must be an integer netmap version") from None
+    try:
+        timeout_v = float(timeout) if timeout not in (None, "") else 0.0
+    except ValueError:
+        raise BadRequest("timeout must be a number of seconds") from None
+    if since_v < 0:
+        raise BadRequest("since must be >= 0")
+    if not timeout_v >= 0 or timeout_v == float("inf"):
+        raise BadRequest("timeout must be a finite number of seconds >= 0")
+    return since_v, min(timeout_v, max_timeout)
+
+
+def rfc3339(timestamp: float) -> str:
+    """Format a Unix timestamp as RFC 3339 UTC with a ``Z``, second precision."""
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def node_json(node: NodeRecord, *, domain: str, online: bool) -> dict[str, Any]:
+    """The API's ``Node`` object."""
+    return {
+        "id": node.id,
+        "stable_id": node.stable_id,
+        "name": node.name,
+        "fqdn": f"{node.name}.{domain}.",
+        "public_key": node.public_key,
+        "addresses": [node.ipv4, node.ipv6],
+        "endpoints": list(node.endpoints),
+        "user": {
+            "id": node.user.id,
+            "login_name": node.user.login_name,
+            "display_name": node.user.display_name,
+        },
+        "tags": list(node.tags),
+        "ephemeral": node.ephemeral,
+        "online": online,
+        "created": rfc3339(node.created),
+        "last_seen": rfc3339(node.last_seen) if node.last_seen is not None else None,
+    }

@@ -1,0 +1,161 @@
+"""``tsnet2 control serve`` and ``tsnet2 control authkey create``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import sys
+from typing import Any
+
+from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key
+from tsnet2.control.names import parse_tags, validate_domain
+from tsnet2.control.server import ControlServer
+from tsnet2.control.sqlite_store import SQLiteStore
+from tsnet2.control.store import StoreError
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` or ``[IPV6]:PORT`` (port 0 = any free port)."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        with contextlib.suppress(ValueError):
+            ipaddress.IPv6Address(host)
+            sep = sep or ":"
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
+    return host, int(port)
+
+
+def _positive(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def _domain(value: str) -> str:
+    try:
+        return validate_domain(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _tags(value: str) -> tuple[str, ...]:
+    try:
+        return parse_tags(t.strip() for t in value.split(",") if t.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    host, port = args.listen
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with SQLiteStore(args.db) as store:
+            server = ControlServer(store, args.domain, args.ephemeral_timeout)
+            try:
+                url = await server.start(host, port, tls_cert=args.tls_cert, tls_key=args.tls_key)
+                print(f"tsnet2 control: listening on {url}", file=sys.stderr, flush=True)
+                await stop.wait()
+            finally:
+                await server.close()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the control server until SIGINT/SIGTERM; exit code."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("tsnet2 control: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_serve(args))
+    except (OSError, StoreError, ValueError) as e:
+        print(f"tsnet2 control: {e}", file=sys.stderr)
+        return 1
+
+
+async def _create_key(args: argparse.Namespace) -> str:
+    async with SQLiteStore(args.db) as store:
+        key, _ = await create_auth_key(
+            store,
+            reusable=args.reusable,
+            ephemeral=args.ephemeral,
+            tags=args.tags,
+            expiry=args.expiry,
+            user=args.user,
+            domain=args.domain,
+        )
+    return key
+
+
+def cmd_authkey_create(args: argparse.Namespace) -> int:
+    """Create an auth key and print only it on stdout; exit code."""
+    try:
+        key = asyncio.run(_create_key(args))
+    except (OSError, StoreError, ValueError) as e:
+        print(f"tsnet2 control authkey create: {e}", file=sys.stderr)
+        return 1
+    print(key, flush=True)
+    return 0
+
+
+def add_control_commands(parser: argparse.ArgumentParser) -> None:
+    """Add ``serve`` and ``authkey create`` under ``parser``."""
+    sub = parser.add_subparsers(dest="control_command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="run the coordination server")
+    serve.add_argument("--listen", type=parse_listen, required=True, metavar="HOST:PORT")
+    serve.add_argument("--db", required=True, metavar="PATH", help="SQLite database file")
+    serve.add_argument("--domain", type=_domain, default=DEFAULT_DOMAIN)
+    serve.add_argument("--tls-cert", metavar="FILE")
+    serve.add_argument("--tls-key", metavar="FILE")
+    serve.add_argument(
+        "--ephemeral-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="S",
+        help="remove ephemeral nodes offline for this long (default 30)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    authkey = sub.add_parser("authkey", help="manage auth keys")
+    authkey_sub = authkey.add_subparsers(dest="authkey_command", metavar="COMMAND", required=True)
+    create = authkey_sub.add_parser("create", help="create an auth key; prints it on stdout")
+    create.add_argument("--db", required=True, metavar="PATH", help="SQLite database file")
+    create.add_argument("--reusable", action="store_true", help="usable for many nodes")
+    create.add_argument("--ephemeral", action="store_true", help="nodes are ephemeral")
+    create.add_argument("--tags", type=_tags, default=(), metavar="tag:a,tag:b")
+    create.add_argument("--expiry", type=_positive, metavar="SECONDS", help="lifetime")
+    create.add_argument("--user", metavar="LOGIN", help="owner (default admin@DOMAIN)")
+    create.add_argument("--domain", type=_domain, default=DEFAULT_DOMAIN)
+    create.set_defaults(func=cmd_authkey_create)
+
+
+def add_subcommands(subparsers: Any) -> None:
+    """Register ``control`` on the ``tsnet2`` command's subparsers object."""
+    control = subparsers.add_parser("control", help="coordination server and auth keys")
+    add_control_commands(control)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tsnet2.control serve|authkey create ...``."""
+    parser = argparse.ArgumentParser(prog="tsnet2 control")
+    add_control_commands(parser)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,480 @@
+"""The coordination HTTP server (aiohttp): register, netmap long-poll, endpoints, deregister.
+
+Online state lives in this process's memory: a node is *online* while it has a netmap
+long-poll in flight here, or its last one ended less than ``online_grace`` seconds ago
+(default ``min(5, ephemeral_timeout / 2)``). A node that has not polled since this process
+started is offline. Every online/offline transition bumps the netmap version. An ephemeral
+node that is offline and has shown no activity (register, endpoints, poll) for longer than
+``ephemeral_timeout`` seconds is removed by the sweeper task, which also notices version
+changes made by other processes sharing the store. The sweeper is started by :meth:`start`
+and cancelled and awaited by :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from tsnet2.control import api
+from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key
+from tsnet2.control.names import validate_domain
+from tsnet2.control.store import (
+    AddressPoolExhaustedError,
+    AuthKeyRecord,
+    AuthKeyUsedError,
+    NewNode,
+    NodeRecord,
+    PublicKeyInUseError,
+    Store,
+)
+from tsnet2.control.tokens import (
+    MAX_SECRET_LEN,
+    hash_secret,
+    new_node_credential,
+    new_stable_id,
+)
+
+log = logging.getLogger("tsnet2.control")
+
+MAX_POLL_TIMEOUT = 60.0
+"""Longest netmap long-poll the server holds open, in seconds."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error reply: ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        """Remember status and message."""
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure into a JSON error; never leak a traceback or a secret."""
+    try:
+        return await handler(request)
+    except ApiError as e:
+        return _error(e.status, e.message)
+    except api.BadRequest as e:
+        return _error(400, str(e))
+    except web.HTTPRequestEntityTooLarge:
+        return _error(400, f"request body too large: the limit is {api.MAX_BODY} bytes")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, e.reason)
+    except Exception:
+        log.exception("control: internal error handling %s %s", request.method, request.path)
+        return _error(500, "internal server error; see the control server log")
+
+
+class ControlServer:
+    """The tailnet coordination server over a :class:`~tsnet2.control.store.Store`.
+
+    The caller opens and closes the store. Use :meth:`start` / :meth:`close` (or
+    :meth:`serve`); :attr:`app` is the aiohttp application.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        domain: str = DEFAULT_DOMAIN,
+        ephemeral_timeout: float = 30.0,
+        *,
+        online_grace: float | None = None,
+        max_poll_timeout: float = MAX_POLL_TIMEOUT,
+    ) -> None:
+        """Configure the server; nothing runs until :meth:`start`."""
+        if not ephemeral_timeout > 0:
+            raise ValueError("ephemeral_timeout must be > 0 seconds")
+        self.store = store
+        self.domain = validate_domain(domain)
+        self.ephemeral_timeout = float(ephemeral_timeout)
+        self.online_grace = (
+            float(online_grace) if online_grace is not None else min(5.0, ephemeral_timeout / 2)
+        )
+        self.max_poll_timeout = max_poll_timeout
+        self._tick = min(0.5, max(0.05, min(self.ephemeral_timeout, self.online_grace) / 10))
+        self._version = 0
+        self._changed = asyncio.Event()
+        self._closing = False
+        self._started = time.monotonic()
+        self._inflight: dict[int, int] = {}
+        self._poll_end: dict[int, float] = {}
+        self._last_active: dict[int, float] = {}
+        self._online: dict[int, bool] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+        self.app = web.Application(client_max_size=api.MAX_BODY, middlewares=[_errors])
+        self.app.add_routes(
+            [
+                web.post("/v1/register", self._register),
+                web.get("/v1/netmap", self._netmap),
+                web.post("/v1/endpoints", self._endpoints),
+                web.post("/v1/deregister", self._deregister),
+                web.get("/healthz", self._healthz),
+            ]
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The base URL once started, e.g. ``http://127.0.0.1:41641``."""
+        if self._url is None:
+            raise RuntimeError("control server is not started")
+        return self._url
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> str:
+        """Bind and serve in the background; return the base URL (real port if 0 given)."""
+        if self._runner is not None:
+            raise RuntimeError("control server already started")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        ssl_ctx: ssl.SSLContext | None = None
+        if tls_cert is not None and tls_key is not None:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(tls_cert, tls_key)
+        self._version = await self.store.version()
+        self._started = time.monotonic()
+        self._closing = False
+        runner = web.AppRunner(
+            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        bound = runner.addresses[0]
+        bound_host = host if ":" not in host else f"[{host}]"
+        scheme = "https" if ssl_ctx is not None else "http"
+        self._url = f"{scheme}://{bound_host}:{bound[1]}"
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="tsnet2-control-sweeper")
+        log.info("control: serving %s for tailnet %s", self._url, self.domain)
+        return self._url
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        """Start, then serve until cancelled; always closes."""
+        await self.start(host, port, tls_cert=tls_cert, tls_key=tls_key)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Wake long-polls, stop the sweeper and the HTTP server. Idempotent."""
+        self._closing = True
+        self._wake()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def create_auth_key(
+        self,
+        *,
+        reusable: bool = False,
+        ephemeral: bool = False,
+        tags: tuple[str, ...] = (),
+        expiry: float | None = None,
+        user: str | None = None,
+    ) -> str:
+        """Create an auth key in this server's store and tailnet domain; return the key."""
+        key, _ = await create_auth_key(
+            self.store,
+            reusable=reusable,
+            ephemeral=ephemeral,
+            tags=tags,
+            expiry=expiry,
+            user=user,
+            domain=self.domain,
+        )
+        return key
+
+    # -- version and online state --------------------------------------------------------
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _publish(self, version: int) -> None:
+        if version > self._version:
+            self._version = version
+            self._wake()
+
+    def _is_online(self, node_id: int, now: float) -> bool:
+        if self._inflight.get(node_id, 0) > 0:
+            return True
+        ended = self._poll_end.get(node_id)
+        return ended is not None and now - ended < self.online_grace
+
+    def _forget(self, node_id: int) -> None:
+        for table in (self._poll_end, self._last_active, self._online):
+            table.pop(node_id, None)
+
+    async def _set_last_seen(self, node_id: int) -> None:
+        result = await self.store.update_node(node_id, last_seen=time.time())
+        if result is not None:
+            self._publish(result[1])
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            try:
+                await self._sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("control: sweep failed; retrying")
+
+    async def _sweep_once(self) -> None:
+        self._publish(await self.store.version())
+        now = time.monotonic()
+        nodes = await self.store.list_nodes()
+        for node in nodes:
+            online = self._is_online(node.id, now)
+            if self._online.get(node.id) and not online:
+                self._online[node.id] = False
+                await self._set_last_seen(node.id)
+                log.info("control: node %d (%s) offline", node.id, node.name)
+            idle = now - self._last_active.get(node.id, self._started)
+            if node.ephemeral and not online and idle > self.ephemeral_timeout:
+                version = await self.store.delete_node(node.id)
+                self._forget(node.id)
+                if version is not None:
+                    self._publish(version)
+                    log.info(
+                        "control: removed ephemeral node %d (%s) after %.1fs offline",
+                        node.id,
+                        node.name,
+                        idle,
+                    )
+        known = {node.id for node in nodes}
+        for node_id in set(self._last_active) | set(self._online):
+            if node_id not in known and self._inflight.get(node_id, 0) == 0:
+                self._forget(node_id)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _authenticate(self, request: web.Request) -> NodeRecord:
+        header = request.headers.get("Authorization", "")
+        scheme, _, credential = header.partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            raise ApiError(
+                401, "missing node credential: send 'Authorization: Bearer <credential>'"
+            )
+        credential = credential.strip()
+        if len(credential) > MAX_SECRET_LEN:
+            raise ApiError(401, "invalid node credential")
+        node = await self.store.get_node_by_credential(hash_secret(credential))
+        if node is None:
+            raise ApiError(
+                401, "invalid node credential (the node may have been removed); register again"
+            )
+        return node
+
+    @staticmethod
+    async def _body(request: web.Request) -> dict[str, Any]:
+        return api.parse_json_object(await request.read())
+
+    def _node_json(self, node: NodeRecord) -> dict[str, Any]:
+        return api.node_json(
+            node, domain=self.domain, online=self._is_online(node.id, time.monotonic())
+        )
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _register(self, request: web.Request) -> web.Response:
+        req = api.parse_register(await self._body(request))
+        if req.node_credential is not None:
+            node = await self.store.get_node_by_credential(hash_secret(req.node_credential))
+            if node is not None:
+                return await self._reregister(node, req)
+            if req.auth_key is None:
+                raise ApiError(
+                    401,
+                    "invalid node credential (the node may have been removed); "
+                    "register with an auth key",
+                )
+        if req.auth_key is None:
+            raise ApiError(401, "an auth key or a node credential is required")
+        key = await self._check_auth_key(req)
+        credential = new_node_credential()
+        spec = NewNode(
+            hostname=req.hostname,
+            public_key=req.public_key,
+            credential_hash=hash_secret(credential),
+            stable_id=new_stable_id(),
+            user_id=key.user.id,
+            tags=req.tags or key.tags,
+            ephemeral=req.ephemeral or key.ephemeral,
+            endpoints=req.endpoints,
+            auth_key_id=key.id,
+            consume_auth_key=not key.reusable,
+        )
+        try:
+            node, version = await self.store.create_node(spec)
+        except AuthKeyUsedError:
+            raise ApiError(401, "auth key already used") from None
+        except PublicKeyInUseError:
+            raise ApiError(
+                409,
+                "public key is already registered to another node; re-register with that "
+                "node's credential or generate a new key",
+            ) from None
+        except AddressPoolExhaustedError:
+            raise ApiError(503, "the tailnet address pool is exhausted") from None
+        self._last_active[node.id] = time.monotonic()
+        self._publish(version)
+        log.info(
+            "control: registered node %d (%s) %s user=%s ephemeral=%s tags=%s",
+            node.id,
+            node.name,
+            node.ipv4,
+            node.user.login_name,
+            node.ephemeral,
+            ",".join(node.tags) or "-",
+        )
+        return web.json_response(
+            {"node": self._node_json(node), "node_credential": credential, "domain": self.domain}
+        )
+
+    async def _check_auth_key(self, req: api.RegisterRequest) -> AuthKeyRecord:
+        assert req.auth_key is not None
+        key = await self.store.get_auth_key(hash_secret(req.auth_key))
+        if key is None:
+            raise ApiError(401, "invalid auth key")
+        if key.expires is not None and key.expires <= time.time():
+            raise ApiError(401, "auth key expired")
+        if not key.reusable and key.used_at is not None:
+            raise ApiError(401, "auth key already used")
+        for tag in req.tags:
+            if tag not in key.tags:
+                raise ApiError(403, f"tag {tag!r} is not permitted by this auth key")
+        return key
+
+    async def _reregister(self, node: NodeRecord, req: api.RegisterRequest) -> web.Response:
+        assert req.node_credential is not None
+        try:
+            result = await self.store.update_node(
+                node.id, public_key=req.public_key, endpoints=req.endpoints
+            )
+        except PublicKeyInUseError:
+            raise ApiError(409, "public key is already registered to another node") from None
+        if result is None:
+            raise ApiError(401, "invalid node credential (the node was removed); register again")
+        updated, version = result
+        self._last_active[node.id] = time.monotonic()
+        self._publish(version)
+        log.info("control: node %d (%s) re-registered", node.id, node.name)
+        return web.json_response(
+            {
+                "node": self._node_json(updated),
+                "node_credential": req.node_credential,
+                "domain": self.domain,
+            }
+        )
+
+    async def _netmap(self, request: web.Request) -> web.Response:
+        since, timeout = api.parse_poll_query(
+            request.query.get("since"), request.query.get("timeout"), self.max_poll_timeout
+        )
+        node = await self._authenticate(request)
+        node_id = node.id
+        self._inflight[node_id] = self._inflight.get(node_id, 0) + 1
+        self._last_active[node_id] = time.monotonic()
+        try:
+            if not self._online.get(node_id):
+                self._online[node_id] = True
+                log.info("control: node %d (%s) online", node_id, node.name)
+                await self._set_last_seen(node_id)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while self._version == since and not self._closing:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    break
+            version = self._version
+            nodes = await self.store.list_nodes()
+        finally:
+            self._inflight[node_id] -= 1
+            if self._inflight[node_id] == 0:
+                del self._inflight[node_id]
+            now = time.monotonic()
+            self._poll_end[node_id] = now
+            self._last_active[node_id] = now
+        me = next((n for n in nodes if n.id == node_id), None)
+        if me is None:
+            raise ApiError(401, "this node was removed (deregistered or expired); register again")
+        return web.json_response(
+            {
+                "version": version,
+                "domain": self.domain,
+                "self": self._node_json(me),
+                "peers": [self._node_json(n) for n in nodes if n.id != node_id],
+            }
+        )
+
+    async def _endpoints(self, request: web.Request) -> web.Response:
+        node = await self._authenticate(request)
+        endpoints = api.parse_endpoints_body(await self._body(request))
+        result = await self.store.update_node(node.id, endpoints=endpoints)
+        if result is None:
+            raise ApiError(401, "this node was removed; register again")
+        self._last_active[node.id] = time.monotonic()
+        self._publish(result[1])
+        return web.json_response({"version": max(result[1], self._version)})
+
+    async def _deregister(self, request: web.Request) -> web.Response:
+        node = await self._authenticate(request)
+        version = await self.store.delete_node(node.id)
+        self._forget(node.id)
+        if version is not None:
+            self._publish(version)
+            log.info("control: node %d (%s) deregistered", node.id, node.name)
+        return web.json_response({})

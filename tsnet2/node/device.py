@@ -1,0 +1,372 @@
+"""The WireGuard device: one interface (``Device``), two backends.
+
+* ``UserspaceDevice``: runs ``wireguard-go -f <ifname>`` as a supervised child process (TUN
+  device, configured over the UAPI socket ``/var/run/wireguard/<ifname>.sock``).
+* ``KernelDevice``: the in-kernel WireGuard module, ``ip link add type wireguard`` plus the
+  ``wireguard`` generic-netlink family (pyroute2).
+
+Both create the device in the calling thread's network namespace. Peer changes are expressed
+as ``PeerUpdate`` values so the caller (``Node``) can compute an incremental diff.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+from pyroute2 import IPRoute, WireGuard
+from pyroute2.netlink.exceptions import NetlinkError
+from wireguard_tools import WireguardKey
+
+from .endpoint import split_endpoint
+from .errors import NodeError, UAPIError
+from .uapi import DeviceState, PeerState, UAPIClient, b64_to_hex
+
+__all__ = [
+    "SOCKET_DIR",
+    "Backend",
+    "Device",
+    "KernelDevice",
+    "PeerUpdate",
+    "UserspaceDevice",
+    "create_device",
+    "detect_backend",
+]
+
+Backend = Literal["kernel", "userspace"]
+SOCKET_DIR = Path("/var/run/wireguard")
+_SOCKET_WAIT = 5.0
+_STOP_WAIT = 5.0
+_MAX_LOG = 64 * 1024
+
+
+@dataclass(frozen=True)
+class PeerUpdate:
+    """One incremental change to one peer (``public_key`` in base64).
+
+    ``remove`` deletes the peer and ignores the rest. Otherwise the peer is created if absent,
+    and each field that is not None is set: ``endpoint`` ("ip:port" / "[v6]:port"),
+    ``allowed_ips`` (replaces this peer's list only), ``persistent_keepalive`` (0 = off).
+    """
+
+    public_key: str
+    remove: bool = False
+    endpoint: str | None = None
+    allowed_ips: tuple[str, ...] | None = None
+    persistent_keepalive: int | None = None
+
+    def uapi_lines(self) -> list[str]:
+        """This update as UAPI ``set`` lines (hex key)."""
+        lines = [f"public_key={b64_to_hex(self.public_key)}"]
+        if self.remove:
+            return [*lines, "remove=true"]
+        if self.endpoint is not None:
+            lines.append(f"endpoint={self.endpoint}")
+        if self.persistent_keepalive is not None:
+            lines.append(f"persistent_keepalive_interval={self.persistent_keepalive}")
+        if self.allowed_ips is not None:
+            lines.append("replace_allowed_ips=true")
+            lines.extend(f"allowed_ip={ip}" for ip in self.allowed_ips)
+        return lines
+
+
+class Device(Protocol):
+    """A WireGuard network device in the current network namespace."""
+
+    name: str
+    backend: Backend
+
+    def start(self, private_key: WireguardKey, listen_port: int) -> None:
+        """Create the device and set its private key and UDP listen port."""
+
+    def state(self) -> DeviceState:
+        """Read the device's current configuration and counters."""
+
+    def set_peers(self, updates: Sequence[PeerUpdate]) -> None:
+        """Apply peer updates (not transactional: re-read ``state()`` after an error)."""
+
+    def close(self) -> None:
+        """Remove the device and everything started for it. Idempotent."""
+
+
+def _link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def _socket_alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+        return True
+
+
+class UserspaceDevice:
+    """wireguard-go as a child process; configured over UAPI. No stray process survives close()."""
+
+    backend: Backend = "userspace"
+
+    def __init__(self, name: str, binary: str = "wireguard-go") -> None:
+        """``binary`` is looked up on PATH at start()."""
+        self.name = name
+        self.binary = binary
+        self.sock_path = SOCKET_DIR / f"{name}.sock"
+        self.uapi = UAPIClient(self.sock_path)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The wireguard-go process id while it runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _output(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.seek(0)
+        text = self._log.read(_MAX_LOG).decode("utf-8", "replace").strip()
+        return text[-4000:]
+
+    def start(self, private_key: WireguardKey, listen_port: int) -> None:
+        """Spawn ``wireguard-go -f``, wait for its socket (5 s bound), set key and port."""
+        if self._proc is not None:
+            raise NodeError(f"device {self.name} is already started")
+        binary = shutil.which(self.binary)
+        if binary is None:
+            raise NodeError(f"{self.binary} not found; install the wireguard-go package")
+        if not os.path.exists("/dev/net/tun"):
+            raise NodeError(
+                "/dev/net/tun missing; the userspace backend needs a TUN device "
+                "(load the tun module, or mount /dev/net/tun into the container)"
+            )
+        if _link_exists(self.name):
+            raise NodeError(f"device {self.name} already exists; pick another name or delete it")
+        if self.sock_path.exists():
+            if _socket_alive(self.sock_path):
+                raise NodeError(
+                    f"another wireguard-go already serves {self.sock_path} (maybe in another "
+                    "network namespace); device names must be unique per host"
+                )
+            with contextlib.suppress(FileNotFoundError):
+                self.sock_path.unlink()  # stale: left by a killed wireguard-go
+        self._log = tempfile.TemporaryFile(prefix="wireguard-go-")  # noqa: SIM115 (closed in close())
+        self._proc = subprocess.Popen(
+            [binary, "-f", self.name],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "LOG_LEVEL": "error"},
+        )
+        try:
+            self._wait_for_socket()
+            self.uapi.set([f"private_key={private_key.hex}", f"listen_port={listen_port}"])
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_for_socket(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + _SOCKET_WAIT
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise NodeError(
+                    f"wireguard-go for {self.name} exited with status {code} before its UAPI "
+                    f"socket appeared; its output:\n{self._output()}"
+                )
+            if self.sock_path.exists() and _socket_alive(self.sock_path):
+                return
+            if time.monotonic() > deadline:
+                raise NodeError(
+                    f"wireguard-go for {self.name} did not create {self.sock_path} within "
+                    f"{_SOCKET_WAIT:.0f} s; its output:\n{self._output()}"
+                )
+            time.sleep(0.005)
+
+    def state(self) -> DeviceState:
+        """Read state over UAPI."""
+        return self.uapi.get()
+
+    def set_peers(self, updates: Sequence[PeerUpdate]) -> None:
+        """Send all updates in one UAPI ``set`` request."""
+        lines: list[str] = []
+        for update in updates:
+            lines.extend(update.uapi_lines())
+        if lines:
+            self.uapi.set(lines)
+
+    def close(self) -> None:
+        """SIGTERM wireguard-go (SIGKILL after 5 s), reap it, remove a stale socket. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(_STOP_WAIT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            # after a SIGKILL the socket file stays behind; nobody listens on it any more
+            if self.sock_path.exists() and not _socket_alive(self.sock_path):
+                with contextlib.suppress(FileNotFoundError):
+                    self.sock_path.unlink()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def _nl_attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name)
+
+
+def _nl_key(value: Any) -> str:
+    return value.decode("ascii") if isinstance(value, bytes) else str(value)
+
+
+class KernelDevice:
+    """In-kernel WireGuard via rtnetlink (link) and the ``wireguard`` genetlink family."""
+
+    backend: Backend = "kernel"
+
+    def __init__(self, name: str) -> None:
+        """The link is created at start()."""
+        self.name = name
+        self._created = False
+
+    def start(self, private_key: WireguardKey, listen_port: int) -> None:
+        """``ip link add <name> type wireguard``, then set key and port over genetlink."""
+        if self._created:
+            raise NodeError(f"device {self.name} is already started")
+        with IPRoute() as ipr:
+            try:
+                ipr.link("add", ifname=self.name, kind="wireguard")
+            except NetlinkError as exc:
+                if exc.code == 17:  # EEXIST
+                    raise NodeError(
+                        f"device {self.name} already exists; pick another name or delete it"
+                    ) from None
+                raise NodeError(
+                    f"cannot create kernel WireGuard device {self.name}: {exc}; "
+                    "use the userspace backend (wireguard-go) if the module is not available"
+                ) from None
+        self._created = True
+        try:
+            with WireGuard() as wg:
+                wg.set(self.name, private_key=str(private_key), listen_port=listen_port)
+        except (NetlinkError, OSError) as exc:
+            self.close()
+            raise NodeError(
+                f"cannot configure kernel WireGuard device {self.name}: {exc}"
+            ) from None
+
+    def state(self) -> DeviceState:
+        """Dump the device over genetlink."""
+        state = DeviceState()
+        try:
+            with WireGuard() as wg:
+                messages = list(wg.info(self.name))
+        except (NetlinkError, OSError) as exc:
+            raise NodeError(f"cannot read kernel WireGuard device {self.name}: {exc}") from None
+        for msg in messages:  # large devices are split over several messages
+            port = _nl_attr(msg, "WGDEVICE_A_LISTEN_PORT")
+            if port is not None:
+                state.listen_port = int(port)
+            pub = _nl_attr(msg, "WGDEVICE_A_PUBLIC_KEY")
+            if pub is not None:
+                state.public_key = _nl_key(pub)
+            for peer_msg in _nl_attr(msg, "WGDEVICE_A_PEERS") or []:
+                key = _nl_key(_nl_attr(peer_msg, "WGPEER_A_PUBLIC_KEY"))
+                peer = state.peers.setdefault(key, PeerState())
+                endpoint = _nl_attr(peer_msg, "WGPEER_A_ENDPOINT")
+                if endpoint is not None and endpoint.get("port"):
+                    addr = endpoint["addr"]
+                    peer.endpoint = (
+                        f"[{addr}]:{endpoint['port']}"
+                        if ":" in addr
+                        else f"{addr}:{endpoint['port']}"
+                    )
+                hs = _nl_attr(peer_msg, "WGPEER_A_LAST_HANDSHAKE_TIME")
+                if hs is not None and hs.get("tv_sec"):
+                    peer.last_handshake = hs["tv_sec"] + hs.get("tv_nsec", 0) / 1e9
+                peer.rx_bytes = int(_nl_attr(peer_msg, "WGPEER_A_RX_BYTES") or 0)
+                peer.tx_bytes = int(_nl_attr(peer_msg, "WGPEER_A_TX_BYTES") or 0)
+                keepalive = _nl_attr(peer_msg, "WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
+                peer.persistent_keepalive = int(keepalive) if keepalive else None
+                for aip in _nl_attr(peer_msg, "WGPEER_A_ALLOWEDIPS") or []:
+                    if aip.get("addr"):
+                        peer.allowed_ips.append(aip["addr"])
+        return state
+
+    def set_peers(self, updates: Sequence[PeerUpdate]) -> None:
+        """One genetlink set per peer (pyroute2 takes one peer per call)."""
+        try:
+            with WireGuard() as wg:
+                for update in updates:
+                    peer: dict[str, Any] = {"public_key": update.public_key}
+                    if update.remove:
+                        peer["remove"] = True
+                    else:
+                        if update.endpoint is not None:
+                            ep = split_endpoint(update.endpoint)
+                            peer["endpoint_addr"] = str(ep.ip)
+                            peer["endpoint_port"] = ep.port
+                        if update.persistent_keepalive is not None:
+                            peer["persistent_keepalive"] = update.persistent_keepalive
+                        if update.allowed_ips is not None:
+                            peer["replace_allowed_ips"] = True
+                            peer["allowed_ips"] = list(update.allowed_ips)
+                    wg.set(self.name, peer=peer)
+        except NetlinkError as exc:
+            raise UAPIError(
+                f"kernel WireGuard rejected a peer update on {self.name}: {exc}", errno=exc.code
+            ) from None
+
+    def close(self) -> None:
+        """Delete the link if this object created it. Idempotent."""
+        if not self._created:
+            return
+        self._created = False
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.name)
+            if idx:
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=idx[0])
+
+
+def detect_backend() -> Backend:
+    """ "kernel" if a wireguard link can be created in this netns, else "userspace".
+
+    Creates and deletes a throwaway link with a random name.
+    """
+    probe = f"t2wgprobe{secrets.token_hex(3)}"
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=probe, kind="wireguard")
+            idx = ipr.link_lookup(ifname=probe)
+            if idx:
+                ipr.link("del", index=idx[0])
+    except (NetlinkError, OSError):
+        return "userspace"
+    return "kernel"
+
+
+def create_device(name: str, backend: Backend) -> Device:
+    """Construct (but do not start) a device for ``backend``."""
+    if backend == "kernel":
+        return KernelDevice(name)
+    if backend == "userspace":
+        return UserspaceDevice(name)
+    raise NodeError(f"unknown WireGuard backend {backend!r}; use kernel, userspace or auto")

@@ -1,0 +1,126 @@
+"""Sans-IO core of the tsnet2 wire protocol (seed-spec §2): no sockets, no asyncio.
+
+The client library, the daemon and the tests all build on these pure functions and
+small state machines. Submodules:
+
+- :mod:`.channels`: the channel byte that opens each connection, and line limits;
+- :mod:`.lines`: a bounded incremental line reader;
+- :mod:`.control`: control frames (base64-of-JSON params/results) and RPC state machines;
+- :mod:`.methods`: control method names and typed params/results;
+- :mod:`.datapath`: dial and accept header lines;
+- :mod:`.addr`: ``host:port`` parsing/formatting; :mod:`.ids`: listener/conn ids;
+- :mod:`.gojson`: Go-compatible JSON and time formatting;
+- :mod:`.tailscale`: Tailscale LocalAPI JSON (WhoIs, Status, Notify) from our netmap.
+
+See docs/protocol.md for the byte-exact wire format.
+"""
+
+from tsnet2.proto.addr import (
+    LISTEN_NETWORKS,
+    IPAddress,
+    ListenAddr,
+    format_addr,
+    parse_listen_addr,
+    split_host_port,
+)
+from tsnet2.proto.channels import (
+    MAX_CONTROL_LINE,
+    MAX_HEADER_LINE,
+    ChannelKind,
+    parse_channel_byte,
+)
+from tsnet2.proto.control import (
+    ControlClientCore,
+    ControlServerCore,
+    Request,
+    Response,
+    decode_frame,
+    encode_request,
+    encode_response,
+)
+from tsnet2.proto.datapath import (
+    DIAL_OP,
+    AcceptHeader,
+    DialReply,
+    DialRequest,
+    decode_accept_header,
+    decode_accept_request,
+    decode_dial_reply,
+    decode_dial_request,
+    encode_accept_header,
+    encode_accept_request,
+    encode_dial_reply,
+    encode_dial_request,
+)
+from tsnet2.proto.errors import (
+    AddressError,
+    LineTooLong,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
+from tsnet2.proto.gojson import GO_ZERO_TIME, go_json, go_time, go_time_ns
+from tsnet2.proto.ids import ID_RE, new_id
+from tsnet2.proto.lines import LineReader
+from tsnet2.proto.methods import (
+    CertDomainsResult,
+    Method,
+    RegisterListenerParams,
+    RegisterListenerResult,
+    StartParams,
+    TailscaleIPsResult,
+    UnregisterListenerParams,
+    UpResult,
+)
+
+__all__ = [
+    "DIAL_OP",
+    "GO_ZERO_TIME",
+    "ID_RE",
+    "LISTEN_NETWORKS",
+    "MAX_CONTROL_LINE",
+    "MAX_HEADER_LINE",
+    "AcceptHeader",
+    "AddressError",
+    "CertDomainsResult",
+    "ChannelKind",
+    "ControlClientCore",
+    "ControlServerCore",
+    "DialReply",
+    "DialRequest",
+    "IPAddress",
+    "LineReader",
+    "LineTooLong",
+    "ListenAddr",
+    "LocalProtocolError",
+    "Method",
+    "ProtocolError",
+    "RegisterListenerParams",
+    "RegisterListenerResult",
+    "RemoteProtocolError",
+    "Request",
+    "Response",
+    "StartParams",
+    "TailscaleIPsResult",
+    "UnregisterListenerParams",
+    "UpResult",
+    "decode_accept_header",
+    "decode_accept_request",
+    "decode_dial_reply",
+    "decode_dial_request",
+    "decode_frame",
+    "encode_accept_header",
+    "encode_accept_request",
+    "encode_dial_reply",
+    "encode_dial_request",
+    "encode_request",
+    "encode_response",
+    "format_addr",
+    "go_json",
+    "go_time",
+    "go_time_ns",
+    "new_id",
+    "parse_channel_byte",
+    "parse_listen_addr",
+    "split_host_port",
+]

@@ -1,0 +1,156 @@
+"""Dial (0x03) and accept (0x04) channel header lines (seed-spec §2.4, §2.5).
+
+Every header is one compact JSON object followed by ``\\n``; after the last header the
+connection carries raw bytes. Encoders refuse to build a line the peer would reject
+(longer than :data:`MAX_HEADER_LINE`); decoders accept lines with or without the ``\\n``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tsnet2.proto._decode import get_bool, get_str, parse_json_object
+from tsnet2.proto.channels import MAX_HEADER_LINE
+from tsnet2.proto.errors import LocalProtocolError, RemoteProtocolError
+from tsnet2.proto.gojson import go_json
+
+__all__ = [
+    "DIAL_OP",
+    "AcceptHeader",
+    "DialReply",
+    "DialRequest",
+    "decode_accept_header",
+    "decode_accept_request",
+    "decode_dial_reply",
+    "decode_dial_request",
+    "encode_accept_header",
+    "encode_accept_request",
+    "encode_dial_reply",
+    "encode_dial_request",
+]
+
+DIAL_OP = "dial"
+"""The only dial-channel op."""
+
+
+@dataclass(frozen=True, slots=True)
+class DialRequest:
+    """The first line on a dial channel: ``{"op":"dial","network":"tcp","addr":"h:p"}``."""
+
+    op: str
+    network: str
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class DialReply:
+    """The daemon's answer on a dial channel.
+
+    ``local``/``remote`` are our additive extension (the flow's tailnet addresses); the
+    prototype sends neither, so both are ``""`` when talking to it.
+    """
+
+    ok: bool
+    err: str = ""
+    local: str = ""
+    remote: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptHeader:
+    """The line the daemon writes on a parked accept slot when it hands over a flow."""
+
+    listener_id: str
+    local: str
+    remote: str
+
+
+def _line(doc: dict[str, Any], what: str) -> bytes:
+    data = go_json(doc)
+    if len(data) > MAX_HEADER_LINE:
+        raise LocalProtocolError(
+            f"{what} of {len(data)} bytes exceeds {MAX_HEADER_LINE}; the peer would reject it"
+        )
+    return data + b"\n"
+
+
+def encode_dial_request(network: str, addr: str) -> bytes:
+    """``{"op":"dial","network":..,"addr":..}\\n``; network/addr omitted when empty."""
+    doc: dict[str, Any] = {"op": DIAL_OP}
+    if network:
+        doc["network"] = network
+    if addr:
+        doc["addr"] = addr
+    return _line(doc, "dial request")
+
+
+def decode_dial_request(line: bytes) -> DialRequest:
+    """Decode a dial request; an op other than ``"dial"`` is a :class:`RemoteProtocolError`."""
+    w = "dial request"
+    doc = parse_json_object(line, w, MAX_HEADER_LINE)
+    op = get_str(doc, "op", w)
+    if op != DIAL_OP:
+        raise RemoteProtocolError(f'{w}: unknown op {op!r:.60}; expected "dial"')
+    return DialRequest(op, get_str(doc, "network", w), get_str(doc, "addr", w))
+
+
+def encode_dial_reply(ok: bool, err: str = "", local: str = "", remote: str = "") -> bytes:
+    """``{"ok":true}\\n`` or ``{"ok":false,"err":"..."}\\n``.
+
+    ``local``/``remote`` are appended when non-empty (additive; old clients ignore them).
+    """
+    if not ok and not err:
+        raise LocalProtocolError("a failed dial reply needs an error message")
+    doc: dict[str, Any] = {"ok": bool(ok)}
+    if err:
+        doc["err"] = err
+    if local:
+        doc["local"] = local
+    if remote:
+        doc["remote"] = remote
+    return _line(doc, "dial reply")
+
+
+def decode_dial_reply(line: bytes) -> DialReply:
+    """Decode a dial reply (missing ``ok`` is ``false``, as in Go)."""
+    w = "dial reply"
+    doc = parse_json_object(line, w, MAX_HEADER_LINE)
+    return DialReply(
+        ok=get_bool(doc, "ok", w),
+        err=get_str(doc, "err", w),
+        local=get_str(doc, "local", w),
+        remote=get_str(doc, "remote", w),
+    )
+
+
+def encode_accept_request(listener_id: str) -> bytes:
+    """``{"listener_id":"..."}\\n``: park this connection as a slot for a listener."""
+    if not listener_id:
+        raise LocalProtocolError("accept request needs a listener id")
+    return _line({"listener_id": listener_id}, "accept request")
+
+
+def decode_accept_request(line: bytes) -> str:
+    """Return the listener id of an accept request; missing or empty is an error."""
+    w = "accept request"
+    listener_id = get_str(parse_json_object(line, w, MAX_HEADER_LINE), "listener_id", w)
+    if not listener_id:
+        raise RemoteProtocolError(f'{w}: missing or empty "listener_id"')
+    return listener_id
+
+
+def encode_accept_header(listener_id: str, local: str, remote: str) -> bytes:
+    """``{"listener_id":..,"local":..,"remote":..}\\n`` (all keys always present)."""
+    return _line({"listener_id": listener_id, "local": local, "remote": remote}, "accept header")
+
+
+def decode_accept_header(line: bytes) -> AcceptHeader:
+    """Decode the header the daemon writes when it hands a flow to a parked slot."""
+    w = "accept header"
+    doc = parse_json_object(line, w, MAX_HEADER_LINE)
+    return AcceptHeader(
+        listener_id=get_str(doc, "listener_id", w),
+        local=get_str(doc, "local", w),
+        remote=get_str(doc, "remote", w),
+    )
