@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from tsnet2 import proto
+from tsnet2.control.client import ControlError
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartParams, State
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.io import peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
+from tsnet2.node import NodeError
 from tsnet2.traffic import LogMode, TrafficLog
 
 log = logging.getLogger("tsnet2d")
@@ -254,15 +256,20 @@ class Daemon:
         async def handle(req: proto.Request) -> None:
             try:
                 result = await self._call(req.method, req.params or {}, owner)
-            except (BackendError, ListenError, ValueError, TimeoutError) as exc:
+            except (BackendError, ListenError, ControlError, NodeError, ValueError,
+                    TimeoutError, proto.ProtocolError) as exc:
+                log.warning("control: %s failed: %s", req.method, _message(exc))
                 await send(core.reply_error(req.id, _message(exc)))
                 return
-            except proto.ProtocolError as exc:
-                await send(core.reply_error(req.id, f"daemon: {exc}"))
+            except Exception as exc:
+                log.exception("control: %s: internal error", req.method)
+                await send(core.reply_error(req.id, f"daemon: internal error: {exc}"))
                 return
             await send(core.reply(req.id, result))
             if req.method == "close":
-                await self._close_node()
+                # Owned by the daemon, not this connection: the app hangs up right after
+                # the reply, and that must not cut the node's teardown short.
+                self.spawn(self._close_node())
 
         try:
             while True:
