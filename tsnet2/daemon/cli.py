@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one (each flow holds two descriptors)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run tsnet2d; returns the exit code (2 usage, 1 error, 0 clean stop)."""
     args = build_parser().parse_args(argv)
@@ -77,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         format="tsnet2d: %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("tsnet2d").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    soft, hard = raise_fd_limit()
+    logging.getLogger("tsnet2d").info("open files limit: soft %d, hard %d", soft, hard)
     state_dir = Path(args.state_dir)
     allow: frozenset[int] | None = None
     if not args.allow_any_uid:
