@@ -33,6 +33,7 @@ HEADER_TIMEOUT = 10.0  # seconds for a client to send its header line
 SLOT_WAIT = 10.0  # seconds an inbound flow waits for a parked slot before it is dropped
 MAX_SLOTS = 64  # parked slots per listener; more are refused (a client parks 2 by default)
 BACKLOG = 512
+EARLY_DATA_MAX = 256 * 1024  # app bytes buffered while a dial connects (then we stop reading)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -286,8 +287,14 @@ class Datapath:
         loop = asyncio.get_running_loop()
         line = await read_line(sock, reader, HEADER_TIMEOUT)
         req = proto.decode_dial_request(line)
+        connect = loop.create_task(self._connect(req.network or "tcp", req.addr))
+        early = await self._watch_app_while(connect, sock, bytearray(reader.take_rest()))
+        if early is None:
+            log.warning("dial %s %s abandoned: the app closed the connection", req.network,
+                        req.addr)
+            return
         try:
-            peer = await self._connect(req.network or "tcp", req.addr)
+            peer = connect.result()
         except (BackendError, OSError, TimeoutError, ValueError) as exc:
             msg = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
@@ -307,7 +314,41 @@ class Datapath:
             return
         whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
         flow = self.traffic.open_flow(direction="out", local=local, remote=remote, whois=whois)
-        await self._splice(flow, sock, peer, reader.take_rest())
+        await self._splice(flow, sock, peer, bytes(early))
+
+    @staticmethod
+    async def _watch_app_while(
+        connect: asyncio.Task[socket.socket], sock: socket.socket, early: bytearray
+    ) -> bytearray | None:
+        """Wait for `connect`, reading what the app sends meanwhile (bounded).
+
+        Returns the app's early bytes, or None when the app hung up first: then the
+        connect is cancelled (or its socket closed), so a dial the app gave up on — its
+        timeout — does not linger in the daemon.
+        """
+        loop = asyncio.get_running_loop()
+        app_gone = False
+        try:
+            while not connect.done() and len(early) < EARLY_DATA_MAX:
+                recv = loop.create_task(loop.sock_recv(sock, 65536))
+                await asyncio.wait({connect, recv}, return_when=asyncio.FIRST_COMPLETED)
+                if not recv.done():
+                    recv.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await recv
+                    break
+                data = b"" if recv.exception() else recv.result()
+                if not data:
+                    app_gone = True
+                    return None
+                early += data
+            await asyncio.wait({connect})
+            return early
+        finally:
+            if app_gone or not connect.done():
+                connect.cancel()
+                with contextlib.suppress(BaseException):
+                    (await connect).close()
 
     async def _connect(self, network: str, addr: str) -> socket.socket:
         if network not in ("tcp", "tcp4", "tcp6"):
