@@ -48,7 +48,14 @@ class State(enum.IntEnum):
 
 
 class BackendError(Exception):
-    """A start or lookup failed; the message is meant for the app's user."""
+    """A start or lookup failed; the message is meant for the app's user.
+
+    `reason` is a short, bounded word for metrics and reject records ("no_such_peer", ...).
+    """
+
+    def __init__(self, message: str, reason: str = "other") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,9 +347,10 @@ class Backend:
         if ip is not None:
             if ip not in TAILNET_V4 and ip not in TAILNET_V6:
                 raise BackendError(f"{ip} is not a tailnet address (100.64.0.0/10 or "
-                                   f"fd7a:115c:a1e0::/48); tsnet2 dials tailnet peers only")
+                                   "fd7a:115c:a1e0::/48); tsnet2 dials tailnet peers only",
+                                   "no_such_peer")
             if self.node_by_ip(ip) is None:
-                raise BackendError(f"no tailnet node has address {ip}")
+                raise BackendError(f"no tailnet node has address {ip}", "no_such_peer")
             return ip
         name = host.rstrip(".").lower()
         for node in self.nodes():
@@ -350,9 +358,10 @@ class Backend:
             if name in (str(node.get("name", "")).lower(), fqdn):
                 candidates = [a for a in _node_ips(node) if family in (None, a.version)]
                 if not candidates:
-                    raise BackendError(f"{host} has no IPv{family} tailnet address")
+                    raise BackendError(f"{host} has no IPv{family} tailnet address",
+                                       "no_such_peer")
                 return candidates[0]
-        raise BackendError(f"no tailnet node named {host!r}")
+        raise BackendError(f"no tailnet node named {host!r}", "no_such_peer")
 
     def peer_stats(self) -> dict[str, PeerState]:
         """WireGuard counters per peer public key (base64), empty when the device is down."""

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --up: register as an ephemeral node")
     p.add_argument("--advertise-tags", default="", metavar="TAGS",
                    help="with --up: comma-separated tags to request")
+    p.add_argument("--metrics-addr", metavar="HOST:PORT",
+                   help="serve /metrics, /healthz and /readyz on this address (off by default)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
 
@@ -86,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         format="tsnet2d: %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("tsnet2d").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # aiohttp logs a malformed request to the health port with a traceback at ERROR.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    metrics_addr = None
+    if args.metrics_addr:
+        host, sep, port = args.metrics_addr.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            print(f"tsnet2d: --metrics-addr {args.metrics_addr!r}: want HOST:PORT",
+                  file=sys.stderr)
+            return USAGE_EXIT
+        metrics_addr = (host.strip("[]") or "0.0.0.0", int(port))
     soft, hard = raise_fd_limit()
     logging.getLogger("tsnet2d").info("open files limit: soft %d, hard %d", soft, hard)
     state_dir = Path(args.state_dir)
@@ -106,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         ephemeral=args.ephemeral,
         advertise_tags=tuple(t for t in args.advertise_tags.split(",") if t),
         auto_start=args.up,
+        metrics_addr=metrics_addr,
     )
 
     def ready() -> None:

@@ -14,17 +14,20 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from tsnet2 import proto
 from tsnet2.daemon.backend import Backend, BackendError, whois_summary
 from tsnet2.daemon.io import IP_FREEBIND, mark, read_line, reset
+from tsnet2.daemon.metrics import Metrics
 from tsnet2.daemon.splice import Splice
-from tsnet2.traffic import TrafficLog
+from tsnet2.traffic import Flow, TrafficLog
 
 log = logging.getLogger("tsnet2d.datapath")
 
@@ -47,7 +50,7 @@ class Slot:
     """A parked accept connection waiting for a flow."""
 
     sock: socket.socket
-    handed: asyncio.Future[tuple[socket.socket, str, str]]
+    handed: asyncio.Future[tuple[socket.socket, str, str, float]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -74,9 +77,11 @@ class Datapath:
         backend: Backend,
         traffic: TrafficLog,
         spawn: Callable[[Any], asyncio.Task[None]],
+        metrics: Metrics | None = None,
     ) -> None:
         self.backend = backend
         self.traffic = traffic
+        self.metrics = metrics or Metrics()
         self._spawn = spawn
         self.listeners: dict[str, Listener] = {}
         self.splices: set[Splice] = set()
@@ -199,7 +204,8 @@ class Datapath:
             conn.setblocking(False)
             self._spawn(self._inbound(lst, conn))
 
-    async def _inbound(self, lst: Listener, conn: socket.socket) -> None:
+    async def _inbound(self, lst: Listener, conn: socket.socket,
+                       waited: float = 0.0) -> None:
         try:
             remote = _sockaddr(conn.getpeername())
             local = _sockaddr(conn.getsockname())
@@ -207,25 +213,34 @@ class Datapath:
             conn.close()
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SLOT_WAIT
-        while True:
-            if lst.id not in self.listeners:
-                log.warning("listener %s closed; refusing flow from %s", lst.id, remote)
+        start = loop.time() - waited
+        deadline = start + SLOT_WAIT
+        handed = False
+        try:
+            while True:
+                if lst.id not in self.listeners:
+                    self._refuse("in", "listener_closed", local=local, remote=remote,
+                                 listener_id=lst.id, error="listener closed")
+                    return
+                slot = self._take_slot(lst)
+                if slot is not None:
+                    self.metrics.slot_wait(loop.time() - start)
+                    slot.handed.set_result((conn, local, remote, loop.time() - start))
+                    handed = True
+                    return
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    self.metrics.slot_wait(loop.time() - start)
+                    self._refuse("in", "no_slot", local=local, remote=remote,
+                                 listener_id=lst.id,
+                                 error=f"no accept slot within {SLOT_WAIT:.0f}s")
+                    return
+                lst.slot_added.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lst.slot_added.wait(), remaining)
+        finally:
+            if not handed:
                 reset(conn)
-                return
-            slot = self._take_slot(lst)
-            if slot is not None:
-                slot.handed.set_result((conn, local, remote))
-                return
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                log.warning("no accept slot for listener %s; dropping flow from %s",
-                            lst.id, remote)
-                reset(conn)
-                return
-            lst.slot_added.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lst.slot_added.wait(), remaining)
 
     @staticmethod
     def _take_slot(lst: Listener) -> Slot | None:
@@ -237,48 +252,67 @@ class Datapath:
 
     async def park(self, sock: socket.socket, reader: proto.LineReader) -> None:
         """Serve one accept channel: park it, then splice the flow it is handed."""
+        m = self.metrics
         line = await read_line(sock, reader, HEADER_TIMEOUT)
         listener_id = proto.decode_accept_request(line)
         lst = self.listeners.get(listener_id)
         if lst is None:
             log.warning("accept slot for unknown listener %s refused", listener_id)
+            m.slot_dropped("unknown_listener")
             return
         if len(lst.slots) >= MAX_SLOTS:
             log.warning("listener %s has %d parked slots; refusing another", lst.id, MAX_SLOTS)
+            m.slot_dropped("over_limit")
             return
         loop = asyncio.get_running_loop()
         slot = Slot(sock=sock, handed=loop.create_future())
         lst.slots.append(slot)
         lst.slot_added.set()
+        m.slot_parked(+1)
         watch = loop.create_task(loop.sock_recv(sock, 1))
         waiting: set[asyncio.Future[Any]] = {watch, slot.handed}
         try:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            m.slot_parked(-1)
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await watch
-        if not slot.handed.done():
-            # The app closed the slot (or wrote to it, which the protocol forbids).
-            slot.handed.cancel()
-            with contextlib.suppress(ValueError):
-                lst.slots.remove(slot)
-            return
+            if not slot.handed.done():
+                slot.handed.cancel()
+                with contextlib.suppress(ValueError):
+                    lst.slots.remove(slot)
         if slot.handed.cancelled():
+            # The app closed the slot (or wrote to it, which the protocol forbids), or
+            # the listener went away.
+            m.slot_dropped("listener_closed" if lst.id not in self.listeners
+                           else "app_closed")
             return
-        conn, local, remote = slot.handed.result()
+        conn, local, remote, waited = slot.handed.result()
         try:
             await loop.sock_sendall(sock, proto.encode_accept_header(lst.id, local, remote))
         except OSError as exc:
             # The app vanished between the check and the hand-off: give the flow to the
             # next slot instead of losing it.
             log.warning("accept slot for %s died (%s); re-queueing flow", lst.id, exc)
-            self._spawn(self._inbound(lst, conn))
+            m.slot_dropped("handoff_failed")
+            self._spawn(self._inbound(lst, conn, waited))
             return
         whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
-        flow = self.traffic.open_flow(direction="in", local=local, remote=remote,
-                                      whois=whois, listener_id=lst.id)
-        await self._splice(flow, sock, conn, b"")
+        try:
+            flow = self.traffic.open_flow(direction="in", local=local, remote=remote,
+                                          whois=whois, listener_id=lst.id)
+        except BaseException:
+            reset(conn)
+            raise
+        await self._splice("in", flow, sock, conn, b"")
+
+    def _refuse(self, direction: Literal["in", "out"], reason: str, *, remote: str,
+                error: str, local: str = "", listener_id: str | None = None) -> None:
+        """Account for a flow that never opened: daemon log and metrics."""
+        log.warning("%s flow %s %s refused (%s): %s", direction,
+                    "from" if direction == "in" else "to", remote, reason, error)
+        self.metrics.flow_refused(direction, reason)
 
     # ---- outbound --------------------------------------------------------------------
 
@@ -290,8 +324,8 @@ class Datapath:
         connect = loop.create_task(self._connect(req.network or "tcp", req.addr))
         early = await self._watch_app_while(connect, sock, bytearray(reader.take_rest()))
         if early is None:
-            log.warning("dial %s %s abandoned: the app closed the connection", req.network,
-                        req.addr)
+            self._refuse("out", "app_gone", remote=req.addr,
+                         error="dial abandoned: the app closed the connection")
             return
         try:
             peer = connect.result()
@@ -299,7 +333,14 @@ class Datapath:
             msg = str(exc) or type(exc).__name__
             if isinstance(exc, TimeoutError):
                 msg = f"dial {req.addr}: timed out after {DIAL_TIMEOUT:.0f}s"
-            log.warning("dial %s %s failed: %s", req.network, req.addr, msg)
+                reason = "dial_timeout"
+            elif isinstance(exc, BackendError):
+                reason = exc.reason
+            elif isinstance(exc, ValueError):
+                reason = "bad_request"
+            else:
+                reason = "dial_failed"
+            self._refuse("out", reason, remote=req.addr, error=msg)
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, proto.encode_dial_reply(False, err=msg))
             return
@@ -311,10 +352,17 @@ class Datapath:
             )
         except OSError:
             peer.close()
+            self._refuse("out", "app_gone", remote=remote, local=local,
+                         error="the app hung up before the dial reply")
             return
         whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
-        flow = self.traffic.open_flow(direction="out", local=local, remote=remote, whois=whois)
-        await self._splice(flow, sock, peer, bytes(early))
+        try:
+            flow = self.traffic.open_flow(direction="out", local=local, remote=remote,
+                                          whois=whois)
+        except BaseException:
+            peer.close()
+            raise
+        await self._splice("out", flow, sock, peer, bytes(early))
 
     @staticmethod
     async def _watch_app_while(
@@ -352,9 +400,10 @@ class Datapath:
 
     async def _connect(self, network: str, addr: str) -> socket.socket:
         if network not in ("tcp", "tcp4", "tcp6"):
-            raise BackendError(f"unsupported network {network!r}: tsnet2 dials tcp only")
+            raise BackendError(f"unsupported network {network!r}: tsnet2 dials tcp only",
+                               "bad_request")
         if not self.backend.running:
-            raise BackendError("daemon: backend not started; call Start first")
+            raise BackendError("daemon: backend not started; call Start first", "not_running")
         host, port = proto.split_host_port(addr)
         family = {"tcp4": 4, "tcp6": 6}.get(network)
         ip = self.backend.resolve(host, family)
@@ -374,9 +423,12 @@ class Datapath:
 
     # ---- splice ----------------------------------------------------------------------
 
-    async def _splice(self, flow: Any, app: socket.socket, peer: socket.socket,
-                      pending: bytes) -> None:
-        sp = Splice(flow)
+    async def _splice(self, direction: Literal["in", "out"], flow: Flow,
+                      app: socket.socket, peer: socket.socket, pending: bytes) -> None:
+        m = self.metrics
+        m.flow_opened(direction)
+        started = time.monotonic()
+        sp = Splice(flow, on_bytes=functools.partial(m.flow_bytes, direction))
         self.splices.add(sp)
         try:
             with contextlib.suppress(OSError):
@@ -388,6 +440,7 @@ class Datapath:
             raise
         finally:
             self.splices.discard(sp)
+            m.flow_closed(direction, sp.result, time.monotonic() - started)
 
 
 def _sockaddr(addr: Any) -> str:

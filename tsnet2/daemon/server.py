@@ -27,8 +27,10 @@ from tsnet2 import proto
 from tsnet2.control.client import ControlError
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartParams, State
 from tsnet2.daemon.datapath import Datapath, ListenError
+from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
+from tsnet2.daemon.metrics import Metrics, peer_samples
 from tsnet2.node import NodeError
 from tsnet2.traffic import LogMode, TrafficLog
 
@@ -58,6 +60,7 @@ class DaemonConfig:
     ephemeral: bool = False
     advertise_tags: tuple[str, ...] = ()
     auto_start: bool = False
+    metrics_addr: tuple[str, int] | None = None
 
 
 class Daemon:
@@ -67,7 +70,13 @@ class Daemon:
         self.config = config
         self.backend = Backend(config.state_dir, config.device)
         self.traffic = TrafficLog(config.traffic_log, mode=config.traffic_log_mode)
-        self.datapath = Datapath(self.backend, self.traffic, self.spawn)
+        self.metrics = Metrics(
+            peers=lambda: peer_samples(self.backend.peers, self.backend.peer_stats()),
+            before_scrape=self._refresh_metrics,
+        )
+        self.traffic.on_record = self.metrics.log_record
+        self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics)
+        self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -104,6 +113,11 @@ class Daemon:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.stop)
+            if self.config.metrics_addr is not None:
+                self.health = HealthServer(self.metrics, healthz=self._healthz,
+                                           readyz=self._readyz)
+                host, port = await self.health.start(*self.config.metrics_addr)
+                log.info("metrics and health on http://%s:%d", host, port)
             if ready is not None:
                 ready()
             if self.config.auto_start:
@@ -133,6 +147,8 @@ class Daemon:
         if tasks:
             await asyncio.wait(tasks, timeout=SHUTDOWN_TIMEOUT)
         await self.backend.stop()
+        if self.health is not None:
+            await self.health.close()
         self.traffic.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -184,6 +200,28 @@ class Daemon:
         sock.listen(512)
         sock.setblocking(False)
         return sock
+
+    # ---- health and metrics ----------------------------------------------------------
+
+    def _refresh_metrics(self) -> None:
+        b = self.backend
+        self.metrics.set_node_up(b.running)
+        self.metrics.set_control_connected(b.control_connected)
+        self.metrics.set_netmap_version(b.netmap_version)
+
+    def _healthz(self) -> tuple[bool, str]:
+        v4, v6 = self.backend.addresses()
+        if v4 is not None or v6 is not None:
+            return True, "ok"
+        reason = self.backend.last_error or f"node is {self.backend.state.name.lower()}"
+        return False, f"no tailnet address: {reason}"
+
+    def _readyz(self) -> tuple[bool, str]:
+        if self._listen_sock is None:
+            return False, "socket not listening"
+        if not self.backend.running:
+            return False, f"node is {self.backend.state.name.lower()}"
+        return True, "ok"
 
     # ---- connections -----------------------------------------------------------------
 

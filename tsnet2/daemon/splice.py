@@ -34,6 +34,9 @@ class _Side(asyncio.Protocol):
         self.other: _Side | None = None
         self.eof = False
         self.lost = False
+        self.sent = 0  # bytes handed to this side's transport (toward this side's socket)
+        self.unsent = 0  # of those, bytes that never reached the kernel (lost on a reset)
+        self._pending_hint = 0  # write buffer size after our last write
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -64,7 +67,28 @@ class _Side(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if exc is not None and not self.unsent:
+            # A failed write already dropped the buffer; what was queued after our last
+            # write is the best bound on what never left.
+            self.unsent = self._pending_hint
         self.splice.side_lost(self, exc)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+        self.sent += len(data)
+        self._pending_hint = self.transport.get_write_buffer_size()
+
+    def reset(self) -> None:
+        """Abort this side, remembering what was still queued (so it is not counted)."""
+        if self.transport is not None and not self.lost:
+            self.unsent = self.transport.get_write_buffer_size()
+            self.transport.abort()
+
+    @property
+    def delivered(self) -> int:
+        """Bytes that reached this side's socket."""
+        return self.sent - self.unsent
 
 
 class Splice:
@@ -75,9 +99,12 @@ class Splice:
         flow: Flow,
         *,
         on_bytes: Callable[[Direction, int], None] | None = None,
+        on_close: Callable[[Splice], None] | None = None,
     ) -> None:
         self.flow = flow
         self.on_bytes = on_bytes
+        self.on_close = on_close
+        self.cut = False
         self.app = _Side(self, "app->peer")
         self.peer = _Side(self, "peer->app")
         self.app.other, self.peer.other = self.peer, self.app
@@ -102,7 +129,7 @@ class Splice:
             self.on_bytes(side.direction, len(data))
         assert other.transport is not None  # reading starts only once both are attached
         if not other.transport.is_closing():
-            other.transport.write(data)
+            other.write(data)
 
     def side_eof(self, side: _Side) -> None:
         other = side.other
@@ -122,12 +149,16 @@ class Splice:
         assert other is not None
         if not other.lost and other.transport is not None:
             if exc is not None:
-                other.transport.abort()
+                other.reset()
             elif not (side.eof and other.eof):
                 # Closed without a clean half-close from this side: end the other side too.
                 other.transport.close()
         if self.app.lost and self.peer.lost:
-            self.flow.close(self.error)
+            # bytes_in went peer->app (delivered to the app side), bytes_out app->peer.
+            self.flow.close(self.error, bytes_in=self.app.delivered,
+                            bytes_out=self.peer.delivered, cut=self.cut)
+            if self.on_close is not None:
+                self.on_close(self)
             if not self.done.done():
                 self.done.set_result(None)
 
@@ -138,8 +169,15 @@ class Splice:
 
     def abort(self) -> None:
         """End the flow now (daemon shutdown): both sockets are reset."""
+        self.cut = True
         if self.error is None:
             self.error = "daemon: flow cut by shutdown"
         for s in (self.app, self.peer):
-            if s.transport is not None:
-                s.transport.abort()
+            s.reset()
+
+    @property
+    def result(self) -> Literal["ok", "error", "cut"]:
+        """How the flow ended: "ok", "error" (a socket failed) or "cut" (shutdown)."""
+        if self.cut:
+            return "cut"
+        return "error" if self.error else "ok"

@@ -1,0 +1,437 @@
+"""tsnet2d's Prometheus metrics: one `Metrics` object, one private registry, no global state.
+
+API for wiring (the daemon calls these at each event; all are cheap, thread-safe, never block):
+
+    m = Metrics(peers=lambda: peer_samples(backend.peers, backend.peer_stats()),
+                before_scrape=refresh)   # optional: e.g. copy backend state into set_* below
+
+    # flows (direction: "in" = a peer connected to our listener, "out" = the app dialed)
+    m.flow_opened(direction)                       # after the `open` record is written
+    m.flow_bytes(direction, stream, nbytes)        # per read; stream "app->peer"|"peer->app"
+                                                   #   (Splice(on_bytes=partial(m.flow_bytes, d)))
+    m.flow_closed(direction, result, duration_s)   # once per opened flow; result "ok"|"error"|"cut"
+    m.flow_refused(direction, reason)              # a flow that never opened (see REFUSE_REASONS)
+    # accept slots (parked app connections waiting for inbound flows)
+    m.slot_parked(+1) / m.slot_parked(-1)          # a slot joins / leaves a listener's queue
+    m.slot_wait(seconds)                           # how long an inbound flow waited for a slot
+    m.slot_dropped(reason)                         # removed without a flow (SLOT_DROP_REASONS)
+    # traffic log
+    m.log_record(kind, nbytes)                     # TrafficLog.on_record = m.log_record
+    m.log_dropped(reason)                          # a record not written (LOG_DROP_REASONS)
+    m.log_write_error()                            # a failed write to the log file
+    # node and coordination
+    m.set_node_up(bool)                            # backend state RUNNING or not
+    m.set_control_connected(bool)                  # Backend.control_connected changed
+    m.set_netmap_version(int)                      # Backend.netmap_version changed
+    m.render() -> bytes                            # text exposition format (HealthServer uses it)
+
+Label values are bounded by construction: `direction`, `stream` and `result` outside their
+fixed sets raise ValueError (a bug in the caller); an unknown `reason` is counted as
+"other"; at most `MAX_RECORD_KINDS` traffic-log record kinds get their own series, the rest
+are "other". Per-peer WireGuard counters come from the `peers` callback, called on every
+scrape (no background task); the `peer` label is the peer's hostname, so its cardinality is
+the tailnet's size. Every metric is listed in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from tsnet2._version import __version__
+
+log = logging.getLogger("tsnet2d.metrics")
+
+FlowDirection = Literal["in", "out"]
+Stream = Literal["app->peer", "peer->app"]
+FlowResult = Literal["ok", "error", "cut"]
+
+DIRECTIONS: tuple[FlowDirection, ...] = ("in", "out")
+STREAMS: tuple[Stream, ...] = ("app->peer", "peer->app")
+RESULTS: tuple[FlowResult, ...] = ("ok", "error", "cut")
+
+OTHER = "other"
+#: Why a flow never opened, per direction (anything else is counted as "other").
+REFUSE_REASONS: dict[str, tuple[str, ...]] = {
+    "out": (
+        "bad_request",  # unsupported network or malformed address
+        "not_running",  # the node is not up
+        "no_such_peer",  # the name or address is not in the netmap
+        "dial_failed",  # the TCP connect to the peer failed
+        "dial_timeout",  # the TCP connect timed out
+        "app_gone",  # the app hung up before the dial reply reached it
+        "log_unavailable",  # the `open` record could not be written
+        OTHER,
+    ),
+    "in": (
+        "no_listener",  # no listener registered for the port
+        "listener_closed",  # the listener went away while the flow waited
+        "no_slot",  # no parked accept slot within the slot wait limit
+        "log_unavailable",
+        OTHER,
+    ),
+}
+#: Why a parked accept slot went away without a flow.
+SLOT_DROP_REASONS: tuple[str, ...] = (
+    "app_closed",  # the app closed (or wrote to) the parked connection
+    "over_limit",  # the listener already had its maximum of parked slots
+    "unknown_listener",  # the accept request named no registered listener
+    "listener_closed",  # released with its listener
+    "handoff_failed",  # the accept header could not be written; the flow went to another slot
+    OTHER,
+)
+#: Why a traffic-log record was not written.
+LOG_DROP_REASONS: tuple[str, ...] = (
+    "disk_full",  # ENOSPC / EDQUOT
+    "write_error",  # any other write failure
+    "not_open",  # the log is closed or was never opened
+    "payload_cap",  # the flow's payload cap was reached (metadata still logged)
+    OTHER,
+)
+RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
+MAX_RECORD_KINDS = 16
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+# Seconds. Flows range from a health probe (milliseconds) to a long-lived stream (hours).
+FLOW_DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0,
+                         4 * 3600.0)
+# Seconds. An inbound flow waits at most SLOT_WAIT (10 s) for a slot.
+SLOT_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerSample:
+    """One peer's WireGuard counters at scrape time.
+
+    `name` is the peer's hostname (or another bounded identifier such as its node id);
+    `last_handshake` is unix seconds, or None if the device never completed one.
+    """
+
+    name: str
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None
+
+
+PeerSource = Callable[[], Iterable[PeerSample]]
+
+
+class _DevicePeer(Protocol):
+    """What `peer_samples` reads from a device peer (`tsnet2.node.PeerState` fits)."""
+
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float | None
+
+
+UNKNOWN_PEER = "unknown"
+
+
+def peer_samples(
+    netmap_peers: Iterable[Mapping[str, Any]], stats: Mapping[str, _DevicePeer]
+) -> list[PeerSample]:
+    """Join device counters (keyed by base64 public key) with netmap peers for their names.
+
+    A device peer missing from the netmap (a moment after it left) is named "unknown".
+    Meant for the daemon's callback: `lambda: peer_samples(backend.peers, backend.peer_stats())`.
+    """
+    names: dict[str, str] = {}
+    for p in netmap_peers:
+        key = p.get("public_key")
+        if key:
+            names[str(key)] = str(p.get("name") or p.get("stable_id") or UNKNOWN_PEER)
+    return [
+        PeerSample(names.get(key, UNKNOWN_PEER), st.rx_bytes, st.tx_bytes, st.last_handshake)
+        for key, st in stats.items()
+    ]
+
+
+class PeerCollector(Collector):
+    """Per-peer WireGuard metrics, read fresh from `source()` at every scrape.
+
+    Samples with the same name are merged (bytes summed, latest handshake kept), so the
+    exposition never repeats a series. A failing source is logged and counted in
+    `tsnet2_peer_stats_errors_total`; the rest of the scrape still succeeds.
+    """
+
+    def __init__(self, source: PeerSource | None) -> None:
+        """Collect from `source`; None reports no peers."""
+        self.source = source
+        self.errors = 0
+        self._lock = threading.Lock()
+
+    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily,
+                                 GaugeMetricFamily, CounterMetricFamily]:
+        return (
+            CounterMetricFamily("tsnet2_peer_receive_bytes",
+                                "Bytes received from a peer over WireGuard.", labels=["peer"]),
+            CounterMetricFamily("tsnet2_peer_transmit_bytes",
+                                "Bytes transmitted to a peer over WireGuard.", labels=["peer"]),
+            GaugeMetricFamily("tsnet2_peer_last_handshake_timestamp_seconds",
+                              "Unix time of the last WireGuard handshake with a peer "
+                              "(0 if none yet).", labels=["peer"]),
+            GaugeMetricFamily("tsnet2_peers", "Peers configured on the WireGuard device."),
+            CounterMetricFamily("tsnet2_peer_stats_errors",
+                                "Scrapes where the WireGuard peer counters could not be read."),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without samples (lets the registry check names without a scrape)."""
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        """Call the source once and yield the per-peer families."""
+        rx, tx, hs, count, errors = self._families()
+        merged: dict[str, list[float]] = {}
+        if self.source is not None:
+            try:
+                samples = list(self.source())
+            except Exception:
+                log.warning("cannot read WireGuard peer counters for /metrics", exc_info=True)
+                with self._lock:
+                    self.errors += 1
+                samples = []
+            for s in samples:
+                cur = merged.setdefault(s.name, [0.0, 0.0, 0.0])
+                cur[0] += s.rx_bytes
+                cur[1] += s.tx_bytes
+                cur[2] = max(cur[2], s.last_handshake or 0.0)
+        for name in sorted(merged):
+            r, t, h = merged[name]
+            rx.add_metric([name], r)
+            tx.add_metric([name], t)
+            hs.add_metric([name], h)
+        count.add_metric([], len(merged))
+        errors.add_metric([], self.errors)
+        yield from (rx, tx, hs, count, errors)
+
+
+class _WithoutCreated(Collector):
+    """A view of a registry without the `*_created` series (noise in the text format)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+class Metrics:
+    """Every tsnet2d metric, in a registry of its own (several can live in one process)."""
+
+    def __init__(
+        self,
+        peers: PeerSource | None = None,
+        *,
+        before_scrape: Callable[[], None] | None = None,
+    ) -> None:
+        """Create the metrics.
+
+        `peers` is called at each scrape for the WireGuard counters; `before_scrape` (if
+        given) at the start of each `render()`, so state that is cheap to read (node up,
+        control connected, netmap version) can be copied in then instead of at each change.
+        Either failing is logged; the scrape still succeeds.
+        """
+        self.before_scrape = before_scrape
+        r = self.registry = CollectorRegistry()
+        self._view = _WithoutCreated(r)
+        self._lock = threading.Lock()
+        self._kinds: set[str] = set(RECORD_KINDS) | {OTHER}
+
+        Gauge("tsnet2_build_info", "Always 1; the version label is tsnet2d's version.",
+              ["version"], registry=r).labels(__version__).set(1)
+        self.flows_opened = Counter(
+            "tsnet2_flows_opened_total", "Flows opened (the `open` record was written).",
+            ["direction"], registry=r)
+        self.flows_closed = Counter(
+            "tsnet2_flows_closed_total", "Flows closed, by how they ended.",
+            ["direction", "result"], registry=r)
+        self.flows_refused = Counter(
+            "tsnet2_flows_refused_total", "Flows that never opened, by reason.",
+            ["direction", "reason"], registry=r)
+        self.flows_active = Gauge(
+            "tsnet2_flows_active", "Flows open now.", ["direction"], registry=r)
+        self.flow_bytes_total = Counter(
+            "tsnet2_flow_bytes_total", "Bytes spliced, by flow direction and byte stream.",
+            ["direction", "stream"], registry=r)
+        self.flow_duration = Histogram(
+            "tsnet2_flow_duration_seconds", "Lifetime of closed flows.",
+            ["direction"], buckets=FLOW_DURATION_BUCKETS, registry=r)
+        self.slots_parked = Gauge(
+            "tsnet2_accept_slots_parked", "Accept slots parked by the app, over all listeners.",
+            registry=r)
+        self.slot_wait_seconds = Histogram(
+            "tsnet2_accept_slot_wait_seconds",
+            "Time an inbound flow waited for a parked accept slot (handed over or given up).",
+            buckets=SLOT_WAIT_BUCKETS, registry=r)
+        self.slots_dropped = Counter(
+            "tsnet2_accept_slots_dropped_total", "Accept slots removed without a flow, by reason.",
+            ["reason"], registry=r)
+        self.log_records = Counter(
+            "tsnet2_traffic_log_records_total", "Traffic-log records written, by kind.",
+            ["kind"], registry=r)
+        self.log_bytes = Counter(
+            "tsnet2_traffic_log_written_bytes_total", "Bytes written to the traffic log, by kind.",
+            ["kind"], registry=r)
+        self.log_drops = Counter(
+            "tsnet2_traffic_log_dropped_records_total",
+            "Traffic-log records not written, by reason.", ["reason"], registry=r)
+        self.log_errors = Counter(
+            "tsnet2_traffic_log_write_errors_total", "Failed writes to the traffic log.",
+            registry=r)
+        self.node_up = Gauge(
+            "tsnet2_node_up", "1 while the node runs (has tailnet addresses and a netmap).",
+            registry=r)
+        self.control_connected = Gauge(
+            "tsnet2_control_connected", "1 while the coordination server answers netmap polls.",
+            registry=r)
+        self.netmap_version = Gauge(
+            "tsnet2_netmap_version", "Version of the last netmap applied (0 before the first).",
+            registry=r)
+        self.peer_collector = PeerCollector(peers)
+        r.register(self.peer_collector)
+
+        # Every series of a bounded label set exists from the start, at 0.
+        for d in DIRECTIONS:
+            self.flows_opened.labels(d)
+            self.flows_active.labels(d)
+            self.flow_duration.labels(d)
+            for res in RESULTS:
+                self.flows_closed.labels(d, res)
+            for s in STREAMS:
+                self.flow_bytes_total.labels(d, s)
+            for reason in REFUSE_REASONS[d]:
+                self.flows_refused.labels(d, reason)
+        for reason in SLOT_DROP_REASONS:
+            self.slots_dropped.labels(reason)
+        for kind in RECORD_KINDS:
+            self.log_records.labels(kind)
+            self.log_bytes.labels(kind)
+        for reason in LOG_DROP_REASONS:
+            self.log_drops.labels(reason)
+
+    # ---- flows -----------------------------------------------------------------------
+
+    def flow_opened(self, direction: FlowDirection) -> None:
+        """A flow opened (its `open` record is written): counts it and marks it active."""
+        d = _direction(direction)
+        self.flows_opened.labels(d).inc()
+        self.flows_active.labels(d).inc()
+
+    def flow_bytes(self, direction: FlowDirection, stream: Stream, nbytes: int) -> None:
+        """`nbytes` were read on one side of a flow and forwarded (stream as in the log)."""
+        d = _direction(direction)
+        if stream not in STREAMS:
+            raise ValueError(f'stream must be "app->peer" or "peer->app", got {stream!r}')
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        self.flow_bytes_total.labels(d, stream).inc(nbytes)
+
+    def flow_closed(self, direction: FlowDirection, result: FlowResult, duration_s: float) -> None:
+        """An opened flow ended: "ok" (clean), "error" (a socket failed), "cut" (shutdown)."""
+        d = _direction(direction)
+        if result not in RESULTS:
+            raise ValueError(f'result must be "ok", "error" or "cut", got {result!r}')
+        self.flows_closed.labels(d, result).inc()
+        self.flows_active.labels(d).dec()
+        self.flow_duration.labels(d).observe(max(0.0, float(duration_s)))
+
+    def flow_refused(self, direction: FlowDirection, reason: str) -> None:
+        """A flow that never opened (dial failure, no slot, ...); see `REFUSE_REASONS`."""
+        d = _direction(direction)
+        self.flows_refused.labels(d, reason if reason in REFUSE_REASONS[d] else OTHER).inc()
+
+    # ---- accept slots ----------------------------------------------------------------
+
+    def slot_parked(self, delta: int = 1) -> None:
+        """Parked slots changed by `delta` (+1 when one is queued, -1 when it leaves)."""
+        self.slots_parked.inc(delta)
+
+    def slot_wait(self, seconds: float) -> None:
+        """An inbound flow waited `seconds` for a slot (observed when handed over or given up)."""
+        self.slot_wait_seconds.observe(max(0.0, float(seconds)))
+
+    def slot_dropped(self, reason: str) -> None:
+        """A parked slot went away without a flow; see `SLOT_DROP_REASONS`."""
+        self.slots_dropped.labels(reason if reason in SLOT_DROP_REASONS else OTHER).inc()
+
+    # ---- traffic log -----------------------------------------------------------------
+
+    def log_record(self, kind: str, nbytes: int) -> None:
+        """A traffic-log record of `kind` and `nbytes` was written (`TrafficLog.on_record`)."""
+        k = self._kind(kind)
+        self.log_records.labels(k).inc()
+        self.log_bytes.labels(k).inc(max(0, nbytes))
+
+    def log_dropped(self, reason: str) -> None:
+        """A record was not written; see `LOG_DROP_REASONS`."""
+        self.log_drops.labels(reason if reason in LOG_DROP_REASONS else OTHER).inc()
+
+    def log_write_error(self) -> None:
+        """A write to the traffic log failed."""
+        self.log_errors.inc()
+
+    def _kind(self, kind: str) -> str:
+        if kind in self._kinds:
+            return kind
+        if not _KIND_RE.fullmatch(kind):
+            return OTHER
+        with self._lock:
+            if len(self._kinds) >= MAX_RECORD_KINDS + 1:  # + "other"
+                return OTHER
+            self._kinds.add(kind)
+        return kind
+
+    # ---- node ------------------------------------------------------------------------
+
+    def set_node_up(self, up: bool) -> None:
+        """The node runs (True) or not (False)."""
+        self.node_up.set(1 if up else 0)
+
+    def set_control_connected(self, connected: bool) -> None:
+        """The coordination server is reachable (True) or not (False)."""
+        self.control_connected.set(1 if connected else 0)
+
+    def set_netmap_version(self, version: int) -> None:
+        """The netmap version now applied."""
+        self.netmap_version.set(version)
+
+    # ---- exposition ------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """Every metric in the Prometheus text exposition format (version 0.0.4)."""
+        if self.before_scrape is not None:
+            try:
+                self.before_scrape()
+            except Exception:
+                log.warning("before_scrape hook failed; serving the last values", exc_info=True)
+        return bytes(generate_latest(self._view))
+
+
+def _direction(direction: str) -> FlowDirection:
+    if direction == "in":
+        return "in"
+    if direction == "out":
+        return "out"
+    raise ValueError(f'flow direction must be "in" or "out", got {direction!r}')
+
+
+__all__ = [
+    "LOG_DROP_REASONS",
+    "REFUSE_REASONS",
+    "SLOT_DROP_REASONS",
+    "Metrics",
+    "PeerCollector",
+    "PeerSample",
+    "peer_samples",
+]
