@@ -1,5 +1,5 @@
 # tsnet2 developer entry points. `make demo` and `make test` are the README's two commands.
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean bench
 
 demo:
 	scripts/demo
@@ -9,11 +9,16 @@ test:
 
 lint:
 	scripts/setup
-	.venv/bin/ruff check tsnet2 tests
+	.venv/bin/ruff check tsnet2 operator tests
 	.venv/bin/mypy
 
 setup:
 	scripts/setup
+
+# The benchmark suite (not part of `make test`): about 5 minutes, writes bench-results.json.
+bench:
+	scripts/setup
+	.venv/bin/python -m tests.bench.run
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

@@ -151,7 +151,7 @@ def test_control_restart_keeps_nodes_and_peers_keep_talking() -> None:
             dc = net.add_daemon("c", auth_key=key)
             with _server(dc) as c:
                 c.up(timeout=30)
-                wait_for(lambda: "c" in _peer_names(a), 5.0, "c in a's netmap")
+                wait_for(lambda: "c" in _peer_names(a), 10.0, "c in a's netmap")
                 assert "a" in _peer_names(c) and "b" in _peer_names(c)
 
 

@@ -9,7 +9,7 @@ import datetime as dt
 import ipaddress
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from tsnet2.control.names import sanitize_hostname, validate_tag
 from tsnet2.control.store import NodeRecord
@@ -21,6 +21,8 @@ MAX_ENDPOINTS = 64
 """Most endpoints a node may announce."""
 MAX_TAGS = 32
 """Most tags a node may request."""
+MAX_BEARER_TOKEN = 16 * 1024
+"""Longest bearer token accepted on ``POST /v1/register`` (e.g. a ServiceAccount JWT)."""
 
 
 class BadRequest(ValueError):
@@ -38,6 +40,53 @@ class RegisterRequest:
     endpoints: tuple[str, ...]
     ephemeral: bool
     tags: tuple[str, ...]
+
+
+class AuthenticationError(Exception):
+    """An :class:`Authenticator` refused a registration; ``message`` is sent to the node."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        """Remember the message and the HTTP status (401, 403 or 409)."""
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a bearer token proved the registering node to be (see :class:`Authenticator`)."""
+
+    login_name: str
+    """The user the node is registered to (created if needed)."""
+    display_name: str
+    tags: tuple[str, ...] = ()
+    """Tags this identity may request; a request without tags gets all of them."""
+    ephemeral: bool = False
+    """Force the node to be ephemeral."""
+    exact_name: bool = False
+    """Refuse (409) instead of renaming to ``name-1`` when the hostname is taken."""
+    subject: str = ""
+    """Opaque reference for the authenticator's own use (e.g. ``namespace/pod/uid``)."""
+
+
+@runtime_checkable
+class Authenticator(Protocol):
+    """Authenticates ``POST /v1/register`` calls that carry ``Authorization: Bearer <token>``.
+
+    Registrations with an auth key (no bearer header) do not go through it.
+    """
+
+    async def authenticate(
+        self, token: str, request: RegisterRequest, existing: NodeRecord | None
+    ) -> Identity:
+        """Verify ``token`` for ``request``; raise :class:`AuthenticationError` to refuse.
+
+        ``existing`` is the node that ``request.node_credential`` belongs to (a
+        re-registration), or None for a new node.
+        """
+
+    async def registered(self, identity: Identity, node: NodeRecord) -> None:
+        """Called after the node was created or re-registered for ``identity``."""
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:

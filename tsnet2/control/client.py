@@ -139,8 +139,10 @@ class ControlClient:
         tags: Sequence[str] = (),
         auth_key: str | None = None,
         node_credential: str | None = None,
+        bearer_token: str | None = None,
     ) -> RegisterResult:
-        """Register (auth key) or re-register (node credential) this node."""
+        """Register (auth key, or a bearer token such as a Kubernetes ServiceAccount token
+        the server verifies) or re-register (node credential) this node."""
         body: dict[str, Any] = {
             "public_key": public_key,
             "hostname": hostname,
@@ -152,7 +154,7 @@ class ControlClient:
             body["auth_key"] = auth_key
         if node_credential is not None:
             body["node_credential"] = node_credential
-        data = await self._call("POST", "/v1/register", body=body)
+        data = await self._call("POST", "/v1/register", body=body, credential=bearer_token)
         try:
             return RegisterResult(
                 node=dict(data["node"]),

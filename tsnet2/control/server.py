@@ -98,8 +98,14 @@ class ControlServer:
         *,
         online_grace: float | None = None,
         max_poll_timeout: float = MAX_POLL_TIMEOUT,
+        authenticator: api.Authenticator | None = None,
     ) -> None:
-        """Configure the server; nothing runs until :meth:`start`."""
+        """Configure the server; nothing runs until :meth:`start`.
+
+        ``authenticator``, if given, lets ``POST /v1/register`` authenticate with
+        ``Authorization: Bearer <token>`` (e.g. a Kubernetes ServiceAccount token) besides
+        auth keys; without it a bearer header on register is refused (401).
+        """
         if not ephemeral_timeout > 0:
             raise ValueError("ephemeral_timeout must be > 0 seconds")
         self.store = store
@@ -109,6 +115,7 @@ class ControlServer:
             float(online_grace) if online_grace is not None else min(5.0, ephemeral_timeout / 2)
         )
         self.max_poll_timeout = max_poll_timeout
+        self.authenticator = authenticator
         self._tick = min(0.5, max(0.05, min(self.ephemeral_timeout, self.online_grace) / 10))
         self._version = 0
         self._changed = asyncio.Event()
@@ -327,10 +334,13 @@ class ControlServer:
 
     async def _register(self, request: web.Request) -> web.Response:
         req = api.parse_register(await self._body(request))
+        token = self._register_bearer(request)
+        if token is not None:
+            return await self._register_with_token(token, req)
         if req.node_credential is not None:
             node = await self.store.get_node_by_credential(hash_secret(req.node_credential))
             if node is not None:
-                return await self._reregister(node, req)
+                return self._register_reply(await self._reregister(node, req), req.node_credential)
             if req.auth_key is None:
                 raise ApiError(
                     401,
@@ -340,18 +350,99 @@ class ControlServer:
         if req.auth_key is None:
             raise ApiError(401, "an auth key or a node credential is required")
         key = await self._check_auth_key(req)
+        node, credential = await self._create_node(
+            req,
+            user_id=key.user.id,
+            tags=req.tags or key.tags,
+            ephemeral=req.ephemeral or key.ephemeral,
+            auth_key_id=key.id,
+            consume_auth_key=not key.reusable,
+        )
+        return self._register_reply(node, credential)
+
+    def _register_bearer(self, request: web.Request) -> str | None:
+        """The bearer token of a register call, or None when it has no Authorization header."""
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
+        if self.authenticator is None:
+            raise ApiError(
+                401,
+                "this control server does not accept bearer tokens for registration; "
+                "register with an auth key",
+            )
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise ApiError(401, "malformed Authorization header: use 'Bearer <token>'")
+        if len(token) > api.MAX_BEARER_TOKEN:
+            raise ApiError(401, f"bearer token longer than {api.MAX_BEARER_TOKEN} bytes")
+        return token
+
+    async def _register_with_token(self, token: str, req: api.RegisterRequest) -> web.Response:
+        """Register through :attr:`authenticator` (the auth key field is ignored)."""
+        assert self.authenticator is not None
+        existing: NodeRecord | None = None
+        if req.node_credential is not None:
+            existing = await self.store.get_node_by_credential(hash_secret(req.node_credential))
+        try:
+            identity = await self.authenticator.authenticate(token, req, existing)
+        except api.AuthenticationError as e:
+            log.info("control: registration of %r refused: %s", req.hostname, e.message)
+            raise ApiError(e.status, e.message) from None
+        if existing is not None:
+            assert req.node_credential is not None
+            node = await self._reregister(existing, req)
+            credential = req.node_credential
+        else:
+            for tag in req.tags:
+                if tag not in identity.tags:
+                    raise ApiError(403, f"tag {tag!r} is not permitted for {identity.login_name}")
+            user = await self.store.ensure_user(identity.login_name, identity.display_name)
+            node, credential = await self._create_node(
+                req,
+                user_id=user.id,
+                tags=req.tags or identity.tags,
+                ephemeral=req.ephemeral or identity.ephemeral,
+                auth_key_id=None,
+                consume_auth_key=False,
+            )
+            if identity.exact_name and node.name != req.hostname:
+                version = await self.store.delete_node(node.id)
+                self._forget(node.id)
+                if version is not None:
+                    self._publish(version)
+                raise ApiError(
+                    409,
+                    f"hostname {req.hostname!r} is already taken by another node; "
+                    "remove that node or choose another hostname",
+                )
+        await self.authenticator.registered(identity, node)
+        return self._register_reply(node, credential)
+
+    async def _create_node(
+        self,
+        req: api.RegisterRequest,
+        *,
+        user_id: int,
+        tags: tuple[str, ...],
+        ephemeral: bool,
+        auth_key_id: int | None,
+        consume_auth_key: bool,
+    ) -> tuple[NodeRecord, str]:
+        """Create a node for ``req``; return it with its new node credential."""
         credential = new_node_credential()
         spec = NewNode(
             hostname=req.hostname,
             public_key=req.public_key,
             credential_hash=hash_secret(credential),
             stable_id=new_stable_id(),
-            user_id=key.user.id,
-            tags=req.tags or key.tags,
-            ephemeral=req.ephemeral or key.ephemeral,
+            user_id=user_id,
+            tags=tags,
+            ephemeral=ephemeral,
             endpoints=req.endpoints,
-            auth_key_id=key.id,
-            consume_auth_key=not key.reusable,
+            auth_key_id=auth_key_id,
+            consume_auth_key=consume_auth_key,
         )
         try:
             node, version = await self.store.create_node(spec)
@@ -376,6 +467,9 @@ class ControlServer:
             node.ephemeral,
             ",".join(node.tags) or "-",
         )
+        return node, credential
+
+    def _register_reply(self, node: NodeRecord, credential: str) -> web.Response:
         return web.json_response(
             {"node": self._node_json(node), "node_credential": credential, "domain": self.domain}
         )
@@ -394,7 +488,7 @@ class ControlServer:
                 raise ApiError(403, f"tag {tag!r} is not permitted by this auth key")
         return key
 
-    async def _reregister(self, node: NodeRecord, req: api.RegisterRequest) -> web.Response:
+    async def _reregister(self, node: NodeRecord, req: api.RegisterRequest) -> NodeRecord:
         assert req.node_credential is not None
         try:
             result = await self.store.update_node(
@@ -408,13 +502,7 @@ class ControlServer:
         self._last_active[node.id] = time.monotonic()
         self._publish(version)
         log.info("control: node %d (%s) re-registered", node.id, node.name)
-        return web.json_response(
-            {
-                "node": self._node_json(updated),
-                "node_credential": req.node_credential,
-                "domain": self.domain,
-            }
-        )
+        return updated
 
     async def _netmap(self, request: web.Request) -> web.Response:
         since, timeout = api.parse_poll_query(

@@ -19,11 +19,13 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from tsnet2.control.client import AuthError, ControlClient, ControlError
+from tsnet2.daemon.io import DAEMON_MARK
 from tsnet2.node import Node, NodeError, PeerConfig, PeerState
 from tsnet2.node.endpoint import detect_endpoints, parse_endpoint
+from tsnet2.node.guard import Guard
 from tsnet2.node.keys import load_or_create_private_key, public_key_b64
 
 log = logging.getLogger("tsnet2d.backend")
@@ -34,7 +36,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 NODE_FILE = "node.json"
 POLL_TIMEOUT = 25.0  # seconds a netmap long-poll may wait; the server caps it too
-RETRY_MAX = 5.0  # longest pause between attempts to reach a control server that is down
+RETRY_MAX = 2.0  # longest pause between attempts to reach a control server that is down
 
 
 class State(enum.IntEnum):
@@ -67,6 +69,7 @@ class StartParams:
     auth_key: str
     ephemeral: bool
     advertise_tags: tuple[str, ...]
+    token_file: str = ""  # a projected ServiceAccount token (Kubernetes) read at register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,19 @@ class DeviceConfig:
     listen_port: int = 41641
     backend: Literal["auto", "kernel", "userspace"] = "auto"
     advertise_endpoint: str | None = None
+    guard: bool = True  # install the nftables audit guard with the device
+
+
+# The NFLOG group the guard copies refused SYNs to. Groups are per network namespace, and
+# one daemon owns its namespace's tailnet device, so a fixed number is enough.
+REFUSED_LOG_GROUP = 0x7473
+
+
+class RefusalLog(Protocol):
+    """Who records inbound flows the guard refused (the datapath)."""
+
+    def start_refusal_log(self, group: int) -> None: ...
+    def stop_refusal_log(self) -> None: ...
 
 
 def _node_ips(node: dict[str, Any]) -> list[IPAddress]:
@@ -117,6 +133,9 @@ class Backend:
         self.control_connected = False
         self.last_error = ""
         self._node: Node | None = None
+        self._by_ip: dict[IPAddress, dict[str, Any]] = {}  # rebuilt on every netmap change
+        self._guard: Guard | None = None
+        self.refusal_log: RefusalLog | None = None
         self._control: ControlClient | None = None
         self._credential = ""
         self._poll_task: asyncio.Task[None] | None = None
@@ -166,7 +185,14 @@ class Backend:
         if saved.get("control_url") != params.control_url:
             credential = ""
         auth_key = params.auth_key
-        if not credential and not auth_key:
+        token = ""
+        if not auth_key and params.token_file:
+            try:
+                token = Path(params.token_file).read_text().strip()
+            except OSError as exc:
+                raise BackendError(f"cannot read the ServiceAccount token "
+                                   f"{params.token_file}: {exc.strerror}") from exc
+        if not credential and not auth_key and not token:
             raise BackendError(
                 "no auth key: set Server.auth_key, or TS_AUTHKEY for tsnet2d, to join the tailnet"
             )
@@ -179,16 +205,17 @@ class Backend:
                 tags=list(params.advertise_tags),
                 auth_key=auth_key or None,
                 node_credential=credential or None,
+                bearer_token=token or None,
             )
         except AuthError:
-            if not credential or not auth_key:
+            if not credential or not (auth_key or token):
                 raise
             # The saved credential was refused (the node was removed): join again with the key.
             log.warning("saved node credential refused; registering again with the auth key")
             reg = await self._control.register(
                 public_key=public_key_b64(key), hostname=params.hostname, endpoints=endpoints,
                 ephemeral=params.ephemeral, tags=list(params.advertise_tags),
-                auth_key=auth_key, node_credential=None,
+                auth_key=auth_key or None, node_credential=None, bearer_token=token or None,
             )
         self._credential = reg.node_credential
         self.domain = reg.domain
@@ -202,6 +229,13 @@ class Backend:
         await asyncio.to_thread(node.start, key)
         v4, v6 = self._addresses(reg.node)
         await asyncio.to_thread(node.set_addresses, v4, v6)
+        if cfg.guard:
+            group = REFUSED_LOG_GROUP if self.refusal_log is not None else None
+            guard = Guard(cfg.ifname, mark=DAEMON_MARK, log_group=group)
+            self._guard = guard
+            await asyncio.to_thread(guard.install)
+            if self.refusal_log is not None:
+                self.refusal_log.start_refusal_log(REFUSED_LOG_GROUP)
         netmap = await self._control.netmap(self._credential, since=0, timeout=0)
         await self._apply_netmap(netmap)
         self.control_connected = True
@@ -234,11 +268,20 @@ class Backend:
                     log.warning("could not deregister from the control server: %s", exc)
             await self._control.aclose()
             self._control = None
+        if self._guard is not None:
+            try:
+                await asyncio.to_thread(self._guard.remove)
+            except NodeError as exc:
+                log.warning("could not remove the nftables guard: %s", exc)
+            self._guard = None
+        if self.refusal_log is not None:
+            self.refusal_log.stop_refusal_log()
         if self._node is not None:
             await asyncio.to_thread(self._node.close)
             self._node = None
         self.control_connected = False
         self.peers = []
+        self._reindex()
 
     # ---- netmap ----------------------------------------------------------------------
 
@@ -273,6 +316,7 @@ class Backend:
         if self._node is not None:
             await asyncio.to_thread(self._node.apply_peers, configs)
         self.peers = peers
+        self._reindex()
         self.netmap_version = int(netmap.get("version", 0))
         log.info("netmap version %d: %d peers", self.netmap_version, len(peers))
         await self._notify()
@@ -302,6 +346,11 @@ class Backend:
                 v6 = v6 or ip
         return v4, v6
 
+    async def set_listeners(self, listeners: set[tuple[IPAddress, int]]) -> None:
+        """Open exactly these (tailnet address, port) pairs for inbound flows (the guard)."""
+        if self._guard is not None:
+            await asyncio.to_thread(self._guard.set_listeners, listeners)
+
     # ---- queries ---------------------------------------------------------------------
 
     @property
@@ -330,10 +379,15 @@ class Backend:
 
     def node_by_ip(self, ip: IPAddress) -> dict[str, Any] | None:
         """The node (self or a peer) that owns a tailnet address, if any."""
-        for node in self.nodes():
-            if ip in _node_ips(node):
-                return node
-        return None
+        return self._by_ip.get(ip)
+
+    def _reindex(self) -> None:
+        # Looked up once or twice per flow: index the netmap instead of walking it.
+        by_ip: dict[IPAddress, dict[str, Any]] = {}
+        for node in reversed(list(self.nodes())):  # self wins over a peer's stale entry
+            for ip in _node_ips(node):
+                by_ip[ip] = node
+        self._by_ip = by_ip
 
     def resolve(self, host: str, family: int | None) -> IPAddress:
         """Turn a dial host (tailnet IP, hostname or FQDN) into a tailnet address.

@@ -29,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="tsnet2 daemon: owns one tailnet node (keys, coordination, WireGuard "
         "device) and serves apps over one Unix socket, logging every byte they exchange.",
         epilog="Environment: TS_CONTROL_URL (control server URL when the app gives none), "
-        "TS_AUTHKEY or TS_AUTH_KEY (auth key when the app gives none), TSNET2_HOSTNAME.",
+        "TS_AUTHKEY or TS_AUTH_KEY (auth key when the app gives none), TSNET2_HOSTNAME, "
+        "TSNET2_SA_TOKEN_FILE (a Kubernetes ServiceAccount token, audience tsnet2, sent as "
+        "the registration credential when there is no auth key).",
     )
     p.add_argument("--socket", metavar="PATH", help="Unix socket to serve apps on (required)")
     p.add_argument("--state-dir", metavar="DIR",
@@ -38,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL traffic log, '-' for stdout (default <state-dir>/traffic.jsonl)")
     p.add_argument("--traffic-log-mode", choices=["payload", "metadata", "off"],
                    default="payload", help="what data records carry (default payload)")
+    p.add_argument("--traffic-log-max-bytes", metavar="N", type=int,
+                   help="rotate the traffic log when it would grow past N bytes")
+    p.add_argument("--traffic-log-keep", metavar="N", type=int, default=5,
+                   help="rotated traffic logs to keep (default 5)")
+    p.add_argument("--traffic-log-payload-cap", metavar="N", type=int,
+                   help="log at most N payload bytes per flow and direction; later data "
+                   "records keep their length but no payload")
+    p.add_argument("--traffic-log-on-error", choices=["fail-closed", "continue"],
+                   default="fail-closed",
+                   help="when the traffic log cannot be written: refuse new flows "
+                   "(default) or count the lost records and carry on")
     p.add_argument("--tun", metavar="NAME", default="tsnet2",
                    help="WireGuard device name (default tsnet2)")
     p.add_argument("--port", metavar="N", type=int, default=41641,
@@ -46,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="endpoint peers should use (default: detected from routes)")
     p.add_argument("--backend", choices=["auto", "kernel", "userspace"], default="auto",
                    help="WireGuard implementation (default auto: kernel if available)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="do not install the nftables guard that keeps every other process in "
+                   "this network namespace off the tailnet (the traffic log is then not "
+                   "the only way out)")
     p.add_argument("--allow-uid", metavar="UID", type=int, action="append", default=[],
                    help="also accept socket connections from this uid (repeatable); "
                    "by default only the daemon's own uid may connect")
@@ -109,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=state_dir,
         traffic_log=args.traffic_log or str(state_dir / "traffic.jsonl"),
         traffic_log_mode=args.traffic_log_mode,
+        traffic_log_max_bytes=args.traffic_log_max_bytes,
+        traffic_log_keep=args.traffic_log_keep,
+        traffic_log_payload_cap=args.traffic_log_payload_cap,
+        traffic_log_on_error=args.traffic_log_on_error,
         device=DeviceConfig(ifname=args.tun, listen_port=args.port, backend=args.backend,
-                            advertise_endpoint=args.advertise_endpoint),
+                            advertise_endpoint=args.advertise_endpoint,
+                            guard=not args.no_guard),
         allow_uids=allow,
         hostname=args.hostname,
         control_url=os.environ.get("TS_CONTROL_URL", ""),
         auth_key=os.environ.get("TS_AUTHKEY") or os.environ.get("TS_AUTH_KEY", ""),
+        token_file=os.environ.get("TSNET2_SA_TOKEN_FILE", ""),
         ephemeral=args.ephemeral,
         advertise_tags=tuple(t for t in args.advertise_tags.split(",") if t),
         auto_start=args.up,

@@ -27,7 +27,9 @@ from tsnet2.daemon.backend import Backend, BackendError, whois_summary
 from tsnet2.daemon.io import IP_FREEBIND, mark, read_line, reset
 from tsnet2.daemon.metrics import Metrics
 from tsnet2.daemon.splice import Splice
-from tsnet2.traffic import Flow, TrafficLog
+from tsnet2.node import NodeError
+from tsnet2.node.nflog import NflogReader
+from tsnet2.traffic import Flow, RejectReason, TrafficLog, TrafficLogError
 
 log = logging.getLogger("tsnet2d.datapath")
 
@@ -39,6 +41,15 @@ BACKLOG = 512
 EARLY_DATA_MAX = 256 * 1024  # app bytes buffered while a dial connects (then we stop reading)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Metric reasons (fine-grained) to the traffic log's reject reasons.
+REJECT_REASON: dict[str, RejectReason] = {
+    "bad_request": "dial_failed", "not_running": "dial_failed",
+    "no_such_peer": "dial_failed", "dial_failed": "dial_failed",
+    "dial_timeout": "dial_failed", "app_gone": "app_gone",
+    "log_unavailable": "log_unavailable", "no_listener": "no_listener",
+    "listener_closed": "no_listener", "no_slot": "no_slot", "shutdown": "shutdown",
+}
 
 
 class ListenError(Exception):
@@ -85,6 +96,7 @@ class Datapath:
         self._spawn = spawn
         self.listeners: dict[str, Listener] = {}
         self.splices: set[Splice] = set()
+        self._nflog: NflogReader | None = None
 
     # ---- listeners -------------------------------------------------------------------
 
@@ -125,6 +137,7 @@ class Datapath:
         self.listeners[lst.id] = lst
         for s in socks:
             lst.tasks.append(self._spawn(self._accept_loop(lst, s)))
+        await self._sync_guard()
         log.info("listener %s: %s %s on %s", lst.id, la.network, shown,
                  ", ".join(str(i) for i in ips))
         return lst
@@ -164,6 +177,7 @@ class Datapath:
         lst = self.listeners.pop(listener_id, None)
         if lst is None:
             return False
+        await self._sync_guard()  # closed to peers before the sockets go
         for t in lst.tasks:
             t.cancel()
         for t in lst.tasks:
@@ -178,6 +192,43 @@ class Datapath:
         log.info("listener %s closed", listener_id)
         return True
 
+    async def _sync_guard(self) -> None:
+        pairs = {(ip, lst.port) for lst in self.listeners.values() for ip in lst.ips}
+        try:
+            await self.backend.set_listeners(pairs)
+        except NodeError as exc:
+            log.error("nftables guard: cannot open listeners %s: %s", sorted(map(str, pairs)),
+                      exc)
+
+    # ---- refused inbound flows: SYNs the guard answered with a reset (via NFLOG) -----
+
+    def start_refusal_log(self, group: int) -> None:
+        """Read the guard's copies of refused SYNs and log each as a `reject`."""
+        self.stop_refusal_log()
+        reader = NflogReader(group)
+        self._nflog = reader
+        asyncio.get_running_loop().add_reader(reader.fileno(), self._on_refused)
+
+    def stop_refusal_log(self) -> None:
+        """Stop reading refused SYNs."""
+        reader, self._nflog = self._nflog, None
+        if reader is not None:
+            asyncio.get_running_loop().remove_reader(reader.fileno())
+            reader.close()
+
+    def _on_refused(self) -> None:
+        if self._nflog is None:
+            return
+        try:
+            refused = self._nflog.read_ready()
+        except NodeError as exc:
+            log.warning("refused-flow log: %s", exc)
+            return
+        for syn in refused:
+            self._refuse("in", "no_listener", remote=proto.format_addr(syn.src, syn.sport),
+                         local=proto.format_addr(syn.dst, syn.dport),
+                         error=f"no listener on port {syn.dport}; refused with a reset")
+
     async def release_owner(self, owner: object) -> None:
         """Unregister every listener a (now disconnected) control connection owned."""
         for lst in [x for x in self.listeners.values() if x.owner is owner]:
@@ -187,8 +238,12 @@ class Datapath:
         """Daemon or node shutdown: listeners go, live flows are cut (and logged)."""
         for lid in list(self.listeners):
             await self.unregister_listener(lid)
-        for sp in list(self.splices):
+        cut = list(self.splices)
+        for sp in cut:
             sp.abort()
+        if cut:
+            # Let the transports report their loss, so each flow writes its close record.
+            await asyncio.wait([sp.done for sp in cut], timeout=5)
 
     # ---- inbound ---------------------------------------------------------------------
 
@@ -217,6 +272,9 @@ class Datapath:
         deadline = start + SLOT_WAIT
         handed = False
         try:
+            if not waited and not self._log_ready("in", remote=remote, local=local,
+                                                  listener_id=lst.id):
+                return
             while True:
                 if lst.id not in self.listeners:
                     self._refuse("in", "listener_closed", local=local, remote=remote,
@@ -309,10 +367,27 @@ class Datapath:
 
     def _refuse(self, direction: Literal["in", "out"], reason: str, *, remote: str,
                 error: str, local: str = "", listener_id: str | None = None) -> None:
-        """Account for a flow that never opened: daemon log and metrics."""
+        """Account for a flow that never opened: a `reject` record, metrics, daemon log."""
         log.warning("%s flow %s %s refused (%s): %s", direction,
                     "from" if direction == "in" else "to", remote, reason, error)
         self.metrics.flow_refused(direction, reason)
+        whois = None
+        with contextlib.suppress(ValueError):
+            whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
+        self.traffic.reject(direction=direction, remote=remote, local=local or None,
+                            reason=REJECT_REASON.get(reason, "dial_failed"), error=error,
+                            whois=whois, listener_id=listener_id)
+
+    def _log_ready(self, direction: Literal["in", "out"], *, remote: str, local: str = "",
+                   listener_id: str | None = None) -> bool:
+        """False (and the flow is refused) while the traffic log cannot take records."""
+        try:
+            self.traffic.check_writable()
+        except TrafficLogError as exc:
+            self._refuse(direction, "log_unavailable", remote=remote, local=local,
+                         listener_id=listener_id, error=f"traffic log unavailable: {exc}")
+            return False
+        return True
 
     # ---- outbound --------------------------------------------------------------------
 
@@ -321,6 +396,11 @@ class Datapath:
         loop = asyncio.get_running_loop()
         line = await read_line(sock, reader, HEADER_TIMEOUT)
         req = proto.decode_dial_request(line)
+        if not self._log_ready("out", remote=req.addr):
+            with contextlib.suppress(OSError):
+                await loop.sock_sendall(sock, proto.encode_dial_reply(
+                    False, err="daemon: traffic log unavailable; refusing new flows"))
+            return
         connect = loop.create_task(self._connect(req.network or "tcp", req.addr))
         early = await self._watch_app_while(connect, sock, bytearray(reader.take_rest()))
         if early is None:

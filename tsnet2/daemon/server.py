@@ -32,12 +32,13 @@ from tsnet2.daemon.io import peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
 from tsnet2.node import NodeError
-from tsnet2.traffic import LogMode, TrafficLog
+from tsnet2.traffic import ErrorPolicy, LogMode, TrafficLog
 
 log = logging.getLogger("tsnet2d")
 
 KIND_TIMEOUT = 10.0  # seconds a new connection has to name its channel
 SHUTDOWN_TIMEOUT = 10.0  # seconds shutdown waits for handlers after cancelling them
+LOG_PROBE_INTERVAL = 5.0  # seconds between recovery attempts of an unwritable traffic log
 
 
 class DaemonError(Exception):
@@ -52,11 +53,16 @@ class DaemonConfig:
     state_dir: Path
     traffic_log: str
     traffic_log_mode: LogMode = "payload"
+    traffic_log_max_bytes: int | None = None
+    traffic_log_keep: int = 5
+    traffic_log_payload_cap: int | None = None
+    traffic_log_on_error: ErrorPolicy = "fail-closed"
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     allow_uids: frozenset[int] | None = None  # None: any uid; default: our own
     hostname: str = ""
     control_url: str = ""
     auth_key: str = ""
+    token_file: str = ""
     ephemeral: bool = False
     advertise_tags: tuple[str, ...] = ()
     auto_start: bool = False
@@ -69,13 +75,19 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.backend = Backend(config.state_dir, config.device)
-        self.traffic = TrafficLog(config.traffic_log, mode=config.traffic_log_mode)
+        self.traffic = TrafficLog(
+            config.traffic_log, mode=config.traffic_log_mode,
+            max_bytes=config.traffic_log_max_bytes, keep=config.traffic_log_keep,
+            payload_cap=config.traffic_log_payload_cap, on_error=config.traffic_log_on_error,
+        )
         self.metrics = Metrics(
             peers=lambda: peer_samples(self.backend.peers, self.backend.peer_stats()),
             before_scrape=self._refresh_metrics,
         )
         self.traffic.on_record = self.metrics.log_record
+        self.traffic.on_drop = self._log_dropped
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics)
+        self.backend.refusal_log = self.datapath
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -123,6 +135,7 @@ class Daemon:
             if self.config.auto_start:
                 self.spawn(self._auto_start())
             accept = self.spawn(self._accept_loop(self._listen_sock))
+            self.spawn(self._probe_traffic_log())
             await self._stop.wait()
             accept.cancel()
         finally:
@@ -203,6 +216,21 @@ class Daemon:
 
     # ---- health and metrics ----------------------------------------------------------
 
+    def _log_dropped(self, kind: str, reason: str) -> None:
+        if reason in ("closed", "not_open"):
+            self.metrics.log_dropped("not_open")
+            return
+        self.metrics.log_write_error()
+        self.metrics.log_dropped("disk_full" if reason in ("ENOSPC", "EDQUOT")
+                                 else "write_error")
+
+    async def _probe_traffic_log(self) -> None:
+        """While the traffic log is unhealthy, try it every few seconds (recovery)."""
+        while True:
+            await asyncio.sleep(LOG_PROBE_INTERVAL)
+            if not self.traffic.healthy:
+                await asyncio.to_thread(self.traffic.probe)
+
     def _refresh_metrics(self) -> None:
         b = self.backend
         self.metrics.set_node_up(b.running)
@@ -221,6 +249,8 @@ class Daemon:
             return False, "socket not listening"
         if not self.backend.running:
             return False, f"node is {self.backend.state.name.lower()}"
+        if not self.traffic.healthy and self.config.traffic_log_on_error == "fail-closed":
+            return False, "traffic log cannot be written; new flows are refused"
         return True, "ok"
 
     # ---- connections -----------------------------------------------------------------
@@ -380,6 +410,7 @@ class Daemon:
             hostname=_str(p, "hostname") or c.hostname or socket.gethostname(),
             control_url=_str(p, "control_url") or c.control_url,
             auth_key=_str(p, "auth_key") or c.auth_key,
+            token_file=c.token_file,
             ephemeral=bool(p.get("ephemeral")) or c.ephemeral,
             advertise_tags=tuple(tags),
         )

@@ -11,11 +11,14 @@ gets the app's reply. The flow ends when both directions are done or either sock
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Callable
 from typing import Literal
 
-from tsnet2.traffic import Flow
+from tsnet2.traffic import Flow, TrafficLogError
+
+log = logging.getLogger("tsnet2d.splice")
 
 Direction = Literal["app->peer", "peer->app"]
 
@@ -119,12 +122,24 @@ class Splice:
         await loop.connect_accepted_socket(lambda: self.peer, peer_sock)
         if pending:
             self.forward(self.app, pending)
+            if self.error is not None:  # the log refused the early bytes: never attach
+                app_sock.close()
+                self.app.lost = True
+                self.side_lost(self.app, None)
+                return
         await loop.connect_accepted_socket(lambda: self.app, app_sock)
 
     def forward(self, side: _Side, data: bytes) -> None:
         other = side.other
         assert other is not None
-        self.flow.data(side.direction, data)
+        try:
+            self.flow.data(side.direction, data)
+        except TrafficLogError as exc:
+            # Fail closed: bytes that cannot be recorded are not forwarded.
+            self.error = f"traffic log: {exc}"
+            self.app.reset()
+            self.peer.reset()
+            return
         if self.on_bytes is not None:
             self.on_bytes(side.direction, len(data))
         assert other.transport is not None  # reading starts only once both are attached
@@ -155,8 +170,11 @@ class Splice:
                 other.transport.close()
         if self.app.lost and self.peer.lost:
             # bytes_in went peer->app (delivered to the app side), bytes_out app->peer.
-            self.flow.close(self.error, bytes_in=self.app.delivered,
-                            bytes_out=self.peer.delivered, cut=self.cut)
+            try:
+                self.flow.close(self.error, bytes_in=self.app.delivered,
+                                bytes_out=self.peer.delivered, cut=self.cut)
+            except TrafficLogError as exc:
+                log.error("traffic log: close record of %s lost: %s", self.flow.conn_id, exc)
             if self.on_close is not None:
                 self.on_close(self)
             if not self.done.done():

@@ -12,6 +12,7 @@ as ``PeerUpdate`` values so the caller (``Node``) can compute an incremental dif
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
@@ -114,6 +115,17 @@ def _socket_alive(path: Path) -> bool:
         return True
 
 
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the thread that started us dies (a crashed daemon
+    must not leave wireguard-go holding the device name its restart needs). Only a
+    pre-resolved libc call runs between fork and exec."""
+    _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 class UserspaceDevice:
     """wireguard-go as a child process; configured over UAPI. No stray process survives close()."""
 
@@ -169,6 +181,7 @@ class UserspaceDevice:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "LOG_LEVEL": "error"},
+            preexec_fn=_die_with_parent,
         )
         try:
             self._wait_for_socket()

@@ -3,26 +3,37 @@
 The prototype built records as Go maps, so every line has its keys in **alphabetical
 order** (nested objects too) and Go's HTML-safe string escaping; :func:`go_json` on a
 key-sorted dict reproduces that byte for byte.
+
+``open``/``data``/``close`` are the prototype's kinds; ``reject`` (a flow that never
+opened) and ``gap`` (records the writer could not write) are tsnet2 additions that old
+parsers skip as unknown kinds.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as _dt
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 from tsnet2.proto.gojson import go_json, go_time, go_time_ns
 
 __all__ = [
+    "CUT_ERROR",
     "DEFAULT_CHUNK_SIZE",
+    "RECORD_KINDS",
+    "REJECT_REASONS",
     "DataDir",
     "FlowDir",
+    "RejectReason",
     "chunks",
     "close_record",
     "data_record",
     "format_time",
+    "gap_record",
     "open_record",
+    "reject_record",
 ]
 
 DEFAULT_CHUNK_SIZE = 16384
@@ -33,6 +44,27 @@ FlowDir = Literal["in", "out"]
 
 DataDir = Literal["app->peer", "peer->app"]
 """``data.dir``: which way the bytes went."""
+
+RejectReason = Literal[
+    "dial_failed", "app_gone", "no_listener", "no_slot", "log_unavailable", "shutdown"
+]
+"""``reject.reason``: why a flow never opened (docs/traffic-log.md explains each)."""
+
+REJECT_REASONS: tuple[RejectReason, ...] = (
+    "dial_failed",
+    "app_gone",
+    "no_listener",
+    "no_slot",
+    "log_unavailable",
+    "shutdown",
+)
+"""Every value :data:`RejectReason` allows, in the order the docs list them."""
+
+RECORD_KINDS = ("open", "data", "close", "reject", "gap")
+"""Every ``kind`` this module writes."""
+
+CUT_ERROR = "daemon: flow cut by shutdown"
+"""``close.error`` of a flow that the daemon ended because it was shutting down."""
 
 
 def format_time(dt: _dt.datetime | int) -> str:
@@ -94,19 +126,54 @@ def data_record(
     data: bytes | bytearray | memoryview,
     t: _dt.datetime | int,
     include_payload: bool = True,
+    truncated: bool = False,
 ) -> bytes:
     """A ``data`` line for one chunk: ``len``, ``seq`` and (unless metadata-only)
-    ``payload_b64`` (standard base64, padded)."""
+    ``payload_b64`` (standard base64, padded).
+
+    ``truncated=True`` marks a chunk past the flow's payload cap: ``"truncated":true``
+    and no payload (so ``include_payload`` must be false).
+    """
+    if truncated and include_payload:
+        raise ValueError("a truncated data record carries no payload: pass include_payload=False")
+    n = len(data) if not isinstance(data, memoryview) else data.nbytes
+    if _SAFE_ID.fullmatch(conn_id) and direction in _DIR_JSON:
+        # The hot path (one record per 16 KiB chunk): every value here is JSON-safe as it
+        # stands (hex id, fixed direction, digits, RFC 3339, base64), so the line is built
+        # directly, byte-identical to the generic encoder's (tests compare the two).
+        parts = [b'{"conn_id":"', conn_id.encode(), b'","dir":"', _DIR_JSON[direction],
+                 b'","kind":"data","len":', str(n).encode()]
+        if include_payload:
+            parts += [b',"payload_b64":"', base64.b64encode(data), b'"']
+        parts += [b',"seq":', str(seq).encode(), b',"t":"', format_time(t).encode(), b'"']
+        if truncated:
+            parts.append(b',"truncated":true')
+        parts.append(b"}\n")
+        return b"".join(parts)
+    return _generic_data_record(conn_id=conn_id, direction=direction, seq=seq, n=n, data=data,
+                                t=t, include_payload=include_payload, truncated=truncated)
+
+
+_SAFE_ID = re.compile(r"[0-9a-f]{1,64}")
+_DIR_JSON = {"app->peer": b"app-\\u003epeer", "peer->app": b"peer-\\u003eapp"}
+
+
+def _generic_data_record(
+    *, conn_id: str, direction: str, seq: int, n: int, data: bytes | bytearray | memoryview,
+    t: _dt.datetime | int, include_payload: bool, truncated: bool,
+) -> bytes:
     record: dict[str, Any] = {
         "conn_id": conn_id,
         "dir": direction,
         "kind": "data",
-        "len": len(data) if not isinstance(data, memoryview) else data.nbytes,
+        "len": n,
         "seq": seq,
         "t": format_time(t),
     }
     if include_payload:
         record["payload_b64"] = base64.b64encode(data).decode("ascii")
+    if truncated:
+        record["truncated"] = True
     return _line(record)
 
 
@@ -131,6 +198,77 @@ def close_record(
     }
     if error:
         record["error"] = error
+    return _line(record)
+
+
+def reject_record(
+    *,
+    conn_id: str,
+    direction: FlowDir,
+    remote: str,
+    reason: RejectReason,
+    t: _dt.datetime | int,
+    local: str | None = None,
+    error: str | None = None,
+    whois: Mapping[str, Any] | None = None,
+    listener_id: str | None = None,
+    proto: str = "tcp",
+) -> bytes:
+    """A ``reject`` line: a flow that never opened (no ``open``, no ``close``).
+
+    ``remote`` is the peer (inbound: its ``ip:port``; outbound: the address the app asked
+    for, resolved or not). ``local``, ``error``, ``whois`` and ``listener_id`` are left
+    out when ``None`` or empty. Raises :class:`ValueError` for an unknown ``reason``.
+    """
+    if reason not in REJECT_REASONS:
+        raise ValueError(
+            f"reject reason must be one of {', '.join(REJECT_REASONS)}; got {reason!r}"
+        )
+    if direction not in ("in", "out"):
+        raise ValueError(f'flow direction must be "in" or "out", got {direction!r}')
+    record: dict[str, Any] = {
+        "conn_id": conn_id,
+        "dir": direction,
+        "kind": "reject",
+        "proto": proto,
+        "reason": reason,
+        "remote": remote,
+        "t": format_time(t),
+    }
+    if local:
+        record["local"] = local
+    if error:
+        record["error"] = error
+    if whois is not None:
+        record["whois"] = dict(whois)
+    if listener_id:
+        record["listener_id"] = listener_id
+    return _line(record)
+
+
+def gap_record(
+    *,
+    dropped: Mapping[str, int],
+    error: str,
+    since: _dt.datetime | int,
+    t: _dt.datetime | int,
+) -> bytes:
+    """A ``gap`` line: records of the given kinds (kind -> count) that could not be
+    written since ``since`` (the first failure), with the last ``error``.
+
+    ``dropped`` is the total; ``kinds`` the per-kind counts (kinds with zero left out).
+    """
+    kinds = {k: n for k, n in dropped.items() if n > 0}
+    if not kinds:
+        raise ValueError("a gap record needs at least one dropped record")
+    record: dict[str, Any] = {
+        "dropped": sum(kinds.values()),
+        "error": error or "unknown error",
+        "kind": "gap",
+        "kinds": kinds,
+        "since": format_time(since),
+        "t": format_time(t),
+    }
     return _line(record)
 
 

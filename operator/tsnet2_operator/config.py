@@ -1,0 +1,259 @@
+"""Operator configuration: defaults, then an optional JSON file, then environment variables.
+
+One table (:data:`FIELDS`) names every setting, its environment variable and its parser, so
+the file keys, the env vars and ``docs/operator.md`` cannot drift apart. Later sources win:
+
+1. the defaults below;
+2. the JSON object in the file named by ``$TSNET2_OPERATOR_CONFIG`` (keys = field names);
+3. the environment variables.
+
+Everything here is pure: :func:`load_config` takes the environment and a file reader as
+arguments (defaulting to the process's), so tests never touch global state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+Backend = Literal["userspace", "kernel"]
+NativeSidecarMode = Literal["auto", "on", "off"]
+TrafficLogMode = Literal["payload", "metadata", "off"]
+
+CONFIG_FILE_ENV = "TSNET2_OPERATOR_CONFIG"
+MAX_CONFIG_BYTES = 64 * 1024  # a config file is a handful of keys; refuse anything huge
+NATIVE_SIDECAR_MIN_VERSION = (1, 29)  # SidecarContainers is beta and on by default from 1.29
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value the operator cannot use (the message says which)."""
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """What the injector puts into a pod: the tsnet2d sidecar's image, control URL and limits."""
+
+    image: str = "tsnet2:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    control_url: str = ""
+    backend: Backend = "userspace"
+    cpu_request: str = "10m"
+    memory_request: str = "64Mi"
+    cpu_limit: str = ""
+    memory_limit: str = ""
+    traffic_log_default: TrafficLogMode = "payload"
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    """All operator settings: the sidecar template plus how the operator itself runs."""
+
+    sidecar: SidecarConfig = field(default_factory=SidecarConfig)
+    native_sidecar: NativeSidecarMode = "auto"
+    webhook_addr: str = "0.0.0.0"
+    webhook_port: int = 9443
+    webhook_cert_file: str = ""
+    webhook_key_file: str = ""
+    metrics_addr: str = "0.0.0.0:9090"
+
+
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, value: str) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{name}: invalid value {value!r}; allowed: {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _text(name: str, value: str) -> str:
+    return value.strip()
+
+
+def _nonempty(name: str, value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ConfigError(f"{name}: must not be empty")
+    return value
+
+
+def _quantity(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not _QUANTITY.match(value):
+        raise ConfigError(f"{name}: {value!r} is not a Kubernetes quantity (e.g. 10m, 64Mi)")
+    return value
+
+
+def _port(name: str, value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{name}: {port} is outside 0..65535")
+    return port
+
+
+def _url(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        raise ConfigError(f"{name}: {value!r} is not an http:// or https:// URL")
+    return value
+
+
+def _host_port(name: str, value: str) -> str:
+    value = value.strip()
+    if value and not re.match(r"^[^\s]*:[0-9]{1,5}$", value):
+        raise ConfigError(f"{name}: {value!r} is not HOST:PORT (empty turns metrics off)")
+    return value
+
+
+@dataclass(frozen=True)
+class Field:
+    """One setting: where it lives (``sidecar`` or operator), its env var and its parser."""
+
+    key: str
+    env: str
+    parse: Callable[[str, str], Any]
+    sidecar: bool
+    doc: str
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("image", "TSNET2_SIDECAR_IMAGE", _nonempty, True, "tsnet2d sidecar image"),
+    Field("image_pull_policy", "TSNET2_SIDECAR_IMAGE_PULL_POLICY",
+          _choice("Always", "IfNotPresent", "Never"), True, "sidecar imagePullPolicy"),
+    Field("control_url", "TSNET2_CONTROL_URL", _url, True,
+          "coordination server URL given to the sidecar as TS_CONTROL_URL (required)"),
+    Field("backend", "TSNET2_BACKEND", _choice("userspace", "kernel"), True,
+          "WireGuard backend: userspace (wireguard-go, mounts /dev/net/tun) or kernel"),
+    Field("cpu_request", "TSNET2_SIDECAR_CPU_REQUEST", _quantity, True, "sidecar CPU request"),
+    Field("memory_request", "TSNET2_SIDECAR_MEMORY_REQUEST", _quantity, True,
+          "sidecar memory request"),
+    Field("cpu_limit", "TSNET2_SIDECAR_CPU_LIMIT", _quantity, True,
+          "sidecar CPU limit (empty: none)"),
+    Field("memory_limit", "TSNET2_SIDECAR_MEMORY_LIMIT", _quantity, True,
+          "sidecar memory limit (empty: none)"),
+    Field("traffic_log_default", "TSNET2_TRAFFIC_LOG_DEFAULT",
+          _choice("payload", "metadata", "off"), True,
+          "traffic-log mode for pods without the tsnet2.io/traffic-log annotation"),
+    Field("native_sidecar", "TSNET2_NATIVE_SIDECAR", _choice("auto", "on", "off"), False,
+          "native sidecar (initContainer, restartPolicy Always): auto = API server >= 1.29"),
+    Field("webhook_addr", "TSNET2_WEBHOOK_ADDR", _nonempty, False,
+          "address the admission webhook listens on"),
+    Field("webhook_port", "TSNET2_WEBHOOK_PORT", _port, False, "admission webhook port"),
+    Field("webhook_cert_file", "TSNET2_WEBHOOK_CERT_FILE", _text, False,
+          "PEM serving certificate (re-read when it changes) (required)"),
+    Field("webhook_key_file", "TSNET2_WEBHOOK_KEY_FILE", _text, False,
+          "PEM private key of the serving certificate (required)"),
+    Field("metrics_addr", "TSNET2_METRICS_ADDR", _host_port, False,
+          "HOST:PORT for the operator's /metrics (empty: off)"),
+)
+_BY_KEY = {f.key: f for f in FIELDS}
+
+
+def _read_file(path: str) -> str:
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: cannot read: {exc.strerror}") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: larger than {MAX_CONFIG_BYTES} bytes")
+    return data.decode("utf-8", "replace")
+
+
+def _file_values(path: str, read: Callable[[str], str]) -> dict[str, str]:
+    try:
+        doc = json.loads(read(path))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{CONFIG_FILE_ENV}={path}: must hold a JSON object")
+    unknown = sorted(set(doc) - set(_BY_KEY))
+    if unknown:
+        raise ConfigError(
+            f"{CONFIG_FILE_ENV}={path}: unknown keys {', '.join(unknown)}; "
+            f"known: {', '.join(_BY_KEY)}"
+        )
+    values: dict[str, str] = {}
+    for key, value in doc.items():
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ConfigError(f"{CONFIG_FILE_ENV}={path}: {key} must be a string or a number")
+        values[key] = str(value)
+    return values
+
+
+def load_config(
+    env: Mapping[str, str] | None = None,
+    *,
+    read: Callable[[str], str] = _read_file,
+    require_webhook: bool = True,
+) -> OperatorConfig:
+    """Build the configuration from defaults, ``$TSNET2_OPERATOR_CONFIG`` and ``env``.
+
+    ``env`` defaults to ``os.environ``. Raises :class:`ConfigError` naming the setting when a
+    value is invalid, when ``control_url`` is unset, or (with ``require_webhook``) when the
+    webhook certificate files are unset.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, tuple[str, str]] = {}  # key -> (where it came from, value)
+    path = env.get(CONFIG_FILE_ENV, "")
+    if path:
+        for key, value in _file_values(path, read).items():
+            raw[key] = (f"{CONFIG_FILE_ENV}={path}: {key}", value)
+    for f in FIELDS:
+        if f.env in env:
+            raw[f.key] = (f.env, env[f.env])
+    sidecar_kw: dict[str, Any] = {}
+    operator_kw: dict[str, Any] = {}
+    for key, (where, value) in raw.items():
+        f = _BY_KEY[key]
+        (sidecar_kw if f.sidecar else operator_kw)[key] = f.parse(where, value)
+    config = OperatorConfig(sidecar=SidecarConfig(**sidecar_kw), **operator_kw)
+    if not config.sidecar.control_url:
+        raise ConfigError("control_url is required: set TSNET2_CONTROL_URL (or the config file)")
+    if require_webhook and not (config.webhook_cert_file and config.webhook_key_file):
+        raise ConfigError(
+            "the webhook needs a serving certificate: set TSNET2_WEBHOOK_CERT_FILE and "
+            "TSNET2_WEBHOOK_KEY_FILE (the chart mounts them from a Secret)"
+        )
+    return config
+
+
+def parse_server_version(major: str, minor: str) -> tuple[int, int]:
+    """(major, minor) from the API server's ``/version``; tolerates ``"29+"`` style minors."""
+    m_major = re.match(r"^\s*(\d+)", major or "")
+    m_minor = re.match(r"^\s*(\d+)", minor or "")
+    if not (m_major and m_minor):
+        raise ConfigError(f"cannot parse the API server version major={major!r} minor={minor!r}")
+    return int(m_major.group(1)), int(m_minor.group(1))
+
+
+def resolve_native_sidecar(mode: NativeSidecarMode, server_version: tuple[int, int]) -> bool:
+    """Whether to inject a native sidecar: ``on``/``off`` force it, ``auto`` checks >= 1.29."""
+    if mode == "on":
+        return True
+    if mode == "off":
+        return False
+    return server_version >= NATIVE_SIDECAR_MIN_VERSION
+
+
+def with_sidecar(config: OperatorConfig, **changes: Any) -> OperatorConfig:
+    """A copy of ``config`` with some sidecar fields replaced (a convenience for callers)."""
+    return replace(config, sidecar=replace(config.sidecar, **changes))
+
+
+def field_names() -> list[str]:
+    """Names of every dataclass field that the table covers (used by a drift test)."""
+    names = [f.name for f in fields(SidecarConfig)]
+    names += [f.name for f in fields(OperatorConfig) if f.name != "sidecar"]
+    return names

@@ -1,0 +1,198 @@
+"""The coordination server inside the operator: Kubernetes store, TokenReview auth, GC.
+
+:class:`ControlRuntime` owns one :class:`~tsnet2.control.server.ControlServer` over a
+:class:`~tsnet2_operator.store.KubernetesStore`, authenticated by
+:class:`~tsnet2_operator.auth.TokenReviewAuthenticator` (auth keys keep working for nodes
+outside the cluster), plus the garbage collectors. :func:`register_handlers` wires it into a
+kopf registry: the HTTP server starts at operator start-up in *every* replica (they share
+the store, so any of them can serve a node), while the watch handlers (pod events: state
+claims, removal of ephemeral nodes) run only in the replica that kopf peering lets
+reconcile. A periodic sweep repairs whatever a missed event left behind.
+
+Limitation: a node's *online* state is kept in the memory of the replica it polls (see
+``tsnet2/control/server.py``). With several replicas, prefer a long ``ephemeral_timeout``
+(the default here is one hour): nodes of pods are removed by the pod GC anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+
+from tsnet2.control.authkeys import DEFAULT_DOMAIN
+from tsnet2.control.server import ControlServer
+from tsnet2_operator.auth import ANNOTATION_STATUS, TokenReviewAuthenticator
+from tsnet2_operator.gc import NodeCollector, collect_pvcs
+from tsnet2_operator.store import KubernetesStore
+from tsnet2_operator.volumes import ensure_pvc, state_mode
+
+log = logging.getLogger("tsnet2.operator.control")
+
+OWNER_KINDS = (
+    ("apps", "v1", "deployments"),
+    ("apps", "v1", "statefulsets"),
+    ("apps", "v1", "daemonsets"),
+    ("apps", "v1", "replicasets"),
+    ("batch", "v1", "jobs"),
+)
+"""Owners whose deletion triggers an immediate state-claim collection in their namespace."""
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    """Configuration of the in-operator control server."""
+
+    namespace: str
+    """Namespace of the ``tsnet2.io`` objects (the operator's own)."""
+    host: str = "0.0.0.0"
+    port: int = 8440
+    domain: str = DEFAULT_DOMAIN
+    ephemeral_timeout: float = 3600.0
+    sweep_interval: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ControlSettings:
+        """Read ``TSNET2_NAMESPACE`` (else ``POD_NAMESPACE``), ``TSNET2_CONTROL_ADDR``
+        (``host:port``), ``TSNET2_DOMAIN``, ``TSNET2_EPHEMERAL_TIMEOUT``,
+        ``TSNET2_SWEEP_INTERVAL``, ``TSNET2_TLS_CERT``/``TSNET2_TLS_KEY``."""
+        e = dict(os.environ if env is None else env)
+        namespace = e.get("TSNET2_NAMESPACE") or e.get("POD_NAMESPACE")
+        if not namespace:
+            raise ValueError("set TSNET2_NAMESPACE (or POD_NAMESPACE) to the operator namespace")
+        host, _, port = e.get("TSNET2_CONTROL_ADDR", "0.0.0.0:8440").rpartition(":")
+        if not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("TSNET2_CONTROL_ADDR must be host:port")
+        return cls(
+            namespace=namespace,
+            host=host.strip("[]") or "0.0.0.0",
+            port=int(port),
+            domain=e.get("TSNET2_DOMAIN", DEFAULT_DOMAIN),
+            ephemeral_timeout=float(e.get("TSNET2_EPHEMERAL_TIMEOUT", "3600")),
+            sweep_interval=float(e.get("TSNET2_SWEEP_INTERVAL", "10")),
+            tls_cert=e.get("TSNET2_TLS_CERT") or None,
+            tls_key=e.get("TSNET2_TLS_KEY") or None,
+        )
+
+
+class ControlRuntime:
+    """Control server + store + authenticator + collectors, started and closed together."""
+
+    def __init__(self, api: k8s.ApiClient, settings: ControlSettings) -> None:
+        """Build the parts; nothing runs until :meth:`start`."""
+        self.api = api
+        self.settings = settings
+        self.store = KubernetesStore(api, settings.namespace)
+        self.authenticator = TokenReviewAuthenticator(api, self.store)
+        self.server = ControlServer(
+            self.store,
+            settings.domain,
+            settings.ephemeral_timeout,
+            authenticator=self.authenticator,
+        )
+        self.nodes = NodeCollector(api, self.store)
+        self._claimed: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> str:
+        """Open the store, serve HTTP, start the periodic sweep; return the URL."""
+        await self.store.open()
+        url = await self.server.start(
+            self.settings.host,
+            self.settings.port,
+            tls_cert=self.settings.tls_cert,
+            tls_key=self.settings.tls_key,
+        )
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="tsnet2-operator-gc")
+        return url
+
+    async def close(self) -> None:
+        """Stop the sweep and the server, close the store. Idempotent."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        await self.server.close()
+        await self.store.close()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("operator GC sweep failed; retrying")
+
+    async def sweep_once(self) -> None:
+        """One pass of every collector."""
+        await self.nodes.sweep()
+        await asyncio.to_thread(collect_pvcs, self.api)
+        await self.store.collect_orphan_claims()
+
+    async def on_pod_event(self, event: dict[str, Any]) -> None:
+        """A watch event of an injected pod: create its state claim, or clean up after it."""
+        pod = event.get("object") or {}
+        meta = pod.get("metadata") or {}
+        uid = meta.get("uid")
+        if not uid:
+            return
+        if event.get("type") == "DELETED":
+            self._claimed.discard(uid)
+            await self.nodes.pod_gone(uid)
+            await asyncio.to_thread(collect_pvcs, self.api, meta.get("namespace"))
+            return
+        if uid in self._claimed or meta.get("deletionTimestamp"):
+            return
+        try:
+            mode = state_mode(meta.get("annotations"))
+        except ValueError as e:
+            log.warning("pod %s/%s: %s", meta.get("namespace"), meta.get("name"), e)
+            return
+        if mode == "persistent":
+            name, created = await asyncio.to_thread(ensure_pvc, self.api, pod)
+            if created:
+                log.info("created state claim %s/%s", meta.get("namespace"), name)
+        self._claimed.add(uid)
+
+    async def on_owner_deleted(self, namespace: str) -> None:
+        """A workload was deleted: collect state claims in its namespace now."""
+        await asyncio.to_thread(collect_pvcs, self.api, namespace)
+
+
+def register_handlers(registry: kopf.OperatorRegistry, runtime: ControlRuntime) -> None:
+    """Register start-up/clean-up and the watch handlers of ``runtime`` in ``registry``."""
+
+    @kopf.on.startup(registry=registry)
+    async def start_control(**_: Any) -> None:
+        url = await runtime.start()
+        log.info(
+            "tsnet2 control server on %s (store namespace %s)", url, runtime.settings.namespace
+        )
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_control(**_: Any) -> None:
+        await runtime.close()
+
+    @kopf.on.event(  # type: ignore[arg-type]
+        "v1", "pods", annotations={ANNOTATION_STATUS: kopf.PRESENT}, registry=registry
+    )
+    async def injected_pod_event(event: dict[str, Any], **_: Any) -> None:
+        await runtime.on_pod_event(event)
+
+    for group, version, plural in OWNER_KINDS:
+
+        @kopf.on.event(group, version, plural, registry=registry)  # type: ignore[arg-type]
+        async def owner_event(event: dict[str, Any], namespace: str | None, **_: Any) -> None:
+            if event.get("type") == "DELETED" and namespace:
+                await runtime.on_owner_deleted(namespace)

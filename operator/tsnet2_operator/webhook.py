@@ -1,0 +1,128 @@
+"""What the admission webhook needs from outside the pure core.
+
+* :func:`make_server`: kopf's HTTPS :class:`kopf.WebhookServer` from the configured certificate
+  files (kopf re-reads them when they change, so cert-manager rotation needs no restart).
+* :class:`KubeLookups`: what the injector asks of the API server, each a single request: the
+  namespace's labels (only when the pod does not decide by itself), the server version (once,
+  at start-up, for native-sidecar detection) and posting an Event. (kopf's ``kopf.event`` is
+  not usable from admission handlers in kopf 1.45: its event queue is not set up there.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import socket
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+from urllib3.exceptions import HTTPError
+
+from tsnet2_operator.config import ConfigError, OperatorConfig, parse_server_version
+
+
+def make_server(config: OperatorConfig) -> kopf.WebhookServer:
+    """kopf's webhook server on ``webhook_addr:webhook_port`` with the configured cert files."""
+    if not (config.webhook_cert_file and config.webhook_key_file):
+        raise ConfigError("the webhook needs TSNET2_WEBHOOK_CERT_FILE and TSNET2_WEBHOOK_KEY_FILE")
+    return kopf.WebhookServer(
+        addr=config.webhook_addr,
+        port=config.webhook_port,
+        certfile=config.webhook_cert_file,
+        pkeyfile=config.webhook_key_file,
+    )
+
+
+class LookupError_(RuntimeError):
+    """An API read the injector depends on failed (the message names what and why)."""
+
+
+def load_api_client() -> k8s.ApiClient:
+    """An API client from the in-cluster service account, else from ``$KUBECONFIG``/~/.kube."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+    except ConfigException:
+        try:
+            # The client reads $KUBECONFIG at import time; read it now instead.
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=os.environ.get("KUBECONFIG") or None,
+                client_configuration=configuration)
+        except (ConfigException, OSError) as exc:
+            raise LookupError_(
+                f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({exc})"
+            ) from exc
+    return k8s.ApiClient(configuration)
+
+
+class KubeLookups:
+    """Namespace labels and server version over one API client (blocking calls off-loop)."""
+
+    def __init__(self, api: k8s.ApiClient, *, timeout: float = 5.0) -> None:
+        """Use ``api`` for every read; each read gives up after ``timeout`` seconds."""
+        self.api = api
+        self.timeout = timeout
+
+    def close(self) -> None:
+        """Close the API client's connection pool."""
+        self.api.close()  # type: ignore[no-untyped-call]
+
+    async def namespace_labels(self, name: str) -> dict[str, str]:
+        """The labels of namespace ``name``; raises :class:`LookupError_` if it cannot tell."""
+        def read() -> dict[str, str]:
+            ns = k8s.CoreV1Api(self.api).read_namespace(name, _request_timeout=self.timeout)
+            labels = ns.metadata.labels if ns.metadata is not None else None
+            return dict(labels or {})
+
+        try:
+            return await asyncio.to_thread(read)
+        except (ApiException, HTTPError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            raise LookupError_(f"cannot read namespace {name!r}: {reason}") from exc
+
+    async def server_version(self) -> tuple[int, int]:
+        """(major, minor) of the API server."""
+        def read() -> tuple[int, int]:
+            info = k8s.VersionApi(self.api).get_code(_request_timeout=self.timeout)
+            return parse_server_version(str(info.major), str(info.minor))
+
+        try:
+            return await asyncio.to_thread(read)
+        except (ApiException, HTTPError, OSError) as exc:
+            raise LookupError_(f"cannot read the API server version: {exc}") from exc
+
+    async def post_event(self, ref: dict[str, str], *, type: str, reason: str,
+                         message: str, component: str) -> None:
+        """Create a core/v1 Event about ``ref`` (an object reference with a namespace)."""
+        now = datetime.datetime.now(datetime.UTC)
+        body = k8s.CoreV1Event(
+            metadata=k8s.V1ObjectMeta(generate_name=f"{component}-",
+                                      namespace=ref["namespace"]),
+            involved_object=k8s.V1ObjectReference(
+                api_version=ref.get("apiVersion") or None, kind=ref.get("kind") or None,
+                name=ref.get("name") or None, namespace=ref["namespace"],
+                uid=ref.get("uid") or None),
+            type=type,
+            reason=reason,
+            message=message[:1024],
+            source=k8s.V1EventSource(component=component),
+            reporting_component=component,
+            reporting_instance=socket.gethostname()[:128],
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+
+        def create() -> None:
+            k8s.CoreV1Api(self.api).create_namespaced_event(
+                ref["namespace"], body, _request_timeout=self.timeout)
+
+        try:
+            await asyncio.to_thread(create)
+        except (ApiException, HTTPError, OSError) as exc:
+            raise LookupError_(f"cannot post Event {reason} in {ref['namespace']}: {exc}") from exc

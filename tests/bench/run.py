@@ -1,0 +1,685 @@
+"""`make bench`: tsnet2 measured against the bare WireGuard tunnel and raw veth, in one lab.
+
+One lab, one run: a control server and two tsnet2d ("bench-a", "bench-b") in network
+namespaces over wireguard-go. Load generators (``tests.bench.loadgen``) run inside the node
+namespaces: receivers and echo servers in A, senders and clients in B. Three paths:
+
+- tsnet2:  B app -> B daemon -> WireGuard -> A daemon -> A app (the library on both ends)
+- tunnel:  a plain TCP socket from B's namespace to A's tailnet IP (SO_MARK 0x7473)
+- veth:    a plain TCP socket between the same namespaces over the lab's 10.250.x.y addresses
+
+Prints a table (with PASS/MISS against the targets) and writes JSON (``bench-results.json``
+at the repo root by default). Everything it creates is removed at the end, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import tsnet2
+from tsnet2.lab import Lab, check_prerequisites, find_leftovers
+from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
+
+from .procs import (
+    ROOT,
+    BenchRunError,
+    CpuWatch,
+    Gen,
+    fd_count,
+    find_pid,
+    nofile_limits,
+    rss_bytes,
+    snmp,
+    stop_all,
+)
+from .profile import finish as profile_finish
+from .profile import start_record
+from .report import Row, markdown, median, percentile, table
+
+MB = 1024 * 1024
+PATHS = ("tunnel", "tsnet2", "veth")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options (defaults are the documented benchmark)."""
+    p = argparse.ArgumentParser(prog="python -m tests.bench.run",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=str(ROOT / "bench-results.json"), help="results JSON path")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per throughput run")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="interleaved tunnel/tsnet2 rounds per throughput and flow-rate row")
+    p.add_argument("--iters", type=int, default=1000, help="latency iterations per path")
+    p.add_argument("--clients", type=int, default=4, help="concurrent flow-rate clients")
+    p.add_argument("--flows", type=int, default=8000, help="concurrent open flows to hold")
+    p.add_argument("--budget", type=float, default=570.0,
+                   help="seconds; phases that would not fit are skipped")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 1 s runs, 1 round, 200 iterations, 500 flows")
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="sample both daemons with py-spy during tsnet2 runs into DIR")
+    p.add_argument("--only", default="",
+                   help="comma-separated phases to run (latency,bulk,flows,hold,logmode)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration, args.rounds, args.iters, args.flows = 1.0, 1, 200, 500
+    return args
+
+
+class Bench:
+    """Runs the phases in one lab and collects rows and raw details."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.t0 = time.monotonic()
+        self.rows: list[Row] = []
+        self.details: dict[str, Any] = {}
+        self.errors: list[str] = []
+        self.skipped: list[str] = []
+        self.lab: Lab | None = None
+        self.net: LocalTailnet | None = None
+        self.keepers: list[tsnet2.Server] = []
+        self._port = 20000
+        self._gen_no = 0
+        self.mode = "off"
+        self.idle: dict[str, Any] = {}
+        self.loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
+        self.a_ip = self.b_ip = ""
+
+    # ---- plumbing ----------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        """Seconds since the run started."""
+        return time.monotonic() - self.t0
+
+    def say(self, msg: str) -> None:
+        """Progress line on stderr."""
+        print(f"[{self.elapsed():6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def port(self) -> int:
+        """A fresh port: no run reuses another's, so TIME_WAIT never collides."""
+        self._port += 1
+        return self._port
+
+    def gen(self, node: str, role_argv: list[str], max_seconds: int = 120) -> Gen:
+        """Start a load generator in node ``a`` or ``b``."""
+        assert self.lab is not None
+        self._gen_no += 1
+        netns = self.da.node.netns if node == "a" else self.db.node.netns
+        log = self.lab.dir / f"gen{self._gen_no}-{role_argv[0]}.log"
+        return Gen(self.lab, netns, role_argv, log, max_seconds, mark=True)
+
+    @property
+    def da(self) -> DaemonProc:
+        """Daemon A (the accepting side)."""
+        assert self.net is not None
+        return self.net.daemons["bench-a"]
+
+    @property
+    def db(self) -> DaemonProc:
+        """Daemon B (the dialing side)."""
+        assert self.net is not None
+        return self.net.daemons["bench-b"]
+
+    @staticmethod
+    def daemon_pid(dp: DaemonProc) -> int:
+        """The daemon's pid, from its own readiness line."""
+        pids = re.findall(r"pid=(\d+) listening on", dp.log_text())
+        if pids:
+            return int(pids[-1])
+        assert dp.proc is not None
+        return dp.proc.pid
+
+    def cpu_pids(self) -> dict[str, int]:
+        """Daemons and wireguard-go processes to watch for CPU."""
+        pids = {"daemon_a": self.daemon_pid(self.da), "daemon_b": self.daemon_pid(self.db)}
+        for key, dp in (("wg_a", self.da), ("wg_b", self.db)):
+            pid = find_pid(["wireguard-go", "-f", dp.node.ifname])
+            if pid is not None:
+                pids[key] = pid
+        return pids
+
+    def profile_start(self, tag: str, seconds: float) -> list[subprocess.Popen[bytes] | None]:
+        """With ``--profile``: py-spy both daemons for ``seconds`` (raw collapsed stacks)."""
+        if not self.args.profile:
+            return []
+        d = Path(self.args.profile)
+        d.mkdir(parents=True, exist_ok=True)
+        return [start_record(self.daemon_pid(dp), d / f"{tag}-{self._gen_no}-{k}.txt", seconds)
+                for k, dp in (("a", self.da), ("b", self.db))]
+
+    def net_counters(self) -> dict[str, int]:
+        """UDP receive-buffer drops in A and B, TCP retransmits / segments sent from B."""
+        a, b = snmp(self.daemon_pid(self.da)), snmp(self.daemon_pid(self.db))
+        return {"udp_drops_a": a["udp_rcvbuf_errors"], "udp_drops_b": b["udp_rcvbuf_errors"],
+                "udp_in_a": a["udp_in"], "tcp_retrans_b": b["tcp_retrans"],
+                "tcp_out_b": b["tcp_out"]}
+
+    @contextlib.contextmanager
+    def guard_hole(self, path: str, port: int) -> Iterator[None]:
+        """Let the direct tunnel baseline through A's nftables guard on ``port``.
+
+        The guard accepts new inbound TCP on the WireGuard device only to ports in its set of
+        registered listeners, and only for a socket with the daemon's mark. A tcp6-only tsnet2
+        listener on the same port (held by A's keeper) puts the port in the set; the
+        baseline's marked IPv4 listener then takes the flows. Nothing to do for other paths.
+        """
+        if path != "tunnel":
+            yield
+            return
+        ln = self.keepers[0].listen("tcp6", f":{port}")
+        try:
+            yield
+        finally:
+            ln.close()
+
+    def endpoints(self, path: str, port: int) -> tuple[str, str]:
+        """(listen spec in A, dial spec from B) for a path."""
+        if path == "tsnet2":
+            return (f"ts:{self.da.socket_path}@:{port}",
+                    f"ts:{self.db.socket_path}@{self.a_ip}:{port}")
+        ip = self.a_ip if path == "tunnel" else str(self.da.node.ip)
+        return f"tcp:{ip}:{port}", f"tcp:{ip}:{port}"
+
+    def fits(self, phase: str, seconds: float) -> bool:
+        """Whether ``phase`` is selected and fits in the remaining budget."""
+        only = [x for x in self.args.only.split(",") if x]
+        if only and phase not in only:
+            return False
+        if self.elapsed() + seconds > self.args.budget:
+            self.skipped.append(f"{phase} (needs ~{seconds:.0f}s, "
+                                f"{self.args.budget - self.elapsed():.0f}s left)")
+            self.say(f"skipping {phase}: not enough time left in the budget")
+            return False
+        return True
+
+    def phase(self, name: str, est: float, fn: Callable[[], None]) -> None:
+        """Run a phase; a failure is recorded and the run goes on."""
+        if not self.fits(name, est):
+            return
+        self.say(f"phase {name} (~{est:.0f}s)")
+        t = time.monotonic()
+        try:
+            fn()
+        except (BenchRunError, tsnet2.Error, OSError, subprocess.SubprocessError) as exc:
+            self.errors.append(f"{name}: {exc}")
+            self.say(f"phase {name} FAILED: {exc}")
+        self.details.setdefault("phase_seconds", {})[name] = round(time.monotonic() - t, 1)
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def setup(self, lab: Lab, net: LocalTailnet) -> None:
+        """Control server, both daemons (traffic log off), keepers up, idle readings."""
+        self.lab, self.net = lab, net
+        net.start_control()
+        key = net.authkey(reusable=True)
+        for name in ("bench-a", "bench-b"):
+            net.add_daemon(name, auth_key=key, extra_args=("--traffic-log-mode", "off"))
+        self.bring_up()
+        self.idle = self.readings()
+        self.details["idle"] = self.idle
+        self.say(f"up: A {self.a_ip}, B {self.b_ip}; idle RSS A "
+                 f"{self.idle['rss_a'] / MB:.1f} MB, B {self.idle['rss_b'] / MB:.1f} MB")
+        self.warm_up()
+
+    def bring_up(self) -> None:
+        """Keeper Servers hold both nodes up for the whole run (they are never closed
+        early: ``Server.close`` takes a node down for every app)."""
+        self.close_keepers()
+        ka = tsnet2.Server(socket_path=str(self.da.socket_path), hostname="bench-a")
+        kb = tsnet2.Server(socket_path=str(self.db.socket_path), hostname="bench-b")
+        self.keepers = [ka, kb]
+        st_a, st_b = ka.up(timeout=30), kb.up(timeout=30)
+        self.a_ip, self.b_ip = str(st_a.tailscale_ips[0]), str(st_b.tailscale_ips[0])
+
+    def close_keepers(self) -> None:
+        """Drop the keeper Servers (their control connections)."""
+        for k in self.keepers:
+            if not k.closed:
+                with contextlib.suppress(tsnet2.Error, OSError):
+                    k.close()
+        self.keepers = []
+
+    def warm_up(self, timeout: float = 20.0) -> None:
+        """One echo B -> A through tsnet2 (WireGuard handshake), retried until it works."""
+        ka, kb = self.keepers
+        port = self.port()
+        stop = threading.Event()
+        with ka.listen("tcp", f":{port}") as ln:
+            def serve() -> None:
+                while not stop.is_set():
+                    try:
+                        conn = ln.accept(timeout=0.5)
+                    except tsnet2.Error:
+                        continue
+                    with conn, contextlib.suppress(OSError):
+                        conn.sendall(conn.recv(16))
+            t = threading.Thread(target=serve, daemon=True)
+            t.start()
+            deadline = time.monotonic() + timeout
+            try:
+                while True:
+                    try:
+                        with kb.dial("tcp", f"{self.a_ip}:{port}", timeout=5) as c:
+                            c.settimeout(5)
+                            c.sendall(b"w")
+                            if c.recv(16) == b"w":
+                                return
+                    except (tsnet2.Error, OSError) as exc:
+                        if time.monotonic() > deadline:
+                            raise BenchRunError(f"warm-up echo never worked: {exc}") from exc
+                    time.sleep(0.2)
+            finally:
+                stop.set()
+                t.join(5)
+
+    def readings(self) -> dict[str, Any]:
+        """RSS and descriptors of both daemons and wireguard-go processes now."""
+        pa, pb = self.daemon_pid(self.da), self.daemon_pid(self.db)
+        out: dict[str, Any] = {
+            "rss_a": rss_bytes(pa), "rss_b": rss_bytes(pb),
+            "fds_a": fd_count(pa), "fds_b": fd_count(pb),
+            "nofile_a": nofile_limits(pa), "nofile_b": nofile_limits(pb),
+        }
+        for key, dp in (("a", self.da), ("b", self.db)):
+            wg = find_pid(["wireguard-go", "-f", dp.node.ifname])
+            out[f"wg_rss_{key}"] = rss_bytes(wg) if wg else None
+        return out
+
+    def restart_daemons(self, mode: str) -> None:
+        """Restart both daemons with ``--traffic-log-mode mode`` and bring them up again."""
+        assert self.net is not None
+        self.close_keepers()
+        for dp in (self.da, self.db):
+            self.net.stop_daemon(dp.name)
+        for dp in (self.da, self.db):
+            i = dp.argv.index("--traffic-log-mode")
+            dp.argv[i + 1] = mode
+            self.net.start_daemon(dp.name)
+        self.mode = mode
+        self.bring_up()
+        self.warm_up()
+
+    # ---- phase 1: bulk -----------------------------------------------------------------
+
+    def bulk_once(self, path: str, streams: int) -> dict[str, Any]:
+        """One throughput run: a sink in A, a source in B, ``--duration`` seconds."""
+        d = self.args.duration
+        port = self.port()
+        listen, target = self.endpoints(path, port)
+        gens: list[Gen] = []
+        with self.guard_hole(path, port):
+            try:
+                sink = self.gen("a", ["sink", listen, "--conns", str(streams)], int(d) + 90)
+                gens.append(sink)
+                sink.expect("READY", 30)
+                src = self.gen("b", ["source", target, "--conns", str(streams),
+                                     "--duration", str(d)], int(d) + 90)
+                gens.append(src)
+                src.expect("READY", 30)
+                cpu = CpuWatch(self.cpu_pids())
+                net0 = self.net_counters()
+                prof = self.profile_start(f"bulk{streams}-{self.mode}", d - 0.5) \
+                    if path == "tsnet2" else []
+                sent = src.result(d + 60)
+                profile_finish(prof)
+                got = sink.result(30)
+                cpu_pct = cpu.stop()
+                net1 = self.net_counters()
+            finally:
+                stop_all(gens)
+        if sent["errors"]:
+            raise BenchRunError(f"{path} x{streams}: {sent['errors'][:3]}")
+        span = got["last"] - got["first"]
+        mbps = got["bytes"] * 8 / span / 1e6 if span > 0 else float("nan")
+        out = {"path": path, "streams": streams, "mode": self.mode, "mbit_s": round(mbps, 1),
+               "bytes": got["bytes"], "seconds": round(span, 3), "cpu_pct": cpu_pct,
+               "per_stream_bytes": got["per_stream"],
+               "net": {k: net1[k] - net0[k] for k in net0}}
+        self.say(f"  {path:6} x{streams} [{self.mode}]: {mbps:8.1f} Mbit/s  cpu {cpu_pct} "
+                 f"net {out['net']}")
+        return out
+
+    def phase_bulk(self) -> None:
+        """Row 1: 1 and 8 streams; tunnel and tsnet2 interleaved, veth once."""
+        runs: list[dict[str, Any]] = []
+        self.details["bulk"] = runs
+        for streams in (1, 8):
+            for r in range(self.args.rounds):
+                order = ("tunnel", "tsnet2") if r % 2 == 0 else ("tsnet2", "tunnel")
+                for path in order:
+                    runs.append(self.bulk_once(path, streams))
+            runs.append(self.bulk_once("veth", streams))
+            by = {p: median([x["mbit_s"] for x in runs
+                             if x["path"] == p and x["streams"] == streams]) for p in PATHS}
+            self.rows.append(Row(f"bulk_{streams}", f"bulk {streams} stream"
+                                 f"{'s' if streams > 1 else ''}", "Mbit/s", by["tsnet2"],
+                                 by["tunnel"], "tunnel", "ratio>=", 0.95))
+            self.rows.append(Row(f"bulk_{streams}_veth", f"  raw veth, {streams} stream"
+                                 f"{'s' if streams > 1 else ''}", "Mbit/s", by["veth"]))
+
+    # ---- phase 2: latency --------------------------------------------------------------
+
+    def phase_latency(self) -> None:
+        """Row 2: connect + 1-byte echo, and 1-byte echo on an open flow, per path."""
+        ports = {p: self.port() for p in PATHS}
+        listens = [self.endpoints(p, ports[p])[0] for p in PATHS]
+        gens: list[Gen] = []
+        with self.guard_hole("tunnel", ports["tunnel"]):
+            res = self._latency_run(ports, listens, gens)
+        self._latency_rows(res)
+
+    def _latency_run(self, ports: dict[str, int], listens: list[str],
+                     gens: list[Gen]) -> Any:
+        try:
+            echo = self.gen("a", ["echo", *listens], 300)
+            gens.append(echo)
+            echo.expect("READY", 30)
+            targets = [f"{p}={self.endpoints(p, ports[p])[1]}" for p in PATHS]
+            # Half of the tsnet2 path: B's daemon dials A's plain kernel listener, so the
+            # difference to "tsnet2" is the accepting side (A's daemon and the library).
+            targets.append(f"dialonly=ts:{self.db.socket_path}@{self.a_ip}:{ports['tunnel']}")
+            lat = self.gen("b", ["latency", *targets, "--iters", str(self.args.iters)], 280)
+            gens.append(lat)
+            lat.expect("READY", 30)
+            prof = self.profile_start("latency", 3 * self.args.iters * 0.003)
+            res = lat.result(270)
+            profile_finish(prof)
+        finally:
+            stop_all(gens)
+        return res
+
+    def _latency_rows(self, res: Any) -> None:
+        summary: dict[str, Any] = {}
+        for mode in ("connect", "pingpong"):
+            for p in (*PATHS, "dialonly"):
+                xs = res[mode][p]
+                summary[f"{mode}_{p}"] = {"p50": round(percentile(xs, 50), 4),
+                                          "p99": round(percentile(xs, 99), 4),
+                                          "max": round(max(xs), 3), "n": len(xs)}
+        self.details["latency"] = summary
+        for mode, label, limit in (("connect", "connect+1B echo", 0.25),
+                                   ("pingpong", "open-flow 1B echo", 0.05)):
+            s = {p: summary[f"{mode}_{p}"] for p in PATHS}
+            self.rows.append(Row(f"{mode}_p50", f"{label} p50", "ms", s["tsnet2"]["p50"],
+                                 s["tunnel"]["p50"], "tunnel", "delta<=", limit))
+            self.rows.append(Row(f"{mode}_p99", f"{label} p99", "ms", s["tsnet2"]["p99"],
+                                 s["tunnel"]["p99"], "tunnel"))
+            self.rows.append(Row(f"{mode}_dialonly", f"  {label} p50, tsnet2 dial side only",
+                                 "ms", summary[f"{mode}_dialonly"]["p50"], s["tunnel"]["p50"],
+                                 "tunnel", note="B app -> B daemon -> A plain listener"))
+            self.rows.append(Row(f"{mode}_veth", f"  raw veth {label} p50", "ms",
+                                 s["veth"]["p50"], note=f"p99 {s['veth']['p99']:.3f}"))
+            self.say(f"  {label}: " + ", ".join(
+                f"{p} p50 {s[p]['p50']:.3f} p99 {s[p]['p99']:.3f}" for p in PATHS))
+
+    # ---- phase 3: flow rate ------------------------------------------------------------
+
+    def flows_once(self, path: str, target: str) -> dict[str, Any]:
+        """``--clients`` processes doing connect / 1-byte echo / close for ``--duration``."""
+        d = self.args.duration
+        gens: list[Gen] = []
+        try:
+            for _ in range(self.args.clients):
+                gens.append(self.gen("b", ["flows", target, "--duration", str(d)],
+                                     int(d) + 60))
+            for g in gens:
+                g.expect("READY", 30)
+            cpu = CpuWatch(self.cpu_pids())
+            prof = self.profile_start("flows", d - 0.5) if path == "tsnet2" else []
+            for g in gens:
+                g.send("go")
+            results = [g.result(d + 40) for g in gens]
+            profile_finish(prof)
+            cpu_pct = cpu.stop()
+        finally:
+            stop_all(gens)
+        flows = sum(r["flows"] for r in results)
+        lat = sorted(x for r in results for x in r["lat_ms"])
+        out = {"path": path, "flows": flows, "flows_s": round(flows / d, 1),
+               "errors": sum(r["errors"] for r in results),
+               "first_error": next((r["first_error"] for r in results if r["first_error"]), ""),
+               "lat_p50_ms": round(percentile(lat, 50), 3),
+               "lat_p99_ms": round(percentile(lat, 99), 3), "cpu_pct": cpu_pct}
+        self.say(f"  {path:6}: {out['flows_s']:8.1f} flows/s, p50 {out['lat_p50_ms']} ms, "
+                 f"errors {out['errors']}, cpu {cpu_pct}")
+        return out
+
+    def phase_flows(self) -> None:
+        """Row 3: new flows per second, tunnel and tsnet2 interleaved."""
+        ports = {p: self.port() for p in ("tunnel", "tsnet2")}
+        runs: list[dict[str, Any]] = []
+        self.details["flows"] = runs
+        gens: list[Gen] = []
+        with self.guard_hole("tunnel", ports["tunnel"]):
+            try:
+                echo = self.gen("a", ["echo", "--slots", "8",
+                                      *[self.endpoints(p, ports[p])[0] for p in ports]], 300)
+                gens.append(echo)
+                echo.expect("READY", 30)
+                for r in range(self.args.rounds):
+                    order = ("tunnel", "tsnet2") if r % 2 == 0 else ("tsnet2", "tunnel")
+                    for path in order:
+                        runs.append(self.flows_once(path, self.endpoints(path, ports[path])[1]))
+            finally:
+                stop_all(gens)
+        by = {p: median([x["flows_s"] for x in runs if x["path"] == p]) for p in ports}
+        errors = sum(x["errors"] for x in runs if x["path"] == "tsnet2")
+        self.rows.append(Row("flows_per_s", f"new flows/s ({self.args.clients} clients)",
+                             "flows/s", by["tsnet2"], by["tunnel"], "tunnel", "value>=", 2000,
+                             note=f"{errors} errors" if errors else ""))
+
+    # ---- phase 4: many open flows ------------------------------------------------------
+
+    def phase_hold(self) -> None:
+        """Row 4: ``--flows`` concurrent flows; daemon RSS and descriptors with them open."""
+        n = self.args.flows
+        port = self.port()
+        listen, target = self.endpoints("tsnet2", port)
+        before = self.readings()
+        gens: list[Gen] = []
+        result: dict[str, Any] = {"flows": n, "before": before}
+        self.details["hold"] = result
+        try:
+            acc = self.gen("a", ["hold-accept", listen, "--count", str(n), "--slots", "32"], 300)
+            gens.append(acc)
+            result["accept_nofile"] = acc.expect("READY", 30)["nofile"]
+            dia = self.gen("b", ["hold-dial", target, "--count", str(n), "--threads", "8"], 300)
+            gens.append(dia)
+            result["dial_nofile"] = dia.expect("READY", 30)["nofile"]
+            t = time.monotonic()
+            dialed = dia.expect("HELD", 200)
+            result["dialed"] = dialed
+            if dialed["flows"] == n:
+                result["accepted"] = acc.expect("HELD", 60)
+            result["open_seconds"] = round(time.monotonic() - t, 2)
+            result["loaded"] = loaded = self.readings()
+            result["app_rss"] = {"accept": rss_bytes(acc.proc.pid),
+                                 "dial": rss_bytes(dia.proc.pid)}
+            self.say(f"  {dialed['flows']}/{n} flows open in {result['open_seconds']} s "
+                     f"(dial errors {dialed['error_count']}): RSS A "
+                     f"{loaded['rss_a'] / MB:.1f} MB, B {loaded['rss_b'] / MB:.1f} MB, fds "
+                     f"A {loaded['fds_a']} B {loaded['fds_b']}")
+            dia.send("release")
+            dia.result(60)
+            if "accepted" in result:
+                acc.send("release")
+                acc.result(60)
+        finally:
+            stop_all(gens)
+        result["drain_seconds"] = self._wait_drained(before, 30)
+        result["after"] = after = self.readings()
+        ok = result.get("accepted", {}).get("flows") == n
+        note = "" if ok else f"only {dialed['flows']} of {n} flows opened"
+        self.rows.append(Row("hold_rss_a", f"daemon A RSS, {n} flows open", "MB",
+                             loaded["rss_a"] / MB, self.idle["rss_a"] / MB, "idle",
+                             "value<=", 100, note=note))
+        self.rows.append(Row("hold_rss_b", f"daemon B RSS, {n} flows open", "MB",
+                             loaded["rss_b"] / MB, self.idle["rss_b"] / MB, "idle",
+                             "value<=", 100, note=note))
+        self.rows.append(Row("hold_open_rate", f"  {n} flows opened at", "flows/s",
+                             dialed["flows"] / result["open_seconds"]))
+        for k in ("a", "b"):
+            self.rows.append(Row(f"hold_after_rss_{k}", f"  daemon {k.upper()} RSS after they "
+                                 "closed", "MB", after[f"rss_{k}"] / MB,
+                                 self.idle[f"rss_{k}"] / MB, "idle",
+                                 note=f"drained in {result['drain_seconds']} s"))
+
+    def _wait_drained(self, before: dict[str, Any], timeout: float) -> float | None:
+        t = time.monotonic()
+        pa, pb = self.daemon_pid(self.da), self.daemon_pid(self.db)
+        while time.monotonic() - t < timeout:
+            if (fd_count(pa) <= before["fds_a"] + 8 and fd_count(pb) <= before["fds_b"] + 8):
+                return round(time.monotonic() - t, 2)
+            time.sleep(0.2)
+        return None
+
+    # ---- phase 5: traffic-log modes ----------------------------------------------------
+
+    def phase_logmode(self) -> None:
+        """Row 5: 1-stream throughput with --traffic-log-mode payload, metadata, off."""
+        runs: list[dict[str, Any]] = []
+        self.details["logmode"] = runs
+        for i, mode in enumerate(("payload", "metadata", "off")):
+            self.restart_daemons(mode)
+            sizes = [dp.traffic_log.stat().st_size if dp.traffic_log.exists() else 0
+                     for dp in (self.da, self.db)]
+            order = ("tunnel", "tsnet2") if i % 2 == 0 else ("tsnet2", "tunnel")
+            pair = {p: self.bulk_once(p, 1) for p in order}
+            logged = [(dp.traffic_log.stat().st_size if dp.traffic_log.exists() else 0) - s
+                      for dp, s in zip((self.da, self.db), sizes, strict=True)]
+            for dp in (self.da, self.db):
+                if dp.traffic_log.exists():
+                    os.truncate(dp.traffic_log, 0)  # bound disk use; O_APPEND writers go on
+            pair["tsnet2"]["log_bytes"] = logged
+            runs.extend(pair.values())
+            check, limit = {"payload": ("ratio>=", 0.8), "off": ("ratio>=", 0.95)}.get(
+                mode, ("", None))
+            self.rows.append(Row(f"logmode_{mode}", f"bulk 1 stream, log {mode}", "Mbit/s",
+                                 pair["tsnet2"]["mbit_s"], pair["tunnel"]["mbit_s"], "tunnel",
+                                 check, limit,
+                                 note=f"log {sum(logged) / MB:.0f} MB" if sum(logged) else ""))
+
+    # ---- run ---------------------------------------------------------------------------
+
+    def run(self, lab: Lab, net: LocalTailnet) -> None:
+        """Every phase, in an order that keeps the daemons' idle reading clean."""
+        d, r = self.args.duration, self.args.rounds
+        self.setup(lab, net)
+        self.rows.append(Row("idle_rss_a", "daemon A RSS idle (after up)", "MB",
+                             self.idle["rss_a"] / MB, check="value<=", limit=40))
+        self.rows.append(Row("idle_rss_b", "daemon B RSS idle (after up)", "MB",
+                             self.idle["rss_b"] / MB, check="value<=", limit=40))
+        for k in ("a", "b"):
+            soft, hard = self.idle[f"nofile_{k}"]
+            self.rows.append(Row(f"nofile_{k}", f"daemon {k.upper()} open-files limit, soft",
+                                 "fds", soft, note=f"hard {hard}"))
+        self.phase("latency", 3 * self.args.iters * 0.006 + 10, self.phase_latency)
+        self.phase("bulk", 2 * (2 * r + 1) * (d + 2.5), self.phase_bulk)
+        self.phase("flows", 2 * r * (d + 3) + 3, self.phase_flows)
+        self.phase("hold", 15 + self.args.flows / 250, self.phase_hold)
+        self.phase("logmode", 3 * (2 * (d + 2.5) + 6), self.phase_logmode)
+
+
+def nproc() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def write_results(bench: Bench, path: str, interrupted: bool, leftovers: list[str]) -> None:
+    """The JSON document: environment, options, rows, raw details."""
+    wg = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True,
+                        check=False).stdout.strip().split("\n")[0]
+    doc = {
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "nproc": nproc(),
+        "loadavg_start": bench.loadavg_start,
+        "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
+        "machine": {"hostname": socket.gethostname(), "kernel": platform.release(),
+                    "python": platform.python_version(), "wireguard_go": wg},
+        "options": {k: v for k, v in vars(bench.args).items() if k != "out"},
+        "main_traffic_log_mode": "off",
+        "seconds": round(bench.elapsed(), 1),
+        "interrupted": interrupted,
+        "rows": [r.as_json() for r in bench.rows],
+        "errors": bench.errors,
+        "skipped": bench.skipped,
+        "leftovers": leftovers,
+        "details": bench.details,
+    }
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when every phase ran (targets may be missed), 1 otherwise."""
+    args = parse_args(argv)
+    problems = check_prerequisites()
+    if problems:
+        print("make bench needs:\n  - " + "\n  - ".join(problems), file=sys.stderr)
+        return 1
+
+    def on_term(_sig: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    bench = Bench(args)
+    interrupted = False
+    lab: Lab | None = None
+    net: LocalTailnet | None = None
+    try:
+        lab = Lab()
+        net = LocalTailnet(lab)
+        bench.run(lab, net)
+    except KeyboardInterrupt:
+        interrupted = True
+        bench.say("interrupted: cleaning up")
+    except (BenchRunError, tsnet2.Error, OSError) as exc:
+        bench.errors.append(f"setup: {exc}")
+        bench.say(f"setup failed: {exc}")
+    finally:
+        # Cleanup must finish: a second Ctrl-C would otherwise leave namespaces behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        bench.close_keepers()
+        if net is not None:
+            net.close()
+        if lab is not None:
+            lab.close()
+    leftovers = find_leftovers(lab.prefix) if lab is not None else []
+    print()
+    print(f"tsnet2 benchmark, {nproc()} CPUs (load average {' '.join(bench.loadavg_start)} at "
+          f"start), {bench.elapsed():.0f} s, main rows with --traffic-log-mode off; baselines "
+          "measured in the same run")
+    print(table(bench.rows))
+    for e in bench.errors:
+        print(f"ERROR {e}")
+    for s in bench.skipped:
+        print(f"SKIPPED {s}")
+    if leftovers:
+        print(f"LEFTOVERS {leftovers}")
+    write_results(bench, args.out, interrupted, leftovers)
+    print(f"results: {args.out}")
+    if os.environ.get("BENCH_MARKDOWN"):
+        print(markdown(bench.rows))
+    if interrupted:
+        return 130
+    return 1 if bench.errors or leftovers else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The injector behind a real kube-apiserver: kopf's webhook server, our registry, real pods.
+
+The operator runs in-process (``kopf.testing.KopfRunner``) with the registry from
+``build_registry``; kopf serves HTTPS on 127.0.0.1 with a certificate from tests/k8s/pki.py.
+The test creates the MutatingWebhookConfiguration itself (as the chart will): a
+namespaceSelector on ``tsnet2.io/inject=enabled`` and ``reinvocationPolicy: IfNeeded``. A
+second, test-only webhook (``/relabel``) mutates every pod after ours, so the API server
+re-invokes the injector, which must not add a second sidecar. No kubelet: pods stay Pending.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import kopf
+import pytest
+from kopf.testing import KopfRunner
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from tsnet2_operator.config import OperatorConfig, SidecarConfig
+from tsnet2_operator.handlers import build_registry
+from tsnet2_operator.metrics import InjectorMetrics
+
+from tests.k8s.apiserver import KubeAPIServer, default_bin_dir, missing_binaries
+from tests.k8s.pki import CertificateAuthority
+
+OPTED = "tsnet2-opted"
+PLAIN = "tsnet2-plain"
+RELABEL_LABEL = "test.tsnet2.io/relabelled"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def apiserver() -> Iterator[KubeAPIServer]:
+    """A running control plane for this module."""
+    bin_dir = default_bin_dir()
+    missing = missing_binaries(bin_dir)
+    if missing:
+        pytest.skip(
+            f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
+            "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
+        )
+    with KubeAPIServer(bin_dir) as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
+    """An admin ApiClient."""
+    config = k8s.Configuration()
+    config.host = apiserver.url
+    config.ssl_ca_cert = str(apiserver.ca_file)
+    config.cert_file = str(apiserver.admin_cert)
+    config.key_file = str(apiserver.admin_key)
+    with k8s.ApiClient(config) as api:
+        yield api
+
+
+def _wait_tls(port: int, ca: Path, timeout: float = 30.0) -> None:
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1"),
+            ):
+                return
+        except OSError as exc:
+            last = exc
+            time.sleep(0.2)
+    raise AssertionError(f"webhook server on 127.0.0.1:{port} never answered TLS: {last}")
+
+
+@pytest.fixture(scope="module")
+def operator(
+    apiserver: KubeAPIServer, api_client: k8s.ApiClient, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[InjectorMetrics]:
+    """The kopf operator serving /inject (and the test's /relabel), plus the webhook config."""
+    pki = tmp_path_factory.mktemp("webhook-pki")
+    ca = CertificateAuthority("tsnet2-webhook-test-ca")
+    ca_file = ca.write_cert(pki / "ca.crt")
+    pair = ca.issue(
+        pki, "webhook", common_name="tsnet2-injector", server=True, ip_addresses=("127.0.0.1",)
+    )
+    port = _free_port()
+    config = OperatorConfig(
+        sidecar=SidecarConfig(
+            image="registry.example/tsnet2:0.1.0",
+            control_url="http://tsnet2-control.tsnet2-system.svc:8080",
+        ),
+        native_sidecar="auto",
+        webhook_addr="127.0.0.1",
+        webhook_port=port,
+        webhook_cert_file=str(pair.cert_file),
+        webhook_key_file=str(pair.key_file),
+        metrics_addr="127.0.0.1:0",
+    )
+    metrics = InjectorMetrics()
+    registry = build_registry(config, metrics=metrics)
+
+    @kopf.on.mutate("pods", operations=["CREATE"], id="relabel", registry=registry)
+    def relabel(patch: kopf.Patch, **_: Any) -> None:
+        """Test-only second webhook: any change here makes the API server re-invoke ours."""
+        patch.metadata.labels[RELABEL_LABEL] = "yes"
+
+    core = k8s.CoreV1Api(api_client)
+    for name, labels in ((OPTED, {"tsnet2.io/inject": "enabled"}), (PLAIN, {})):
+        core.create_namespace(k8s.V1Namespace(metadata=k8s.V1ObjectMeta(name=name, labels=labels)))
+    ca_bundle = base64.b64encode(ca.cert_pem).decode()
+    rule = {
+        "apiGroups": [""],
+        "apiVersions": ["v1"],
+        "operations": ["CREATE"],
+        "resources": ["pods"],
+    }
+
+    def hook(name: str, path: str, reinvocation: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "clientConfig": {"url": f"https://127.0.0.1:{port}/{path}", "caBundle": ca_bundle},
+            "rules": [rule],
+            "namespaceSelector": {"matchLabels": {"tsnet2.io/inject": "enabled"}},
+            "reinvocationPolicy": reinvocation,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+        }
+
+    webhook_config = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "tsnet2-injector"},
+        "webhooks": [
+            hook("inject.tsnet2.io", "inject", "IfNeeded"),
+            hook("relabel.test.tsnet2.io", "relabel", "Never"),
+        ],
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KUBECONFIG", str(apiserver.kubeconfig))
+        with KopfRunner(
+            ["run", "--standalone", "--all-namespaces", "--verbose"], registry=registry, timeout=60
+        ) as runner:
+            _wait_tls(port, ca_file)
+            k8s.AdmissionregistrationV1Api(api_client).create_mutating_webhook_configuration(
+                webhook_config
+            )
+            time.sleep(1.0)  # the API server picks up webhook configurations asynchronously
+            yield metrics
+    assert runner.exception is None, runner.output
+
+
+def _pod(name: str, annotations: dict[str, str] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1"}], **spec},
+    }
+
+
+def _create(api: k8s.ApiClient, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+    """Create through the API server; return the stored object as plain JSON."""
+    core = k8s.CoreV1Api(api)
+    resp = core.create_namespaced_pod(namespace, pod, _preload_content=False)
+    try:
+        created: dict[str, Any] = json.loads(resp.data)
+    finally:
+        resp.release_conn()
+    return created
+
+
+def _events(
+    api: k8s.ApiClient, namespace: str, name: str, reason: str, timeout: float = 15.0
+) -> list[str]:
+    core = k8s.CoreV1Api(api)
+    deadline = time.monotonic() + timeout
+    while True:
+        items = core.list_namespaced_event(namespace).items
+        found = [e.message for e in items if e.involved_object.name == name and e.reason == reason]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_annotated_pod_gets_one_native_sidecar(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """The stored pod carries tsnet2d once, even though the API server re-invoked us."""
+    skipped_before = operator.value("skipped", "already_injected")
+    pod = _create(
+        api_client,
+        OPTED,
+        _pod(
+            "web",
+            {
+                "tsnet2.io/inject": "enabled",
+                "tsnet2.io/hostname": "web-1",
+                "tsnet2.io/tags": "tag:web",
+                "tsnet2.io/traffic-log": "metadata",
+            },
+        ),
+    )
+    spec = pod["spec"]
+    # The API server is 1.37 (>= 1.29): a native sidecar.
+    sidecars = [c for c in spec.get("initContainers", []) if c["name"] == "tsnet2d"]
+    assert len(sidecars) == 1
+    assert all(c["name"] != "tsnet2d" for c in spec["containers"])
+    sidecar = sidecars[0]
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["args"][sidecar["args"].index("--hostname") + 1] == "web-1"
+    assert sidecar["args"][sidecar["args"].index("--advertise-tags") + 1] == "tag:web"
+    assert sidecar["args"][sidecar["args"].index("--traffic-log-mode") + 1] == "metadata"
+    assert sidecar["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
+    app = spec["containers"][0]
+    assert {"name": "TSNET2_SOCKET", "value": "/var/run/tsnet2/tsnet2.sock"} in app["env"]
+    assert any(m["mountPath"] == "/var/run/tsnet2" for m in app["volumeMounts"])
+    assert app["securityContext"]["capabilities"]["drop"] == ["NET_RAW"]
+    token = next(v for v in spec["volumes"] if v["name"] == "tsnet2-token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "tsnet2"
+    status = json.loads(pod["metadata"]["annotations"]["tsnet2.io/status"])
+    assert status["sidecar"] == "native" and status["netRawDropped"] == ["app"]
+    # The test webhook ran after ours, and the API server re-invoked the injector.
+    assert pod["metadata"]["labels"][RELABEL_LABEL] == "yes"
+    assert operator.value("skipped", "already_injected") == skipped_before + 1
+    assert operator.value("injected", "pod_annotation") >= 1
+    messages = _events(api_client, OPTED, "web", "Injected")
+    assert messages and "dropped NET_RAW from app" in messages[0]
+
+
+def test_namespace_label_alone_opts_in(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """Without a pod annotation the injector reads the namespace's label from the API."""
+    before = operator.value("injected", "namespace_label")
+    pod = _create(api_client, OPTED, _pod("plain"))
+    names = [c["name"] for c in pod["spec"]["initContainers"]]
+    assert names == ["tsnet2d"]
+    assert operator.value("injected", "namespace_label") == before + 1
+
+
+def test_pod_in_plain_namespace_is_untouched(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """The namespaceSelector keeps the webhook away: the stored pod is as sent."""
+    sent = _pod("web", {"tsnet2.io/inject": "enabled"})
+    pod = _create(api_client, PLAIN, sent)
+    assert "initContainers" not in pod["spec"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["app"]
+    assert "tsnet2.io/status" not in pod["metadata"]["annotations"]
+    assert RELABEL_LABEL not in (pod["metadata"].get("labels") or {})
+
+
+def test_invalid_annotation_is_rejected_with_message(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """The API server refuses the pod and the user sees the annotation and allowed values."""
+    before = operator.value("rejected", "invalid_annotation")
+    with pytest.raises(ApiException) as info:
+        _create(api_client, OPTED, _pod("bad", {"tsnet2.io/state": "durable"}))
+    assert info.value.status == 400
+    body = str(info.value.body)
+    assert "tsnet2.io/state" in body and "ephemeral, persistent" in body
+    assert operator.value("rejected", "invalid_annotation") == before + 1
+    with pytest.raises(ApiException) as info:
+        k8s.CoreV1Api(api_client).read_namespaced_pod("bad", OPTED)
+    assert info.value.status == 404
+
+
+def test_host_network_pod_is_skipped_with_event(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """hostNetwork pods are admitted unchanged, with an InjectionSkipped Event."""
+    pod = _create(api_client, OPTED, _pod("hostnet", hostNetwork=True))
+    assert "initContainers" not in pod["spec"]
+    assert "tsnet2.io/status" not in (pod["metadata"].get("annotations") or {})
+    messages = _events(api_client, OPTED, "hostnet", "InjectionSkipped")
+    assert messages and "host_network" in messages[0]
