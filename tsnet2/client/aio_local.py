@@ -18,6 +18,7 @@ from tsnet2.client._http import (
     localapi_target,
     whois_target,
 )
+from tsnet2.client.errors import Error
 
 __all__ = ["AsyncIPNBusWatcher", "AsyncLocalClient"]
 
@@ -141,13 +142,22 @@ class AsyncIPNBusWatcher:
             if self._writer is None or self._exchange.complete:
                 await self.aclose()
                 raise StopAsyncIteration
-            async with map_io_errors(self._op):
-                chunks = self._exchange.receive(await self._reader.read(65536))
+            try:
+                async with map_io_errors(self._op):
+                    chunks = self._exchange.receive(await self._reader.read(65536))
+            except Error:
+                if self._writer is None:  # aclose() from another task ended the read
+                    raise StopAsyncIteration from None
+                raise
             self._queue.extend(self._lines.feed(chunks, eof=self._exchange.complete))
         return self._queue.popleft()
 
     async def aclose(self) -> None:
-        """End the watch and close the connection (idempotent)."""
+        """End the watch and close the connection (idempotent).
+
+        A task waiting in ``__anext__`` meanwhile sees the iteration end
+        (StopAsyncIteration), not an error.
+        """
         if self._writer is not None:
             writer, self._writer = self._writer, None
             await close_writer(writer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import time
 from types import TracebackType
@@ -19,6 +20,7 @@ from tsnet2.client._http import (
     whois_target,
 )
 from tsnet2.client._sockets import close_quietly, connect_channel, map_io_errors
+from tsnet2.client.errors import Error
 
 __all__ = ["IPNBusWatcher", "LocalClient"]
 
@@ -153,16 +155,28 @@ class IPNBusWatcher:
             if sock is None or self._exchange.complete:
                 self.close()
                 raise StopIteration
-            with map_io_errors(self._op):
-                chunks = self._exchange.receive(sock.recv(65536))
+            try:
+                with map_io_errors(self._op):
+                    chunks = self._exchange.receive(sock.recv(65536))
+            except Error:
+                if self._sock is None:  # close() from another thread ended the read
+                    raise StopIteration from None
+                raise
             self._queue.extend(self._lines.feed(chunks, eof=self._exchange.complete))
         return self._queue.popleft()
 
     def close(self) -> None:
-        """End the watch and close the connection (idempotent)."""
-        if self._sock is not None:
-            close_quietly(self._sock)
-            self._sock = None
+        """End the watch and close the connection (idempotent).
+
+        Safe to call from another thread while one is blocked iterating: the
+        connection is shut down first, which wakes that read, and the iteration
+        then ends (StopIteration) instead of raising.
+        """
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            close_quietly(sock)
 
     def __enter__(self) -> IPNBusWatcher:
         return self

@@ -331,7 +331,10 @@ class Backend:
             public_key=str(peer["public_key"]),
             endpoint=endpoints[0] if endpoints else None,
             allowed_ips=allowed,
-            persistent_keepalive=25,
+            # Handshake on demand, as Tailscale does: with a keepalive on both sides, two
+            # nodes configured at the same instant start crossing handshakes that can
+            # stall the tunnel for a retry period (5 s).
+            persistent_keepalive=None,
         )
 
     @staticmethod

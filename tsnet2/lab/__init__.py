@@ -171,6 +171,9 @@ class Lab:
             self.hub_ip = self.subnet.network_address + 1
             self._add_netns(self.hub)
             _ip("-n", self.hub, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
+            # A fixed MAC: otherwise the bridge takes its lowest port's, which changes as
+            # nodes join, and the others' ARP entry for the hub goes stale for seconds.
+            _ip("-n", self.hub, "link", "set", "br0", "address", "02:74:73:00:00:01")
             _ip("-n", self.hub, "addr", "add", f"{self.hub_ip}/24", "dev", "br0")
             _ip("-n", self.hub, "link", "set", "br0", "up")
         except BaseException:
