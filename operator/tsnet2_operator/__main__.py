@@ -1,45 +1,95 @@
-"""`tsnet2-operator`: run the injector webhook (kopf) with settings from the environment.
+"""`tsnet2-operator`: the injector webhook, the coordination server and the GC in one kopf process.
 
 Configuration: see :mod:`tsnet2_operator.config` and ``docs/operator.md``. Exit status 2 on a
-configuration error (the message names the setting).
+configuration or usage error (the message names the setting), 1 when the operator cannot
+start (no credentials, a start-up handler failed for good), 0 after SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 
 import kopf
 
+from tsnet2_operator.app import build_operator_registry
 from tsnet2_operator.config import ConfigError, load_config
-from tsnet2_operator.handlers import build_registry
+from tsnet2_operator.webhook import LookupError_, load_api_client
+
+PRIORITY_RANGE = 1 << 30
+"""Random peering priorities are drawn from ``1..PRIORITY_RANGE``."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser (also used to check ``docs/operator.md``)."""
+    p = argparse.ArgumentParser(
+        prog="tsnet2-operator",
+        description="tsnet2 operator: injects the tsnet2d sidecar into opted-in pods "
+        "(mutating admission webhook), serves the coordination (control) API from "
+        "tsnet2.io custom resources, creates state claims and removes the nodes of "
+        "deleted pods. One kopf process.",
+        epilog="Settings come from $TSNET2_OPERATOR_CONFIG (a JSON file) and TSNET2_* "
+        "environment variables; see docs/operator.md. Exit status: 0 after SIGTERM, "
+        "1 start-up failure, 2 bad setting or flag.",
+    )
+    p.add_argument(
+        "--liveness", metavar="URL",
+        help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
+    p.add_argument(
+        "--peering", metavar="NAME",
+        help="run several replicas: cluster-wide kopf peering NAME; the watch handlers run "
+        "in one replica at a time, the webhook and control server in every replica "
+        "(default: standalone, no peering)",
+    )
+    p.add_argument(
+        "--priority", metavar="N", type=int,
+        help="peering priority of this replica (highest wins; default: random, so "
+        "replicas never tie); needs --peering",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, load the configuration and run the operator until signalled."""
-    parser = argparse.ArgumentParser(
-        prog="tsnet2-operator",
-        description="tsnet2 operator: injects the tsnet2d sidecar into opted-in pods "
-                    "(mutating admission webhook served by kopf).",
-        epilog="Settings come from $TSNET2_OPERATOR_CONFIG (a JSON file) and TSNET2_* "
-               "environment variables; see docs/operator.md.",
-    )
-    parser.add_argument("--liveness", metavar="URL",
-                        help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details")
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.priority is not None and args.peering is None:
+        cli.error("--priority needs --peering")
+    if args.peering is not None and not args.peering.strip():
+        cli.error("--peering needs a non-empty NAME")
     try:
-        config = load_config()
+        config = load_config(require_namespace=True)
     except ConfigError as exc:
         print(f"tsnet2-operator: {exc}", file=sys.stderr)
         return 2
-    kopf.configure(verbose=args.verbose)
-    kopf.run(
-        registry=build_registry(config),
-        clusterwide=True,
-        standalone=True,
-        liveness_endpoint=args.liveness,
-    )
+    try:
+        api = load_api_client()
+    except LookupError_ as exc:
+        print(f"tsnet2-operator: {exc}", file=sys.stderr)
+        return 1
+    try:
+        registry, _ = build_operator_registry(config, api, peering=args.peering)
+        kopf.configure(verbose=args.verbose)
+        priority = None
+        if args.peering is not None:
+            priority = args.priority if args.priority is not None else (
+                1 + secrets.randbelow(PRIORITY_RANGE))
+        kopf.run(
+            registry=registry,
+            clusterwide=True,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            priority=priority,
+            liveness_endpoint=args.liveness,
+        )
+    except Exception as exc:  # kopf.run raises only when the operator failed (e.g. start-up)
+        print(f"tsnet2-operator: stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        api.close()  # type: ignore[no-untyped-call]
     return 0
 
 

@@ -21,11 +21,16 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from tsnet2.control.authkeys import DEFAULT_DOMAIN
+from tsnet2.control.names import validate_domain
+
 Backend = Literal["userspace", "kernel"]
 NativeSidecarMode = Literal["auto", "on", "off"]
 TrafficLogMode = Literal["payload", "metadata", "off"]
 
 CONFIG_FILE_ENV = "TSNET2_OPERATOR_CONFIG"
+NAMESPACE_ENV = "TSNET2_NAMESPACE"
+POD_NAMESPACE_ENV = "POD_NAMESPACE"  # the chart sets it from the downward API
 MAX_CONFIG_BYTES = 64 * 1024  # a config file is a handful of keys; refuse anything huge
 NATIVE_SIDECAR_MIN_VERSION = (1, 29)  # SidecarContainers is beta and on by default from 1.29
 
@@ -62,6 +67,14 @@ class OperatorConfig:
     webhook_cert_file: str = ""
     webhook_key_file: str = ""
     metrics_addr: str = "0.0.0.0:9090"
+    namespace: str = ""
+    control_addr: str = "0.0.0.0:8440"
+    control_tls_cert_file: str = ""
+    control_tls_key_file: str = ""
+    domain: str = DEFAULT_DOMAIN
+    ephemeral_timeout: float = 3600.0
+    sweep_interval: float = 10.0
+    install_crds: bool = True
 
 
 def _choice(*allowed: str) -> Callable[[str, str], str]:
@@ -115,6 +128,42 @@ def _host_port(name: str, value: str) -> str:
     return value
 
 
+def _listen_addr(name: str, value: str) -> str:
+    value = _host_port(name, value)
+    if not value:
+        raise ConfigError(f"{name}: must not be empty (HOST:PORT, e.g. 0.0.0.0:8440)")
+    port = int(value.rpartition(":")[2])
+    if port > 65535:
+        raise ConfigError(f"{name}: port {port} is outside 0..65535")
+    return value
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a number of seconds") from None
+    if not 0 < seconds < 10**9:  # also refuses nan and inf
+        raise ConfigError(f"{name}: {value!r} must be a positive number of seconds")
+    return seconds
+
+
+def _bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name}: invalid value {value!r}; allowed: true, false")
+
+
+def _domain(name: str, value: str) -> str:
+    try:
+        return validate_domain(value.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Field:
     """One setting: where it lives (``sidecar`` or operator), its env var and its parser."""
@@ -155,6 +204,22 @@ FIELDS: tuple[Field, ...] = (
           "PEM private key of the serving certificate (required)"),
     Field("metrics_addr", "TSNET2_METRICS_ADDR", _host_port, False,
           "HOST:PORT for the operator's /metrics (empty: off)"),
+    Field("namespace", NAMESPACE_ENV, _nonempty, False,
+          f"namespace of the tsnet2.io objects (the store); else ${POD_NAMESPACE_ENV} "
+          "(required)"),
+    Field("control_addr", "TSNET2_CONTROL_ADDR", _listen_addr, False,
+          "HOST:PORT the coordination (control) server listens on"),
+    Field("control_tls_cert_file", "TSNET2_CONTROL_TLS_CERT_FILE", _text, False,
+          "PEM certificate: serve the control API over HTTPS (empty: plain HTTP)"),
+    Field("control_tls_key_file", "TSNET2_CONTROL_TLS_KEY_FILE", _text, False,
+          "PEM private key of the control server's certificate"),
+    Field("domain", "TSNET2_DOMAIN", _domain, False, "tailnet DNS domain (MagicDNS suffix)"),
+    Field("ephemeral_timeout", "TSNET2_EPHEMERAL_TIMEOUT", _seconds, False,
+          "seconds offline before the control server drops an ephemeral node"),
+    Field("sweep_interval", "TSNET2_SWEEP_INTERVAL", _seconds, False,
+          "seconds between garbage-collection sweeps (nodes, state claims, orphan claims)"),
+    Field("install_crds", "TSNET2_INSTALL_CRDS", _bool, False,
+          "create/update the tsnet2.io CRDs (and, with --peering, kopf's) at start-up"),
 )
 _BY_KEY = {f.key: f for f in FIELDS}
 
@@ -186,9 +251,14 @@ def _file_values(path: str, read: Callable[[str], str]) -> dict[str, str]:
         )
     values: dict[str, str] = {}
     for key, value in doc.items():
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise ConfigError(f"{CONFIG_FILE_ENV}={path}: {key} must be a string or a number")
-        values[key] = str(value)
+        if isinstance(value, bool):
+            values[key] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            values[key] = str(value)
+        else:
+            raise ConfigError(
+                f"{CONFIG_FILE_ENV}={path}: {key} must be a string, a number or a boolean"
+            )
     return values
 
 
@@ -197,12 +267,15 @@ def load_config(
     *,
     read: Callable[[str], str] = _read_file,
     require_webhook: bool = True,
+    require_namespace: bool = False,
 ) -> OperatorConfig:
     """Build the configuration from defaults, ``$TSNET2_OPERATOR_CONFIG`` and ``env``.
 
     ``env`` defaults to ``os.environ``. Raises :class:`ConfigError` naming the setting when a
-    value is invalid, when ``control_url`` is unset, or (with ``require_webhook``) when the
-    webhook certificate files are unset.
+    value is invalid, when ``control_url`` is unset, when only one of the control server's
+    TLS files is set, (with ``require_webhook``) when the webhook certificate files are
+    unset, or (with ``require_namespace``) when neither ``$TSNET2_NAMESPACE`` (or the file's
+    ``namespace``) nor ``$POD_NAMESPACE`` names the store's namespace.
     """
     env = os.environ if env is None else env
     raw: dict[str, tuple[str, str]] = {}  # key -> (where it came from, value)
@@ -210,6 +283,8 @@ def load_config(
     if path:
         for key, value in _file_values(path, read).items():
             raw[key] = (f"{CONFIG_FILE_ENV}={path}: {key}", value)
+    if "namespace" not in raw and env.get(POD_NAMESPACE_ENV):
+        raw["namespace"] = (POD_NAMESPACE_ENV, env[POD_NAMESPACE_ENV])
     for f in FIELDS:
         if f.env in env:
             raw[f.key] = (f.env, env[f.env])
@@ -225,6 +300,16 @@ def load_config(
         raise ConfigError(
             "the webhook needs a serving certificate: set TSNET2_WEBHOOK_CERT_FILE and "
             "TSNET2_WEBHOOK_KEY_FILE (the chart mounts them from a Secret)"
+        )
+    if bool(config.control_tls_cert_file) != bool(config.control_tls_key_file):
+        raise ConfigError(
+            "control server TLS: set both TSNET2_CONTROL_TLS_CERT_FILE and "
+            "TSNET2_CONTROL_TLS_KEY_FILE, or neither (plain HTTP)"
+        )
+    if require_namespace and not config.namespace:
+        raise ConfigError(
+            f"namespace is required: set {NAMESPACE_ENV} (or {POD_NAMESPACE_ENV}, or the "
+            "config file's namespace) to the namespace holding the tsnet2.io objects"
         )
     return config
 

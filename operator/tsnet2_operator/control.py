@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from kubernetes import client as k8s
 from tsnet2.control.authkeys import DEFAULT_DOMAIN
 from tsnet2.control.server import ControlServer
 from tsnet2_operator.auth import ANNOTATION_STATUS, TokenReviewAuthenticator
+from tsnet2_operator.config import ConfigError, OperatorConfig
 from tsnet2_operator.gc import NodeCollector, collect_pvcs
 from tsnet2_operator.store import KubernetesStore
 from tsnet2_operator.volumes import ensure_pvc, state_mode
@@ -60,26 +61,23 @@ class ControlSettings:
     tls_key: str | None = None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ControlSettings:
-        """Read ``TSNET2_NAMESPACE`` (else ``POD_NAMESPACE``), ``TSNET2_CONTROL_ADDR``
-        (``host:port``), ``TSNET2_DOMAIN``, ``TSNET2_EPHEMERAL_TIMEOUT``,
-        ``TSNET2_SWEEP_INTERVAL``, ``TSNET2_TLS_CERT``/``TSNET2_TLS_KEY``."""
-        e = dict(os.environ if env is None else env)
-        namespace = e.get("TSNET2_NAMESPACE") or e.get("POD_NAMESPACE")
-        if not namespace:
-            raise ValueError("set TSNET2_NAMESPACE (or POD_NAMESPACE) to the operator namespace")
-        host, _, port = e.get("TSNET2_CONTROL_ADDR", "0.0.0.0:8440").rpartition(":")
-        if not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError("TSNET2_CONTROL_ADDR must be host:port")
+    def from_config(cls, config: OperatorConfig) -> ControlSettings:
+        """The control server's part of the operator configuration (``TSNET2_NAMESPACE``,
+        ``TSNET2_CONTROL_ADDR``, ``TSNET2_CONTROL_TLS_*``, ``TSNET2_DOMAIN``,
+        ``TSNET2_EPHEMERAL_TIMEOUT``, ``TSNET2_SWEEP_INTERVAL``; see
+        :mod:`tsnet2_operator.config`). Raises ConfigError without a namespace."""
+        if not config.namespace:
+            raise ConfigError("namespace is required: set TSNET2_NAMESPACE (or POD_NAMESPACE)")
+        host, _, port = config.control_addr.rpartition(":")
         return cls(
-            namespace=namespace,
+            namespace=config.namespace,
             host=host.strip("[]") or "0.0.0.0",
             port=int(port),
-            domain=e.get("TSNET2_DOMAIN", DEFAULT_DOMAIN),
-            ephemeral_timeout=float(e.get("TSNET2_EPHEMERAL_TIMEOUT", "3600")),
-            sweep_interval=float(e.get("TSNET2_SWEEP_INTERVAL", "10")),
-            tls_cert=e.get("TSNET2_TLS_CERT") or None,
-            tls_key=e.get("TSNET2_TLS_KEY") or None,
+            domain=config.domain,
+            ephemeral_timeout=config.ephemeral_timeout,
+            sweep_interval=config.sweep_interval,
+            tls_cert=config.control_tls_cert_file or None,
+            tls_key=config.control_tls_key_file or None,
         )
 
 
@@ -173,15 +171,27 @@ class ControlRuntime:
 def register_handlers(registry: kopf.OperatorRegistry, runtime: ControlRuntime) -> None:
     """Register start-up/clean-up and the watch handlers of ``runtime`` in ``registry``."""
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(registry=registry, backoff=5.0)
     async def start_control(**_: Any) -> None:
-        url = await runtime.start()
+        """Open the store, serve the control API, start the sweep (store errors retry)."""
+        try:
+            url = await runtime.start()
+        except (OSError, ssl.SSLError, ValueError) as e:  # bind or TLS files: never fixes itself
+            await runtime.close()
+            raise kopf.PermanentError(
+                f"tsnet2 control server cannot serve on {runtime.settings.host}:"
+                f"{runtime.settings.port}: {e}"
+            ) from e
+        except BaseException:
+            await runtime.close()  # a retried start begins from scratch
+            raise
         log.info(
             "tsnet2 control server on %s (store namespace %s)", url, runtime.settings.namespace
         )
 
     @kopf.on.cleanup(registry=registry)
     async def stop_control(**_: Any) -> None:
+        """Stop the sweep and the server."""
         await runtime.close()
 
     @kopf.on.event(  # type: ignore[arg-type]

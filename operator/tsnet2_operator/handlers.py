@@ -96,8 +96,11 @@ def build_registry(
     async def close(**_: Any) -> None:
         """Close the API client and the metrics endpoint."""
         counters.close()
-        if runtime.tasks:
-            await asyncio.wait(runtime.tasks, timeout=5)
+        if runtime.tasks:  # Events still being posted: give them 5 s, then cancel them
+            pending = (await asyncio.wait(set(runtime.tasks), timeout=5))[1]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if runtime.lookups is not None:
             runtime.lookups.close()
             runtime.lookups = None

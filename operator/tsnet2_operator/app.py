@@ -1,0 +1,147 @@
+"""The whole operator in one kopf registry: injector, control server, state volumes, GC.
+
+:func:`build_operator_registry` puts into ONE :class:`kopf.OperatorRegistry`, in this order
+(kopf runs start-up handlers one after another in registration order):
+
+1. ``install-crds`` (when ``install_crds`` is on): the ``tsnet2.io`` CRDs and, with
+   peering, kopf's ``ClusterKopfPeering`` CRD plus the peering object itself;
+2. the injector (:func:`tsnet2_operator.handlers.build_registry`): login, webhook server,
+   ``/inject``, metrics;
+3. the control runtime (:func:`tsnet2_operator.control.register_handlers`): the coordination
+   server over the Kubernetes store with TokenReview auth and the periodic sweep, started by
+   a start-up handler and stopped by a clean-up handler, plus the pod/owner watch handlers
+   (state claims, removal of ephemeral nodes).
+
+Activities (start-up, clean-up) and the admission webhook run in every replica; kopf peering
+only pauses the watch handlers, so with ``--peering`` the webhook and the control server are
+served by every replica and the watch handlers by one replica at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+
+from tsnet2_operator.config import OperatorConfig
+from tsnet2_operator.control import ControlRuntime, ControlSettings, register_handlers
+from tsnet2_operator.handlers import build_registry
+from tsnet2_operator.metrics import InjectorMetrics
+from tsnet2_operator.store import install_crds
+from tsnet2_operator.webhook import KubeLookups
+
+PEERING_GROUP = "kopf.dev"
+PEERING_PLURAL = "clusterkopfpeerings"
+PEERING_CRD_NAME = f"{PEERING_PLURAL}.{PEERING_GROUP}"
+_TIMEOUT = 15.0
+
+
+def peering_crd() -> dict[str, Any]:
+    """kopf's cluster-wide peering CRD (``ClusterKopfPeering``, ``kopf.dev/v1``)."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": PEERING_CRD_NAME},
+        "spec": {
+            "scope": "Cluster",
+            "group": PEERING_GROUP,
+            "names": {
+                "kind": "ClusterKopfPeering",
+                "plural": PEERING_PLURAL,
+                "singular": "clusterkopfpeering",
+            },
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "status": {
+                                    "type": "object",
+                                    "x-kubernetes-preserve-unknown-fields": True,
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def install_peering(api: k8s.ApiClient, name: str, timeout: float = 30.0) -> None:
+    """Create kopf's ``ClusterKopfPeering`` CRD and the peering object ``name`` unless they
+    exist (blocking). Without the object kopf would keep every replica paused."""
+    ext = k8s.ApiextensionsV1Api(api)
+    try:
+        ext.create_custom_resource_definition(cast(Any, peering_crd()), _request_timeout=_TIMEOUT)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    deadline = time.monotonic() + timeout
+    while True:
+        crd = ext.read_custom_resource_definition(PEERING_CRD_NAME, _request_timeout=_TIMEOUT)
+        conditions = (crd.status.conditions if crd.status else None) or []
+        if any(c.type == "Established" and c.status == "True" for c in conditions):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"CRD {PEERING_CRD_NAME} not established after {timeout:.0f}s")
+        time.sleep(0.1)
+    body = {
+        "apiVersion": f"{PEERING_GROUP}/v1",
+        "kind": "ClusterKopfPeering",
+        "metadata": {"name": name},
+    }
+    try:
+        k8s.CustomObjectsApi(api).create_cluster_custom_object(
+            PEERING_GROUP, "v1", PEERING_PLURAL, body, _request_timeout=_TIMEOUT
+        )
+    except ApiException as e:
+        if e.status != 409:
+            raise
+
+
+def build_operator_registry(
+    config: OperatorConfig,
+    api: k8s.ApiClient,
+    *,
+    peering: str | None = None,
+    metrics: InjectorMetrics | None = None,
+    lookups_factory: Callable[[], KubeLookups] | None = None,
+) -> tuple[kopf.OperatorRegistry, ControlRuntime]:
+    """One registry with every handler of the operator, and the control runtime it runs.
+
+    ``api`` is used by the CRD installation and the control runtime (the caller closes it
+    after kopf has stopped). ``peering`` names the kopf peering (only used to create the
+    peering object when ``install_crds`` is on). Raises ConfigError without a namespace.
+    """
+    registry = kopf.OperatorRegistry()
+    runtime = ControlRuntime(api, ControlSettings.from_config(config))
+
+    if config.install_crds:
+
+        @kopf.on.startup(registry=registry, id="install-crds", backoff=5.0)
+        async def install(logger: kopf.Logger, **_: Any) -> None:
+            """Create or update the CRDs before anything uses them."""
+            await asyncio.to_thread(install_crds, api)
+            if peering is not None:
+                await asyncio.to_thread(install_peering, api, peering)
+            logger.info(
+                "tsnet2: CRDs installed%s",
+                f" (with kopf peering {peering!r})" if peering is not None else "",
+            )
+
+    if lookups_factory is None:
+        build_registry(config, metrics=metrics, registry=registry)
+    else:
+        build_registry(config, metrics=metrics, registry=registry, lookups_factory=lookups_factory)
+    register_handlers(registry, runtime)
+    return registry, runtime
