@@ -130,7 +130,7 @@ def test_async_pending_fails_when_daemon_goes(peer: WirePeer) -> None:
         with pytest.raises(tsnet2.DaemonUnavailableError):
             await srv.cert_domains()
 
-    run(body, peer)
+    run(body, peer, reconnect_timeout=0)
 
 
 def test_async_dial(peer: WirePeer) -> None:
@@ -240,7 +240,7 @@ def test_async_accept_fails_loudly_when_daemon_goes(peer: WirePeer) -> None:
             await ln.accept(timeout=5)
         await ln.close()
 
-    run(body, peer)
+    run(body, peer, reconnect_timeout=0)
 
 
 def test_async_local_client(peer: WirePeer) -> None:

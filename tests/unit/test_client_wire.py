@@ -321,6 +321,7 @@ def test_malformed_result_is_protocol_error(srv: tsnet2.Server, peer: WirePeer) 
 
 
 def test_daemon_going_away(srv: tsnet2.Server, peer: WirePeer) -> None:
+    srv.reconnect_timeout = 0  # the fail-loudly mode (test_client_reconnect: default)
     peer.methods["up"] = lambda p: HANG
     srv.start()
     errors: list[BaseException] = []
@@ -495,6 +496,7 @@ def test_dropped_slot_is_reparked(srv: tsnet2.Server, peer: WirePeer) -> None:
 
 
 def test_accept_fails_loudly_when_daemon_goes(srv: tsnet2.Server, peer: WirePeer) -> None:
+    srv.reconnect_timeout = 0  # the fail-loudly mode (test_client_reconnect: default)
     with srv.listen("tcp", ":8080") as ln:
         slots = [peer.next_slot(), peer.next_slot()]
         peer.control_socks[0].shutdown(socket.SHUT_RDWR)

@@ -31,6 +31,7 @@ FIELDS = {
     "tun": (None, type(None)),
     "connect_timeout": (10.0, float),
     "accept_slots": (2, int),
+    "reconnect_timeout": (10.0, float),
 }
 
 METHODS = {

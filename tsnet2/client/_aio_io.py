@@ -27,17 +27,27 @@ def stream_limit() -> int:
 
 
 async def open_channel(
-    path: str, kind: int, op: str, deadline: float, *, payload: bytes = b""
+    path: str,
+    kind: int,
+    op: str,
+    deadline: float,
+    *,
+    payload: bytes = b"",
+    max_delay: float = BACKOFF_MAX,
+    cancel: asyncio.Event | None = None,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the daemon socket and write the channel byte (and ``payload``).
 
-    Retries with backoff (50 ms doubling to 1 s) until ``deadline`` (loop time),
-    then raises DaemonUnavailableError.
+    Retries with backoff (50 ms doubling to ``max_delay``, default 1 s) until
+    ``deadline`` (loop time), then raises DaemonUnavailableError. If ``cancel`` is
+    set while waiting, raises ClosedError.
     """
     loop = asyncio.get_running_loop()
     delay = BACKOFF_INITIAL
     start = loop.time()
     while True:
+        if cancel is not None and cancel.is_set():
+            raise ClosedError(f"{op}: server is closed")
         try:
             async with asyncio.timeout_at(max(deadline, loop.time() + 0.001)):
                 reader, writer = await asyncio.open_unix_connection(path, limit=stream_limit())
@@ -57,8 +67,13 @@ async def open_channel(
                 f"{op}: cannot connect to the daemon at {path} "
                 f"(gave up after {loop.time() - start:.1f}s): {last}"
             ) from last
-        await asyncio.sleep(min(delay, remaining))
-        delay = min(delay * 2, BACKOFF_MAX)
+        if cancel is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(delay, remaining)):
+                    await cancel.wait()
+        else:
+            await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, max_delay)
 
 
 async def read_header(reader: asyncio.StreamReader, op: str) -> bytes | None:
@@ -185,9 +200,17 @@ class AsyncControl:
             if not fut.done():
                 fut.cancel()
 
+    async def discard(self, reason: str) -> None:
+        """Drop a dead connection being replaced; later calls raise DaemonUnavailableError."""
+        self.broken = self.broken or reason
+        await self._shut()
+
     async def aclose(self) -> None:
         """Close the connection, cancel the reader task and wait for it."""
         self._closing = True
+        await self._shut()
+
+    async def _shut(self) -> None:
         self._writer.close()
         self._task.cancel()
         await asyncio.wait([self._task])

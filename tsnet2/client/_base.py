@@ -11,7 +11,7 @@ import enum
 import ipaddress
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -41,6 +41,14 @@ SLOT_CONNECT_TIMEOUT = 5.0
 BACKOFF_INITIAL = 0.05
 BACKOFF_MAX = 1.0
 LOCALAPI_TIMEOUT = 30.0
+RECONNECT_TIMEOUT = 10.0
+"""Default ``reconnect_timeout``: how long a call waits for a restarted daemon."""
+RECONNECT_BACKOFF_INITIAL = 0.05
+RECONNECT_BACKOFF_MAX = 0.25
+"""While the daemon is down the socket is polled at least every 250 ms."""
+REPARK_CONNECT_TIMEOUT = 0.25
+"""How long re-parking one dropped accept slot may try to connect before backing off."""
+REPARK_BACKOFF_MAX = 0.25
 
 SUPPORTED_NETWORKS = ("tcp", "tcp4", "tcp6")
 NO_SOCKET_MESSAGE = (
@@ -65,6 +73,7 @@ _FIELDS = frozenset(
         "tun",
         "connect_timeout",
         "accept_slots",
+        "reconnect_timeout",
     }
 )
 
@@ -267,6 +276,7 @@ class ServerBase:
     tun: Any
     connect_timeout: float
     accept_slots: int
+    reconnect_timeout: float
 
     def __init__(
         self,
@@ -286,6 +296,7 @@ class ServerBase:
         tun: Any = None,
         connect_timeout: float = 10.0,
         accept_slots: int = 2,
+        reconnect_timeout: float = RECONNECT_TIMEOUT,
     ) -> None:
         object.__setattr__(self, "_frozen", False)
         self.dir = dir
@@ -305,6 +316,7 @@ class ServerBase:
         self.tun = tun
         self.connect_timeout = connect_timeout
         self.accept_slots = accept_slots
+        self.reconnect_timeout = reconnect_timeout
         self._state = State.UNOPENED
         self._setup()
 
@@ -343,6 +355,15 @@ class ServerBase:
             raise ValueError(f"{op}: connect_timeout must be >= 0, got {self.connect_timeout!r}")
         if self.accept_slots < 1:
             raise ValueError(f"{op}: accept_slots must be >= 1, got {self.accept_slots!r}")
+        if self.reconnect_timeout < 0:
+            raise ValueError(
+                f"{op}: reconnect_timeout must be >= 0, got {self.reconnect_timeout!r}"
+            )
+
+    @property
+    def reconnects(self) -> bool:
+        """True when a dead control channel is re-established (``reconnect_timeout > 0``)."""
+        return self.reconnect_timeout > 0
 
     def _mark_started(self) -> None:
         object.__setattr__(self, "_frozen", True)
@@ -376,3 +397,109 @@ class ServerBase:
             """Remove the fallback handler (a no-op: it was never installed)."""
 
         return deregister
+
+
+# ---------------------------------------------------------------------------
+# reconnection (pure parts shared by both faces)
+
+
+def backoff_delays(
+    initial: float = RECONNECT_BACKOFF_INITIAL, cap: float = RECONNECT_BACKOFF_MAX
+) -> Iterator[float]:
+    """Sleep lengths between connect attempts: ``initial`` doubling up to ``cap``, forever."""
+    delay = initial
+    while True:
+        yield delay
+        delay = min(delay * 2, cap)
+
+
+def gone_message(op: str, path: str) -> str:
+    """The fail-loudly message when reconnection is disabled (``reconnect_timeout=0``)."""
+    return (
+        f"{op}: the daemon at {path} went away and reconnect_timeout is 0; "
+        "start a new Server (or set reconnect_timeout > 0 to reconnect automatically)"
+    )
+
+
+def reconnect_failed_message(op: str, path: str, timeout: float, cause: BaseException) -> str:
+    """The daemon did not come back within ``reconnect_timeout``."""
+    return (
+        f"{op}: the daemon at {path} went away and did not come back within "
+        f"reconnect_timeout={timeout:g}s ({cause}); check that tsnet2d is running, "
+        "then retry the call (or raise reconnect_timeout)"
+    )
+
+
+def restart_refused_message(op: str, path: str, cause: DaemonError) -> str:
+    """The restarted daemon answered the re-sent ``start`` (or ``up``) with an error."""
+    return (
+        f"{op}: reconnected to the restarted daemon at {path}, but it refused "
+        f"{cause.method!r}: {cause.daemon_message}; check the daemon's log and configuration"
+    )
+
+
+def relisten_failed_message(path: str, addr: str, cause: BaseException) -> str:
+    """A listener could not be registered again on the restarted daemon."""
+    detail = cause.daemon_message if isinstance(cause, DaemonError) else str(cause)
+    return (
+        f"tsnet2.accept: the daemon at {path} restarted and listener {addr} could not be "
+        f"registered again: {detail}; close this listener and listen again "
+        "(another listener may now hold the port)"
+    )
+
+
+def relisten_params(network: str, bound_addr: str) -> dict[str, Any]:
+    """``register_listener`` params that re-create a listener on the same bound address.
+
+    The bound address (as the daemon reported it, port 0 already resolved) is used,
+    not the one the app asked for, so a ``":0"`` listener keeps its port.
+    """
+    return {"network": network, "addr": bound_addr}
+
+
+def check_relisten_addr(old_addr: str, new_addr: str) -> None:
+    """Raise ProtocolError if the daemon bound a re-registered listener somewhere else."""
+    old_port = old_addr.rpartition(":")[2]
+    new_port = new_addr.rpartition(":")[2]
+    if old_port != new_port:
+        raise ProtocolError(
+            f"tsnet2.listen: the daemon bound {new_addr!r} when asked for {old_addr!r}"
+        )
+
+
+class ListenerBinding:
+    """Which daemon registration a listener belongs to, and whether its slots match it.
+
+    ``gen`` is the server's connection generation the ``listener_id`` was issued
+    under; ``slots_gen`` the generation its parked slots were made for. A reconnect
+    calls :meth:`rebind` (new id, new generation); the listener sees
+    :meth:`slots_stale`, drops its old slots and parks new ones. A listener that
+    could not be registered again is :meth:`lose`-d: ``lost`` holds the message
+    accept() raises.
+    """
+
+    def __init__(self, network: str, addr: str, listener_id: str, gen: int) -> None:
+        self.network = network
+        self.addr = addr
+        self.listener_id = listener_id
+        self.gen = gen
+        self.slots_gen = gen
+        self.lost: str | None = None
+
+    def rebind(self, listener_id: str, addr: str, gen: int) -> None:
+        """Record the id the restarted daemon gave this listener (id first, then gen)."""
+        self.listener_id = listener_id
+        self.addr = addr
+        self.gen = gen
+
+    def lose(self, message: str) -> None:
+        """Mark the listener as not registered with the daemon any more."""
+        self.lost = message
+
+    def slots_stale(self) -> bool:
+        """True if the parked slots were made for an earlier registration."""
+        return self.slots_gen != self.gen
+
+    def mark_slots_current(self) -> None:
+        """The old slots are dropped; new ones will be parked for the current id."""
+        self.slots_gen = self.gen

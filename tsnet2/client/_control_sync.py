@@ -115,9 +115,18 @@ class SyncControl:
                 raise
             raise self._fail(op, str(exc)) from exc
 
+    def discard(self, reason: str) -> None:
+        """Drop a dead connection being replaced: later calls raise DaemonUnavailableError."""
+        if self._broken is None:
+            self._broken = reason
+        self._shut()
+
     def close(self) -> None:
         """Close the connection; a call blocked in another thread fails with ClosedError."""
         self._closing = True
+        self._shut()
+
+    def _shut(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         # Take the lock briefly so we never close a descriptor another thread is using.

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from tsnet2 import proto
 from tsnet2.client._base import BACKOFF_INITIAL, BACKOFF_MAX, TailnetAddr
 from tsnet2.client.errors import (
+    ClosedError,
     DaemonUnavailableError,
     DeadlineExceededError,
     Error,
@@ -75,16 +77,26 @@ def _remaining(deadline: float | None) -> float | None:
 
 
 def connect_channel(
-    path: str, kind: int, op: str, deadline: float, *, payload: bytes = b""
+    path: str,
+    kind: int,
+    op: str,
+    deadline: float,
+    *,
+    payload: bytes = b"",
+    max_delay: float = BACKOFF_MAX,
+    cancel: threading.Event | None = None,
 ) -> socket.socket:
     """Connect to the daemon socket, write the channel byte (and ``payload``).
 
-    Retries with backoff (50 ms doubling to 1 s) until ``deadline`` (monotonic),
-    then raises DaemonUnavailableError. The returned socket is blocking.
+    Retries with backoff (50 ms doubling to ``max_delay``, default 1 s) until
+    ``deadline`` (monotonic), then raises DaemonUnavailableError. If ``cancel`` is
+    set while waiting, raises ClosedError. The returned socket is blocking.
     """
     delay = BACKOFF_INITIAL
     start = time.monotonic()
     while True:
+        if cancel is not None and cancel.is_set():
+            raise ClosedError(f"{op}: server is closed")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -109,8 +121,11 @@ def connect_channel(
                 f"{op}: cannot connect to the daemon at {path} "
                 f"(gave up after {time.monotonic() - start:.1f}s): {last}"
             ) from last
-        time.sleep(min(delay, remaining))
-        delay = min(delay * 2, BACKOFF_MAX)
+        if cancel is not None:
+            cancel.wait(min(delay, remaining))
+        else:
+            time.sleep(min(delay, remaining))
+        delay = min(delay * 2, max_delay)
 
 
 class HeaderEOF(Exception):

@@ -20,7 +20,9 @@ from tsnet2.client._aio_io import (
 )
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
-    BACKOFF_MAX,
+    RECONNECT_BACKOFF_MAX,
+    REPARK_BACKOFF_MAX,
+    REPARK_CONNECT_TIMEOUT,
     RPC_TIMEOUT,
     SHUTDOWN_RPC_TIMEOUT,
     SLOT_CONNECT_TIMEOUT,
@@ -33,6 +35,7 @@ from tsnet2.client._base import (
 from tsnet2.client.aio_local import AsyncLocalClient
 from tsnet2.client.errors import (
     ClosedError,
+    DaemonError,
     DaemonUnavailableError,
     DeadlineExceededError,
     DialError,
@@ -98,15 +101,20 @@ class AsyncServer(ServerBase):
 
     Fields (keyword arguments): dir, hostname, control_url, auth_key, ephemeral,
     socket_path (default $TSNET2_SOCKET), traffic_log_path, advertise_tags, port,
-    store, logf, user_logf, tun, connect_timeout, accept_slots; see
-    ``help(tsnet2.Server)``. Use ``async with tsnet2.AsyncServer(...) as srv``.
+    store, logf, user_logf, tun, connect_timeout, accept_slots, reconnect_timeout;
+    see ``help(tsnet2.Server)``. Use ``async with tsnet2.AsyncServer(...) as srv``.
     The control channel's reader task belongs to the server: created by start(),
-    cancelled and awaited by close().
+    replaced (the old one awaited) when the server reconnects to a restarted
+    daemon, cancelled and awaited by close(). Reconnection happens lazily, in the
+    next call or in ``AsyncListener.accept()``; no task runs in the background.
     """
 
     def _setup(self) -> None:
         self._start_lock = asyncio.Lock()
+        self._closing = asyncio.Event()
         self._control: AsyncControl | None = None
+        self._pending_control: AsyncControl | None = None
+        self._gen = 0
         self._listeners: set[AsyncListener] = set()
 
     async def start(self) -> None:
@@ -141,10 +149,154 @@ class AsyncServer(ServerBase):
     async def _rpc(
         self, op: str, method: str, params: dict[str, Any] | None, timeout: float | None
     ) -> dict[str, Any]:
+        """One RPC; if the channel dies during it, reconnect and send it once more."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for attempt in (1, 2):
+            control = await self._live_control(op)
+            remaining = None if deadline is None else max(0.001, deadline - loop.time())
+            try:
+                resp = await control.call(op, method, params, remaining)
+            except DaemonUnavailableError:
+                if attempt == 2 or not self.reconnects or self._state is State.CLOSED:
+                    raise
+                continue
+            return _base.rpc_result(op, method, resp)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _live_control(self, op: str) -> AsyncControl:
+        """The control channel, reconnected first if the daemon went away."""
         control = self._control
         if self._state is State.CLOSED or control is None:
             raise ClosedError(f"{op}: server is closed")
-        return _base.rpc_result(op, method, await control.call(op, method, params, timeout))
+        if self.reconnects and control.broken is not None:
+            return await self._revive(op)
+        return control
+
+    # -- reconnection -----------------------------------------------------------
+
+    async def _revive(self, op: str) -> AsyncControl:
+        """Return a live control channel, reconnecting if the reader task saw it die.
+
+        One task reconnects at a time; others wait on the lock and then find the
+        channel alive. Raises DaemonUnavailableError if the daemon does not come
+        back within ``reconnect_timeout`` (or reconnection is disabled).
+        """
+        async with self._start_lock:
+            control = self._control
+            if self._state is State.CLOSED or control is None:
+                raise ClosedError(f"{op}: server is closed")
+            if control.broken is None:
+                return control
+            if not self.reconnects:
+                raise DaemonUnavailableError(_base.gone_message(op, self.socket_path))
+            return await self._reconnect_locked(op, control)
+
+    async def _reconnect_locked(self, op: str, old: AsyncControl) -> AsyncControl:
+        loop = asyncio.get_running_loop()
+        path = self.socket_path
+        reason = old.broken or "the daemon closed the control channel"
+        await old.discard(reason)  # its reader task has ended; awaited here
+        self._log(
+            f"tsnet2: lost the control channel to the daemon at {path} ({reason}); "
+            f"reconnecting (up to {self.reconnect_timeout:g}s)"
+        )
+        t0 = loop.time()
+        control = await self._connect_and_start(op, t0 + self.reconnect_timeout)
+        self._control = control
+        self._gen += 1
+        again, lost = await self._relisten(op, control, list(self._listeners))
+        note = f", {len(lost)} lost ({'; '.join(lost)})" if lost else ""
+        self._log(
+            f"tsnet2: reconnected to the daemon at {path} in {loop.time() - t0:.2f}s; "
+            f"{again} listener(s) registered again{note}"
+        )
+        return control
+
+    async def _connect_and_start(self, op: str, deadline: float) -> AsyncControl:
+        loop = asyncio.get_running_loop()
+        path = self.socket_path
+        delays = _base.backoff_delays()
+        while True:
+            try:
+                reader, writer = await open_channel(
+                    path,
+                    int(proto.ChannelKind.CONTROL),
+                    op,
+                    deadline,
+                    max_delay=RECONNECT_BACKOFF_MAX,
+                    cancel=self._closing,
+                )
+            except DaemonUnavailableError as exc:
+                raise DaemonUnavailableError(
+                    _base.reconnect_failed_message(op, path, self.reconnect_timeout, exc)
+                ) from exc
+            control = AsyncControl(reader, writer, path)
+            self._pending_control = control
+            try:
+                resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
+                _base.rpc_result(op, "start", resp)
+                if any(not ln._closed for ln in self._listeners):
+                    # Listeners need the node's addresses: wait until it runs.
+                    _base.rpc_result(op, "up", await control.call(op, "up", None, START_TIMEOUT))
+                return control
+            except DaemonUnavailableError as exc:  # it went away again (still shutting down?)
+                await control.aclose()
+                if self._closing.is_set():
+                    raise ClosedError(f"{op}: server is closed") from None
+                if loop.time() >= deadline:
+                    raise DaemonUnavailableError(
+                        _base.reconnect_failed_message(op, path, self.reconnect_timeout, exc)
+                    ) from exc
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(next(delays), max(0.0, deadline - loop.time()))):
+                        await self._closing.wait()
+            except DaemonError as exc:
+                await control.aclose()
+                raise DaemonUnavailableError(_base.restart_refused_message(op, path, exc)) from exc
+            except BaseException:
+                await control.aclose()
+                if self._closing.is_set():
+                    raise ClosedError(f"{op}: server is closed") from None
+                raise
+            finally:
+                self._pending_control = None
+
+    async def _ensure_bound(self, op: str, ln: AsyncListener) -> None:
+        """Register ``ln`` on the current connection if a reconnect missed it."""
+        b = ln._binding
+        if b.gen == self._gen or b.lost is not None:
+            return
+        async with self._start_lock:
+            control = self._control
+            if b.gen != self._gen and b.lost is None and control is not None:
+                await self._relisten(op, control, [ln])
+
+    async def _relisten(
+        self, op: str, control: AsyncControl, listeners: list[AsyncListener]
+    ) -> tuple[int, list[str]]:
+        """Register listeners again on their bound addresses; return (ok, lost addrs)."""
+        again, lost = 0, []
+        for ln in listeners:
+            if ln._closed:
+                continue
+            b = ln._binding
+            params = _base.relisten_params(b.network, b.addr)
+            try:
+                resp = await control.call(op, "register_listener", params, RPC_TIMEOUT)
+                listener_id, bound = _base.parse_register_result(
+                    _base.rpc_result(op, "register_listener", resp)
+                )
+                _base.check_relisten_addr(b.addr, bound)
+            except DaemonUnavailableError:
+                break  # gone again: the listeners' accept() will reconnect once more
+            except Error as exc:
+                b.lose(_base.relisten_failed_message(self.socket_path, b.addr, exc))
+                lost.append(b.addr)
+            else:
+                b.rebind(listener_id, bound, self._gen)
+                again += 1
+        return again, lost
 
     async def up(self, timeout: float | None = None) -> Status:
         """Start, wait until the node is running, and return its Status (``timeout`` in s)."""
@@ -169,6 +321,10 @@ class AsyncServer(ServerBase):
         Closing a server that never started is fine; a second call raises ClosedError.
         """
         op = "tsnet2.close"
+        self._closing.set()  # interrupts a reconnect in progress
+        pending = self._pending_control
+        if pending is not None:
+            await pending.aclose()
         async with self._start_lock:
             if self._state is State.CLOSED:
                 raise ClosedError(f"{op}: server already closed")
@@ -211,7 +367,8 @@ class AsyncServer(ServerBase):
             op, "register_listener", {"network": network, "addr": addr}, RPC_TIMEOUT
         )
         listener_id, bound = _base.parse_register_result(result)
-        ln = AsyncListener(self, network, bound, listener_id, self.accept_slots)
+        binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
+        ln = AsyncListener(self, binding, self.accept_slots)
         self._listeners.add(ln)
         try:
             await ln._park_initial()
@@ -255,7 +412,7 @@ class AsyncServer(ServerBase):
         _base.check_dial_args(op, network, addr)
         await self.start()
         if not self._control_alive():
-            raise DaemonUnavailableError(f"{op}: the daemon went away; start a new Server")
+            await self._revive(op)  # DaemonUnavailableError if the daemon does not come back
         loop = asyncio.get_running_loop()
         now = loop.time()
         reader, writer = await open_channel(
@@ -327,10 +484,11 @@ class AsyncServer(ServerBase):
 
 @dataclass(eq=False)
 class _Slot:
-    """One parked accept connection."""
+    """One parked accept connection, and the listener id it was parked for."""
 
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    listener_id: str
     header: bytes | None = None
     eof: bool = False
 
@@ -339,7 +497,9 @@ class AsyncListener:
     """asyncio version of :class:`tsnet2.Listener` (from ``AsyncServer.listen``).
 
     ``await accept()`` returns an AsyncConn; ``async for conn in listener`` yields
-    connections until the listener is closed.
+    connections until the listener is closed. If the daemon restarts, accept()
+    has the server reconnect, and goes on with the listener registered again on
+    the same address (``listener_id`` changes).
 
     Attributes:
         network: "tcp", "tcp4" or "tcp6".
@@ -347,12 +507,8 @@ class AsyncListener:
         listener_id: the daemon's id for this listener.
     """
 
-    def __init__(
-        self, server: AsyncServer, network: str, addr: str, listener_id: str, slots: int
-    ) -> None:
-        self.network = network
-        self.addr = addr
-        self.listener_id = listener_id
+    def __init__(self, server: AsyncServer, binding: _base.ListenerBinding, slots: int) -> None:
+        self._binding = binding
         self._server = server
         self._k = slots
         self._slots: list[_Slot] = []
@@ -361,6 +517,21 @@ class AsyncListener:
         self._closed_event = asyncio.Event()
         self._retry_at = 0.0
         self._backoff = BACKOFF_INITIAL
+
+    @property
+    def network(self) -> str:
+        """The network: "tcp", "tcp4" or "tcp6"."""
+        return self._binding.network
+
+    @property
+    def addr(self) -> str:
+        """The bound address as the daemon reported it, like ``":8080"``."""
+        return self._binding.addr
+
+    @property
+    def listener_id(self) -> str:
+        """The daemon's id for this listener (a new one after a daemon restart)."""
+        return self._binding.listener_id
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"slots={len(self._slots)}"
@@ -372,46 +543,71 @@ class AsyncListener:
         port = self.addr.rpartition(":")[2]
         return int(port) if port.isdigit() else 0
 
-    async def _park_one(self, op: str) -> None:
+    async def _park_one(self, op: str, timeout: float) -> None:
         loop = asyncio.get_running_loop()
+        listener_id = self._binding.listener_id
         reader, writer = await open_channel(
             self._server.socket_path,
             int(proto.ChannelKind.ACCEPT),
             op,
-            loop.time() + SLOT_CONNECT_TIMEOUT,
-            payload=proto.encode_accept_request(self.listener_id),
+            loop.time() + timeout,
+            payload=proto.encode_accept_request(listener_id),
         )
-        self._slots.append(_Slot(reader, writer))
+        self._slots.append(_Slot(reader, writer, listener_id))
         with contextlib.suppress(OSError):  # the slot then reads EOF and is re-parked
             await writer.drain()
 
     async def _park_initial(self) -> None:
         while len(self._slots) < self._k:
-            await self._park_one("tsnet2.listen")
+            await self._park_one("tsnet2.listen", SLOT_CONNECT_TIMEOUT)
 
     def _gone(self, op: str) -> DaemonUnavailableError:
         return DaemonUnavailableError(
-            f"{op}: the daemon went away, so listener {self.addr} is gone; start a new Server"
+            f"{op}: the daemon went away, so listener {self.addr} is gone and "
+            "reconnect_timeout is 0; start a new Server (or set reconnect_timeout > 0)"
         )
+
+    async def _revive(self, op: str) -> None:
+        """The daemon went away: have the server reconnect (and re-register us)."""
+        if not self._server.reconnects:
+            raise self._gone(op)
+        await self._server._revive(op)
+        await self._server._ensure_bound(op, self)
+
+    async def _check_binding(self, op: str) -> None:
+        """Raise if the listener was lost; drop slots parked for an earlier registration."""
+        b = self._binding
+        if b.lost is not None:
+            raise DaemonUnavailableError(b.lost)
+        if b.slots_stale():
+            slots, self._slots = self._slots, []
+            for slot in slots:
+                await close_writer(slot.writer)
+            b.mark_slots_current()
+            self._retry_at = 0.0
+            self._backoff = BACKOFF_INITIAL
 
     def _schedule_retry(self) -> None:
         self._retry_at = asyncio.get_running_loop().time() + self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        self._backoff = min(self._backoff * 2, REPARK_BACKOFF_MAX)
 
-    async def _refill(self, op: str) -> None:
+    async def _refill(self, op: str, *, revive: bool = True) -> None:
         loop = asyncio.get_running_loop()
         while len(self._slots) < self._k and loop.time() >= self._retry_at:
             try:
-                await self._park_one(op)
+                await self._park_one(op, REPARK_CONNECT_TIMEOUT)
             except DaemonUnavailableError:
-                if not self._server._control_alive():
-                    raise self._gone(op) from None
                 self._schedule_retry()
+                if revive and not self._server._control_alive():
+                    await self._revive(op)
                 return
 
     @staticmethod
     async def _read_slot(slot: _Slot, op: str) -> None:
-        line = await read_header(slot.reader, op)
+        try:
+            line = await read_header(slot.reader, op)
+        except DaemonUnavailableError:  # reset: as good as EOF
+            line = None
         if line is None:
             slot.eof = True
         else:
@@ -425,10 +621,10 @@ class AsyncListener:
                 header = proto.decode_accept_header(slot.header)
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad accept header: {exc}") from None
-            if header.listener_id and header.listener_id != self.listener_id:
+            if header.listener_id and header.listener_id != slot.listener_id:
                 raise ProtocolError(
                     f"{op}: accept header names listener {header.listener_id}, "
-                    f"want {self.listener_id}"
+                    f"want {slot.listener_id}"
                 )
             conn = AsyncConn(
                 slot.reader,
@@ -441,20 +637,27 @@ class AsyncListener:
             raise
         self._backoff = BACKOFF_INITIAL
         with contextlib.suppress(DaemonUnavailableError):  # the next accept() reports it
-            await self._refill(op)
+            await self._refill(op, revive=False)
         return conn
 
-    async def _drop_dead(self, op: str) -> None:
-        for slot in [s for s in self._slots if s.eof]:
+    async def _drop_dead(self, op: str) -> bool:
+        """Close slots the daemon dropped; True if there were any."""
+        dead = [s for s in self._slots if s.eof]
+        for slot in dead:
             self._slots.remove(slot)
             await close_writer(slot.writer)
             self._server._log(f"tsnet2: daemon dropped an accept slot of {self.addr}; re-parking")
             self._schedule_retry()
+        return bool(dead)
 
     async def accept(self, timeout: float | None = None) -> AsyncConn:
         """Wait for the next inbound connection (``timeout`` in seconds, None = forever).
 
         Raises ClosedError once the listener is closed, DeadlineExceededError on timeout.
+        If the daemon restarts, accept() has the server reconnect and goes on (a
+        reconnect may hold it up to ``reconnect_timeout``); it raises
+        DaemonUnavailableError if the daemon does not come back in time or the
+        listener could not be registered again.
         """
         op = "tsnet2.accept"
         loop = asyncio.get_running_loop()
@@ -463,25 +666,29 @@ class AsyncListener:
             while True:
                 if self._closed:
                     raise ClosedError(f"{op}: listener {self.addr} is closed")
+                await self._check_binding(op)
                 ready = next((s for s in self._slots if s.header is not None), None)
                 if ready is not None:
                     return await self._finish(ready, op)
                 gone = self._server._gone_event()
-                if gone is None or gone.is_set():
-                    raise self._gone(op)
+                if gone is None:
+                    raise ClosedError(f"{op}: server is closed")
+                if gone.is_set():
+                    await self._revive(op)
+                    continue
                 await self._refill(op)
                 wait = None if deadline is None else max(0.0, deadline - loop.time())
                 if len(self._slots) < self._k:
                     until_retry = max(0.0, self._retry_at - loop.time())
                     wait = until_retry if wait is None else min(wait, until_retry)
                 await self._wait_any(op, gone, wait)
-                await self._drop_dead(op)
-                if gone.is_set():
-                    raise self._gone(op)
+                if await self._drop_dead(op) and not gone.is_set():
+                    await self._server._ensure_bound(op, self)
                 if (
                     deadline is not None
                     and loop.time() >= deadline
                     and not self._closed
+                    and not gone.is_set()
                     and not any(s.header is not None for s in self._slots)
                 ):
                     raise DeadlineExceededError(f"{op}: no connection within {timeout}s")

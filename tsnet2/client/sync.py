@@ -16,7 +16,9 @@ from tsnet2 import proto
 from tsnet2.client import _base
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
-    BACKOFF_MAX,
+    RECONNECT_BACKOFF_MAX,
+    REPARK_BACKOFF_MAX,
+    REPARK_CONNECT_TIMEOUT,
     RPC_TIMEOUT,
     SHUTDOWN_RPC_TIMEOUT,
     SLOT_CONNECT_TIMEOUT,
@@ -35,6 +37,7 @@ from tsnet2.client._sockets import (
 )
 from tsnet2.client.errors import (
     ClosedError,
+    DaemonError,
     DaemonUnavailableError,
     DeadlineExceededError,
     DialError,
@@ -67,6 +70,13 @@ class Server(ServerBase):
         tun               must be None (the daemon owns the device)
         connect_timeout   seconds start() retries connecting to the socket (default 10)
         accept_slots      accept connections each Listener keeps parked (default 2)
+        reconnect_timeout seconds a call waits for a restarted daemon (default 10; 0: never
+                          reconnect, fail with DaemonUnavailableError)
+
+    If the daemon restarts, the next call (or a blocked ``Listener.accept()``)
+    reconnects, sends ``start`` again and re-registers every open listener on the
+    same address; see docs/client.md, "Reconnection". Several threads may share
+    one Server: one of them reconnects, the others wait for it.
 
     Every method that needs the daemon starts the server first. Without a socket
     path those methods raise NotSupportedError (a NotImplementedError). Use it
@@ -75,7 +85,10 @@ class Server(ServerBase):
 
     def _setup(self) -> None:
         self._start_lock = threading.Lock()
+        self._closing = threading.Event()
         self._control: SyncControl | None = None
+        self._pending_control: SyncControl | None = None
+        self._gen = 0
         self._listeners: set[Listener] = set()
 
     # -- lifecycle ------------------------------------------------------------
@@ -109,10 +122,152 @@ class Server(ServerBase):
     def _rpc(
         self, op: str, method: str, params: dict[str, Any] | None, timeout: float | None
     ) -> dict[str, Any]:
+        """One RPC; if the channel dies during it, reconnect and send it once more."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for attempt in (1, 2):
+            control = self._live_control(op)
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                resp = control.call(op, method, params, remaining)
+            except DaemonUnavailableError:
+                if attempt == 2 or not self.reconnects or self._state is State.CLOSED:
+                    raise
+                continue
+            return _base.rpc_result(op, method, resp)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _live_control(self, op: str) -> SyncControl:
+        """The control channel, reconnected first if the daemon went away."""
         control = self._control
         if self._state is State.CLOSED or control is None:
             raise ClosedError(f"{op}: server is closed")
-        return _base.rpc_result(op, method, control.call(op, method, params, timeout))
+        if self.reconnects and not control.alive():
+            return self._revive(op)
+        return control
+
+    # -- reconnection -----------------------------------------------------------
+
+    def _revive(self, op: str) -> SyncControl:
+        """Return a live control channel, reconnecting if it is dead.
+
+        One thread reconnects at a time; the others wait on the lock and then
+        find the channel alive. Raises DaemonUnavailableError if the daemon does
+        not come back within ``reconnect_timeout`` (or reconnection is disabled).
+        """
+        with self._start_lock:
+            control = self._control
+            if self._state is State.CLOSED or control is None:
+                raise ClosedError(f"{op}: server is closed")
+            if control.alive():
+                return control
+            if not self.reconnects:
+                raise DaemonUnavailableError(_base.gone_message(op, self.socket_path))
+            return self._reconnect_locked(op, control)
+
+    def _reconnect_locked(self, op: str, old: SyncControl) -> SyncControl:
+        path = self.socket_path
+        reason = old.broken or "the daemon closed the control channel"
+        old.discard(reason)
+        self._log(
+            f"tsnet2: lost the control channel to the daemon at {path} ({reason}); "
+            f"reconnecting (up to {self.reconnect_timeout:g}s)"
+        )
+        t0 = time.monotonic()
+        control = self._connect_and_start(op, t0 + self.reconnect_timeout)
+        self._control = control
+        self._gen += 1
+        again, lost = self._relisten(op, control, list(self._listeners))
+        note = f", {len(lost)} lost ({'; '.join(lost)})" if lost else ""
+        self._log(
+            f"tsnet2: reconnected to the daemon at {path} in {time.monotonic() - t0:.2f}s; "
+            f"{again} listener(s) registered again{note}"
+        )
+        return control
+
+    def _connect_and_start(self, op: str, deadline: float) -> SyncControl:
+        path = self.socket_path
+        delays = _base.backoff_delays()
+        while True:
+            try:
+                sock = connect_channel(
+                    path,
+                    int(proto.ChannelKind.CONTROL),
+                    op,
+                    deadline,
+                    max_delay=RECONNECT_BACKOFF_MAX,
+                    cancel=self._closing,
+                )
+            except DaemonUnavailableError as exc:
+                raise DaemonUnavailableError(
+                    _base.reconnect_failed_message(op, path, self.reconnect_timeout, exc)
+                ) from exc
+            control = SyncControl(sock, path)
+            self._pending_control = control
+            try:
+                _base.rpc_result(
+                    op, "start", control.call(op, "start", self._start_params(), START_TIMEOUT)
+                )
+                if any(not ln._closed for ln in self._listeners):
+                    # Listeners need the node's addresses: wait until it runs.
+                    _base.rpc_result(op, "up", control.call(op, "up", None, START_TIMEOUT))
+                return control
+            except DaemonUnavailableError as exc:  # it went away again (still shutting down?)
+                control.close()
+                if self._closing.is_set():
+                    raise ClosedError(f"{op}: server is closed") from None
+                if time.monotonic() >= deadline:
+                    raise DaemonUnavailableError(
+                        _base.reconnect_failed_message(op, path, self.reconnect_timeout, exc)
+                    ) from exc
+                self._closing.wait(min(next(delays), max(0.0, deadline - time.monotonic())))
+            except DaemonError as exc:
+                control.close()
+                raise DaemonUnavailableError(_base.restart_refused_message(op, path, exc)) from exc
+            except BaseException:
+                control.close()
+                if self._closing.is_set():
+                    raise ClosedError(f"{op}: server is closed") from None
+                raise
+            finally:
+                self._pending_control = None
+
+    def _ensure_bound(self, op: str, ln: Listener) -> None:
+        """Register ``ln`` on the current connection if a reconnect missed it (a race
+        with listen()); a no-op when it is already bound or lost."""
+        b = ln._binding
+        if b.gen == self._gen or b.lost is not None:
+            return
+        with self._start_lock:
+            control = self._control
+            if b.gen != self._gen and b.lost is None and control is not None:
+                self._relisten(op, control, [ln])
+
+    def _relisten(
+        self, op: str, control: SyncControl, listeners: list[Listener]
+    ) -> tuple[int, list[str]]:
+        """Register listeners again on their bound addresses; return (ok, lost addrs)."""
+        again, lost = 0, []
+        for ln in listeners:
+            if ln._closed:
+                continue
+            b = ln._binding
+            params = _base.relisten_params(b.network, b.addr)
+            try:
+                result = control.call(op, "register_listener", params, RPC_TIMEOUT)
+                listener_id, bound = _base.parse_register_result(
+                    _base.rpc_result(op, "register_listener", result)
+                )
+                _base.check_relisten_addr(b.addr, bound)
+            except DaemonUnavailableError:
+                break  # gone again: the listeners' accept() will reconnect once more
+            except Error as exc:
+                b.lose(_base.relisten_failed_message(self.socket_path, b.addr, exc))
+                lost.append(b.addr)
+            else:
+                b.rebind(listener_id, bound, self._gen)
+                again += 1
+            ln._wake()
+        return again, lost
 
     def up(self, timeout: float | None = None) -> Status:
         """Start, wait until the node is running, and return its Status.
@@ -140,6 +295,10 @@ class Server(ServerBase):
         ClosedError.
         """
         op = "tsnet2.close"
+        self._closing.set()  # interrupts a reconnect in progress
+        pending = self._pending_control
+        if pending is not None:
+            pending.close()
         with self._start_lock:
             if self._state is State.CLOSED:
                 raise ClosedError(f"{op}: server already closed")
@@ -182,7 +341,8 @@ class Server(ServerBase):
         self.start()
         result = self._rpc(op, "register_listener", {"network": network, "addr": addr}, RPC_TIMEOUT)
         listener_id, bound = _base.parse_register_result(result)
-        ln = Listener(self, network, bound, listener_id, self.accept_slots)
+        binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
+        ln = Listener(self, binding, self.accept_slots)
         self._listeners.add(ln)
         try:
             ln._park_initial()
@@ -229,7 +389,7 @@ class Server(ServerBase):
         _base.check_dial_args(op, network, addr)
         self.start()
         if not self._control_alive():
-            raise DaemonUnavailableError(f"{op}: the daemon went away; start a new Server")
+            self._revive(op)  # DaemonUnavailableError if the daemon does not come back
         now = time.monotonic()
         connect_deadline = now + (self.connect_timeout if timeout is None else timeout)
         reply_deadline = None if timeout is None else now + timeout
@@ -291,21 +451,20 @@ class Listener:
     arrives on one of them. ``accept()`` returns TailnetSockets; iterating yields
     connections until the listener is closed. Use it as a context manager.
 
+    If the daemon restarts, the server registers the listener again on the same
+    address (``listener_id`` changes) and ``accept()`` parks new slots by itself.
+
     Attributes:
         network: "tcp", "tcp4" or "tcp6".
         addr: the bound address as the daemon reported it, like ``":8080"``.
         listener_id: the daemon's id for this listener.
     """
 
-    def __init__(
-        self, server: Server, network: str, addr: str, listener_id: str, slots: int
-    ) -> None:
-        self.network = network
-        self.addr = addr
-        self.listener_id = listener_id
+    def __init__(self, server: Server, binding: _base.ListenerBinding, slots: int) -> None:
+        self._binding = binding
         self._server = server
         self._k = slots
-        self._slots: list[socket.socket] = []
+        self._slots: dict[socket.socket, str] = {}  # slot -> the listener id it was parked for
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -315,6 +474,21 @@ class Listener:
         self._closed = False
         self._retry_at = 0.0
         self._backoff = BACKOFF_INITIAL
+
+    @property
+    def network(self) -> str:
+        """The network: "tcp", "tcp4" or "tcp6"."""
+        return self._binding.network
+
+    @property
+    def addr(self) -> str:
+        """The bound address as the daemon reported it, like ``":8080"``."""
+        return self._binding.addr
+
+    @property
+    def listener_id(self) -> str:
+        """The daemon's id for this listener (a new one after a daemon restart)."""
+        return self._binding.listener_id
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"slots={len(self._slots)}"
@@ -328,59 +502,93 @@ class Listener:
 
     # -- slots ------------------------------------------------------------------
 
-    def _park_one(self, op: str) -> None:
+    def _park_one(self, op: str, timeout: float) -> None:
+        listener_id = self._binding.listener_id
         sock = connect_channel(
             self._server.socket_path,
             int(proto.ChannelKind.ACCEPT),
             op,
-            time.monotonic() + SLOT_CONNECT_TIMEOUT,
-            payload=proto.encode_accept_request(self.listener_id),
+            time.monotonic() + timeout,
+            payload=proto.encode_accept_request(listener_id),
         )
         sock.setblocking(False)
-        self._slots.append(sock)
+        self._slots[sock] = listener_id
         self._sel.register(sock, selectors.EVENT_READ)
 
     def _park_initial(self) -> None:
         while len(self._slots) < self._k:
-            self._park_one("tsnet2.listen")
+            self._park_one("tsnet2.listen", SLOT_CONNECT_TIMEOUT)
+
+    def _wake(self) -> None:
+        """Make a blocked accept() look at the listener's state again."""
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(64):
+                pass
 
     def _gone(self, op: str) -> DaemonUnavailableError:
         return DaemonUnavailableError(
-            f"{op}: the daemon went away, so listener {self.addr} is gone; start a new Server"
+            f"{op}: the daemon went away, so listener {self.addr} is gone and "
+            "reconnect_timeout is 0; start a new Server (or set reconnect_timeout > 0)"
         )
 
-    def _refill(self, op: str) -> None:
+    def _revive(self, op: str) -> None:
+        """The daemon went away: wait for the server to reconnect (and re-register us)."""
+        if not self._server.reconnects:
+            raise self._gone(op)
+        self._server._revive(op)
+        self._server._ensure_bound(op, self)
+
+    def _check_binding(self, op: str) -> None:
+        """Raise if the listener was lost; drop slots parked for an earlier registration."""
+        b = self._binding
+        if b.lost is not None:
+            raise DaemonUnavailableError(b.lost)
+        if b.slots_stale():
+            for sock in list(self._slots):
+                self._drop(sock)
+                close_quietly(sock)
+            b.mark_slots_current()
+            self._retry_at = 0.0
+            self._backoff = BACKOFF_INITIAL
+
+    def _refill(self, op: str, *, revive: bool = True) -> None:
         """Park slots up to K, unless a retry is scheduled for later."""
         while len(self._slots) < self._k and time.monotonic() >= self._retry_at:
             try:
-                self._park_one(op)
+                self._park_one(op, REPARK_CONNECT_TIMEOUT)
             except DaemonUnavailableError:
-                if not self._server._control_alive():
-                    raise self._gone(op) from None
                 self._schedule_retry()
+                if revive and not self._server._control_alive():
+                    self._revive(op)
                 return
 
     def _schedule_retry(self) -> None:
         self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+        self._backoff = min(self._backoff * 2, REPARK_BACKOFF_MAX)
 
-    def _drop(self, sock: socket.socket) -> None:
+    def _drop(self, sock: socket.socket) -> str:
         self._sel.unregister(sock)
-        self._slots.remove(sock)
+        return self._slots.pop(sock)
 
     def _take(self, sock: socket.socket, op: str) -> TailnetSocket | None:
         """Read the accept header from a readable slot; None if the daemon dropped it."""
-        self._drop(sock)
+        slot_id = self._drop(sock)
         try:
             try:
                 line = read_header_line(sock, op, time.monotonic() + SLOT_CONNECT_TIMEOUT)
-            except HeaderEOF:
+            except (HeaderEOF, DaemonUnavailableError):
                 self._server._log(
                     f"tsnet2: daemon dropped an accept slot of {self.addr}; re-parking"
                 )
                 self._schedule_retry()
                 if not self._server._control_alive():
-                    raise self._gone(op) from None
+                    self._revive(op)
+                else:
+                    self._server._ensure_bound(op, self)
                 return None
             except DeadlineExceededError:
                 raise ProtocolError(f"{op}: daemon sent an incomplete accept header") from None
@@ -388,10 +596,9 @@ class Listener:
                 header = proto.decode_accept_header(line)
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad accept header: {exc}") from None
-            if header.listener_id and header.listener_id != self.listener_id:
+            if header.listener_id and header.listener_id != slot_id:
                 raise ProtocolError(
-                    f"{op}: accept header names listener {header.listener_id}, "
-                    f"want {self.listener_id}"
+                    f"{op}: accept header names listener {header.listener_id}, want {slot_id}"
                 )
             local = _base.parse_tailnet_addr(header.local)
             remote = _base.parse_tailnet_addr(header.remote)
@@ -407,7 +614,11 @@ class Listener:
         """Wait for the next inbound connection and return it as a TailnetSocket.
 
         ``timeout`` in seconds (None waits forever) raises DeadlineExceededError.
-        Raises ClosedError once the listener (or its server) is closed.
+        Raises ClosedError once the listener (or its server) is closed. If the
+        daemon restarts, accept() waits for the server to reconnect and goes on
+        (a reconnect in progress may hold it up to ``reconnect_timeout``); it raises
+        DaemonUnavailableError if the daemon does not come back in time or the
+        listener could not be registered again.
         """
         op = "tsnet2.accept"
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -415,6 +626,7 @@ class Listener:
             while True:
                 if self._closed:
                     raise ClosedError(f"{op}: listener {self.addr} is closed")
+                self._check_binding(op)
                 self._refill(op)
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if len(self._slots) < self._k:
@@ -424,13 +636,17 @@ class Listener:
                     if self._closed:
                         break
                     if key.fileobj is self._wake_r:
+                        self._drain_wake()
                         continue
                     assert isinstance(key.fileobj, socket.socket)
+                    if key.fileobj not in self._slots:
+                        continue  # dropped earlier in this round
                     conn = self._take(key.fileobj, op)
-                    if conn is not None:
-                        with contextlib.suppress(DaemonUnavailableError):
-                            self._refill(op)  # on failure the next accept() reports it
-                        return conn
+                    if conn is None:
+                        break  # a dropped slot (perhaps a restart): look again
+                    with contextlib.suppress(DaemonUnavailableError):
+                        self._refill(op, revive=False)  # on failure the next accept() sees it
+                    return conn
                 if deadline is not None and time.monotonic() >= deadline and not self._closed:
                     raise DeadlineExceededError(f"{op}: no connection within {timeout}s")
 
@@ -447,8 +663,7 @@ class Listener:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
+        self._wake()
         self._server._unregister(self.listener_id)
         with self._lock:
             for sock in list(self._slots):

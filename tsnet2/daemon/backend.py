@@ -331,10 +331,11 @@ class Backend:
             public_key=str(peer["public_key"]),
             endpoint=endpoints[0] if endpoints else None,
             allowed_ips=allowed,
-            # Handshake on demand, as Tailscale does: with a keepalive on both sides, two
-            # nodes configured at the same instant start crossing handshakes that can
-            # stall the tunnel for a retry period (5 s).
-            persistent_keepalive=None,
+            # The keepalive makes a (re)started node handshake with every peer at once, so
+            # peers holding a session from before a daemon restart switch over at once
+            # instead of after a ~20 s re-key. (Two nodes configured at the very same
+            # instant can cross handshakes and wait one retry, 5 s; rare.)
+            persistent_keepalive=25,
         )
 
     @staticmethod

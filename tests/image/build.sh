@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Builds the tsnet2 container image for the image tests: localhost/tsnet2:test.
+#
+# * installs podman, buildah, runc and debootstrap from Debian when missing (needs root);
+# * builds a Debian bookworm base image with debootstrap (no registry is reachable on the
+#   CI machine), localhost/tsnet2-base:bookworm, unless it exists;
+# * builds the Containerfile at the repository root on that base, unless an image with the
+#   same source hash (label io.tsnet2.source-hash) exists already.
+#
+# Safe to run again; it only does what is missing. Environment:
+#   TSNET2_IMAGE       image to build (default localhost/tsnet2:test)
+#   TSNET2_BASE_IMAGE  base image; set it to e.g. docker.io/library/python:3.11-slim-bookworm
+#                      where a registry is reachable (default: the debootstrap base)
+#   DEBIAN_MIRROR      mirror for debootstrap (default http://deb.debian.org/debian)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CONTAINERS_CONF="$PWD/tests/image/containers.conf"
+
+IMAGE=${TSNET2_IMAGE:-localhost/tsnet2:test}
+DEBOOTSTRAP_BASE=localhost/tsnet2-base:bookworm
+BASE=${TSNET2_BASE_IMAGE:-$DEBOOTSTRAP_BASE}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+say() { echo "image: $*" >&2; }
+
+need=()
+for spec in podman:podman buildah:buildah runc:runc debootstrap:debootstrap; do
+    command -v "${spec%%:*}" >/dev/null 2>&1 || need+=("${spec#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        say "missing ${need[*]}; run as root or: apt-get install ${need[*]}"
+        exit 1
+    fi
+    say "installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if [ "$BASE" = "$DEBOOTSTRAP_BASE" ] && ! podman image exists "$DEBOOTSTRAP_BASE"; then
+    say "building $DEBOOTSTRAP_BASE with debootstrap from $MIRROR"
+    start=$SECONDS
+    rootfs=$(mktemp -d /var/tmp/tsnet2-rootfs.XXXXXX)
+    trap 'rm -rf "$rootfs"' EXIT
+    debootstrap --variant=minbase bookworm "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1 || {
+        tail -20 "$rootfs.log" >&2; rm -f "$rootfs.log"; exit 1; }
+    rm -f "$rootfs.log"
+    cat >"$rootfs/etc/apt/sources.list" <<EOF
+deb $MIRROR bookworm main
+deb $MIRROR bookworm-updates main
+deb ${MIRROR%/debian}/debian-security bookworm-security main
+EOF
+    # Slim: no .debs, apt lists or binary caches, docs, man pages or locales.
+    tar -C "$rootfs" \
+        --exclude='./var/cache/apt/archives/*.deb' --exclude='./var/lib/apt/lists/*' \
+        --exclude='./var/cache/apt/*.bin' --exclude='./usr/share/doc/*' \
+        --exclude='./usr/share/man/*' --exclude='./usr/share/locale/*' \
+        --exclude='./usr/share/info/*' -c . \
+      | podman import \
+          --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+          --change 'CMD ["/bin/bash"]' - "$DEBOOTSTRAP_BASE" >/dev/null
+    rm -rf "$rootfs"
+    trap - EXIT
+    say "base image ready in $((SECONDS - start)) s"
+fi
+
+# The content hash of everything the Containerfile copies, plus the base image's id.
+hash=$( {
+    podman image inspect --format '{{.Id}}' "$BASE" 2>/dev/null || echo "$BASE"
+    find Containerfile .containerignore pyproject.toml README.md image tsnet2 operator \
+        -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
+      | LC_ALL=C sort -z | xargs -0 sha256sum
+} | sha256sum | cut -c1-32)
+current=$(podman image inspect --format '{{index .Labels "io.tsnet2.source-hash"}}' \
+    "$IMAGE" 2>/dev/null || true)
+if [ "$current" = "$hash" ]; then
+    say "$IMAGE is up to date ($hash)"
+    exit 0
+fi
+
+say "building $IMAGE on $BASE"
+start=$SECONDS
+# --format docker keeps HEALTHCHECK (the OCI image config has no such field);
+# --isolation chroot because crun cannot run containers on this host's hybrid cgroups.
+ca_args=()
+ca=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
+if [ -f "$ca" ]; then
+    # pip in the build trusts what the host trusts (e.g. a TLS-intercepting proxy's CA).
+    ca_args=(-v "$(readlink -f "$ca"):/run/tsnet2-build-ca.crt:ro"
+             --build-arg PIP_CA=/run/tsnet2-build-ca.crt)
+fi
+buildah bud --isolation chroot --format docker --layers=false "${ca_args[@]}" \
+    --build-arg "BASE=$BASE" \
+    --build-arg "SOURCE_HASH=$hash" \
+    --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+    --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    -t "$IMAGE" -f Containerfile . >&2
+# Drop the dangling image the previous build of this tag left behind.
+podman image prune -f --filter "label=io.tsnet2.source-hash" >/dev/null 2>&1 || true
+say "built $IMAGE in $((SECONDS - start)) s: $(podman image inspect --format '{{.Size}}' "$IMAGE") bytes"
