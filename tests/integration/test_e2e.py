@@ -280,3 +280,28 @@ def test_close_semantics() -> None:
         with srv2:
             st = srv2.up(timeout=30)
             assert st.tailscale_ips
+
+
+def test_cli_status_whois_ping(pair: Pair) -> None:
+    """`tsnet2 status|whois|ping` against a daemon socket, as a user would run them."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "tsnet2.cli", *args, "--socket",
+                              str(pair.db.socket_path)], capture_output=True, timeout=60)
+        assert out.returncode == 0, out.stderr.decode()
+        return out.stdout.decode()
+
+    a_ip = pair.a.tailscale_ips()[0]
+    status = cli("status")
+    assert "tsnet2-b.tail-scale.ts.net." in status and "tsnet2-a.tail-scale.ts.net." in status
+    assert "Running" in status
+    who = cli("whois", str(a_ip))
+    assert "Machine: tsnet2-a.tail-scale.ts.net." in who
+    with pair.a.listen("tcp", ":8087") as ln:
+        results: list[Any] = []
+        t = _echo_server(ln, results, count=2)
+        ping = cli("ping", "-c", "2", "-i", "0.1", "tsnet2-a:8087")
+        t.join(30)
+    assert ping.count("connected to tsnet2-a:8087 in") == 2
