@@ -16,6 +16,7 @@ runs pods (as with envtest).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -27,10 +28,10 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 from tests.k8s.pki import CertificateAuthority, write_service_account_keys
 
@@ -74,11 +75,43 @@ def missing_binaries(bin_dir: Path) -> list[str]:
     return [name for name in BINARIES if not os.access(bin_dir / name, os.X_OK)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (envtest's approach: a small race)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+_free_port = free_port
+
+
+@contextlib.contextmanager
+def running_apiserver() -> Iterator[KubeAPIServer]:
+    """A control plane for a test module; skips the tests when the binaries are not built."""
+    import pytest
+
+    bin_dir = default_bin_dir()
+    missing = missing_binaries(bin_dir)
+    if missing:
+        pytest.skip(
+            f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
+            "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
+        )
+    with KubeAPIServer(bin_dir) as api:
+        yield api
+
+
+def admin_client(api: KubeAPIServer) -> Any:
+    """A new kubernetes ApiClient as the system:masters admin (use it with ``with``)."""
+    from kubernetes import client as k8s
+
+    config = k8s.Configuration()
+    config.host = api.url
+    config.ssl_ca_cert = str(api.ca_file)
+    config.cert_file = str(api.admin_cert)
+    config.key_file = str(api.admin_key)
+    return k8s.ApiClient(config)
 
 
 def _log_tail(path: Path) -> str:

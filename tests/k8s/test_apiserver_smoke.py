@@ -12,7 +12,12 @@ from collections.abc import Iterator
 import pytest
 from kubernetes import client as k8s
 
-from tests.k8s.apiserver import KubeAPIServer, default_bin_dir, k8s_version, missing_binaries
+from tests.k8s.apiserver import (
+    KubeAPIServer,
+    admin_client,
+    k8s_version,
+    running_apiserver,
+)
 
 NAMESPACE = "tsnet2-smoke"
 SERVICE_ACCOUNT = "tsnet2-operator"
@@ -22,26 +27,14 @@ AUDIENCE = "tsnet2"
 @pytest.fixture(scope="module")
 def apiserver() -> Iterator[KubeAPIServer]:
     """A running control plane for this module's tests."""
-    bin_dir = default_bin_dir()
-    missing = missing_binaries(bin_dir)
-    if missing:
-        pytest.skip(
-            f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
-            "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
-        )
-    with KubeAPIServer(bin_dir) as api:
+    with running_apiserver() as api:
         yield api
 
 
 @pytest.fixture()
 def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
     """A kubernetes ApiClient authenticated as the system:masters admin."""
-    config = k8s.Configuration()
-    config.host = apiserver.url
-    config.ssl_ca_cert = str(apiserver.ca_file)
-    config.cert_file = str(apiserver.admin_cert)
-    config.key_file = str(apiserver.admin_key)
-    with k8s.ApiClient(config) as api:
+    with admin_client(apiserver) as api:
         yield api
 
 

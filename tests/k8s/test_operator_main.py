@@ -31,7 +31,12 @@ from kubernetes.client.exceptions import ApiException
 from tsnet2_operator.store import crd_manifests
 from wireguard_tools import WireguardKey
 
-from tests.k8s.apiserver import KubeAPIServer, default_bin_dir, missing_binaries
+from tests.k8s.apiserver import (
+    KubeAPIServer,
+    admin_client,
+    free_port,
+    running_apiserver,
+)
 from tests.k8s.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,36 +45,19 @@ APP_NS = "apps"
 WEBHOOK_CONFIG = "tsnet2-injector-main"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
 def apiserver() -> Iterator[KubeAPIServer]:
     """A running control plane without the tsnet2.io CRDs (the operator installs them)."""
-    bin_dir = default_bin_dir()
-    missing = missing_binaries(bin_dir)
-    if missing:
-        pytest.skip(
-            f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
-            "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
-        )
-    with KubeAPIServer(bin_dir) as api:
+    with running_apiserver() as api:
         yield api
 
 
 @pytest.fixture(scope="module")
 def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
     """An admin ApiClient."""
-    config = k8s.Configuration()
-    config.host = apiserver.url
-    config.ssl_ca_cert = str(apiserver.ca_file)
-    config.cert_file = str(apiserver.admin_cert)
-    config.key_file = str(apiserver.admin_key)
-    with k8s.ApiClient(config) as api:
+    with admin_client(apiserver) as api:
         yield api
 
 
@@ -147,7 +135,7 @@ def run_operator(
     pair = ca.issue(
         tmp, "webhook", common_name="tsnet2-injector", server=True, ip_addresses=("127.0.0.1",)
     )
-    webhook_port, control_port, live_port = _free_port(), _free_port(), _free_port()
+    webhook_port, control_port, live_port = free_port(), free_port(), free_port()
     control_url = f"http://127.0.0.1:{control_port}"
     env = {
         **os.environ,

@@ -13,38 +13,20 @@ import pytest
 from kubernetes import client as k8s
 from tsnet2_operator.store import install_crds
 
-from tests.k8s.apiserver import KubeAPIServer, default_bin_dir, missing_binaries
+from tests.k8s.apiserver import (
+    KubeAPIServer,
+    admin_client,
+    running_apiserver,
+)
 
 
 @pytest.fixture(scope="module")
 def apiserver() -> Iterator[KubeAPIServer]:
     """A running control plane for this module's tests, with the tsnet2.io CRDs installed."""
-    bin_dir = default_bin_dir()
-    missing = missing_binaries(bin_dir)
-    if missing:
-        pytest.skip(
-            f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
-            "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
-        )
-    with KubeAPIServer(bin_dir) as api:
+    with running_apiserver() as api:
         with admin_client(api) as client:
             install_crds(client)
         yield api
-
-
-def admin_config(apiserver: KubeAPIServer) -> k8s.Configuration:
-    """Client configuration of the system:masters admin."""
-    config = k8s.Configuration()
-    config.host = apiserver.url
-    config.ssl_ca_cert = str(apiserver.ca_file)
-    config.cert_file = str(apiserver.admin_cert)
-    config.key_file = str(apiserver.admin_key)
-    return config
-
-
-def admin_client(apiserver: KubeAPIServer) -> k8s.ApiClient:
-    """A new ApiClient as admin (use it as a context manager)."""
-    return k8s.ApiClient(admin_config(apiserver))
 
 
 @pytest.fixture()

@@ -28,7 +28,12 @@ from tsnet2_operator.config import OperatorConfig, SidecarConfig
 from tsnet2_operator.handlers import build_registry
 from tsnet2_operator.metrics import InjectorMetrics
 
-from tests.k8s.apiserver import KubeAPIServer, default_bin_dir, missing_binaries
+from tests.k8s.apiserver import (
+    KubeAPIServer,
+    admin_client,
+    free_port,
+    running_apiserver,
+)
 from tests.k8s.pki import CertificateAuthority
 
 OPTED = "tsnet2-opted"
@@ -36,36 +41,19 @@ PLAIN = "tsnet2-plain"
 RELABEL_LABEL = "test.tsnet2.io/relabelled"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")
 def apiserver() -> Iterator[KubeAPIServer]:
     """A running control plane for this module."""
-    bin_dir = default_bin_dir()
-    missing = missing_binaries(bin_dir)
-    if missing:
-        pytest.skip(
-            f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
-            "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
-        )
-    with KubeAPIServer(bin_dir) as api:
+    with running_apiserver() as api:
         yield api
 
 
 @pytest.fixture(scope="module")
 def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
     """An admin ApiClient."""
-    config = k8s.Configuration()
-    config.host = apiserver.url
-    config.ssl_ca_cert = str(apiserver.ca_file)
-    config.cert_file = str(apiserver.admin_cert)
-    config.key_file = str(apiserver.admin_key)
-    with k8s.ApiClient(config) as api:
+    with admin_client(apiserver) as api:
         yield api
 
 
@@ -97,7 +85,7 @@ def operator(
     pair = ca.issue(
         pki, "webhook", common_name="tsnet2-injector", server=True, ip_addresses=("127.0.0.1",)
     )
-    port = _free_port()
+    port = free_port()
     config = OperatorConfig(
         sidecar=SidecarConfig(
             image="registry.example/tsnet2:0.1.0",
