@@ -493,9 +493,8 @@ class Datapath:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mark(s)
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(s, (str(ip), port)), DIAL_TIMEOUT
-            )
+            async with asyncio.timeout(DIAL_TIMEOUT):
+                await asyncio.get_running_loop().sock_connect(s, (str(ip), port))
         except BaseException:
             s.close()
             raise

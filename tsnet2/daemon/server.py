@@ -280,7 +280,8 @@ class Daemon:
                                 uid, ",".join(map(str, sorted(allowed))))
                     return
             try:
-                first = await asyncio.wait_for(loop.sock_recv(sock, 1), KIND_TIMEOUT)
+                async with asyncio.timeout(KIND_TIMEOUT):
+                    first = await loop.sock_recv(sock, 1)
             except TimeoutError:
                 log.warning("connection did not name a channel within %.0fs", KIND_TIMEOUT)
                 return
