@@ -23,7 +23,7 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 say() { echo "image: $*" >&2; }
 
 need=()
-for spec in podman:podman buildah:buildah runc:runc debootstrap:debootstrap; do
+for spec in podman:podman buildah:buildah runc:runc debootstrap:debootstrap iptables:iptables catatonit:catatonit; do
     command -v "${spec%%:*}" >/dev/null 2>&1 || need+=("${spec#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -304,3 +304,12 @@ def test_allow_uid_flag_admits_that_uid(open_dir: Path) -> None:
         assert out.stdout.decode().strip() == '{"id":1,"result":"e30="}', out.stderr.decode()
     finally:
         assert d.stop() == 0
+
+
+def test_allow_any_uid_makes_the_socket_world_connectable(open_dir: Path) -> None:
+    d = Daemon(open_dir, "--allow-any-uid")
+    try:
+        assert stat.S_IMODE(d.sock.stat().st_mode) == 0o666
+        assert_serving(d)
+    finally:
+        assert d.stop() == 0

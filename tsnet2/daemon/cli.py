@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also accept socket connections from this uid (repeatable); "
                    "by default only the daemon's own uid may connect")
     p.add_argument("--allow-any-uid", action="store_true",
-                   help="accept socket connections from any uid that can open the socket")
+                   help="accept socket connections from any uid (the socket is then created "
+                   "0666 instead of 0660)")
     p.add_argument("--hostname", default=os.environ.get("TSNET2_HOSTNAME", ""),
                    help="hostname when the app gives none (default: the machine's)")
     p.add_argument("--up", action="store_true",

@@ -209,7 +209,10 @@ class Daemon:
             raise DaemonError(f"cannot listen on {path}: {exc.strerror}") from exc
         finally:
             os.umask(old)
-        os.chmod(path, 0o660)
+        # Same-uid (default) or listed uids: 0660. With --allow-any-uid the peer check admits
+        # every uid, so the socket must let them connect too: 0666 (an app container in the
+        # pod often runs as another uid than the sidecar).
+        os.chmod(path, 0o666 if self.config.allow_uids is None else 0o660)
         sock.listen(512)
         sock.setblocking(False)
         return sock

@@ -1,0 +1,300 @@
+"""The container image (Containerfile) and a pod-level end-to-end test with podman.
+
+Needs root, podman/buildah/runc and the image built by tests/image/build.sh (scripts/test
+runs it first); skipped with that message otherwise. The end-to-end test runs the
+coordination server and two sample app pods, injected by the operator's real ``inject()``,
+with ``podman kube play`` on a podman network of its own, and checks that nothing is left.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tsnet2_operator.config import SidecarConfig
+
+from tests.image import apps
+from tests.image.podman import (
+    IMAGE,
+    REPO,
+    PodmanError,
+    for_podman,
+    infra_ip,
+    injected_pod,
+    leftovers,
+    podman,
+    wait_for,
+    why_not_runnable,
+    write_yaml,
+)
+
+_skip = why_not_runnable()
+pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+
+MAX_IMAGE_BYTES = 400 * 1024 * 1024
+DOMAIN = "img.ts2"
+
+
+def _inspect() -> dict[str, Any]:
+    out = json.loads(podman("image", "inspect", IMAGE).stdout)
+    assert isinstance(out, list) and len(out) == 1
+    doc: dict[str, Any] = out[0]
+    return doc
+
+
+def _run(*args: str, timeout: float = 60.0) -> str:
+    """``podman run --rm`` the image without network; return stdout."""
+    return podman("run", "--rm", "--network", "none", IMAGE, *args, timeout=timeout).stdout
+
+
+def test_metadata_labels_user_healthcheck_size() -> None:
+    doc = _inspect()
+    labels = doc["Config"]["Labels"]
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert labels["org.opencontainers.image.version"] == version
+    for key in ("title", "description", "source", "licenses", "revision", "created"):
+        assert labels.get(f"org.opencontainers.image.{key}"), key
+    assert labels["org.opencontainers.image.licenses"] == "BSD-3-Clause"
+    assert doc["Config"]["User"] == "10001:10001"
+    assert doc["Config"]["Entrypoint"] == ["/usr/local/bin/entrypoint"]
+    health = doc["Healthcheck"]  # podman lists it at the top level (docker format)
+    assert health["Test"] == ["CMD", "/usr/local/bin/healthcheck"], health
+    size = int(doc["Size"])
+    print(f"\nimage {IMAGE}: {size} bytes ({size / 1e6:.0f} MB)")
+    assert size < MAX_IMAGE_BYTES, f"image is {size} bytes"
+
+
+def test_entry_points_and_no_build_leftovers() -> None:
+    assert "usage: tsnet2d" in _run("tsnet2d", "--help")
+    assert "usage: tsnet2" in _run("tsnet2", "--help")
+    assert "usage: tsnet2-operator" in _run("operator", "--help")
+    assert _run("id", "-u").strip() == "10001"
+    # Started as root, the operator entry point still runs the operator as uid 10001 (a
+    # stand-in tsnet2-operator first on PATH prints the uid and arguments it got).
+    out = podman("run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "sh",
+                 IMAGE, "-c", "mkdir /tmp/f && printf '#!/bin/sh\\necho $(id -u) \"$*\"\\n' "
+                 "> /tmp/f/tsnet2-operator && chmod 755 /tmp/f /tmp/f/tsnet2-operator && "
+                 "PATH=/tmp/f:$PATH exec entrypoint operator -v").stdout
+    assert out.strip() == "10001 --liveness http://0.0.0.0:8080/healthz -v", out
+    tools = _run("sh", "-c", "wg --version; wireguard-go --version; ip -V; nft --version; "
+                 "python3 --version")
+    for needle in ("wireguard-tools", "wireguard-go", "iproute2", "nftables", "Python 3.11"):
+        assert needle in tools, tools
+    leftover = _run("sh", "-c", "for c in gcc cc g++ make pip pip3 apt-get; do "
+                    "command -v $c >/dev/null && [ $c != apt-get ] && echo TOOL $c; done; "
+                    "ls -A /var/lib/apt/lists /var/cache/apt/archives 2>/dev/null "
+                    "| grep -v -e lock -e partial -e ':' -e '^$' | sed 's/^/CACHE /'; "
+                    "ls -A /root/.cache /tmp 2>/dev/null | grep -v ':' | sed 's/^/CACHE /'; "
+                    "find / -xdev -name '*.whl' -print -quit | sed 's/^/WHEEL /'; true")
+    assert leftover.strip() == "", leftover
+
+
+def test_healthcheck_asks_the_daemons_healthz() -> None:
+    """A daemon with no control server answers /healthz with 503 (node not running): the
+    HEALTHCHECK reaches it and reports unhealthy. The pod test sees it healthy."""
+    name = f"t2img-hc-{secrets.token_hex(3)}"
+    podman("run", "-d", "--name", name, "--network", "none", "--user", "0",
+           "--cap-add", "NET_ADMIN", IMAGE,
+           "tsnet2d", "--socket", "/run/tsnet2/tsnet2.sock", "--state-dir", "/tmp/state")
+    try:
+        def probe() -> str | None:
+            out = podman("exec", name, "/usr/local/bin/healthcheck", check=False)
+            assert out.returncode != 0 or "503" in out.stderr, out
+            return out.stderr if "HTTP Error 503" in out.stderr else None
+
+        said = wait_for(probe, 30, "the daemon's /healthz to answer",
+                        lambda: podman("logs", name, check=False).stderr[-2000:])
+        assert "http://127.0.0.1:9464/healthz" in said
+        assert podman("healthcheck", "run", name, check=False).returncode != 0
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)
+
+
+# ---- pods -----------------------------------------------------------------------------
+
+def _app_pod(name: str, code: str, env: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": {"tsnet2.io/inject": "enabled"}},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{
+                "name": "app",
+                "image": IMAGE,
+                "imagePullPolicy": "Never",
+                # One line: podman 4.3's YAML reader chokes on long multi-line scalars.
+                "command": ["python3", "-c", "import base64; exec(base64.b64decode("
+                            f"'{base64.b64encode(code.encode()).decode()}'))"],
+                "env": [{"name": k, "value": v} for k, v in env.items()],
+                # Non-root (the image's user), but in group 0: the root sidecar makes its
+                # socket 0660 root:root, so another uid gets EACCES even with
+                # --allow-any-uid (a daemon change is needed; see docs/image.md).
+                "securityContext": {"runAsUser": 10001, "runAsGroup": 0},
+            }],
+        },
+    }
+
+
+def _control_pod(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"containers": [{
+            "name": "control",
+            "image": IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["tsnet2", "control", "serve", "--listen", "0.0.0.0:8440",
+                        "--db", "/tmp/control.db", "--domain", DOMAIN],
+        }]},
+    }
+
+
+def _logs(container: str) -> str:
+    out = podman("logs", container, check=False)
+    return out.stdout + out.stderr
+
+
+def _result(container: str) -> dict[str, Any] | None:
+    for line in podman("logs", container, check=False).stdout.splitlines():
+        if line.startswith("RESULT "):
+            doc: dict[str, Any] = json.loads(line[len("RESULT "):])
+            return doc
+    return None
+
+
+class Plays:
+    """The kube YAML files played so far; ``down()`` takes them all down, newest first."""
+
+    def __init__(self, directory: Path, network: str) -> None:
+        self.dir = directory
+        self.network = network
+        self.files: list[Path] = []
+
+    def play(self, pod: dict[str, Any]) -> None:
+        path = write_yaml(self.dir / f"{pod['metadata']['name']}.yaml", pod)
+        self.files.append(path)
+        podman("kube", "play", "--network", self.network, str(path), timeout=120)
+
+    def down(self) -> list[str]:
+        errors = []
+        for path in reversed(self.files):
+            out = podman("kube", "play", "--down", str(path), check=False, timeout=120)
+            if out.returncode != 0 and "no such pod" not in out.stderr:
+                errors.append(f"{path.name}: {out.stderr[-500:]}")
+        return errors
+
+
+@pytest.fixture
+def plays(tmp_path: Path) -> Iterator[Plays]:
+    prefix = f"t2img-{secrets.token_hex(3)}"
+    podman("network", "create", f"{prefix}-net")
+    p = Plays(tmp_path, f"{prefix}-net")
+    try:
+        yield p
+    finally:
+        errors = p.down()
+        podman("network", "rm", "-f", f"{prefix}-net", check=False)
+        left = leftovers(prefix)
+        assert not errors, errors
+        assert not left, f"left behind: {left}"
+
+
+@pytest.mark.timeout(300)
+def test_pods_talk_over_wireguard_through_injected_sidecars(plays: Plays) -> None:
+    prefix = plays.network.removesuffix("-net")
+    ctl, srv, cli = f"{prefix}-ctl", f"{prefix}-srv", f"{prefix}-cli"
+
+    plays.play(_control_pod(ctl))
+    wait_for(lambda: "listening on" in _logs(f"{ctl}-control"), 60,
+             "the control server", lambda: _logs(f"{ctl}-control"))
+    key = podman("exec", f"{ctl}-control", "tsnet2", "control", "authkey", "create",
+                 "--db", "/tmp/control.db", "--reusable", "--ephemeral").stdout.strip()
+    assert key
+    config = SidecarConfig(image=IMAGE, image_pull_policy="Never",
+                           control_url=f"http://{infra_ip(ctl)}:8440", backend="userspace")
+
+    server = for_podman(injected_pod(_app_pod(srv, apps.SERVER, {}), config), key,
+                        plays.dir / "srv-socket")
+    assert [c["name"] for c in server["spec"]["containers"]] == ["tsnet2d", "app"]
+    plays.play(server)
+    wait_for(lambda: "LISTENING" in _logs(f"{srv}-app"), 90, "the server app to listen",
+             lambda: _logs(f"{srv}-app") + _logs(f"{srv}-tsnet2d")[-3000:], gone=f"{srv}-app")
+
+    client = for_podman(injected_pod(
+        _app_pod(cli, apps.CLIENT, {"SERVER_HOST": srv, "POD_NAME": cli}), config), key,
+        plays.dir / "cli-socket")
+    plays.play(client)
+    got = wait_for(lambda: _result(f"{cli}-app"), 90, "the client's reply",
+                   lambda: _logs(f"{cli}-app") + _logs(f"{cli}-tsnet2d")[-3000:], gone=f"{cli}-app")
+    tries = got.pop("tries")
+    assert got == {"reply": f"pong: ping from {cli}\n"}, (
+        _logs(f"{srv}-app") + json.dumps(_traffic(srv), indent=1) + json.dumps(_traffic(cli)))
+
+    seen = wait_for(lambda: _result(f"{srv}-app"), 30, "the server's result",
+                    lambda: _logs(f"{srv}-app"))
+    assert seen["got"] == f"ping from {cli}\n"
+    print(f"\nclient tries: {tries}; flows the server saw cut: {seen['aborted']}")
+    node = seen["whois"]["Node"]
+    assert node["Name"] == f"{cli}.{DOMAIN}.", seen["whois"]  # WhoIs names the client pod
+    client_ip = seen["remote"]
+
+    # The server pod's traffic log holds the flow, both directions, with the payload.
+    text = podman("exec", f"{srv}-tsnet2d", "cat", "/var/lib/tsnet2/traffic.jsonl").stdout
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    opens = [r for r in records if r["kind"] == "open" and r["dir"] == "in"]
+    assert len(opens) == seen["aborted"] + 1, records
+    flow = opens[-1]  # the exchange that completed
+    assert flow["remote"].rsplit(":", 1)[0].strip("[]") == client_ip
+    assert flow["whois"]["node"] == f"{cli}.{DOMAIN}."
+    data = [r for r in records if r["kind"] == "data" and r["conn_id"] == flow["conn_id"]]
+    payload = {r["dir"]: base64.b64decode(r["payload_b64"]) for r in data}
+    assert payload["peer->app"] == f"ping from {cli}\n".encode()
+    assert payload["app->peer"] == f"pong: ping from {cli}\n".encode()
+    closes = wait_for(lambda: [r for r in _traffic(srv) if r["kind"] == "close"
+                               and r["conn_id"] == flow["conn_id"]], 15, "the close record")
+    assert closes[0]["bytes_in"] == len(payload["peer->app"])
+    assert closes[0]["bytes_out"] == len(payload["app->peer"])
+
+    # ... and its /metrics show it.
+    metrics = podman("exec", f"{srv}-tsnet2d", "python3", "-c",
+                     "import urllib.request as u; print(u.urlopen("
+                     "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())").stdout
+    samples = _samples(metrics)
+    assert samples['tsnet2_flows_opened_total{direction="in"}'] == len(opens)
+    assert samples['tsnet2_flow_bytes_total{direction="in",stream="peer->app"}'] == sum(
+        r["len"] for r in records if r["kind"] == "data" and r["dir"] == "peer->app"), metrics
+    assert samples['tsnet2_flow_bytes_total{direction="in",stream="app->peer"}'] == len(
+        payload["app->peer"]), metrics
+    assert samples["tsnet2_node_up"] == 1.0
+    assert sum(v for k, v in samples.items()
+               if k.startswith('tsnet2_flows_closed_total{direction="in"')) == len(opens)
+    # The image's HEALTHCHECK command finds the sidecar's /healthz healthy (kube play does
+    # not attach image healthchecks to pod containers, so run the command itself).
+    assert podman("exec", f"{srv}-tsnet2d", "/usr/local/bin/healthcheck",
+                  check=False).returncode == 0
+
+
+def _traffic(pod: str) -> list[dict[str, Any]]:
+    try:
+        text = podman("exec", f"{pod}-tsnet2d", "cat", "/var/lib/tsnet2/traffic.jsonl").stdout
+    except PodmanError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
