@@ -95,6 +95,12 @@ def install_peering(api: k8s.ApiClient, name: str, timeout: float = 30.0) -> Non
         if time.monotonic() > deadline:
             raise TimeoutError(f"CRD {PEERING_CRD_NAME} not established after {timeout:.0f}s")
         time.sleep(0.1)
+    ensure_peering_object(api, name)
+
+
+def ensure_peering_object(api: k8s.ApiClient, name: str) -> None:
+    """Create the ``ClusterKopfPeering`` object ``name`` unless it exists (blocking; its CRD
+    must exist). Without it kopf keeps every replica paused."""
     body = {
         "apiVersion": f"{PEERING_GROUP}/v1",
         "kind": "ClusterKopfPeering",
@@ -120,8 +126,9 @@ def build_operator_registry(
     """One registry with every handler of the operator, and the control runtime it runs.
 
     ``api`` is used by the CRD installation and the control runtime (the caller closes it
-    after kopf has stopped). ``peering`` names the kopf peering (only used to create the
-    peering object when ``install_crds`` is on). Raises ConfigError without a namespace.
+    after kopf has stopped). ``peering`` names the kopf peering: its object is created at
+    start-up if missing (and, with ``install_crds``, its CRD). Raises ConfigError without a
+    namespace.
     """
     registry = kopf.OperatorRegistry()
     runtime = ControlRuntime(api, ControlSettings.from_config(config))
@@ -138,6 +145,15 @@ def build_operator_registry(
                 "tsnet2: CRDs installed%s",
                 f" (with kopf peering {peering!r})" if peering is not None else "",
             )
+
+    elif peering is not None:
+
+        @kopf.on.startup(registry=registry, id="ensure-peering", backoff=5.0)
+        async def ensure_peering(logger: kopf.Logger, **_: Any) -> None:
+            """The CRDs belong to someone else (the chart): still make sure the peering
+            object exists, or every replica would stay paused."""
+            await asyncio.to_thread(ensure_peering_object, api, peering)
+            logger.info("tsnet2: kopf peering %r present", peering)
 
     if lookups_factory is None:
         build_registry(config, metrics=metrics, registry=registry)
