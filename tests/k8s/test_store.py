@@ -9,9 +9,7 @@ store instances (two operator replicas) sharing one state.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -20,48 +18,22 @@ from kubernetes import client as k8s
 from tsnet2_operator.store import CLAIMS, KubernetesStore
 
 from tests.k8s.test_store_fixtures import api_client, apiserver, new_namespace
+from tests.unit.test_control_store import _pub, _spec
 from tsnet2.control.authkeys import create_auth_key
 from tsnet2.control.client import ControlClient
 from tsnet2.control.server import ControlServer
 from tsnet2.control.sqlite_store import SQLiteStore
 from tsnet2.control.store import (
     AuthKeyUsedError,
-    NewNode,
     PublicKeyInUseError,
     Store,
     StoreError,
 )
-from tsnet2.control.tokens import hash_secret, new_stable_id
+from tsnet2.control.tokens import hash_secret
 
 __all__ = ["api_client", "apiserver"]
 
 StoreFactory = Callable[[], contextlib.AbstractAsyncContextManager[Store]]
-
-
-def _pub() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
-
-
-def _spec(
-    user_id: int,
-    key_id: int | None,
-    *,
-    hostname: str = "n",
-    consume: bool = False,
-    public_key: str | None = None,
-) -> NewNode:
-    return NewNode(
-        hostname=hostname,
-        public_key=public_key or _pub(),
-        credential_hash=hash_secret(os.urandom(8).hex()),
-        stable_id=new_stable_id(),
-        user_id=user_id,
-        tags=(),
-        ephemeral=False,
-        endpoints=("10.0.0.1:1",),
-        auth_key_id=key_id,
-        consume_auth_key=consume,
-    )
 
 
 @pytest.fixture(params=["sqlite", "kubernetes"])

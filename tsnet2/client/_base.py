@@ -11,7 +11,7 @@ import enum
 import ipaddress
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -503,3 +503,36 @@ class ListenerBinding:
     def mark_slots_current(self) -> None:
         """The old slots are dropped; new ones will be parked for the current id."""
         self.slots_gen = self.gen
+
+
+class ListenerBase:
+    """What both listener faces share: the daemon binding and the names derived from it."""
+
+    _binding: ListenerBinding
+    _closed: bool
+    _slots: Sized  # parked accept slots (a list or a dict, per face)
+
+    @property
+    def network(self) -> str:
+        """The network: "tcp", "tcp4" or "tcp6"."""
+        return self._binding.network
+
+    @property
+    def addr(self) -> str:
+        """The bound address as the daemon reported it, like ``":8080"``."""
+        return self._binding.addr
+
+    @property
+    def listener_id(self) -> str:
+        """The daemon's id for this listener (a new one after a daemon restart)."""
+        return self._binding.listener_id
+
+    @property
+    def port(self) -> int:
+        """The bound port number (0 if the daemon's addr has none)."""
+        port = self.addr.rpartition(":")[2]
+        return int(port) if port.isdigit() else 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"slots={len(self._slots)}"
+        return f"<{type(self).__name__} {self.network} {self.addr} id={self.listener_id} {state}>"

@@ -493,7 +493,7 @@ class _Slot:
     eof: bool = False
 
 
-class AsyncListener:
+class AsyncListener(_base.ListenerBase):
     """asyncio version of :class:`tsnet2.Listener` (from ``AsyncServer.listen``).
 
     ``await accept()`` returns an AsyncConn; ``async for conn in listener`` yields
@@ -517,31 +517,6 @@ class AsyncListener:
         self._closed_event = asyncio.Event()
         self._retry_at = 0.0
         self._backoff = BACKOFF_INITIAL
-
-    @property
-    def network(self) -> str:
-        """The network: "tcp", "tcp4" or "tcp6"."""
-        return self._binding.network
-
-    @property
-    def addr(self) -> str:
-        """The bound address as the daemon reported it, like ``":8080"``."""
-        return self._binding.addr
-
-    @property
-    def listener_id(self) -> str:
-        """The daemon's id for this listener (a new one after a daemon restart)."""
-        return self._binding.listener_id
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"slots={len(self._slots)}"
-        return f"<AsyncListener {self.network} {self.addr} id={self.listener_id} {state}>"
-
-    @property
-    def port(self) -> int:
-        """The bound port number (0 if the daemon's addr has none)."""
-        port = self.addr.rpartition(":")[2]
-        return int(port) if port.isdigit() else 0
 
     async def _park_one(self, op: str, timeout: float) -> None:
         loop = asyncio.get_running_loop()

@@ -444,7 +444,7 @@ class Server(ServerBase):
         )
 
 
-class Listener:
+class Listener(_base.ListenerBase):
     """A tailnet TCP listener (from ``Server.listen``).
 
     Keeps ``accept_slots`` connections parked in the daemon; each inbound flow
@@ -474,31 +474,6 @@ class Listener:
         self._closed = False
         self._retry_at = 0.0
         self._backoff = BACKOFF_INITIAL
-
-    @property
-    def network(self) -> str:
-        """The network: "tcp", "tcp4" or "tcp6"."""
-        return self._binding.network
-
-    @property
-    def addr(self) -> str:
-        """The bound address as the daemon reported it, like ``":8080"``."""
-        return self._binding.addr
-
-    @property
-    def listener_id(self) -> str:
-        """The daemon's id for this listener (a new one after a daemon restart)."""
-        return self._binding.listener_id
-
-    def __repr__(self) -> str:
-        state = "closed" if self._closed else f"slots={len(self._slots)}"
-        return f"<Listener {self.network} {self.addr} id={self.listener_id} {state}>"
-
-    @property
-    def port(self) -> int:
-        """The bound port number (0 if the daemon's addr has none)."""
-        port = self.addr.rpartition(":")[2]
-        return int(port) if port.isdigit() else 0
 
     # -- slots ------------------------------------------------------------------
 
