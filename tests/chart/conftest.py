@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 
-from tests.k8s.apiserver import KubeAPIServer, default_bin_dir, missing_binaries
+from tests.k8s.apiserver import KubeAPIServer, admin_client, default_bin_dir, running_apiserver
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "tsnet2"
@@ -93,24 +93,14 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
 @pytest.fixture(scope="module")
 def apiserver() -> Iterator[KubeAPIServer]:
     """A real etcd + kube-apiserver for this module, or skip."""
-    bin_dir = default_bin_dir()
-    missing = missing_binaries(bin_dir)
-    if missing:
-        pytest.skip(f"real Kubernetes binaries not built ({', '.join(missing)} missing in "
-                    f"{bin_dir}); {BUILD_HINT}")
-    with KubeAPIServer(bin_dir) as api:
+    with running_apiserver() as api:
         yield api
 
 
 @pytest.fixture(scope="module")
 def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
     """An admin (system:masters) client of :func:`apiserver`."""
-    config = k8s.Configuration()
-    config.host = apiserver.url
-    config.ssl_ca_cert = str(apiserver.ca_file)
-    config.cert_file = str(apiserver.admin_cert)
-    config.key_file = str(apiserver.admin_key)
-    with k8s.ApiClient(config) as api:
+    with admin_client(apiserver) as api:
         yield api
 
 

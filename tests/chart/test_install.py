@@ -2,12 +2,13 @@
 
 (Schema validation of every rendered object is in test_validate.py.)
 The real ``helm install``/``upgrade``/``uninstall`` run against the API server (no
-kubelet or controllers: pods stay Pending, which is fine). No pod is created while the
-webhook configuration exists: the API server would call the Service's ClusterIP, which is
-not on loopback here, so the selectors are checked as stored objects only. Uninstall must
-leave nothing of the release; CRDs stay with ``crds.keep`` (default; the peering object
-stays with them: it is a hook, see templates/operator-peering.yaml) and go with
-``crds.keep=false``.
+kubelet or controllers). No pod is created here: with this API server's default
+(ClusterIP) service resolution, a webhook call would go to an address not on this machine.
+test_release_operator.py runs the release's operator and creates pods through its webhook,
+with the API server resolving the Service through an EndpointSlice. Uninstall must
+leave nothing of the release; CRDs stay with ``crds.keep`` (default) and go with
+``crds.keep=false``. The chart creates no kopf peering object (the operator does, once its CRD
+is established): a first install has no race against the CRD.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from tests.chart.conftest import (
     VALUES_DIR,
     VALUES_FILES,
     Helm,
-    HelmError,
     one,
 )
 from tests.k8s.apiserver import KubeAPIServer
@@ -159,20 +159,9 @@ def _secret_data(api: k8s.ApiClient, name: str) -> dict[str, str]:
     return data
 
 
-PEERING_RACE = 'no matches for kind "ClusterKopfPeering"'
-
-
 def _install(cluster_helm: Helm, *args: str) -> str:
-    """``helm install``; if the peering hook lost the race against its CRD becoming
-    established (a known limitation, see templates/operator-peering.yaml), the documented
-    remedy, ``helm upgrade``, must then succeed."""
-    try:
-        return cluster_helm.run("install", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
-    except HelmError as exc:
-        if PEERING_RACE not in exc.stderr:
-            raise
-        return cluster_helm.run("upgrade", RELEASE, str(CHART), "--namespace", NAMESPACE,
-                                *args)
+    """``helm install`` the chart as RELEASE into NAMESPACE (a first install: no retry)."""
+    return cluster_helm.run("install", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +177,8 @@ def installed(
 def test_install_creates_every_object(
     installed: str, cluster_helm: Helm, dynamic: DynamicClient
 ) -> None:
-    """Every object of the release manifest exists, and so does the peering hook object."""
+    """Every object of the release manifest exists; the release has no hooks (the peering
+    object is the operator's to create: its CRD is not established yet while Helm installs)."""
     refs = _refs(cluster_helm.run("get", "manifest", RELEASE, "--namespace", NAMESPACE))
     kinds = {r[1] for r in refs}
     assert {"CustomResourceDefinition", "Deployment", "ConfigMap", "Secret", "Service",
@@ -196,11 +186,7 @@ def test_install_creates_every_object(
             "MutatingWebhookConfiguration", "PodDisruptionBudget"} <= kinds
     missing = [r for r in refs if not _exists(dynamic, r)]
     assert missing == []
-    hooks = _refs(cluster_helm.run("get", "hooks", RELEASE, "--namespace", NAMESPACE))
-    assert [h[1] for h in hooks] == ["ClusterKopfPeering"]
-    assert _exists(dynamic, hooks[0])
-    deploy = _get(dynamic, ("apps/v1", "Deployment", NAMESPACE, f"{RELEASE}-tsnet2-operator"))
-    assert hooks[0][3] in deploy.spec.template.spec.containers[0].args
+    assert cluster_helm.run("get", "hooks", RELEASE, "--namespace", NAMESPACE).strip() == ""
     notes = installed[installed.index("NOTES:"):]
     assert "tsnet2.io/inject: enabled" in notes
     assert "tsnet2\\.io/status" in notes and "reason=Injected" in notes
@@ -264,7 +250,6 @@ def _revision(cluster_helm: Helm) -> int:
 def _uninstall_and_check(cluster_helm: Helm, dynamic: DynamicClient,
                          keep_crds: bool) -> None:
     refs = _refs(cluster_helm.run("get", "manifest", RELEASE, "--namespace", NAMESPACE))
-    hooks = _refs(cluster_helm.run("get", "hooks", RELEASE, "--namespace", NAMESPACE))
     crds = [r for r in refs if r[1] == "CustomResourceDefinition"]
     others = [r for r in refs if r[1] != "CustomResourceDefinition"]
     out = cluster_helm.run("uninstall", RELEASE, "--namespace", NAMESPACE)
@@ -273,11 +258,10 @@ def _uninstall_and_check(cluster_helm: Helm, dynamic: DynamicClient,
     kinds = {(r[0], r[1]) for r in others}
     if keep_crds:
         assert all(_exists(dynamic, r) for r in crds)
-        assert all(_exists(dynamic, h) for h in hooks)  # the peering object stays with them
         assert sorted(_leftovers(dynamic, kinds)) == []
     else:
-        # Helm deletes the CRDs; the API server's finalizer then deletes their objects (the
-        # peering object too) and the CRDs. That finalizer sometimes fails once with
+        # Helm deletes the CRDs; the API server's finalizer then deletes their objects and
+        # the CRDs. That finalizer sometimes fails once with
         # "storage is (re)initializing" right after the CRDs changed and retries with a
         # long backoff, so a CRD may still be terminating: that is Helm's part done.
         deadline = time.monotonic() + 20.0
@@ -289,7 +273,7 @@ def _uninstall_and_check(cluster_helm: Helm, dynamic: DynamicClient,
         terminating = [r for r in crds if _exists(dynamic, r)]
         if not terminating:
             dynamic.resources.invalidate_cache()
-            assert _leftovers(dynamic, kinds | {(r[0], r[1]) for r in crds + hooks}) == []
+            assert _leftovers(dynamic, kinds | {(r[0], r[1]) for r in crds}) == []
         else:
             assert _leftovers(dynamic, kinds) == []
     with pytest.raises(Exception, match="not found"):
@@ -306,8 +290,8 @@ def test_uninstall_keeps_only_the_crds(
 def test_reinstall_adopts_kept_crds_then_removes_them(
     cluster_helm: Helm, dynamic: DynamicClient, api_client: k8s.ApiClient
 ) -> None:
-    """Installing again adopts the kept CRDs; with crds.keep=false uninstall removes them,
-    and with them the peering object: nothing of the release is left."""
+    """Installing again adopts the kept CRDs; with crds.keep=false uninstall removes them:
+    nothing of the release is left."""
     _install(cluster_helm, "-f", str(VALUES_DIR / "crds-removed-on-uninstall.yaml"))
     # The adopted live CRDs still say "keep" (a three-way merge does not drop it); Helm's
     # uninstall decides from the release manifest, which does not.
@@ -319,8 +303,7 @@ def test_reinstall_adopts_kept_crds_then_removes_them(
 def test_install_without_crds(
     cluster_helm: Helm, dynamic: DynamicClient, api_client: k8s.ApiClient
 ) -> None:
-    """crds.install=false creates no CRD or peering object (the operator would) and leaves
-    nothing behind."""
+    """crds.install=false creates no CRD (the operator would) and leaves nothing behind."""
     out = _install(cluster_helm, "-f", str(VALUES_DIR / "no-crds.yaml"))
     assert "crds.install=false" in out
     manifest = cluster_helm.run("get", "manifest", RELEASE, "--namespace", NAMESPACE)

@@ -35,7 +35,7 @@ from tests.chart.conftest import (
 THIRD_PARTY_GROUPS = ("cert-manager.io/", "monitoring.coreos.com/")
 CLUSTER_KINDS = {
     "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding",
-    "MutatingWebhookConfiguration", "ClusterKopfPeering",
+    "MutatingWebhookConfiguration",
 }
 
 
@@ -177,14 +177,12 @@ def test_deployment_args_and_security(rendered: tuple[Path, list[dict[str, Any]]
     args = container["args"]
     assert container["command"] == ["tsnet2-operator"]
     assert args[:2] == ["--liveness", f"http://0.0.0.0:{op['livenessPort']}/healthz"]
-    peering = [ClusterKopfPeering["metadata"]["name"]
-               for ClusterKopfPeering in by_kind(objects, "ClusterKopfPeering")]
     if op["peering"]["enabled"]:
         name = op["peering"]["name"] or f"{_fullname(values)}-{NAMESPACE}"
         assert args[2:4] == ["--peering", name]
-        assert peering == ([name] if values["crds"]["install"] else [])
     else:
-        assert "--peering" not in args and peering == []
+        assert "--peering" not in args
+    assert by_kind(objects, "ClusterKopfPeering") == []  # the operator creates it
     assert deploy["spec"]["replicas"] == op["replicaCount"]
     pdbs = by_kind(objects, "PodDisruptionBudget")
     assert len(pdbs) == (1 if op["replicaCount"] > 1 else 0)
@@ -328,8 +326,9 @@ def test_services_and_control_url(rendered: tuple[Path, list[dict[str, Any]]]) -
 
 
 def test_rbac(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
-    """Bindings name the Deployment's ServiceAccount; CRD write and peering create rules exist
-    only when the operator installs CRDs itself; the store rules are namespaced."""
+    """Bindings name the Deployment's ServiceAccount; CRD write rules exist only when the
+    operator installs CRDs itself, peering rules (create too) whenever peering is on; the
+    store rules are namespaced."""
     path, objects = rendered
     values = _values(path)
     sa = one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
@@ -348,8 +347,7 @@ def test_rbac(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
     assert writes_crds is (not values["crds"]["install"])
     peering = values["operator"]["peering"]["enabled"]
     assert (("kopf.dev", "clusterkopfpeerings", "patch") in verbs) is peering
-    assert (("kopf.dev", "clusterkopfpeerings", "create") in verbs) is (
-        peering and not values["crds"]["install"])
+    assert (("kopf.dev", "clusterkopfpeerings", "create") in verbs) is peering
     role = one(objects, "Role")
     assert {r for rule in role["rules"] for r in rule["resources"]} == {
         "tailnetnodes", "tailnetusers", "tailnetauthkeys", "tailnetclaims", "tailnetcounters"}

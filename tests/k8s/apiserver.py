@@ -28,7 +28,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -87,8 +87,9 @@ _free_port = free_port
 
 
 @contextlib.contextmanager
-def running_apiserver() -> Iterator[KubeAPIServer]:
-    """A control plane for a test module; skips the tests when the binaries are not built."""
+def running_apiserver(extra_args: Sequence[str] = ()) -> Iterator[KubeAPIServer]:
+    """A control plane for a test module (``extra_args`` go to kube-apiserver); skips the
+    tests when the binaries are not built."""
     import pytest
 
     bin_dir = default_bin_dir()
@@ -98,7 +99,7 @@ def running_apiserver() -> Iterator[KubeAPIServer]:
             f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
             "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
         )
-    with KubeAPIServer(bin_dir) as api:
+    with KubeAPIServer(bin_dir, extra_args=extra_args) as api:
         yield api
 
 
@@ -168,9 +169,13 @@ class _Process:
 class KubeAPIServer:
     """Context manager running etcd + kube-apiserver on 127.0.0.1 with fresh certificates."""
 
-    def __init__(self, bin_dir: Path, *, start_timeout: float = 90.0) -> None:
-        """Prepare (do not start) a control plane using binaries from ``bin_dir``."""
+    def __init__(
+        self, bin_dir: Path, *, start_timeout: float = 90.0, extra_args: Sequence[str] = ()
+    ) -> None:
+        """Prepare (do not start) a control plane using binaries from ``bin_dir``;
+        ``extra_args`` are appended to kube-apiserver's command line."""
         self.bin_dir = Path(bin_dir)
+        self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         self._tmp: Path | None = None
         self._procs: list[_Process] = []
@@ -350,6 +355,7 @@ class KubeAPIServer:
                 f"--service-account-issuer={self.issuer}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
+                *self.extra_args,
             ],
         )
         context = self.ssl_context()
