@@ -1,5 +1,5 @@
 # tsnet2 developer entry points. `make demo` and `make test` are the README's two commands.
-.PHONY: demo test lint setup clean bench
+.PHONY: demo test lint setup clean bench e2e-kind
 
 demo:
 	scripts/demo
@@ -19,6 +19,10 @@ setup:
 bench:
 	scripts/setup
 	.venv/bin/python -m tests.bench.run
+
+# The kind end-to-end suite (opt-in, needs a Docker engine): see docs/kind-e2e.md.
+e2e-kind:
+	scripts/e2e-kind
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

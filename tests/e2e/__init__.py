@@ -1,0 +1,1 @@
+"""End-to-end suites that need more than this machine has (opt-in, see docs/kind-e2e.md)."""

@@ -1,0 +1,128 @@
+"""What the kind suite asserts about the apps' output, the traffic log and /metrics, as pure
+functions over text (the same checks as the podman pod test, tests/image/test_image.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MAX_LINE = 1 << 20
+
+
+def result_of(log: str) -> dict[str, Any] | None:
+    """The last ``RESULT {json}`` line an app printed (tests/image/apps.py), or None."""
+    found: dict[str, Any] | None = None
+    for line in log.splitlines():
+        if line.startswith("RESULT "):
+            doc = json.loads(line[len("RESULT "):])
+            if not isinstance(doc, dict):
+                raise AssertionError(f"RESULT is not a JSON object: {line[:200]}")
+            found = doc
+    return found
+
+
+def traffic_records(text: str) -> list[dict[str, Any]]:
+    """The records of a JSONL traffic log (docs/traffic-log.md); a torn last line (the
+    daemon may be writing) is left out, any other bad line fails."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        if len(line) > MAX_LINE:
+            raise AssertionError(f"traffic log line {i + 1} is {len(line)} characters")
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                break
+            raise AssertionError(f"traffic log line {i + 1} is not JSON: {line[:200]}") from None
+        records.append(doc)
+    return records
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> ``{'name{labels}': value}``."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def host_of(remote: str) -> str:
+    """``1.2.3.4:5`` / ``[fd7a::1]:5`` -> the address."""
+    return remote.rsplit(":", 1)[0].strip("[]")
+
+
+@dataclass(frozen=True)
+class ServedFlow:
+    """The inbound flow of one completed exchange, as the server's traffic log has it."""
+
+    conn_id: Any
+    remote_ip: str
+    peer_to_app: bytes
+    app_to_peer: bytes
+    closed: bool
+
+
+def served_flow(records: Iterable[Mapping[str, Any]], client_node: str) -> ServedFlow:
+    """The last inbound flow whose WhoIs names ``client_node`` (``host.domain.``), with its
+    payloads; fails when there is none."""
+    records = list(records)
+    opens = [r for r in records if r.get("kind") == "open" and r.get("dir") == "in"
+             and (r.get("whois") or {}).get("node") == client_node]
+    if not opens:
+        raise AssertionError(f"no inbound open from {client_node} in the traffic log: "
+                             f"{json.dumps(records)[-3000:]}")
+    flow = opens[-1]
+    payload = {"peer->app": b"", "app->peer": b""}
+    closed = False
+    for r in records:
+        if r.get("conn_id") != flow["conn_id"]:
+            continue
+        if r.get("kind") == "data" and r.get("dir") in payload:
+            payload[r["dir"]] += base64.b64decode(r["payload_b64"])
+        elif r.get("kind") == "close":
+            closed = True
+            if (r.get("bytes_in"), r.get("bytes_out")) != (
+                    len(payload["peer->app"]), len(payload["app->peer"])):
+                raise AssertionError(f"close of {flow['conn_id']} counts {r} but the data "
+                                     f"records hold {len(payload['peer->app'])} in, "
+                                     f"{len(payload['app->peer'])} out")
+    return ServedFlow(flow["conn_id"], host_of(str(flow["remote"])), payload["peer->app"],
+                      payload["app->peer"], closed)
+
+
+def metrics_problems(samples: Mapping[str, float],
+                     records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Where the daemon's /metrics disagree with its traffic log (both from the start of one
+    daemon process); empty when they agree."""
+    records = list(records)
+    in_ids = {r["conn_id"] for r in records if r.get("kind") == "open" and r.get("dir") == "in"}
+    opens = len(in_ids)
+    closes = sum(1 for r in records if r.get("kind") == "close" and r.get("conn_id") in in_ids)
+    bytes_by_stream = {"peer->app": 0, "app->peer": 0}
+    for r in records:
+        if r.get("kind") == "data" and r.get("conn_id") in in_ids and r.get("dir") in (
+                bytes_by_stream):
+            bytes_by_stream[r["dir"]] += int(r["len"])
+    expected = {
+        'tsnet2_flows_opened_total{direction="in"}': float(opens),
+        'tsnet2_flow_bytes_total{direction="in",stream="peer->app"}':
+            float(bytes_by_stream["peer->app"]),
+        'tsnet2_flow_bytes_total{direction="in",stream="app->peer"}':
+            float(bytes_by_stream["app->peer"]),
+        "tsnet2_node_up": 1.0,
+    }
+    problems = [f"{name} = {samples.get(name)}, expected {value}"
+                for name, value in expected.items() if samples.get(name) != value]
+    closed = sum(v for k, v in samples.items()
+                 if k.startswith('tsnet2_flows_closed_total{direction="in"'))
+    if closed != closes:
+        problems.append(f"tsnet2_flows_closed_total{{direction=\"in\"}} sum = {closed}, "
+                        f"the log has {closes} inbound closes")
+    return problems

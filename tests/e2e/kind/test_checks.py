@@ -1,0 +1,198 @@
+"""The kind suite's checks and its driver's clean-up, without a cluster.
+
+The checks run on traffic-log and metrics text shaped as docs/traffic-log.md and
+docs/metrics.md describe. The driver tests run :class:`KindCluster` with a ``kind`` of the
+test's own (a script that records its arguments): kind cannot run on a machine without a
+Docker engine, and what is checked is the driver's promise to delete whatever it created —
+after a failed create, an error in the body, and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.kind import checks
+from tests.e2e.kind.cluster import (
+    ClusterError,
+    KindCluster,
+    Tools,
+    docker_engine_problem,
+    find_kind,
+    kind_delete_argv,
+    kind_load_argv,
+    run_uninterrupted,
+    sigterm_as_interrupt,
+)
+
+CLIENT = "echo-client-5f7-x2.tsnet2.internal."
+
+
+def _flow(conn_id: int, ping: bytes, pong: bytes, *, whois: str = CLIENT,
+          close: bool = True) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = [
+        {"kind": "open", "dir": "in", "conn_id": conn_id, "remote": "100.64.0.2:40000",
+         "whois": {"node": whois}},
+        {"kind": "data", "dir": "peer->app", "conn_id": conn_id, "len": len(ping),
+         "payload_b64": base64.b64encode(ping).decode()},
+        {"kind": "data", "dir": "app->peer", "conn_id": conn_id, "len": len(pong),
+         "payload_b64": base64.b64encode(pong).decode()},
+    ]
+    if close:
+        records.append({"kind": "close", "conn_id": conn_id, "bytes_in": len(ping),
+                        "bytes_out": len(pong)})
+    return records
+
+
+def test_result_of_takes_the_last_result_line() -> None:
+    log = 'LISTENING\nRESULT {"tries": 1}\nnoise\nRESULT {"tries": 2}\n'
+    assert checks.result_of(log) == {"tries": 2}
+    assert checks.result_of("LISTENING\n") is None
+    with pytest.raises(AssertionError, match="not a JSON object"):
+        checks.result_of("RESULT [1]\n")
+
+
+def test_traffic_records_skip_only_a_torn_last_line() -> None:
+    text = "\n".join(json.dumps(r) for r in _flow(1, b"a", b"b")) + "\n"
+    assert len(checks.traffic_records(text)) == 4
+    assert len(checks.traffic_records(text + '{"kind": "op')) == 4
+    with pytest.raises(AssertionError, match="line 2 is not JSON"):
+        checks.traffic_records('{"kind": "open"}\n{torn\n{"kind": "close"}\n')
+
+
+def test_served_flow_is_the_last_exchange_of_that_client() -> None:
+    cut = _flow(1, b"ping\n", b"", close=False)
+    cut.append({"kind": "close", "conn_id": 1, "bytes_in": 5, "bytes_out": 0})
+    other = _flow(2, b"x", b"y", whois="someone-else.tsnet2.internal.")
+    records = cut + other + _flow(3, b"ping\n", b"pong: ping\n")
+    flow = checks.served_flow(records, CLIENT)
+    assert (flow.conn_id, flow.remote_ip, flow.peer_to_app, flow.app_to_peer, flow.closed) == (
+        3, "100.64.0.2", b"ping\n", b"pong: ping\n", True)
+    assert not checks.served_flow(_flow(4, b"a", b"b", close=False), CLIENT).closed
+    with pytest.raises(AssertionError, match="no inbound open from"):
+        checks.served_flow(other, CLIENT)
+    wrong = _flow(5, b"abc", b"de")
+    wrong[-1]["bytes_out"] = 7
+    with pytest.raises(AssertionError, match="hold 3 in, 2 out"):
+        checks.served_flow(wrong, CLIENT)
+    assert checks.host_of("[fd7a:115c:a1e0::2]:41641") == "fd7a:115c:a1e0::2"
+
+
+METRICS = """# HELP tsnet2_flows_opened_total Flows opened.
+# TYPE tsnet2_flows_opened_total counter
+tsnet2_flows_opened_total{direction="in"} 2.0
+tsnet2_flows_closed_total{direction="in",result="ok"} 1.0
+tsnet2_flows_closed_total{direction="in",result="error"} 1.0
+tsnet2_flow_bytes_total{direction="in",stream="peer->app"} 10.0
+tsnet2_flow_bytes_total{direction="in",stream="app->peer"} 11.0
+tsnet2_node_up 1.0
+"""
+
+
+def test_metrics_agree_with_the_log_or_say_where_not() -> None:
+    records = _flow(1, b"ping\n", b"", close=True) + _flow(2, b"ping\n", b"pong: ping\n")
+    samples = checks.metric_samples(METRICS)
+    assert samples["tsnet2_node_up"] == 1.0
+    assert checks.metrics_problems(samples, records) == []
+    assert checks.metrics_problems(samples, records[:-1]) == [
+        'tsnet2_flows_closed_total{direction="in"} sum = 2.0, the log has 1 inbound closes']
+    more = records + _flow(3, b"z", b"")
+    assert checks.metrics_problems(samples, more) == [
+        'tsnet2_flows_opened_total{direction="in"} = 2.0, expected 3.0',
+        'tsnet2_flow_bytes_total{direction="in",stream="peer->app"} = 10.0, expected 11.0',
+        'tsnet2_flows_closed_total{direction="in"} sum = 2.0, the log has 3 inbound closes']
+
+
+# ---- the driver's clean-up -------------------------------------------------------------------
+
+def _tools(tmp_path: Path, create: str) -> tuple[Tools, Path]:
+    """Tools whose kind records each call in ``calls`` and runs ``create`` for create."""
+    calls = tmp_path / "calls"
+    kind = tmp_path / "kind"
+    kind.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                    f'if [ "$1" = create ]; then {create}; fi\nexit 0\n')
+    kind.chmod(kind.stat().st_mode | stat.S_IXUSR)
+    return Tools(docker=Path("/nonexistent/docker"), kind=kind, helm=Path("/nonexistent")), calls
+
+
+def _calls(calls: Path) -> list[str]:
+    return [" ".join(line.split()[:2]) + " " + line.split()[3]
+            for line in calls.read_text().splitlines()]
+
+
+def test_a_failed_create_is_deleted(tmp_path: Path) -> None:
+    tools, calls = _tools(tmp_path, "echo 'ERROR: failed to create cluster' >&2; exit 1")
+    with pytest.raises(Exception, match="failed to create cluster"), KindCluster(
+            tools, tmp_path, name="tsnet2-e2e-t1"):
+        pass
+    assert _calls(calls) == ["create cluster tsnet2-e2e-t1", "delete cluster tsnet2-e2e-t1"]
+
+
+def test_an_error_inside_deletes_the_cluster(tmp_path: Path) -> None:
+    tools, calls = _tools(tmp_path, "true")
+    with pytest.raises(RuntimeError, match="boom"), KindCluster(
+            tools, tmp_path, name="tsnet2-e2e-t2") as kc:
+        assert kc.kubeconfig == tmp_path / "kubeconfig"
+        raise RuntimeError("boom")
+    assert _calls(calls) == ["create cluster tsnet2-e2e-t2", "delete cluster tsnet2-e2e-t2"]
+
+
+def test_sigterm_during_create_deletes_the_cluster(tmp_path: Path) -> None:
+    """SIGTERM (what scripts/e2e-kind sends on Ctrl-C) while kind is still creating."""
+    tools, calls = _tools(tmp_path, "exec sleep 30")
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), KindCluster(tools, tmp_path,
+                                                           name="tsnet2-e2e-t3"):
+            pass
+    finally:
+        timer.cancel()
+    assert _calls(calls) == ["create cluster tsnet2-e2e-t3", "delete cluster tsnet2-e2e-t3"]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sigterm_as_interrupt_is_scoped() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_run_uninterrupted_returns_the_status_or_kills() -> None:
+    assert run_uninterrupted(["sh", "-c", "exit 3"], timeout=10) == 3
+    assert run_uninterrupted(["sleep", "30"], timeout=0.5) == -1
+
+
+def test_the_real_kind_takes_the_drivers_command_lines(tmp_path: Path) -> None:
+    """With kind installed and no Docker engine (this machine once scripts/e2e-kind has
+    installed kind), kind parses every command line and fails on the engine only."""
+    kind = find_kind()
+    if kind is None:
+        pytest.skip("kind is not installed (scripts/e2e-kind installs it)")
+    if docker_engine_problem(shutil.which("docker")) is None:
+        pytest.skip("a Docker engine is running here: no cluster is created by a unit test")
+    tools = Tools(docker=Path("docker"), kind=kind, helm=Path("/nonexistent"))
+    with pytest.raises(ClusterError, match="failed to get docker info"), KindCluster(
+            tools, tmp_path, name="tsnet2-e2e-probe", node_image="kindest/node:v1.33.1"):
+        pass
+    for argv in (kind_load_argv(kind, "tsnet2-e2e-probe", "tsnet2:kind-e2e"),
+                 kind_delete_argv(kind, "tsnet2-e2e-probe", tmp_path / "kubeconfig")):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode != 0 and "unknown flag" not in proc.stderr, proc.stderr
+        # ... it got as far as asking the engine (for the image, for the nodes)
+        assert "docker" in proc.stderr or "not present locally" in proc.stderr, proc.stderr
+    assert not (tmp_path / "kubeconfig").exists()
