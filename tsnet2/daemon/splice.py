@@ -6,11 +6,20 @@ transports' own watermarks: when one side's write buffer fills, the other side s
 EOF is passed on as a half-close (`write_eof`), so a peer that shuts down its write side still
 gets the app's reply. The flow ends when both directions are done or either socket fails; the
 `close` record is written exactly once with the first real error.
+
+The two sockets are attached one after the other, and the first may already have bytes (a
+client sends its request right after connecting). Whatever the first side reads before the
+second is attached is *held* (reading paused after one chunk) and forwarded, EOF and errors
+included, once both are there. This does not rely on `pause_reading()` from
+`connection_made()`, which CPython before 3.11.4 silently ignores (gh-103607; Debian
+bookworm ships 3.11.2): the transport starts reading anyway, and a flow whose first bytes
+arrived in that window used to die with an `AssertionError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -27,6 +36,19 @@ Direction = Literal["app->peer", "peer->app"]
 HIGH_WATER = 256 * 1024
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception as words for a `close` record, never empty.
+
+    ``ECONNRESET: Connection reset by peer`` for an OS error (the errno's name, as in `gap`
+    records); ``TypeName: message``, or just ``TypeName`` when the message is empty, otherwise.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        name = errno.errorcode.get(exc.errno, f"errno {exc.errno}")
+        return f"{name}: {exc.strerror or type(exc).__name__}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class _Side(asyncio.Protocol):
     """One socket of a spliced flow."""
 
@@ -37,6 +59,9 @@ class _Side(asyncio.Protocol):
         self.other: _Side | None = None
         self.eof = False
         self.lost = False
+        self.lost_exc: Exception | None = None
+        self.held: list[bytes] = []  # read before the other side was attached
+        self.writing_paused = False  # our transport's buffer is over the high-water mark
         self.sent = 0  # bytes handed to this side's transport (toward this side's socket)
         self.unsent = 0  # of those, bytes that never reached the kernel (lost on a reset)
         self._pending_hint = 0  # write buffer size after our last write
@@ -45,31 +70,38 @@ class _Side(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        # The two sockets are attached one after the other: the first waits, not reading,
-        # until the second is there, so no byte arrives with nowhere to go.
-        if self.other is None or self.other.transport is None:
-            transport.pause_reading()
-        else:
-            self.other.transport.resume_reading()
+        # No pause_reading() here: CPython < 3.11.4 ignores it (see the module docstring).
+        # The first side holds what it reads until the second is attached.
+        if self.splice.attached:
+            self.splice.attached_both()
 
     def data_received(self, data: bytes) -> None:
+        if not self.splice.attached:
+            self.held.append(data)
+            assert self.transport is not None
+            self.transport.pause_reading()  # effective here on every version
+            return
         self.splice.forward(self, data)
 
     def eof_received(self) -> bool:
         self.eof = True
-        self.splice.side_eof(self)
+        if self.splice.attached:
+            self.splice.side_eof(self)
         return True  # keep our write side open: half-close
 
     def pause_writing(self) -> None:
+        self.writing_paused = True
         if self.other is not None and self.other.transport is not None:
             self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         if self.other is not None and self.other.transport is not None:
             self.other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.lost_exc = exc
         if exc is not None and not self.unsent:
             # A failed write already dropped the buffer; what was queued after our last
             # write is the best bound on what never left.
@@ -114,6 +146,11 @@ class Splice:
         self.error: str | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+    @property
+    def attached(self) -> bool:
+        """True once both sockets have their transports (bytes can go both ways)."""
+        return self.app.transport is not None and self.peer.transport is not None
+
     async def start(
         self, app_sock: socket.socket, peer_sock: socket.socket, pending: bytes = b""
     ) -> None:
@@ -128,6 +165,24 @@ class Splice:
                 self.side_lost(self.app, None)
                 return
         await loop.connect_accepted_socket(lambda: self.app, app_sock)
+
+    def attached_both(self) -> None:
+        """The second socket is attached: pass on what the first one held, then run."""
+        for side in (self.peer, self.app):
+            other = side.other
+            assert other is not None and side.transport is not None
+            held, side.held = side.held, []
+            for data in held:
+                if self.error is not None:
+                    return  # the log refused bytes: both sides are being reset
+                self.forward(side, data)
+            if side.lost:
+                # It ended before the other side was there: end the other side now.
+                self._pass_on_loss(side, side.lost_exc)
+            elif side.eof:
+                self.side_eof(side)
+            elif held and not other.writing_paused:
+                side.transport.resume_reading()
 
     def forward(self, side: _Side, data: bytes) -> None:
         other = side.other
@@ -159,15 +214,12 @@ class Splice:
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if exc is not None and self.error is None:
-            self.error = f"{side.direction.split('->')[0]}: {exc}"
+            self.error = f"{side.direction.split('->')[0]}: {describe_error(exc)}"
         other = side.other
         assert other is not None
-        if not other.lost and other.transport is not None:
-            if exc is not None:
-                other.reset()
-            elif not (side.eof and other.eof):
-                # Closed without a clean half-close from this side: end the other side too.
-                other.transport.close()
+        if other.transport is None and not other.lost:
+            return  # the other side is still to come: attached_both() passes the loss on
+        self._pass_on_loss(side, exc)
         if self.app.lost and self.peer.lost:
             # bytes_in went peer->app (delivered to the app side), bytes_out app->peer.
             try:
@@ -179,6 +231,16 @@ class Splice:
                 self.on_close(self)
             if not self.done.done():
                 self.done.set_result(None)
+
+    def _pass_on_loss(self, side: _Side, exc: Exception | None) -> None:
+        other = side.other
+        assert other is not None
+        if not other.lost and other.transport is not None:
+            if exc is not None:
+                other.reset()
+            elif not (side.eof and other.eof):
+                # Closed without a clean half-close from this side: end the other side too.
+                other.transport.close()
 
     def _close_both(self) -> None:
         for s in (self.app, self.peer):
