@@ -16,7 +16,8 @@ Rules, in order (the first that applies decides):
    an app container we cannot confine (privileged / NET_ADMIN) -> :class:`InjectionRejected`;
 7. otherwise -> injected; the patch adds the socket and state volumes, the token volume,
    the sidecar and the status annotation, mounts the socket in every app container, sets
-   ``TSNET2_SOCKET`` and drops ``NET_RAW`` from app containers.
+   ``TSNET2_SOCKET`` and drops ``NET_RAW`` from app containers. The socket's group and mode
+   follow the pod's groups (:func:`socket_access`).
 
 "App containers" are ``spec.containers`` plus init containers with ``restartPolicy: Always``
 (other native sidecars): everything that runs while tsnet2d runs. Plain init containers finish
@@ -58,6 +59,7 @@ TOKEN_EXPIRATION_SECONDS = 3600
 TUN_PATH = "/dev/net/tun"
 METRICS_PORT = 9464
 PVC_PREFIX = "tsnet2-state-"
+MAX_GID = 2**32 - 2
 STATUS_VERSION = 1
 
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -273,7 +275,61 @@ def _patch_app_container(
     return ops, True
 
 
-def _sidecar(config: SidecarConfig, settings: _Settings, native: bool) -> dict[str, Any]:
+def _gid(value: object) -> int | None:
+    """A usable GID from a securityContext field, else None (absent or not a GID)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_GID:
+        return value
+    return None
+
+
+@dataclass(frozen=True)
+class SocketAccess:
+    """Who may open the sidecar's socket file: ``mode`` (octal text) and ``group``."""
+
+    mode: str
+    group: int | None
+    why: str  # where the group comes from: "fsGroup", "runAsGroup" ("" without a group)
+
+    def args(self) -> list[str]:
+        """The tsnet2d flags."""
+        group = [] if self.group is None else ["--socket-group", str(self.group)]
+        return [*group, "--socket-mode", self.mode]
+
+    def describe(self) -> str:
+        """For the Event message."""
+        if self.group is None:
+            return f"socket {self.mode}"
+        return f"socket {self.mode} group {self.group} ({self.why})"
+
+
+def socket_access(spec: Mapping[str, Any]) -> SocketAccess:
+    """The socket's group and mode for this pod.
+
+    The socket lives in an emptyDir that only this pod's containers mount, and tsnet2d runs
+    with ``--allow-any-uid``; the file mode only has to let the app containers in. When a
+    group is sure to be held by every app process — the pod's ``fsGroup`` (the kubelet adds it
+    to every container), else a ``runAsGroup`` all app containers share — the socket is
+    ``0660`` in that group; otherwise (e.g. only ``runAsUser``: the primary group then comes
+    from the image) it is ``0666``, which reaches no further than the pod. See docs/operator.md.
+    """
+    pod_sc = spec.get("securityContext")
+    pod_sc = pod_sc if isinstance(pod_sc, Mapping) else {}
+    fs_group = _gid(pod_sc.get("fsGroup"))
+    if fs_group is not None:
+        return SocketAccess("0660", fs_group, "fsGroup")
+    groups: set[int | None] = set()
+    for _key, _index, container in _app_containers(spec):
+        sc = container.get("securityContext")
+        sc = sc if isinstance(sc, Mapping) else {}
+        groups.add(_gid(sc["runAsGroup"]) if sc.get("runAsGroup") is not None
+                   else _gid(pod_sc.get("runAsGroup")))
+    if len(groups) == 1 and None not in groups:
+        return SocketAccess("0660", groups.pop(), "runAsGroup")
+    return SocketAccess("0666", None, "")
+
+
+def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
+             access: SocketAccess) -> dict[str, Any]:
     args = [
         "--socket", SOCKET_PATH,
         "--state-dir", STATE_DIR,
@@ -282,6 +338,7 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool) -> dict[s
         "--metrics-addr", f"0.0.0.0:{METRICS_PORT}",
         "--traffic-log-mode", settings.traffic_log,
         "--allow-any-uid",
+        *access.args(),
         "--backend", config.backend,
     ]
     if not settings.persistent:
@@ -340,6 +397,10 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool) -> dict[s
         },
         "volumeMounts": mounts,
     }
+    if access.group is not None:
+        # Without CAP_CHOWN tsnet2d can give its socket only a group it is in: run it in the
+        # app's group (its files elsewhere are in the state volume, which no app mounts).
+        container["securityContext"]["runAsGroup"] = access.group
     if native:
         container["restartPolicy"] = "Always"
     return container
@@ -444,7 +505,8 @@ def inject(
     else:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
 
-    sidecar = _sidecar(config, settings, native_sidecar)
+    access = socket_access(spec)
+    sidecar = _sidecar(config, settings, native_sidecar, access)
     if native_sidecar:
         if isinstance(spec.get("initContainers"), list):
             ops.append({"op": "add", "path": "/spec/initContainers/-", "value": sidecar})
@@ -456,7 +518,8 @@ def inject(
     parts = [f"added sidecar {SIDECAR_NAME} ({status['sidecar']}) via {source}",
              f"hostname {settings.hostname or '$(POD_NAME)'}",
              f"state {'persistent' if settings.persistent else 'ephemeral'}",
-             f"traffic-log {settings.traffic_log}"]
+             f"traffic-log {settings.traffic_log}",
+             access.describe()]
     if dropped:
         parts.append("dropped NET_RAW from " + ", ".join(dropped))
     elif settings.keep_net_raw:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import logging
 import os
 import resource
@@ -14,6 +15,7 @@ from tsnet2.daemon.backend import DeviceConfig
 from tsnet2.daemon.server import Daemon, DaemonConfig, DaemonError
 
 USAGE_EXIT = 2
+MAX_GID = 2**32 - 2  # (gid_t)-1 means "unchanged" to chown
 
 
 class _Parser(argparse.ArgumentParser):
@@ -68,7 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "by default only the daemon's own uid may connect")
     p.add_argument("--allow-any-uid", action="store_true",
                    help="accept socket connections from any uid (the socket is then created "
-                   "0666 instead of 0660)")
+                   "0666 instead of 0660 unless --socket-mode says otherwise)")
+    p.add_argument("--socket-mode", metavar="MODE",
+                   help="octal permissions of the socket, e.g. 0660 (default 0660, or 0666 "
+                   "with --allow-any-uid); the uid check above applies on top")
+    p.add_argument("--socket-group", metavar="GROUP",
+                   help="group (GID or name) of the socket, and of its directory if tsnet2d "
+                   "creates it (default: the daemon's group, or the directory's if it is "
+                   "set-group-ID)")
     p.add_argument("--hostname", default=os.environ.get("TSNET2_HOSTNAME", ""),
                    help="hostname when the app gives none (default: the machine's)")
     p.add_argument("--up", action="store_true",
@@ -82,6 +91,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve /metrics, /healthz and /readyz on this address (off by default)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
+
+
+def parse_socket_mode(text: str) -> int:
+    """`--socket-mode`: an octal mode such as 0660 or 660 (0o660 also works).
+
+    Raises ValueError with the message tsnet2d prints: not octal, bits beyond 0777 (setuid,
+    setgid, sticky mean nothing on a socket), or no read/write for the daemon's own uid.
+    """
+    digits = text.removeprefix("0o")
+    if not 1 <= len(digits) <= 4 or any(ch not in "01234567" for ch in digits):
+        raise ValueError(f"--socket-mode {text}: not an octal mode (e.g. 0660)")
+    mode = int(digits, 8)
+    if mode > 0o777:
+        raise ValueError(f"--socket-mode {text}: only permission bits (at most 0777) apply "
+                         "to a socket")
+    if mode & 0o600 != 0o600:
+        raise ValueError(f"--socket-mode {text}: the owner (the daemon's uid) needs rw, "
+                         "e.g. 0660")
+    return mode
+
+
+def parse_socket_group(text: str) -> int:
+    """`--socket-group`: a numeric GID or a group name known to this system (/etc/group).
+
+    Raises ValueError with the message tsnet2d prints.
+    """
+    if text.isascii() and text.isdigit():
+        gid = int(text)
+        if gid > MAX_GID:
+            raise ValueError(f"--socket-group {text}: GID out of range (0..{MAX_GID})")
+        return gid
+    if not text:
+        raise ValueError("--socket-group: empty; give a GID or a group name")
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError(f"--socket-group {text}: no such group (give a GID or a group "
+                         "name from /etc/group)") from None
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -116,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return USAGE_EXIT
         metrics_addr = (host.strip("[]") or "0.0.0.0", int(port))
+    try:
+        socket_mode = None if args.socket_mode is None else parse_socket_mode(args.socket_mode)
+        socket_group = (None if args.socket_group is None
+                        else parse_socket_group(args.socket_group))
+    except ValueError as exc:
+        print(f"tsnet2d: {exc}", file=sys.stderr)
+        return USAGE_EXIT
     soft, hard = raise_fd_limit()
     logging.getLogger("tsnet2d").info("open files limit: soft %d, hard %d", soft, hard)
     state_dir = Path(args.state_dir)
@@ -135,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                             advertise_endpoint=args.advertise_endpoint,
                             guard=not args.no_guard),
         allow_uids=allow,
+        socket_mode=socket_mode,
+        socket_group=socket_group,
         hostname=args.hostname,
         control_url=os.environ.get("TS_CONTROL_URL", ""),
         auth_key=os.environ.get("TS_AUTHKEY") or os.environ.get("TS_AUTH_KEY", ""),

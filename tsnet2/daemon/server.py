@@ -59,6 +59,8 @@ class DaemonConfig:
     traffic_log_on_error: ErrorPolicy = "fail-closed"
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     allow_uids: frozenset[int] | None = None  # None: any uid; default: our own
+    socket_mode: int | None = None  # None: 0666 with any uid, else 0660
+    socket_group: int | None = None  # None: as created (our gid, or a setgid dir's)
     hostname: str = ""
     control_url: str = ""
     auth_key: str = ""
@@ -179,41 +181,14 @@ class Daemon:
         self._lock_fd = fd
 
     def _bind(self) -> socket.socket:
-        path = self.config.socket_path
-        parent = path.parent
-        if not parent.exists():
-            parent.mkdir(mode=0o750, parents=True)
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            st = None
-        if st is not None:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise DaemonError(f"{path} exists and is not a socket; remove it or pick "
-                                  "another --socket path")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # stale socket left by a daemon that died
-            else:
-                raise DaemonError(f"another tsnet2d is listening on {path}")
-            finally:
-                probe.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o117)
-        try:
-            sock.bind(str(path))
-        except OSError as exc:
-            sock.close()
-            raise DaemonError(f"cannot listen on {path}: {exc.strerror}") from exc
-        finally:
-            os.umask(old)
-        # Same-uid (default) or listed uids: 0660. With --allow-any-uid the peer check admits
-        # every uid, so the socket must let them connect too: 0666 (an app container in the
-        # pod often runs as another uid than the sidecar).
-        os.chmod(path, 0o666 if self.config.allow_uids is None else 0o660)
-        sock.listen(512)
+        c = self.config
+        mode = c.socket_mode
+        if mode is None:
+            # --allow-any-uid: the peer check admits every uid, so the file must too (an app
+            # container often runs as another uid than the sidecar). Else the daemon's uid
+            # and group, which --socket-group can name.
+            mode = SOCKET_MODE_ANY_UID if c.allow_uids is None else SOCKET_MODE
+        sock = bind_unix_socket(c.socket_path, mode, c.socket_group)
         sock.setblocking(False)
         return sock
 
@@ -420,6 +395,133 @@ class Daemon:
         )
 
 
+# ---- the socket file ---------------------------------------------------------------------
+
+SOCKET_MODE = 0o660  # default: the daemon's uid and the socket's group
+SOCKET_MODE_ANY_UID = 0o666  # default with --allow-any-uid: whoever can reach the path
+MAX_SOCKET_PATH = 107  # bytes of sun_path, without the terminating NUL
+
+
+def socket_dir_mode(mode: int) -> int:
+    """Mode of a socket directory tsnet2d creates: rwx for itself, r-x for the classes
+    (group, other) that the socket's `mode` lets in, so that they can reach the socket."""
+    return 0o700 | (0o050 if mode & 0o070 else 0) | (0o005 if mode & 0o007 else 0)
+
+
+def bind_unix_socket(path: Path, mode: int, group: int | None,
+                     backlog: int = 512) -> socket.socket:
+    """A listening Unix socket at `path` with `mode` (and `group`), never more open than that.
+
+    Linux creates a socket file with the socket's own mode: it is set to 0000 before `bind`,
+    so the path appears at `path` closed to everyone but root, then gets its group and mode
+    through an `O_PATH | O_NOFOLLOW` descriptor checked to be that fresh socket (a name another
+    process swapped for a symlink or a file of its own is refused, never chmod'ed), then the
+    socket listens. Bound at its real path, it shows as such in `ss -xl`/`/proc/net/unix`.
+    A stale socket left by a dead daemon is replaced; a live one, or anything that is not a
+    socket, is a `DaemonError`. A missing parent directory is created with
+    `socket_dir_mode(mode)` (and `group`); an existing one is left as it is, with a warning
+    when it keeps out whom `mode` lets in.
+    """
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        raise DaemonError(f"socket path {path} is too long for a Unix socket ({size} bytes, "
+                          f"at most {MAX_SOCKET_PATH})")
+    _prepare_socket_dir(path.parent, mode, group)
+    _remove_stale_socket(path)
+    return _bind_in_place(path, mode, group, backlog)
+
+
+def _prepare_socket_dir(parent: Path, mode: int, group: int | None) -> None:
+    want = socket_dir_mode(mode)
+    try:
+        st = parent.stat()
+    except FileNotFoundError:
+        try:
+            parent.mkdir(mode=want, parents=True, exist_ok=True)
+            os.chmod(parent, want)  # mkdir's mode went through the umask
+            if group is not None:
+                os.chown(parent, -1, group)
+        except OSError as exc:
+            raise DaemonError(f"cannot create socket directory {parent}: {exc.strerror}") from exc
+        return
+    except OSError as exc:
+        raise DaemonError(f"cannot use socket directory {parent}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise DaemonError(f"{parent} is not a directory; pick another --socket path")
+    dmode = stat.S_IMODE(st.st_mode)
+    if mode & 0o007 and not dmode & 0o001:
+        log.warning("socket directory %s is mode %04o: other users cannot reach the socket "
+                    "(socket mode %04o); give the directory o+x", parent, dmode, mode)
+    elif (mode & 0o070 and group is not None and not dmode & 0o001
+          and not (dmode & 0o010 and st.st_gid == group)):
+        log.warning("socket directory %s (mode %04o, group %d) keeps group %d from reaching "
+                    "the socket; give the directory o+x, or that group and g+x",
+                    parent, dmode, st.st_gid, group)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise DaemonError(f"{path} exists and is not a socket; remove it or pick another "
+                          "--socket path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale socket left by a daemon that died
+    else:
+        raise DaemonError(f"another tsnet2d is listening on {path}")
+    finally:
+        probe.close()
+
+
+def _bind_in_place(path: Path, mode: int, group: int | None, backlog: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    doing = "listen on"
+    try:
+        os.fchmod(sock.fileno(), 0)  # the mode the socket file is created with
+        try:
+            sock.bind(str(path))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise DaemonError(f"another tsnet2d is listening on {path}") from None
+            raise
+        bound = True
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid()
+                    or stat.S_IMODE(st.st_mode)):
+                bound = False  # not ours to remove
+                raise DaemonError(f"cannot listen on {path}: it was replaced while the socket "
+                                  "was made")
+            if group is not None:
+                doing = f"give group {group}"
+                os.chown(f"/proc/self/fd/{fd}", -1, group)
+            doing = f"give mode {mode:04o}"
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+        doing = "listen on"
+        sock.listen(backlog)
+    except BaseException as exc:
+        sock.close()
+        if bound:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if isinstance(exc, OSError):
+            hint = (" (a tsnet2d that is not root can only use its own groups)"
+                    if exc.errno == errno.EPERM and doing.startswith("give group") else "")
+            raise DaemonError(f"cannot {doing} {path}: {exc.strerror}{hint}") from exc
+        raise
+    return sock
+
+
 def _str(params: dict[str, Any], key: str) -> str:
     v = params.get(key, "")
     if v is None:
@@ -434,4 +536,7 @@ def _message(exc: BaseException) -> str:
     return msg if msg.startswith("daemon:") else f"daemon: {msg}"
 
 
-__all__ = ["Daemon", "DaemonConfig", "DaemonError"]
+__all__ = [
+    "MAX_SOCKET_PATH", "SOCKET_MODE", "SOCKET_MODE_ANY_UID", "Daemon", "DaemonConfig",
+    "DaemonError", "bind_unix_socket", "socket_dir_mode",
+]

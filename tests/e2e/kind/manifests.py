@@ -64,12 +64,10 @@ def _app_container(image: str, code: str, env: list[dict[str, Any]]) -> dict[str
         "imagePullPolicy": "IfNotPresent",
         "command": ["python3", "-c", code],
         "env": env,
-        # Known issue (docs/image.md #1): tsnet2d runs as root and makes its socket 0660
-        # root:root, so an app of another uid gets EACCES even though the sidecar runs with
-        # --allow-any-uid. Workaround until the daemon changes: group 0. Remove it then.
+        # Non-root: the injector opens the sidecar's socket to the app (0660 in the pod's
+        # fsGroup, which the server sets; otherwise 0666, reaching no further than the pod).
         "securityContext": {
             "runAsUser": APP_UID,
-            "runAsGroup": 0,
             "runAsNonRoot": True,
             "allowPrivilegeEscalation": False,
         },
@@ -77,13 +75,13 @@ def _app_container(image: str, code: str, env: list[dict[str, Any]]) -> dict[str
 
 
 def _template(labels: dict[str, str], container: dict[str, Any],
-              annotations: dict[str, str]) -> dict[str, Any]:
+              annotations: dict[str, str], fs_group: int | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"terminationGracePeriodSeconds": 5, "containers": [container]}
+    if fs_group is not None:
+        spec["securityContext"] = {"fsGroup": fs_group}
     return {
         "metadata": {"labels": labels, "annotations": {INJECT: "enabled", **annotations}},
-        "spec": {
-            "terminationGracePeriodSeconds": 5,
-            "containers": [container],
-        },
+        "spec": spec,
     }
 
 
@@ -99,7 +97,7 @@ def server_statefulset(image: str, namespace: str = APPS_NAMESPACE) -> dict[str,
             "selector": {"matchLabels": labels},
             "updateStrategy": {"type": "RollingUpdate"},
             "template": _template(labels, _app_container(image, apps.SERVER, []),
-                                  {STATE: "persistent"}),
+                                  {STATE: "persistent"}, fs_group=APP_UID),
         },
     }
 

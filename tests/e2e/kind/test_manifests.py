@@ -170,10 +170,12 @@ def test_sample_apps() -> None:
     (cli_c,) = client["spec"]["template"]["spec"]["containers"]
     assert srv_c["command"] == ["python3", "-c", apps.SERVER]
     assert cli_c["command"] == ["python3", "-c", apps.CLIENT]
-    for c in (srv_c, cli_c):  # the socket workaround (docs/image.md, known issue 1)
+    for c in (srv_c, cli_c):  # non-root apps, no group of the sidecar's
         assert c["securityContext"]["runAsUser"] == 10001
-        assert c["securityContext"]["runAsGroup"] == 0
+        assert "runAsGroup" not in c["securityContext"]
         assert c["image"] == IMAGE and c["imagePullPolicy"] == "IfNotPresent"
+    assert server["spec"]["template"]["spec"]["securityContext"] == {"fsGroup": 10001}
+    assert "securityContext" not in client["spec"]["template"]["spec"]
     env = {e["name"]: e for e in cli_c["env"]}
     assert env["SERVER_HOST"]["value"] == manifests.SERVER_POD == "echo-server-0"
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -334,7 +336,12 @@ def test_the_pods_as_injected_are_valid(api: k8s.ApiClient,
         else:
             assert claims == [] and "--ephemeral" in args and "$(POD_NAME)" in args
         app = next(c for c in spec["containers"] if c["name"] == manifests.APP_CONTAINER)
-        assert app["securityContext"]["runAsGroup"] == 0
+        # The socket opens to the app: the server's fsGroup, else every uid of the pod.
+        mode = args[args.index("--socket-mode") + 1]
+        if role == "server":
+            assert mode == "0660" and args[args.index("--socket-group") + 1] == "10001"
+        else:
+            assert mode == "0666" and "--socket-group" not in args
         assert "NET_RAW" in app["securityContext"]["capabilities"]["drop"]
         if not native:
             assert out["metadata"]["annotations"][DEFAULT_CONTAINER] == "app"
