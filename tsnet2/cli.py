@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+from tsnet2._entry import check_extra, extra_for, missing_extra
 from tsnet2._version import __version__
 
 
@@ -75,9 +76,28 @@ def _ping(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    missing = check_extra("daemon", "tsnet2 demo")  # it runs tsnet2d and the control server
+    if missing is not None:
+        return missing
     from tsnet2.lab.demo import run_demo
 
     return run_demo(verbose=args.verbose)
+
+
+def _add_control(sub: Any) -> None:
+    """``tsnet2 control ...``; with the daemon extra missing, a stub that says so."""
+    try:
+        from tsnet2.control.cli import add_subcommands
+    except ModuleNotFoundError as exc:
+        if extra_for(exc) is None:
+            raise
+        error = exc
+        c = sub.add_parser("control", help="coordination server (needs tsnet2[daemon])",
+                           add_help=False)
+        c.add_argument("rest", nargs=argparse.REMAINDER)
+        c.set_defaults(func=lambda _args: missing_extra(error, "tsnet2 control"))
+    else:
+        add_subcommands(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,9 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"tsnet2 {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from tsnet2.control.cli import add_subcommands
-
-    add_subcommands(sub)
+    _add_control(sub)
 
     d = sub.add_parser("demo", help="run a local tailnet in network namespaces (needs root)",
                        description="Start a control server and two tsnet2d daemons in network "

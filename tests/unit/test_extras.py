@@ -1,0 +1,93 @@
+"""`pip install tsnet2` (no extra) is enough for an app; the commands name a missing extra.
+
+Each case runs in a fresh interpreter whose imports of the extras' modules fail as they do
+when the packages are not installed (a meta-path finder refusing them).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tsnet2._entry import EXTRA_MODULES
+
+REPO = Path(__file__).resolve().parents[2]
+
+BLOCK = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run(code: str, *blocked: str) -> subprocess.CompletedProcess[str]:
+    script = BLOCK.format(blocked=set(blocked)) + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", script], capture_output=True, text=True,
+        timeout=60, cwd=REPO, env={"PYTHONPATH": f"{REPO}:{REPO / 'operator'}"}, check=False)
+
+
+ALL = sorted(EXTRA_MODULES["daemon"] | EXTRA_MODULES["operator"])
+
+
+def test_the_client_library_needs_no_extra() -> None:
+    out = run("""
+        import importlib, pkgutil, sys, tsnet2, tsnet2.client, tsnet2.proto
+        for pkg in (tsnet2.client, tsnet2.proto):
+            for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+                importlib.import_module(m.name)
+        with tsnet2.Server(socket_path="/nonexistent/tsnet2.sock", hostname="web") as srv:
+            pass
+        tsnet2.AsyncServer(socket_path="/nonexistent/tsnet2.sock")
+        print("ok")
+    """, *ALL)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_tsnet2d_names_the_daemon_extra() -> None:
+    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2d())", "pyroute2")
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip() == ("tsnet2d: needs the 'daemon' extra (module 'pyroute2' is not "
+                                  "installed): pip install 'tsnet2[daemon]'")
+
+
+def test_operator_names_the_operator_extra() -> None:
+    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2_operator())", "kopf")
+    assert out.returncode == 1, out.stderr
+    assert "tsnet2-operator: needs the 'operator' extra (module 'kopf'" in out.stderr
+
+
+def test_tsnet2_cli_works_without_extras_but_control_and_demo_say_what_is_missing() -> None:
+    out = run("""
+        import sys
+        from tsnet2.cli import main
+        codes = [main(["control", "serve", "--listen", "127.0.0.1:0"]), main(["demo"])]
+        try:
+            main(["status", "--help"])
+        except SystemExit as exc:
+            codes.append(exc.code)
+        print(codes)
+    """, "aiohttp")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[1, 1, 0]"
+    assert "tsnet2 control: needs the 'daemon' extra (module 'aiohttp'" in out.stderr
+    assert "tsnet2 demo: needs the 'daemon' extra" in out.stderr
+
+
+def test_an_unrelated_missing_module_is_still_an_error() -> None:
+    out = run("""
+        import tsnet2._entry as e
+        try:
+            e.missing_extra(ModuleNotFoundError("no", name="not_an_extra"), "x")
+        except ModuleNotFoundError:
+            print("raised")
+    """)
+    assert out.stdout.strip() == "raised", out.stderr
