@@ -23,13 +23,11 @@ import base64
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from wireguard_tools import WireguardKey
 
 from tests.chart.conftest import CHART, NAMESPACE, RELEASE, Helm
 from tests.k8s.apiserver import KubeAPIServer, admin_client, free_port, running_apiserver
+from tests.k8s.operator_process import OperatorRun, http_ok
 
 REPO = Path(__file__).resolve().parents[2]
 FULLNAME = f"{RELEASE}-tsnet2"
@@ -119,53 +118,12 @@ def release(
 
 
 @dataclass
-class Operator:
+class Operator(OperatorRun):
     """The release's operator, run as a local process."""
 
-    popen: subprocess.Popen[bytes]
-    log_path: Path
     liveness: str
     control_url: str
     metrics_url: str
-
-    def log(self) -> str:
-        """The whole log so far."""
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
-
-    def fail(self, message: str) -> None:
-        """Fail the test with the log's tail."""
-        pytest.fail(f"{message}; operator log {self.log_path}:\n{self.log()[-6000:]}")
-
-    def wait(self, check: Callable[[], bool], timeout: float, what: str) -> float:
-        """Poll ``check`` until true (returns the seconds it took) or fail."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.popen.poll() is not None:
-                self.fail(f"operator exited with {self.popen.returncode} waiting for {what}")
-            if check():
-                return time.monotonic() - start
-            time.sleep(0.1)
-        self.fail(f"timed out after {timeout}s waiting for {what}")
-        raise AssertionError  # unreachable
-
-    def stop(self) -> int:
-        """SIGTERM, wait; the exit status."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 def _materialise_volumes(
@@ -295,7 +253,7 @@ def operator(
     op = Operator(popen, log_path, liveness, f"http://127.0.0.1:{control_port}",
                   f"http://127.0.0.1:{metrics_port}/metrics")
     try:
-        took = op.wait(lambda: _http_ok(liveness) and _http_ok(f"{op.control_url}/healthz"),
+        took = op.wait(lambda: http_ok(liveness) and http_ok(f"{op.control_url}/healthz"),
                        60, "liveness and the control server's /healthz")
         print(f"release operator ready after {took:.1f}s")
         yield op

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from tsnet2_operator.config import SidecarConfig
 
+from tests.e2e.kind.checks import metric_samples
 from tests.image import apps
 from tests.image.podman import (
     IMAGE,
@@ -322,7 +323,7 @@ def test_pods_talk_over_wireguard_through_injected_sidecars(plays: Plays) -> Non
     metrics = podman("exec", f"{srv}-tsnet2d", "python3", "-c",
                      "import urllib.request as u; print(u.urlopen("
                      "'http://127.0.0.1:9464/metrics', timeout=5).read().decode())").stdout
-    samples = _samples(metrics)
+    samples = metric_samples(metrics)
     assert samples['tsnet2_flows_opened_total{direction="in"}'] == len(opens)
     assert samples['tsnet2_flow_bytes_total{direction="in",stream="peer->app"}'] == sum(
         r["len"] for r in records if r["kind"] == "data" and r["dir"] == "peer->app"), metrics
@@ -343,13 +344,4 @@ def _traffic(pod: str) -> list[dict[str, Any]]:
     except PodmanError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _samples(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 

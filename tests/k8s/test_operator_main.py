@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from tests.k8s.apiserver import (
     free_port,
     running_apiserver,
 )
+from tests.k8s.operator_process import OperatorRun, http_ok, log_tail
 from tests.k8s.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,19 +60,6 @@ def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
     """An admin ApiClient."""
     with admin_client(apiserver) as api:
         yield api
-
-
-def _log_tail(path: Path, size: int = 6000) -> str:
-    data = path.read_bytes()
-    return data[-size:].decode("utf-8", "replace")
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 def _descendants(pid: int) -> set[int]:
@@ -98,31 +86,13 @@ def _descendants(pid: int) -> set[int]:
 
 
 @dataclass
-class OperatorProcess:
+class OperatorProcess(OperatorRun):
     """The operator subprocess and where it serves."""
 
-    popen: subprocess.Popen[bytes]
-    log_path: Path
     liveness: str
     control_url: str
     webhook_port: int
     ca_pem: bytes
-
-    def fail(self, message: str) -> None:
-        """Fail the test with the operator's log tail."""
-        pytest.fail(f"{message}; operator log {self.log_path}:\n{_log_tail(self.log_path)}")
-
-
-def _wait(check: Callable[[], bool], timeout: float, what: str, op: OperatorProcess) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if op.popen.poll() is not None:
-            op.fail(f"operator exited with {op.popen.returncode} while waiting for {what}")
-        if check():
-            return time.monotonic() - start
-        time.sleep(0.1)
-    op.fail(f"timed out after {timeout}s waiting for {what}")
-    raise AssertionError  # unreachable: pytest.fail raises
 
 
 @contextlib.contextmanager
@@ -169,22 +139,15 @@ def run_operator(
         )
         op = OperatorProcess(popen, log_path, liveness, control_url, webhook_port, ca.cert_pem)
         try:
-            took = _wait(
-                lambda: _http_ok(liveness) and _http_ok(f"{control_url}/healthz"),
+            took = op.wait(
+                lambda: http_ok(liveness) and http_ok(f"{control_url}/healthz"),
                 60,
                 "the operator's liveness endpoint and the control server's /healthz",
-                op,
             )
             print(f"operator ready after {took:.1f}s")
             yield op
         finally:
-            if popen.poll() is None:  # the test did not stop it: stop it by pid
-                popen.send_signal(signal.SIGTERM)
-                try:
-                    popen.wait(20)
-                except subprocess.TimeoutExpired:
-                    popen.kill()
-                    popen.wait()
+            op.stop()  # unless the test stopped it: by pid
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +293,8 @@ def test_persistent_pod_gets_sidecar_and_state_claim(
     assert "tsnet2.io/status" in pod["metadata"]["annotations"]
     state = next(v for v in pod["spec"]["volumes"] if v["name"] == "tsnet2-state")
     assert state["persistentVolumeClaim"]["claimName"] == "tsnet2-state-db"
-    took = _wait(lambda: "tsnet2-state-db" in _pvc_names(api_client), 15,
-                 "the state claim tsnet2-state-db", operator)
+    took = operator.wait(lambda: "tsnet2-state-db" in _pvc_names(api_client), 15,
+                         "the state claim tsnet2-state-db")
     print(f"state claim created {took:.2f}s after the pod")
     claim = k8s.CoreV1Api(api_client).read_namespaced_persistent_volume_claim(
         "tsnet2-state-db", APP_NS
@@ -362,11 +325,10 @@ def test_pod_token_registers_and_node_goes_with_its_pod(
     )
     assert bad_status == 401
     k8s.CoreV1Api(api_client).delete_namespaced_pod("web", APP_NS, grace_period_seconds=0)
-    took = _wait(
+    took = operator.wait(
         lambda: not any(n["spec"]["name"] == "web" for n in _nodes(api_client)),
         5,
         "the node of the deleted ephemeral pod to go",
-        operator,
     )
     print(f"ephemeral node removed {took:.2f}s after its pod was deleted")
 
@@ -385,12 +347,12 @@ def test_sigterm_stops_cleanly(operator: OperatorProcess) -> None:
         operator.fail(f"operator exited with {code} after SIGTERM")
     left = {pid for pid in children if os.path.exists(f"/proc/{pid}")}
     assert not left, f"processes left behind: {left}"
-    assert not _http_ok(f"{operator.control_url}/healthz")
-    assert not _http_ok(operator.liveness)
+    assert not http_ok(f"{operator.control_url}/healthz")
+    assert not http_ok(operator.liveness)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", operator.webhook_port), timeout=2).close()
     log = operator.log_path.read_text(encoding="utf-8", errors="replace")
-    assert "Traceback" not in log, _log_tail(operator.log_path)
+    assert "Traceback" not in log, log_tail(operator.log_path)
 
 
 def test_peering_two_replicas(
@@ -416,7 +378,7 @@ def test_peering_two_replicas(
         )
         assert peering["metadata"]["name"] == "tsnet2"
         for replica in (high, low):
-            assert _http_ok(f"{replica.control_url}/healthz")
+            assert http_ok(f"{replica.control_url}/healthz")
 
         def text(op: OperatorProcess) -> str:
             return op.log_path.read_text(encoding="utf-8", errors="replace")
@@ -433,19 +395,19 @@ def test_peering_two_replicas(
                     for c in core.list_namespaced_persistent_volume_claim(namespace).items}
 
         make("vault-0")
-        _wait(lambda: claims() == {"tsnet2-state-vault-0"}, 15,
-              "the state claim created by the active replica", high)
-        _wait(lambda: "created state claim peered/tsnet2-state-vault-0" in text(high), 5,
-              "the active replica to log the claim it created", high)
+        high.wait(lambda: claims() == {"tsnet2-state-vault-0"}, 15,
+                  "the state claim created by the active replica")
+        high.wait(lambda: "created state claim peered/tsnet2-state-vault-0" in text(high), 5,
+                  "the active replica to log the claim it created")
         assert "created state claim" not in text(low)
         assert "Resuming operations" not in text(low)
         # The active replica leaves (it removes itself from the peering): the other resumes.
         high.popen.send_signal(signal.SIGTERM)
-        assert high.popen.wait(30) == 0, _log_tail(high.log_path)
-        _wait(lambda: "Resuming operations" in text(low), 30, "the other replica to resume", low)
+        assert high.popen.wait(30) == 0, log_tail(high.log_path)
+        low.wait(lambda: "Resuming operations" in text(low), 30, "the other replica to resume")
         make("vault-1")
-        _wait(lambda: "tsnet2-state-vault-1" in claims(), 15, "the claim made after failover", low)
-        _wait(lambda: "created state claim peered/tsnet2-state-vault-1" in text(low), 5,
-              "the resumed replica to log the claim it created", low)
+        low.wait(lambda: "tsnet2-state-vault-1" in claims(), 15, "the claim made after failover")
+        low.wait(lambda: "created state claim peered/tsnet2-state-vault-1" in text(low), 5,
+                 "the resumed replica to log the claim it created")
         low.popen.send_signal(signal.SIGTERM)
-        assert low.popen.wait(30) == 0, _log_tail(low.log_path)
+        assert low.popen.wait(30) == 0, log_tail(low.log_path)
