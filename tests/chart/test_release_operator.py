@@ -40,7 +40,7 @@ from wireguard_tools import WireguardKey
 
 from tests.chart.conftest import CHART, NAMESPACE, RELEASE, Helm
 from tests.k8s.apiserver import KubeAPIServer, admin_client, free_port, running_apiserver
-from tests.k8s.operator_process import OperatorRun, http_ok
+from tests.k8s.operator_process import OperatorRun, create_pod, http_ok
 
 REPO = Path(__file__).resolve().parents[2]
 FULLNAME = f"{RELEASE}-tsnet2"
@@ -261,23 +261,6 @@ def operator(
         op.stop()
 
 
-def _create_pod(api: k8s.ApiClient, namespace: str, name: str, *,
-                annotations: dict[str, str] | None = None,
-                labels: dict[str, str] | None = None) -> dict[str, Any]:
-    body = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "annotations": annotations or {}, "labels": labels or {}},
-        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
-    }
-    resp = k8s.CoreV1Api(api).create_namespaced_pod(namespace, body, _preload_content=False)
-    try:
-        created: dict[str, Any] = json.loads(resp.data)
-    finally:
-        resp.release_conn()
-    return created
-
-
 def _injected(pod: dict[str, Any]) -> bool:
     spec = pod["spec"]
     names = [c["name"] for c in spec.get("initContainers", []) + spec["containers"]]
@@ -321,7 +304,7 @@ def test_operator_creates_its_peering_object(operator: Operator,
 def test_opted_in_namespace_is_injected(operator: Operator, api_client: k8s.ApiClient) -> None:
     """A pod of a namespace labelled tsnet2.io/inject=enabled gets the sidecar (the webhook
     with failurePolicy Fail, reached through the EndpointSlice)."""
-    pod = _create_pod(api_client, OPTED_IN_NS, "web")
+    pod = create_pod(api_client, OPTED_IN_NS, "web")
     assert _injected(pod)
     env = {e["name"]: e.get("value") for c in pod["spec"].get("initContainers", [])
            + pod["spec"]["containers"] if c["name"] == "tsnet2d" for e in c.get("env", [])}
@@ -331,8 +314,8 @@ def test_opted_in_namespace_is_injected(operator: Operator, api_client: k8s.ApiC
 def test_annotated_pod_elsewhere_is_injected(operator: Operator,
                                              api_client: k8s.ApiClient) -> None:
     """Outside opted-in namespaces the pod annotation opts in; without it, nothing."""
-    assert _injected(_create_pod(api_client, PLAIN_NS, "annotated", annotations=INJECT))
-    assert not _injected(_create_pod(api_client, PLAIN_NS, "plain"))
+    assert _injected(create_pod(api_client, PLAIN_NS, "annotated", annotations=INJECT))
+    assert not _injected(create_pod(api_client, PLAIN_NS, "plain"))
 
 
 def test_excluded_pods_never_reach_the_webhook(operator: Operator,
@@ -341,12 +324,12 @@ def test_excluded_pods_never_reach_the_webhook(operator: Operator,
     not sent to the webhook at all (the injector's request counter does not move), even
     when annotated."""
     before = _webhook_calls(operator)
-    assert not _injected(_create_pod(api_client, "kube-system", "sys", annotations=INJECT))
-    assert not _injected(_create_pod(api_client, NAMESPACE, "own", annotations=INJECT))
-    assert not _injected(_create_pod(api_client, OPTED_IN_NS, "optout", annotations=INJECT,
+    assert not _injected(create_pod(api_client, "kube-system", "sys", annotations=INJECT))
+    assert not _injected(create_pod(api_client, NAMESPACE, "own", annotations=INJECT))
+    assert not _injected(create_pod(api_client, OPTED_IN_NS, "optout", annotations=INJECT,
                                      labels={"tsnet2.io/inject": "disabled"}))
     assert _webhook_calls(operator) == before
-    _create_pod(api_client, PLAIN_NS, "counted", annotations=INJECT)
+    create_pod(api_client, PLAIN_NS, "counted", annotations=INJECT)
     assert _webhook_calls(operator) > before  # the counter does count calls
 
 
@@ -354,7 +337,7 @@ def test_release_rbac_is_enough(operator: Operator, api_client: k8s.ApiClient) -
     """With only the chart's RBAC, the watch handlers create a persistent pod's state claim
     and the control server authenticates a pod token (TokenReview) and stores its node."""
     core = k8s.CoreV1Api(api_client)
-    pod = _create_pod(api_client, OPTED_IN_NS, "db",
+    pod = create_pod(api_client, OPTED_IN_NS, "db",
                       annotations={"tsnet2.io/state": "persistent"})
     assert _injected(pod)
 
@@ -391,7 +374,7 @@ def test_failure_policies_with_the_operator_down(operator: Operator,
     elsewhere is admitted without the sidecar (Ignore)."""
     assert operator.stop() == 0
     with pytest.raises(ApiException) as info:
-        _create_pod(api_client, OPTED_IN_NS, "refused")
+        create_pod(api_client, OPTED_IN_NS, "refused")
     assert info.value.status == 500 and "failed calling webhook" in str(info.value.body)
-    assert not _injected(_create_pod(api_client, PLAIN_NS, "admitted", annotations=INJECT))
+    assert not _injected(create_pod(api_client, PLAIN_NS, "admitted", annotations=INJECT))
     assert "Traceback" not in operator.log(), operator.log()[-6000:]

@@ -1,7 +1,9 @@
-"""An operator run as a local subprocess by a test: its log, polling, failing, stopping."""
+"""An operator run as a local subprocess by a test (its log, polling, failing, stopping), and
+the pods such tests create through its webhook."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -10,8 +12,10 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kubernetes import client as k8s
 
 
 def http_ok(url: str) -> bool:
@@ -68,3 +72,22 @@ class OperatorRun:
                 self.popen.kill()
                 self.popen.wait()
         return self.popen.returncode
+
+
+def create_pod(api: k8s.ApiClient, namespace: str, name: str, *,
+               annotations: dict[str, str] | None = None,
+               labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Create a one-container pod (through the admission webhooks); the stored object as
+    plain JSON (as the webhook patched it)."""
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations or {}, "labels": labels or {}},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
+    }
+    resp = k8s.CoreV1Api(api).create_namespaced_pod(namespace, body, _preload_content=False)
+    try:
+        created: dict[str, Any] = json.loads(resp.data)
+    finally:
+        resp.release_conn()
+    return created

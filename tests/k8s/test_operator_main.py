@@ -37,7 +37,7 @@ from tests.k8s.apiserver import (
     free_port,
     running_apiserver,
 )
-from tests.k8s.operator_process import OperatorRun, http_ok, log_tail
+from tests.k8s.operator_process import OperatorRun, create_pod, http_ok, log_tail
 from tests.k8s.pki import CertificateAuthority
 
 REPO = Path(__file__).resolve().parents[2]
@@ -208,18 +208,7 @@ def _register_webhook(api: k8s.ApiClient, op: OperatorProcess) -> None:
 
 
 def _create_pod(api: k8s.ApiClient, name: str, annotations: dict[str, str]) -> dict[str, Any]:
-    body = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "annotations": annotations},
-        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
-    }
-    resp = k8s.CoreV1Api(api).create_namespaced_pod(APP_NS, body, _preload_content=False)
-    try:
-        created: dict[str, Any] = json.loads(resp.data)
-    finally:
-        resp.release_conn()
-    return created
+    return create_pod(api, APP_NS, name, annotations=annotations)
 
 
 def _sidecars(pod: dict[str, Any]) -> list[str]:
