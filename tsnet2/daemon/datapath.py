@@ -14,7 +14,6 @@ import collections
 import contextlib
 import dataclasses
 import errno
-import functools
 import ipaddress
 import logging
 import socket
@@ -94,6 +93,8 @@ class Datapath:
         self.traffic = traffic
         self.metrics = metrics or Metrics()
         self._spawn = spawn
+        # One bytes hook per direction, shared by every flow (not a partial per flow).
+        self._on_bytes = {d: self.metrics.flow_bytes_counter(d) for d in ("in", "out")}
         self.listeners: dict[str, Listener] = {}
         self.splices: set[Splice] = set()
         self._nflog: NflogReader | None = None
@@ -308,8 +309,12 @@ class Datapath:
                 return slot
         return None
 
-    async def park(self, sock: socket.socket, reader: proto.LineReader) -> None:
-        """Serve one accept channel: park it, then splice the flow it is handed."""
+    async def park(self, sock: socket.socket, reader: proto.LineReader) -> bool:
+        """Serve one accept channel: park it, then splice the flow it is handed.
+
+        Returns True once `sock` belongs to a running splice (the caller must not close
+        it; the splice does), False when the caller still owns it.
+        """
         m = self.metrics
         line = await read_line(sock, reader, HEADER_TIMEOUT)
         listener_id = proto.decode_accept_request(line)
@@ -317,11 +322,11 @@ class Datapath:
         if lst is None:
             log.warning("accept slot for unknown listener %s refused", listener_id)
             m.slot_dropped("unknown_listener")
-            return
+            return False
         if len(lst.slots) >= MAX_SLOTS:
             log.warning("listener %s has %d parked slots; refusing another", lst.id, MAX_SLOTS)
             m.slot_dropped("over_limit")
-            return
+            return False
         loop = asyncio.get_running_loop()
         slot = Slot(sock=sock, handed=loop.create_future())
         lst.slots.append(slot)
@@ -345,7 +350,7 @@ class Datapath:
             # the listener went away.
             m.slot_dropped("listener_closed" if lst.id not in self.listeners
                            else "app_closed")
-            return
+            return False
         conn, local, remote, waited = slot.handed.result()
         try:
             await loop.sock_sendall(sock, proto.encode_accept_header(lst.id, local, remote))
@@ -355,7 +360,7 @@ class Datapath:
             log.warning("accept slot for %s died (%s); re-queueing flow", lst.id, exc)
             m.slot_dropped("handoff_failed")
             self._spawn(self._inbound(lst, conn, waited))
-            return
+            return False
         whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
         try:
             flow = self.traffic.open_flow(direction="in", local=local, remote=remote,
@@ -363,7 +368,7 @@ class Datapath:
         except BaseException:
             reset(conn)
             raise
-        await self._splice("in", flow, sock, conn, b"")
+        return await self._splice("in", flow, sock, conn, b"")
 
     def _refuse(self, direction: Literal["in", "out"], reason: str, *, remote: str,
                 error: str, local: str = "", listener_id: str | None = None) -> None:
@@ -391,8 +396,12 @@ class Datapath:
 
     # ---- outbound --------------------------------------------------------------------
 
-    async def dial(self, sock: socket.socket, reader: proto.LineReader) -> None:
-        """Serve one dial channel: connect to the peer, reply, splice."""
+    async def dial(self, sock: socket.socket, reader: proto.LineReader) -> bool:
+        """Serve one dial channel: connect to the peer, reply, splice.
+
+        Returns True once `sock` belongs to a running splice (the caller must not close
+        it; the splice does), False when the caller still owns it.
+        """
         loop = asyncio.get_running_loop()
         line = await read_line(sock, reader, HEADER_TIMEOUT)
         req = proto.decode_dial_request(line)
@@ -400,13 +409,13 @@ class Datapath:
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, proto.encode_dial_reply(
                     False, err="daemon: traffic log unavailable; refusing new flows"))
-            return
+            return False
         connect = loop.create_task(self._connect(req.network or "tcp", req.addr))
         early = await self._watch_app_while(connect, sock, bytearray(reader.take_rest()))
         if early is None:
             self._refuse("out", "app_gone", remote=req.addr,
                          error="dial abandoned: the app closed the connection")
-            return
+            return False
         try:
             peer = connect.result()
         except (BackendError, OSError, TimeoutError, ValueError) as exc:
@@ -423,7 +432,7 @@ class Datapath:
             self._refuse("out", reason, remote=req.addr, error=msg)
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, proto.encode_dial_reply(False, err=msg))
-            return
+            return False
         local = _sockaddr(peer.getsockname())
         remote = _sockaddr(peer.getpeername())
         try:
@@ -434,7 +443,7 @@ class Datapath:
             peer.close()
             self._refuse("out", "app_gone", remote=remote, local=local,
                          error="the app hung up before the dial reply")
-            return
+            return False
         whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
         try:
             flow = self.traffic.open_flow(direction="out", local=local, remote=remote,
@@ -442,7 +451,7 @@ class Datapath:
         except BaseException:
             peer.close()
             raise
-        await self._splice("out", flow, sock, peer, bytes(early))
+        return await self._splice("out", flow, sock, peer, bytes(early))
 
     @staticmethod
     async def _watch_app_while(
@@ -503,23 +512,32 @@ class Datapath:
     # ---- splice ----------------------------------------------------------------------
 
     async def _splice(self, direction: Literal["in", "out"], flow: Flow,
-                      app: socket.socket, peer: socket.socket, pending: bytes) -> None:
+                      app: socket.socket, peer: socket.socket, pending: bytes) -> bool:
+        """Attach both sockets to a Splice and return True: the splice now owns them.
+
+        Nothing waits for the flow's end: the Splice's close callback does the
+        bookkeeping, so no task or coroutine frame lives as long as the flow.
+        """
         m = self.metrics
         m.flow_opened(direction)
         started = time.monotonic()
-        sp = Splice(flow, on_bytes=functools.partial(m.flow_bytes, direction))
+
+        def closed(sp: Splice) -> None:
+            if sp in self.splices:  # exactly once, whichever way the flow ended
+                self.splices.discard(sp)
+                m.flow_closed(direction, sp.result, time.monotonic() - started)
+
+        sp = Splice(flow, on_bytes=self._on_bytes[direction], on_close=closed)
         self.splices.add(sp)
         try:
             with contextlib.suppress(OSError):
                 peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await sp.start(app, peer, pending)
-            await sp.done
         except BaseException:
             sp.abort()
+            closed(sp)
             raise
-        finally:
-            self.splices.discard(sp)
-            m.flow_closed(direction, sp.result, time.monotonic() - started)
+        return True
 
 
 def _sockaddr(addr: Any) -> str:

@@ -8,7 +8,8 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     # flows (direction: "in" = a peer connected to our listener, "out" = the app dialed)
     m.flow_opened(direction)                       # after the `open` record is written
     m.flow_bytes(direction, stream, nbytes)        # per read; stream "app->peer"|"peer->app"
-                                                   #   (Splice(on_bytes=partial(m.flow_bytes, d)))
+    m.flow_bytes_counter(direction)                # the same, children bound once (per flow:
+                                                   #   Splice(on_bytes=add), add made per direction)
     m.flow_closed(direction, result, duration_s)   # once per opened flow; result "ok"|"error"|"cut"
     m.flow_refused(direction, reason)              # a flow that never opened (see REFUSE_REASONS)
     # accept slots (parked app connections waiting for inbound flows)
@@ -336,6 +337,20 @@ class Metrics:
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         self.flow_bytes_total.labels(d, stream).inc(nbytes)
+
+    def flow_bytes_counter(self, direction: FlowDirection) -> Callable[[Stream, int], None]:
+        """`flow_bytes` for one direction, its counter children bound once (per-flow hook).
+
+        Returns ``add(stream, nbytes)``; the daemon makes one per direction and hands the
+        same function to every flow of that direction.
+        """
+        d = _direction(direction)
+        children = {s: self.flow_bytes_total.labels(d, s) for s in STREAMS}
+
+        def add(stream: Stream, nbytes: int) -> None:
+            children[stream].inc(nbytes)
+
+        return add
 
     def flow_closed(self, direction: FlowDirection, result: FlowResult, duration_s: float) -> None:
         """An opened flow ended: "ok" (clean), "error" (a socket failed), "cut" (shutdown)."""

@@ -249,6 +249,7 @@ class Daemon:
 
     async def _serve_conn(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        spliced = False  # True once a running splice owns `sock` (it closes it then)
         try:
             allowed = self.config.allow_uids
             if allowed is not None:
@@ -275,9 +276,11 @@ class Daemon:
             elif kind == proto.ChannelKind.LOCALAPI:
                 await LocalAPIConnection(self.localapi, sock).serve()
             elif kind == proto.ChannelKind.DIAL:
-                await self.datapath.dial(sock, proto.LineReader(proto.MAX_HEADER_LINE))
+                spliced = await self.datapath.dial(
+                    sock, proto.LineReader(proto.MAX_HEADER_LINE))
             else:
-                await self.datapath.park(sock, proto.LineReader(proto.MAX_HEADER_LINE))
+                spliced = await self.datapath.park(
+                    sock, proto.LineReader(proto.MAX_HEADER_LINE))
         except proto.ProtocolError as exc:
             log.warning("closing connection: %s", exc)
         except TimeoutError:
@@ -285,7 +288,8 @@ class Daemon:
         except OSError as exc:
             log.info("connection ended: %s", exc)
         finally:
-            sock.close()
+            if not spliced:
+                sock.close()
 
     # ---- control channel -------------------------------------------------------------
 
