@@ -7,8 +7,12 @@ the lab's prefix may remain (namespace, link, wireguard-go socket or process).
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import pytest
 from wireguard_tools import WireguardKey
@@ -63,3 +67,14 @@ def start_node(lab: Lab) -> Iterator[StartNode]:
     finally:
         for node in nodes:
             node.close()
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A scratch dir every uid can traverse (pytest's tmp_path is private to root)."""
+    d = Path(tempfile.mkdtemp(prefix="tsnet2-open-"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -8,12 +8,10 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,17 +242,6 @@ def test_dial_header_that_never_ends(daemon: Daemon) -> None:
     assert time.monotonic() - t0 < 14
     wait_for(lambda: "header not received in time" in daemon.text(), 5, "log line")
     assert_serving(daemon)
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A scratch dir every uid can traverse (pytest's tmp_path is private to root)."""
-    d = Path(tempfile.mkdtemp(prefix="tsnet2-uid-"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

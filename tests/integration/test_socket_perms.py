@@ -8,13 +8,10 @@ connect(); the SO_PEERCRED check then decides whom the daemon serves.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,17 +53,6 @@ def connect_as(path: Path, uid: int, gid: int | None = None) -> str:
 
 
 SERVED = 'REPLY {"id":1,"result":"e30="}'
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A scratch dir every uid can traverse (pytest's tmp_path is private to root)."""
-    d = Path(tempfile.mkdtemp(prefix="tsnet2-perm-"))
-    os.chmod(d, 0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def started(directory: Path, *flags: str) -> Daemon:
