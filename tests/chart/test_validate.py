@@ -13,12 +13,15 @@ creates are never deleted (deleting a CRD seconds after creating it can stall on
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
-from tests.chart.conftest import NAMESPACE, VALUES_FILES, Helm, values_args
+from tests.chart.conftest import NAMESPACE, REPO, VALUES_FILES, Helm, values_args
 from tests.chart.test_install import (
     _dry_run_create,
     _ensure_namespace,
@@ -69,3 +72,20 @@ def test_every_rendered_object_is_valid(
     assert {"Deployment", "MutatingWebhookConfiguration", "ClusterRole", "Role", "Service",
             "Secret", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy",
             "ServiceAccount"} <= set(validated)
+
+
+def test_readme_manifests_are_valid(
+    api_client: k8s.ApiClient, dynamic: DynamicClient
+) -> None:
+    """Every ```yaml block of the README (the sample workload a new user copies) passes a
+    strict server-side dry run."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert blocks, "the README's Kubernetes section lost its sample manifest"
+    for block in blocks:
+        obj = yaml.safe_load(block)
+        obj["metadata"].setdefault("namespace", "default")
+        try:
+            _dry_run_create(api_client, dynamic, obj)
+        except ApiException as exc:
+            pytest.fail(f"README {obj['kind']}/{obj['metadata']['name']}: {exc.__cause__}")
