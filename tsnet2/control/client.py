@@ -1,15 +1,31 @@
-"""Async client of the coordination HTTP API (used by the daemon)."""
+"""Async client of the coordination HTTP API (used by the daemon).
+
+HTTP/1.1 on asyncio streams and h11 (no aiohttp: it would cost the daemon about 11 MB of
+RSS). Each call opens one connection (``Connection: close``) and closes it before it
+returns; calls are rare (a netmap long-poll at most every ~30 s). Replies are bounded:
+:data:`MAX_RESPONSE_HEAD` for the status line and headers, :data:`MAX_RESPONSE_BODY` for
+the body (a netmap of a large tailnet).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
-import aiohttp
+import h11
+
+MAX_RESPONSE_HEAD = 64 * 1024
+"""Largest response status line + headers accepted from the control server."""
+MAX_RESPONSE_BODY = 16 * 1024 * 1024
+"""Largest response body accepted from the control server (16 MiB)."""
+_READ_SIZE = 64 * 1024
+_CLOSE_TIMEOUT = 1.0  # seconds a graceful close (TLS close_notify) may take before abort
 
 
 class ControlError(Exception):
@@ -39,8 +55,16 @@ class RegisterResult:
     domain: str
 
 
+class _Unreachable(Exception):
+    """Transport-level failure of one exchange (mapped to ControlUnavailable)."""
+
+
 class ControlClient:
-    """Client of one control server. Owns an aiohttp session; ``async with`` or ``aclose()``."""
+    """Client of one control server; ``async with`` or ``aclose()``.
+
+    Holds no connection between calls; ``aclose()`` aborts the connections of calls still
+    in flight (they raise ControlUnavailable) and refuses new calls.
+    """
 
     def __init__(
         self, url: str, *, timeout: float = 10.0, ssl_context: ssl.SSLContext | None = None
@@ -50,10 +74,24 @@ class ControlClient:
         url = url.rstrip("/")
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"control URL must start with http:// or https://, got {url!r}")
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"control URL {url!r}: {exc}") from None
+        if not parts.hostname:
+            raise ValueError(f"control URL {url!r} has no host")
         self.url = url
         self.timeout = timeout
-        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
-        self._session: aiohttp.ClientSession | None = None
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = port if port is not None else (443 if self._https else 80)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        default_port = 443 if self._https else 80
+        self._host_header = host if self._port == default_port else f"{host}:{self._port}"
+        self._prefix = parts.path
+        self._ssl_context = ssl_context
+        self._inflight: set[asyncio.Transport] = set()
         self._closed = False
 
     async def __aenter__(self) -> ControlClient:
@@ -66,22 +104,145 @@ class ControlClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the session."""
+        """Close the client."""
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP session. Idempotent."""
+        """Refuse new calls and abort the connections of calls in flight. Idempotent."""
         self._closed = True
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        for transport in list(self._inflight):
+            transport.abort()
+        self._inflight.clear()
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self._https:
+            return None
+        if self._ssl_context is None:
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    async def _exchange(
+        self, method: str, target: str, headers: list[tuple[str, str]], body: bytes | None
+    ) -> tuple[int, bytes]:
+        """One request on a fresh connection; (status, body). Raises _Unreachable,
+        ControlError (reply too large) or TimeoutError/CancelledError from the caller."""
         if self._closed:
             raise RuntimeError("ControlClient is closed")
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        return self._session
+        tls = self._tls()
+        try:
+            reader, writer = await asyncio.open_connection(
+                self._host, self._port, ssl=tls,
+                server_hostname=self._host if tls is not None else None,
+                limit=_READ_SIZE,
+            )
+        except OSError as exc:  # includes ssl.SSLError (certificate, handshake)
+            raise _Unreachable(str(exc) or type(exc).__name__) from None
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)
+        self._inflight.add(transport)
+        graceful = False
+        try:
+            result = await self._talk(reader, writer, method, target, headers, body)
+            graceful = True
+            return result
+        except (OSError, EOFError) as exc:
+            raise _Unreachable(str(exc) or type(exc).__name__) from None
+        finally:
+            self._inflight.discard(transport)
+            if graceful:
+                writer.close()
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation
+                # that arrives just as the connection finishes closing.
+                try:
+                    async with asyncio.timeout(_CLOSE_TIMEOUT):
+                        await writer.wait_closed()
+                except (OSError, TimeoutError):
+                    transport.abort()
+            else:
+                transport.abort()
+
+    async def _talk(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+    ) -> tuple[int, bytes]:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        all_headers = [
+            ("Host", self._host_header),
+            ("User-Agent", "tsnet2d"),
+            ("Accept", "application/json"),
+            ("Connection", "close"),
+            *headers,
+        ]
+        if body is not None:
+            all_headers += [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))]
+        elif method != "GET":
+            all_headers.append(("Content-Length", "0"))
+        try:
+            out = conn.send(h11.Request(method=method, target=target, headers=all_headers))
+            if body:
+                out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+            out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError as exc:  # e.g. a credential with a newline
+            raise ControlError(f"cannot send request to {target.partition('?')[0]}: {exc}") \
+                from None
+        writer.write(out)
+        await writer.drain()
+        status: int | None = None
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise _Unreachable(f"bad HTTP reply: {exc}") from None
+            if event is h11.NEED_DATA:
+                # b"" at EOF: h11 then ends an unframed body, or reports the early close.
+                conn.receive_data(await reader.read(_READ_SIZE))
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_RESPONSE_BODY:
+                    raise ControlError(
+                        f"control server {self.url} sent a reply to "
+                        f"{target.partition('?')[0]} larger than {MAX_RESPONSE_BODY} bytes",
+                        status,
+                    )
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                assert status is not None
+                return status, b"".join(parts)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise _Unreachable("connection closed before a complete reply")
+            # InformationalResponse (1xx) and PAUSED are not expected before the end.
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        credential: str | None = None,
+        params: dict[str, str] | None = None,
+        extra_time: float = 0.0,
+    ) -> tuple[int, bytes]:
+        headers = [("Authorization", f"Bearer {credential}")] if credential else []
+        target = self._prefix + path + ("?" + urlencode(params) if params else "")
+        raw_body = json.dumps(body).encode() if body is not None else None
+        try:
+            async with asyncio.timeout(self.timeout + extra_time):
+                return await self._exchange(method, target, headers, raw_body)
+        except TimeoutError:
+            raise ControlUnavailable(f"control server {self.url} timed out on {path}") from None
+        except _Unreachable as e:
+            raise ControlUnavailable(f"control server {self.url} unreachable: {e}") from None
 
     async def _call(
         self,
@@ -93,24 +254,10 @@ class ControlClient:
         params: dict[str, str] | None = None,
         extra_time: float = 0.0,
     ) -> Any:
-        headers = {"Authorization": f"Bearer {credential}"} if credential else {}
-        session = self._get_session()
-        try:
-            async with session.request(
-                method,
-                self.url + path,
-                json=body,
-                params=params,
-                headers=headers,
-                ssl=self._ssl,
-                timeout=aiohttp.ClientTimeout(total=self.timeout + extra_time),
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except TimeoutError:
-            raise ControlUnavailable(f"control server {self.url} timed out on {path}") from None
-        except aiohttp.ClientError as e:
-            raise ControlUnavailable(f"control server {self.url} unreachable: {e}") from None
+        status, raw = await self._request(
+            method, path, body=body, credential=credential, params=params,
+            extra_time=extra_time,
+        )
         try:
             data = json.loads(raw) if raw else None
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -192,16 +339,6 @@ class ControlClient:
 
     async def health(self) -> None:
         """Raise ControlUnavailable unless ``GET /healthz`` answers ``ok``."""
-        session = self._get_session()
-        try:
-            async with session.get(
-                self.url + "/healthz",
-                ssl=self._ssl,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as resp:
-                text = await resp.text()
-                ok = resp.status == 200 and text.strip() == "ok"
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise ControlUnavailable(f"control server {self.url} unreachable: {e}") from None
-        if not ok:
-            raise ControlUnavailable(f"control server {self.url} is not healthy", resp.status)
+        status, raw = await self._request("GET", "/healthz")
+        if status != 200 or raw.decode("utf-8", "replace").strip() != "ok":
+            raise ControlUnavailable(f"control server {self.url} is not healthy", status)

@@ -147,14 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tsnet2d: --{flag.replace('_', '-')} is required", file=sys.stderr)
             return USAGE_EXIT
     # Our own records: warnings (bad input, refused connections) always, details with -v.
-    # Third-party libraries (pyroute2, aiohttp) only ever say warnings.
+    # Third-party libraries (pyroute2) only ever say warnings.
     logging.basicConfig(
         level=logging.WARNING,
         format="tsnet2d: %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("tsnet2d").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    # aiohttp logs a malformed request to the health port with a traceback at ERROR.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     metrics_addr = None
     if args.metrics_addr:
         host, sep, port = args.metrics_addr.rpartition(":")
