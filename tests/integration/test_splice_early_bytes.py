@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from tests.integration.tailnet import recv_exact
 from tsnet2.daemon.splice import Splice
 from tsnet2.traffic import TrafficLog
 
@@ -116,16 +117,6 @@ def _recv_until_eof(sock: socket.socket, limit: int) -> bytes:
     return data
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def _close_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     closes = [r for r in records if r["kind"] == "close"]
     assert len(closes) == 1, records
@@ -141,9 +132,9 @@ def test_request_queued_before_attach_reaches_the_app(transports: str, flow: Flo
         flow.wait_queued()
         with TrafficLog(str(flow.log_path)) as log:
             sp = await flow.splice(log)
-            assert await asyncio.to_thread(_recv_exact, flow.app, len(PING)) == PING
+            assert await asyncio.to_thread(recv_exact, flow.app, len(PING)) == PING
             await asyncio.to_thread(flow.app.sendall, PONG)
-            assert await asyncio.to_thread(_recv_exact, flow.remote, len(PONG)) == PONG
+            assert await asyncio.to_thread(recv_exact, flow.remote, len(PONG)) == PONG
             flow.app.close()
             flow.remote.close()
             await asyncio.wait_for(sp.done, IO_TIMEOUT)
