@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client as k8s
 
-from tests.k8s.apiserver import KubeAPIServer, admin_client, default_bin_dir, running_apiserver
+from tests.k8s.apiserver import default_bin_dir
+from tests.k8s.conftest import api_client, apiserver  # noqa: F401  (the same fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "tsnet2"
@@ -88,20 +88,6 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     if not os.access(binary, os.X_OK):
         pytest.skip(f"helm not built ({binary} missing); {BUILD_HINT}")
     return Helm(binary, tmp_path_factory.mktemp("helm-home"))
-
-
-@pytest.fixture(scope="module")
-def apiserver() -> Iterator[KubeAPIServer]:
-    """A real etcd + kube-apiserver for this module, or skip."""
-    with running_apiserver() as api:
-        yield api
-
-
-@pytest.fixture(scope="module")
-def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
-    """An admin (system:masters) client of :func:`apiserver`."""
-    with admin_client(apiserver) as api:
-        yield api
 
 
 def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -7,35 +7,17 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Iterator
 
-import pytest
 from kubernetes import client as k8s
 
 from tests.k8s.apiserver import (
     KubeAPIServer,
-    admin_client,
     k8s_version,
-    running_apiserver,
 )
 
 NAMESPACE = "tsnet2-smoke"
 SERVICE_ACCOUNT = "tsnet2-operator"
 AUDIENCE = "tsnet2"
-
-
-@pytest.fixture(scope="module")
-def apiserver() -> Iterator[KubeAPIServer]:
-    """A running control plane for this module's tests."""
-    with running_apiserver() as api:
-        yield api
-
-
-@pytest.fixture()
-def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
-    """A kubernetes ApiClient authenticated as the system:masters admin."""
-    with admin_client(apiserver) as api:
-        yield api
 
 
 def _review(api: k8s.ApiClient, token: str, audiences: list[str] | None) -> k8s.V1TokenReviewStatus:

@@ -33,9 +33,7 @@ from wireguard_tools import WireguardKey
 
 from tests.k8s.apiserver import (
     KubeAPIServer,
-    admin_client,
     free_port,
-    running_apiserver,
 )
 from tests.k8s.operator_process import OperatorRun, create_pod, http_ok, log_tail
 from tests.k8s.pki import CertificateAuthority
@@ -46,20 +44,6 @@ APP_NS = "apps"
 WEBHOOK_CONFIG = "tsnet2-injector-main"
 
 
-
-
-@pytest.fixture(scope="module")
-def apiserver() -> Iterator[KubeAPIServer]:
-    """A running control plane without the tsnet2.io CRDs (the operator installs them)."""
-    with running_apiserver() as api:
-        yield api
-
-
-@pytest.fixture(scope="module")
-def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
-    """An admin ApiClient."""
-    with admin_client(apiserver) as api:
-        yield api
 
 
 def _descendants(pid: int) -> set[int]:

@@ -30,9 +30,7 @@ from tsnet2_operator.metrics import InjectorMetrics
 
 from tests.k8s.apiserver import (
     KubeAPIServer,
-    admin_client,
     free_port,
-    running_apiserver,
 )
 from tests.k8s.pki import CertificateAuthority
 
@@ -41,20 +39,6 @@ PLAIN = "tsnet2-plain"
 RELABEL_LABEL = "test.tsnet2.io/relabelled"
 
 
-
-
-@pytest.fixture(scope="module")
-def apiserver() -> Iterator[KubeAPIServer]:
-    """A running control plane for this module."""
-    with running_apiserver() as api:
-        yield api
-
-
-@pytest.fixture(scope="module")
-def api_client(apiserver: KubeAPIServer) -> Iterator[k8s.ApiClient]:
-    """An admin ApiClient."""
-    with admin_client(apiserver) as api:
-        yield api
 
 
 def _wait_tls(port: int, ca: Path, timeout: float = 30.0) -> None:
