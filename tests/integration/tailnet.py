@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,13 +59,3 @@ def recv_exactly(sock: Any, n: int) -> bytes:
         buf += chunk
     return buf
 
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Read ``n`` bytes from a blocking socket (fewer if it reaches EOF first)."""
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data

@@ -13,7 +13,7 @@ import json
 import socket
 from pathlib import Path
 
-from tests.integration.tailnet import recv_exact
+from tests.integration.tailnet import recv_exactly
 from tsnet2.daemon.backend import Backend, DeviceConfig
 from tsnet2.daemon.datapath import Datapath
 from tsnet2.daemon.metrics import Metrics
@@ -57,11 +57,11 @@ def test_splice_returns_at_once_and_its_end_is_accounted(tmp_path: Path) -> None
                 assert len(dp.splices) == 1
                 assert _value(metrics, "tsnet2_flows_active", direction="out") == 1
 
-                assert await asyncio.to_thread(recv_exact, remote, 5) == b"early"
+                assert await asyncio.to_thread(recv_exactly, remote, 5) == b"early"
                 await asyncio.to_thread(app.sendall, b"ping")
-                assert await asyncio.to_thread(recv_exact, remote, 4) == b"ping"
+                assert await asyncio.to_thread(recv_exactly, remote, 4) == b"ping"
                 await asyncio.to_thread(remote.sendall, b"pong!")
-                assert await asyncio.to_thread(recv_exact, app, 5) == b"pong!"
+                assert await asyncio.to_thread(recv_exactly, app, 5) == b"pong!"
                 (sp,) = dp.splices
                 app.shutdown(socket.SHUT_WR)
                 remote.shutdown(socket.SHUT_WR)

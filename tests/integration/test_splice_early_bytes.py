@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.tailnet import recv_exact
+from tests.integration.tailnet import recv_exactly
 from tsnet2.daemon.splice import Splice
 from tsnet2.traffic import TrafficLog
 
@@ -132,9 +132,9 @@ def test_request_queued_before_attach_reaches_the_app(transports: str, flow: Flo
         flow.wait_queued()
         with TrafficLog(str(flow.log_path)) as log:
             sp = await flow.splice(log)
-            assert await asyncio.to_thread(recv_exact, flow.app, len(PING)) == PING
+            assert await asyncio.to_thread(recv_exactly, flow.app, len(PING)) == PING
             await asyncio.to_thread(flow.app.sendall, PONG)
-            assert await asyncio.to_thread(recv_exact, flow.remote, len(PONG)) == PONG
+            assert await asyncio.to_thread(recv_exactly, flow.remote, len(PONG)) == PONG
             flow.app.close()
             flow.remote.close()
             await asyncio.wait_for(sp.done, IO_TIMEOUT)
