@@ -6,11 +6,13 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tsnet2
 from tsnet2.lab import Lab, find_leftovers
-from tsnet2.lab.tailnet import LocalTailnet
+from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
 
 
 @contextmanager
@@ -59,3 +61,36 @@ def recv_exactly(sock: Any, n: int) -> bytes:
         buf += chunk
     return buf
 
+
+@dataclass
+class TwoNodes:
+    """Two daemons on one lab tailnet (``da``, ``db``) and a library Server on each."""
+
+    lnet: LocalTailnet
+    da: DaemonProc
+    db: DaemonProc
+    a: tsnet2.Server
+    b: tsnet2.Server
+
+
+@contextmanager
+def two_nodes(names: tuple[str, str], *, extra_a: tuple[str, ...] = (),
+              extra_b: tuple[str, ...] = (), up: bool = True) -> Iterator[TwoNodes]:
+    """:func:`running_tailnet` with daemons ``names`` (one reusable key) and their Servers,
+    brought up unless ``up`` is false; the Servers are closed afterwards."""
+    with running_tailnet() as lnet:
+        key = lnet.authkey(reusable=True)
+        da = lnet.add_daemon(names[0], auth_key=key, extra_args=extra_a)
+        db = lnet.add_daemon(names[1], auth_key=key, extra_args=extra_b)
+        n = TwoNodes(lnet, da, db,
+                     tsnet2.Server(socket_path=str(da.socket_path), hostname=names[0]),
+                     tsnet2.Server(socket_path=str(db.socket_path), hostname=names[1]))
+        try:
+            if up:
+                n.a.up(timeout=30)
+                n.b.up(timeout=30)
+            yield n
+        finally:
+            for s in (n.a, n.b):
+                if not s.closed:
+                    s.close()

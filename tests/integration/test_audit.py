@@ -20,10 +20,9 @@ import jsonschema
 import pytest
 
 import tsnet2
-from tsnet2.lab.tailnet import LocalTailnet
 from tsnet2.traffic import load_schema
 
-from .tailnet import read_log, recv_exactly, running_tailnet, wait_for
+from .tailnet import TwoNodes, read_log, recv_exactly, running_tailnet, two_nodes, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -31,30 +30,12 @@ CAP = 1000
 MAX_BYTES = 20_000
 
 
-class Net:
-    def __init__(self, net: LocalTailnet) -> None:
-        self.net = net
-        key = net.authkey(reusable=True)
-        self.da = net.add_daemon("aa", auth_key=key, extra_args=(
-            "--traffic-log-max-bytes", str(MAX_BYTES), "--traffic-log-keep", "3",
-            "--traffic-log-payload-cap", str(CAP)))
-        self.db = net.add_daemon("ab", auth_key=key)
-        self.a = tsnet2.Server(socket_path=str(self.da.socket_path), hostname="aa")
-        self.b = tsnet2.Server(socket_path=str(self.db.socket_path), hostname="ab")
-
-
 @pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    with running_tailnet() as lnet:
-        n = Net(lnet)
-        try:
-            n.a.up(timeout=30)
-            n.b.up(timeout=30)
-            yield n
-        finally:
-            for s in (n.a, n.b):
-                if not s.closed:
-                    s.close()
+def net() -> Iterator[TwoNodes]:
+    extra = ("--traffic-log-max-bytes", str(MAX_BYTES), "--traffic-log-keep", "3",
+             "--traffic-log-payload-cap", str(CAP))
+    with two_nodes(("aa", "ab"), extra_a=extra) as n:
+        yield n
 
 
 def all_records(log: Path) -> list[dict[str, Any]]:
@@ -66,7 +47,7 @@ def all_records(log: Path) -> list[dict[str, Any]]:
     return out
 
 
-def test_failed_dials_are_logged(net: Net) -> None:
+def test_failed_dials_are_logged(net: TwoNodes) -> None:
     for target in ("nosuch:80", "100.100.1.1:80"):
         with pytest.raises(tsnet2.DialError):
             net.b.dial("tcp", target, timeout=10)
@@ -79,7 +60,7 @@ def test_failed_dials_are_logged(net: Net) -> None:
     assert "100.100.1.1:80" in remotes
 
 
-def test_refused_inbound_flows_are_logged(net: Net) -> None:
+def test_refused_inbound_flows_are_logged(net: TwoNodes) -> None:
     a_ip = net.a.tailscale_ips()[0]
     with pytest.raises(tsnet2.DialError, match="Connect call failed"):
         net.b.dial("tcp", f"{a_ip}:4444", timeout=10)
@@ -93,7 +74,7 @@ def test_refused_inbound_flows_are_logged(net: Net) -> None:
     assert recs[0]["whois"]["node"] == "ab.tail-scale.ts.net."
 
 
-def test_payload_cap_and_rotation(net: Net) -> None:
+def test_payload_cap_and_rotation(net: TwoNodes) -> None:
     payload = b"z" * 5000
     results: list[bytes] = []
     with net.a.listen("tcp", ":4500") as ln:
@@ -141,7 +122,7 @@ def test_payload_cap_and_rotation(net: Net) -> None:
         assert close["bytes_in"] == close["bytes_out"] == len(payload)
 
 
-def test_localapi_dial_is_refused(net: Net) -> None:
+def test_localapi_dial_is_refused(net: TwoNodes) -> None:
     """S19's hijacked dial would reach a peer without the traffic log: refused, 403."""
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)

@@ -18,35 +18,16 @@ from typing import Any
 import pytest
 
 import tsnet2
-from tsnet2.lab.tailnet import LocalTailnet
 
-from .tailnet import recv_exactly, running_tailnet, wait_for
+from .tailnet import TwoNodes, recv_exactly, two_nodes, wait_for
 
 pytestmark = pytest.mark.netns
 
 
-class Net:
-    def __init__(self, net: LocalTailnet) -> None:
-        self.net = net
-        key = net.authkey(reusable=True)
-        self.da = net.add_daemon("la", auth_key=key)
-        self.db = net.add_daemon("lb", auth_key=key)
-        self.a = tsnet2.Server(socket_path=str(self.da.socket_path), hostname="la")
-        self.b = tsnet2.Server(socket_path=str(self.db.socket_path), hostname="lb")
-
-
 @pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    with running_tailnet() as lnet:
-        n = Net(lnet)
-        try:
-            n.a.up(timeout=30)
-            n.b.up(timeout=30)
-            yield n
-        finally:
-            for s in (n.a, n.b):
-                if not s.closed:
-                    s.close()
+def net() -> Iterator[TwoNodes]:
+    with two_nodes(("la", "lb")) as n:
+        yield n
 
 
 APP = textwrap.dedent("""
@@ -59,7 +40,7 @@ APP = textwrap.dedent("""
 """)
 
 
-def test_killed_app_releases_its_listener_at_once(net: Net) -> None:
+def test_killed_app_releases_its_listener_at_once(net: TwoNodes) -> None:
     """S11: an app SIGKILLed while listening; a new app listens on the same port at once."""
     proc = subprocess.Popen([sys.executable, "-c", APP, str(net.da.socket_path), "9100"],
                             stdout=subprocess.PIPE)
@@ -98,16 +79,16 @@ def test_killed_app_releases_its_listener_at_once(net: Net) -> None:
     assert results == [b"again"]
 
 
-def test_dial_timeout_in_reply_phase(net: Net) -> None:
+def test_dial_timeout_in_reply_phase(net: TwoNodes) -> None:
     """S13: the peer exists in the netmap but never answers: dial(timeout=1) ends in ~1 s,
     and the daemon drops the connect it was making for the app."""
-    key = net.net.authkey(reusable=True)
-    dc = net.net.add_daemon("lc", auth_key=key)
+    key = net.lnet.authkey(reusable=True)
+    dc = net.lnet.add_daemon("lc", auth_key=key)
     with tsnet2.Server(socket_path=str(dc.socket_path), hostname="lc") as c:
         c_ip = c.up(timeout=30).tailscale_ips[0]
     wait_for(lambda: "lc" in str(net.b.local_client().status()["Peer"]), 5, "lc in B's map")
     # Kill lc's daemon hard: it stays in the netmap (not ephemeral), its WireGuard is gone.
-    net.net.stop_daemon("lc", signal.SIGKILL)
+    net.lnet.stop_daemon("lc", signal.SIGKILL)
     t0 = time.monotonic()
     with pytest.raises((tsnet2.DeadlineExceededError, tsnet2.DialError)):
         net.b.dial("tcp", f"{c_ip}:80", timeout=1.0)
@@ -115,7 +96,7 @@ def test_dial_timeout_in_reply_phase(net: Net) -> None:
     wait_for(lambda: "abandoned" in net.db.log_text(), 5, "the daemon to drop the dial")
 
 
-def test_dial_timeout_when_daemon_is_frozen(net: Net) -> None:
+def test_dial_timeout_when_daemon_is_frozen(net: TwoNodes) -> None:
     """S13, connect/reply phase against a daemon that does not run at all (SIGSTOP)."""
     assert net.da.proc is not None
     pid = net.da.proc.pid
@@ -131,7 +112,7 @@ def test_dial_timeout_when_daemon_is_frozen(net: Net) -> None:
     assert net.a.tailscale_ips()[0] is not None
 
 
-def test_listener_on_a_specific_address(net: Net) -> None:
+def test_listener_on_a_specific_address(net: TwoNodes) -> None:
     """Host-specific listeners get exactly the flows to that address."""
     v4, v6 = net.a.tailscale_ips()
     assert v4 is not None and v6 is not None

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import tsnet2
 from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
 
-from .tailnet import recv_exactly, running_tailnet, wait_for
+from .tailnet import TwoNodes, recv_exactly, two_nodes, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -50,30 +50,15 @@ def value(m: dict[tuple[str, frozenset[Any]], float], name: str, **labels: str) 
     return m.get((name, frozenset(labels.items())), 0.0)
 
 
-class Net:
-    def __init__(self, lnet: LocalTailnet) -> None:
-        self.lnet = lnet
-        key = lnet.authkey(reusable=True)
-        extra = ("--metrics-addr", f"127.0.0.1:{PORT}")
-        self.da = lnet.add_daemon("ma", auth_key=key, extra_args=extra)
-        self.db = lnet.add_daemon("mb", auth_key=key, extra_args=extra)
-        self.a = tsnet2.Server(socket_path=str(self.da.socket_path), hostname="ma")
-        self.b = tsnet2.Server(socket_path=str(self.db.socket_path), hostname="mb")
-
-
 @pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    with running_tailnet() as lnet:
-        n = Net(lnet)
-        try:
-            yield n
-        finally:
-            for s in (n.a, n.b):
-                if not s.closed:
-                    s.close()
+def net() -> Iterator[TwoNodes]:
+    """Both daemons serve metrics; the Servers are not up yet (the first test checks that)."""
+    extra = ("--metrics-addr", f"127.0.0.1:{PORT}")
+    with two_nodes(("ma", "mb"), extra_a=extra, extra_b=extra, up=False) as n:
+        yield n
 
 
-def test_health_before_and_after_up(net: Net) -> None:
+def test_health_before_and_after_up(net: TwoNodes) -> None:
     lnet, da = net.lnet, net.da
     code, body = scrape(lnet, da, "/healthz")
     assert code == 503 and "no tailnet address" in body
@@ -89,7 +74,7 @@ def test_health_before_and_after_up(net: Net) -> None:
     assert value(m, "tsnet2_netmap_version") >= 1
 
 
-def test_counters_match_a_known_exchange(net: Net) -> None:
+def test_counters_match_a_known_exchange(net: TwoNodes) -> None:
     lnet, da, db, a, b = net.lnet, net.da, net.db, net.a, net.b
     flows, size = 3, 5000
     a.up(timeout=30)
