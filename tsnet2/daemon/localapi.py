@@ -5,6 +5,11 @@ Read-only endpoints are open to the app; endpoints that would change the node or
 tailnet around the traffic log (Tailscale's `dial`, `prefs` edits, serve config...) answer
 403 with the reason. Like Tailscale's handler, requests with a Referer or Origin header, or
 a Host other than `local-tailscaled.sock`, are refused.
+
+Every request gets an answer: HEAD wherever GET is allowed (the GET's headers, no body), 405
+with an `Allow` header for another method on a known endpoint, 404 for an unknown path, 400
+(431 for oversized headers, 413 for an oversized body) for a request that is not valid HTTP,
+500 if a handler fails. After a malformed or oversized request the connection is closed.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ log = logging.getLogger("tsnet2d.localapi")
 
 PREFIX = "/localapi/v0/"
 VALID_HOSTS = {"", "local-tailscaled.sock", "localhost"}
-MAX_REQUEST = 64 * 1024  # headers + body of one request; LocalAPI requests are small
+MAX_REQUEST = 64 * 1024  # the headers, and separately the body, of one request
 IDLE_TIMEOUT = 60.0  # seconds a keep-alive connection may sit idle
 
 # ipn.NotifyWatchOpt bits we honour (ipn/backend.go).
@@ -58,6 +63,8 @@ class Reply:
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False  # close the connection after this answer
 
 
 Handler = Callable[["Request"], Awaitable[Reply | None]]
@@ -77,8 +84,14 @@ def _json(status: int, obj: Any) -> Reply:
     return Reply(status, proto.go_json(obj) + b"\n")
 
 
-def _error(status: int, message: str) -> Reply:
-    return _json(status, {"error": message})
+def _error(status: int, message: str, *, close: bool = False,
+           headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    reply = _json(status, {"error": message})
+    reply.close, reply.headers = close, headers
+    return reply
+
+
+READ_METHODS = ("GET", "HEAD")
 
 
 class LocalAPI:
@@ -106,12 +119,13 @@ class LocalAPI:
         if route is None:
             return _error(404, f"{req.endpoint}: no such LocalAPI endpoint")
         read_only, handler = route
-        if read_only and req.method not in ("GET", "HEAD"):
-            return _error(405, f"{req.endpoint}: use GET")
         if not read_only:
             return _error(403, f"{req.endpoint}: write access is not granted to the app")
+        if req.method not in READ_METHODS:
+            return _error(405, f"{req.endpoint}: method {req.method} not allowed; use GET",
+                          headers=(("Allow", ", ".join(READ_METHODS)),))
         if self.backend.state == State.NO_STATE:
-            return Reply(503, b"", "text/plain")
+            return Reply(503, b"", "text/plain", close=True)
         return await handler(req)
 
     # ---- endpoints -------------------------------------------------------------------
@@ -154,6 +168,8 @@ class LocalAPI:
             return
         b = self.backend
         await req.conn.start_stream()
+        if req.method == "HEAD":
+            return  # the stream's headers only
 
         async def pump() -> None:
             # Like tailscaled: the first Notify carries the state (NotifyInitialState) and
@@ -187,6 +203,7 @@ class LocalAPIConnection:
         if pending:
             self.h11.receive_data(pending)
         self._loop = asyncio.get_running_loop()
+        self._head = False  # the request being answered is a HEAD: headers, never a body
 
     async def _send(self, *events: Any) -> None:
         data = b"".join(self.h11.send(e) or b"" for e in events)
@@ -202,20 +219,20 @@ class LocalAPIConnection:
             self.h11.receive_data(data)
 
     async def send_reply(self, reply: Reply) -> None:
-        """Send a whole response."""
+        """Send a whole response (to a HEAD request: its headers only)."""
         headers = [("Content-Type", reply.content_type),
-                   ("Content-Length", str(len(reply.body)))]
-        if reply.status == 503:
+                   ("Content-Length", str(len(reply.body))), *reply.headers]
+        if reply.close:
             headers.append(("Connection", "close"))
         events: list[Any] = [h11.Response(status_code=reply.status, headers=headers,
                                           reason=HTTPStatus(reply.status).phrase)]
-        if reply.body:
+        if reply.body and not self._head:
             events.append(h11.Data(data=reply.body))
         events.append(h11.EndOfMessage())
         await self._send(*events)
 
     async def start_stream(self) -> None:
-        """Begin a chunked streaming response."""
+        """Begin a chunked streaming response (to a HEAD request: the headers only)."""
         await self._send(h11.Response(status_code=200, reason="OK", headers=[
             ("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")]))
 
@@ -240,32 +257,74 @@ class LocalAPIConnection:
         """Serve requests until the client closes, errs, or idles out."""
         try:
             while True:
-                try:
-                    ev = await self._next_event()
-                    if isinstance(ev, h11.ConnectionClosed):
-                        return
-                    if not isinstance(ev, h11.Request):
-                        continue
-                    request = ev
-                    while not isinstance(ev, h11.EndOfMessage):
-                        ev = await self._next_event()
-                        if isinstance(ev, h11.ConnectionClosed):
-                            return
-                except h11.RemoteProtocolError as exc:
-                    log.warning("localapi: bad request: %s", exc)
-                    with contextlib.suppress(h11.LocalProtocolError, OSError):
-                        await self.send_reply(_error(exc.error_status_hint, str(exc)))
+                request = await self._read_request()
+                if request is None:
                     return
-                reply = await self._handle(request)
-                if reply is not None:
-                    await self.send_reply(reply)
-                else:
-                    await self._send(h11.EndOfMessage())
-                if self.h11.our_state is h11.MUST_CLOSE or (reply and reply.status == 503):
+                if isinstance(request, Reply):  # not a usable request: answer, then close
+                    with contextlib.suppress(OSError):
+                        await self.send_reply(request)
+                    return
+                reply = await self._answer(request)
+                if reply is None:  # the handler streamed (or answered) itself: end, close
+                    if self.h11.our_state is h11.SEND_BODY:
+                        await self._send(h11.EndOfMessage())
+                    return
+                await self.send_reply(reply)
+                if reply.close or self.h11.our_state is not h11.DONE:
                     return
                 self.h11.start_next_cycle()
         except (TimeoutError, OSError):
             return
+        except h11.LocalProtocolError:
+            log.exception("localapi: internal HTTP error; closing the connection")
+
+    async def _read_request(self) -> h11.Request | Reply | None:
+        """The next whole request (its body read and dropped), a Reply answering one that
+        is malformed or too large, or None when the client closed the connection.
+
+        Reads stay bounded: h11 buffers at most MAX_REQUEST bytes of headers, and a body
+        over MAX_REQUEST (declared or sent) is refused with 413 before it is all read.
+        """
+        self._head = False
+        try:
+            ev = await self._next_event()
+            if isinstance(ev, h11.ConnectionClosed):
+                return None
+            if not isinstance(ev, h11.Request):  # h11 starts every cycle with a Request
+                return _error(400, f"bad request: unexpected {type(ev).__name__}", close=True)
+            request = ev
+            self._head = request.method == b"HEAD"
+            too_large = _error(413, f"request body over {MAX_REQUEST} bytes", close=True)
+            for name, value in request.headers:
+                if name == b"content-length" and (not value.isdigit() or int(value) > MAX_REQUEST):
+                    return too_large
+            size = 0
+            while True:
+                ev = await self._next_event()
+                if isinstance(ev, h11.EndOfMessage):
+                    return request
+                if isinstance(ev, h11.ConnectionClosed):
+                    return None
+                if isinstance(ev, h11.Data):
+                    size += len(ev.data)
+                    if size > MAX_REQUEST:
+                        return too_large
+        except h11.RemoteProtocolError as exc:
+            log.warning("localapi: bad request: %s", exc)
+            return _error(exc.error_status_hint, f"bad request: {exc}", close=True)
+
+    async def _answer(self, request: h11.Request) -> Reply | None:
+        """Dispatch one request; a handler that fails answers 500 (or ends its stream)."""
+        try:
+            return await self._handle(request)
+        except (asyncio.CancelledError, OSError, h11.LocalProtocolError):
+            raise
+        except Exception:
+            log.exception("localapi: %s %r failed", request.method.decode(),
+                          request.target.decode("latin-1"))
+            if self.h11.our_state is not h11.SEND_RESPONSE:
+                return None  # mid-stream: end it and close
+            return _error(500, "internal error in tsnet2d; see its log", close=True)
 
     async def _handle(self, request: h11.Request) -> Reply | None:
         headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
