@@ -151,3 +151,115 @@ def test_parse_poll_query() -> None:
 
 def test_rfc3339() -> None:
     assert api.rfc3339(0) == "1970-01-01T00:00:00Z"
+
+
+# -- issue 9: bounded input -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw", ["web\n", "web\r", "\nweb", "we\x00b", "web\t", "web\x7f", "web\x85"]
+)
+def test_sanitize_hostname_refuses_control_characters(raw: str) -> None:
+    with pytest.raises(ValueError, match="control character"):
+        sanitize_hostname(raw)
+
+
+@pytest.mark.parametrize("tag", ["tag:web\n", "tag:web\r\n", "tag:a\n", "\ntag:a", "tag:é"])
+def test_tags_are_matched_whole(tag: str) -> None:
+    with pytest.raises(ValueError, match="invalid tag"):
+        parse_tags([tag])
+
+
+def test_register_refuses_newline_in_hostname_and_tags() -> None:
+    pub = _pub()
+    with pytest.raises(api.BadRequest, match="control character"):
+        api.parse_register({"public_key": pub, "hostname": "web\n"})
+    with pytest.raises(api.BadRequest, match="invalid tag"):
+        api.parse_register({"public_key": pub, "hostname": "web", "tags": ["tag:web\n"]})
+
+
+def test_public_key_must_be_canonical() -> None:
+    raw = bytes(32)
+    canonical = base64.b64encode(raw).decode()
+    assert canonical.endswith("A=")
+    # 'B' instead of the last 'A' sets padding bits: b64decode gives the same 32 bytes.
+    other = canonical[:-2] + "B="
+    assert base64.b64decode(other) == raw
+    with pytest.raises(ValueError, match="canonical"):
+        validate_public_key(other)
+    with pytest.raises(ValueError, match="public_key"):
+        validate_public_key(canonical + "\n")
+
+
+@pytest.mark.parametrize(
+    "ep",
+    [
+        "[fe80::1%eth0]:51820",
+        "[fe80::1%a\nb]:1",
+        "[1.2.3.4]:1",
+        "1.2.3.4:\u0664\u0661",  # Arabic-Indic digits: int() takes them, we do not
+        "1.2.3.4:1\n",
+        "1.2.3.4:000001",
+    ],
+)
+def test_endpoint_strictness(ep: str) -> None:
+    with pytest.raises(api.BadRequest):
+        api.validate_endpoint(ep)
+
+
+def test_poll_query_is_bounded() -> None:
+    assert api.parse_poll_query("9" * 19, "1", 60) == (int("9" * 19), 1.0)
+    for since in ["9" * 20, "9" * 50_000, " 5", "5\n", "1_000", "\u0664", "+5"]:
+        with pytest.raises(api.BadRequest, match="since"):
+            api.parse_poll_query(since, None, 60)
+    with pytest.raises(api.BadRequest, match="since must be >= 0"):
+        api.parse_poll_query("-3", None, 60)
+    with pytest.raises(api.BadRequest, match="timeout"):
+        api.parse_poll_query("1", "1" * 50_000, 60)
+
+
+def test_json_depth_is_checked_before_parsing() -> None:
+    ok = "[" * api.MAX_JSON_DEPTH + "]" * api.MAX_JSON_DEPTH
+    assert not api.json_too_deep(ok)
+    assert api.json_too_deep("[" + ok + "]")
+    # Brackets inside strings (escaped quotes too) do not count.
+    assert not api.json_too_deep('["' + "[" * 100 + '\\"' + "{" * 100 + '"]')
+    # Siblings are not nesting.
+    assert not api.json_too_deep("[" + "[[]]," * 1000 + "[]]")
+    # Linear time on hostile input: an unterminated string of escaped quotes.
+    assert not api.json_too_deep('"' + '\\"' * 30_000)
+    for body in [b"[" * 60_000, b'{"a":' * 13_000 + b"1" + b"}" * 13_000]:
+        with pytest.raises(api.BadRequest, match="deeper than 32"):
+            api.parse_json_object(body)
+    value: list[object] = []
+    for _ in range(30):
+        value = [value]
+    nested = b'{"a":' + b"[" * 31 + b"]" * 31 + b"}"  # 32 levels: the limit
+    assert api.parse_json_object(nested) == {"a": value}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"n": ' + b"9" * 50_000 + b"}",
+        b'{"n": -' + b"9" * 101 + b"}",
+        b'{"n": 1.' + b"0" * 200 + b"}",
+        b'{"n": 1e' + b"9" * 200 + b"}",
+    ],
+)
+def test_long_numbers_are_refused(body: bytes) -> None:
+    with pytest.raises(api.BadRequest, match="at most 100"):
+        api.parse_json_object(body)
+
+
+def test_json_edge_cases_are_400_not_500() -> None:
+    assert api.parse_json_object(b'{"n": ' + b"9" * 100 + b"}")["n"] == int("9" * 100)
+    for body, message in [
+        (b'{"n": NaN}', "NaN"),
+        (b'{"n": -Infinity}', "Infinity"),
+        (b"\xff{}", "UTF-8"),
+        (b"\xef\xbb\xbf{}", "not valid JSON"),
+        (b'{"a": "\\ud800"', "not valid JSON"),
+    ]:
+        with pytest.raises(api.BadRequest, match=message):
+            api.parse_json_object(body)

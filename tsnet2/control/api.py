@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,6 +25,12 @@ MAX_TAGS = 32
 """Most tags a node may request."""
 MAX_BEARER_TOKEN = 16 * 1024
 """Longest bearer token accepted on ``POST /v1/register`` (e.g. a ServiceAccount JWT)."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects accepted in a request body."""
+MAX_JSON_NUMBER = 100
+"""Longest number (characters, sign and exponent included) accepted in a request body."""
+MAX_SINCE_DIGITS = 19
+"""Longest ``since`` query value: a netmap version is a signed 64-bit integer."""
 
 
 class BadRequest(ValueError):
@@ -89,12 +97,80 @@ class Authenticator(Protocol):
         """Called after the node was created or re-registered for ``identity``."""
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """Decode a JSON object body or raise BadRequest."""
+# A JSON string, or an unterminated one up to the end. Possessive, so each character is
+# looked at once: linear time on any input.
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_JSON_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def json_too_deep(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """True if arrays/objects in ``text`` nest deeper than ``max_depth`` (strings skipped).
+
+    Linear time, no recursion: run before :func:`json.loads`, whose C scanner recurses
+    once per level and raises ``RecursionError`` on deep input.
+    """
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
+    depth = 0
+    for ch in _JSON_NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        if ch == "[" or ch == "{":
+            depth += 1
+            if depth > max_depth:
+                return True
+        elif depth > 0:
+            depth -= 1
+    return False
+
+
+def _number(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if len(text) > MAX_JSON_NUMBER:
+            raise BadRequest(
+                f"request body has a number of {len(text)} characters; "
+                f"at most {MAX_JSON_NUMBER} are accepted"
+            )
+        return convert(text)
+
+    return parse
+
+
+def _constant(name: str) -> Any:
+    raise BadRequest(f"request body is not valid JSON: {name} is not a JSON value")
+
+
+_parse_int = _number(int)
+_parse_float = _number(float)
+
+
+def loads_bounded(raw: bytes) -> Any:
+    """Parse a UTF-8 JSON document with bounded nesting and number length.
+
+    Raises :class:`BadRequest` (never ``RecursionError`` or the ``int`` digit-limit
+    ``ValueError``): nesting deeper than :data:`MAX_JSON_DEPTH` is refused before parsing,
+    numbers longer than :data:`MAX_JSON_NUMBER` characters while parsing (before they are
+    converted), and ``NaN``/``Infinity`` are not JSON.
+    """
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: not UTF-8 ({e.reason})") from None
+    if json_too_deep(text):
+        raise BadRequest(f"request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(
+            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_constant
+        )
+    except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # not reachable after json_too_deep; never a 500 all the same
+        raise BadRequest(
+            f"request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels"
+        ) from None
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object body (see :func:`loads_bounded`) or raise BadRequest."""
+    value = loads_bounded(raw)
     if not isinstance(value, dict):
         raise BadRequest("request body must be a JSON object")
     return value
@@ -116,17 +192,24 @@ def validate_endpoint(value: object) -> str:
     if not isinstance(value, str) or len(value) > 64:
         raise BadRequest(f"endpoint {str(value)[:64]!r} must be a string 'ip:port'")
     host, sep, port = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        sep = ""
+    ok = (
+        sep == ":"
+        and len(port) <= 5
+        and port.isascii()
+        and port.isdigit()
+        and 0 < int(port) < 65536
+    )
     try:
-        ipaddress.ip_address(host)
-        port_ok = sep == ":" and port.isdigit() and 0 < int(port) < 65536
+        if host.startswith("[") and host.endswith("]"):
+            # No zone ("%eth0"): it means nothing to a peer, and it may hold any byte.
+            ipaddress.IPv6Address(host[1:-1])
+            ok = ok and "%" not in host
+        else:
+            ipaddress.IPv4Address(host)
     except ValueError:
-        port_ok = False
-    if not port_ok:
-        raise BadRequest(f"endpoint {value!r} must be 'ip:port' or '[ipv6]:port'")
+        ok = False
+    if not ok:
+        raise BadRequest(f"endpoint {value!r} must be 'ip:port' (IPv4) or '[ipv6]:port'")
     return value
 
 
@@ -197,16 +280,22 @@ def parse_poll_query(
     since: str | None, timeout: str | None, max_timeout: float
 ) -> tuple[int, float]:
     """Validate the netmap query; ``timeout`` is capped at ``max_timeout`` (default 0)."""
+    if since is None or since == "":
+        since_v = 0
+    elif since.startswith("-") and since[1:].isascii() and since[1:].isdigit():
+        raise BadRequest("since must be >= 0")
+    elif not (since.isascii() and since.isdigit()) or len(since) > MAX_SINCE_DIGITS:
+        raise BadRequest(
+            f"since must be an integer netmap version (at most {MAX_SINCE_DIGITS} digits)"
+        )
+    else:
+        since_v = int(since)
     try:
-        since_v = int(since) if since not in (None, "") else 0
-    except ValueError:
-        raise BadRequest("since must be an integer netmap version") from None
-    try:
+        if timeout is not None and len(timeout) > 32:
+            raise ValueError(timeout)
         timeout_v = float(timeout) if timeout not in (None, "") else 0.0
     except ValueError:
         raise BadRequest("timeout must be a number of seconds") from None
-    if since_v < 0:
-        raise BadRequest("since must be >= 0")
     if not timeout_v >= 0 or timeout_v == float("inf"):
         raise BadRequest("timeout must be a finite number of seconds >= 0")
     return since_v, min(timeout_v, max_timeout)

@@ -10,8 +10,10 @@ MAX_LABEL = 63
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
 _DASHES = re.compile(r"-{2,}")
-_TAG = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
-_DOMAIN_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# Used with fullmatch(): a pattern ending in "$" would also accept a trailing "\n".
+_TAG = re.compile(r"tag:[A-Za-z0-9][A-Za-z0-9-]{0,62}")
+_DOMAIN_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def sanitize_hostname(raw: str) -> str:
@@ -19,8 +21,11 @@ def sanitize_hostname(raw: str) -> str:
 
     Characters outside the set become ``-``, runs of ``-`` collapse, leading and trailing
     ``-`` go, and the result is cut to 63 characters. Raises ``ValueError`` if nothing
-    usable is left.
+    usable is left, or if ``raw`` holds a control character (``"web\\n"`` is refused, not
+    read as ``web``).
     """
+    if _CONTROL.search(raw):
+        raise ValueError(f"hostname {raw[:80]!r} contains a control character")
     first = raw.strip().split(".", 1)[0].lower()
     name = _DASHES.sub("-", _INVALID.sub("-", first)).strip("-")
     name = name[:MAX_LABEL].rstrip("-")
@@ -41,7 +46,7 @@ def name_candidates(base: str) -> Iterator[str]:
 
 def validate_tag(tag: str) -> str:
     """Return ``tag`` if it is ``tag:<name>`` (letters, digits, ``-``), else raise ValueError."""
-    if not _TAG.match(tag):
+    if not _TAG.fullmatch(tag):
         raise ValueError(
             f"invalid tag {tag[:80]!r}: tags look like 'tag:name' (letters, digits and '-')"
         )
@@ -57,6 +62,6 @@ def validate_domain(domain: str) -> str:
     """Return the tailnet domain lowercased without a trailing dot; raise ValueError if bad."""
     d = domain.strip().lower().rstrip(".")
     labels = d.split(".")
-    if not d or len(d) > 253 or not all(_DOMAIN_LABEL.match(label) for label in labels):
+    if not d or len(d) > 253 or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
         raise ValueError(f"invalid tailnet domain {domain!r}")
     return d

@@ -40,11 +40,14 @@ def hash_secret(secret: str) -> str:
 
 
 def validate_public_key(value: str) -> str:
-    """Return ``value`` if it is a standard base64 32-byte WireGuard key, else raise ValueError."""
+    """Return ``value`` if it is a canonical standard-base64 32-byte key, else raise ValueError."""
     try:
         raw = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise ValueError("public_key must be a base64 WireGuard key (32 bytes)") from None
     if len(raw) != 32:
         raise ValueError(f"public_key must decode to 32 bytes, got {len(raw)}")
+    if base64.b64encode(raw).decode("ascii") != value:
+        # Same 32 bytes, other spelling (non-zero padding bits): one key, one string.
+        raise ValueError("public_key is not in canonical base64 (as wg genkey prints it)")
     return value
