@@ -29,6 +29,7 @@ from tsnet2.proto.channels import (
     ChannelKind,
     parse_channel_byte,
 )
+from tsnet2.proto.codes import ErrorCode, parse_code
 from tsnet2.proto.control import (
     ControlClientCore,
     ControlServerCore,
@@ -48,12 +49,15 @@ from tsnet2.proto.datapath import (
     decode_dial_reply,
     decode_dial_request,
     encode_accept_header,
+    encode_accept_refusal,
     encode_accept_request,
     encode_dial_reply,
     encode_dial_request,
 )
 from tsnet2.proto.errors import (
     AddressError,
+    ChannelRefused,
+    FrameError,
     LineTooLong,
     LocalProtocolError,
     ProtocolError,
@@ -84,10 +88,13 @@ __all__ = [
     "AddressError",
     "CertDomainsResult",
     "ChannelKind",
+    "ChannelRefused",
     "ControlClientCore",
     "ControlServerCore",
     "DialReply",
     "DialRequest",
+    "ErrorCode",
+    "FrameError",
     "IPAddress",
     "LineReader",
     "LineTooLong",
@@ -110,6 +117,7 @@ __all__ = [
     "decode_dial_request",
     "decode_frame",
     "encode_accept_header",
+    "encode_accept_refusal",
     "encode_accept_request",
     "encode_dial_reply",
     "encode_dial_request",
@@ -121,6 +129,7 @@ __all__ = [
     "go_time_ns",
     "new_id",
     "parse_channel_byte",
+    "parse_code",
     "parse_listen_addr",
     "split_host_port",
 ]

@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from tsnet2.proto._decode import get_str, get_uint64, parse_json, parse_json_object, type_name
 from tsnet2.proto.channels import MAX_CONTROL_LINE
-from tsnet2.proto.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tsnet2.proto.codes import ErrorCode, parse_code
+from tsnet2.proto.errors import (
+    ChannelRefused,
+    FrameError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from tsnet2.proto.gojson import go_json
 from tsnet2.proto.lines import LineReader
 
@@ -45,12 +53,14 @@ class Request:
 class Response:
     """A control reply: ``result`` on success, or ``error`` (a message) on failure.
 
-    When a peer sends both, ``error`` wins (that is what the Go client does).
+    When a peer sends both, ``error`` wins (that is what the Go client does). ``code`` is
+    our additive ``"code"`` key on error replies (:class:`ErrorCode`); None when absent.
     """
 
     id: int
     result: dict[str, Any] | None = None
     error: str | None = None
+    code: ErrorCode | None = None
 
     @property
     def ok(self) -> bool:
@@ -114,6 +124,8 @@ def encode_response(resp: Response) -> bytes:
         if resp.result is not None:
             raise LocalProtocolError("a reply carries either a result or an error, not both")
         frame["error"] = resp.error
+        if resp.code is not None:
+            frame["code"] = str(resp.code)
     else:
         frame["result"] = _b64_json(resp.result if resp.result is not None else {})
     return _line(frame)
@@ -156,10 +168,24 @@ def decode_frame(line: bytes) -> Request | Response:
             raise RemoteProtocolError('control frame: "method" must not be empty')
         return Request(id_, method, _decode_doc(frame.get("params"), "params"))
     error = get_str(frame, "error", what)
-    result = _decode_doc(frame.get("result"), "result")
     if error:
-        return Response(id_, None, error)
+        return Response(id_, None, error, parse_code(frame.get("code")))
+    result = _decode_doc(frame.get("result"), "result")
     return Response(id_, result, None)
+
+
+_ID_PREFIX = re.compile(rb'\A\s*\{\s*"id"\s*:\s*([0-9]{1,20})\s*[,}]')
+
+
+def _salvage_id(line: bytes) -> int:
+    """The id of a frame that failed to decode, when it can still be read; else 0."""
+    try:
+        frame = parse_json_object(line, "control frame", MAX_CONTROL_LINE)
+        id_ = get_uint64(frame, "id", "control frame")
+    except RemoteProtocolError:
+        m = _ID_PREFIX.match(line)
+        id_ = int(m.group(1)) if m else 0
+    return id_ if 0 <= id_ <= _MAX_ID else 0
 
 
 def _is_blank(line: bytes) -> bool:
@@ -171,7 +197,9 @@ class ControlClientCore:
 
     Ids start at 1 and increase. Replies may arrive in any order. Replies to ids that are
     not pending (never sent, or :meth:`cancel`-ed) are dropped, as are frames with id 0
-    (reserved for notifications) and requests from the daemon.
+    (reserved for notifications) and requests from the daemon, except an id-0 *error*
+    frame: the daemon says why it is closing the channel (for example a uid it refuses),
+    and :meth:`receive_data` raises :class:`ChannelRefused` with that reason.
     """
 
     def __init__(self) -> None:
@@ -216,7 +244,11 @@ class ControlClientCore:
                 if _is_blank(line):
                     continue
                 frame = decode_frame(line)
-                if isinstance(frame, Request) or frame.id == 0:
+                if isinstance(frame, Request):
+                    continue
+                if frame.id == 0:
+                    if frame.error:
+                        raise ChannelRefused(frame.error, str(frame.code or ""))
                     continue
                 if frame.id in self._pending:
                     self._pending.discard(frame.id)
@@ -234,8 +266,8 @@ class ControlClientCore:
 class ControlServerCore:
     """The daemon side of the control channel: parses requests and encodes replies.
 
-    A malformed line yields a :class:`RemoteProtocolError` item and parsing continues with
-    the next line (the daemon may answer it or log it). A line over
+    A malformed line yields a :class:`FrameError` item (with the frame's id when it could
+    be read, so the daemon answers it) and parsing continues with the next line. A line over
     :data:`MAX_CONTROL_LINE` is fatal: :meth:`receive_data` raises :class:`LineTooLong`.
     """
 
@@ -267,13 +299,13 @@ class ControlServerCore:
             try:
                 frame = decode_frame(line)
             except RemoteProtocolError as e:
-                out.append(e)
+                out.append(FrameError(str(e), _salvage_id(line)))
                 continue
             if isinstance(frame, Response):
                 out.append(
-                    RemoteProtocolError(
+                    FrameError(
                         f'control frame id {frame.id}: expected a request (with "method"), '
-                        "got a reply"
+                        "got a reply", frame.id,
                     )
                 )
                 continue
@@ -284,6 +316,10 @@ class ControlServerCore:
         """Encode a success reply (``None`` is sent as ``{}``)."""
         return encode_response(Response(id_, result if result is not None else {}))
 
-    def reply_error(self, id_: int, message: str) -> bytes:
-        """Encode an error reply with a message the app can act on."""
-        return encode_response(Response(id_, None, message))
+    def reply_error(self, id_: int, message: str, code: ErrorCode | None = None) -> bytes:
+        """Encode an error reply with a message the app can act on (and its code)."""
+        return encode_response(Response(id_, None, message, code))
+
+    def refuse(self, message: str, code: ErrorCode) -> bytes:
+        """Encode the id-0 error frame sent just before the daemon closes the channel."""
+        return encode_response(Response(0, None, message, code))

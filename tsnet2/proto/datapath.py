@@ -12,7 +12,8 @@ from typing import Any
 
 from tsnet2.proto._decode import get_bool, get_str, parse_json_object
 from tsnet2.proto.channels import MAX_HEADER_LINE
-from tsnet2.proto.errors import LocalProtocolError, RemoteProtocolError
+from tsnet2.proto.codes import ErrorCode, parse_code
+from tsnet2.proto.errors import ChannelRefused, LocalProtocolError, RemoteProtocolError
 from tsnet2.proto.gojson import go_json
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "decode_dial_reply",
     "decode_dial_request",
     "encode_accept_header",
+    "encode_accept_refusal",
     "encode_accept_request",
     "encode_dial_reply",
     "encode_dial_request",
@@ -55,6 +57,7 @@ class DialReply:
     err: str = ""
     local: str = ""
     remote: str = ""
+    code: ErrorCode | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,16 +98,20 @@ def decode_dial_request(line: bytes) -> DialRequest:
     return DialRequest(op, get_str(doc, "network", w), get_str(doc, "addr", w))
 
 
-def encode_dial_reply(ok: bool, err: str = "", local: str = "", remote: str = "") -> bytes:
-    """``{"ok":true}\\n`` or ``{"ok":false,"err":"..."}\\n``.
+def encode_dial_reply(ok: bool, err: str = "", local: str = "", remote: str = "",
+                      code: ErrorCode | None = None) -> bytes:
+    """``{"ok":true}\\n`` or ``{"ok":false,"err":"...","code":"..."}\\n``.
 
-    ``local``/``remote`` are appended when non-empty (additive; old clients ignore them).
+    ``local``/``remote`` are appended when non-empty, ``code`` on failures (additive; old
+    clients ignore them).
     """
     if not ok and not err:
         raise LocalProtocolError("a failed dial reply needs an error message")
     doc: dict[str, Any] = {"ok": bool(ok)}
     if err:
         doc["err"] = err
+    if code is not None and not ok:
+        doc["code"] = str(code)
     if local:
         doc["local"] = local
     if remote:
@@ -121,6 +128,7 @@ def decode_dial_reply(line: bytes) -> DialReply:
         err=get_str(doc, "err", w),
         local=get_str(doc, "local", w),
         remote=get_str(doc, "remote", w),
+        code=parse_code(doc.get("code")),
     )
 
 
@@ -145,10 +153,29 @@ def encode_accept_header(listener_id: str, local: str, remote: str) -> bytes:
     return _line({"listener_id": listener_id, "local": local, "remote": remote}, "accept header")
 
 
+def encode_accept_refusal(err: str, code: ErrorCode) -> bytes:
+    """``{"err":"...","code":"..."}\\n``: instead of a header, why a slot is closed.
+
+    The daemon writes it on a parked slot it closes for a reason the app should hear (the
+    node went away, the uid is refused). The prototype's shim cannot decode it and re-parks,
+    exactly as after a plain close.
+    """
+    if not err:
+        raise LocalProtocolError("an accept refusal needs an error message")
+    return _line({"err": err, "code": str(code)}, "accept refusal")
+
+
 def decode_accept_header(line: bytes) -> AcceptHeader:
-    """Decode the header the daemon writes when it hands a flow to a parked slot."""
+    """Decode the header the daemon writes when it hands a flow to a parked slot.
+
+    A refusal line (``encode_accept_refusal``) raises :class:`ChannelRefused`.
+    """
     w = "accept header"
     doc = parse_json_object(line, w, MAX_HEADER_LINE)
+    err = get_str(doc, "err", w)
+    if err and "listener_id" not in doc:
+        code = parse_code(doc.get("code"))
+        raise ChannelRefused(err, str(code or ""))
     return AcceptHeader(
         listener_id=get_str(doc, "listener_id", w),
         local=get_str(doc, "local", w),

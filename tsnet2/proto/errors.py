@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = [
     "AddressError",
+    "ChannelRefused",
+    "FrameError",
     "LineTooLong",
     "LocalProtocolError",
     "ProtocolError",
@@ -26,6 +28,29 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer broke the protocol: bad JSON, wrong types, unknown channel byte, EOF mid-line."""
+
+
+class FrameError(RemoteProtocolError):
+    """A control frame the daemon cannot decode; ``id`` is its id when one could be read.
+
+    The daemon answers it with an error reply for that id (a ``bad_request``), so a client
+    that sent malformed params gets an answer instead of waiting forever.
+    """
+
+    def __init__(self, message: str, id_: int = 0) -> None:
+        super().__init__(message)
+        self.id = id_
+
+
+class ChannelRefused(RemoteProtocolError):
+    """The daemon said why it closes this channel (an id-0 error frame, a refusal line).
+
+    ``code`` is a :class:`tsnet2.proto.codes.ErrorCode` value (a string), ``""`` if none.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class LineTooLong(RemoteProtocolError):
