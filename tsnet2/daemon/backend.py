@@ -17,7 +17,8 @@ import ipaddress
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -27,6 +28,7 @@ from tsnet2.node import Node, NodeError, PeerConfig, PeerState
 from tsnet2.node.endpoint import detect_endpoints, parse_endpoint
 from tsnet2.node.guard import Guard
 from tsnet2.node.keys import load_or_create_private_key, public_key_b64
+from tsnet2.proto.codes import ErrorCode
 
 log = logging.getLogger("tsnet2d.backend")
 
@@ -37,6 +39,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NODE_FILE = "node.json"
 POLL_TIMEOUT = 25.0  # seconds a netmap long-poll may wait; the server caps it too
 RETRY_MAX = 2.0  # longest pause between attempts to reach a control server that is down
+NODE_CHECK_INTERVAL = 2.0  # seconds between checks that the WireGuard device still runs
 
 
 class State(enum.IntEnum):
@@ -52,12 +55,15 @@ class State(enum.IntEnum):
 class BackendError(Exception):
     """A start or lookup failed; the message is meant for the app's user.
 
-    `reason` is a short, bounded word for metrics and reject records ("no_such_peer", ...).
+    `reason` is a short, bounded word for metrics and reject records ("no_such_peer", ...);
+    `code` is what the client is told (an additive wire field; see tsnet2.proto.codes).
     """
 
-    def __init__(self, message: str, reason: str = "other") -> None:
+    def __init__(self, message: str, reason: str = "other",
+                 code: ErrorCode = ErrorCode.OTHER) -> None:
         super().__init__(message)
         self.reason = reason
+        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,7 @@ class Backend:
         self.state_dir = state_dir
         self.device_config = device
         self.state = State.NO_STATE
+        self.state_since = time.monotonic()  # when `state` last changed
         self.params: StartParams | None = None
         self.domain = ""
         self.self_node: dict[str, Any] | None = None
@@ -139,6 +146,9 @@ class Backend:
         self._control: ControlClient | None = None
         self._credential = ""
         self._poll_task: asyncio.Task[None] | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
+        self.lost_reason: str | None = None  # why a running node died (device gone)
+        self.on_lost: Callable[[], None] | None = None  # told once when `lost_reason` is set
         self._changed = asyncio.Condition()
         self._change_seq = 0
         self._lock = asyncio.Lock()
@@ -156,9 +166,11 @@ class Backend:
                 return
             if not params.control_url:
                 raise BackendError(
-                    "no control server: set Server.control_url or TS_CONTROL_URL for tsnet2d"
+                    "no control server: set Server.control_url or TS_CONTROL_URL for tsnet2d",
+                    code=ErrorCode.CONTROL_UNAVAILABLE,
                 )
             self.params = params
+            self.lost_reason = None
             await self._set_state(State.STARTING)
             try:
                 await self._bring_up(params)
@@ -194,7 +206,8 @@ class Backend:
                                    f"{params.token_file}: {exc.strerror}") from exc
         if not credential and not auth_key and not token:
             raise BackendError(
-                "no auth key: set Server.auth_key, or TS_AUTHKEY for tsnet2d, to join the tailnet"
+                "no auth key: set Server.auth_key, or TS_AUTHKEY for tsnet2d, to join the tailnet",
+                code=ErrorCode.AUTH_FAILED,
             )
         try:
             reg = await self._control.register(
@@ -239,9 +252,9 @@ class Backend:
         netmap = await self._control.netmap(self._credential, since=0, timeout=0)
         await self._apply_netmap(netmap)
         self.control_connected = True
-        self._poll_task = asyncio.get_running_loop().create_task(
-            self._poll_loop(), name="tsnet2d-netmap-poll"
-        )
+        loop = asyncio.get_running_loop()
+        self._poll_task = loop.create_task(self._poll_loop(), name="tsnet2d-netmap-poll")
+        self._monitor_task = loop.create_task(self._monitor_loop(), name="tsnet2d-node-monitor")
 
     async def stop(self, *, deregister: bool | None = None) -> None:
         """Take the node down. Ephemeral nodes leave the tailnet (deregister) by default."""
@@ -254,11 +267,12 @@ class Backend:
             await self._set_state(State.NO_STATE)
 
     async def _teardown(self, *, deregister: bool) -> None:
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poll_task
-            self._poll_task = None
+        for task in (self._poll_task, self._monitor_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._poll_task = self._monitor_task = None
         if self._control is not None:
             if deregister and self._credential:
                 try:
@@ -283,6 +297,34 @@ class Backend:
         self.peers = []
         self._reindex()
 
+    # ---- health ----------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        """Watch the device; when it dies, say so once (`lost_reason`, `on_lost`) and stop.
+
+        The owner (the daemon) then takes the node down and, if it should be up, starts it
+        again; the backend does not restart itself.
+        """
+        while True:
+            await asyncio.sleep(NODE_CHECK_INTERVAL)
+            node = self._node
+            if node is None:
+                return
+            try:
+                await asyncio.to_thread(node.check)
+            except NodeError as exc:
+                self._lost(str(exc))
+                return
+
+    def _lost(self, reason: str) -> None:
+        if self.lost_reason is not None or self.state != State.RUNNING:
+            return
+        log.error("node lost: %s", reason)
+        self.lost_reason = reason
+        self.last_error = f"node lost: {reason}"
+        if self.on_lost is not None:
+            self.on_lost()
+
     # ---- netmap ----------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
@@ -306,7 +348,11 @@ class Backend:
                 log.info("control server reachable again")
                 self.control_connected = True
             if netmap.get("version", 0) != self.netmap_version:
-                await self._apply_netmap(netmap)
+                try:
+                    await self._apply_netmap(netmap)
+                except NodeError as exc:  # the device died under us
+                    self._lost(f"cannot apply the netmap: {exc}")
+                    return
 
     async def _apply_netmap(self, netmap: dict[str, Any]) -> None:
         self.self_node = netmap.get("self") or self.self_node
@@ -406,9 +452,10 @@ class Backend:
             if ip not in TAILNET_V4 and ip not in TAILNET_V6:
                 raise BackendError(f"{ip} is not a tailnet address (100.64.0.0/10 or "
                                    "fd7a:115c:a1e0::/48); tsnet2 dials tailnet peers only",
-                                   "no_such_peer")
+                                   "no_such_peer", ErrorCode.NO_SUCH_PEER)
             if self.node_by_ip(ip) is None:
-                raise BackendError(f"no tailnet node has address {ip}", "no_such_peer")
+                raise BackendError(f"no tailnet node has address {ip}", "no_such_peer",
+                                   ErrorCode.NO_SUCH_PEER)
             return ip
         name = host.rstrip(".").lower()
         for node in self.nodes():
@@ -417,9 +464,10 @@ class Backend:
                 candidates = [a for a in _node_ips(node) if family in (None, a.version)]
                 if not candidates:
                     raise BackendError(f"{host} has no IPv{family} tailnet address",
-                                       "no_such_peer")
+                                       "no_such_peer", ErrorCode.NO_SUCH_PEER)
                 return candidates[0]
-        raise BackendError(f"no tailnet node named {host!r}", "no_such_peer")
+        raise BackendError(f"no tailnet node named {host!r}", "no_such_peer",
+                           ErrorCode.NO_SUCH_PEER)
 
     def peer_stats(self) -> dict[str, PeerState]:
         """WireGuard counters per peer public key (base64), empty when the device is down."""
@@ -449,6 +497,8 @@ class Backend:
     # ---- change notification (IPN bus) -----------------------------------------------
 
     async def _set_state(self, state: State) -> None:
+        if state != self.state:
+            self.state_since = time.monotonic()
         self.state = state
         await self._notify()
 
@@ -457,16 +507,37 @@ class Backend:
             self._change_seq += 1
             self._changed.notify_all()
 
-    async def wait_running(self, timeout: float | None) -> None:
-        """Wait until the node runs; raise BackendError if it stops or fails meanwhile."""
+    def down_error(self) -> BackendError:
+        """Why the node is not running, as the error a client is told."""
+        if self.state == State.NEEDS_LOGIN:
+            return BackendError(self.last_error or "the control server refused the node's "
+                                "credentials", code=ErrorCode.AUTH_FAILED)
+        if self.params is None:
+            return BackendError("daemon: backend not started; call Start first",
+                                code=ErrorCode.NOT_STARTED)
+        if self.state == State.STARTING:
+            return BackendError("daemon: node is starting" + (
+                f" (last attempt: {self.last_error})" if self.last_error else ""),
+                code=ErrorCode.NODE_DOWN)
+        return BackendError(f"daemon: node is not running: {self.last_error or 'stopped'}",
+                            code=ErrorCode.NODE_DOWN)
+
+    async def wait_running(self, timeout: float | None,
+                           retrying: Callable[[], bool] | None = None) -> None:
+        """Wait until the node runs; raise BackendError if it stops or fails meanwhile.
+
+        While `retrying()` is true (someone will start the node again: `tsnet2d --up`),
+        stopped and failed states are waited through, as the prototype's `up` does.
+        """
         async def wait() -> None:
             async with self._changed:
                 while self.state != State.RUNNING:
-                    if self.state in (State.NO_STATE, State.STOPPED, State.NEEDS_LOGIN):
-                        msg = self.last_error or "node is not started; call start() first"
-                        raise BackendError(msg)
+                    if (self.state in (State.NO_STATE, State.STOPPED, State.NEEDS_LOGIN)
+                            and not (retrying is not None and retrying())):
+                        raise self.down_error()
                     await self._changed.wait()
-        await asyncio.wait_for(wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await wait()
 
     async def changes(self) -> AsyncIterator[int]:
         """Yield once now and then after every state or netmap change (for the IPN bus)."""

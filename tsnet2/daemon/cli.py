@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 from tsnet2.daemon.backend import DeviceConfig
-from tsnet2.daemon.server import Daemon, DaemonConfig, DaemonError
+from tsnet2.daemon.server import (
+    NODE_DOWN_GRACE,
+    WATCHDOG_TIMEOUT,
+    Daemon,
+    DaemonConfig,
+    DaemonError,
+)
 
 USAGE_EXIT = 2
 MAX_GID = 2**32 - 2  # (gid_t)-1 means "unchanged" to chown
@@ -81,14 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", default=os.environ.get("TSNET2_HOSTNAME", ""),
                    help="hostname when the app gives none (default: the machine's)")
     p.add_argument("--up", action="store_true",
-                   help="start the node at once from flags and environment, without "
-                   "waiting for an app's start call")
+                   help="keep the node up from flags and environment, without waiting for an "
+                   "app's start call: failed starts are retried (backoff 1 s doubling to "
+                   "60 s, for as long as it takes) and a node whose device dies is started "
+                   "again. Without --up the node runs while an app holds it (called start, "
+                   "not yet close)")
     p.add_argument("--ephemeral", action="store_true",
                    help="with --up: register as an ephemeral node")
     p.add_argument("--advertise-tags", default="", metavar="TAGS",
                    help="with --up: comma-separated tags to request")
     p.add_argument("--metrics-addr", metavar="HOST:PORT",
-                   help="serve /metrics, /healthz and /readyz on this address (off by default)")
+                   help="serve /metrics, /healthz (liveness: fails when the daemon cannot "
+                   "serve, or a node that should run has been down --node-down-grace "
+                   "seconds) and /readyz (the node is up and serving) on this address "
+                   "(off by default)")
+    p.add_argument("--node-down-grace", metavar="SECONDS", type=float,
+                   default=NODE_DOWN_GRACE,
+                   help=f"how long a node that should run may be down before /healthz fails "
+                   f"(default {NODE_DOWN_GRACE:g})")
+    p.add_argument("--watchdog", metavar="SECONDS", type=float, default=WATCHDOG_TIMEOUT,
+                   help=f"exit (status 70, with every thread's stack on stderr) when the "
+                   f"event loop is stuck this long; 0 turns it off (default "
+                   f"{WATCHDOG_TIMEOUT:g})")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
 
@@ -168,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tsnet2d: {exc}", file=sys.stderr)
         return USAGE_EXIT
+    if args.watchdog < 0 or args.node_down_grace < 0:
+        print("tsnet2d: --watchdog and --node-down-grace take seconds >= 0", file=sys.stderr)
+        return USAGE_EXIT
     soft, hard = raise_fd_limit()
     logging.getLogger("tsnet2d").info("open files limit: soft %d, hard %d", soft, hard)
     state_dir = Path(args.state_dir)
@@ -197,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         advertise_tags=tuple(t for t in args.advertise_tags.split(",") if t),
         auto_start=args.up,
         metrics_addr=metrics_addr,
+        watchdog_timeout=args.watchdog,
+        node_down_grace=args.node_down_grace,
     )
 
     def ready() -> None:

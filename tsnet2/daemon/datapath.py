@@ -28,11 +28,13 @@ from tsnet2.daemon.metrics import Metrics
 from tsnet2.daemon.splice import Splice
 from tsnet2.node import NodeError
 from tsnet2.node.nflog import NflogReader
+from tsnet2.proto import ErrorCode
 from tsnet2.traffic import Flow, RejectReason, TrafficLog, TrafficLogError
 
 log = logging.getLogger("tsnet2d.datapath")
 
 DIAL_TIMEOUT = 30.0  # seconds for the kernel TCP connect to a peer
+OFFLINE_DIAL_TIMEOUT = 3.0  # the same for a peer the control server reports offline
 HEADER_TIMEOUT = 10.0  # seconds for a client to send its header line
 SLOT_WAIT = 10.0  # seconds an inbound flow waits for a parked slot before it is dropped
 MAX_SLOTS = 64  # parked slots per listener; more are refused (a client parks 2 by default)
@@ -52,7 +54,12 @@ REJECT_REASON: dict[str, RejectReason] = {
 
 
 class ListenError(Exception):
-    """A listener could not be registered; the message is for the app."""
+    """A listener could not be registered; the message is for the app, `code` for its
+    client library (EADDRINUSE is `address_in_use`)."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.OTHER) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass(eq=False)
@@ -106,17 +113,22 @@ class Datapath:
         try:
             la = proto.parse_listen_addr(network, addr)
         except proto.AddressError as exc:
-            raise ListenError(f"daemon: {exc}") from exc
+            raise ListenError(f"daemon: {exc}", ErrorCode.BAD_REQUEST) from exc
         if not self.backend.running:
             try:
                 await self.backend.wait_running(timeout=10)
-            except (BackendError, TimeoutError) as exc:
-                raise ListenError("daemon: node is not running; call up() first") from exc
+            except BackendError as exc:
+                raise ListenError(f"daemon: cannot listen: {exc}", exc.code) from exc
+            except TimeoutError as exc:
+                down = self.backend.down_error()
+                raise ListenError(f"daemon: cannot listen, the node is not running: {down}",
+                                  down.code) from exc
         v4, v6 = self.backend.addresses()
         ips: list[IPAddress] = []
         if la.host is not None and not la.host.is_unspecified:
             if la.host not in (v4, v6):
-                raise ListenError(f"daemon: {la.host} is not one of this node's addresses")
+                raise ListenError(f"daemon: {la.host} is not one of this node's addresses",
+                                  ErrorCode.BAD_REQUEST)
             ips = [la.host]
         else:
             if la.network in ("tcp", "tcp4") and v4 is not None:
@@ -124,11 +136,13 @@ class Datapath:
             if la.network in ("tcp", "tcp6") and v6 is not None:
                 ips.append(v6)
         if not ips:
-            raise ListenError(f"daemon: node has no address for {la.network}")
+            raise ListenError(f"daemon: node has no address for {la.network}",
+                              ErrorCode.BAD_REQUEST)
         for other in self.listeners.values():
             if other.port == la.port and la.port != 0 and set(other.ips) & set(ips):
                 raise ListenError(
-                    f"daemon: listener already registered for {{{other.network} {la.port}}}"
+                    f"daemon: listener already registered for {{{other.network} {la.port}}}",
+                    ErrorCode.ADDRESS_IN_USE,
                 )
         socks = self._bind(ips, la.port)
         port = socks[0].getsockname()[1]
@@ -143,8 +157,11 @@ class Datapath:
                  ", ".join(str(i) for i in ips))
         return lst
 
-    def _bind(self, ips: list[IPAddress], port: int) -> list[socket.socket]:
+    def _bind(self, ips: list[IPAddress], requested: int) -> list[socket.socket]:
+        """Bind `requested` (0: any free port) on every address; a fixed port that is taken
+        is an error (`address_in_use`), never silently replaced by another one."""
         for _attempt in range(16):
+            port = requested
             socks: list[socket.socket] = []
             try:
                 for ip in ips:
@@ -165,13 +182,14 @@ class Datapath:
             except OSError as exc:
                 for s in socks:
                     s.close()
-                if exc.errno == errno.EADDRINUSE and port != 0 and len(socks) > 1:
-                    port = 0  # an ephemeral port taken on the other family: pick another
-                    continue
+                if exc.errno == errno.EADDRINUSE and requested == 0 and len(socks) > 1:
+                    continue  # an ephemeral port taken on the other family: pick another
                 if exc.errno == errno.EADDRINUSE:
-                    raise ListenError(f"daemon: port {port} is in use") from exc
+                    raise ListenError(f"daemon: port {port} is in use on this node "
+                                      f"({', '.join(map(str, ips))}); pick another port",
+                                      ErrorCode.ADDRESS_IN_USE) from exc
                 raise ListenError(f"daemon: cannot listen: {exc}") from exc
-        raise ListenError("daemon: no free port on every address")
+        raise ListenError("daemon: no free port on every address", ErrorCode.ADDRESS_IN_USE)
 
     async def unregister_listener(self, listener_id: str) -> bool:
         """Close a listener, its sockets and its parked slots. False if the id is unknown."""
@@ -234,6 +252,17 @@ class Datapath:
         """Unregister every listener a (now disconnected) control connection owned."""
         for lst in [x for x in self.listeners.values() if x.owner is owner]:
             await self.unregister_listener(lst.id)
+
+    async def node_down(self, message: str) -> None:
+        """The node goes away: every parked slot is told `message` (code node_down) before
+        its listener goes, and live flows are cut (and logged)."""
+        refusal = proto.encode_accept_refusal(message, ErrorCode.NODE_DOWN)
+        for lst in self.listeners.values():
+            for slot in lst.slots:
+                if not slot.handed.done():
+                    with contextlib.suppress(OSError):
+                        slot.sock.send(refusal)  # a slot's buffer is empty: never blocks
+        await self.close_all()
 
     async def close_all(self) -> None:
         """Daemon or node shutdown: listeners go, live flows are cut (and logged)."""
@@ -408,7 +437,8 @@ class Datapath:
         if not self._log_ready("out", remote=req.addr):
             with contextlib.suppress(OSError):
                 await loop.sock_sendall(sock, proto.encode_dial_reply(
-                    False, err="daemon: traffic log unavailable; refusing new flows"))
+                    False, err="daemon: traffic log unavailable; refusing new flows",
+                    code=ErrorCode.LOG_UNAVAILABLE))
             return False
         connect = loop.create_task(self._connect(req.network or "tcp", req.addr))
         early = await self._watch_app_while(connect, sock, bytearray(reader.take_rest()))
@@ -420,18 +450,19 @@ class Datapath:
             peer = connect.result()
         except (BackendError, OSError, TimeoutError, ValueError) as exc:
             msg = str(exc) or type(exc).__name__
-            if isinstance(exc, TimeoutError):
+            code = ErrorCode.DIAL_FAILED
+            if isinstance(exc, BackendError):
+                reason, code = exc.reason, exc.code
+            elif isinstance(exc, TimeoutError):
                 msg = f"dial {req.addr}: timed out after {DIAL_TIMEOUT:.0f}s"
                 reason = "dial_timeout"
-            elif isinstance(exc, BackendError):
-                reason = exc.reason
             elif isinstance(exc, ValueError):
-                reason = "bad_request"
+                reason, code = "bad_request", ErrorCode.BAD_REQUEST
             else:
                 reason = "dial_failed"
             self._refuse("out", reason, remote=req.addr, error=msg)
             with contextlib.suppress(OSError):
-                await loop.sock_sendall(sock, proto.encode_dial_reply(False, err=msg))
+                await loop.sock_sendall(sock, proto.encode_dial_reply(False, err=msg, code=code))
             return False
         local = _sockaddr(peer.getsockname())
         remote = _sockaddr(peer.getpeername())
@@ -490,20 +521,35 @@ class Datapath:
     async def _connect(self, network: str, addr: str) -> socket.socket:
         if network not in ("tcp", "tcp4", "tcp6"):
             raise BackendError(f"unsupported network {network!r}: tsnet2 dials tcp only",
-                               "bad_request")
+                               "bad_request", ErrorCode.BAD_REQUEST)
         if not self.backend.running:
-            raise BackendError("daemon: backend not started; call Start first", "not_running")
+            down = self.backend.down_error()
+            raise BackendError(str(down), "not_running", down.code)
         host, port = proto.split_host_port(addr)
         family = {"tcp4": 4, "tcp6": 6}.get(network)
         ip = self.backend.resolve(host, family)
+        node = self.backend.node_by_ip(ip)
+        offline = node is not None and node.get("online") is False
         fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
         s = socket.socket(fam, socket.SOCK_STREAM)
         try:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mark(s)
-            async with asyncio.timeout(DIAL_TIMEOUT):
+            # A peer the control server calls offline gets a short try (the netmap may lag
+            # behind a peer that just came back), then a "peer offline" answer.
+            async with asyncio.timeout(OFFLINE_DIAL_TIMEOUT if offline else DIAL_TIMEOUT):
                 await asyncio.get_running_loop().sock_connect(s, (str(ip), port))
+        except (TimeoutError, OSError) as exc:
+            s.close()
+            if offline and node is not None:
+                name = node.get("name") or host
+                seen = node.get("last_seen")
+                raise BackendError(
+                    f"dial {addr}: peer {name!r} is offline (not connected to the control "
+                    f"server{f' since {seen}' if seen else ''}): {exc or 'timed out'}",
+                    "dial_failed", ErrorCode.PEER_OFFLINE) from exc
+            raise
         except BaseException:
             s.close()
             raise

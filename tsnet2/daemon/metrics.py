@@ -24,6 +24,10 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.set_node_up(bool)                            # backend state RUNNING or not
     m.set_control_connected(bool)                  # Backend.control_connected changed
     m.set_netmap_version(int)                      # Backend.netmap_version changed
+    m.node_start_failed(code)                      # a start attempt of --up failed (ErrorCode)
+    m.node_lost()                                  # a running node's device died
+    m.set_sessions(n)                              # control connections now open
+    m.connection_refused(reason)                   # a connection refused (CONN_REFUSE_REASONS)
     m.render() -> bytes                            # text exposition format (HealthServer uses it)
 
 Label values are bounded by construction: `direction`, `stream` and `result` outside their
@@ -48,6 +52,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from tsnet2._version import __version__
+from tsnet2.proto.codes import ErrorCode
 
 log = logging.getLogger("tsnet2d.metrics")
 
@@ -97,6 +102,15 @@ LOG_DROP_REASONS: tuple[str, ...] = (
     "payload_cap",  # the flow's payload cap was reached (metadata still logged)
     OTHER,
 )
+#: Why a socket connection was refused before its channel was served.
+CONN_REFUSE_REASONS: tuple[str, ...] = (
+    "uid",  # SO_PEERCRED: the peer's uid is not allowed
+    "sessions",  # MAX_SESSIONS control connections already open
+    "localapi",  # MAX_LOCALAPI_CONNECTIONS LocalAPI connections already open
+    "handshakes",  # MAX_HANDSHAKES connections had not named their channel yet
+    OTHER,
+)
+_ERROR_CODES = frozenset(c.value for c in ErrorCode)
 RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
 MAX_RECORD_KINDS = 16
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -299,6 +313,20 @@ class Metrics:
         self.netmap_version = Gauge(
             "tsnet2_netmap_version", "Version of the last netmap applied (0 before the first).",
             registry=r)
+        self.node_start_failures = Counter(
+            "tsnet2_node_start_failures_total",
+            "Failed attempts of tsnet2d --up to start the node, by error code.", ["code"],
+            registry=r)
+        self.node_losses = Counter(
+            "tsnet2_node_lost_total",
+            "Times a running node's WireGuard device died and the node was taken down.",
+            registry=r)
+        self.sessions = Gauge(
+            "tsnet2_clients", "Control connections (apps, CLI) open now.", registry=r)
+        self.connections_refused = Counter(
+            "tsnet2_connections_refused_total",
+            "Socket connections refused, by reason (uid, a limit reached).", ["reason"],
+            registry=r)
         self.peer_collector = PeerCollector(peers)
         r.register(self.peer_collector)
 
@@ -320,6 +348,8 @@ class Metrics:
             self.log_bytes.labels(kind)
         for reason in LOG_DROP_REASONS:
             self.log_drops.labels(reason)
+        for reason in CONN_REFUSE_REASONS:
+            self.connections_refused.labels(reason)
 
     # ---- flows -----------------------------------------------------------------------
 
@@ -420,6 +450,23 @@ class Metrics:
     def set_netmap_version(self, version: int) -> None:
         """The netmap version now applied."""
         self.netmap_version.set(version)
+
+    def node_start_failed(self, code: str) -> None:
+        """A start attempt failed; `code` is a tsnet2.proto.ErrorCode value (bounded)."""
+        self.node_start_failures.labels(code if code in _ERROR_CODES else OTHER).inc()
+
+    def node_lost(self) -> None:
+        """A running node died (its device went away) and was taken down."""
+        self.node_losses.inc()
+
+    def set_sessions(self, n: int) -> None:
+        """Control connections open now."""
+        self.sessions.set(n)
+
+    def connection_refused(self, reason: str) -> None:
+        """A socket connection was refused; see `CONN_REFUSE_REASONS`."""
+        self.connections_refused.labels(
+            reason if reason in CONN_REFUSE_REASONS else OTHER).inc()
 
     # ---- exposition ------------------------------------------------------------------
 

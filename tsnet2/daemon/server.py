@@ -1,16 +1,30 @@
 """tsnet2d's socket server: one Unix socket, four channels, one owner for every task.
 
 Every connection starts with one byte naming its channel (`tsnet2.proto.ChannelKind`). The
-daemon checks the peer's uid (SO_PEERCRED) before reading anything, reads the byte within
-`KIND_TIMEOUT`, and hands the socket to that channel's handler. Handlers run as tasks owned by
-the `Daemon`; shutdown cancels and awaits all of them, cuts live flows (each gets its `close`
-record) and takes the node down.
+daemon reads the byte within `KIND_TIMEOUT`, checks the peer's uid (SO_PEERCRED; a refused
+peer is told why, in its channel's own format, before the daemon hangs up) and hands the
+socket to that channel's handler. Handlers run as tasks owned by the `Daemon`; shutdown
+cancels and awaits all of them, cuts live flows (each gets its `close` record) and takes the
+node down.
+
+The node belongs to the daemon, not to a client (DESIGN §2.11). Each control connection is a
+`Session`; a session that called `start` *holds* the node. A session's `close` releases its
+own listeners and its hold; the node goes down only when the last hold is released and the
+daemon was not started with `--up`. With `--up` a supervisor starts the node, retries with a
+capped backoff for as long as it takes, and starts it again when it is lost. When the node
+goes away every session and parked slot is told (`node_down`) and closed, so clients
+reconnect and register their listeners again, as after a daemon restart.
+
+Every client-controlled resource is bounded: control sessions per daemon, requests in flight
+per session (the daemon stops reading until replies drain), listeners per session, parked
+slots per listener, connections that have not named their channel, LocalAPI connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -19,19 +33,22 @@ import os
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from tsnet2 import proto
-from tsnet2.control.client import ControlError
+from tsnet2.control.client import AuthError, ControlError
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartParams, State
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
+from tsnet2.daemon.watchdog import Watchdog
 from tsnet2.node import NodeError
+from tsnet2.proto import ErrorCode
 from tsnet2.traffic import ErrorPolicy, LogMode, TrafficLog
 
 log = logging.getLogger("tsnet2d")
@@ -39,6 +56,20 @@ log = logging.getLogger("tsnet2d")
 KIND_TIMEOUT = 10.0  # seconds a new connection has to name its channel
 SHUTDOWN_TIMEOUT = 10.0  # seconds shutdown waits for handlers after cancelling them
 LOG_PROBE_INTERVAL = 5.0  # seconds between recovery attempts of an unwritable traffic log
+
+# Bounds on what clients can make the daemon hold (DESIGN §2.2: bounded everything).
+MAX_SESSIONS = 256  # control connections at once
+MAX_INFLIGHT = 32  # requests one control connection may have in progress; then reading stops
+MAX_LISTENERS_PER_SESSION = 64  # listeners one control connection may register
+MAX_HANDSHAKES = 256  # connections that have not named their channel yet
+MAX_LOCALAPI_CONNECTIONS = 64  # LocalAPI connections at once
+REFUSAL_TIMEOUT = 1.0  # seconds to deliver a refusal before hanging up anyway
+
+# The --up supervisor: first retry after START_RETRY_MIN seconds, doubling to START_RETRY_MAX.
+START_RETRY_MIN = 1.0
+START_RETRY_MAX = 60.0
+NODE_DOWN_GRACE = 90.0  # /healthz fails when a node that should run has been down this long
+WATCHDOG_TIMEOUT = 30.0  # the process exits when its event loop is stuck this long
 
 
 class DaemonError(Exception):
@@ -69,6 +100,35 @@ class DaemonConfig:
     advertise_tags: tuple[str, ...] = ()
     auto_start: bool = False
     metrics_addr: tuple[str, int] | None = None
+    watchdog_timeout: float = WATCHDOG_TIMEOUT  # 0: off
+    node_down_grace: float = NODE_DOWN_GRACE
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    """One control connection: the node hold and listeners it owns, and how to reach it."""
+
+    sock: socket.socket
+    core: proto.ControlServerCore
+    write_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    holds_node: bool = False  # it called `start` (and has not called `close`)
+    closed: bool = False
+
+    async def send(self, data: bytes) -> None:
+        """Write one frame (frames never interleave)."""
+        async with self.write_lock:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def hang_up(self, message: str, code: ErrorCode) -> None:
+        """Tell the client why (an id-0 error frame), then end the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(REFUSAL_TIMEOUT):
+                await self.send(self.core.refuse(message, code))
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # the session's reader sees EOF and ends
 
 
 class Daemon:
@@ -90,26 +150,53 @@ class Daemon:
         self.traffic.on_drop = self._log_dropped
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics)
         self.backend.refusal_log = self.datapath
+        self.backend.on_lost = self._wake_supervisor
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
+        self.sessions: set[Session] = set()
+        self._handshakes = 0
+        self._localapi_conns = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._critical: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # the supervisor looks at the node again
+        self._fatal: str | None = None
+        self._stopping = False
         self._lock_fd: int | None = None
         self._listen_sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._watchdog: Watchdog | None = None
 
     # ---- task ownership --------------------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        """Run `coro` as a task the daemon owns: logged if it fails, cancelled at shutdown."""
-        task = asyncio.get_running_loop().create_task(coro)
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, critical: bool = False,
+              name: str | None = None) -> asyncio.Task[Any]:
+        """Run `coro` as a task the daemon owns: logged if it fails, cancelled at shutdown.
+
+        A `critical` task (the socket's accept loop, the node supervisor) must run as long
+        as the daemon does: if it ends, the daemon stops and exits 1, so whoever runs it
+        (the kubelet, systemd) starts a healthy one instead of keeping a deaf one alive.
+        """
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
+        if critical:
+            self._critical.add(task)
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        failed = not task.cancelled() and task.exception() is not None
+        if failed:
             log.error("internal error in %s", task.get_name(), exc_info=task.exception())
+        if task in self._critical:
+            self._critical.discard(task)
+            if not self._stopping:
+                why = (f"{task.get_name()} failed: {task.exception()!r}" if failed
+                       else f"{task.get_name()} ended")
+                self._fatal = self._fatal or why
+                log.critical("%s; stopping so that a healthy daemon can be started", why)
+                self.stop()
 
     def stop(self) -> None:
         """Ask `run` to shut down (signal handlers call this)."""
@@ -118,9 +205,16 @@ class Daemon:
     # ---- run -------------------------------------------------------------------------
 
     async def run(self, ready: Callable[[], None] | None = None) -> None:
-        """Serve until `stop()`; `ready` is called once the socket accepts connections."""
+        """Serve until `stop()`; `ready` is called once the socket accepts connections.
+
+        Raises DaemonError after a clean shutdown if a critical task died (exit status 1).
+        """
         loop = asyncio.get_running_loop()
         self._prepare_state_dir()
+        no_dumps()
+        if self.config.watchdog_timeout > 0:
+            self._watchdog = Watchdog(self.config.watchdog_timeout)
+            self._watchdog.start(loop)
         try:
             self.traffic.open()
             self._listen_sock = self._bind()
@@ -134,23 +228,80 @@ class Daemon:
                 log.info("metrics and health on http://%s:%d", host, port)
             if ready is not None:
                 ready()
-            if self.config.auto_start:
-                self.spawn(self._auto_start())
-            accept = self.spawn(self._accept_loop(self._listen_sock))
+            self.spawn(self._supervise(), critical=True, name="node supervisor")
+            self._accept_task = self.spawn(self._accept_loop(self._listen_sock), critical=True,
+                                           name="socket accept loop")
             self.spawn(self._probe_traffic_log())
             await self._stop.wait()
-            accept.cancel()
         finally:
+            self._stopping = True
             await self._shutdown()
+            if self._watchdog is not None:
+                self._watchdog.stop()
+        if self._fatal is not None:
+            raise DaemonError(self._fatal)
 
-    async def _auto_start(self) -> None:
-        try:
-            await self.backend.start(self._start_params({}))
-        except Exception as exc:
-            log.error("start failed: %s", exc)
+    # ---- the node's lifetime ---------------------------------------------------------
+
+    def _wake_supervisor(self) -> None:
+        self._wake.set()
+
+    def holds(self) -> int:
+        """How many control sessions hold the node (called `start`, not yet `close`)."""
+        return sum(1 for s in self.sessions if s.holds_node)
+
+    def _retrying(self) -> bool:
+        return self.config.auto_start and not self._stopping
+
+    async def _supervise(self) -> None:
+        """Take a lost node down (telling every client); with --up, keep the node up.
+
+        Start attempts back off from START_RETRY_MIN to START_RETRY_MAX seconds and go on
+        for as long as it takes; each failure is logged with its reason and counted in
+        `tsnet2_node_start_failures_total`.
+        """
+        delay = START_RETRY_MIN
+        b = self.backend
+        while True:
+            self._wake.clear()
+            if b.lost_reason is not None:
+                reason = b.lost_reason
+                self.metrics.node_lost()
+                await self.take_node_down(f"daemon: the node went away ({reason}); "
+                                          "reconnecting clients register again",
+                                          deregister=False)
+                b.last_error = f"node lost: {reason}"
+            if self.config.auto_start and b.state not in (State.STARTING, State.RUNNING):
+                try:
+                    await b.start(b.params or self._start_params({}))
+                except (BackendError, ControlError, NodeError, OSError, ValueError) as exc:
+                    self.metrics.node_start_failed(_code(exc))
+                    log.warning("node start failed: %s; next attempt in %.0fs",
+                                _message(exc), delay)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
+                    delay = min(delay * 2, START_RETRY_MAX)
+                    continue
+                log.info("node is up")
+                delay = START_RETRY_MIN
+                continue
+            if b.lost_reason is None:
+                await self._wake.wait()
+
+    async def take_node_down(self, message: str, *, deregister: bool | None) -> None:
+        """The node goes down: every session and parked slot is told `message` (code
+        node_down) and closed, listeners go, live flows are cut, the device is removed."""
+        sessions = list(self.sessions)
+        if sessions:
+            await asyncio.gather(*(s.hang_up(message, ErrorCode.NODE_DOWN) for s in sessions))
+        await self.datapath.node_down(message)
+        await self.backend.stop(deregister=deregister)
 
     async def _shutdown(self) -> None:
         log.info("shutting down")
+        for s in list(self.sessions):
+            s.closed = True  # no more refusal frames: the socket is about to close
         if self._listen_sock is not None:
             self._listen_sock.close()
             with contextlib.suppress(FileNotFoundError):
@@ -216,11 +367,21 @@ class Daemon:
         self.metrics.set_netmap_version(b.netmap_version)
 
     def _healthz(self) -> tuple[bool, str]:
-        v4, v6 = self.backend.addresses()
-        if v4 is not None or v6 is not None:
-            return True, "ok"
-        reason = self.backend.last_error or f"node is {self.backend.state.name.lower()}"
-        return False, f"no tailnet address: {reason}"
+        """Liveness: can this process serve? A failure makes the kubelet restart it.
+
+        Fails when the socket's accept loop is gone, or when a node that should run (--up,
+        or held by a client) has been down for longer than `node_down_grace` seconds. A
+        stuck event loop cannot answer at all (and the watchdog ends the process).
+        """
+        if self._accept_task is None or self._accept_task.done():
+            return False, "the socket's accept loop is not running"
+        b = self.backend
+        if b.state != State.RUNNING and (self.config.auto_start or self.holds()):
+            down = time.monotonic() - b.state_since
+            if down > self.config.node_down_grace:
+                reason = b.last_error or f"node is {b.state.name.lower()}"
+                return False, f"node down for {down:.0f}s: {reason}"
+        return True, "ok"
 
     def _readyz(self) -> tuple[bool, str]:
         if self._listen_sock is None:
@@ -243,7 +404,14 @@ class Daemon:
                     log.error("accept: %s; backing off", exc)
                     await asyncio.sleep(0.1)
                     continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    continue  # the client gave up before we accepted: nothing to do
                 raise
+            if self._handshakes >= MAX_HANDSHAKES:
+                # Connections that have not named their channel: a flood, not clients.
+                self.metrics.connection_refused("handshakes")
+                conn.close()
+                continue
             conn.setblocking(False)
             self.spawn(self._serve_conn(conn))
 
@@ -251,19 +419,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         spliced = False  # True once a running splice owns `sock` (it closes it then)
         try:
-            allowed = self.config.allow_uids
-            if allowed is not None:
-                uid = peer_uid(sock)
-                if uid not in allowed:
-                    log.warning("refused connection from uid %d (allowed: %s)",
-                                uid, ",".join(map(str, sorted(allowed))))
-                    return
+            self._handshakes += 1
             try:
                 async with asyncio.timeout(KIND_TIMEOUT):
                     first = await loop.sock_recv(sock, 1)
             except TimeoutError:
                 log.warning("connection did not name a channel within %.0fs", KIND_TIMEOUT)
                 return
+            finally:
+                self._handshakes -= 1
             if not first:
                 return
             try:
@@ -271,10 +435,38 @@ class Daemon:
             except proto.ProtocolError as exc:
                 log.warning("refused connection: %s", exc)
                 return
+            allowed = self.config.allow_uids
+            if allowed is not None:
+                uid = peer_uid(sock)
+                if uid not in allowed:
+                    log.warning("refused %s connection from uid %d (allowed: %s)", kind.name,
+                                uid, ",".join(map(str, sorted(allowed))))
+                    self.metrics.connection_refused("uid")
+                    await self._refuse(sock, kind, ErrorCode.PERMISSION_DENIED, (
+                        f"daemon: uid {uid} may not use this socket; run the app as uid "
+                        f"{', '.join(map(str, sorted(allowed)))}, or start tsnet2d with "
+                        f"--allow-uid {uid} (or --allow-any-uid)"))
+                    return
             if kind == proto.ChannelKind.CONTROL:
+                if len(self.sessions) >= MAX_SESSIONS:
+                    self.metrics.connection_refused("sessions")
+                    await self._refuse(sock, kind, ErrorCode.LIMIT, (
+                        f"daemon: {MAX_SESSIONS} clients are connected, the most this daemon "
+                        "serves at once; close unused Servers"))
+                    return
                 await self._control(sock)
             elif kind == proto.ChannelKind.LOCALAPI:
-                await LocalAPIConnection(self.localapi, sock).serve()
+                if self._localapi_conns >= MAX_LOCALAPI_CONNECTIONS:
+                    self.metrics.connection_refused("localapi")
+                    await self._refuse(sock, kind, ErrorCode.LIMIT, (
+                        f"daemon: {MAX_LOCALAPI_CONNECTIONS} LocalAPI connections are open, "
+                        "the most this daemon serves at once"))
+                    return
+                self._localapi_conns += 1
+                try:
+                    await LocalAPIConnection(self.localapi, sock).serve()
+                finally:
+                    self._localapi_conns -= 1
             elif kind == proto.ChannelKind.DIAL:
                 spliced = await self.datapath.dial(
                     sock, proto.LineReader(proto.MAX_HEADER_LINE))
@@ -291,37 +483,71 @@ class Daemon:
             if not spliced:
                 sock.close()
 
+    async def _refuse(self, sock: socket.socket, kind: proto.ChannelKind, code: ErrorCode,
+                      message: str) -> None:
+        """Tell a client, in its channel's format, why the daemon hangs up; then drain a
+        little of what it sent (closing with unread data would reset the connection and
+        lose the message)."""
+        loop = asyncio.get_running_loop()
+        if kind == proto.ChannelKind.CONTROL:
+            data = proto.ControlServerCore().refuse(message, code)
+        elif kind == proto.ChannelKind.DIAL:
+            data = proto.encode_dial_reply(False, err=message, code=code)
+        elif kind == proto.ChannelKind.ACCEPT:
+            data = proto.encode_accept_refusal(message, code)
+        else:
+            body = message.encode() + b"\n"
+            status = b"403 Forbidden" if code == ErrorCode.PERMISSION_DENIED else (
+                b"503 Service Unavailable")
+            data = (b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain; charset=utf-8"
+                    b"\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode()
+                    + b"\r\n\r\n" + body)
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(REFUSAL_TIMEOUT):
+                await loop.sock_sendall(sock, data)
+                sock.shutdown(socket.SHUT_WR)
+                drained = 0
+                while drained < 65536 and (chunk := await loop.sock_recv(sock, 4096)):
+                    drained += len(chunk)
+
     # ---- control channel -------------------------------------------------------------
 
     async def _control(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         core = proto.ControlServerCore()
-        write_lock = asyncio.Lock()
+        session = Session(sock, core)
         requests: set[asyncio.Task[None]] = set()
-        owner = object()  # identifies this connection's listeners
-
-        async def send(data: bytes) -> None:
-            async with write_lock:
-                await loop.sock_sendall(sock, data)
+        # At most MAX_INFLIGHT requests in progress: the reader waits for a free place
+        # before it takes the next one, so a client that pipelines without reading its
+        # replies stalls only itself (its replies fill the socket, its handlers wait).
+        places = asyncio.Semaphore(MAX_INFLIGHT)
 
         async def handle(req: proto.Request) -> None:
+            held = session.holds_node
             try:
-                result = await self._call(req.method, req.params or {}, owner)
+                result = await self._call(req.method, req.params or {}, session)
             except (BackendError, ListenError, ControlError, NodeError, ValueError,
                     TimeoutError, proto.ProtocolError) as exc:
                 log.warning("control: %s failed: %s", req.method, _message(exc))
-                await send(core.reply_error(req.id, _message(exc)))
+                await session.send(core.reply_error(req.id, _message(exc), _code(exc)))
                 return
             except Exception as exc:
                 log.exception("control: %s: internal error", req.method)
-                await send(core.reply_error(req.id, f"daemon: internal error: {exc}"))
+                await session.send(core.reply_error(req.id, f"daemon: internal error: {exc}"))
                 return
-            await send(core.reply(req.id, result))
-            if req.method == "close":
-                # Owned by the daemon, not this connection: the app hangs up right after
-                # the reply, and that must not cut the node's teardown short.
-                self.spawn(self._close_node())
+            await session.send(core.reply(req.id, result))
+            if req.method == "close" and held and self.holds() == 0 \
+                    and not self.config.auto_start:
+                # The last hold is gone. Owned by the daemon, not this connection: the app
+                # hangs up right after the reply, and that must not cut the teardown short.
+                self.spawn(self._close_node(), name="node close")
 
+        def done(task: asyncio.Task[None]) -> None:
+            requests.discard(task)
+            places.release()
+
+        self.sessions.add(session)
+        self.metrics.set_sessions(len(self.sessions))
         try:
             while True:
                 data = await loop.sock_recv(sock, 65536)
@@ -330,27 +556,52 @@ class Daemon:
                 for item in core.receive_data(data):
                     if isinstance(item, proto.ProtocolError):
                         log.warning("control: %s", item)
+                        if isinstance(item, proto.FrameError) and item.id:
+                            await session.send(core.reply_error(
+                                item.id, f"daemon: bad request: {item}", ErrorCode.BAD_REQUEST))
                         continue
+                    await places.acquire()
                     task = loop.create_task(handle(item))
                     requests.add(task)
-                    task.add_done_callback(requests.discard)
+                    task.add_done_callback(done)
         finally:
+            self.sessions.discard(session)
+            self.metrics.set_sessions(len(self.sessions))
+            session.closed = True
             for t in list(requests):
                 t.cancel()
             for t in list(requests):
                 with contextlib.suppress(asyncio.CancelledError, OSError):
                     await t
-            await self.datapath.release_owner(owner)
+            await self.datapath.release_owner(session)
 
-    async def _call(self, method: str, params: dict[str, Any], owner: object) -> dict[str, Any]:
+    def _node_hostname(self) -> str | None:
+        """The hostname this daemon's node has (or will have with --up), if settled."""
+        b = self.backend
+        if b.params is not None and b.state in (State.STARTING, State.RUNNING):
+            return b.params.hostname
+        if self.config.auto_start:
+            return self.config.hostname or socket.gethostname()
+        return None
+
+    async def _call(self, method: str, params: dict[str, Any],
+                    session: Session) -> dict[str, Any]:
         b = self.backend
         if method == "start":
+            wanted = _str(params, "hostname")
+            have = self._node_hostname()
+            if wanted and have is not None and wanted.lower() != have.lower():
+                raise BackendError(
+                    f"daemon: this daemon's node is {have!r}, but this Server asked for "
+                    f"{wanted!r}; one tsnet2d runs one node: leave hostname unset, use "
+                    f"{have!r}, or run another tsnet2d", code=ErrorCode.HOSTNAME_CONFLICT)
             await b.start(self._start_params(params))
+            session.holds_node = True
             return {}
         if method == "up":
-            if b.state == State.NO_STATE:
-                raise BackendError("daemon: backend not started; call Start first")
-            await b.wait_running(None)
+            if b.state == State.NO_STATE and not self._retrying():
+                raise b.down_error()
+            await b.wait_running(None, retrying=self._retrying)
             v4, v6 = b.addresses()
             return {
                 "tailscale_ips": [str(ip) for ip in (v4, v6) if ip is not None] or None,
@@ -358,7 +609,13 @@ class Daemon:
                 "cert_domains": b.cert_domains(),
             }
         if method == "close":
+            # This client's listeners and hold only; the node stays while others hold it.
+            await self.datapath.release_owner(session)
+            session.holds_node = False
             return {}
+        if method in ("tailscale_ips", "cert_domains") and b.state != State.RUNNING \
+                and (b.params is not None or self._retrying()):
+            raise b.down_error()  # started once: "not running" is news, not an empty answer
         if method == "tailscale_ips":
             v4, v6 = b.addresses()
             out: dict[str, Any] = {}
@@ -370,19 +627,34 @@ class Daemon:
         if method == "cert_domains":
             return {"domains": b.cert_domains()}
         if method == "register_listener":
+            owned = sum(1 for x in self.datapath.listeners.values() if x.owner is session)
+            if owned >= MAX_LISTENERS_PER_SESSION:
+                raise ListenError(f"daemon: this client has {owned} listeners, the most one "
+                                  "client may register; close some", ErrorCode.LIMIT)
             lst = await self.datapath.register_listener(
-                _str(params, "network"), _str(params, "addr"), owner
+                _str(params, "network"), _str(params, "addr"), session
             )
             return {"listener_id": lst.id, "addr": lst.addr}
         if method == "unregister_listener":
-            await self.datapath.unregister_listener(_str(params, "listener_id"))
+            lid = _str(params, "listener_id")
+            other = self.datapath.listeners.get(lid)
+            if other is not None and other.owner is not session:
+                # Another client's listener: succeed as the prototype does for unknown ids,
+                # but leave it alone (a client cannot close what it does not own).
+                log.warning("control: unregister_listener %s by a client that does not own "
+                            "it; ignored", lid)
+                return {}
+            await self.datapath.unregister_listener(lid)
             return {}
-        raise BackendError(f'daemon: unknown method "{method}"')
+        raise BackendError(f'daemon: unknown method "{method}"', code=ErrorCode.BAD_REQUEST)
 
     async def _close_node(self) -> None:
-        """The `close` RPC: the node goes down; the daemon keeps serving and can start again."""
-        await self.datapath.close_all()
-        await self.backend.stop()
+        """The last hold was released (and no --up): the node goes down; the daemon keeps
+        serving and a later `start` brings it up again."""
+        if self.holds() or self.config.auto_start:
+            return  # someone took hold again meanwhile
+        await self.take_node_down("daemon: the node was stopped: its last client closed it",
+                                  deregister=None)
 
     def _start_params(self, p: dict[str, Any]) -> StartParams:
         c = self.config
@@ -538,6 +810,34 @@ def _str(params: dict[str, Any], key: str) -> str:
 def _message(exc: BaseException) -> str:
     msg = str(exc) or type(exc).__name__
     return msg if msg.startswith("daemon:") else f"daemon: {msg}"
+
+
+def _code(exc: BaseException) -> ErrorCode:
+    """The error code a client is told for a failed call."""
+    if isinstance(exc, BackendError | ListenError):
+        return exc.code
+    if isinstance(exc, AuthError):
+        return ErrorCode.AUTH_FAILED
+    if isinstance(exc, ControlError):
+        return ErrorCode.CONTROL_UNAVAILABLE
+    if isinstance(exc, ValueError | proto.ProtocolError):
+        return ErrorCode.BAD_REQUEST
+    return ErrorCode.OTHER
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def no_dumps() -> None:
+    """Make this process non-dumpable: a process of the same uid can then no longer ptrace
+    it or copy its sockets with pidfd_getfd (that takes CAP_SYS_PTRACE, which the injector
+    refuses to app containers). Also keeps keys out of core dumps."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot make tsnet2d non-dumpable: %s", exc)
 
 
 __all__ = [

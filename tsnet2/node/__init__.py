@@ -265,6 +265,22 @@ class Node:
                     self._netns_fd = None
                 self._public_key = None
 
+    def check(self) -> None:
+        """Raise NodeError if the device died: wireguard-go exited, or the link is gone.
+
+        Cheap enough to call every few seconds (one process poll, one netlink lookup).
+        """
+        with self._lock:
+            device = self._device
+            if device is None:
+                raise NodeError(f"node {self.ifname} is not started")
+            exited = getattr(device, "exited", None)
+            reason = exited() if exited is not None else None
+            if reason is not None:
+                raise NodeError(reason)
+            with self._ipr():
+                pass  # raises NodeError when the link disappeared
+
     def __enter__(self) -> Node:
         """Return self; ``close()`` on exit."""
         return self

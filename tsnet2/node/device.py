@@ -209,6 +209,17 @@ class UserspaceDevice:
                 )
             time.sleep(0.005)
 
+    def exited(self) -> str | None:
+        """Why wireguard-go is no longer running (its exit status and output), else None."""
+        proc = self._proc
+        if proc is None:
+            return None
+        code = proc.poll()
+        if code is None:
+            return None
+        return f"wireguard-go for {self.name} exited with status {code}; its output:\n" + (
+            self._output() or "(none)")
+
     def state(self) -> DeviceState:
         """Read state over UAPI."""
         return self.uapi.get()
