@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import pydoc
@@ -32,6 +33,7 @@ FIELDS = {
     "connect_timeout": (10.0, float),
     "accept_slots": (2, int),
     "reconnect_timeout": (10.0, float),
+    "join": (True, bool),
 }
 
 METHODS = {
@@ -176,6 +178,21 @@ def test_error_tree() -> None:
     assert (err.status, err.body) == (404, "nope")
     derr = e.DaemonError("tsnet2.listen: dup", method="register_listener", daemon_message="dup")
     assert derr.method == "register_listener"
+
+
+def test_typed_errors_are_what_a_caller_catches() -> None:
+    e = tsnet2
+    assert issubclass(e.PermissionDeniedError, e.DaemonUnavailableError)
+    assert issubclass(e.PermissionDeniedError, PermissionError)
+    assert issubclass(e.NodeDownError, e.DaemonUnavailableError)
+    assert issubclass(e.NoSuchPeerError, e.DialError)
+    assert issubclass(e.PeerOfflineError, e.DialError)
+    for name in ("AuthKeyError", "HostnameConflictError", "LimitError", "AddressInUseError"):
+        assert issubclass(getattr(e, name), e.DaemonError)
+    err = e.AddressInUseError("tsnet2.listen: port 9500 is in use", method="register_listener",
+                              daemon_message="port 9500 is in use")
+    assert isinstance(err, OSError) and err.errno == errno.EADDRINUSE
+    assert err.method == "register_listener" and "9500" in str(err)
 
 
 def test_help_documents_every_method() -> None:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tsnet2 import proto
-from tsnet2.client._base import BACKOFF_INITIAL, BACKOFF_MAX
+from tsnet2.client._base import BACKOFF_INITIAL, BACKOFF_MAX, refused_error
 from tsnet2.client.errors import (
     ClosedError,
     DaemonUnavailableError,
@@ -135,6 +135,7 @@ class AsyncControl:
         self._core = proto.ControlClientCore()
         self._pending: dict[int, asyncio.Future[proto.Response]] = {}
         self.broken: str | None = None
+        self.refused = ""  # the code of the daemon's reason for closing, if it gave one
         self.gone = asyncio.Event()
         self._closing = False
         self._task = asyncio.create_task(self._read_loop(), name="tsnet2-control-reader")
@@ -142,6 +143,9 @@ class AsyncControl:
     def _error(self, op: str) -> Exception:
         if self._closing:
             return ClosedError(f"{op}: server is closed")
+        if self.refused:
+            return refused_error(f"{op}: {self.broken}", self.refused) or \
+                DaemonUnavailableError(f"{op}: {self.broken}")
         return DaemonUnavailableError(
             f"{op}: control channel to the daemon at {self._path} closed: {self.broken}"
         )
@@ -153,6 +157,10 @@ class AsyncControl:
                 data = await self._reader.read(65536)
                 try:
                     responses = self._core.receive_data(data)
+                except proto.ChannelRefused as exc:  # the daemon said why it hangs up
+                    reason = str(exc)
+                    self.refused = exc.code or str(proto.ErrorCode.OTHER)
+                    break
                 except proto.ProtocolError as exc:
                     if data:
                         reason = f"protocol error: {exc}"

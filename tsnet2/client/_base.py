@@ -19,9 +19,20 @@ from typing import Any
 from tsnet2 import proto
 from tsnet2.client.errors import (
     AddressError,
+    AddressInUseError,
+    AuthKeyError,
     ClosedError,
     DaemonError,
+    DaemonUnavailableError,
+    DialError,
+    Error,
+    HostnameConflictError,
+    LimitError,
+    NodeDownError,
+    NoSuchPeerError,
     NotSupportedError,
+    PeerOfflineError,
+    PermissionDeniedError,
     ProtocolError,
 )
 
@@ -74,6 +85,7 @@ _FIELDS = frozenset(
         "connect_timeout",
         "accept_slots",
         "reconnect_timeout",
+        "join",
     }
 )
 
@@ -170,13 +182,46 @@ def as_object(op: str, value: Any) -> dict[str, Any]:
     return value
 
 
+_RPC_ERRORS: dict[proto.ErrorCode, type[DaemonError]] = {
+    proto.ErrorCode.ADDRESS_IN_USE: AddressInUseError,
+    proto.ErrorCode.AUTH_FAILED: AuthKeyError,
+    proto.ErrorCode.HOSTNAME_CONFLICT: HostnameConflictError,
+    proto.ErrorCode.LIMIT: LimitError,
+}
+
+
 def rpc_result(op: str, method: str, response: proto.Response) -> dict[str, Any]:
-    """Map a control-channel response to its result dict, or raise DaemonError."""
+    """Map a control-channel response to its result dict, or raise the typed error its
+    code names (DaemonError by default; NodeDownError when the node is not running)."""
     if response.error is not None:
-        raise DaemonError(
-            f"{op}: {response.error}", method=method, daemon_message=str(response.error)
-        )
+        msg = f"{op}: {response.error}"
+        if response.code == proto.ErrorCode.NODE_DOWN:
+            raise NodeDownError(msg)
+        cls = _RPC_ERRORS.get(response.code or proto.ErrorCode.OTHER, DaemonError)
+        raise cls(msg, method=method, daemon_message=str(response.error))
     return as_object(op, response.result)
+
+
+def dial_error(op: str, reply: proto.DialReply) -> Error:
+    """The typed error for a failed dial reply."""
+    msg = f"{op}: {reply.err or 'dial failed'}"
+    code = reply.code
+    if code == proto.ErrorCode.NO_SUCH_PEER:
+        return NoSuchPeerError(msg)
+    if code == proto.ErrorCode.PEER_OFFLINE:
+        return PeerOfflineError(msg)
+    return refused_error(msg, code) or DialError(msg)
+
+
+def refused_error(msg: str, code: proto.ErrorCode | str | None) -> Error | None:
+    """The typed error for a channel the daemon refused or closed with a reason."""
+    if code == proto.ErrorCode.PERMISSION_DENIED:
+        return PermissionDeniedError(msg)
+    if code == proto.ErrorCode.NODE_DOWN:
+        return NodeDownError(msg)
+    if code in (proto.ErrorCode.LIMIT, proto.ErrorCode.SHUTDOWN):
+        return DaemonUnavailableError(msg)
+    return None
 
 
 def _str_list(op: str, key: str, value: Any) -> list[str] | None:
@@ -277,6 +322,7 @@ class ServerBase:
     connect_timeout: float
     accept_slots: int
     reconnect_timeout: float
+    join: bool
 
     def __init__(
         self,
@@ -297,6 +343,7 @@ class ServerBase:
         connect_timeout: float = 10.0,
         accept_slots: int = 2,
         reconnect_timeout: float = RECONNECT_TIMEOUT,
+        join: bool = True,
     ) -> None:
         object.__setattr__(self, "_frozen", False)
         self.dir = dir
@@ -317,6 +364,7 @@ class ServerBase:
         self.connect_timeout = connect_timeout
         self.accept_slots = accept_slots
         self.reconnect_timeout = reconnect_timeout
+        self.join = join
         self._state = State.UNOPENED
         self._setup()
 

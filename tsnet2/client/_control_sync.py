@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
 from typing import Any
 
 from tsnet2 import proto
+from tsnet2.client._base import refused_error
 from tsnet2.client._sockets import close_quietly, peek_eof
 from tsnet2.client.errors import (
     ClosedError,
@@ -32,6 +34,7 @@ class SyncControl:
         self._core = proto.ControlClientCore()
         self._lock = threading.Lock()
         self._broken: str | None = None
+        self._refused = ""  # the code of the daemon's reason for closing, if it gave one
         self._closing = False
 
     @property
@@ -43,6 +46,13 @@ class SyncControl:
         """Non-blocking liveness check: False once the daemon closed the connection."""
         if self._broken is not None or self._closing:
             return False
+        if self._lock.acquire(blocking=False):  # else a call in progress reads for us
+            try:
+                self._read_unsolicited()
+            finally:
+                self._lock.release()
+            if self._broken is not None:
+                return False
         if peek_eof(self._sock):
             self._broken = "the daemon closed the control channel"
             return False
@@ -66,11 +76,41 @@ class SyncControl:
         finally:
             self._lock.release()
 
+    def _read_unsolicited(self) -> None:
+        """Between calls, read what the daemon sent anyway: late replies (dropped by the
+        core) or the reason it is about to hang up (then the channel is broken)."""
+        while True:
+            try:
+                readable, _, _ = select.select([self._sock], [], [], 0)
+                if not readable:
+                    return
+                chunk = self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (OSError, ValueError) as exc:
+                self._broken = self._broken or str(exc)
+                return
+            try:
+                self._core.receive_data(chunk)
+            except proto.ChannelRefused as exc:
+                self._refused = exc.code or str(proto.ErrorCode.OTHER)
+                self._broken = str(exc)
+                return
+            except proto.ProtocolError as exc:
+                self._broken = ("the daemon closed the control channel" if not chunk
+                                else f"protocol error: {exc}")
+                return
+            if not chunk:
+                return
+
     def _fail(self, op: str, reason: str) -> Exception:
         if self._closing:
             return ClosedError(f"{op}: server is closed")
         if self._broken is None:
             self._broken = reason
+        if self._refused:
+            return refused_error(f"{op}: {self._broken}", self._refused) or \
+                DaemonUnavailableError(f"{op}: {self._broken}")
         return DaemonUnavailableError(
             f"{op}: control channel to the daemon at {self._path} closed: {self._broken}"
         )
@@ -97,6 +137,9 @@ class SyncControl:
                 chunk = self._sock.recv(65536)
                 try:
                     responses = self._core.receive_data(chunk)
+                except proto.ChannelRefused as exc:  # the daemon said why it hangs up
+                    self._refused = exc.code or str(proto.ErrorCode.OTHER)
+                    raise self._fail(op, str(exc)) from None
                 except proto.ProtocolError as exc:
                     if chunk == b"":
                         raise self._fail(op, "the daemon closed the connection") from None

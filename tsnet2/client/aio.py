@@ -38,9 +38,9 @@ from tsnet2.client.errors import (
     DaemonError,
     DaemonUnavailableError,
     DeadlineExceededError,
-    DialError,
     Error,
     NotSupportedError,
+    PermissionDeniedError,
     ProtocolError,
 )
 
@@ -101,7 +101,7 @@ class AsyncServer(ServerBase):
 
     Fields (keyword arguments): dir, hostname, control_url, auth_key, ephemeral,
     socket_path (default $TSNET2_SOCKET), traffic_log_path, advertise_tags, port,
-    store, logf, user_logf, tun, connect_timeout, accept_slots, reconnect_timeout;
+    store, logf, user_logf, tun, connect_timeout, accept_slots, reconnect_timeout, join;
     see ``help(tsnet2.Server)``. Use ``async with tsnet2.AsyncServer(...) as srv``.
     The control channel's reader task belongs to the server: created by start(),
     replaced (the old one awaited) when the server reconnects to a restarted
@@ -137,8 +137,9 @@ class AsyncServer(ServerBase):
             )
             control = AsyncControl(reader, writer, self.socket_path)
             try:
-                resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
-                _base.rpc_result(op, "start", resp)
+                if self.join:
+                    resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
+                    _base.rpc_result(op, "start", resp)
             except BaseException:
                 await control.aclose()
                 raise
@@ -234,12 +235,16 @@ class AsyncServer(ServerBase):
             control = AsyncControl(reader, writer, path)
             self._pending_control = control
             try:
-                resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
-                _base.rpc_result(op, "start", resp)
+                if self.join:
+                    resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
+                    _base.rpc_result(op, "start", resp)
                 if any(not ln._closed for ln in self._listeners):
                     # Listeners need the node's addresses: wait until it runs.
                     _base.rpc_result(op, "up", await control.call(op, "up", None, START_TIMEOUT))
                 return control
+            except PermissionDeniedError:
+                await control.aclose()
+                raise  # waiting does not change our uid
             except DaemonUnavailableError as exc:  # it went away again (still shutting down?)
                 await control.aclose()
                 if self._closing.is_set():
@@ -447,7 +452,7 @@ class AsyncServer(ServerBase):
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
             if not reply.ok:
-                raise DialError(f"{op}: {reply.err or 'dial failed'}")
+                raise _base.dial_error(op, reply)
             conn = AsyncConn(
                 reader,
                 writer,
@@ -594,6 +599,12 @@ class AsyncListener(_base.ListenerBase):
             assert slot.header is not None
             try:
                 header = proto.decode_accept_header(slot.header)
+            except proto.ChannelRefused as exc:
+                # The daemon closed the slot with a reason (its node went away): say so now;
+                # the next accept() reconnects and registers the listener again.
+                self._schedule_retry()
+                raise (_base.refused_error(f"{op}: {exc}", exc.code)
+                       or DaemonUnavailableError(f"{op}: {exc}")) from None
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad accept header: {exc}") from None
             if header.listener_id and header.listener_id != slot.listener_id:

@@ -8,29 +8,50 @@ most also derive from the built-in exception a caller would naturally catch::
     │                                        not configured (no socket path) or not implemented
     ├── ClosedError                          the Server or Listener was closed
     ├── DaemonUnavailableError (ConnectionError)
-    │                                        cannot connect to tsnet2d, or it went away
+    │   │                                    cannot connect to tsnet2d, or it went away
+    │   ├── PermissionDeniedError (PermissionError)
+    │   │                                    tsnet2d refuses this process's uid (SO_PEERCRED)
+    │   └── NodeDownError                    the node went away or is not running
     ├── DialError (ConnectionError)          the daemon could not reach the dial target
+    │   ├── NoSuchPeerError                  no tailnet node has that name or address
+    │   └── PeerOfflineError                 the node exists but is offline
     ├── DaemonError                          the daemon answered an RPC with an error
+    │   ├── AddressInUseError (OSError)      a listener's port is taken (errno EADDRINUSE)
+    │   ├── AuthKeyError                     the control server refused the auth key
+    │   ├── HostnameConflictError            the daemon's node has another hostname
+    │   └── LimitError                       a per-client or per-daemon bound was reached
     ├── LocalAPIError                        a LocalAPI request got a non-2xx status
     ├── ProtocolError                        the daemon broke the wire protocol
     ├── AddressError (ValueError)            a bad network or address argument
     └── DeadlineExceededError (TimeoutError) an operation's timeout expired
 
-Messages start with the operation, like Go's tsnet: ``"tsnet2.dial: no route to host"``.
+Messages start with the operation, like Go's tsnet: ``"tsnet2.dial: no route to host"``,
+and carry the daemon's reason. Which one a daemon error becomes is decided by the error code
+the daemon sends with it (see ``tsnet2.proto.ErrorCode``), never by parsing its text.
 """
 
 from __future__ import annotations
 
+import errno as _errno
+
 __all__ = [
     "AddressError",
+    "AddressInUseError",
+    "AuthKeyError",
     "ClosedError",
     "DaemonError",
     "DaemonUnavailableError",
     "DeadlineExceededError",
     "DialError",
     "Error",
+    "HostnameConflictError",
+    "LimitError",
     "LocalAPIError",
+    "NoSuchPeerError",
+    "NodeDownError",
     "NotSupportedError",
+    "PeerOfflineError",
+    "PermissionDeniedError",
     "ProtocolError",
 ]
 
@@ -56,8 +77,27 @@ class DaemonUnavailableError(Error, ConnectionError):
     """The daemon socket cannot be reached, or the daemon closed the connection."""
 
 
+class PermissionDeniedError(DaemonUnavailableError, PermissionError):
+    """tsnet2d refused this process's uid (its SO_PEERCRED check); the message says which
+    uid and how to let it in (run as the daemon's uid, or ``tsnet2d --allow-uid``)."""
+
+
+class NodeDownError(DaemonUnavailableError):
+    """The daemon's node went away (its device died, or its last client stopped it) or is
+    not running yet. Listeners are registered again by themselves once it is back (the next
+    ``accept()`` waits for that); other calls can be retried after ``up()``."""
+
+
 class DialError(Error, ConnectionError):
     """The daemon replied ``{"ok": false}`` to a dial; the message is the daemon's reason."""
+
+
+class NoSuchPeerError(DialError):
+    """No tailnet node has the name or address that was dialed."""
+
+
+class PeerOfflineError(DialError):
+    """The dialed node is known but offline (not connected to the control server)."""
 
 
 class DaemonError(Error):
@@ -72,6 +112,30 @@ class DaemonError(Error):
         super().__init__(message)
         self.method = method
         self.daemon_message = daemon_message
+
+
+class AddressInUseError(DaemonError, OSError):
+    """A listener's fixed port is already in use on the node; ``errno`` is EADDRINUSE.
+
+    The daemon never replaces a fixed port with another one: pick another port, or 0.
+    """
+
+    def __init__(self, message: str, *, method: str, daemon_message: str) -> None:
+        super().__init__(message, method=method, daemon_message=daemon_message)
+        self.errno = _errno.EADDRINUSE
+        self.strerror = message
+
+
+class AuthKeyError(DaemonError):
+    """The control server refused the node's auth key (or token, or saved credential)."""
+
+
+class HostnameConflictError(DaemonError):
+    """The daemon already runs a node with another hostname (one tsnet2d, one node)."""
+
+
+class LimitError(DaemonError):
+    """A bound was reached: listeners per client, clients per daemon, calls in flight."""
 
 
 class LocalAPIError(Error):

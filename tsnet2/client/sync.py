@@ -40,9 +40,9 @@ from tsnet2.client.errors import (
     DaemonError,
     DaemonUnavailableError,
     DeadlineExceededError,
-    DialError,
     Error,
     NotSupportedError,
+    PermissionDeniedError,
     ProtocolError,
 )
 from tsnet2.client.local import LocalClient
@@ -72,6 +72,16 @@ class Server(ServerBase):
         accept_slots      accept connections each Listener keeps parked (default 2)
         reconnect_timeout seconds a call waits for a restarted daemon (default 10; 0: never
                           reconnect, fail with DaemonUnavailableError)
+        join              True (default): start() asks the daemon to start the node and
+                          holds it until close(). False: use the node the daemon already
+                          runs and never start or hold it (read-only tools, `tsnet2 ping`)
+
+    The node belongs to the daemon, which may serve several Servers (processes,
+    containers, the CLI): close() releases this Server's listeners and its hold on
+    the node; the node stays up while tsnet2d runs with --up or another Server holds
+    it. If the node goes away (its device died, or its last holder closed it), calls
+    raise NodeDownError and a blocked ``Listener.accept()`` raises it once; the next
+    ``accept()`` reconnects and registers the listener again, as after a restart.
 
     If the daemon restarts, the next call (or a blocked ``Listener.accept()``)
     reconnects, sends ``start`` again and re-registers every open listener on the
@@ -109,9 +119,11 @@ class Server(ServerBase):
             sock = connect_channel(self.socket_path, int(proto.ChannelKind.CONTROL), op, deadline)
             control = SyncControl(sock, self.socket_path)
             try:
-                _base.rpc_result(
-                    op, "start", control.call(op, "start", self._start_params(), START_TIMEOUT)
-                )
+                if self.join:
+                    _base.rpc_result(
+                        op, "start",
+                        control.call(op, "start", self._start_params(), START_TIMEOUT),
+                    )
             except BaseException:
                 control.close()
                 raise
@@ -204,13 +216,18 @@ class Server(ServerBase):
             control = SyncControl(sock, path)
             self._pending_control = control
             try:
-                _base.rpc_result(
-                    op, "start", control.call(op, "start", self._start_params(), START_TIMEOUT)
-                )
+                if self.join:
+                    _base.rpc_result(
+                        op, "start",
+                        control.call(op, "start", self._start_params(), START_TIMEOUT),
+                    )
                 if any(not ln._closed for ln in self._listeners):
                     # Listeners need the node's addresses: wait until it runs.
                     _base.rpc_result(op, "up", control.call(op, "up", None, START_TIMEOUT))
                 return control
+            except PermissionDeniedError:
+                control.close()
+                raise  # waiting does not change our uid
             except DaemonUnavailableError as exc:  # it went away again (still shutting down?)
                 control.close()
                 if self._closing.is_set():
@@ -383,7 +400,9 @@ class Server(ServerBase):
         ``timeout`` bounds both connecting to the daemon socket and waiting for the
         daemon's reply; None means ``connect_timeout`` for the connect and no bound
         for the reply (the daemon gives up on its own after 30 s). Returns a
-        connected TailnetSocket. Raises DialError if the daemon could not connect.
+        connected TailnetSocket. Raises DialError if the daemon could not connect
+        (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
+        the node is not running.
         """
         op = "tsnet2.dial"
         _base.check_dial_args(op, network, addr)
@@ -412,7 +431,7 @@ class Server(ServerBase):
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
             if not reply.ok:
-                raise DialError(f"{op}: {reply.err or 'dial failed'}")
+                raise _base.dial_error(op, reply)
             local = _base.parse_tailnet_addr(reply.local or "")
             remote = _base.parse_tailnet_addr(reply.remote or "")
             return TailnetSocket._adopt(sock, local, remote)
@@ -569,6 +588,12 @@ class Listener(_base.ListenerBase):
                 raise ProtocolError(f"{op}: daemon sent an incomplete accept header") from None
             try:
                 header = proto.decode_accept_header(line)
+            except proto.ChannelRefused as exc:
+                # The daemon closed the slot with a reason (its node went away): say so now;
+                # the next accept() reconnects and registers the listener again.
+                self._schedule_retry()
+                raise (_base.refused_error(f"{op}: {exc}", exc.code)
+                       or DaemonUnavailableError(f"{op}: {exc}")) from None
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad accept header: {exc}") from None
             if header.listener_id and header.listener_id != slot_id:
