@@ -27,6 +27,7 @@ from tsnet2.control.names import validate_domain
 Backend = Literal["userspace", "kernel"]
 NativeSidecarMode = Literal["auto", "on", "off"]
 TrafficLogMode = Literal["payload", "metadata", "off"]
+AuditBypassPolicy = Literal["refuse", "strip"]
 
 CONFIG_FILE_ENV = "TSNET2_OPERATOR_CONFIG"
 NAMESPACE_ENV = "TSNET2_NAMESPACE"
@@ -34,7 +35,10 @@ POD_NAMESPACE_ENV = "POD_NAMESPACE"  # the chart sets it from the downward API
 MAX_CONFIG_BYTES = 64 * 1024  # a config file is a handful of keys; refuse anything huge
 NATIVE_SIDECAR_MIN_VERSION = (1, 29)  # SidecarContainers is beta and on by default from 1.29
 
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# Whole-string patterns (re.fullmatch): "$" would also accept a trailing newline.
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+_URL = re.compile(r"https?://[^/\s]+(/\S*)?")
+_HOST_PORT = re.compile(r"\S*:[0-9]{1,5}")
 
 
 class ConfigError(ValueError):
@@ -54,6 +58,7 @@ class SidecarConfig:
     cpu_limit: str = ""
     memory_limit: str = ""
     traffic_log_default: TrafficLogMode = "payload"
+    audit_bypass_policy: AuditBypassPolicy = "refuse"
 
 
 @dataclass(frozen=True)
@@ -99,7 +104,7 @@ def _nonempty(name: str, value: str) -> str:
 
 def _quantity(name: str, value: str) -> str:
     value = value.strip()
-    if value and not _QUANTITY.match(value):
+    if value and not _QUANTITY.fullmatch(value):
         raise ConfigError(f"{name}: {value!r} is not a Kubernetes quantity (e.g. 10m, 64Mi)")
     return value
 
@@ -116,14 +121,14 @@ def _port(name: str, value: str) -> int:
 
 def _url(name: str, value: str) -> str:
     value = value.strip()
-    if value and not re.match(r"^https?://[^/\s]+", value):
+    if value and not _URL.fullmatch(value):
         raise ConfigError(f"{name}: {value!r} is not an http:// or https:// URL")
     return value
 
 
 def _host_port(name: str, value: str) -> str:
     value = value.strip()
-    if value and not re.match(r"^[^\s]*:[0-9]{1,5}$", value):
+    if value and not _HOST_PORT.fullmatch(value):
         raise ConfigError(f"{name}: {value!r} is not HOST:PORT (empty turns metrics off)")
     return value
 
@@ -193,6 +198,9 @@ FIELDS: tuple[Field, ...] = (
     Field("traffic_log_default", "TSNET2_TRAFFIC_LOG_DEFAULT",
           _choice("payload", "metadata", "off"), True,
           "traffic-log mode for pods without the tsnet2.io/traffic-log annotation"),
+    Field("audit_bypass_policy", "TSNET2_AUDIT_BYPASS_POLICY", _choice("refuse", "strip"), True,
+          "containers that could bypass the traffic log (privileged, NET_RAW, NET_ADMIN, ...) "
+          "in pods without tsnet2.io/audit-bypass-policy: refuse the pod, or strip the setting"),
     Field("native_sidecar", "TSNET2_NATIVE_SIDECAR", _choice("auto", "on", "off"), False,
           "native sidecar (initContainer, restartPolicy Always): auto = API server >= 1.29"),
     Field("webhook_addr", "TSNET2_WEBHOOK_ADDR", _nonempty, False,

@@ -14,7 +14,10 @@ from tsnet2_operator.inject import Decision
 
 INJECTED = "Injected"
 SKIPPED = "InjectionSkipped"
-QUIET_REASONS = frozenset({"not_opted_in"})  # pods that never asked: no Event, only the metric
+EPHEMERAL = "EphemeralContainerChecked"
+# Pods that never asked, and ephemeral containers of pods we never injected: no Event, only
+# the metric.
+QUIET_REASONS = frozenset({"not_opted_in", "no_sidecar", "no_new_containers"})
 
 
 def event_target(pod: Mapping[str, Any]) -> dict[str, str] | None:
@@ -36,11 +39,17 @@ def event_target(pod: Mapping[str, Any]) -> dict[str, str] | None:
 
 
 def describe(decision: Decision, pod: Mapping[str, Any]) -> tuple[str, str, str] | None:
-    """(type, reason, message) for the Event about ``decision``, or None for quiet decisions."""
+    """(type, reason, message) for the Event about ``decision``, or None for quiet decisions.
+
+    The type is ``Warning`` when a setting was stripped or an audit bypass waived.
+    """
     if decision.result == "skipped" and decision.reason in QUIET_REASONS:
         return None
     meta = pod.get("metadata") or {}
     who = meta.get("name") or f"{meta.get('generateName') or ''}<new pod>"
+    kind = "Warning" if decision.audit_bypass else "Normal"
+    if decision.reason == "ephemeral_container":
+        return kind, EPHEMERAL, f"pod {who}: {decision.message}"
     if decision.result == "injected":
-        return "Normal", INJECTED, f"pod {who}: {decision.message}"
+        return kind, INJECTED, f"pod {who}: {decision.message}"
     return "Normal", SKIPPED, f"pod {who}: skipped ({decision.reason}): {decision.message}"

@@ -9,6 +9,12 @@
 * ``@kopf.on.mutate('pods', operations=['CREATE'], id='inject')``, served at ``/inject``:
   calls :func:`~tsnet2_operator.inject.inject`, applies its patch, emits the Event and
   counts ``tsnet2_injector_requests_total``;
+* ``@kopf.on.mutate('pods', subresource='ephemeralcontainers', operations=['UPDATE'],
+  id='ephemeral')``, served at ``/ephemeral``: ephemeral containers added to an injected pod
+  (``kubectl debug``) get the same audit-boundary rules
+  (:func:`~tsnet2_operator.inject.check_ephemeral`). kopf routes a request by the URL's
+  handler id and then matches the request's ``subResource`` exactly (it does not filter
+  on the operation; the handler does), so this needs its own handler and path;
 * a clean-up handler that closes the API client and the metrics endpoint.
 """
 
@@ -25,11 +31,18 @@ import kopf
 
 from tsnet2_operator.config import OperatorConfig, resolve_native_sidecar
 from tsnet2_operator.events import describe, event_target
-from tsnet2_operator.inject import InjectionRejected, inject, wants_namespace_labels
+from tsnet2_operator.inject import (
+    Decision,
+    InjectionRejected,
+    check_ephemeral,
+    inject,
+    wants_namespace_labels,
+)
 from tsnet2_operator.metrics import InjectorMetrics
 from tsnet2_operator.webhook import KubeLookups, LookupError_, load_api_client, make_server
 
 HANDLER_ID = "inject"  # kopf serves this handler at https://<addr>:<port>/inject
+EPHEMERAL_HANDLER_ID = "ephemeral"  # ... and this one at /ephemeral
 REPORTING_COMPONENT = "tsnet2-operator"
 
 
@@ -125,18 +138,43 @@ def build_registry(
         except LookupError_ as exc:
             counters.count("rejected", "lookup_failed")
             raise kopf.AdmissionError(f"tsnet2 injector: {exc}", code=500) from exc
+        apply(decision, pod, patch, dryrun, warnings, logger)
+
+    @kopf.on.mutate("pods", subresource="ephemeralcontainers", operations=["UPDATE"],
+                    id=EPHEMERAL_HANDLER_ID, registry=reg)
+    async def ephemeral(body: kopf.Body, patch: kopf.Patch, dryrun: bool, warnings: list[str],
+                        logger: kopf.Logger, **kwargs: Any) -> None:
+        """Confine ephemeral containers added to an injected pod (or refuse them).
+
+        ``old`` (the pod before the request) and ``operation`` come as kopf kwargs.
+        """
+        if runtime.lookups is None:
+            raise kopf.AdmissionError("tsnet2 injector is still starting", code=503)
+        if kwargs.get("operation") != "UPDATE":  # kopf does not filter operations
+            return
+        pod = cast(dict[str, Any], dict(body))
+        old = kwargs.get("old")
+        previous = cast(dict[str, Any], dict(old)) if old is not None else None
+        try:
+            decision = check_ephemeral(pod, previous, config.sidecar)
+        except InjectionRejected as exc:
+            counters.count("rejected", exc.reason)
+            raise kopf.AdmissionError(str(exc), code=400) from exc
+        apply(decision, pod, patch, dryrun, warnings, logger)
+
+    def apply(decision: Decision, pod: dict[str, Any], patch: kopf.Patch, dryrun: bool,
+              warnings: list[str], logger: kopf.Logger) -> None:
+        """Count, patch, warn, log and post the Event (in the background) for ``decision``."""
         counters.count(decision.result, decision.reason)
         if decision.patch:
             ops = decision.patch
             patch.fns.append(lambda raw: jsonpatch.apply_patch(raw, ops, in_place=True))
-        if decision.net_raw_dropped:
-            warnings.append("tsnet2: dropped capability NET_RAW from container(s) "
-                            + ", ".join(decision.net_raw_dropped))
+        warnings.extend(decision.warnings)
         logger.info("tsnet2 injector: %s (%s): %s", decision.result, decision.reason,
                     decision.message)
         event = describe(decision, pod)
         target = event_target(pod)
-        if event is not None and target is not None and not dryrun:
+        if event is not None and target is not None and not dryrun and runtime.lookups:
             kind, reason, message = event
             post = runtime.lookups.post_event(target, type=kind, reason=reason,
                                               message=message, component=REPORTING_COMPONENT)

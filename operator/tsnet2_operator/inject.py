@@ -12,16 +12,30 @@ Rules, in order (the first that applies decides):
 4. ``hostNetwork: true`` -> skipped, ``host_network`` (no private network namespace to guard);
 5. the status annotation ``tsnet2.io/status`` is present -> skipped, ``already_injected``;
    a container named ``tsnet2d`` without it -> skipped, ``sidecar_exists``;
-6. any other ``tsnet2.io/*`` annotation with a bad value, a name clash with what we add, or
-   an app container we cannot confine (privileged / NET_ADMIN) -> :class:`InjectionRejected`;
+6. any other ``tsnet2.io/*`` annotation with a bad value (the removed
+   ``tsnet2.io/keep-net-raw`` included), a name clash with what we add, a container mounting
+   one of our volumes, or a container that could reach around the daemon (the audit
+   boundary, below) -> :class:`InjectionRejected`;
 7. otherwise -> injected; the patch adds the socket and state volumes, the token volume,
    the sidecar and the status annotation, mounts the socket in every app container, sets
-   ``TSNET2_SOCKET`` and drops ``NET_RAW`` from app containers. The socket's group and mode
-   follow the pod's groups (:func:`socket_access`).
+   ``TSNET2_SOCKET`` and drops ``NET_RAW`` from every container. The socket's group and
+   mode follow the pod's groups (:func:`socket_access`).
 
 "App containers" are ``spec.containers`` plus init containers with ``restartPolicy: Always``
-(other native sidecars): everything that runs while tsnet2d runs. Plain init containers finish
-before the sidecar starts, so they are left alone.
+(other native sidecars): everything that runs while tsnet2d runs; they get the socket.
+
+The audit boundary (DESIGN §2.4) holds every container that is not tsnet2d — containers,
+init containers (plain ones too: the network namespace, and any socket they hand on, outlive
+them) and ephemeral containers: none may be ``privileged`` or add ``SYS_PTRACE``,
+``SYS_ADMIN``, ``SYS_MODULE``, ``BPF``, ``NET_ADMIN``, ``NET_RAW`` or ``ALL`` (names compared
+case-insensitively, ``CAP_`` prefix optional, as container runtimes do), and ``NET_RAW``,
+which runtimes grant by default, is dropped. The policy (annotation
+``tsnet2.io/audit-bypass-policy``, default from the config) either refuses such a pod
+(``refuse``) or removes the setting (``strip``). ``tsnet2.io/allow-audit-bypass`` waives
+named settings; each waiver is recorded (status annotation, Event, admission warning) and
+copied into the sidecar's env (``TSNET2_AUDIT_BYPASS``), which, unlike annotations, cannot be
+changed after creation. :func:`check_ephemeral` applies the same rules to ephemeral
+containers added later (``pods/ephemeralcontainers``, e.g. ``kubectl debug``).
 """
 
 from __future__ import annotations
@@ -40,7 +54,9 @@ HOSTNAME = "tsnet2.io/hostname"
 TAGS = "tsnet2.io/tags"
 STATE = "tsnet2.io/state"
 TRAFFIC_LOG = "tsnet2.io/traffic-log"
-KEEP_NET_RAW = "tsnet2.io/keep-net-raw"
+AUDIT_BYPASS_POLICY = "tsnet2.io/audit-bypass-policy"
+ALLOW_AUDIT_BYPASS = "tsnet2.io/allow-audit-bypass"
+KEEP_NET_RAW = "tsnet2.io/keep-net-raw"  # removed: a pod that still uses it is refused
 STATUS = "tsnet2.io/status"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
@@ -61,17 +77,41 @@ METRICS_PORT = 9464
 PVC_PREFIX = "tsnet2-state-"
 MAX_GID = 2**32 - 2
 STATUS_VERSION = 1
+AUDIT_BYPASS_ENV = "TSNET2_AUDIT_BYPASS"  # on the sidecar: the waivers decided at creation
+OUR_VOLUMES = frozenset({SOCKET_VOLUME, STATE_VOLUME, TOKEN_VOLUME, TUN_VOLUME})
+
+PRIVILEGED = "privileged"
+# What each setting lets a container do around tsnet2d (DESIGN §2.4), one line each; the
+# text follows "container "x" adds capability C, which ...".
+BYPASS_REASONS: dict[str, str] = {
+    "SYS_PTRACE": "lets it copy the daemon's sockets (pidfd_getfd) and bypass the traffic log",
+    "SYS_ADMIN": "lets it enter namespaces, mount filesystems and load BPF programs, reaching "
+                 "around the daemon's guard and the traffic log",
+    "SYS_MODULE": "lets it load kernel modules, which no guard in the pod can contain",
+    "BPF": "lets it load BPF programs that can read or redirect the pod's traffic past the "
+           "daemon's guard",
+    "NET_ADMIN": "lets it mark sockets (SO_MARK) and change the nftables guard, routes and "
+                 "the WireGuard device, so its traffic leaves the tailnet without the daemon",
+    "NET_RAW": "lets it mark sockets (SO_MARK) and send raw packets past the daemon's "
+               "nftables guard and the traffic log",
+    "ALL": "grants every capability, SYS_PTRACE, NET_ADMIN and NET_RAW included, so it can "
+           "reach around the daemon's guard and the traffic log",
+    PRIVILEGED: "gives it every capability and the host's devices, so it can reach around "
+                "the daemon's guard and the traffic log",
+}
+DANGEROUS_CAPABILITIES = frozenset(BYPASS_REASONS) - {PRIVILEGED}
+POLICIES = ("refuse", "strip")
+Policy = Literal["refuse", "strip"]
 
 ALLOWED: dict[str, tuple[str, ...]] = {
     INJECT: ("enabled", "disabled"),
     STATE: ("ephemeral", "persistent"),
     TRAFFIC_LOG: ("payload", "metadata", "off"),
-    KEEP_NET_RAW: ("true", "false"),
+    AUDIT_BYPASS_POLICY: POLICIES,
 }
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_TAG = re.compile(r"^tag:[A-Za-z][A-Za-z0-9-]*$")
-# Capabilities an app container may not hold: with them it could leave the tailnet guard.
-_UNCONFINABLE_CAPS = frozenset({"NET_ADMIN", "SYS_ADMIN", "ALL"})
+# Whole-string patterns (re.fullmatch): "$" would also accept a trailing newline.
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_TAG = re.compile(r"tag:[A-Za-z][A-Za-z0-9-]*")
 
 Op = dict[str, Any]
 Result = Literal["injected", "skipped"]
@@ -87,14 +127,53 @@ class InjectionRejected(ValueError):
 
 
 @dataclass(frozen=True)
+class Finding:
+    """One container setting that could reach around the daemon (see :data:`BYPASS_REASONS`).
+
+    ``setting`` is a capability name (upper case, no ``CAP_``) or ``privileged``.
+    """
+
+    container: str
+    setting: str
+
+    @property
+    def reason(self) -> str:
+        """Why the setting breaks the audit boundary (one line)."""
+        return BYPASS_REASONS[self.setting]
+
+    def describe(self) -> str:
+        """``container "app" adds capability SYS_PTRACE, which lets it ...``."""
+        what = ("is privileged" if self.setting == PRIVILEGED
+                else f"adds capability {self.setting}")
+        return f"container {json.dumps(self.container)} {what}, which {self.reason}"
+
+    def to_json(self) -> dict[str, str]:
+        """For the status annotation and the golden files."""
+        return {"container": self.container, "setting": self.setting, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class Decision:
-    """The outcome for one pod: injected (with a JSON patch) or skipped, and why."""
+    """The outcome for one pod: injected (with a JSON patch) or skipped, and why.
+
+    ``stripped`` are the settings removed under the ``strip`` policy, ``waived`` those kept
+    because the pod's ``tsnet2.io/allow-audit-bypass`` names them; ``warnings`` are the
+    admission warnings (the user sees them in kubectl's output).
+    """
 
     result: Result
     reason: str
     message: str
     patch: list[Op] = field(default_factory=list)
     net_raw_dropped: tuple[str, ...] = ()
+    stripped: tuple[Finding, ...] = ()
+    waived: tuple[Finding, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def audit_bypass(self) -> bool:
+        """True when something was stripped or waived (the Event is then a Warning)."""
+        return bool(self.stripped or self.waived)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able form (what the golden files hold)."""
@@ -103,6 +182,9 @@ class Decision:
             "reason": self.reason,
             "message": self.message,
             "net_raw_dropped": list(self.net_raw_dropped),
+            "stripped": [f.to_json() for f in self.stripped],
+            "waived": [f.to_json() for f in self.waived],
+            "warnings": list(self.warnings),
             "patch": self.patch,
         }
 
@@ -116,8 +198,12 @@ def _skip(reason: str, message: str) -> Decision:
     return Decision(result="skipped", reason=reason, message=message)
 
 
-def _cap_name(cap: object) -> str:
-    text = str(cap).upper()
+def capability_name(cap: object) -> str:
+    """A capability as container runtimes read it: case-insensitive, ``CAP_`` optional.
+
+    ``"cap_net_raw"``, ``"Net_Raw"`` and ``"NET_RAW"`` are all ``"NET_RAW"``.
+    """
+    text = str(cap).strip().upper()
     return text.removeprefix("CAP_")
 
 
@@ -129,7 +215,8 @@ class _Settings:
     tags: tuple[str, ...]
     persistent: bool
     traffic_log: str
-    keep_net_raw: bool
+    policy: Policy
+    waivers: frozenset[str]
 
 
 def wants_namespace_labels(pod: Mapping[str, Any]) -> bool:
@@ -148,23 +235,59 @@ def _invalid(name: str, value: str, allowed: Sequence[str] | str) -> str:
     return f"annotation {name}: invalid value {json.dumps(value)}; allowed values: {what}"
 
 
+def _bypass_item(item: str) -> str:
+    """A waiver list item, normalised: ``privileged`` or a capability name."""
+    return PRIVILEGED if item.strip().lower() == PRIVILEGED else capability_name(item)
+
+
+def _parse_waivers(value: str) -> tuple[frozenset[str], bool]:
+    """(waived settings, every item known) from ``"NET_RAW, cap_sys_ptrace"``."""
+    items = [_bypass_item(i) for i in value.split(",") if i.strip()]
+    return frozenset(items), all(i in BYPASS_REASONS for i in items)
+
+
+_WAIVER_ALLOWED = ("a comma-separated list of " + ", ".join(sorted(DANGEROUS_CAPABILITIES))
+                   + f" or {PRIVILEGED}")
+
+
+def _keep_net_raw_error(value: str) -> str:
+    return (f"annotation {KEEP_NET_RAW} is no longer supported (it also let privileged and "
+            f"NET_ADMIN containers bypass the traffic log without saying so); remove it, and "
+            f"if a container must keep NET_RAW, set {ALLOW_AUDIT_BYPASS}: \"NET_RAW\", "
+            f"knowing the traffic log is then not a complete record"
+            + ("" if value == "true" else f" (it said {json.dumps(value)})"))
+
+
+def _policy(ann: Mapping[str, Any], config: SidecarConfig) -> Policy:
+    value = str(ann.get(AUDIT_BYPASS_POLICY, config.audit_bypass_policy))
+    return "strip" if value == "strip" else "refuse"
+
+
 def _read_settings(pod: Mapping[str, Any], config: SidecarConfig) -> _Settings:
     ann = _annotations(pod)
     errors: list[str] = []
     for name, allowed in ALLOWED.items():
         if name in ann and str(ann[name]) not in allowed:
             errors.append(_invalid(name, str(ann[name]), allowed))
+    if KEEP_NET_RAW in ann:
+        errors.append(_keep_net_raw_error(str(ann[KEEP_NET_RAW])))
+    waivers: frozenset[str] = frozenset()
+    if ALLOW_AUDIT_BYPASS in ann:
+        waivers, known = _parse_waivers(str(ann[ALLOW_AUDIT_BYPASS]))
+        if not known:
+            errors.append(_invalid(ALLOW_AUDIT_BYPASS, str(ann[ALLOW_AUDIT_BYPASS]),
+                                   _WAIVER_ALLOWED))
     hostname: str | None = None
     if HOSTNAME in ann:
         hostname = str(ann[HOSTNAME])
-        if not _DNS_LABEL.match(hostname):
+        if not _DNS_LABEL.fullmatch(hostname):
             errors.append(_invalid(HOSTNAME, hostname,
                                    "a DNS label (a-z, 0-9, '-', at most 63 characters)"))
     tags: list[str] = []
     if TAGS in ann:
         for item in str(ann[TAGS]).split(","):
             tag = item.strip()
-            if not _TAG.match(tag):
+            if not _TAG.fullmatch(tag):
                 errors.append(_invalid(TAGS, str(ann[TAGS]),
                                        "comma-separated tags like tag:web,tag:prod"))
                 break
@@ -174,7 +297,7 @@ def _read_settings(pod: Mapping[str, Any], config: SidecarConfig) -> _Settings:
     meta = pod.get("metadata") or {}
     pod_name = str(meta.get("name") or "")
     if hostname is None and pod_name:
-        if _DNS_LABEL.match(pod_name):
+        if _DNS_LABEL.fullmatch(pod_name):
             hostname = pod_name
         else:
             errors.append(f"pod name {pod_name!r} is not a valid tailnet hostname (a DNS label); "
@@ -189,13 +312,13 @@ def _read_settings(pod: Mapping[str, Any], config: SidecarConfig) -> _Settings:
         tags=tuple(tags),
         persistent=persistent,
         traffic_log=str(ann.get(TRAFFIC_LOG, config.traffic_log_default)),
-        keep_net_raw=str(ann.get(KEEP_NET_RAW, "false")) == "true",
+        policy=_policy(ann, config),
+        waivers=waivers,
     )
 
 
 def _check_conflicts(spec: Mapping[str, Any]) -> None:
-    ours = {SOCKET_VOLUME, STATE_VOLUME, TOKEN_VOLUME, TUN_VOLUME}
-    clash = sorted(ours & {str(v.get("name")) for v in spec.get("volumes") or []})
+    clash = sorted(OUR_VOLUMES & {str(v.get("name")) for v in spec.get("volumes") or []})
     if clash:
         raise InjectionRejected(
             "conflict", f"tsnet2: the pod already has volume(s) {', '.join(clash)}, which the "
@@ -213,20 +336,47 @@ def _app_containers(spec: Mapping[str, Any]) -> list[tuple[str, int, Mapping[str
     return found
 
 
-def _patch_app_container(
-    base: str, container: Mapping[str, Any], keep_net_raw: bool
-) -> tuple[list[Op], bool]:
-    """Ops that mount the socket, set TSNET2_SOCKET and drop NET_RAW; and whether it dropped."""
-    name = str(container.get("name"))
+def _other_containers(spec: Mapping[str, Any]) -> list[tuple[str, int, Mapping[str, Any]]]:
+    """Containers that are neither tsnet2d nor app containers: plain init containers (and
+    ephemeral containers, which the API server refuses at creation anyway)."""
+    found = [
+        ("initContainers", i, c)
+        for i, c in enumerate(spec.get("initContainers") or [])
+        if c.get("restartPolicy") != "Always"
+    ]
+    found += [("ephemeralContainers", i, c)
+              for i, c in enumerate(spec.get("ephemeralContainers") or [])]
+    return found
+
+
+@dataclass
+class _Confined:
+    """What confining one container produced."""
+
+    ops: list[Op] = field(default_factory=list)
+    net_raw_dropped: bool = False
+    refused: list[Finding] = field(default_factory=list)
+    stripped: list[Finding] = field(default_factory=list)
+    waived: list[Finding] = field(default_factory=list)
+
+
+_SOCKET_MOUNT = {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR, "readOnly": True}
+
+
+def _is_socket_mount(mount: object) -> bool:
+    """The read-only socket mount the injector adds (a re-invocation finds it in place)."""
+    return (isinstance(mount, Mapping) and mount.get("name") == SOCKET_VOLUME
+            and str(mount.get("mountPath", "")).rstrip("/") == SOCKET_DIR
+            and mount.get("readOnly") is True and not mount.get("subPath"))
+
+
+def _mount_socket(base: str, container: Mapping[str, Any]) -> list[Op]:
+    """Ops that mount the socket directory read-only and set TSNET2_SOCKET."""
     ops: list[Op] = []
-    mounts = container.get("volumeMounts") or []
-    for mount in mounts:
-        if mount.get("mountPath", "").rstrip("/") == SOCKET_DIR:
-            raise InjectionRejected(
-                "conflict", f"tsnet2: container {name!r} already mounts {SOCKET_DIR}, where the "
-                f"injector mounts the tsnet2d socket; move it or set {INJECT}: disabled")
-    mount = {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR, "readOnly": True}
-    if "volumeMounts" in container and isinstance(container["volumeMounts"], list):
+    mount = dict(_SOCKET_MOUNT)
+    if any(_is_socket_mount(m) for m in container.get("volumeMounts") or []):
+        pass  # already there (ours, from an earlier invocation, or the same thing)
+    elif isinstance(container.get("volumeMounts"), list):
         ops.append({"op": "add", "path": f"{base}/volumeMounts/-", "value": mount})
     else:
         ops.append({"op": "add", "path": f"{base}/volumeMounts", "value": [mount]})
@@ -237,42 +387,138 @@ def _patch_app_container(
             ops.append({"op": "add", "path": f"{base}/env/-", "value": var})
         else:
             ops.append({"op": "add", "path": f"{base}/env", "value": [var]})
+    return ops
 
-    sc = container.get("securityContext") or {}
-    caps = sc.get("capabilities") or {}
-    added = [_cap_name(c) for c in caps.get("add") or []]
-    dropped = {_cap_name(c) for c in caps.get("drop") or []}
-    if keep_net_raw:
-        return ops, False
-    if sc.get("privileged") is True or _UNCONFINABLE_CAPS & set(added):
-        what = "is privileged" if sc.get("privileged") is True else (
-            "adds capability " + ", ".join(sorted(_UNCONFINABLE_CAPS & set(added))))
-        raise InjectionRejected(
-            "unconfinable_container",
-            f"tsnet2: container {name!r} {what}, so it could bypass the tsnet2d guard; remove "
-            f"that, or set {KEEP_NET_RAW}: \"true\" to accept the risk, or {INJECT}: disabled")
-    if "NET_RAW" in dropped or "ALL" in dropped:
-        removals = [i for i, c in enumerate(added) if c == "NET_RAW"]
-        if not removals:
-            return ops, False
-    # Remove NET_RAW from `add` (highest index first keeps the others' indexes valid).
-    for i in sorted((i for i, c in enumerate(added) if c == "NET_RAW"), reverse=True):
-        ops.append({"op": "remove", "path": f"{base}/securityContext/capabilities/add/{i}"})
-    if "NET_RAW" in dropped or "ALL" in dropped:
-        return ops, True
-    if "securityContext" not in container or not isinstance(container["securityContext"], dict):
-        ops.append({"op": "add", "path": f"{base}/securityContext",
-                    "value": {"capabilities": {"drop": ["NET_RAW"]}}})
-    elif not isinstance(sc.get("capabilities"), dict):
-        ops.append({"op": "add", "path": f"{base}/securityContext/capabilities",
-                    "value": {"drop": ["NET_RAW"]}})
+
+def _check_mounts(container: Mapping[str, Any], mount_socket: bool, remedy: str) -> None:
+    """Refuse a container that mounts one of our volumes (keys, token, socket, TUN) or, when
+    it gets the socket, already mounts something at the socket directory."""
+    name = json.dumps(str(container.get("name")))
+    for mount in container.get("volumeMounts") or []:
+        if mount_socket and _is_socket_mount(mount):
+            continue
+        if str(mount.get("name")) in OUR_VOLUMES:
+            raise InjectionRejected(
+                "conflict", f"tsnet2: container {name} mounts volume {mount.get('name')}, "
+                f"which belongs to the tsnet2d sidecar (its keys, token or socket); {remedy}")
+        if mount_socket and str(mount.get("mountPath", "")).rstrip("/") == SOCKET_DIR:
+            raise InjectionRejected(
+                "conflict", f"tsnet2: container {name} already mounts {SOCKET_DIR}, where the "
+                f"injector mounts the tsnet2d socket; {remedy}")
+
+
+def _confine(base: str, container: Mapping[str, Any], *, mount_socket: bool, policy: Policy,
+             waivers: frozenset[str], remedy: str) -> _Confined:
+    """Check one container against the audit boundary and build its ops.
+
+    Every dangerous setting is refused, stripped (policy ``strip``) or waived; ``NET_RAW`` is
+    added to ``capabilities.drop`` unless waived or already dropped. With ``mount_socket``
+    the socket is mounted and ``TSNET2_SOCKET`` set.
+    """
+    name = str(container.get("name"))
+    _check_mounts(container, mount_socket, remedy)
+    out = _Confined(ops=_mount_socket(base, container) if mount_socket else [])
+    sc = container.get("securityContext")
+    sc = sc if isinstance(sc, Mapping) else {}
+    caps = sc.get("capabilities")
+    caps = caps if isinstance(caps, Mapping) else {}
+    raw_add, raw_drop = caps.get("add"), caps.get("drop")
+    added = [capability_name(c) for c in raw_add] if isinstance(raw_add, list) else []
+    dropped = {capability_name(c) for c in raw_drop} if isinstance(raw_drop, list) else set()
+
+    def judge(setting: str) -> bool:
+        """Record the finding; True when the setting must be removed (strip)."""
+        finding = Finding(name, setting)
+        if setting in waivers:
+            out.waived.append(finding)
+            return False
+        if policy == "strip":
+            out.stripped.append(finding)
+            return True
+        out.refused.append(finding)
+        return False
+
+    if sc.get("privileged") is True and judge(PRIVILEGED):
+        out.ops.append({"op": "replace", "path": f"{base}/securityContext/privileged",
+                        "value": False})
+    removals: list[int] = []
+    for setting in dict.fromkeys(c for c in added if c in DANGEROUS_CAPABILITIES):
+        if judge(setting):
+            removals += [i for i, c in enumerate(added) if c == setting]
+    # Highest index first keeps the other indexes valid.
+    for i in sorted(removals, reverse=True):
+        out.ops.append({"op": "remove", "path": f"{base}/securityContext/capabilities/add/{i}"})
+
+    if "NET_RAW" in waivers:
+        if "NET_RAW" not in added and not dropped & {"NET_RAW", "ALL"}:
+            out.waived.append(Finding(name, "NET_RAW"))  # the runtime's default, kept
+        return out
+    if dropped & {"NET_RAW", "ALL"}:
+        return out
+    out.net_raw_dropped = True
+    if not isinstance(container.get("securityContext"), Mapping):
+        out.ops.append({"op": "add", "path": f"{base}/securityContext",
+                        "value": {"capabilities": {"drop": ["NET_RAW"]}}})
+    elif not isinstance(sc.get("capabilities"), Mapping):
+        out.ops.append({"op": "add", "path": f"{base}/securityContext/capabilities",
+                        "value": {"drop": ["NET_RAW"]}})
     elif not isinstance(caps.get("drop"), list):
-        ops.append({"op": "add", "path": f"{base}/securityContext/capabilities/drop",
-                    "value": ["NET_RAW"]})
+        out.ops.append({"op": "add", "path": f"{base}/securityContext/capabilities/drop",
+                        "value": ["NET_RAW"]})
     else:
-        ops.append({"op": "add", "path": f"{base}/securityContext/capabilities/drop/-",
-                    "value": "NET_RAW"})
-    return ops, True
+        out.ops.append({"op": "add", "path": f"{base}/securityContext/capabilities/drop/-",
+                        "value": "NET_RAW"})
+    return out
+
+
+def _refusal(findings: Sequence[Finding], *, ephemeral: bool) -> InjectionRejected:
+    """The rejection for ``findings``: each with its reason, then what the user can do.
+
+    The waiver is offered only at creation: later it is fixed (see :func:`sidecar_waivers`).
+    """
+    it = "it" if len(findings) == 1 else "them"
+    settings = ",".join(dict.fromkeys(f.setting for f in findings))
+    if ephemeral:
+        remedy = (f"remove {it} (kubectl debug: --profile=baseline or --profile=restricted; "
+                  f"its default profile, general, adds SYS_PTRACE), or set "
+                  f"{AUDIT_BYPASS_POLICY}: strip on the pod to have {it} removed")
+    else:
+        remedy = (f"remove {it}, or set {INJECT}: disabled, or set {AUDIT_BYPASS_POLICY}: "
+                  f"strip to have {it} removed; {ALLOW_AUDIT_BYPASS}: {json.dumps(settings)} "
+                  f"admits {it}, but the traffic log is then NOT a complete record")
+    return InjectionRejected(
+        "unconfinable_container",
+        "tsnet2: " + "; ".join(f.describe() for f in findings) + "; " + remedy)
+
+
+def _warnings(dropped: Sequence[str], stripped: Sequence[Finding],
+              waived: Sequence[Finding]) -> tuple[str, ...]:
+    out: list[str] = []
+    if dropped:
+        out.append("tsnet2: dropped capability NET_RAW from container(s) " + ", ".join(dropped))
+    for f in stripped:
+        what = (f"set privileged: false on container {json.dumps(f.container)}"
+                if f.setting == PRIVILEGED else
+                f"removed capability {f.setting} from container {json.dumps(f.container)}")
+        out.append(f"tsnet2: {what} ({AUDIT_BYPASS_POLICY}: strip): {f.setting} {f.reason}")
+    for f in waived:
+        out.append(f"tsnet2: container {json.dumps(f.container)} keeps {f.setting} "
+                   f"({ALLOW_AUDIT_BYPASS}), which {f.reason}: the traffic log is NOT a "
+                   f"complete record of this pod's tailnet traffic")
+    return tuple(out)
+
+
+def _summary(stripped: Sequence[Finding], waived: Sequence[Finding]) -> list[str]:
+    """Event message parts about the audit boundary."""
+    parts = []
+    if stripped:
+        parts.append("stripped " + ", ".join(f"{f.setting} from {f.container}"
+                                             for f in stripped))
+    if waived:
+        parts.append(f"audit bypass allowed ({ALLOW_AUDIT_BYPASS}): "
+                     + ", ".join(f"{f.setting} in {f.container}" for f in waived)
+                     + "; the traffic log is NOT a complete record")
+    return parts
 
 
 def _gid(value: object) -> int | None:
@@ -378,6 +624,8 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
             {"name": "TS_CONTROL_URL", "value": config.control_url},
             {"name": "TSNET2_SA_TOKEN_FILE", "value": TOKEN_PATH},
             {"name": "TSNET2_SOCKET", "value": SOCKET_PATH},
+            *([{"name": AUDIT_BYPASS_ENV, "value": ",".join(sorted(settings.waivers))}]
+              if settings.waivers else []),
         ],
         "ports": [{"name": "tsnet2-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "startupProbe": {
@@ -385,6 +633,14 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
             "periodSeconds": 1,
             "timeoutSeconds": 1,
             "failureThreshold": 120,
+        },
+        # /healthz fails when the daemon cannot serve (accept loop dead, event loop wedged,
+        # node stopped): the kubelet restarts it and clients re-register (DESIGN §2.11).
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": METRICS_PORT},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
         },
         "resources": resources,
         "securityContext": {
@@ -465,14 +721,24 @@ def inject(
     settings = _read_settings(pod, config)
     _check_conflicts(spec)
     ops: list[Op] = []
-    apps = _app_containers(spec)
     dropped: list[str] = []
-    for key, index, container in apps:
-        container_ops, did_drop = _patch_app_container(
-            _ptr("spec", key, index), container, settings.keep_net_raw)
-        ops += container_ops
-        if did_drop:
+    refused: list[Finding] = []
+    stripped: list[Finding] = []
+    waived: list[Finding] = []
+    remedy = f"remove the mount, or set {INJECT}: disabled"
+    checked = [(k, i, c, True) for k, i, c in _app_containers(spec)]
+    checked += [(k, i, c, False) for k, i, c in _other_containers(spec)]
+    for key, index, container, is_app in checked:
+        confined = _confine(_ptr("spec", key, index), container, mount_socket=is_app,
+                            policy=settings.policy, waivers=settings.waivers, remedy=remedy)
+        ops += confined.ops
+        refused += confined.refused
+        stripped += confined.stripped
+        waived += confined.waived
+        if confined.net_raw_dropped:
             dropped.append(str(container.get("name")))
+    if refused:
+        raise _refusal(refused, ephemeral=False)
 
     status = {
         "version": STATUS_VERSION,
@@ -481,6 +747,10 @@ def inject(
         "initContainers": [SIDECAR_NAME] if native_sidecar else [],
         "volumes": [v["name"] for v in _volumes(config, settings)],
         "netRawDropped": dropped,
+        "auditBypassPolicy": settings.policy,
+        "auditBypassAllowed": sorted(settings.waivers),
+        "stripped": [f.to_json() for f in stripped],
+        "auditBypass": [f.to_json() for f in waived],
     }
     new_annotations: dict[str, str] = {STATUS: json.dumps(status, sort_keys=True,
                                                           separators=(",", ":"))}
@@ -522,7 +792,90 @@ def inject(
              access.describe()]
     if dropped:
         parts.append("dropped NET_RAW from " + ", ".join(dropped))
-    elif settings.keep_net_raw:
-        parts.append(f"kept NET_RAW ({KEEP_NET_RAW}: \"true\")")
+    parts += _summary(stripped, waived)
     return Decision(result="injected", reason=source, message="; ".join(parts), patch=ops,
-                    net_raw_dropped=tuple(dropped))
+                    net_raw_dropped=tuple(dropped), stripped=tuple(stripped),
+                    waived=tuple(waived), warnings=_warnings(dropped, stripped, waived))
+
+
+def _containers_named(spec: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:
+    items = spec.get(key)
+    return [c for c in items if isinstance(c, Mapping)] if isinstance(items, list) else []
+
+
+def sidecar_waivers(spec: Mapping[str, Any]) -> frozenset[str] | None:
+    """The waivers fixed at injection (the sidecar's ``TSNET2_AUDIT_BYPASS``), or None when
+    the pod has no tsnet2d container. Container specs cannot change after creation, so
+    unlike the pod's annotations this is what the pod was admitted with."""
+    every = _containers_named(spec, "containers") + _containers_named(spec, "initContainers")
+    sidecar = next((c for c in every if c.get("name") == SIDECAR_NAME), None)
+    if sidecar is None:
+        return None
+    for var in sidecar.get("env") or []:
+        if isinstance(var, Mapping) and var.get("name") == AUDIT_BYPASS_ENV:
+            waivers, _known = _parse_waivers(str(var.get("value") or ""))
+            return waivers & frozenset(BYPASS_REASONS)
+    return frozenset()
+
+
+def check_ephemeral(
+    pod: Mapping[str, Any],
+    old_pod: Mapping[str, Any] | None,
+    config: SidecarConfig,
+) -> Decision:
+    """Apply the audit boundary to ephemeral containers added to an injected pod.
+
+    ``pod``/``old_pod`` are the new and old objects of a ``pods/ephemeralcontainers`` UPDATE
+    (e.g. ``kubectl debug``). A pod without a tsnet2d container is skipped (``no_sidecar``).
+    Each new ephemeral container is refused, or stripped (policy from the pod's
+    ``tsnet2.io/audit-bypass-policy``, else the config), when it is privileged or adds a
+    dangerous capability the sidecar's recorded waivers do not name; it loses NET_RAW and
+    gets the socket (when the pod has the socket volume). The API server keeps only
+    ``spec.ephemeralContainers`` from this request, so the status annotation cannot record
+    anything here: the Event and the admission warnings do.
+    Raises :class:`InjectionRejected`.
+    """
+    spec: Mapping[str, Any] = pod.get("spec") or {}
+    waivers = sidecar_waivers(spec)
+    if waivers is None:
+        return _skip("no_sidecar", f"the pod has no {SIDECAR_NAME} container")
+    old_spec: Mapping[str, Any] = (old_pod or {}).get("spec") or {}
+    known = {str(c.get("name")) for c in _containers_named(old_spec, "ephemeralContainers")}
+    new = [(i, c) for i, c in enumerate(_containers_named(spec, "ephemeralContainers"))
+           if str(c.get("name")) not in known]
+    if not new:
+        return _skip("no_new_containers", "no ephemeral container was added")
+    ann = _annotations(pod)
+    if AUDIT_BYPASS_POLICY in ann and str(ann[AUDIT_BYPASS_POLICY]) not in POLICIES:
+        raise InjectionRejected("invalid_annotation", "tsnet2: " + _invalid(
+            AUDIT_BYPASS_POLICY, str(ann[AUDIT_BYPASS_POLICY]), POLICIES))
+    policy = _policy(ann, config)
+    has_socket = SOCKET_VOLUME in {str(v.get("name")) for v in spec.get("volumes") or []
+                                   if isinstance(v, Mapping)}
+    remedy = "remove the mount"
+    ops: list[Op] = []
+    dropped: list[str] = []
+    refused: list[Finding] = []
+    stripped: list[Finding] = []
+    waived: list[Finding] = []
+    for index, container in new:
+        confined = _confine(_ptr("spec", "ephemeralContainers", index), container,
+                            mount_socket=has_socket, policy=policy, waivers=waivers,
+                            remedy=remedy)
+        ops += confined.ops
+        refused += confined.refused
+        stripped += confined.stripped
+        waived += confined.waived
+        if confined.net_raw_dropped:
+            dropped.append(str(container.get("name")))
+    if refused:
+        raise _refusal(refused, ephemeral=True)
+    names = ", ".join(str(c.get("name")) for _i, c in new)
+    parts = [f"ephemeral container(s) {names}: "
+             + ("mounted the tsnet2d socket" if has_socket else "no socket volume to mount")]
+    if dropped:
+        parts.append("dropped NET_RAW from " + ", ".join(dropped))
+    parts += _summary(stripped, waived)
+    return Decision(result="injected", reason="ephemeral_container", message="; ".join(parts),
+                    patch=ops, net_raw_dropped=tuple(dropped), stripped=tuple(stripped),
+                    waived=tuple(waived), warnings=_warnings(dropped, stripped, waived))

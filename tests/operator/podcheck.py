@@ -26,9 +26,10 @@ def pod_problems(pod: Mapping[str, Any]) -> list[str]:
             problems.append(f"volume {v.get('name')} has {len(kinds)} sources")
     containers = list(spec.get("containers") or [])
     inits = list(spec.get("initContainers") or [])
+    ephemeral = list(spec.get("ephemeralContainers") or [])
     if not containers:
         problems.append("no containers")
-    all_names = [c.get("name") for c in containers + inits]
+    all_names = [c.get("name") for c in containers + inits + ephemeral]
     if len(all_names) != len(set(all_names)):
         problems.append(f"duplicate container names: {all_names}")
     for c in containers:
@@ -39,7 +40,11 @@ def pod_problems(pod: Mapping[str, Any]) -> list[str]:
             problems.append(f"init container {c.get('name')}: bad restartPolicy")
         if c.get("startupProbe") and c.get("restartPolicy") != "Always":
             problems.append(f"init container {c.get('name')}: probes need restartPolicy Always")
-    for c in containers + inits:
+    for c in ephemeral:
+        for key in ("ports", "resources", "startupProbe", "livenessProbe", "readinessProbe"):
+            if key in c:
+                problems.append(f"ephemeral container {c.get('name')}: {key} is not allowed")
+    for c in containers + inits + ephemeral:
         cname = c.get("name")
         if not c.get("image"):
             problems.append(f"container {cname}: no image")
@@ -64,6 +69,11 @@ def pod_problems(pod: Mapping[str, Any]) -> list[str]:
                 problems.append(f"container {cname}: capabilities.{key} is not a list")
         if set(caps.get("add") or []) & set(caps.get("drop") or []) - {"ALL"}:
             problems.append(f"container {cname}: a capability is both added and dropped")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            period = (c.get(probe) or {}).get("periodSeconds", 10)
+            timeout = (c.get(probe) or {}).get("timeoutSeconds", 1)
+            if probe in c and not 1 <= timeout <= period:
+                problems.append(f"container {cname}: {probe} timeout {timeout} > period")
         ports = [p.get("name") for p in c.get("ports") or [] if p.get("name")]
         for p in ports:
             if len(p) > 15:

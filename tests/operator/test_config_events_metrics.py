@@ -99,3 +99,37 @@ def test_metrics_count_and_serve() -> None:
         m.close()
     assert 'tsnet2_injector_requests_total{reason="pod_annotation",result="injected"} 2.0' \
         in text
+
+
+def test_audit_bypass_policy_setting() -> None:
+    assert load_config(BASE).sidecar.audit_bypass_policy == "refuse"
+    assert load_config({**BASE, "TSNET2_AUDIT_BYPASS_POLICY": "strip"}
+                       ).sidecar.audit_bypass_policy == "strip"
+    with pytest.raises(ConfigError, match="TSNET2_AUDIT_BYPASS_POLICY: invalid value 'allow'"):
+        load_config({**BASE, "TSNET2_AUDIT_BYPASS_POLICY": "allow"})
+
+
+@pytest.mark.parametrize(("env", "value"), [
+    ("TSNET2_CONTROL_URL", "http://control:8080/\nX-Injected: 1"),
+    ("TSNET2_CONTROL_URL", "http://control:8080 extra"),
+    ("TSNET2_METRICS_ADDR", "0.0.0.0:9090\n0.0.0.0:1"),
+    ("TSNET2_SIDECAR_CPU_REQUEST", "10m\n20m"),
+])
+def test_patterns_match_the_whole_value(env: str, value: str) -> None:
+    """No validation pattern accepts a value by its first line (or prefix) alone."""
+    with pytest.raises(ConfigError, match=env):
+        load_config({**BASE, env: value})
+    assert load_config({**BASE, "TSNET2_CONTROL_URL": "https://c.example:8443/base"}
+                       ).sidecar.control_url == "https://c.example:8443/base"
+
+
+def test_events_for_ephemeral_containers_and_audit_bypass() -> None:
+    from tsnet2_operator.inject import Finding
+    pod = {"metadata": {"name": "web", "namespace": "ns"}}
+    quiet = Decision(result="skipped", reason="no_sidecar", message="")
+    assert describe(quiet, pod) is None
+    checked = Decision(result="injected", reason="ephemeral_container", message="m")
+    assert describe(checked, pod) == ("Normal", "EphemeralContainerChecked", "pod web: m")
+    stripped = Decision(result="injected", reason="namespace_label", message="m",
+                        stripped=(Finding("app", "NET_ADMIN"),))
+    assert describe(stripped, pod) == ("Warning", "Injected", "pod web: m")

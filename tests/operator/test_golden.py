@@ -1,8 +1,10 @@
 """Golden files: tests/operator/golden/<case>.yaml (input) -> <case>.patch.json (decision).
 
 An input holds ``pod``, ``namespaceLabels``, ``nativeSidecar`` and optional ``config``
-overrides of :class:`SidecarConfig`. The expected file holds the decision, patch included
-(or the rejection message). ``pytest tests/operator --update-golden`` rewrites them; without
+overrides of :class:`SidecarConfig`; an input with ``oldPod`` is a ``pods/ephemeralcontainers``
+UPDATE instead (``pod`` the new object, run through :func:`check_ephemeral`; YAML anchors may
+share the parts). The expected file holds the decision, patch included (or the rejection
+message). ``pytest tests/operator --update-golden`` rewrites them; without
 it a difference or a leftover expected file without input fails.
 """
 
@@ -17,7 +19,7 @@ import jsonpatch
 import pytest
 import yaml
 from tsnet2_operator.config import SidecarConfig
-from tsnet2_operator.inject import InjectionRejected, inject
+from tsnet2_operator.inject import InjectionRejected, check_ephemeral, inject
 
 from tests.operator.podcheck import pod_problems
 
@@ -40,8 +42,12 @@ def _config(doc: dict[str, Any]) -> SidecarConfig:
 
 def _run(doc: dict[str, Any]) -> dict[str, Any]:
     try:
-        decision = inject(doc["pod"], _config(doc), native_sidecar=bool(doc["nativeSidecar"]),
-                          namespace_labels=doc.get("namespaceLabels"))
+        if "oldPod" in doc:
+            decision = check_ephemeral(doc["pod"], doc["oldPod"], _config(doc))
+        else:
+            decision = inject(doc["pod"], _config(doc),
+                              native_sidecar=bool(doc["nativeSidecar"]),
+                              namespace_labels=doc.get("namespaceLabels"))
     except InjectionRejected as exc:
         return {"result": "rejected", "reason": exc.reason, "message": str(exc)}
     return decision.to_json()
@@ -51,7 +57,8 @@ def test_cases_exist() -> None:
     """The matrix the issue asks for is all there."""
     wanted = {"plain", "multi-container", "init-containers", "existing-volumes-env",
               "plain-regular", "persistent-state", "host-network", "already-injected",
-              "invalid-annotations"}
+              "invalid-annotations", "refuse-capabilities", "strip", "allow-audit-bypass",
+              "ephemeral-harmless", "ephemeral-ptrace", "ephemeral-strip"}
     assert wanted <= set(CASES)
 
 
@@ -93,6 +100,14 @@ def test_patch_gives_valid_pod_and_is_idempotent(case: str) -> None:
     assert doc["pod"] == original, "inject() must not modify its input"
     assert pod_problems(patched) == []
     assert pod_problems(original) == []
+    if "oldPod" in doc:
+        # Re-invoked (reinvocationPolicy IfNeeded) with our own patch applied: nothing to add.
+        again = check_ephemeral(patched, doc["oldPod"], _config(doc))
+        assert (again.result, again.patch, again.stripped) == ("injected", [], ())
+        # Once stored, the container is no longer new.
+        stored = check_ephemeral(patched, patched, _config(doc))
+        assert (stored.result, stored.reason) == ("skipped", "no_new_containers")
+        return
     again = inject(patched, _config(doc), native_sidecar=bool(doc["nativeSidecar"]),
                    namespace_labels=doc.get("namespaceLabels"))
     assert again.result == "skipped" and again.reason == "already_injected"

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import jsonpatch
 import pytest
 from tsnet2_operator.config import SidecarConfig
 from tsnet2_operator.inject import (
+    BYPASS_REASONS,
+    DANGEROUS_CAPABILITIES,
     STATUS,
     InjectionRejected,
+    capability_name,
+    check_ephemeral,
     inject,
+    sidecar_waivers,
     wants_namespace_labels,
 )
 
@@ -72,14 +78,26 @@ def test_host_network_and_already_injected_are_skipped() -> None:
     ("tsnet2.io/inject", "yes", "enabled, disabled"),
     ("tsnet2.io/state", "disk", "ephemeral, persistent"),
     ("tsnet2.io/traffic-log", "all", "payload, metadata, off"),
-    ("tsnet2.io/keep-net-raw", "1", "true, false"),
+    ("tsnet2.io/audit-bypass-policy", "allow", "refuse, strip"),
+    ("tsnet2.io/allow-audit-bypass", "NET_RAW,SYS_TIME", "SYS_PTRACE or privileged"),
+    ("tsnet2.io/hostname", "web\n", "a DNS label"),
+    ("tsnet2.io/hostname", "web\nx", "a DNS label"),
+    ("tsnet2.io/tags", "tag:a,tag:b\nc", "comma-separated tags"),
 ])
 def test_invalid_values_name_the_annotation_and_allowed_values(
         key: str, value: str, allowed: str) -> None:
     with pytest.raises(InjectionRejected) as info:
         inject(pod({**ON, key: value}), CFG, native_sidecar=True)
     assert info.value.reason == "invalid_annotation"
-    assert key in str(info.value) and allowed in str(info.value) and value in str(info.value)
+    assert key in str(info.value) and allowed in str(info.value)
+    assert json.dumps(value) in str(info.value)
+
+
+def test_hostname_with_newline_never_reaches_the_sidecar() -> None:
+    """A trailing newline passed a "$"-anchored pattern; whole-string matching refuses it."""
+    with pytest.raises(InjectionRejected, match=r'tsnet2\.io/hostname: invalid value "web\\n"'):
+        inject(pod({**ON, "tsnet2.io/hostname": "web\n"}), CFG, native_sidecar=True)
+    assert arg(sidecar(patched(pod({**ON, "tsnet2.io/hostname": "web"}))), "--hostname") == "web"
 
 
 def test_native_vs_regular_sidecar() -> None:
@@ -108,6 +126,10 @@ def test_sidecar_shape() -> None:
         assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
     assert c["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 9464}
+    assert c["livenessProbe"] == {"httpGet": {"path": "/healthz", "port": 9464},
+                                  "periodSeconds": 10, "timeoutSeconds": 5,
+                                  "failureThreshold": 3}
+    assert "TSNET2_AUDIT_BYPASS" not in env
     assert c["resources"]["requests"] == {"cpu": "10m", "memory": "64Mi"}
     assert any(m["mountPath"] == "/dev/net/tun" for m in c["volumeMounts"])
 
@@ -140,42 +162,197 @@ def test_generate_name_pods() -> None:
 def test_app_containers_get_socket_and_lose_net_raw() -> None:
     p = pod(ON)
     p["spec"]["containers"].append({"name": "b", "image": "b:1", "securityContext": {
-        "capabilities": {"add": ["NET_RAW"]}}})
+        "capabilities": {"add": ["CHOWN"]}}})
     d = inject(p, CFG, native_sidecar=True)
     out = jsonpatch.apply_patch(p, d.patch)
     assert d.net_raw_dropped == ("app", "b") and "dropped NET_RAW from app, b" in d.message
+    assert d.warnings == ("tsnet2: dropped capability NET_RAW from container(s) app, b",)
     for c in out["spec"]["containers"]:
         assert {"name": "TSNET2_SOCKET", "value": "/var/run/tsnet2/tsnet2.sock"} in c["env"]
         assert {"name": "tsnet2-socket", "mountPath": "/var/run/tsnet2", "readOnly": True} \
             in c["volumeMounts"]
         assert "NET_RAW" in c["securityContext"]["capabilities"]["drop"]
-        assert "NET_RAW" not in c["securityContext"]["capabilities"].get("add", [])
+    assert out["spec"]["containers"][1]["securityContext"]["capabilities"]["add"] == ["CHOWN"]
     assert json.loads(out["metadata"]["annotations"][STATUS])["netRawDropped"] == ["app", "b"]
 
 
-def test_keep_net_raw() -> None:
-    p = pod({**ON, "tsnet2.io/keep-net-raw": "true"})
-    d = inject(p, CFG, native_sidecar=True)
-    out = jsonpatch.apply_patch(p, d.patch)
-    assert d.net_raw_dropped == () and "securityContext" not in out["spec"]["containers"][0]
-
-
-@pytest.mark.parametrize("sc", [{"privileged": True},
-                                {"capabilities": {"add": ["NET_ADMIN"]}},
-                                {"capabilities": {"add": ["CAP_SYS_ADMIN"]}}])
-def test_unconfinable_app_container_is_rejected(sc: dict[str, Any]) -> None:
+@pytest.mark.parametrize("spelled", ["NET_RAW", "net_raw", "Net_Raw", "CAP_NET_RAW",
+                                     "cap_net_raw", " NET_RAW "])
+def test_capability_names_as_runtimes_read_them(spelled: str) -> None:
+    assert capability_name(spelled) == "NET_RAW"
     p = pod(ON)
-    p["spec"]["containers"][0]["securityContext"] = sc
+    p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"drop": [spelled]}}
+    assert inject(p, CFG, native_sidecar=True).net_raw_dropped == ()  # already dropped
+    p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": [spelled]}}
+    with pytest.raises(InjectionRejected, match="adds capability NET_RAW"):
+        inject(p, CFG, native_sidecar=True)
+
+
+def test_every_dangerous_setting_has_a_one_line_reason() -> None:
+    wanted = {"SYS_PTRACE", "SYS_ADMIN", "SYS_MODULE", "BPF", "NET_ADMIN", "NET_RAW", "ALL"}
+    assert wanted == DANGEROUS_CAPABILITIES
+    assert set(BYPASS_REASONS) == DANGEROUS_CAPABILITIES | {"privileged"}
+    for reason in BYPASS_REASONS.values():
+        assert reason and "\n" not in reason and len(reason) < 160
+
+
+def _with(key: str, container: dict[str, Any], annotations: dict[str, str] | None = None,
+          ) -> dict[str, Any]:
+    """A pod whose ``key`` list holds ``container`` (besides the app container)."""
+    p = pod({**ON, **(annotations or {})})
+    if key == "containers":
+        p["spec"]["containers"][0] = {**container, "name": "app"}
+    else:
+        p["spec"][key] = [container]
+    return p
+
+
+CONTAINER_KINDS = [
+    ("containers", {}),
+    ("initContainers", {}),  # a plain init container: the namespace outlives it
+    ("initContainers", {"restartPolicy": "Always"}),  # another native sidecar
+    ("ephemeralContainers", {}),  # the API server refuses them at creation; so do we
+]
+SETTINGS = [(cap, {"capabilities": {"add": [cap.lower() if i % 2 else f"CAP_{cap}"]}})
+            for i, cap in enumerate(sorted(DANGEROUS_CAPABILITIES))]
+SETTINGS.append(("privileged", {"privileged": True}))
+
+
+@pytest.mark.parametrize(("key", "extra"), CONTAINER_KINDS)
+@pytest.mark.parametrize(("setting", "sc"), SETTINGS, ids=[s for s, _ in SETTINGS])
+def test_dangerous_settings_are_refused_everywhere(
+        key: str, extra: dict[str, Any], setting: str, sc: dict[str, Any]) -> None:
+    """Every container but tsnet2d, every dangerous setting: refused with name, setting and
+    reason, and the message says what to do."""
+    p = _with(key, {"name": "x" if key != "containers" else "app", "image": "x:1",
+                    **extra, "securityContext": sc})
     with pytest.raises(InjectionRejected) as info:
         inject(p, CFG, native_sidecar=True)
-    assert info.value.reason == "unconfinable_container" and "'app'" in str(info.value)
+    name = "app" if key == "containers" else "x"
+    what = "is privileged" if setting == "privileged" else f"adds capability {setting}"
+    message = str(info.value)
+    assert info.value.reason == "unconfinable_container"
+    assert message.startswith(f'tsnet2: container "{name}" {what}, which '
+                              f"{BYPASS_REASONS[setting]}; remove it, or set "
+                              "tsnet2.io/inject: disabled")
+    assert f'tsnet2.io/allow-audit-bypass: "{setting}"' in message
+    assert "tsnet2.io/audit-bypass-policy: strip" in message
 
 
-def test_plain_init_containers_are_left_alone() -> None:
+def test_the_example_message() -> None:
+    p = pod(ON)
+    p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["SYS_PTRACE"]}}
+    with pytest.raises(InjectionRejected) as info:
+        inject(p, CFG, native_sidecar=True)
+    assert str(info.value).startswith(
+        'tsnet2: container "app" adds capability SYS_PTRACE, which lets it copy the daemon\'s '
+        "sockets (pidfd_getfd) and bypass the traffic log; remove it, or set "
+        "tsnet2.io/inject: disabled")
+
+
+def test_harmless_capabilities_pass() -> None:
+    p = pod(ON)
+    p["spec"]["containers"][0]["securityContext"] = {
+        "privileged": False, "capabilities": {"add": ["CHOWN", "NET_BIND_SERVICE"]}}
+    out = patched(p)
+    caps = out["spec"]["containers"][0]["securityContext"]["capabilities"]
+    assert caps == {"add": ["CHOWN", "NET_BIND_SERVICE"], "drop": ["NET_RAW"]}
+
+
+@pytest.mark.parametrize(("key", "extra"), CONTAINER_KINDS)
+@pytest.mark.parametrize(("setting", "sc"), SETTINGS, ids=[s for s, _ in SETTINGS])
+def test_strip_removes_the_setting_and_records_why(
+        key: str, extra: dict[str, Any], setting: str, sc: dict[str, Any]) -> None:
+    name = "app" if key == "containers" else "x"
+    p = _with(key, {"name": name, "image": "x:1", **extra, "securityContext": sc},
+              {"tsnet2.io/audit-bypass-policy": "strip"})
+    d = inject(p, CFG, native_sidecar=True)
+    out = jsonpatch.apply_patch(p, d.patch)
+    (c,) = [c for c in out["spec"].get(key, []) if c["name"] == name]
+    if setting == "privileged":
+        assert c["securityContext"]["privileged"] is False
+    else:
+        assert c["securityContext"]["capabilities"]["add"] == []
+    assert "NET_RAW" in c["securityContext"]["capabilities"]["drop"]
+    assert [(f.container, f.setting) for f in d.stripped] == [(name, setting)]
+    status = json.loads(out["metadata"]["annotations"][STATUS])
+    assert status["auditBypassPolicy"] == "strip"
+    assert status["stripped"] == [{"container": name, "setting": setting,
+                                   "reason": BYPASS_REASONS[setting]}]
+    assert any(setting in w and f'"{name}"' in w and BYPASS_REASONS[setting] in w
+               for w in d.warnings)
+    assert f"stripped {setting} from {name}" in d.message
+
+
+def test_policy_from_config_and_annotation() -> None:
+    p = pod(ON)
+    p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["NET_ADMIN"]}}
+    strip = replace(CFG, audit_bypass_policy="strip")
+    assert inject(p, strip, native_sidecar=True).stripped
+    p["metadata"]["annotations"]["tsnet2.io/audit-bypass-policy"] = "refuse"
+    with pytest.raises(InjectionRejected):
+        inject(p, strip, native_sidecar=True)
+    p["metadata"]["annotations"]["tsnet2.io/audit-bypass-policy"] = "strip"
+    assert inject(p, CFG, native_sidecar=True).stripped
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_keep_net_raw_is_refused_naming_its_replacement(value: str) -> None:
+    with pytest.raises(InjectionRejected) as info:
+        inject(pod({**ON, "tsnet2.io/keep-net-raw": value}), CFG, native_sidecar=True)
+    assert info.value.reason == "invalid_annotation"
+    assert "tsnet2.io/keep-net-raw is no longer supported" in str(info.value)
+    assert 'tsnet2.io/allow-audit-bypass: "NET_RAW"' in str(info.value)
+
+
+def test_waivers_are_recorded_and_warned() -> None:
+    p = pod({**ON, "tsnet2.io/allow-audit-bypass": "cap_net_raw, SYS_PTRACE"})
+    p["spec"]["containers"][0]["securityContext"] = {"capabilities": {"add": ["SYS_PTRACE"]}}
+    d = inject(p, CFG, native_sidecar=True)
+    out = jsonpatch.apply_patch(p, d.patch)
+    assert d.net_raw_dropped == ()
+    assert "securityContext" not in out["spec"]["containers"][0] or \
+        "drop" not in out["spec"]["containers"][0]["securityContext"]["capabilities"]
+    assert out["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] == \
+        ["SYS_PTRACE"]
+    assert sorted((f.container, f.setting) for f in d.waived) == [
+        ("app", "NET_RAW"), ("app", "SYS_PTRACE")]
+    status = json.loads(out["metadata"]["annotations"][STATUS])
+    assert status["auditBypassAllowed"] == ["NET_RAW", "SYS_PTRACE"]
+    assert {w["setting"] for w in status["auditBypass"]} == {"NET_RAW", "SYS_PTRACE"}
+    assert len(d.warnings) == 2
+    assert all("NOT a complete record" in w for w in d.warnings)
+    assert "the traffic log is NOT a complete record" in d.message
+    env = {e["name"]: e.get("value") for e in sidecar(out)["env"]}
+    assert env["TSNET2_AUDIT_BYPASS"] == "NET_RAW,SYS_PTRACE"
+    assert sidecar_waivers(out["spec"]) == {"NET_RAW", "SYS_PTRACE"}
+
+
+def test_a_waiver_covers_only_what_it_names() -> None:
+    p = pod({**ON, "tsnet2.io/allow-audit-bypass": "NET_RAW"})
+    p["spec"]["containers"][0]["securityContext"] = {
+        "capabilities": {"add": ["NET_RAW", "NET_ADMIN"]}}
+    with pytest.raises(InjectionRejected) as info:
+        inject(p, CFG, native_sidecar=True)
+    assert "NET_ADMIN" in str(info.value) and "adds capability NET_RAW" not in str(info.value)
+
+
+def test_plain_init_containers_lose_net_raw_but_get_no_socket() -> None:
     p = pod(ON, initContainers=[{"name": "init", "image": "i:1"}])
     out = patched(p)
-    assert out["spec"]["initContainers"][0] == {"name": "init", "image": "i:1"}
+    assert out["spec"]["initContainers"][0] == {
+        "name": "init", "image": "i:1",
+        "securityContext": {"capabilities": {"drop": ["NET_RAW"]}}}
     assert out["spec"]["initContainers"][1]["name"] == "tsnet2d"
+
+
+@pytest.mark.parametrize("volume", ["tsnet2-state", "tsnet2-token", "tsnet2-socket", "tsnet2-tun"])
+@pytest.mark.parametrize("key", ["containers", "initContainers"])
+def test_mounting_the_sidecars_volumes_is_refused(volume: str, key: str) -> None:
+    p = _with(key, {"name": "x", "image": "x:1",
+                    "volumeMounts": [{"name": volume, "mountPath": "/steal"}]})
+    with pytest.raises(InjectionRejected, match=f"mounts volume {volume}, which belongs"):
+        inject(p, CFG, native_sidecar=True)
 
 
 def test_conflicting_mount_is_rejected() -> None:
@@ -189,3 +366,110 @@ def test_conflicting_mount_is_rejected() -> None:
 def test_annotation_keys_are_escaped_in_pointers() -> None:
     d = inject(pod({**ON, "a": "b"}), CFG, native_sidecar=True)
     assert any(op["path"] == "/metadata/annotations/tsnet2.io~1status" for op in d.patch)
+
+
+def _injected_pod(annotations: dict[str, str] | None = None,
+                  waivers: str | None = None) -> dict[str, Any]:
+    """A pod as stored after injection (with the sidecar's recorded waivers, if any)."""
+    p = pod({**ON, **(annotations or {})})
+    out = patched(p)
+    if waivers is not None:
+        sidecar(out)["env"].append({"name": "TSNET2_AUDIT_BYPASS", "value": waivers})
+    return out
+
+
+def _debug(old: dict[str, Any], *containers: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with ephemeral containers appended (what kubectl debug sends)."""
+    new = json.loads(json.dumps(old))
+    new["spec"].setdefault("ephemeralContainers", []).extend(containers)
+    return new
+
+
+def test_ephemeral_container_of_a_pod_without_sidecar_is_ignored() -> None:
+    old = pod({})
+    d = check_ephemeral(_debug(old, {"name": "dbg", "image": "b:1",
+                                     "securityContext": {"privileged": True}}), old, CFG)
+    assert (d.result, d.reason, d.patch) == ("skipped", "no_sidecar", [])
+
+
+def test_harmless_ephemeral_container_gets_socket_and_loses_net_raw() -> None:
+    old = _injected_pod()
+    new = _debug(old, {"name": "dbg", "image": "b:1"})
+    d = check_ephemeral(new, old, CFG)
+    assert (d.result, d.reason) == ("injected", "ephemeral_container")
+    out = jsonpatch.apply_patch(new, d.patch)
+    (dbg,) = out["spec"]["ephemeralContainers"]
+    assert dbg["securityContext"] == {"capabilities": {"drop": ["NET_RAW"]}}
+    assert {"name": "TSNET2_SOCKET", "value": "/var/run/tsnet2/tsnet2.sock"} in dbg["env"]
+    assert {"name": "tsnet2-socket", "mountPath": "/var/run/tsnet2", "readOnly": True} \
+        in dbg["volumeMounts"]
+    assert d.warnings == ("tsnet2: dropped capability NET_RAW from container(s) dbg",)
+    again = check_ephemeral(out, out, CFG)
+    assert (again.result, again.reason) == ("skipped", "no_new_containers")
+
+
+@pytest.mark.parametrize(("setting", "sc"), SETTINGS, ids=[s for s, _ in SETTINGS])
+def test_dangerous_ephemeral_container_is_refused(setting: str, sc: dict[str, Any]) -> None:
+    old = _injected_pod()
+    with pytest.raises(InjectionRejected) as info:
+        check_ephemeral(_debug(old, {"name": "dbg", "image": "b:1", "securityContext": sc}),
+                        old, CFG)
+    what = "is privileged" if setting == "privileged" else f"adds capability {setting}"
+    assert str(info.value).startswith(f'tsnet2: container "dbg" {what}, which '
+                                      f"{BYPASS_REASONS[setting]}; remove it (kubectl debug: "
+                                      "--profile=baseline")
+    assert info.value.reason == "unconfinable_container"
+
+
+@pytest.mark.parametrize(("setting", "sc"), SETTINGS, ids=[s for s, _ in SETTINGS])
+def test_dangerous_ephemeral_container_is_stripped(setting: str, sc: dict[str, Any]) -> None:
+    old = _injected_pod({"tsnet2.io/audit-bypass-policy": "strip"})
+    new = _debug(old, {"name": "dbg", "image": "b:1", "securityContext": sc})
+    d = check_ephemeral(new, old, CFG)
+    (dbg,) = jsonpatch.apply_patch(new, d.patch)["spec"]["ephemeralContainers"]
+    assert dbg["securityContext"].get("privileged") in (None, False)
+    assert dbg["securityContext"]["capabilities"].get("add", []) == []
+    assert dbg["securityContext"]["capabilities"]["drop"] == ["NET_RAW"]
+    assert [(f.container, f.setting) for f in d.stripped] == [("dbg", setting)]
+    assert any(BYPASS_REASONS[setting] in w for w in d.warnings)
+    # The policy may also come from the operator's setting.
+    old2 = _injected_pod()
+    d2 = check_ephemeral(_debug(old2, {"name": "dbg", "image": "b:1", "securityContext": sc}),
+                         old2, replace(CFG, audit_bypass_policy="strip"))
+    assert d2.stripped == d.stripped
+
+
+def test_ephemeral_waivers_come_from_the_sidecar_not_the_annotations() -> None:
+    """Annotations can be edited after creation; the sidecar's env cannot."""
+    ptrace = {"name": "dbg", "image": "b:1",
+              "securityContext": {"capabilities": {"add": ["SYS_PTRACE"]}}}
+    late = _injected_pod()
+    late["metadata"]["annotations"]["tsnet2.io/allow-audit-bypass"] = "SYS_PTRACE"
+    with pytest.raises(InjectionRejected, match="adds capability SYS_PTRACE"):
+        check_ephemeral(_debug(late, ptrace), late, CFG)
+    admitted = _injected_pod(waivers="SYS_PTRACE")
+    d = check_ephemeral(_debug(admitted, ptrace), admitted, CFG)
+    assert [(f.container, f.setting) for f in d.waived] == [("dbg", "SYS_PTRACE")]
+    assert any("NOT a complete record" in w for w in d.warnings)
+    assert d.audit_bypass
+
+
+def test_only_new_ephemeral_containers_are_checked() -> None:
+    old = _debug(_injected_pod(), {"name": "before", "image": "b:1",
+                                   "securityContext": {"privileged": True}})
+    d = check_ephemeral(_debug(old, {"name": "dbg", "image": "b:1"}), old, CFG)
+    assert all("/ephemeralContainers/1/" in op["path"] for op in d.patch)
+
+
+def test_ephemeral_container_may_not_mount_the_sidecars_volumes() -> None:
+    old = _injected_pod()
+    with pytest.raises(InjectionRejected, match="mounts volume tsnet2-state"):
+        check_ephemeral(_debug(old, {"name": "dbg", "image": "b:1", "volumeMounts": [
+            {"name": "tsnet2-state", "mountPath": "/keys"}]}), old, CFG)
+
+
+def test_ephemeral_invalid_policy_annotation() -> None:
+    old = _injected_pod()
+    old["metadata"]["annotations"]["tsnet2.io/audit-bypass-policy"] = "ignore"
+    with pytest.raises(InjectionRejected, match="allowed values: refuse, strip"):
+        check_ephemeral(_debug(old, {"name": "dbg", "image": "b:1"}), old, CFG)
