@@ -3,34 +3,57 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import ipaddress
 import json
 import os
 import sys
 import time
 from typing import Any
 
+import tsnet2
+from tsnet2 import proto
 from tsnet2._entry import check_extra, extra_for, missing_extra
 from tsnet2._version import __version__
 
+CONNECT_TIMEOUT = 1.0
+"""Seconds a query keeps retrying to connect to a socket that is missing or refusing (a
+daemon that is starting); after that the command fails instead of hanging."""
+
+
+class CommandError(Exception):
+    """A failure to report as ``tsnet2 <command>: <message>`` with exit status 1."""
+
 
 def _socket_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", default=os.environ.get("TSNET2_SOCKET"),
+    p.add_argument("--socket", default=os.environ.get("TSNET2_SOCKET"), metavar="PATH",
                    help="tsnet2d socket (default $TSNET2_SOCKET)")
 
 
-def _server(args: argparse.Namespace) -> Any:
-    import tsnet2
+def _json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=what)
 
+
+def _socket_path(args: argparse.Namespace) -> str:
     if not args.socket:
-        raise SystemExit("tsnet2: no daemon socket: pass --socket or set TSNET2_SOCKET")
-    return tsnet2.Server(socket_path=args.socket)
+        args.parser.error("no daemon socket: pass --socket PATH or set TSNET2_SOCKET")
+    return str(args.socket)
+
+
+def _local_client(args: argparse.Namespace) -> tsnet2.LocalClient:
+    """A LocalAPI client: it only reads (no control channel, no ``start``, no ``close``)."""
+    return tsnet2.LocalClient(_socket_path(args), connect_timeout=CONNECT_TIMEOUT)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2))
 
 
 def _status(args: argparse.Namespace) -> int:
-    with _server(args) as srv:
-        st = srv.local_client().status()
+    st = _local_client(args).status()
     if args.json:
-        print(json.dumps(st, indent=2))
+        _print_json(st)
         return 0
     self_ = st.get("Self") or {}
     print(f"{', '.join(st.get('TailscaleIPs') or []):<40} {self_.get('DNSName', '')}  "
@@ -42,11 +65,67 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_whois_target(target: str) -> tuple[str, int | None]:
+    """An IP (IPv6 bare or bracketed), ``IP:PORT``, a name or ``NAME:PORT`` -> (host, port).
+
+    Raises ValueError (an AddressError) for a malformed ``host:port``.
+    """
+    if _is_ip(target.strip("[]")) or ":" not in target:
+        return target.strip("[]"), None
+    return proto.split_host_port(target)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_name(status: dict[str, Any], name: str) -> str:
+    """The tailnet IP (IPv4 first) of the node called ``name`` in a LocalAPI ``status``.
+
+    ``name`` matches a node's ``HostName`` (its short tailnet name) or its ``DNSName`` (the
+    FQDN, with or without the trailing dot), case-insensitively, among ``Self`` and
+    ``Peer`` -- the names ``Server.dial`` accepts. Raises CommandError when no node, or
+    more than one, has that name.
+    """
+    want = name.rstrip(".").lower()
+    nodes = [status.get("Self") or {}, *(status.get("Peer") or {}).values()]
+    found = [node for node in nodes if want and node.get("TailscaleIPs") and want in {
+        str(node.get("HostName") or "").lower(),
+        str(node.get("DNSName") or "").rstrip(".").lower(),
+    }]
+    if not found:
+        raise CommandError(f"no tailnet node named {name!r} (tsnet2 status lists them)")
+    if len(found) > 1:
+        fqdns = ", ".join(sorted(str(n.get("DNSName", "")) for n in found))
+        raise CommandError(f"{name!r} names {len(found)} nodes ({fqdns}); use an address")
+    return str(found[0]["TailscaleIPs"][0])
+
+
 def _whois(args: argparse.Namespace) -> int:
-    with _server(args) as srv:
-        who = srv.local_client().whois(args.addr)
+    try:
+        host, port = _split_whois_target(args.target)
+    except ValueError as exc:
+        args.parser.error(str(exc))
+    if not host:
+        args.parser.error(f"expected a tailnet name or address, got {args.target!r}")
+    client = _local_client(args)
+    if _is_ip(host):
+        addr = args.target
+    else:
+        ip = resolve_name(client.status(), host)
+        addr = proto.format_addr(ip, port) if port is not None else ip
+    try:
+        who = client.whois(addr)
+    except tsnet2.LocalAPIError as exc:
+        if exc.status == 404:
+            raise CommandError(f"no tailnet node has address {addr}") from None
+        raise
     if args.json:
-        print(json.dumps(who, indent=2))
+        _print_json(who)
         return 0
     node, user = who.get("Node") or {}, who.get("UserProfile") or {}
     print(f"Machine: {node.get('Name', '')}  ({node.get('StableID', '')})")
@@ -58,20 +137,47 @@ def _whois(args: argparse.Namespace) -> int:
 
 
 def _ping(args: argparse.Namespace) -> int:
+    try:
+        proto.split_host_port(args.target)
+    except ValueError as exc:
+        args.parser.error(f"expected HOST:PORT, got {args.target!r}: {exc}")
+    # A node that is not started is one error, not a failed dial per attempt.
+    _local_client(args).get("status?peers=false")
     failures = 0
-    with _server(args) as srv:
-        for i in range(args.count):
+    times: list[float] = []
+    # join=False: attach to the node the daemon already runs; never send `start` or `close`.
+    with tsnet2.Server(socket_path=_socket_path(args), join=False,
+                       connect_timeout=CONNECT_TIMEOUT, reconnect_timeout=0) as srv:
+        for seq in range(1, args.count + 1):
+            result: dict[str, Any] = {"seq": seq, "target": args.target}
             t0 = time.perf_counter()
             try:
                 conn = srv.dial("tcp", args.target, timeout=args.timeout)
-            except Exception as exc:
+            except (tsnet2.DialError, tsnet2.DeadlineExceededError) as exc:
                 failures += 1
-                print(f"dial {args.target}: {exc}")
+                result.update(ok=False, error=_message(exc))
             else:
+                ms = (time.perf_counter() - t0) * 1000
+                times.append(ms)
+                remote = conn.tailnet_remote
                 conn.close()
-                print(f"connected to {args.target} in {(time.perf_counter() - t0) * 1000:.2f} ms")
-            if i + 1 < args.count:
+                result.update(ok=True, ms=round(ms, 3),
+                              remote=proto.format_addr(*remote) if remote else None)
+            if args.json:
+                print(json.dumps(result), flush=True)
+            elif result["ok"]:
+                via = f" ({result['remote']})" if result["remote"] else ""
+                print(f"connected to {args.target}{via} in {result['ms']:.2f} ms", flush=True)
+            else:
+                print(f"dial {args.target}: {result['error']}", flush=True)
+            if seq < args.count:
                 time.sleep(args.interval)
+    if not args.json:
+        line = f"{args.count} dials, {len(times)} connected, {failures} failed"
+        if times:
+            line += (f"; min/avg/max {min(times):.2f}/{sum(times) / len(times):.2f}/"
+                     f"{max(times):.2f} ms")
+        print(line)
     return 1 if failures else 0
 
 
@@ -100,9 +206,37 @@ def _add_control(sub: Any) -> None:
         add_subcommands(sub)
 
 
+def _count(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return n
+
+
+def _seconds(value: str, *, allow_zero: bool = False) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if not (x > 0 or (allow_zero and x == 0)) or x == float("inf"):
+        kind = "a number of seconds, 0 or more" if allow_zero else "a positive number of seconds"
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {value!r}")
+    return x
+
+
+def _interval(value: str) -> float:
+    return _seconds(value, allow_zero=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `tsnet2` argument parser."""
-    p = argparse.ArgumentParser(prog="tsnet2", description="tsnet2 command line")
+    p = argparse.ArgumentParser(
+        prog="tsnet2", description="tsnet2 command line: the coordination server, a local "
+        "demo, and read-only queries against a running tsnet2d.",
+        epilog="Exit status: 0 ok, 1 error (printed as 'tsnet2 COMMAND: message'), 2 usage.")
     p.add_argument("--version", action="version", version=f"tsnet2 {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -115,43 +249,108 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-v", "--verbose", action="store_true", help="show the daemons' logs")
     d.set_defaults(func=_demo)
 
-    s = sub.add_parser("status", help="show the node and its peers")
+    queries = ("Read-only: it talks to the daemon's LocalAPI and never starts, stops or "
+               "changes the node.")
+    s = sub.add_parser("status", help="show the node and its peers",
+                       description="Show this node's tailnet addresses, name and state, and "
+                       f"each peer's. {queries}")
     _socket_arg(s)
-    s.add_argument("--json", action="store_true", help="print the LocalAPI status JSON")
-    s.set_defaults(func=_status)
+    _json_arg(s, "print the LocalAPI status JSON (Tailscale's ipnstate.Status)")
+    s.set_defaults(func=_status, parser=s)
 
-    w = sub.add_parser("whois", help="show the node and user behind a tailnet address")
+    w = sub.add_parser("whois", help="show the node and user behind a tailnet address or name",
+                       description="Show the node and user behind a tailnet address, or behind "
+                       "a node name: the short name or FQDN is looked up in the LocalAPI "
+                       "status (this node and its peers), then its address (IPv4 first) is "
+                       f"asked. {queries}")
     _socket_arg(w)
-    w.add_argument("addr", help="tailnet IP or IP:port")
-    w.add_argument("--json", action="store_true", help="print the LocalAPI WhoIs JSON")
-    w.set_defaults(func=_whois)
+    w.add_argument("target", metavar="TARGET",
+                   help="tailnet IP, IP:PORT, [IPV6]:PORT, node name or FQDN (NAME:PORT too)")
+    _json_arg(w, "print the LocalAPI WhoIs JSON (Tailscale's apitype.WhoIsResponse)")
+    w.set_defaults(func=_whois, parser=w)
 
     g = sub.add_parser("ping", help="time TCP connects to a peer through the daemon",
                        description="Dial HOST:PORT through tsnet2d COUNT times and print how "
-                       "long each connect took (the flows appear in the traffic log).")
+                       "long each connect took (the flows appear in the traffic log). It "
+                       "attaches to the node the daemon already runs and never starts or "
+                       "stops it. Exit status 1 if any dial failed.")
     _socket_arg(g)
     g.add_argument("target", metavar="HOST:PORT", help="peer name, FQDN or tailnet IP, and port")
-    g.add_argument("-c", "--count", type=int, default=4)
-    g.add_argument("-i", "--interval", type=float, default=0.5)
-    g.add_argument("--timeout", type=float, default=5.0)
-    g.set_defaults(func=_ping)
+    g.add_argument("-c", "--count", type=_count, default=4, help="dials to make (default 4)")
+    g.add_argument("-i", "--interval", type=_interval, default=0.5, metavar="SECONDS",
+                   help="pause between dials (default 0.5)")
+    g.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS",
+                   help="limit per dial (default 5)")
+    _json_arg(g, "print one JSON object per dial: seq, target, ok, then ms and remote, "
+              "or error")
+    g.set_defaults(func=_ping, parser=g)
     return p
 
 
+def _message(exc: BaseException, socket_path: str | None = None) -> str:
+    """A one-line description of ``exc`` for the user, without the library's op prefix."""
+    if isinstance(exc, CommandError):
+        return str(exc)
+    cause = exc.__cause__
+    if isinstance(exc, tsnet2.DaemonUnavailableError) and isinstance(cause, OSError):
+        return _os_message(cause, socket_path) or _strip_op(str(exc))
+    if isinstance(exc, tsnet2.ProtocolError) and "closed" in str(exc):
+        return (f"{_strip_op(str(exc))} (tsnet2d closes connections from uids it does not "
+                "allow: see its --allow-uid)")
+    if isinstance(exc, tsnet2.LocalAPIError):
+        if exc.status == 503:
+            return ("the node is not started (tsnet2d waits for an app to start it, or runs "
+                    "with --up)")
+        try:
+            detail = json.loads(exc.body).get("error") or exc.body
+        except (ValueError, AttributeError):
+            detail = exc.body
+        return f"{detail} (LocalAPI status {exc.status})"
+    if isinstance(exc, tsnet2.Error):  # before OSError: DialError is a ConnectionError
+        return _strip_op(str(exc))
+    if isinstance(exc, OSError):
+        return _os_message(exc, exc.filename or socket_path) or str(exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _os_message(exc: OSError, path: str | None) -> str | None:
+    at = f" at {path}" if path else ""
+    if exc.errno == errno.ENOENT:
+        return f"no tsnet2d socket{at} (is the daemon running? see --socket / TSNET2_SOCKET)"
+    if exc.errno == errno.ECONNREFUSED:
+        return f"tsnet2d is not running (the socket{at} refuses connections)"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return (f"permission denied on the tsnet2d socket{at} (tsnet2d's --socket-mode, "
+                "--socket-group and --allow-uid decide who may connect)")
+    if exc.errno is not None:
+        return f"cannot connect to tsnet2d{at}: {os.strerror(exc.errno)}"
+    return None
+
+
+def _strip_op(text: str) -> str:
+    """Drop a leading ``tsnet2.Op.name: `` from a library message."""
+    head, sep, rest = text.partition(": ")
+    if sep and head.startswith("tsnet2.") and " " not in head:
+        return rest
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `tsnet2` command."""
+    """Entry point of the `tsnet2` command: 0 ok, 1 error, 2 usage (argparse)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout was closed early (`tsnet2 status | head -1`): not an error worth a message.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
-        import tsnet2
-
-        if isinstance(exc, tsnet2.Error):
-            print(f"tsnet2: {exc}", file=sys.stderr)
-            return 1
-        raise
+        message = _message(exc, getattr(args, "socket", None))
+        print(f"tsnet2 {args.command}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
