@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 import signal
 import sys
 from typing import Any
 
+from tsnet2.control import limits
 from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key
 from tsnet2.control.names import parse_tags, validate_domain
 from tsnet2.control.server import ControlServer
@@ -26,7 +28,7 @@ def parse_listen(value: str) -> tuple[str, int]:
         with contextlib.suppress(ValueError):
             ipaddress.IPv6Address(host)
             sep = sep or ":"
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 127.0.0.1:8080), got {value!r}")
     return host, int(port)
 
@@ -39,6 +41,21 @@ def _positive(value: str) -> float:
     if not number > 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
     return number
+
+
+def _count(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one, as tsnet2d does; return both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def _domain(value: str) -> str:
@@ -63,7 +80,17 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with SQLiteStore(args.db) as store:
-            server = ControlServer(store, args.domain, args.ephemeral_timeout)
+            server = ControlServer(
+                store,
+                args.domain,
+                args.ephemeral_timeout,
+                limits=limits.ServerLimits(
+                    max_connections=args.max_connections,
+                    header_timeout=args.header_timeout,
+                    idle_timeout=args.idle_timeout,
+                    body_timeout=args.body_timeout,
+                ),
+            )
             try:
                 url = await server.start(host, port, tls_cert=args.tls_cert, tls_key=args.tls_key)
                 print(f"tsnet2 control: listening on {url}", file=sys.stderr, flush=True)
@@ -82,6 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("tsnet2 control: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    soft, hard = raise_fd_limit()
+    logging.getLogger("tsnet2.control").info(
+        "control: open files limit: soft %d, hard %d", soft, hard
+    )
     try:
         return asyncio.run(_serve(args))
     except (OSError, StoreError, ValueError) as e:
@@ -130,6 +161,39 @@ def add_control_commands(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         metavar="S",
         help="remove ephemeral nodes offline for this long (default 30)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=_count,
+        default=limits.DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"at most N open connections (default {limits.DEFAULT_MAX_CONNECTIONS}); at "
+        "the cap the longest-idle one is closed for a new one, and if all are busy the new "
+        "one gets 503. Lowered (with a warning) if the open-files limit is too small",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=_positive,
+        default=limits.DEFAULT_HEADER_TIMEOUT,
+        metavar="S",
+        help="a client must send a whole request head (TLS handshake included) within S "
+        f"seconds of connecting or of starting it (default {limits.DEFAULT_HEADER_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_positive,
+        default=limits.DEFAULT_IDLE_TIMEOUT,
+        metavar="S",
+        help="close a keep-alive connection idle for S seconds between requests "
+        f"(default {limits.DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=_positive,
+        default=limits.DEFAULT_BODY_TIMEOUT,
+        metavar="S",
+        help="a request body (at most 64 KiB) must arrive within S seconds of its head, "
+        f"else 408 (default {limits.DEFAULT_BODY_TIMEOUT:g})",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from tsnet2.control import api
 from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key
+from tsnet2.control.limits import ConnectionGuard, GuardedSite, ServerLimits, fd_room, http_log
 from tsnet2.control.names import validate_domain
 from tsnet2.control.store import (
     AddressPoolExhaustedError,
@@ -45,6 +46,12 @@ log = logging.getLogger("tsnet2.control")
 
 MAX_POLL_TIMEOUT = 60.0
 """Longest netmap long-poll the server holds open, in seconds."""
+MAX_LINE = 8190
+"""Longest request line and header line, in bytes (aiohttp's limit; longer: 400)."""
+MAX_HEADERS = 64
+"""Most header lines in a request head (more: 400), so a head is at most ~512 KiB."""
+LINGER = 2.0
+"""Seconds spent reading and dropping an unread request body before closing."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -69,7 +76,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as e:
-        return _error(e.status, e.message)
+        response = _error(e.status, e.message)
+        if e.status == 408:
+            response.force_close()
+        return response
     except api.BadRequest as e:
         return _error(400, str(e))
     except web.HTTPRequestEntityTooLarge:
@@ -99,12 +109,15 @@ class ControlServer:
         online_grace: float | None = None,
         max_poll_timeout: float = MAX_POLL_TIMEOUT,
         authenticator: api.Authenticator | None = None,
+        limits: ServerLimits | None = None,
     ) -> None:
         """Configure the server; nothing runs until :meth:`start`.
 
         ``authenticator``, if given, lets ``POST /v1/register`` authenticate with
         ``Authorization: Bearer <token>`` (e.g. a Kubernetes ServiceAccount token) besides
         auth keys; without it a bearer header on register is refused (401).
+        ``limits``: connection cap and header/idle/body timeouts (see
+        :mod:`tsnet2.control.limits`; defaults 1024 connections, 10 s, 30 s, 10 s).
         """
         if not ephemeral_timeout > 0:
             raise ValueError("ephemeral_timeout must be > 0 seconds")
@@ -116,6 +129,9 @@ class ControlServer:
         )
         self.max_poll_timeout = max_poll_timeout
         self.authenticator = authenticator
+        self.limits = limits if limits is not None else ServerLimits()
+        self.guard: ConnectionGuard | None = None
+        """The connection guard while started (its ``stats`` count evictions, timeouts)."""
         self._tick = min(0.5, max(0.05, min(self.ephemeral_timeout, self.online_grace) / 10))
         self._version = 0
         self._changed = asyncio.Event()
@@ -128,7 +144,9 @@ class ControlServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
-        self.app = web.Application(client_max_size=api.MAX_BODY, middlewares=[_errors])
+        self.app = web.Application(
+            client_max_size=api.MAX_BODY, middlewares=[self._track_requests, _errors]
+        )
         self.app.add_routes(
             [
                 web.post("/v1/register", self._register),
@@ -169,17 +187,41 @@ class ControlServer:
         self._started = time.monotonic()
         self._closing = False
         runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=2.0,
+            # A backstop only: the guard closes idle connections (header/idle timeouts).
+            keepalive_timeout=self.limits.header_timeout + self.limits.idle_timeout,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_LINE,
+            max_headers=MAX_HEADERS,
+            lingering_time=LINGER,
+            logger=http_log,
         )
         await runner.setup()
+        assert runner.server is not None
+        max_connections = fd_room(self.limits.max_connections)
+        if max_connections < self.limits.max_connections:
+            log.warning(
+                "control: the open-files limit leaves room for %d connections only, "
+                "not %d; raise the hard limit (ulimit -Hn) to allow more",
+                max_connections,
+                self.limits.max_connections,
+            )
+        guard = ConnectionGuard(
+            self.limits, runner.server, ssl_context=ssl_ctx, max_connections=max_connections
+        )
         try:
-            site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx)
+            site = GuardedSite(runner, host, port, guard)
             await site.start()
         except BaseException:
             await runner.cleanup()
+            await guard.close()
             raise
         self._runner = runner
-        bound = runner.addresses[0]
+        self.guard = guard
+        bound = guard.sockets[0].getsockname()
         bound_host = host if ":" not in host else f"[{host}]"
         scheme = "https" if ssl_ctx is not None else "http"
         self._url = f"{scheme}://{bound_host}:{bound[1]}"
@@ -214,6 +256,9 @@ class ControlServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            await guard.close()
 
     async def create_auth_key(
         self,
@@ -318,9 +363,28 @@ class ControlServer:
             )
         return node
 
-    @staticmethod
-    async def _body(request: web.Request) -> dict[str, Any]:
-        return api.parse_json_object(await request.read())
+    @web.middleware
+    async def _track_requests(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Tell the connection guard a request is in flight (its connection is not idle)."""
+        guard = self.guard
+        if guard is None:
+            return await handler(request)
+        guard.request_started(request.protocol)
+        try:
+            return await handler(request)
+        finally:
+            guard.request_finished(request.protocol)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        """The JSON object body: at most ``api.MAX_BODY`` bytes within ``body_timeout``."""
+        try:
+            async with asyncio.timeout(self.limits.body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(
+                408, f"request body not received within {self.limits.body_timeout:g} s"
+            ) from None
+        return api.parse_json_object(raw)
 
     def _node_json(self, node: NodeRecord) -> dict[str, Any]:
         return api.node_json(
