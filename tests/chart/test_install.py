@@ -204,11 +204,13 @@ def test_webhook_points_at_the_release_service(
     assert svc.spec.ports[0].target_port == "webhook"
     assert svc.spec.cluster_ip
     ca = _secret_data(api_client, f"{RELEASE}-tsnet2-webhook-tls")["ca.crt"]
-    assert len(config.webhooks) == 2
+    paths = {"namespaces.inject.tsnet2.io": "/inject", "pods.inject.tsnet2.io": "/inject",
+             "ephemeral.inject.tsnet2.io": "/ephemeral"}
+    assert sorted(h.name for h in config.webhooks) == sorted(paths)
     for hook in config.webhooks:
         ref = hook.client_config.service
         assert (ref.name, ref.namespace, ref.path, ref.port) == (
-            svc.metadata.name, NAMESPACE, "/inject", svc.spec.ports[0].port)
+            svc.metadata.name, NAMESPACE, paths[hook.name], svc.spec.ports[0].port)
         assert hook.client_config.ca_bundle == ca  # base64 PEM, as in the Secret
 
 

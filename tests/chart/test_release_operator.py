@@ -13,7 +13,8 @@ the API server's calls stay on this machine.
 Then real pods are created (no kubelet: they stay Pending) and the chart's selectors and
 failure policies are checked as the API server applies them: opted-in namespaces, the
 pod-annotation opt-in elsewhere, kube-system and the release namespace never sent, the
-``tsnet2.io/inject=disabled`` objectSelector, ``Fail`` vs ``Ignore`` with the operator down.
+``tsnet2.io/inject=disabled`` objectSelector, ``Fail`` vs ``Ignore`` with the operator down,
+and ``kubectl debug``-style ephemeral containers through the chart's ``/ephemeral`` webhook.
 Needs root (the veth interface) and the binaries of ``tests/k8s/build-tools.sh``.
 """
 
@@ -368,13 +369,47 @@ def test_release_rbac_is_enough(operator: Operator, api_client: k8s.ApiClient) -
     assert "Forbidden" not in log and " 403" not in log, log[-6000:]
 
 
+def _debug(api: k8s.ApiClient, namespace: str, pod: str, container: dict[str, Any]) -> None:
+    """Add an ephemeral container as kubectl debug does (``pods/ephemeralcontainers``)."""
+    k8s.CoreV1Api(api).patch_namespaced_pod_ephemeralcontainers(
+        pod, namespace, {"spec": {"ephemeralContainers": [container]}},
+        _content_type="application/strategic-merge-patch+json")
+
+
+def test_debug_containers_go_through_the_charts_webhook(operator: Operator,
+                                                        api_client: k8s.ApiClient) -> None:
+    """The chart routes UPDATE pods/ephemeralcontainers to the operator's /ephemeral with no
+    objectSelector: on an injected pod a SYS_PTRACE debug container is refused even after the
+    pod was labelled tsnet2.io/inject=disabled (which keeps pod *creation* away from the
+    webhook); a harmless one is admitted with NET_RAW dropped."""
+    core = k8s.CoreV1Api(api_client)
+    assert _injected(create_pod(api_client, PLAIN_NS, "debugged", annotations=INJECT))
+    core.patch_namespaced_pod("debugged", PLAIN_NS,
+                              {"metadata": {"labels": {"tsnet2.io/inject": "disabled"}}})
+    with pytest.raises(ApiException) as info:
+        _debug(api_client, PLAIN_NS, "debugged", {
+            "name": "general", "image": "busybox:1",
+            "securityContext": {"capabilities": {"add": ["SYS_PTRACE"]}}})
+    assert info.value.status == 400
+    assert 'container \\"general\\" adds capability SYS_PTRACE' in info.value.body
+    _debug(api_client, PLAIN_NS, "debugged", {"name": "baseline", "image": "busybox:1"})
+    (stored,) = core.read_namespaced_pod("debugged", PLAIN_NS).spec.ephemeral_containers
+    assert stored.name == "baseline"
+    assert stored.security_context.capabilities.drop == ["NET_RAW"]
+
+
 def test_failure_policies_with_the_operator_down(operator: Operator,
                                                  api_client: k8s.ApiClient) -> None:
     """Operator down: opted-in namespaces get no un-injected pod (Fail); an annotated pod
-    elsewhere is admitted without the sidecar (Ignore)."""
+    elsewhere is admitted without the sidecar (Ignore); no debug container is added to an
+    injected pod unchecked (the ephemeral webhook's Fail)."""
+    assert _injected(create_pod(api_client, PLAIN_NS, "before-outage", annotations=INJECT))
     assert operator.stop() == 0
     with pytest.raises(ApiException) as info:
         create_pod(api_client, OPTED_IN_NS, "refused")
     assert info.value.status == 500 and "failed calling webhook" in str(info.value.body)
     assert not _injected(create_pod(api_client, PLAIN_NS, "admitted", annotations=INJECT))
+    with pytest.raises(ApiException) as info:
+        _debug(api_client, PLAIN_NS, "before-outage", {"name": "dbg", "image": "busybox:1"})
+    assert info.value.status == 500 and "ephemeral.inject.tsnet2.io" in str(info.value.body)
     assert "Traceback" not in operator.log(), operator.log()[-6000:]

@@ -131,6 +131,7 @@ def test_config_is_the_operators_settings(
     assert loaded.namespace == NAMESPACE
     assert loaded.sidecar.backend == sc["backend"]
     assert loaded.sidecar.traffic_log_default == sc["trafficLog"]
+    assert loaded.sidecar.audit_bypass_policy == sc["auditBypassPolicy"]
     assert loaded.native_sidecar == sc["nativeSidecar"]
     assert loaded.sidecar.cpu_request == sc["resources"]["requests"]["cpu"]
     assert loaded.sidecar.memory_limit == sc["resources"]["limits"]["memory"]
@@ -242,9 +243,11 @@ def _dns_names(cert: x509.Certificate) -> list[str]:
 
 
 def test_webhook_configuration(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
-    """Both webhooks point at the release's webhook Service (which targets the container's
-    webhook port), exclude kube-system and the release namespace, and carry a caBundle that
-    signed the served certificate (or defer to cert-manager's cainjector)."""
+    """Every webhook points at the release's webhook Service (which targets the container's
+    webhook port), excludes kube-system and the release namespace, and carries a caBundle that
+    signed the served certificate (or defers to cert-manager's cainjector). Pod creation goes
+    to /inject; ephemeral containers (UPDATE pods/ephemeralcontainers) to /ephemeral, from
+    every other namespace and with no objectSelector."""
     path, objects = rendered
     values = _values(path)
     wh = values["webhook"]
@@ -258,26 +261,35 @@ def test_webhook_configuration(rendered: tuple[Path, list[dict[str, Any]]]) -> N
     expected = {"namespaces.inject.tsnet2.io": wh["failurePolicy"]}
     if wh["podOptIn"]["enabled"]:
         expected["pods.inject.tsnet2.io"] = wh["podOptIn"]["failurePolicy"]
+    if wh["ephemeralContainers"]["enabled"]:
+        expected["ephemeral.inject.tsnet2.io"] = wh["ephemeralContainers"]["failurePolicy"]
     assert {h["name"]: h["failurePolicy"] for h in hooks} == expected
     cert_manager = values["certManager"]["enabled"]
     secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
     for hook in hooks:
+        ephemeral = hook["name"] == "ephemeral.inject.tsnet2.io"
         assert hook["clientConfig"]["service"] == {
-            "name": svc_name, "namespace": NAMESPACE, "path": "/inject",
+            "name": svc_name, "namespace": NAMESPACE,
+            "path": "/ephemeral" if ephemeral else "/inject",
             "port": svc["spec"]["ports"][0]["port"]}
         assert hook["sideEffects"] == "None"
         assert hook["reinvocationPolicy"] == "IfNeeded"
         assert hook["admissionReviewVersions"] == ["v1"]
         assert hook["timeoutSeconds"] == wh["timeoutSeconds"]
-        assert hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""],
-                                  "apiVersions": ["v1"], "resources": ["pods"],
+        rule = ({"operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]}
+                if ephemeral else {"operations": ["CREATE"], "resources": ["pods"]})
+        assert hook["rules"] == [{**rule, "apiGroups": [""], "apiVersions": ["v1"],
                                   "scope": "Namespaced"}]
         exprs = hook["namespaceSelector"]["matchExpressions"]
         assert {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
                 "values": ["kube-system", NAMESPACE]} in exprs
         for extra in wh["namespaceSelectorExpressions"]:
             assert extra in exprs
-        assert hook["objectSelector"] == wh["objectSelector"]
+        if ephemeral:  # every namespace, whatever its opt-in label; no object selector
+            assert all(e["key"] != "tsnet2.io/inject" for e in exprs)
+            assert "objectSelector" not in hook
+        else:
+            assert hook["objectSelector"] == wh["objectSelector"]
         if cert_manager:
             assert "caBundle" not in hook["clientConfig"]
         else:

@@ -143,6 +143,7 @@ from the same values map), reused from existing Secrets on upgrade via `lookup` 
   "cpu_limit" (toString $sc.resources.limits.cpu)
   "memory_limit" (toString $sc.resources.limits.memory)
   "traffic_log_default" $sc.trafficLog
+  "audit_bypass_policy" $sc.auditBypassPolicy
   "native_sidecar" $sc.nativeSidecar
   "webhook_addr" "0.0.0.0"
   "webhook_port" (int .Values.webhook.port)
