@@ -5,7 +5,9 @@ The operator runs in-process (``kopf.testing.KopfRunner``) with the registry fro
 The test creates the MutatingWebhookConfiguration itself (as the chart will): a
 namespaceSelector on ``tsnet2.io/inject=enabled`` and ``reinvocationPolicy: IfNeeded``. A
 second, test-only webhook (``/relabel``) mutates every pod after ours, so the API server
-re-invokes the injector, which must not add a second sidecar. No kubelet: pods stay Pending.
+re-invokes the injector, which must not add a second sidecar. A third webhook sends UPDATEs of
+``pods/ephemeralcontainers`` (what ``kubectl debug`` does) to ``/ephemeral``, from every
+namespace, as the chart does. No kubelet: pods stay Pending.
 """
 
 from __future__ import annotations
@@ -101,12 +103,15 @@ def operator(
         "resources": ["pods"],
     }
 
-    def hook(name: str, path: str, reinvocation: str) -> dict[str, Any]:
+    def hook(name: str, path: str, reinvocation: str,
+             rules: list[dict[str, Any]] | None = None,
+             labels: dict[str, str] | None = None) -> dict[str, Any]:
         return {
             "name": name,
             "clientConfig": {"url": f"https://127.0.0.1:{port}/{path}", "caBundle": ca_bundle},
-            "rules": [rule],
-            "namespaceSelector": {"matchLabels": {"tsnet2.io/inject": "enabled"}},
+            "rules": rules or [rule],
+            "namespaceSelector": {"matchLabels": {"tsnet2.io/inject": "enabled"}
+                                  if labels is None else labels},
             "reinvocationPolicy": reinvocation,
             "sideEffects": "None",
             "admissionReviewVersions": ["v1"],
@@ -121,6 +126,8 @@ def operator(
         "webhooks": [
             hook("inject.tsnet2.io", "inject", "IfNeeded"),
             hook("relabel.test.tsnet2.io", "relabel", "Never"),
+            hook("ephemeral.inject.tsnet2.io", "ephemeral", "IfNeeded", labels={}, rules=[{
+                **rule, "operations": ["UPDATE"], "resources": ["pods/ephemeralcontainers"]}]),
         ],
     }
     with pytest.MonkeyPatch.context() as mp:
@@ -264,3 +271,115 @@ def test_host_network_pod_is_skipped_with_event(
     assert "tsnet2.io/status" not in (pod["metadata"].get("annotations") or {})
     messages = _events(api_client, OPTED, "hostnet", "InjectionSkipped")
     assert messages and "host_network" in messages[0]
+
+
+def _debug(api: k8s.ApiClient, namespace: str, pod: str,
+           container: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Add an ephemeral container the way ``kubectl debug`` does (a strategic merge patch of
+    the ``pods/ephemeralcontainers`` subresource); the stored pod and the API's warnings."""
+    resp = k8s.CoreV1Api(api).patch_namespaced_pod_ephemeralcontainers(
+        pod, namespace, {"spec": {"ephemeralContainers": [container]}},
+        _content_type="application/strategic-merge-patch+json", _preload_content=False)
+    try:
+        stored: dict[str, Any] = json.loads(resp.data)
+        warnings = list(resp.headers.getlist("Warning"))
+    finally:
+        resp.release_conn()
+    return stored, warnings
+
+
+def _ephemeral(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in pod["spec"]["ephemeralContainers"] if c["name"] == name)
+
+
+@pytest.mark.parametrize(("capability", "name"), [("NET_RAW", "raw"), ("cap_sys_ptrace", "pt")])
+def test_dangerous_debug_container_is_refused(
+    operator: InjectorMetrics, api_client: k8s.ApiClient, capability: str, name: str
+) -> None:
+    """kubectl debug with NET_RAW or SYS_PTRACE on an injected pod: the real API server calls
+    /ephemeral for the subresource and refuses the update with our message; the stored pod
+    has no such container."""
+    pod = f"dbg-{name}"
+    _create(api_client, OPTED, _pod(pod))
+    before = operator.value("rejected", "unconfinable_container")
+    with pytest.raises(ApiException) as info:
+        _debug(api_client, OPTED, pod, {
+            "name": "debugger", "image": "busybox:1", "stdin": True, "tty": True,
+            "securityContext": {"capabilities": {"add": [capability]}}})
+    assert info.value.status == 400
+    body = json.loads(info.value.body)["message"]
+    setting = capability.upper().removeprefix("CAP_")
+    assert f'container \\"debugger\\" adds capability {setting}, which' in json.dumps(body)
+    assert "--profile=baseline" in body
+    assert operator.value("rejected", "unconfinable_container") == before + 1
+    stored = k8s.CoreV1Api(api_client).read_namespaced_pod(pod, OPTED)
+    assert not stored.spec.ephemeral_containers
+
+
+def test_harmless_debug_container_is_admitted_without_net_raw(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """A debug container without dangerous settings is admitted with NET_RAW dropped and the
+    socket mounted; the API server keeps our patch (only spec.ephemeralContainers may change
+    on this subresource), warns the user, and an Event records it."""
+    _create(api_client, OPTED, _pod("dbg-ok"))
+    before = operator.value("injected", "ephemeral_container")
+    stored, warnings = _debug(api_client, OPTED, "dbg-ok", {
+        "name": "debugger", "image": "busybox:1", "targetContainerName": "app"})
+    debugger = _ephemeral(stored, "debugger")
+    assert debugger["securityContext"]["capabilities"]["drop"] == ["NET_RAW"]
+    assert {"name": "TSNET2_SOCKET", "value": "/var/run/tsnet2/tsnet2.sock"} in debugger["env"]
+    assert {"name": "tsnet2-socket", "mountPath": "/var/run/tsnet2", "readOnly": True} \
+        in debugger["volumeMounts"]
+    assert any("dropped capability NET_RAW from container(s) debugger" in w for w in warnings)
+    assert operator.value("injected", "ephemeral_container") == before + 1
+    messages = _events(api_client, OPTED, "dbg-ok", "EphemeralContainerChecked")
+    assert messages and "dropped NET_RAW from debugger" in messages[0]
+
+
+def test_debug_container_is_stripped_under_policy_strip(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """kubectl debug --profile=netadmin on a pod with policy strip: admitted without NET_ADMIN
+    and NET_RAW, with a warning per removal."""
+    _create(api_client, OPTED, _pod("dbg-strip", {"tsnet2.io/audit-bypass-policy": "strip"}))
+    stored, warnings = _debug(api_client, OPTED, "dbg-strip", {
+        "name": "netshoot", "image": "netshoot:1",
+        "securityContext": {"capabilities": {"add": ["NET_ADMIN", "NET_RAW"]}}})
+    caps = _ephemeral(stored, "netshoot")["securityContext"]["capabilities"]
+    assert caps.get("add", []) == [] and caps["drop"] == ["NET_RAW"]
+    assert sum("tsnet2.io/audit-bypass-policy: strip" in w for w in warnings) == 2
+    messages = _events(api_client, OPTED, "dbg-strip", "EphemeralContainerChecked")
+    assert messages and "stripped NET_ADMIN from netshoot" in messages[0]
+
+
+def test_pod_refused_for_capabilities_at_creation(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """The same rules at creation: a privileged app container is refused; stripped under
+    policy strip, recorded in the stored status annotation."""
+    privileged = {"name": "app", "image": "example/app:1",
+                  "securityContext": {"privileged": True}}
+    with pytest.raises(ApiException) as info:
+        _create(api_client, OPTED, {**_pod("priv"), "spec": {"containers": [privileged]}})
+    assert info.value.status == 400 and 'container \\"app\\" is privileged' in info.value.body
+    pod = _create(api_client, OPTED, {
+        **_pod("priv-strip", {"tsnet2.io/audit-bypass-policy": "strip"}),
+        "spec": {"containers": [privileged]}})
+    assert pod["spec"]["containers"][0]["securityContext"]["privileged"] is False
+    status = json.loads(pod["metadata"]["annotations"]["tsnet2.io/status"])
+    assert [(s["container"], s["setting"]) for s in status["stripped"]] == [("app", "privileged")]
+
+
+def test_debug_container_of_a_pod_without_sidecar_is_left_alone(
+    operator: InjectorMetrics, api_client: k8s.ApiClient
+) -> None:
+    """The ephemeral webhook sees every namespace, but a pod without tsnet2d is not ours."""
+    _create(api_client, PLAIN, _pod("dbg-plain"))
+    before = operator.value("skipped", "no_sidecar")
+    stored, _warnings = _debug(api_client, PLAIN, "dbg-plain", {
+        "name": "debugger", "image": "busybox:1",
+        "securityContext": {"capabilities": {"add": ["SYS_PTRACE"]}}})
+    assert _ephemeral(stored, "debugger")["securityContext"] == {
+        "capabilities": {"add": ["SYS_PTRACE"]}}
+    assert operator.value("skipped", "no_sidecar") == before + 1
