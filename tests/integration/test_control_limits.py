@@ -504,15 +504,15 @@ def test_hostile_json_and_names_are_400(tmp_path: Path) -> None:
                     ),
                 ]
                 for name in ["web\n", "web\r\n", "we\x00b"]:
-                    body = {"public_key": pub(), "hostname": name, "auth_key": key}
-                    cases.append(("/v1/register", json.dumps(body).encode(), {}, "control char"))
+                    doc: dict[str, Any] = {"public_key": pub(), "hostname": name, "auth_key": key}
+                    cases.append(("/v1/register", json.dumps(doc).encode(), {}, "control char"))
                 for tag in ["tag:web\n", "tag:a\r"]:
-                    body = {"public_key": pub(), "hostname": "t", "auth_key": key, "tags": [tag]}
-                    cases.append(("/v1/register", json.dumps(body).encode(), {}, "invalid tag"))
-                for path, body, kw, message in cases:
-                    status, error = await post(path, body, **kw)
-                    assert (status, path) == (400, path), (error, body[:80])
-                    assert message in error, (error, body[:80])
+                    doc = {"public_key": pub(), "hostname": "t", "auth_key": key, "tags": [tag]}
+                    cases.append(("/v1/register", json.dumps(doc).encode(), {}, "invalid tag"))
+                for path, raw, kw, message in cases:
+                    status, error = await post(path, raw, **kw)
+                    assert (status, path) == (400, path), (error, raw[:80])
+                    assert message in error, (error, raw[:80])
                 for query in ["since=1%0A", "since=%D9%A4", "since=" + "9" * 20]:
                     target = yarl.URL(url + "/v1/netmap?" + query, encoded=True)
                     async with http.get(target, headers=auth) as r:

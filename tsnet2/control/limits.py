@@ -241,7 +241,9 @@ class _Conn(asyncio.Protocol):
             return
         if not self.busy and not self.head_started:
             self.head_started = True
-            self.arm(self._guard.loop.time() + self._guard.limits.header_timeout)
+            if self.served:  # a kept-alive connection's next head (the first one is due
+                # header_timeout after accept(), bytes or not)
+                self.arm(self._guard.loop.time() + self._guard.limits.header_timeout)
         inner.data_received(data)
 
     def eof_received(self) -> bool | None:
