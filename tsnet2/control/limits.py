@@ -158,8 +158,9 @@ class _BadRequestLogThrottle(logging.Filter):
     count, naming only the error class (its message quotes the request's bytes, which may
     hold a credential). Other records pass untouched."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
+        self._clock = clock
         self._last = -math.inf
         self._count = 0
 
@@ -168,7 +169,7 @@ class _BadRequestLogThrottle(logging.Filter):
         if not isinstance(exc, HttpProcessingError):
             return True
         self._count += 1
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last < PRESSURE_LOG_INTERVAL:
             return False
         self._last = now
