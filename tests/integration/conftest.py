@@ -20,6 +20,8 @@ from wireguard_tools import WireguardKey
 from tsnet2.lab import Lab, LabNode, check_prerequisites, find_leftovers
 from tsnet2.node import Node
 
+from .plain_daemon import Daemon
+
 LAB_PROBLEMS = check_prerequisites()
 
 
@@ -78,3 +80,21 @@ def open_dir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0, d.text()
+
+
+@pytest.fixture
+def open_daemon(open_dir: Path) -> Iterator[Daemon]:
+    d = Daemon(open_dir)
+    try:
+        yield d
+    finally:
+        assert d.stop() == 0, d.text()

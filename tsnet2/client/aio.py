@@ -522,6 +522,7 @@ class AsyncListener(_base.ListenerBase):
         self._closed_event = asyncio.Event()
         self._retry_at = 0.0
         self._backoff = BACKOFF_INITIAL
+        self._reported: set[str] = set()  # registrations whose loss accept() has raised
 
     async def _park_one(self, op: str, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -593,16 +594,20 @@ class AsyncListener(_base.ListenerBase):
         else:
             slot.header = line
 
-    async def _finish(self, slot: _Slot, op: str) -> AsyncConn:
+    async def _finish(self, slot: _Slot, op: str) -> AsyncConn | None:
         self._slots.remove(slot)
         try:
             assert slot.header is not None
             try:
                 header = proto.decode_accept_header(slot.header)
             except proto.ChannelRefused as exc:
-                # The daemon closed the slot with a reason (its node went away): say so now;
-                # the next accept() reconnects and registers the listener again.
+                # The daemon closed the slot with a reason (its node went away): say so once
+                # per registration; the next accept() reconnects and registers again.
                 self._schedule_retry()
+                if slot.listener_id in self._reported:
+                    await close_writer(slot.writer)
+                    return None
+                self._reported.add(slot.listener_id)
                 raise (_base.refused_error(f"{op}: {exc}", exc.code)
                        or DaemonUnavailableError(f"{op}: {exc}")) from None
             except proto.ProtocolError as exc:
@@ -655,7 +660,10 @@ class AsyncListener(_base.ListenerBase):
                 await self._check_binding(op)
                 ready = next((s for s in self._slots if s.header is not None), None)
                 if ready is not None:
-                    return await self._finish(ready, op)
+                    conn = await self._finish(ready, op)
+                    if conn is None:
+                        continue  # a slot closed for a loss already reported
+                    return conn
                 gone = self._server._gone_event()
                 if gone is None:
                     raise ClosedError(f"{op}: server is closed")

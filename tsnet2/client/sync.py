@@ -493,6 +493,7 @@ class Listener(_base.ListenerBase):
         self._closed = False
         self._retry_at = 0.0
         self._backoff = BACKOFF_INITIAL
+        self._reported: set[str] = set()  # registrations whose loss accept() has raised
 
     # -- slots ------------------------------------------------------------------
 
@@ -589,9 +590,12 @@ class Listener(_base.ListenerBase):
             try:
                 header = proto.decode_accept_header(line)
             except proto.ChannelRefused as exc:
-                # The daemon closed the slot with a reason (its node went away): say so now;
-                # the next accept() reconnects and registers the listener again.
+                # The daemon closed the slot with a reason (its node went away): say so once
+                # per registration; the next accept() reconnects and registers again.
                 self._schedule_retry()
+                if slot_id in self._reported:
+                    return None
+                self._reported.add(slot_id)
                 raise (_base.refused_error(f"{op}: {exc}", exc.code)
                        or DaemonUnavailableError(f"{op}: {exc}")) from None
             except proto.ProtocolError as exc:

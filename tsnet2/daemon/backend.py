@@ -264,6 +264,7 @@ class Backend:
             if deregister is None:
                 deregister = bool(self.params and self.params.ephemeral)
             await self._teardown(deregister=deregister)
+            self.lost_reason = None  # handled: the node is down now
             await self._set_state(State.NO_STATE)
 
     async def _teardown(self, *, deregister: bool) -> None:

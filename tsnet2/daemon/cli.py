@@ -18,6 +18,7 @@ from tsnet2.daemon.server import (
     Daemon,
     DaemonConfig,
     DaemonError,
+    no_dumps,
 )
 
 USAGE_EXIT = 2
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.watchdog < 0 or args.node_down_grace < 0:
         print("tsnet2d: --watchdog and --node-down-grace take seconds >= 0", file=sys.stderr)
         return USAGE_EXIT
+    no_dumps()
     soft, hard = raise_fd_limit()
     logging.getLogger("tsnet2d").info("open files limit: soft %d, hard %d", soft, hard)
     state_dir = Path(args.state_dir)

@@ -211,7 +211,6 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         self._prepare_state_dir()
-        no_dumps()
         if self.config.watchdog_timeout > 0:
             self._watchdog = Watchdog(self.config.watchdog_timeout)
             self._watchdog.start(loop)
@@ -413,13 +412,13 @@ class Daemon:
                 conn.close()
                 continue
             conn.setblocking(False)
+            self._handshakes += 1  # until it names its channel (counted here: no lag)
             self.spawn(self._serve_conn(conn))
 
     async def _serve_conn(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         spliced = False  # True once a running splice owns `sock` (it closes it then)
         try:
-            self._handshakes += 1
             try:
                 async with asyncio.timeout(KIND_TIMEOUT):
                     first = await loop.sock_recv(sock, 1)

@@ -43,6 +43,7 @@ class Watchdog:
             raise ValueError(f"watchdog timeout must be > 0, got {timeout!r}")
         self.timeout = timeout
         self.on_wedged = on_wedged
+        self._every = min(BEAT, timeout / 4)  # beats well within the timeout
         self.last_beat = time.monotonic()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -52,20 +53,19 @@ class Watchdog:
     def _beat(self) -> None:
         self.last_beat = time.monotonic()
         assert self._loop is not None
-        self._handle = self._loop.call_later(BEAT, self._beat)
+        self._handle = self._loop.call_later(self._every, self._beat)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Beat on `loop` and watch it from a daemon thread."""
         self._loop = loop
         self.last_beat = time.monotonic()
-        self._handle = loop.call_later(BEAT, self._beat)
+        self._handle = loop.call_later(self._every, self._beat)
         self._thread = threading.Thread(target=self._watch, name="tsnet2d-watchdog",
                                         daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
-        period = min(BEAT, self.timeout / 4)
-        while not self._stopped.wait(period):
+        while not self._stopped.wait(self._every):
             stuck = time.monotonic() - self.last_beat
             if stuck > self.timeout:
                 self.on_wedged(stuck)

@@ -217,8 +217,9 @@ class UserspaceDevice:
         code = proc.poll()
         if code is None:
             return None
-        return f"wireguard-go for {self.name} exited with status {code}; its output:\n" + (
-            self._output() or "(none)")
+        how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+               else f"exited with status {code}")
+        return f"wireguard-go for {self.name} {how}"
 
     def state(self) -> DeviceState:
         """Read state over UAPI."""
