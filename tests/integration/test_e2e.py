@@ -304,4 +304,4 @@ def test_cli_status_whois_ping(pair: Pair) -> None:
         t = _echo_server(ln, results, count=2)
         ping = cli("ping", "-c", "2", "-i", "0.1", "tsnet2-a:8087")
         t.join(30)
-    assert ping.count("connected to tsnet2-a:8087 in") == 2
+    assert ping.count("connected to tsnet2-a:8087 (") == 2, ping

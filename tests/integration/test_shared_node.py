@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 import tsnet2
+from tsnet2.daemon.server import MAX_LISTENERS_PER_SESSION
 
 from .tailnet import TwoNodes, recv_exactly, two_nodes, wait_for
 
@@ -97,6 +99,40 @@ def test_errors_name_their_cause(net: TwoNodes) -> None:
         net.a.dial("tcp", "nobody:80", timeout=10)
     with pytest.raises(tsnet2.NoSuchPeerError):
         net.a.dial("tcp", "100.64.99.99:80", timeout=10)
+
+
+def test_a_port_another_process_holds_is_eaddrinuse(net: TwoNodes) -> None:
+    """Not just another tsnet2 listener: any socket on the node's address and port."""
+    v4, _ = net.a.tailscale_ips()
+    with net.lnet.lab.in_netns(net.da.node.netns):
+        holder = socket.socket()
+    try:
+        holder.bind((str(v4), 9500))
+        holder.listen()
+        with pytest.raises(tsnet2.AddressInUseError, match="port 9500 is in use"):
+            net.a.listen("tcp4", ":9500")
+    finally:
+        holder.close()
+
+
+def test_listeners_per_client_are_capped(net: TwoNodes) -> None:
+    """One client registering listeners without end: the 65th is a LimitError, and the
+    daemon's descriptors grow by the 64 listeners' sockets only."""
+    assert net.da.proc is not None
+    pid = net.da.proc.pid
+    with tsnet2.Server(socket_path=str(net.da.socket_path)) as hog:
+        hog.up(timeout=30)
+        before = len(os.listdir(f"/proc/{pid}/fd"))
+        for _ in range(MAX_LISTENERS_PER_SESSION):
+            hog._rpc("test", "register_listener", {"network": "tcp4", "addr": ":0"}, 10)
+        with pytest.raises(tsnet2.LimitError, match="64 listeners"):
+            hog._rpc("test", "register_listener", {"network": "tcp4", "addr": ":0"}, 10)
+        grown = len(os.listdir(f"/proc/{pid}/fd")) - before
+        assert grown <= MAX_LISTENERS_PER_SESSION + 4, grown
+        # Other clients are served meanwhile.
+        assert net.a.tailscale_ips()[0] is not None
+    # Its listeners went with it.
+    wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= before, 10, "the fds to go")
 
 
 def test_wrong_auth_key_is_an_auth_key_error(net: TwoNodes) -> None:

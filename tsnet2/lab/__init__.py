@@ -40,8 +40,8 @@ __all__ = [
 ]
 
 LAB_SUPERNET = IPv4Network("10.250.0.0/16")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}\Z")
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,9}\Z")
 _KILL_WAIT = 5.0
 _MAX_NODES = 250
 

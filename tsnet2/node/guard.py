@@ -87,8 +87,8 @@ SO_ORIGINAL_DST = 80
 
 _NFT_TIMEOUT = 10.0
 _MAX_OUTPUT = 1 << 20
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}\Z")
+_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}\Z")
 
 
 class GuardError(NodeError):
