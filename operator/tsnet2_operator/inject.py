@@ -407,6 +407,27 @@ def _check_mounts(container: Mapping[str, Any], mount_socket: bool, remedy: str)
                 f"injector mounts the tsnet2d socket; {remedy}")
 
 
+def _confine_all(targets: list[tuple[str, Mapping[str, Any], bool]], *, policy: Policy,
+                 waivers: frozenset[str], remedy: str,
+                 ephemeral: bool) -> tuple[_Confined, list[str]]:
+    """Confine every (JSON pointer, container, mount the socket?) and add up the results,
+    with the names of the containers that lost NET_RAW; every refusal is raised at once."""
+    total = _Confined()
+    dropped: list[str] = []
+    for base, container, mount_socket in targets:
+        one = _confine(base, container, mount_socket=mount_socket, policy=policy,
+                       waivers=waivers, remedy=remedy)
+        total.ops += one.ops
+        total.refused += one.refused
+        total.stripped += one.stripped
+        total.waived += one.waived
+        if one.net_raw_dropped:
+            dropped.append(str(container.get("name")))
+    if total.refused:
+        raise _refusal(total.refused, ephemeral=ephemeral)
+    return total, dropped
+
+
 def _confine(base: str, container: Mapping[str, Any], *, mount_socket: bool, policy: Policy,
              waivers: frozenset[str], remedy: str) -> _Confined:
     """Check one container against the audit boundary and build its ops.
@@ -720,25 +741,12 @@ def inject(
 
     settings = _read_settings(pod, config)
     _check_conflicts(spec)
-    ops: list[Op] = []
-    dropped: list[str] = []
-    refused: list[Finding] = []
-    stripped: list[Finding] = []
-    waived: list[Finding] = []
-    remedy = f"remove the mount, or set {INJECT}: disabled"
-    checked = [(k, i, c, True) for k, i, c in _app_containers(spec)]
-    checked += [(k, i, c, False) for k, i, c in _other_containers(spec)]
-    for key, index, container, is_app in checked:
-        confined = _confine(_ptr("spec", key, index), container, mount_socket=is_app,
-                            policy=settings.policy, waivers=settings.waivers, remedy=remedy)
-        ops += confined.ops
-        refused += confined.refused
-        stripped += confined.stripped
-        waived += confined.waived
-        if confined.net_raw_dropped:
-            dropped.append(str(container.get("name")))
-    if refused:
-        raise _refusal(refused, ephemeral=False)
+    checked = [(_ptr("spec", k, i), c, True) for k, i, c in _app_containers(spec)]
+    checked += [(_ptr("spec", k, i), c, False) for k, i, c in _other_containers(spec)]
+    confined, dropped = _confine_all(
+        checked, policy=settings.policy, waivers=settings.waivers,
+        remedy=f"remove the mount, or set {INJECT}: disabled", ephemeral=False)
+    ops, stripped, waived = confined.ops, confined.stripped, confined.waived
 
     status = {
         "version": STATUS_VERSION,
@@ -852,24 +860,10 @@ def check_ephemeral(
     policy = _policy(ann, config)
     has_socket = SOCKET_VOLUME in {str(v.get("name")) for v in spec.get("volumes") or []
                                    if isinstance(v, Mapping)}
-    remedy = "remove the mount"
-    ops: list[Op] = []
-    dropped: list[str] = []
-    refused: list[Finding] = []
-    stripped: list[Finding] = []
-    waived: list[Finding] = []
-    for index, container in new:
-        confined = _confine(_ptr("spec", "ephemeralContainers", index), container,
-                            mount_socket=has_socket, policy=policy, waivers=waivers,
-                            remedy=remedy)
-        ops += confined.ops
-        refused += confined.refused
-        stripped += confined.stripped
-        waived += confined.waived
-        if confined.net_raw_dropped:
-            dropped.append(str(container.get("name")))
-    if refused:
-        raise _refusal(refused, ephemeral=True)
+    confined, dropped = _confine_all(
+        [(_ptr("spec", "ephemeralContainers", i), c, has_socket) for i, c in new],
+        policy=policy, waivers=waivers, remedy="remove the mount", ephemeral=True)
+    ops, stripped, waived = confined.ops, confined.stripped, confined.waived
     names = ", ".join(str(c.get("name")) for _i, c in new)
     parts = [f"ephemeral container(s) {names}: "
              + ("mounted the tsnet2d socket" if has_socket else "no socket volume to mount")]

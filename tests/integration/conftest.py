@@ -82,19 +82,20 @@ def open_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(tmp_path)
+def _running(d: Daemon) -> Iterator[Daemon]:
     try:
         yield d
     finally:
         assert d.stop() == 0, d.text()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A tsnet2d without a tailnet, in pytest's (root-only) tmp_path; must stop cleanly."""
+    yield from _running(Daemon(tmp_path))
 
 
 @pytest.fixture
 def open_daemon(open_dir: Path) -> Iterator[Daemon]:
-    d = Daemon(open_dir)
-    try:
-        yield d
-    finally:
-        assert d.stop() == 0, d.text()
+    """The same in a directory every uid can traverse (for other-uid clients)."""
+    yield from _running(Daemon(open_dir))
