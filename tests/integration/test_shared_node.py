@@ -254,3 +254,32 @@ def listening_fd(pid: int, path: Path) -> int:
         if target.startswith("socket:[") and target[8:-1] in inodes:
             return int(name)
     raise AssertionError(f"no socket bound to {path} in process {pid}")
+
+
+def test_async_face_is_told_and_registers_again_too() -> None:
+    """The asyncio face behaves as the sync one when the node goes away."""
+    import asyncio
+
+    with two_nodes(("web", "peer"), extra_a=("--up", "--hostname", "web")) as n:
+        async def main() -> None:
+            async with tsnet2.AsyncServer(socket_path=str(n.da.socket_path)) as srv:
+                await srv.up(timeout=30)
+                ln = await srv.listen("tcp", ":8330")
+                # Its slots were parked by listen(): the refusal reaches them either way.
+                blocked = asyncio.create_task(ln.accept(timeout=60))
+                os.kill(wireguard_go_pid(n.da.node.ifname), signal.SIGKILL)
+                with pytest.raises(tsnet2.NodeDownError, match="went away"):
+                    await asyncio.wait_for(blocked, 30)
+
+                async def serve() -> None:
+                    async with await ln.accept(timeout=60) as conn:
+                        conn.writer.write(await conn.reader.read(100))
+                        await conn.writer.drain()
+                server = asyncio.create_task(serve())
+                ok = await asyncio.to_thread(
+                    wait_for, lambda: _echo_works(n.b, "web:8330"), 60, "the async listener")
+                assert ok
+                await asyncio.wait_for(server, 10)
+                await ln.close()
+
+        asyncio.run(main())

@@ -101,8 +101,11 @@ def test_the_uid_check_still_applies_behind_the_file_mode(open_dir: Path) -> Non
     """A 0666 socket without --allow-any-uid: connect() succeeds, the daemon refuses."""
     d = Daemon(open_dir, "--socket-mode", "0666", "--allow-uid", str(OTHER_UID))
     try:
-        assert connect_as(d.sock, APP_UID) == "CLOSED"
-        wait_for(lambda: f"refused connection from uid {APP_UID}" in d.text(), 5, "log line")
+        refused = connect_as(d.sock, APP_UID)  # told why, then closed
+        assert refused.startswith('REPLY {"error":"daemon: uid '), refused  # an id-0 frame
+        assert f"uid {APP_UID} may not use this socket" in refused
+        wait_for(lambda: f"refused CONTROL connection from uid {APP_UID}" in d.text(), 5,
+                 "log line")
         assert connect_as(d.sock, OTHER_UID) == SERVED
     finally:
         assert d.stop() == 0, d.text()
