@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import os
 import re
 import signal
@@ -109,6 +110,16 @@ def test_authkey_create_prints_only_the_key(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert re.fullmatch(r"tskey-auth-[0-9a-f]{48}\n", res.stdout)
     assert res.stdout.strip() not in res.stderr
+
+
+def test_authkey_create_json(tmp_path: Path) -> None:
+    res = ctl("authkey", "create", "--db", str(tmp_path / "c.db"), "--json", "--reusable",
+              "--tags", "tag:a", "--domain", "lab.test")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert re.fullmatch(r"tskey-auth-[0-9a-f]{48}", doc.pop("key"))
+    assert doc == {"reusable": True, "ephemeral": False, "tags": ["tag:a"],
+                   "expiry_seconds": None, "user": "admin@lab.test"}
 
 
 @pytest.mark.parametrize(

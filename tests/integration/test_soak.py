@@ -1,7 +1,8 @@
 """Soak: 200 concurrent dialers through one daemon pair for a bounded time.
 
 Errors must be 0, every flow accounted for in the log, and the daemons' RSS flat within 10%
-from the end of the first third of the run (warmed up) to the end. Bounded: TSNET2_SOAK_SECONDS (default 45 s).
+from the end of the first third of the run (warmed up) to the end. Bounded:
+TSNET2_SOAK_SECONDS (default 45 s).
 """
 
 from __future__ import annotations

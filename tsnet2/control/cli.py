@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import resource
 import signal
@@ -13,7 +14,7 @@ import sys
 from typing import Any
 
 from tsnet2.control import limits
-from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key
+from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key, default_user
 from tsnet2.control.names import parse_tags, validate_domain
 from tsnet2.control.server import ControlServer
 from tsnet2.control.sqlite_store import SQLiteStore
@@ -141,7 +142,12 @@ def cmd_authkey_create(args: argparse.Namespace) -> int:
     except (OSError, StoreError, ValueError) as e:
         print(f"tsnet2 control authkey create: {e}", file=sys.stderr)
         return 1
-    print(key, flush=True)
+    if args.json:
+        print(json.dumps({"key": key, "reusable": args.reusable, "ephemeral": args.ephemeral,
+                          "tags": list(args.tags), "expiry_seconds": args.expiry,
+                          "user": args.user or default_user(args.domain)}), flush=True)
+    else:
+        print(key, flush=True)
     return 0
 
 
@@ -207,6 +213,8 @@ def add_control_commands(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--expiry", type=_positive, metavar="SECONDS", help="lifetime")
     create.add_argument("--user", metavar="LOGIN", help="owner (default admin@DOMAIN)")
     create.add_argument("--domain", type=_domain, default=DEFAULT_DOMAIN)
+    create.add_argument("--json", action="store_true",
+                        help="print a JSON object (key and its settings) instead of the bare key")
     create.set_defaults(func=cmd_authkey_create)
 
 
