@@ -276,9 +276,11 @@ def test_async_face_is_told_and_registers_again_too() -> None:
                         conn.writer.write(await conn.reader.read(100))
                         await conn.writer.drain()
                 server = asyncio.create_task(serve())
-                ok = await asyncio.to_thread(
-                    wait_for, lambda: _echo_works(n.b, "web:8330"), 60, "the async listener")
-                assert ok
+                try:
+                    await asyncio.to_thread(
+                        wait_for, lambda: _echo_works(n.b, "web:8330"), 60, "the listener")
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}\n{n.da.log_text()[-4000:]}") from None
                 await asyncio.wait_for(server, 10)
                 await ln.close()
 

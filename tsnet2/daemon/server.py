@@ -290,12 +290,17 @@ class Daemon:
 
     async def take_node_down(self, message: str, *, deregister: bool | None) -> None:
         """The node goes down: every session and parked slot is told `message` (code
-        node_down) and closed, listeners go, live flows are cut, the device is removed."""
+        node_down) and closed, listeners go, live flows are cut, the device is removed.
+
+        Sessions are hung up last: a client reconnects as soon as it is told, and by then
+        its old listeners must be gone and the node stopped, so that what it registers again
+        is bound afresh once the node is back (not refused as taken by its former self).
+        """
         sessions = list(self.sessions)
-        if sessions:
-            await asyncio.gather(*(s.hang_up(message, ErrorCode.NODE_DOWN) for s in sessions))
         await self.datapath.node_down(message)
         await self.backend.stop(deregister=deregister)
+        if sessions:
+            await asyncio.gather(*(s.hang_up(message, ErrorCode.NODE_DOWN) for s in sessions))
 
     async def _shutdown(self) -> None:
         log.info("shutting down")
