@@ -97,12 +97,15 @@ def test_entry_points_and_no_build_leftovers() -> None:
 
 
 def test_healthcheck_asks_the_daemons_healthz() -> None:
-    """A daemon with no control server answers /healthz with 503 (node not running): the
-    HEALTHCHECK reaches it and reports unhealthy. The pod test sees it healthy."""
+    """A daemon told to keep its node up (--up) that cannot (no control server), past its
+    --node-down-grace, answers /healthz with 503: the HEALTHCHECK reaches it and reports
+    unhealthy. (A daemon still waiting for its first app is healthy.) The pod test sees it
+    healthy."""
     name = f"t2img-hc-{secrets.token_hex(3)}"
     podman("run", "-d", "--name", name, "--network", "none", "--user", "0",
            "--cap-add", "NET_ADMIN", IMAGE,
-           "tsnet2d", "--socket", "/run/tsnet2/tsnet2.sock", "--state-dir", "/tmp/state")
+           "tsnet2d", "--socket", "/run/tsnet2/tsnet2.sock", "--state-dir", "/tmp/state",
+           "--up", "--node-down-grace", "0")
     try:
         def probe() -> str | None:
             out = podman("exec", name, "/usr/local/bin/healthcheck", check=False)
