@@ -133,7 +133,7 @@ class WirePeer:
                 try:
                     result = handler(item.params)
                 except Exception as exc:
-                    sock.sendall(core.reply_error(item.id, str(exc)))
+                    sock.sendall(core.reply_error(item.id, str(exc), getattr(exc, "code", None)))
                     continue
                 if result is HANG:
                     self.hung.append((sock, item.id))
@@ -603,3 +603,89 @@ def test_watch_ipn_bus_streams(srv: tsnet2.Server, peer: WirePeer) -> None:
             seen.append(note)
             release.set()
     assert seen == [{"State": 0}, {"State": 1}, {"State": 2}]
+
+
+# -- typed errors from the daemon's codes (issue 9) ------------------------------------
+
+
+class Coded(Exception):
+    """A scripted daemon error with its wire code."""
+
+    def __init__(self, message: str, code: proto.ErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@pytest.mark.parametrize(("code", "cls"), [
+    (proto.ErrorCode.ADDRESS_IN_USE, tsnet2.AddressInUseError),
+    (proto.ErrorCode.LIMIT, tsnet2.LimitError),
+    (proto.ErrorCode.NODE_DOWN, tsnet2.NodeDownError),
+    (proto.ErrorCode.BAD_REQUEST, tsnet2.DaemonError),
+    (proto.ErrorCode.OTHER, tsnet2.DaemonError),
+])
+def test_error_codes_become_typed_errors(srv: tsnet2.Server, peer: WirePeer,
+                                         code: proto.ErrorCode, cls: type) -> None:
+    def fail(p: Any) -> Any:
+        raise Coded("daemon: port 8080 is in use on this node", code)
+    peer.methods["register_listener"] = fail
+    with pytest.raises(cls) as ei:
+        srv.listen("tcp", ":8080")
+    assert str(ei.value) == "tsnet2.listen: daemon: port 8080 is in use on this node"
+    if cls is tsnet2.AddressInUseError:
+        assert isinstance(ei.value, OSError) and ei.value.errno == 98
+
+
+def test_start_errors_auth_and_hostname(srv: tsnet2.Server, peer: WirePeer) -> None:
+    def fail(p: Any) -> Any:
+        raise Coded("daemon: this daemon's node is 'web'", proto.ErrorCode.HOSTNAME_CONFLICT)
+    peer.methods["start"] = fail
+    with pytest.raises(tsnet2.HostnameConflictError, match="'web'"):
+        srv.start()
+
+    def bad_key(p: Any) -> Any:
+        raise Coded("daemon: auth key not valid", proto.ErrorCode.AUTH_FAILED)
+    peer.methods["start"] = bad_key
+    with pytest.raises(tsnet2.AuthKeyError, match="auth key not valid"):
+        srv.start()
+
+
+def test_refusal_frame_is_a_permission_error(srv: tsnet2.Server, peer: WirePeer) -> None:
+    def refuse(sock: socket.socket) -> None:
+        sock.sendall(proto.ControlServerCore().refuse(
+            "daemon: uid 1000 may not use this socket", proto.ErrorCode.PERMISSION_DENIED))
+        sock.shutdown(socket.SHUT_WR)
+    peer._control = refuse  # type: ignore[method-assign]
+    with pytest.raises(tsnet2.PermissionDeniedError, match="uid 1000 may not") as ei:
+        srv.start()
+    assert isinstance(ei.value, PermissionError)
+
+
+@pytest.mark.parametrize(("code", "cls"), [
+    (proto.ErrorCode.PEER_OFFLINE, tsnet2.PeerOfflineError),
+    (proto.ErrorCode.NO_SUCH_PEER, tsnet2.NoSuchPeerError),
+    (proto.ErrorCode.NODE_DOWN, tsnet2.NodeDownError),
+    (proto.ErrorCode.PERMISSION_DENIED, tsnet2.PermissionDeniedError),
+    (proto.ErrorCode.DIAL_FAILED, tsnet2.DialError),
+])
+def test_dial_codes_become_typed_errors(srv: tsnet2.Server, peer: WirePeer,
+                                        code: proto.ErrorCode, cls: type) -> None:
+    peer.on_dial = lambda sock, req: sock.sendall(
+        proto.encode_dial_reply(False, err="peer 'db' is offline", code=code))
+    with pytest.raises(cls, match="peer 'db' is offline"):
+        srv.dial("tcp", "db:5432", timeout=5)
+
+
+def test_node_down_on_parked_slots_is_raised_once(srv: tsnet2.Server, peer: WirePeer) -> None:
+    srv.reconnect_timeout = 0
+    with srv.listen("tcp", ":8080") as ln:
+        refusal = proto.encode_accept_refusal("daemon: the node went away",
+                                              proto.ErrorCode.NODE_DOWN)
+        a, b = peer.next_slot(), peer.next_slot()
+        a.sock.sendall(refusal)
+        b.sock.sendall(refusal)
+        with pytest.raises(tsnet2.NodeDownError, match="the node went away"):
+            ln.accept(timeout=5)
+        # The second slot's refusal is the same news: not raised again. (Here the scripted
+        # daemon keeps the control channel, so accept() waits for a flow on new slots.)
+        with pytest.raises(tsnet2.DeadlineExceededError):
+            ln.accept(timeout=0.5)

@@ -125,6 +125,9 @@ class AddressInUseError(DaemonError, OSError):
         self.errno = _errno.EADDRINUSE
         self.strerror = message
 
+    def __str__(self) -> str:
+        return str(self.args[0])  # "tsnet2.listen: ...", like every tsnet2 error (no "[Errno 98]")
+
 
 class AuthKeyError(DaemonError):
     """The control server refused the node's auth key (or token, or saved credential)."""
