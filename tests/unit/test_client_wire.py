@@ -99,13 +99,18 @@ class WirePeer:
 
     @staticmethod
     def _guard(fn: Callable[..., None], *args: Any) -> None:
-        with contextlib.suppress(OSError, ValueError):
+        # A client may hang up before its header line is complete (a listener closing while
+        # it re-parks a slot): the peer's decode of the cut line is not a test failure.
+        with contextlib.suppress(OSError, ValueError, proto.ProtocolError):
             fn(*args)
 
     def _accept_loop(self) -> None:
         while True:
             sock, _ = self._lsock.accept()
             with self._lock:
+                if self.stopping.is_set():  # accepted while close() ran: close it here
+                    sock.close()
+                    return
                 self._socks.append(sock)
             self._spawn(self._serve, sock)
 
