@@ -134,6 +134,11 @@ def test_error_statuses_map_to_the_typed_errors() -> None:
             (send(b"HTTP/1.1 404 Nope\r\nContent-Length: 0\r\n\r\n"), ControlError,
              "HTTP 404", 404),
             (json_reply(200, [1, 2]), ControlError, "invalid reply to /v1/netmap", 200),
+            # A hostile server cannot make the daemon recurse or convert huge numbers.
+            (send(b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n"
+                  + b"[" * 10000 + b"]" * 10000), ControlError, "invalid reply", 200),
+            (send(b"HTTP/1.1 200 OK\r\nContent-Length: 50013\r\n\r\n{\"version\": "
+                  + b"9" * 50000 + b"}"), ControlError, "invalid reply", 200),
         ]
         for reply, exc_type, text, status in cases:
             async with scripted(reply) as (_srv, url), ControlClient(url) as c:

@@ -20,6 +20,8 @@ from urllib.parse import urlencode, urlsplit
 
 import h11
 
+from tsnet2.control.api import BadRequest, loads_bounded
+
 MAX_RESPONSE_HEAD = 64 * 1024
 """Largest response status line + headers accepted from the control server."""
 MAX_RESPONSE_BODY = 16 * 1024 * 1024
@@ -259,8 +261,10 @@ class ControlClient:
             extra_time=extra_time,
         )
         try:
-            data = json.loads(raw) if raw else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            # Bounded like the server's own parsing: a hostile or broken control server
+            # cannot make the daemon recurse (deep nesting) or convert huge numbers.
+            data = loads_bounded(raw) if raw else None
+        except BadRequest:
             data = None
         if status >= 400:
             message = (
