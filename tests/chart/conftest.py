@@ -19,6 +19,7 @@ import yaml
 
 from tests.k8s.apiserver import default_bin_dir
 from tests.k8s.conftest import api_client, apiserver  # noqa: F401  (the same fixtures)
+from tests.require import needs
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "tsnet2"
@@ -86,7 +87,7 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     """The helm binary built by build-tools.sh, or skip."""
     binary = default_bin_dir() / "helm"
     if not os.access(binary, os.X_OK):
-        pytest.skip(f"helm not built ({binary} missing); {BUILD_HINT}")
+        pytest.skip(needs("k8s", f"helm not built ({binary} missing); {BUILD_HINT}"))
     return Helm(binary, tmp_path_factory.mktemp("helm-home"))
 
 

@@ -42,6 +42,7 @@ from wireguard_tools import WireguardKey
 from tests.chart.conftest import CHART, NAMESPACE, RELEASE, Helm
 from tests.k8s.apiserver import KubeAPIServer, admin_client, free_port, running_apiserver
 from tests.k8s.operator_process import OperatorRun, create_pod, http_ok
+from tests.require import needs
 
 REPO = Path(__file__).resolve().parents[2]
 FULLNAME = f"{RELEASE}-tsnet2"
@@ -51,7 +52,8 @@ PLAIN_NS = "apps-plain"  # not labelled: only annotated pods are injected
 INJECT = {"tsnet2.io/inject": "enabled"}
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="needs root: the webhook listens on a veth interface's address"
+    os.geteuid() != 0,
+    reason=needs("root", "needs root: the webhook listens on a veth interface's address"),
 )
 
 

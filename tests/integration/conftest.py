@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from wireguard_tools import WireguardKey
 
+from tests.require import needs
 from tsnet2.lab import Lab, LabNode, check_prerequisites, find_leftovers
 from tsnet2.node import Node
 
@@ -29,7 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Skip netns tests with a clear reason when the lab cannot run on this machine."""
     if not LAB_PROBLEMS:
         return
-    skip = pytest.mark.skip(reason="netns lab unavailable: " + "; ".join(LAB_PROBLEMS))
+    reason = "netns lab unavailable: " + "; ".join(LAB_PROBLEMS)
+    skip = pytest.mark.skip(reason=needs("netns", reason))
     for item in items:
         if item.get_closest_marker("netns") is not None:
             item.add_marker(skip)

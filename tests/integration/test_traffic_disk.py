@@ -19,11 +19,12 @@ from typing import Any
 import jsonschema
 import pytest
 
+from tests.require import needs
 from tsnet2.traffic import TrafficLog, TrafficLogError, load_schema, reject_record
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("mount") is None,
-    reason="mounting a small tmpfs needs root and mount(8)",
+    reason=needs("root", "mounting a small tmpfs needs root and mount(8)"),
 )
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

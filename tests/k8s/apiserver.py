@@ -95,10 +95,12 @@ def running_apiserver(extra_args: Sequence[str] = ()) -> Iterator[KubeAPIServer]
     bin_dir = default_bin_dir()
     missing = missing_binaries(bin_dir)
     if missing:
-        pytest.skip(
+        from tests.require import needs
+
+        pytest.skip(needs("k8s",
             f"real Kubernetes binaries not built ({', '.join(missing)} missing in {bin_dir}); "
             "run tests/k8s/build-tools.sh first (needs Go >= 1.26 and the Go module proxy)"
-        )
+        ))
     with KubeAPIServer(bin_dir, extra_args=extra_args) as api:
         yield api
 

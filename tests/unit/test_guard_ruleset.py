@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.require import needs
 from tsnet2.node import NodeError
 from tsnet2.node.guard import (
     DEFAULT_MARK,
@@ -272,7 +273,7 @@ def _nft_check(script: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.mark.skipif(not _NFT_READY, reason="needs root, nft and unshare")
+@pytest.mark.skipif(not _NFT_READY, reason=needs("root", "needs root, nft and unshare"))
 @pytest.mark.parametrize("log_group", [None, 0, 65535])
 def test_real_nft_accepts_the_scripts(log_group: int | None) -> None:
     pairs: list[Listener] = [(A4, 22), (A4, 80), (A6, 80), (ip_address("10.1.2.3"), 65535)]
@@ -286,7 +287,7 @@ def test_real_nft_accepts_the_scripts(log_group: int | None) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(not _NFT_READY, reason="needs root, nft and unshare")
+@pytest.mark.skipif(not _NFT_READY, reason=needs("root", "needs root, nft and unshare"))
 def test_real_nft_rejects_a_broken_script() -> None:  # the check above can fail
     proc = _nft_check(ruleset("wg0").replace("reject with tcp reset", "reject with tcp bogus"))
     assert proc.returncode != 0 and "Error" in proc.stderr
