@@ -8,7 +8,9 @@ start (no credentials, a start-up handler failed for good), 0 after SIGTERM/SIGI
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
+import socket
 import sys
 
 import kopf
@@ -52,6 +54,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def own_identity() -> str:
+    """This replica's kopf peering identity: ``<host>/<pid>/<random>``.
+
+    kopf's default starts with ``getpass.getuser()``, which raises ``KeyError`` for a uid
+    without a passwd entry (an arbitrary ``runAsUser``, as OpenShift assigns): the operator
+    must run as any uid. In a pod the host name is the pod name.
+    """
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, load the configuration and run the operator until signalled."""
     cli = parser()
@@ -83,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             standalone=args.peering is None,
             peering_name=args.peering,
             priority=priority,
+            identity=own_identity(),  # type: ignore[arg-type]  # kopf's NewType of str
             liveness_endpoint=args.liveness,
         )
     except Exception as exc:  # kopf.run raises only when the operator failed (e.g. start-up)

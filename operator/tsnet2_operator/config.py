@@ -113,7 +113,12 @@ def _port(name: str, value: str) -> int:
     try:
         port = int(value)
     except ValueError:
-        raise ConfigError(f"{name}: {value!r} is not a port number") from None
+        hint = ""
+        if re.fullmatch(r"(tcp|udp|sctp)://\S+:[0-9]+", value.strip()):
+            hint = ("; it looks like a Kubernetes Service-link variable (a Service named like "
+                    "this setting in the pod's namespace): set enableServiceLinks: false in "
+                    "the pod spec, as the chart does")
+        raise ConfigError(f"{name}: {value!r} is not a port number{hint}") from None
     if not 0 <= port <= 65535:
         raise ConfigError(f"{name}: {port} is outside 0..65535")
     return port

@@ -197,6 +197,10 @@ def test_deployment_args_and_security(rendered: tuple[Path, list[dict[str, Any]]
     assert all(c["labelSelector"]["matchLabels"] == selector for c in spread)
     pod_sc = deploy["spec"]["template"]["spec"]["securityContext"]
     assert pod_sc["runAsNonRoot"] is True
+    # The Services of a release named "tsnet2" (tsnet2-webhook, tsnet2-control) would give
+    # the pod Service-link variables TSNET2_WEBHOOK_PORT=tcp://... that the operator reads as
+    # its own settings (it crash-looped on a real cluster).
+    assert deploy["spec"]["template"]["spec"]["enableServiceLinks"] is False
     assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
     sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
@@ -447,3 +451,20 @@ def test_replicas_need_peering(helm: Helm) -> None:
         helm.template("--set", "operator.peering.enabled=false")
     assert "needs operator.peering.enabled=true" in info.value.stderr
 
+
+
+def _image_user() -> tuple[int, int]:
+    """The ``USER uid:gid`` of the Containerfile (the image's one non-root user)."""
+    for line in (CHART.parents[1] / "Containerfile").read_text().splitlines():
+        if line.startswith("USER "):
+            uid, _, gid = line.split()[1].partition(":")
+            return int(uid), int(gid or uid)
+    raise AssertionError("the Containerfile has no USER line")
+
+
+def test_default_operator_user_is_the_images_user() -> None:
+    """The operator looks its uid up (getpwuid): a uid without a passwd entry in the image
+    (the old default 65532) crash-looped it on a real cluster."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    pod_sc = defaults["operator"]["podSecurityContext"]
+    assert (pod_sc["runAsUser"], pod_sc["runAsGroup"]) == _image_user()

@@ -74,6 +74,10 @@ def test_docs_table_names_every_setting() -> None:
         ({"TSNET2_DOMAIN": "-bad-"}, "TSNET2_DOMAIN"),
         ({"TSNET2_CONTROL_TLS_CERT_FILE": "/c.pem"}, "TSNET2_CONTROL_TLS_KEY_FILE"),
         ({"TSNET2_CONTROL_URL": ""}, "control_url is required"),
+        # What a Service named tsnet2-webhook gives a pod that keeps Service links on.
+        ({"TSNET2_WEBHOOK_PORT": "tcp://10.96.0.43:443"},
+         "TSNET2_WEBHOOK_PORT: 'tcp://10.96.0.43:443' is not a port number; it looks like a "
+         "Kubernetes Service-link variable"),
     ],
 )
 def test_bad_setting_exits_2_naming_it(env: dict[str, str], needle: str) -> None:
@@ -139,3 +143,40 @@ def test_control_settings_from_config() -> None:
     assert config.install_crds is False
     defaults = ControlSettings.from_config(OperatorConfig(namespace="n"))
     assert (defaults.host, defaults.port, defaults.tls_cert) == ("0.0.0.0", 8440, None)
+
+
+def test_peering_identity_needs_no_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf's own identity starts with ``getpass.getuser()``, a ``KeyError`` for a uid
+    without a passwd entry (the chart's old default 65532 crash-looped the operator on a
+    real cluster); the operator passes an identity of its own to ``kopf.run``."""
+    import getpass
+    import pwd
+
+    import kopf
+    import tsnet2_operator.__main__ as entry
+    from kopf._core.engines import peering
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME", "POD_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(KeyError):
+        getpass.getuser()
+    with pytest.raises(KeyError):
+        peering.detect_own_id(manual=False)  # what kopf.run does without an identity
+    seen: dict[str, object] = {}
+
+    def fake_run(**kwargs: object) -> None:
+        seen.update(kwargs)
+
+    monkeypatch.setattr(kopf, "run", fake_run)
+    monkeypatch.setattr(entry, "load_config", lambda require_namespace: object())
+    monkeypatch.setattr(entry, "load_api_client",
+                        lambda: type("Api", (), {"close": lambda self: None})())
+    monkeypatch.setattr(entry, "build_operator_registry", lambda c, a, peering: (None, None))
+    assert entry.main(["--peering", "tsnet2"]) == 0
+    identity = str(seen["identity"])
+    assert identity.startswith(f"{os.uname().nodename}/{os.getpid()}/"), identity
+    assert entry.own_identity() != entry.own_identity()  # replicas never share one
