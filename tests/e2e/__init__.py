@@ -1,1 +1,1 @@
-"""End-to-end suites that need more than this machine has (opt-in, see docs/kind-e2e.md)."""
+"""End-to-end suite on a real Kubernetes cluster, local or kind (docs/e2e.md)."""

@@ -1,4 +1,4 @@
-"""What the kind suite asserts about the apps' output, the traffic log and /metrics, as pure
+"""What the end-to-end suite asserts about the apps' output, the traffic log and /metrics, as pure
 functions over text (the same checks as the podman pod test, tests/image/test_image.py).
 """
 
@@ -13,16 +13,22 @@ from typing import Any
 MAX_LINE = 1 << 20
 
 
-def result_of(log: str) -> dict[str, Any] | None:
-    """The last ``RESULT {json}`` line an app printed (tests/image/apps.py), or None."""
-    found: dict[str, Any] | None = None
+def results_of(log: str) -> list[dict[str, Any]]:
+    """Every ``RESULT {json}`` line an app printed (tests/image/apps.py), in order."""
+    found: list[dict[str, Any]] = []
     for line in log.splitlines():
         if line.startswith("RESULT "):
             doc = json.loads(line[len("RESULT "):])
             if not isinstance(doc, dict):
                 raise AssertionError(f"RESULT is not a JSON object: {line[:200]}")
-            found = doc
+            found.append(doc)
     return found
+
+
+def result_of(log: str) -> dict[str, Any] | None:
+    """The last ``RESULT {json}`` line an app printed (tests/image/apps.py), or None."""
+    found = results_of(log)
+    return found[-1] if found else None
 
 
 def traffic_records(text: str) -> list[dict[str, Any]]:

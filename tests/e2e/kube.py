@@ -1,19 +1,27 @@
-"""Small helpers over the kubernetes Python client for the kind suite (no kubectl): plain
-JSON requests (create with strict validation, dry runs, strategic-merge patches), bounded
-waits, pod logs, ``exec`` in a container, the tailnet nodes, and a namespace summary for
-failure messages.
+"""Small helpers for the end-to-end suite: plain JSON requests to the API server (create
+with strict validation, dry runs, strategic-merge patches), bounded waits, pod logs,
+``kubectl exec`` in a container, the tailnet nodes, and a namespace summary for failure
+messages.
+
+Requests go over one ``http.client`` connection each, closed before the function returns:
+the kubernetes client is used only for its configuration (server, CA, credentials from a
+kubeconfig). Its own HTTP pool and its websocket ``stream`` left SSL sockets to the garbage
+collector, and under ``filterwarnings = error`` their ``ResourceWarning`` failed whatever test
+was running at the time.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
+import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from kubernetes import client as k8s
-from kubernetes.stream import stream
 from tsnet2_operator.store import GROUP, NODES, VERSION
 
 T = TypeVar("T")
@@ -44,6 +52,31 @@ class KubeError(RuntimeError):
         self.status = status
 
 
+def _send(api: k8s.ApiClient, method: str, path: str, body: bytes | None,
+          headers: Mapping[str, str], limit: int) -> tuple[int, bytes]:
+    """One HTTPS request on a connection of its own, closed before returning; at most
+    ``limit`` bytes of the body are read."""
+    cfg = api.configuration
+    url = urlsplit(cfg.host)
+    ctx = ssl.create_default_context(cafile=cfg.ssl_ca_cert or None)
+    if cfg.cert_file:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+    hdrs = dict(headers)
+    token = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
+        "authorization")
+    if token:
+        hdrs["Authorization"] = token
+    conn = http.client.HTTPSConnection(url.hostname or "", url.port or 443, context=ctx,
+                                       timeout=60)
+    try:
+        conn.request(method, (url.path.rstrip("/") + path), body=body, headers=hdrs)
+        resp = conn.getresponse()
+        data = resp.read(limit)
+        return resp.status, data
+    finally:
+        conn.close()
+
+
 def request(api: k8s.ApiClient, method: str, path: str, body: Any = None,
             query: Mapping[str, str] | None = None,
             content_type: str = "application/json") -> dict[str, Any]:
@@ -51,18 +84,16 @@ def request(api: k8s.ApiClient, method: str, path: str, body: Any = None,
 
     Plain JSON in and out (no generated models), with the client's TLS and credentials.
     """
-    url = api.configuration.host + path + (f"?{urlencode(query)}" if query else "")
+    target = path + (f"?{urlencode(query)}" if query else "")
     headers = {"Accept": "application/json"}
-    token = api.configuration.get_api_key_with_prefix("BearerToken")
-    if token:
-        headers["Authorization"] = token
+    data = None
     if body is not None:
         headers["Content-Type"] = content_type
-    resp = api.call_api(method, url, header_params=headers, body=body, _request_timeout=60)
-    data = resp.response.data or b"{}"
-    text = data.decode("utf-8", "replace")
-    if not 200 <= resp.status < 300:
-        raise KubeError(method, path, resp.status, text)
+        data = json.dumps(body).encode()
+    status, raw = _send(api, method, target, data, headers, 64 << 20)
+    text = (raw or b"{}").decode("utf-8", "replace")
+    if not 200 <= status < 300:
+        raise KubeError(method, path, status, text)
     doc: dict[str, Any] = json.loads(text)
     return doc
 
@@ -117,58 +148,41 @@ def list_pods(api: k8s.ApiClient, namespace: str, selector: str = "") -> list[di
 
 
 def pod_logs(api: k8s.ApiClient, namespace: str, pod: str, container: str) -> str:
-    """The container's log ('' when there is none yet), at most 8 MiB."""
+    """The container's log ('' when there is none yet), at most 8 MiB.
+
+    ``Accept: */*``: the log endpoint serves ``text/plain`` but kube-apiserver 1.37 answers
+    ``406 Not Acceptable`` to a request that asks for exactly that.
+    """
     path = f"/api/v1/namespaces/{namespace}/pods/{pod}/log"
-    url = api.configuration.host + path + "?" + urlencode(
-        {"container": container, "limitBytes": str(MAX_EXEC_OUTPUT)})
-    resp = api.call_api("GET", url, header_params={"Accept": "text/plain"},
-                        _request_timeout=60)
-    data = resp.response.data or b""
-    if resp.status in (400, 404):  # not started yet / gone
+    target = path + "?" + urlencode({"container": container,
+                                     "limitBytes": str(MAX_EXEC_OUTPUT)})
+    status, data = _send(api, "GET", target, None, {"Accept": "*/*"}, MAX_EXEC_OUTPUT)
+    if status in (400, 404):  # not started yet / gone
         return ""
-    if not 200 <= resp.status < 300:
-        raise KubeError("GET", path, resp.status, data.decode("utf-8", "replace"))
+    if not 200 <= status < 300:
+        raise KubeError("GET", path, status, data.decode("utf-8", "replace"))
     return data.decode("utf-8", "replace")
 
 
-def exec_in(api: k8s.ApiClient, namespace: str, pod: str, container: str,
-            argv: Sequence[str], timeout: float = 30.0) -> str:
-    """Run ``argv`` in the container (the API's exec, over a websocket); its stdout.
-
-    Fails with its stderr when it exits non-zero, runs longer than ``timeout`` or prints
-    more than 8 MiB.
-    """
-    ws = stream(k8s.CoreV1Api(api).connect_get_namespaced_pod_exec, pod, namespace,
-                container=container, command=list(argv), stderr=True, stdin=False,
-                stdout=True, tty=False, _preload_content=False)
-    out: list[str] = []
-    err: list[str] = []
-    size = 0
-    deadline = time.monotonic() + timeout
+def exec_in(kubectl: Sequence[str], namespace: str, pod: str, container: str,
+            argv: Sequence[str], timeout: float = 60.0) -> str:
+    """Run ``argv`` in the container with ``kubectl exec`` (``kubectl``: the command with its
+    ``--kubeconfig``); its stdout. Fails with its stderr when it exits non-zero, runs longer
+    than ``timeout`` or prints more than 8 MiB."""
+    cmd = [*kubectl, "exec", "-n", namespace, pod, "-c", container, "--", *argv]
     try:
-        while ws.is_open():
-            ws.update(timeout=1)
-            if ws.peek_stdout():
-                chunk = ws.read_stdout()
-                out.append(chunk)
-                size += len(chunk)
-            if ws.peek_stderr():
-                err.append(ws.read_stderr())
-            if size > MAX_EXEC_OUTPUT:
-                raise AssertionError(f"exec {list(argv)} in {pod}/{container}: output over "
-                                     f"{MAX_EXEC_OUTPUT} bytes")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"exec {list(argv)} in {pod}/{container}: still running "
-                                     f"after {timeout:.0f}s")
-        out.append(ws.read_stdout())
-        err.append(ws.read_stderr())
-        code = ws.returncode
-    finally:
-        ws.close()
-    if code != 0:
-        raise AssertionError(f"exec {list(argv)} in {pod}/{container} exited {code}: "
-                             f"{''.join(err)[-2000:]}")
-    return "".join(out)
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"exec {list(argv)} in {pod}/{container}: still running after "
+                             f"{timeout:.0f}s") from None
+    if len(proc.stdout) > MAX_EXEC_OUTPUT:
+        raise AssertionError(f"exec {list(argv)} in {pod}/{container}: output over "
+                             f"{MAX_EXEC_OUTPUT} bytes")
+    if proc.returncode != 0:
+        raise AssertionError(f"exec {list(argv)} in {pod}/{container} exited "
+                             f"{proc.returncode}: {proc.stderr.decode('utf-8', 'replace')[-2000:]}")
+    return proc.stdout.decode("utf-8", "replace")
 
 
 def tailnet_nodes(api: k8s.ApiClient, namespace: str) -> list[dict[str, Any]]:

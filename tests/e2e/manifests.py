@@ -123,6 +123,20 @@ def client_deployment(image: str, server_host: str = SERVER_POD,
     }
 
 
+def client_pod(name: str, image: str, server_host: str = SERVER_POD,
+               namespace: str = APPS_NAMESPACE) -> dict[str, Any]:
+    """A bare pod of the client app (ephemeral state), as a one-off job would be."""
+    template = client_deployment(image, server_host, namespace)["spec"]["template"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "tsnet2-e2e"},
+                     "annotations": template["metadata"]["annotations"]},
+        "spec": template["spec"],
+    }
+
+
 def restart_patch(stamp: str) -> dict[str, Any]:
     """A strategic-merge patch that rolls a workload's pods (as ``kubectl rollout restart``)."""
     return {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.kind import checks
+from tests.e2e import checks
 from tests.e2e.kind.cluster import (
     ClusterError,
     KindCluster,

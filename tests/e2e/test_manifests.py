@@ -27,8 +27,9 @@ from tsnet2_operator.config import load_config, parse_server_version, resolve_na
 from tsnet2_operator.inject import DEFAULT_CONTAINER, SIDECAR_NAME, inject
 from tsnet2_operator.store import crd_manifests
 
-from tests.e2e.kind import cluster, manifests
-from tests.e2e.kind.kube import KubeError, create, get, list_pods, request, strategic_patch
+from tests.e2e import manifests
+from tests.e2e.kind import cluster
+from tests.e2e.kube import KubeError, create, get, list_pods, request, strategic_patch
 from tests.image import apps
 from tests.k8s.apiserver import KubeAPIServer, admin_client, running_apiserver
 
@@ -62,6 +63,7 @@ def test_opted_in_names_every_missing_tool(tmp_path: Path) -> None:
     assert f"kind is not installed (not on PATH nor in {tmp_path}/kind-v0.33.0)" in message
     assert "install Go or kind" in message
     assert f"helm is not built ({tmp_path}/helm missing)" in message
+    assert "kubectl is not installed (not on PATH)" in message
 
 
 def test_a_docker_client_without_engine_is_not_enough(tmp_path: Path) -> None:
@@ -77,8 +79,9 @@ def test_a_docker_client_without_engine_is_not_enough(tmp_path: Path) -> None:
     assert "Go is on PATH, so scripts/e2e-kind installs it" in message
 
 
-def test_engine_kind_and_helm_present_means_run(tmp_path: Path) -> None:
+def test_engine_kind_kubectl_and_helm_present_means_run(tmp_path: Path) -> None:
     _exe(tmp_path, "docker", '[ "$1 $2 $3" = "info --format {{.ServerVersion}}" ] && echo 28.1.1')
+    _exe(tmp_path, "kubectl", "exit 0")  # the suite runs `kubectl exec`
     cache = tmp_path / "cache"
     cluster.kind_cache_dir(cache).mkdir(parents=True)
     kind = _exe(cluster.kind_cache_dir(cache), "kind", "exit 0")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from tsnet2_operator.config import SidecarConfig
 
-from tests.e2e.kind.checks import metric_samples
+from tests.e2e.checks import metric_samples
 from tests.image import apps
 from tests.image.podman import (
     IMAGE,
@@ -34,9 +34,10 @@ from tests.image.podman import (
     why_not_runnable,
     write_yaml,
 )
+from tests.require import needs
 
 _skip = why_not_runnable()
-pytestmark = pytest.mark.skipif(_skip is not None, reason=_skip or "")
+pytestmark = pytest.mark.skipif(_skip is not None, reason=needs("image", _skip or ""))
 
 MAX_IMAGE_BYTES = 400 * 1024 * 1024
 DOMAIN = "img.ts2"

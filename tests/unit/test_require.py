@@ -35,7 +35,7 @@ def test_needs_tags_the_reason_and_required_reads_the_variable() -> None:
         needs("gpu", "x")
     assert required({"TSNET2_REQUIRE": " netns, k8s ,"}) == {"netns", "k8s"}
     assert required({}) == set()
-    with pytest.raises(ValueError, match="unknown part.*netsn"):
+    with pytest.raises(ValueError, match=r"unknown part.*netsn"):
         required({"TSNET2_REQUIRE": "netsn"})
     env = {"TSNET2_REQUIRE": "k8s"}
     assert required_part("[needs k8s] helm missing", env) == "k8s"

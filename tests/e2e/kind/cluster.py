@@ -116,6 +116,8 @@ def missing_prerequisites(path: str | None = None, cache: Path | None = None,
             "go", path=path) else "install Go or kind"
         problems.append(f"kind is not installed (not on PATH nor in {kind_cache_dir(cache)}); "
                         f"{go} (`go install {KIND_MODULE}@{KIND_VERSION}`)")
+    if shutil.which("kubectl", path=path) is None:
+        problems.append("kubectl is not installed (not on PATH); install it")
     helm = helm or helm_binary()
     if not os.access(helm, os.X_OK):
         problems.append(f"helm is not built ({helm} missing); run tests/k8s/build-tools.sh")
@@ -316,8 +318,16 @@ class Tools:
 class KindCluster:
     """One kind cluster, created on enter and deleted on exit (whatever happened).
 
-    ``workdir`` holds the kubeconfig, the build context and the helm home.
+    ``workdir`` holds the kubeconfig, the build context and the helm home. The suite
+    (tests/e2e/test_cluster.py) drives it through the same few members as the local
+    cluster's driver (tests/e2e/cluster/driver.py): ``image*``, :meth:`prepare_image`,
+    :meth:`helm`, :meth:`kubectl_argv`, :meth:`api_client`.
     """
+
+    driver = "kind"
+    image = IMAGE
+    image_repository = IMAGE_REPOSITORY
+    image_tag = IMAGE_TAG
 
     def __init__(self, tools: Tools, workdir: Path, name: str | None = None,
                  node_image: str | None = None) -> None:
@@ -381,6 +391,17 @@ class KindCluster:
         shutil.rmtree(context, ignore_errors=True)
         run(kind_load_argv(self.tools.kind, self.name, image), timeout=600,
             what="kind load docker-image")
+
+    def prepare_image(self) -> None:
+        """Build the image with docker and load it into the nodes."""
+        self.build_and_load(self.image)
+
+    def kubectl_argv(self) -> list[str]:
+        """kubectl (from ``PATH``) with this cluster's kubeconfig."""
+        kubectl = shutil.which("kubectl")
+        if kubectl is None:
+            raise ClusterError("kubectl is not installed (not on PATH)")
+        return [kubectl, "--kubeconfig", str(self.kubeconfig)]
 
     def helm(self, *argv: str, timeout: float = 300) -> str:
         """Run the real helm against this cluster, with a home of its own."""

@@ -1,0 +1,1 @@
+"""The local cluster driver of the end-to-end suite (README.md here)."""

@@ -1,0 +1,3 @@
+module tsnet2.invalid/cluster-tools/pause
+
+go 1.24
