@@ -165,6 +165,16 @@ class Env:
         """The pod's traffic log (read in its sidecar)."""
         return checks.traffic_records(self.exec(pod, SIDECAR, ["cat", TRAFFIC_LOG]))
 
+    def server(self) -> dict[str, Any]:
+        """The server's pod, once it is the only one and ready."""
+        return wait_for(lambda: _one_pod(self, SERVER_SELECTOR), APP_WAIT, "the server pod",
+                        self.detail)
+
+    def client(self) -> dict[str, Any]:
+        """The client Deployment's pod, once it is the only one and ready."""
+        return wait_for(lambda: _one_pod(self, CLIENT_SELECTOR), APP_WAIT, "the client pod",
+                        self.detail)
+
     def ping(self, pod: str, target: str, message: str) -> str:
         """A second client process in ``pod``'s app container (``kubectl exec``): dial
         ``target`` through the pod's sidecar, send ``message``, return the reply."""
@@ -335,10 +345,7 @@ def test_readme_install_gives_an_available_operator(env: Env) -> None:
 
 def test_two_workloads_get_the_sidecar_and_talk(deployed: Env) -> None:
     env = deployed
-    server = wait_for(lambda: _one_pod(env, SERVER_SELECTOR), APP_WAIT, "the server pod",
-                      env.detail)
-    client = wait_for(lambda: _one_pod(env, CLIENT_SELECTOR), APP_WAIT, "the client pod",
-                      env.detail)
+    server, client = env.server(), env.client()
     srv, cli = _name(server), _name(client)
     assert srv == manifests.SERVER_POD
     for pod in (server, client):
@@ -411,10 +418,7 @@ def _scrape(env: Env, pod_ip: str) -> str:
 
 def test_traffic_log_and_metrics_from_the_running_pod(deployed: Env) -> None:
     env = deployed
-    server = wait_for(lambda: _one_pod(env, SERVER_SELECTOR), APP_WAIT, "the server pod",
-                      env.detail)
-    client = wait_for(lambda: _one_pod(env, CLIENT_SELECTOR), APP_WAIT, "the client pod",
-                      env.detail)
+    server, client = env.server(), env.client()
     srv, cli = _name(server), _name(client)
     seen = _exchange(env, cli, srv)
     # The server's traffic log holds the exchange, both directions, with the payload.
@@ -438,10 +442,7 @@ def test_kubectl_exec_cli_leaves_the_pod_serving(deployed: Env) -> None:
     is one more client of the sidecar) and a second client process: the apps keep their
     node, the server keeps serving."""
     env = deployed
-    server = wait_for(lambda: _one_pod(env, SERVER_SELECTOR), APP_WAIT, "the server pod",
-                      env.detail)
-    client = wait_for(lambda: _one_pod(env, CLIENT_SELECTOR), APP_WAIT, "the client pod",
-                      env.detail)
+    server, client = env.server(), env.client()
     srv, cli = _name(server), _name(client)
     status = json.loads(env.exec(srv, "app", ["tsnet2", "status", "--json"]))
     assert status["Self"]["HostName"] == srv, status["Self"]
@@ -468,10 +469,7 @@ def test_operator_restart(deployed: Env) -> None:
     """Delete every operator pod: established pods keep talking meanwhile; the new pods
     inject and coordinate (a new pod joins and talks)."""
     env = deployed
-    srv = _name(wait_for(lambda: _one_pod(env, SERVER_SELECTOR), APP_WAIT, "the server pod",
-                         env.detail))
-    cli = _name(wait_for(lambda: _one_pod(env, CLIENT_SELECTOR), APP_WAIT, "the client pod",
-                         env.detail))
+    srv, cli = _name(env.server()), _name(env.client())
     old = {_uid(p) for p in list_pods(env.api, OPERATOR_NS, RELEASE_SELECTOR)}
     env.kubectl("-n", OPERATOR_NS, "delete", "pod", "-l",
                 f"app.kubernetes.io/component=operator,{RELEASE_SELECTOR}", "--wait=false")
@@ -503,8 +501,7 @@ def test_operator_restart(deployed: Env) -> None:
 
 def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     env = deployed
-    old = wait_for(lambda: _one_pod(env, SERVER_SELECTOR), APP_WAIT, "the server pod",
-                   env.detail)
+    old = env.server()
     before = _server_nodes(env)
     assert len(before) == 1, [node_summary(n) for n in before]
     node = before[0]
@@ -562,8 +559,7 @@ def _try_ping(env: Env, pod: str, target: str, message: str) -> str | None:
 
 def test_deleting_the_client_pod_removes_its_node(deployed: Env) -> None:
     env = deployed
-    old = wait_for(lambda: _one_pod(env, CLIENT_SELECTOR), APP_WAIT, "the client pod",
-                   env.detail)
+    old = env.client()
     mine = [n for n in tailnet_nodes(env.api, OPERATOR_NS)
             if (n["spec"].get("pod") or {}).get("uid") == _uid(old)]
     assert len(mine) == 1, env.detail()
