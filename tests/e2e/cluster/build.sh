@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the local cluster needs before up.sh can run it:
 # * Debian packages containerd, runc, containernetworking-plugins, iptables, nftables,
-#   conntrack (installed when missing; needs root);
+#   conntrack, curl, openssl (installed when missing; needs root);
 # * kubelet, kube-controller-manager, kube-scheduler, kube-proxy, kubectl (and coredns) built
 #   from the published Go module k8s.io/kubernetes (wrapper module ./tools/kube: the
 #   project's tests/k8s/tools/kube plus `tool` lines for these binaries), cached by version
@@ -18,7 +18,7 @@ BIN_DIR=$BIN
 PROJECT=$(cd "$HERE/../../.." && pwd)
 need=()
 for spec in containerd:containerd runc:runc /usr/lib/cni/bridge:containernetworking-plugins \
-            iptables:iptables nft:nftables conntrack:conntrack; do
+            iptables:iptables nft:nftables conntrack:conntrack curl:curl openssl:openssl; do
     c=${spec%%:*}
     if [[ $c == /* ]]; then [[ -x $c ]] || need+=("${spec#*:}")
     else command -v "$c" >/dev/null || need+=("${spec#*:}"); fi

@@ -45,7 +45,8 @@ APISERVER = ("127.0.0.1", 6443)
 CLONE_NEWNET = 0x40000000
 _BUF = 64 * 1024
 PACKAGES = {"containerd": "containerd", "runc": "runc", "nft": "nftables",
-            "conntrack": "conntrack", "iptables": "iptables"}
+            "conntrack": "conntrack", "iptables": "iptables", "curl": "curl",
+            "openssl": "openssl", "nsenter": "util-linux"}
 
 
 def k8s_version() -> str:
@@ -104,6 +105,30 @@ def is_up() -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/run/netns/{NAME}").exists()
+
+
+def leftovers() -> list[str]:
+    """What of the cluster is still there after down.sh: its network namespace, mounts,
+    processes (by the pids up.sh recorded), cgroups and state directory."""
+    left = []
+    if Path(f"/run/netns/{NAME}").exists():
+        left.append(f"network namespace {NAME}")
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+              if NAME in line.split()[1]]
+    left += [f"mount {m}" for m in mounts]
+    left += [f"cgroup {d}" for d in Path("/sys/fs/cgroup").glob(f"*/{NAME}")]
+    if STATE.exists():
+        left.append(f"state directory {STATE}")
+    marks = (str(STATE).encode(), f"/run/{NAME}-ns".encode(), f"/run/netns/{NAME}".encode())
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(m in cmdline for m in marks):
+            argv = cmdline.replace(b"\0", b" ")[:120].decode("utf-8", "replace")
+            left.append(f"process {proc.name}: {argv}")
+    return left
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -250,9 +275,11 @@ class LocalCluster:
             self._forwarder = None
         if self._owned:
             code = run_uninterrupted([str(DOWN)], timeout=300)
-            if code != 0:
-                say(f"tests/e2e/cluster/down.sh exited {code}: run it again by hand")
             self._owned = False
+            left = leftovers()
+            if code != 0 or left:
+                raise ClusterError(f"tests/e2e/cluster/down.sh exited {code}; left behind: "
+                                   f"{'; '.join(left) or 'nothing'}. Run it again by hand")
 
     def prepare_image(self) -> None:
         """Nothing to build: up.sh imported :data:`IMAGE` from podman into containerd."""
