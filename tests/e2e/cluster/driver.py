@@ -14,6 +14,7 @@ inside.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -28,7 +29,14 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
-from tests.e2e.kind.cluster import ClusterError, helm_env, run, run_uninterrupted, say
+from tests.e2e.kind.cluster import (
+    ClusterError,
+    helm_env,
+    run,
+    run_uninterrupted,
+    say,
+    sigterm_as_interrupt,
+)
 from tests.k8s.apiserver import default_bin_dir
 
 HERE = Path(__file__).resolve().parent
@@ -250,9 +258,13 @@ class LocalCluster:
         self.kubeconfig = workdir / "kubeconfig"
         self._owned = False
         self._forwarder: Forwarder | None = None
+        self._signals: contextlib.ExitStack | None = None
 
     def __enter__(self) -> LocalCluster:
-        """Bring the cluster up (or reuse it) and forward its API server."""
+        """Bring the cluster up (or reuse it) and forward its API server. While it is up,
+        SIGTERM raises ``KeyboardInterrupt``, so a stopped run still takes it down."""
+        self._signals = contextlib.ExitStack()
+        self._signals.enter_context(sigterm_as_interrupt())
         try:
             if is_up():
                 say(f"using the running local cluster {NAME} (left up afterwards)")
@@ -270,16 +282,21 @@ class LocalCluster:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         """Stop forwarding; take the cluster down if this object brought it up."""
-        if self._forwarder is not None:
-            self._forwarder.close()
-            self._forwarder = None
-        if self._owned:
-            code = run_uninterrupted([str(DOWN)], timeout=300)
-            self._owned = False
-            left = leftovers()
-            if code != 0 or left:
-                raise ClusterError(f"tests/e2e/cluster/down.sh exited {code}; left behind: "
-                                   f"{'; '.join(left) or 'nothing'}. Run it again by hand")
+        try:
+            if self._forwarder is not None:
+                self._forwarder.close()
+                self._forwarder = None
+            if self._owned:
+                code = run_uninterrupted([str(DOWN)], timeout=300)
+                self._owned = False
+                left = leftovers()
+                if code != 0 or left:
+                    raise ClusterError(f"tests/e2e/cluster/down.sh exited {code}; left behind: "
+                                       f"{'; '.join(left) or 'nothing'}. Run it again by hand")
+        finally:
+            if self._signals is not None:
+                self._signals.close()
+                self._signals = None
 
     def prepare_image(self) -> None:
         """Nothing to build: up.sh imported :data:`IMAGE` from podman into containerd."""
