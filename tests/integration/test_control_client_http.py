@@ -85,6 +85,16 @@ def run(fn: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(fn())  # type: ignore[arg-type]
 
 
+async def until(check: Callable[[], bool], what: str, seconds: float = 20.0) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after ``seconds`` (generous: it only
+    catches a hang, it does not time anything)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def test_chunked_netmap_and_the_request_it_answers() -> None:
     netmap = {"version": 7, "peers": [{"name": "p" * 5000}]}
     body = json.dumps(netmap).encode()
@@ -100,10 +110,7 @@ def test_chunked_netmap_and_the_request_it_answers() -> None:
             assert f"host: {url.removeprefix('http://')}\r\n" in head.lower()
             assert "authorization: bearer cred-1\r\n" in head.lower()
             assert "connection: close\r\n" in head.lower()
-            for _ in range(100):  # the server sees the client's close
-                if srv.client_closed:
-                    break
-                await asyncio.sleep(0.02)
+            await until(lambda: bool(srv.client_closed), "the server to see the client's close")
             assert srv.client_closed == [True]
     run(main)
 
@@ -194,19 +201,33 @@ def test_a_reply_cut_short_is_unavailable() -> None:
 
 
 def test_timeouts_and_the_long_poll_allowance() -> None:
+    """The call timeout ends a call the server never answers; a long-poll gets its poll
+    timeout on top, so an answer later than the call timeout (but within both) is taken."""
+    answered: list[int] = []
+
     async def slow(_head: bytes, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(0.6)
+        if not answered:  # the first call: no answer at all, only the client's timeout ends it
+            answered.append(0)
+            await asyncio.sleep(30)
+            return
+        await asyncio.sleep(0.6)  # longer than the call timeout (0.3 s)
+        answered.append(1)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"version\":1}")
         await writer.drain()
 
     async def main() -> None:
-        async with scripted(slow) as (_srv, url), ControlClient(url, timeout=0.3) as c:
+        async with scripted(slow) as (srv, url), ControlClient(url, timeout=0.3) as c:
             t0 = time.monotonic()
             with pytest.raises(ControlUnavailable, match="timed out on /v1/netmap"):
-                await c.netmap("k", timeout=0)
-            assert time.monotonic() - t0 < 0.55
-            # A long-poll gets its poll timeout on top of the call timeout.
-            assert await c.netmap("k", timeout=1) == {"version": 1}
+                await asyncio.wait_for(c.netmap("k", timeout=0), 20)
+            # It waited for its timeout (a lower bound: load can only lengthen it) for a
+            # request the server had received and was not going to answer.
+            assert time.monotonic() - t0 >= 0.25
+            assert len(srv.requests) == 1 and answered == [0]
+            # A long-poll gets its poll timeout on top of the call timeout: 30.3 s here, and
+            # the answer comes after 0.6 s, later than the call timeout alone allows.
+            assert await c.netmap("k", timeout=30) == {"version": 1}
+            assert answered == [0, 1]
     run(main)
 
 
@@ -215,10 +236,10 @@ def test_aclose_aborts_a_call_in_flight_and_refuses_new_ones() -> None:
         await asyncio.sleep(30)
 
     async def main() -> None:
-        async with scripted(never) as (_srv, url):
+        async with scripted(never) as (srv, url):
             c = ControlClient(url)
             poll = asyncio.create_task(c.netmap("k", timeout=30))
-            await asyncio.sleep(0.2)
+            await until(lambda: len(srv.requests) == 1, "the poll to reach the server")
             await c.aclose()
             with pytest.raises(ControlUnavailable, match="unreachable"):
                 await asyncio.wait_for(poll, 2)
@@ -228,7 +249,7 @@ def test_aclose_aborts_a_call_in_flight_and_refuses_new_ones() -> None:
             # Cancelling a call closes its connection too (no ResourceWarning).
             c2 = ControlClient(url)
             poll = asyncio.create_task(c2.netmap("k", timeout=30))
-            await asyncio.sleep(0.2)
+            await until(lambda: len(srv.requests) == 2, "the second poll to reach the server")
             poll.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await poll

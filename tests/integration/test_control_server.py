@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -50,6 +50,56 @@ async def control(db: Path, **kwargs: Any) -> AsyncIterator[tuple[ControlServer,
 
 def run(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(fn())
+
+
+T = TypeVar("T")
+WAIT = 20.0
+"""Seconds a test waits for an event before failing (generous: only a broken server is slow
+by this much; nothing here bounds how fast it is)."""
+
+
+class FakeClock:
+    """The server's monotonic clock, advanced by the test: online grace and ephemeral idleness
+    then depend on what the test did, not on how loaded the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def within(awaitable: Awaitable[T], what: str, seconds: float = WAIT) -> T:
+    """Await ``awaitable``; fail the test naming ``what`` if it takes over ``seconds``."""
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {seconds:g} s waiting for {what}") from None
+
+
+async def until(check: Callable[[], bool], what: str, seconds: float = WAIT) -> None:
+    """Poll ``check`` (it reads server state) until true; fail naming ``what`` after
+    ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def in_flight(server: ControlServer, node: RegisterResult, polls: int = 1) -> None:
+    """Wait until the server holds ``polls`` long-polls of ``node`` open."""
+    node_id = node.node["id"]
+    await until(lambda: server.polls_in_flight(node_id) == polls,
+                f"{polls} long-poll(s) of {node.node['name']} in flight at the server")
+
+
+async def swept(server: ControlServer) -> None:
+    """Wait for a sweep that began after this call (it sees the clock as it is now)."""
+    await within(server.next_sweep(), "the sweeper")
 
 
 async def register(
@@ -121,8 +171,11 @@ def test_reusable_ephemeral_tagged_and_expiring_keys(tmp_path: Path) -> None:
             eph_key = await server.create_auth_key(ephemeral=True)
             eph = await register(client, eph_key, "e", ephemeral=False)
             assert eph.node["ephemeral"] is True
+            # A key within its lifetime works (an hour: no race with a slow registration);
+            # one past it is refused (waiting longer than its 0.2 s can only be safer).
+            hour = await server.create_auth_key(reusable=True, expiry=3600)
+            await register(client, hour, "early")
             short = await server.create_auth_key(reusable=True, expiry=0.2)
-            await register(client, short, "early")
             await asyncio.sleep(0.3)
             with pytest.raises(AuthError, match="auth key expired"):
                 await register(client, short, "late")
@@ -207,7 +260,10 @@ def test_ip_uniqueness_over_200_registrations(tmp_path: Path) -> None:
     run(main)
 
 
-def test_long_poll_wakes_quickly(tmp_path: Path) -> None:
+def test_long_poll_wakes_on_change(tmp_path: Path) -> None:
+    """A long-poll returns because of a change, not its timeout: it reports a newer version
+    well before its 30 s are up (a timed-out poll would report the same version)."""
+
     async def main() -> None:
         async with control(tmp_path / "c.db") as (server, client):
             key = await server.create_auth_key(reusable=True)
@@ -221,20 +277,13 @@ def test_long_poll_wakes_quickly(tmp_path: Path) -> None:
             version = nm["version"]
             assert nm["self"]["online"] is True
 
-            async def timed_poll(since: int) -> tuple[dict[str, Any], float]:
-                t0 = time.monotonic()
-                result = await client.netmap(cred, since, 30)
-                return result, time.monotonic() - t0
-
             async def after(change: Callable[[], Awaitable[Any]]) -> dict[str, Any]:
                 nonlocal version
-                poll = asyncio.create_task(timed_poll(version))
-                await asyncio.sleep(0.2)
+                poll = asyncio.create_task(client.netmap(cred, version, 30))
+                await in_flight(server, watcher)
                 assert not poll.done()
-                t0 = time.monotonic()
                 await change()
-                result, _ = await poll
-                assert time.monotonic() - t0 < 1.0
+                result = await within(poll, "the change to wake the watcher's 30 s long-poll")
                 assert result["version"] > version
                 version = result["version"]
                 return result
@@ -257,17 +306,19 @@ def test_long_poll_wakes_quickly(tmp_path: Path) -> None:
             t0 = time.monotonic()
             same = await client.netmap(cred, version, 0.3)
             assert same["version"] == version and time.monotonic() - t0 >= 0.25
-            # A client ahead of the server (e.g. restored database) is answered at once.
-            t0 = time.monotonic()
-            await client.netmap(cred, version + 100, 10)
-            assert time.monotonic() - t0 < 1.0
+            # A client ahead of the server (e.g. restored database) is answered at once,
+            # not after its 60 s.
+            ahead = await within(client.netmap(cred, version + 100, 60), "the reply to a poll "
+                                 "from a client ahead of the server")
+            assert ahead["version"] == version
 
     run(main)
 
 
 def test_online_offline_transitions_bump_version(tmp_path: Path) -> None:
     async def main() -> None:
-        async with control(tmp_path / "c.db", online_grace=0.3) as (server, client):
+        clock = FakeClock()
+        async with control(tmp_path / "c.db", online_grace=0.3, clock=clock) as (server, client):
             key = await server.create_auth_key(reusable=True)
             a = await register(client, key, "a")
             b = await register(client, key, "b")
@@ -276,14 +327,13 @@ def test_online_offline_transitions_bump_version(tmp_path: Path) -> None:
             assert [p["online"] for p in nm_b["peers"]] == [True]
             assert nm_b["peers"][0]["last_seen"] is not None
             del nm_a
-            # b keeps polling; a stops: a goes offline after the grace, b is woken.
+            # b keeps a long-poll open; a stops: a goes offline after the grace, b is woken.
             version = nm_b["version"]
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline:
-                nm_b = await client.netmap(b.node_credential, version, 2)
-                version = nm_b["version"]
-                if not nm_b["peers"][0]["online"]:
-                    break
+            poll = asyncio.create_task(client.netmap(b.node_credential, version, 30))
+            await in_flight(server, b)
+            clock.advance(1.0)
+            nm_b = await within(poll, "a's going offline to wake b's long-poll")
+            assert nm_b["version"] > version
             assert nm_b["peers"][0]["online"] is False
             assert nm_b["self"]["online"] is True
 
@@ -292,29 +342,27 @@ def test_online_offline_transitions_bump_version(tmp_path: Path) -> None:
 
 def test_ephemeral_nodes_removed_and_addresses_reused(tmp_path: Path) -> None:
     async def main() -> None:
-        async with control(tmp_path / "c.db", ephemeral_timeout=0.6) as (server, client):
+        clock = FakeClock()
+        async with control(tmp_path / "c.db", ephemeral_timeout=0.6, clock=clock) as (
+            server,
+            client,
+        ):
             key = await server.create_auth_key(reusable=True)
             stay = await register(client, key, "stay")  # not ephemeral, never polls
             poller = await register(client, key, "poller", ephemeral=True)
             gone = await register(client, key, "gone", ephemeral=True)
             gone_addrs = gone.node["addresses"]
-
-            async def keep_polling() -> None:
-                version = 0
-                while True:
-                    nm = await client.netmap(poller.node_credential, version, 0.2)
-                    version = nm["version"]
-
-            polling = asyncio.create_task(keep_polling())
-            try:
-                await asyncio.sleep(1.8)
-                nm = await client.netmap(stay.node_credential, 0, 0)
-                names = sorted([nm["self"]["name"]] + [p["name"] for p in nm["peers"]])
-                assert names == ["poller", "stay"]
-            finally:
-                polling.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await polling
+            # The poller comes online, then holds a long-poll open while the timeout passes.
+            nm = await client.netmap(poller.node_credential, 0, 0)
+            polling = asyncio.create_task(client.netmap(poller.node_credential, nm["version"], 30))
+            await in_flight(server, poller)
+            clock.advance(1.0)
+            await swept(server)
+            nm = await within(polling, "gone's removal to wake the poller's long-poll")
+            assert [p["name"] for p in nm["peers"]] == ["stay"]
+            nm = await client.netmap(stay.node_credential, 0, 0)
+            names = sorted([nm["self"]["name"]] + [p["name"] for p in nm["peers"]])
+            assert names == ["poller", "stay"]
             with pytest.raises(AuthError, match="invalid node credential"):
                 await client.netmap(gone.node_credential, 0, 0)
             again = await register(client, key, "gone", ephemeral=True)
@@ -323,8 +371,11 @@ def test_ephemeral_nodes_removed_and_addresses_reused(tmp_path: Path) -> None:
             await client.deregister(again.node_credential)
             third = await register(client, key, "third")
             assert third.node["addresses"] == gone_addrs
-            # Once polls stop, the poller is removed too.
-            await asyncio.sleep(0.6 + server.online_grace + 0.6)
+            # Once polls stop, the poller is removed too (offline and idle for 1 s > 0.6 s).
+            allocs = await server.store.list_allocations()
+            assert poller.node["addresses"][0] in [a.ipv4 for a in allocs]
+            clock.advance(1.0)
+            await swept(server)
             allocs = await server.store.list_allocations()
             assert poller.node["addresses"][0] not in [a.ipv4 for a in allocs]
 
@@ -480,7 +531,7 @@ def test_close_returns_promptly_with_a_poll_in_flight(tmp_path: Path) -> None:
                 res = await register(client, key)
                 nm = await client.netmap(res.node_credential, 0, 0)
                 poll = asyncio.create_task(client.netmap(res.node_credential, nm["version"], 50))
-                await asyncio.sleep(0.3)
+                await in_flight(server, res)
                 t0 = time.monotonic()
                 await server.close()
                 assert time.monotonic() - t0 < 3
@@ -538,42 +589,37 @@ def test_tls(tmp_path: Path) -> None:
 
 
 def test_abandoned_long_poll_goes_offline(tmp_path: Path) -> None:
+    """A node is online while its long-poll is in flight, however long past the grace; when
+    its client goes away mid-poll the server ends the poll, and after the grace the node is
+    offline (which wakes the other node's poll)."""
+
     async def main() -> None:
-        async with control(tmp_path / "c.db", online_grace=0.3) as (server, client):
+        clock = FakeClock()
+        async with control(tmp_path / "c.db", online_grace=0.3, clock=clock) as (server, client):
             key = await server.create_auth_key(reusable=True)
             a = await register(client, key, "a")
             b = await register(client, key, "b")
-            a_online: list[bool] = []
-
-            async def b_polls() -> None:
-                version = 0
-                while True:
-                    nm = await client.netmap(b.node_credential, version, 0.1)
-                    version = nm["version"]
-                    a_online.append(nm["peers"][0]["online"])
-
-            watcher = asyncio.create_task(b_polls())
-            try:
-                await asyncio.sleep(0.3)
-                nm = await client.netmap(a.node_credential, 0, 0)
-                # a's long-poll is in flight (30 s), then its client goes away mid-poll.
-                async with ControlClient(server.url) as other:
-                    hanging = asyncio.create_task(
-                        other.netmap(a.node_credential, nm["version"], 30)
-                    )
-                    await asyncio.sleep(0.8)  # longer than the grace: online while in flight
-                    assert not hanging.done()
-                    assert a_online[-1] is True
-                    hanging.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await hanging
-                deadline = time.monotonic() + 3
-                while a_online[-1] and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
-                assert a_online[-1] is False
-            finally:
-                watcher.cancel()
+            await client.netmap(a.node_credential, 0, 0)
+            version = (await client.netmap(b.node_credential, 0, 0))["version"]
+            # Both hold a 30 s long-poll; a's through a client that goes away mid-poll.
+            b_poll = asyncio.create_task(client.netmap(b.node_credential, version, 30))
+            await in_flight(server, b)
+            async with ControlClient(server.url) as other:
+                hanging = asyncio.create_task(other.netmap(a.node_credential, version, 30))
+                await in_flight(server, a)
+                clock.advance(5.0)  # far past the grace: online only because in flight
+                await swept(server)
+                assert not hanging.done() and not b_poll.done(), "no transition, no new version"
+                nm = await client.netmap(b.node_credential, version, 0)
+                assert nm["version"] == version and nm["peers"][0]["online"] is True
+                hanging.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                    await hanging
+            await in_flight(server, a, 0)  # the server noticed and ended a's poll
+            assert not b_poll.done()
+            clock.advance(1.0)
+            nm = await within(b_poll, "a's going offline to wake b's long-poll")
+            assert nm["version"] > version
+            assert nm["peers"][0]["online"] is False and nm["self"]["online"] is True
 
     run(main)

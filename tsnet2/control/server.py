@@ -110,6 +110,7 @@ class ControlServer:
         max_poll_timeout: float = MAX_POLL_TIMEOUT,
         authenticator: api.Authenticator | None = None,
         limits: ServerLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Configure the server; nothing runs until :meth:`start`.
 
@@ -118,6 +119,9 @@ class ControlServer:
         auth keys; without it a bearer header on register is refused (401).
         ``limits``: connection cap and header/idle/body timeouts (see
         :mod:`tsnet2.control.limits`; defaults 1024 connections, 10 s, 30 s, 10 s).
+        ``clock``: the monotonic seconds that online grace and ephemeral idleness are measured
+        in (a test passes a fake one it advances, then awaits :meth:`next_sweep`; long-poll
+        timeouts and the sweep interval stay in real time).
         """
         if not ephemeral_timeout > 0:
             raise ValueError("ephemeral_timeout must be > 0 seconds")
@@ -133,10 +137,14 @@ class ControlServer:
         self.guard: ConnectionGuard | None = None
         """The connection guard while started (its ``stats`` count evictions, timeouts)."""
         self._tick = min(0.5, max(0.05, min(self.ephemeral_timeout, self.online_grace) / 10))
+        self._clock = clock
         self._version = 0
         self._changed = asyncio.Event()
         self._closing = False
-        self._started = time.monotonic()
+        self._started = clock()
+        self._sweeps_started = 0
+        self._sweeps_done = 0
+        self._swept = asyncio.Event()
         self._inflight: dict[int, int] = {}
         self._poll_end: dict[int, float] = {}
         self._last_active: dict[int, float] = {}
@@ -184,7 +192,7 @@ class ControlServer:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(tls_cert, tls_key)
         self._version = await self.store.version()
-        self._started = time.monotonic()
+        self._started = self._clock()
         self._closing = False
         runner = web.AppRunner(
             self.app,
@@ -281,6 +289,26 @@ class ControlServer:
         )
         return key
 
+    async def next_sweep(self) -> None:
+        """Wait until the sweeper has finished a sweep that began after this call.
+
+        A hook for tests: after advancing the ``clock`` (or changing the store), the online
+        transitions and ephemeral removals that this implies are done when this returns.
+        Waits forever unless the server is started (callers bound it with a timeout).
+        """
+        target = self._sweeps_started + 1
+        while self._sweeps_done < target:
+            await self._swept.wait()
+
+    def polls_in_flight(self, node_id: int) -> int:
+        """How many netmap long-polls of ``node_id`` this server is holding open now.
+
+        A node is online while this is above 0 (see the module docstring); tests wait on it
+        to know that a poll they started has reached the server, or that a poll whose client
+        went away has ended.
+        """
+        return self._inflight.get(node_id, 0)
+
     # -- version and online state --------------------------------------------------------
 
     def _wake(self) -> None:
@@ -310,16 +338,20 @@ class ControlServer:
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self._tick)
+            self._sweeps_started += 1
             try:
                 await self._sweep_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("control: sweep failed; retrying")
+            self._sweeps_done = self._sweeps_started
+            self._swept.set()
+            self._swept = asyncio.Event()
 
     async def _sweep_once(self) -> None:
         self._publish(await self.store.version())
-        now = time.monotonic()
+        now = self._clock()
         nodes = await self.store.list_nodes()
         for node in nodes:
             online = self._is_online(node.id, now)
@@ -388,7 +420,7 @@ class ControlServer:
 
     def _node_json(self, node: NodeRecord) -> dict[str, Any]:
         return api.node_json(
-            node, domain=self.domain, online=self._is_online(node.id, time.monotonic())
+            node, domain=self.domain, online=self._is_online(node.id, self._clock())
         )
 
     # -- handlers ------------------------------------------------------------------------
@@ -520,7 +552,7 @@ class ControlServer:
             ) from None
         except AddressPoolExhaustedError:
             raise ApiError(503, "the tailnet address pool is exhausted") from None
-        self._last_active[node.id] = time.monotonic()
+        self._last_active[node.id] = self._clock()
         self._publish(version)
         log.info(
             "control: registered node %d (%s) %s user=%s ephemeral=%s tags=%s",
@@ -563,7 +595,7 @@ class ControlServer:
         if result is None:
             raise ApiError(401, "invalid node credential (the node was removed); register again")
         updated, version = result
-        self._last_active[node.id] = time.monotonic()
+        self._last_active[node.id] = self._clock()
         self._publish(version)
         log.info("control: node %d (%s) re-registered", node.id, node.name)
         return updated
@@ -575,7 +607,7 @@ class ControlServer:
         node = await self._authenticate(request)
         node_id = node.id
         self._inflight[node_id] = self._inflight.get(node_id, 0) + 1
-        self._last_active[node_id] = time.monotonic()
+        self._last_active[node_id] = self._clock()
         try:
             if not self._online.get(node_id):
                 self._online[node_id] = True
@@ -597,7 +629,7 @@ class ControlServer:
             self._inflight[node_id] -= 1
             if self._inflight[node_id] == 0:
                 del self._inflight[node_id]
-            now = time.monotonic()
+            now = self._clock()
             self._poll_end[node_id] = now
             self._last_active[node_id] = now
         me = next((n for n in nodes if n.id == node_id), None)
@@ -618,7 +650,7 @@ class ControlServer:
         result = await self.store.update_node(node.id, endpoints=endpoints)
         if result is None:
             raise ApiError(401, "this node was removed; register again")
-        self._last_active[node.id] = time.monotonic()
+        self._last_active[node.id] = self._clock()
         self._publish(result[1])
         return web.json_response({"version": max(result[1], self._version)})
 
