@@ -188,7 +188,49 @@ def _register_webhook(api: k8s.ApiClient, op: OperatorProcess) -> None:
         ],
     }
     k8s.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(body)
-    time.sleep(1.0)  # the API server picks up webhook configurations asynchronously
+    _wait_webhook_active(api, op)
+
+
+def _wait_webhook_active(api: k8s.ApiClient, op: OperatorProcess, timeout: float = 30.0) -> None:
+    """Return once the API server calls the operator's injector for pods in the app namespace.
+
+    The API server loads MutatingWebhookConfigurations asynchronously (an informer), so a
+    create right after ours may be admitted without the webhook. Probe with ``dryRun=All``
+    creates (nothing is stored, the injector posts no Event for a dry run) until one comes
+    back with the sidecar; fail with the last answer and the operator's log after ``timeout``.
+    """
+    core = k8s.CoreV1Api(api)
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "webhook-probe"},
+        "spec": {"containers": [{"name": "app", "image": "example/app:1"}]},
+    }
+    start = time.monotonic()
+    last = "no answer"
+    probes = 0
+    while time.monotonic() - start < timeout:
+        probes += 1
+        if op.popen.poll() is not None:
+            op.fail(f"operator exited with {op.popen.returncode} while waiting for its webhook")
+        try:
+            resp = core.create_namespaced_pod(APP_NS, body, dry_run="All", _preload_content=False)
+            try:
+                probe: dict[str, Any] = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+        except ApiException as exc:  # e.g. the injector answering 503 while it starts
+            last = f"HTTP {exc.status}: {exc.body!r}"
+        else:
+            if _sidecars(probe):
+                print(f"webhook active {time.monotonic() - start:.2f}s after its configuration "
+                      f"(probe {probes})")
+                return
+            last = "admitted without the sidecar"
+        time.sleep(0.1)
+    op.fail(f"the API server did not call the injector for a dry-run pod in {APP_NS} within "
+            f"{timeout}s of creating the MutatingWebhookConfiguration ({probes} probes); "
+            f"last probe: {last}")
 
 
 def _create_pod(api: k8s.ApiClient, name: str, annotations: dict[str, str]) -> dict[str, Any]:

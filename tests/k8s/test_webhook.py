@@ -139,7 +139,7 @@ def operator(
             k8s.AdmissionregistrationV1Api(api_client).create_mutating_webhook_configuration(
                 webhook_config
             )
-            time.sleep(1.0)  # the API server picks up webhook configurations asynchronously
+            _wait_webhook_active(api_client, OPTED)
             yield metrics
     assert runner.exception is None, runner.output
 
@@ -162,6 +162,44 @@ def _create(api: k8s.ApiClient, namespace: str, pod: dict[str, Any]) -> dict[str
     finally:
         resp.release_conn()
     return created
+
+
+def _wait_webhook_active(api: k8s.ApiClient, namespace: str, timeout: float = 30.0) -> None:
+    """Return once the API server calls our webhooks for pods in ``namespace``.
+
+    The API server loads MutatingWebhookConfigurations asynchronously (an informer), so a
+    create right after ours may be admitted without them. Probe with ``dryRun=All`` creates
+    (nothing is stored and the injector posts no Event for a dry run) until one comes back
+    with the sidecar; fail with the last answer after ``timeout``. The configuration is one
+    object, so its other webhooks are active from the same moment.
+    """
+    core = k8s.CoreV1Api(api)
+    start = time.monotonic()
+    last = "no answer"
+    probes = 0
+    while time.monotonic() - start < timeout:
+        probes += 1
+        try:
+            resp = core.create_namespaced_pod(
+                namespace, _pod("webhook-probe"), dry_run="All", _preload_content=False
+            )
+            try:
+                probe: dict[str, Any] = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+        except ApiException as exc:  # e.g. the webhook's server answering 503 while starting
+            last = f"HTTP {exc.status}: {exc.body!r}"
+        else:
+            names = [c["name"] for c in probe["spec"].get("initContainers", [])]
+            if "tsnet2d" in names:
+                return
+            last = f"admitted unmutated (init containers {names})"
+        time.sleep(0.1)
+    raise AssertionError(
+        f"the API server did not call the injector for a dry-run pod in {namespace} within "
+        f"{timeout}s of creating the MutatingWebhookConfiguration ({probes} probes); last "
+        f"probe: {last}"
+    )
 
 
 def _events(
