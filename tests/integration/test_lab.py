@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -145,7 +146,17 @@ def test_unique_ifnames_for_long_names(lab: Lab) -> None:
 def test_popen_stops_a_process_ignoring_sigterm(lab: Lab) -> None:
     a = lab.add_node("a")
     proc = lab.popen(a.netns, ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"])
-    time.sleep(0.2)
+
+    def ignores_term() -> bool:  # the trap is set (``ip netns exec`` execs, same pid)
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+        return False
+
+    deadline = time.monotonic() + 10
+    while not ignores_term():
+        assert time.monotonic() < deadline, "the shell never set its SIGTERM trap"
+        time.sleep(0.01)
     t0 = time.monotonic()
     lab.remove_node("a")
     assert proc.returncode is not None and time.monotonic() - t0 < 15

@@ -232,26 +232,27 @@ def test_daemon_down_longer_than_reconnect_timeout(pair: Pair) -> None:
 
         def accept() -> None:
             try:
-                ln.accept(timeout=30)
+                ln.accept(timeout=60)
             except Exception as exc:
                 errors.append((exc, time.monotonic()))
 
         t = threading.Thread(target=accept, daemon=True)
         t.start()
-        time.sleep(0.3)
-        stopped = time.monotonic()
+        time.sleep(0.3)  # most likely blocked in accept by now; if not, the same error follows
         assert pair.net.stop_daemon("rc-a") == 0
         stopped_done = time.monotonic()
-        t.join(10)
+        t.join(30)
         assert errors, "accept() did not fail"
         exc, when = errors[0]
+        # Ended by the 1 s reconnect_timeout (its error says so), not the 60 s call timeout
+        # (a DeadlineExceededError); the 20 s bound only catches waiting for the latter.
         assert isinstance(exc, tsnet2.DaemonUnavailableError), exc
         assert "reconnect_timeout=1s" in str(exc) and "tsnet2d is running" in str(exc)
-        assert when - stopped < (stopped_done - stopped) + 1.0 + 1.0
+        assert when - stopped_done < 20
         t0 = time.monotonic()
         with pytest.raises(tsnet2.DaemonUnavailableError, match="did not come back"):
-            a.dial("tcp", f"{a_ip}:{FIXED_PORT}", timeout=5)
-        assert time.monotonic() - t0 < 1.0 + 1.0
+            a.dial("tcp", f"{a_ip}:{FIXED_PORT}", timeout=60)
+        assert time.monotonic() - t0 < 20
         # Once the daemon is back, the next call reconnects after all.
         pair.net.start_daemon("rc-a")
         assert a.tailscale_ips()[0] == a_ip

@@ -60,7 +60,7 @@ def test_start_gives_up_after_connect_timeout(tmp_path: Path, kind: str) -> None
     finally:
         if stale is not None:
             stale.close()
-    assert 0.9 <= elapsed < 2.0, elapsed
+    assert 0.9 <= elapsed < 10, elapsed  # waited for connect_timeout; 10: a hang check
     assert str(path) in str(ei.value)
     assert str(ei.value).startswith("tsnet2.start: ")
     assert isinstance(ei.value, ConnectionError)
@@ -155,8 +155,8 @@ def test_header_read_deadline(pair: tuple[socket.socket, socket.socket]) -> None
     b.sendall(b'{"ok"')  # never finished
     t0 = time.monotonic()
     with pytest.raises(tsnet2.DeadlineExceededError):
-        read_header_line(a, "test", time.monotonic() + 0.3)
-    assert time.monotonic() - t0 < 1.5
+        read_header_line(a, "test", time.monotonic() + 0.3)  # only the deadline can end it
+    assert time.monotonic() - t0 >= 0.25
 
 
 # -- TailnetSocket -------------------------------------------------------------------
