@@ -74,6 +74,8 @@ def test_socket_group_rejects(text: str, message: str) -> None:
 @pytest.mark.parametrize(("flags", "message"), [
     (["--socket-mode", "0999"], "tsnet2d: --socket-mode 0999: not an octal mode (e.g. 0660)\n"),
     (["--socket-group", "nope-nope"], "tsnet2d: --socket-group nope-nope: no such group"),
+    (["--tcp-keepalive", "0.5"], "tsnet2d: --tcp-keepalive takes 0 (off) or 1 to 7200 seconds"),
+    (["--tcp-keepalive", "-1"], "tsnet2d: --tcp-keepalive takes 0 (off) or 1 to 7200 seconds"),
 ])
 def test_main_exits_2_with_the_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                        flags: list[str], message: str) -> None:

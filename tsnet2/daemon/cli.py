@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from tsnet2.daemon.backend import DeviceConfig
+from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE
 from tsnet2.daemon.server import (
     NODE_DOWN_GRACE,
     WATCHDOG_TIMEOUT,
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"exit (status 70, with every thread's stack on stderr) when the "
                    f"event loop is stuck this long; 0 turns it off (default "
                    f"{WATCHDOG_TIMEOUT:g})")
+    p.add_argument("--tcp-keepalive", metavar="SECONDS", type=float,
+                   default=TCP_KEEPALIVE_IDLE,
+                   help="TCP keepalive of tailnet connections: probes start after this many "
+                   "idle seconds, so a flow whose peer vanished (no FIN or RST) ends, with its "
+                   "close record, within twice that; 0 turns it off (default "
+                   f"{TCP_KEEPALIVE_IDLE:g}: at most 60 s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
 
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.watchdog < 0 or args.node_down_grace < 0:
         print("tsnet2d: --watchdog and --node-down-grace take seconds >= 0", file=sys.stderr)
         return USAGE_EXIT
+    if not (args.tcp_keepalive == 0 or 1 <= args.tcp_keepalive <= 7200):
+        print("tsnet2d: --tcp-keepalive takes 0 (off) or 1 to 7200 seconds", file=sys.stderr)
+        return USAGE_EXIT
     no_dumps()
     soft, hard = raise_fd_limit()
     logging.getLogger("tsnet2d").info("open files limit: soft %d, hard %d", soft, hard)
@@ -224,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_addr=metrics_addr,
         watchdog_timeout=args.watchdog,
         node_down_grace=args.node_down_grace,
+        tcp_keepalive=args.tcp_keepalive,
     )
 
     def ready() -> None:

@@ -23,7 +23,14 @@ from typing import Any, Literal
 
 from tsnet2 import proto
 from tsnet2.daemon.backend import Backend, BackendError, whois_summary
-from tsnet2.daemon.io import IP_FREEBIND, mark, read_line, reset
+from tsnet2.daemon.io import (
+    IP_FREEBIND,
+    TCP_KEEPALIVE_IDLE,
+    keepalive,
+    mark,
+    read_line,
+    reset,
+)
 from tsnet2.daemon.metrics import Metrics
 from tsnet2.daemon.splice import Splice
 from tsnet2.node import NodeError
@@ -95,8 +102,12 @@ class Datapath:
         traffic: TrafficLog,
         spawn: Callable[[Any], asyncio.Task[None]],
         metrics: Metrics | None = None,
+        keepalive_idle: float = TCP_KEEPALIVE_IDLE,
     ) -> None:
+        """``keepalive_idle``: TCP keepalive of every tailnet socket (see
+        :func:`~tsnet2.daemon.io.keepalive`; 0 turns it off)."""
         self.backend = backend
+        self.keepalive_idle = keepalive_idle
         self.traffic = traffic
         self.metrics = metrics or Metrics()
         self._spawn = spawn
@@ -174,6 +185,7 @@ class Datapath:
                     if fam == socket.AF_INET6:
                         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                     mark(s)
+                    keepalive(s, self.keepalive_idle)  # inherited by accepted sockets
                     s.bind((str(ip), port))
                     port = s.getsockname()[1]
                     s.listen(BACKLOG)
@@ -536,6 +548,7 @@ class Datapath:
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mark(s)
+            keepalive(s, self.keepalive_idle)
             # A peer the control server calls offline gets a short try (the netmap may lag
             # behind a peer that just came back), then a "peer offline" answer.
             async with asyncio.timeout(OFFLINE_DIAL_TIMEOUT if offline else DIAL_TIMEOUT):

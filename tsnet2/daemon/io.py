@@ -56,6 +56,35 @@ def mark(sock: socket.socket) -> bool:
     return True
 
 
+TCP_KEEPALIVE_IDLE = 30.0
+"""Default seconds a tailnet TCP connection may be idle before keepalive probes start."""
+KEEPALIVE_PROBES = 3
+
+
+def keepalive(sock: socket.socket, idle: float) -> float:
+    """Turn TCP keepalive on for a tailnet socket; return how long a dead peer can go
+    unnoticed (0 when ``idle`` is 0: keepalive off).
+
+    Probes start after ``idle`` seconds of silence and repeat every ``idle / 3`` (at least
+    1 s) :data:`KEEPALIVE_PROBES` times; ``TCP_USER_TIMEOUT`` bounds data left unacknowledged
+    for as long. So when a peer vanishes without a FIN or RST (its daemon killed with its
+    WireGuard device, its pod deleted, its network cut), the flow ends with an error within
+    ``idle + 3 * interval`` seconds (60 s by default), and its ``close`` record is written.
+    Set on a listening socket, the options are inherited by the sockets it accepts.
+    """
+    if idle <= 0:
+        return 0.0
+    interval = max(1, round(idle / 3))
+    whole = max(1, round(idle))
+    limit = whole + KEEPALIVE_PROBES * interval
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, whole)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, limit * 1000)
+    return float(limit)
+
+
 def reset(sock: socket.socket) -> None:
     """Close a TCP socket with a RST (SO_LINGER 0), so the peer sees a refusal, not EOF."""
     with contextlib.suppress(OSError):

@@ -43,7 +43,7 @@ from tsnet2.control.client import AuthError, ControlError
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartParams, State
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.health import HealthServer
-from tsnet2.daemon.io import peer_uid
+from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
 from tsnet2.daemon.watchdog import Watchdog
@@ -102,6 +102,7 @@ class DaemonConfig:
     metrics_addr: tuple[str, int] | None = None
     watchdog_timeout: float = WATCHDOG_TIMEOUT  # 0: off
     node_down_grace: float = NODE_DOWN_GRACE
+    tcp_keepalive: float = TCP_KEEPALIVE_IDLE  # 0: off
 
 
 @dataclasses.dataclass(eq=False)
@@ -148,7 +149,8 @@ class Daemon:
         )
         self.traffic.on_record = self.metrics.log_record
         self.traffic.on_drop = self._log_dropped
-        self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics)
+        self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics,
+                                 keepalive_idle=config.tcp_keepalive)
         self.backend.refusal_log = self.datapath
         self.backend.on_lost = self._wake_supervisor
         self.health: HealthServer | None = None
