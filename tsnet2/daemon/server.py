@@ -132,6 +132,10 @@ class Session:
             self.sock.shutdown(socket.SHUT_RDWR)  # the session's reader sees EOF and ends
 
 
+JOURNAL_FILE = "traffic-flows.journal"
+"""The open-flow journal in the state directory (:mod:`tsnet2.traffic.journal`)."""
+
+
 class Daemon:
     """The tsnet2d process: socket, channels, backend, traffic log."""
 
@@ -142,6 +146,8 @@ class Daemon:
             config.traffic_log, mode=config.traffic_log_mode,
             max_bytes=config.traffic_log_max_bytes, keep=config.traffic_log_keep,
             payload_cap=config.traffic_log_payload_cap, on_error=config.traffic_log_on_error,
+            # Flows open at a crash get their close record from the next start.
+            journal=str(config.state_dir / JOURNAL_FILE),
         )
         self.metrics = Metrics(
             peers=lambda: peer_samples(self.backend.peers, self.backend.peer_stats()),

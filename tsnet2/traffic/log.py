@@ -22,6 +22,7 @@ from typing import Any, Literal, Self
 
 from tsnet2.proto.ids import new_id
 from tsnet2.traffic.files import open_append, rotate
+from tsnet2.traffic.journal import FlowJournal, Orphan
 from tsnet2.traffic.records import (
     CUT_ERROR,
     DEFAULT_CHUNK_SIZE,
@@ -86,6 +87,24 @@ class _Outcome:
     recovered: int = 0  # records reported by the gap record just written
 
 
+RESTART_ERROR = "daemon restart"
+"""How the ``close`` record of a flow left open by a crashed daemon starts."""
+
+
+def _restart_close(orphan: Orphan) -> bytes:
+    """The ``close`` record a restarted daemon writes for a flow its predecessor left open."""
+    now = time.time_ns()
+    return close_record(
+        conn_id=orphan.conn_id,
+        bytes_in=orphan.bytes_in,
+        bytes_out=orphan.bytes_out,
+        duration_ms=max(0, now - orphan.opened_ns) // 1_000_000,
+        error=f"{RESTART_ERROR}: tsnet2d (pid {orphan.pid}) stopped without closing this "
+        "flow; byte counts as journaled, at most 1 s behind its data records",
+        t=now,
+    )
+
+
 class TrafficLog:
     """Append-only JSONL traffic log.
 
@@ -100,6 +119,10 @@ class TrafficLog:
     - ``payload_cap``: bytes of payload logged per flow and direction; later data records
       carry ``"truncated":true`` and ``len``/``seq`` but no payload.
     - ``on_error``: the :data:`ErrorPolicy` for a failed write.
+    - ``journal``: a file (in the daemon's state directory) where the flows opened and not
+      yet closed are kept (:mod:`tsnet2.traffic.journal`). :meth:`open` first writes a
+      ``close`` record, with :data:`RESTART_ERROR`, for every flow the previous process left
+      open (it crashed), so every ``open`` has exactly one ``close`` across restarts.
 
     Hooks (called outside the lock, from the writing thread): ``on_record(kind, nbytes)``
     after each record is written; ``on_drop(kind, reason)`` for each record that could not
@@ -116,6 +139,7 @@ class TrafficLog:
         keep: int = 5,
         payload_cap: int | None = None,
         on_error: ErrorPolicy = "fail-closed",
+        journal: str | None = None,
     ) -> None:
         """Configure the log; nothing is opened until :meth:`open` (or ``with``)."""
         if mode not in _MODES:
@@ -158,6 +182,9 @@ class TrafficLog:
         self._torn = False
         self._rotate_after = 0.0
         self._flows: dict[str, Flow] = {}
+        self._journal = FlowJournal(journal) if journal and self.writes_records else None
+        self.reconciled = 0
+        """Flows of a crashed predecessor closed by :meth:`open`."""
         self._lock = threading.Lock()
 
     # ---- state ---------------------------------------------------------------------------
@@ -247,6 +274,17 @@ class TrafficLog:
                 self._regular = stat.S_ISREG(st.st_mode)
                 self._size = st.st_size
             self._opened = True
+            orphans = self._journal.recover() if self._journal is not None else []
+            outcomes = [self._write_locked("close", _restart_close(o)) for o in orphans]
+            if self._journal is not None:
+                self._journal.start()
+        for o, out in zip(orphans, outcomes, strict=True):
+            if out.error is None:
+                self.reconciled += 1
+            log.warning("traffic log: flow %s was left open by a daemon that stopped without "
+                        "closing it (pid %d): close record %s", o.conn_id, o.pid,
+                        "written" if out.error is None else f"lost ({out.error})")
+            self._after(out, raise_errors=False)
 
     def close(self) -> None:
         """Close the log. Idempotent; never closes stdout.
@@ -267,6 +305,8 @@ class TrafficLog:
                 log.warning("traffic log: close record of cut flow %s lost: %s", flow.conn_id, exc)
         with self._lock:
             self._closed = True
+            if self._journal is not None:
+                self._journal.close()
             fd, self._fd = self._fd, None
             if fd is not None and self._owns_fd:
                 os.close(fd)
@@ -346,6 +386,8 @@ class TrafficLog:
                 out = self._write_locked("open", line)
             if out.error is None or self.on_error == "continue":
                 self._flows[flow.conn_id] = flow
+                if self._journal is not None:
+                    self._journal.opened(flow.conn_id, time.time_ns())
         self._after(out, raise_errors=self.on_error == "fail-closed")
         return flow
 
@@ -537,10 +579,18 @@ class TrafficLog:
         if hook is not None:
             hook(kind, reason)
 
+    def _journal_counts(self, flow: Flow) -> None:
+        """Journal ``flow``'s byte counts (at most once a second per flow)."""
+        if self._journal is not None:
+            with self._lock:
+                self._journal.counted(flow.conn_id, flow.bytes_in, flow.bytes_out)
+
     def _write_close(self, flow: Flow, line: bytes | None) -> None:
         """Write ``flow``'s close record (when records are written) and forget the flow."""
         with self._lock:
             self._flows.pop(flow.conn_id, None)
+            if self._journal is not None:
+                self._journal.closed(flow.conn_id)
             if line is None:
                 return
             out = self._write_locked("close", line)
@@ -622,6 +672,7 @@ class Flow:
                         truncated=include and not payload,
                     )
                     log.write_record("data", line)
+            log._journal_counts(self)
 
     def close(
         self,
