@@ -386,7 +386,7 @@ class TrafficLog:
                 out = self._write_locked("open", line)
             if out.error is None or self.on_error == "continue":
                 self._flows[flow.conn_id] = flow
-                if self._journal is not None:
+                if self._journal is not None and out.error is None:  # its open is written
                     self._journal.opened(flow.conn_id, time.time_ns())
         self._after(out, raise_errors=self.on_error == "fail-closed")
         return flow
