@@ -73,8 +73,15 @@ def test_lint_strict(helm: Helm, values_file: Path) -> None:
     assert "1 chart(s) linted, 0 chart(s) failed" in out
 
 
+def _config_map(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The operator's ConfigMap (the dashboard's, when on, is the other one)."""
+    found = [o for o in by_kind(objects, "ConfigMap") if "config.json" in o.get("data", {})]
+    assert len(found) == 1, [o["metadata"]["name"] for o in by_kind(objects, "ConfigMap")]
+    return found[0]
+
+
 def _config(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
-    cm = one(objects, "ConfigMap")
+    cm = _config_map(objects)
     text: str = cm["data"]["config.json"]
     return json.loads(text), text
 
@@ -121,7 +128,7 @@ def test_config_is_the_operators_settings(
     volumes = {v["name"]: v for v in one(objects, "Deployment")["spec"]["template"]["spec"]
                ["volumes"]}
     assert volumes[mounts[str(Path(config_path).parent)]]["configMap"]["name"] == \
-        one(objects, "ConfigMap")["metadata"]["name"]
+        _config_map(objects)["metadata"]["name"]
     (tmp_path / "config.json").write_text(text, encoding="utf-8")
     loaded = load_config(
         {"TSNET2_OPERATOR_CONFIG": str(tmp_path / "config.json"), "POD_NAMESPACE": NAMESPACE},

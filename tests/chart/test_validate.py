@@ -68,7 +68,7 @@ def test_every_rendered_object_is_valid(
                 pytest.fail(f"{where}: the API server refused it: {exc.status} "
                             f"{exc.__cause__}")
             validated[obj["kind"]] = validated.get(obj["kind"], 0) + 1
-    assert skipped == {"Certificate", "Issuer", "ServiceMonitor"}
+    assert skipped == {"Certificate", "Issuer", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
     assert {"Deployment", "MutatingWebhookConfiguration", "ClusterRole", "Role", "Service",
             "Secret", "ConfigMap", "PodDisruptionBudget", "NetworkPolicy",
             "ServiceAccount"} <= set(validated)
