@@ -109,7 +109,9 @@ if ! up_to_date helm "v$HELM_VERSION" version --short; then
         { echo "build-tools: helm version does not report v$HELM_VERSION" >&2; exit 1; }
 fi
 
-# --- promtool: checks the chart's alert and dashboard PromQL (tests/chart/test_monitoring.py)
+# --- promtool: checks the chart's alert and dashboard PromQL (tests/chart/test_monitoring.py).
+# Its wrapper module is regenerated with `go get -tool
+# github.com/prometheus/prometheus/cmd/promtool@vX && go mod tidy` in tools/promtool.
 prom_ldflags="-s -w -X github.com/prometheus/common/version.Version=$PROM_VERSION"
 prom_ldflags+=" -X github.com/prometheus/common/version.Revision=v$PROM_VERSION"
 prom_ldflags+=" -X github.com/prometheus/common/version.Branch=module"
