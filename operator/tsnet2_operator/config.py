@@ -58,6 +58,8 @@ class SidecarConfig:
     cpu_limit: str = ""
     memory_limit: str = ""
     traffic_log_default: TrafficLogMode = "payload"
+    traffic_log_max_bytes: int = 100 << 20
+    traffic_log_keep: int = 5
     audit_bypass_policy: AuditBypassPolicy = "refuse"
 
 
@@ -100,6 +102,16 @@ def _nonempty(name: str, value: str) -> str:
     if not value:
         raise ConfigError(f"{name}: must not be empty")
     return value
+
+
+def _count(name: str, value: str) -> int:
+    try:
+        n = int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a whole number") from None
+    if not 0 <= n < 1 << 62:
+        raise ConfigError(f"{name}: {n} is outside 0..2^62")
+    return n
 
 
 def _quantity(name: str, value: str) -> str:
@@ -203,6 +215,11 @@ FIELDS: tuple[Field, ...] = (
     Field("traffic_log_default", "TSNET2_TRAFFIC_LOG_DEFAULT",
           _choice("payload", "metadata", "off"), True,
           "traffic-log mode for pods without the tsnet2.io/traffic-log annotation"),
+    Field("traffic_log_max_bytes", "TSNET2_TRAFFIC_LOG_MAX_BYTES", _count, True,
+          "the sidecar rotates its traffic log file before it grows past this many bytes "
+          "(0: never)"),
+    Field("traffic_log_keep", "TSNET2_TRAFFIC_LOG_KEEP", _count, True,
+          "rotated traffic-log files the sidecar keeps (traffic.jsonl.1 ... .N)"),
     Field("audit_bypass_policy", "TSNET2_AUDIT_BYPASS_POLICY", _choice("refuse", "strip"), True,
           "containers that could bypass the traffic log (privileged, NET_RAW, NET_ADMIN, ...) "
           "in pods without tsnet2.io/audit-bypass-policy: refuse the pod, or strip the setting"),
