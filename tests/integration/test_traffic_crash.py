@@ -15,6 +15,7 @@ import pytest
 
 from tsnet2.traffic import TrafficLog
 from tsnet2.traffic.log import RESTART_ERROR
+from tsnet2.traffic.verify import verify
 
 from .tailnet import read_log, two_nodes, wait_for
 
@@ -97,6 +98,9 @@ def test_a_killed_daemon_s_flows_are_closed_when_it_restarts() -> None:
                 assert str(r["error"]).startswith(f"{RESTART_ERROR}: tsnet2d (pid "), r
                 assert r["bytes_out"] in (0, 2) and r["bytes_in"] == 0, r
             assert "left open by a daemon that stopped without closing it" in net.db.log_text()
+            # The log is whole again.
+            rep = verify(net.db.traffic_log.read_text().splitlines())
+            assert rep.ok() and rep.flows == 3 and rep.restart_closes == 3, rep
         finally:
             for c in conns:
                 c.close()
