@@ -428,6 +428,9 @@ def test_traffic_log_and_metrics_from_the_running_pod(deployed: Env) -> None:
     assert flow.remote_ip == seen["remote"]
     assert flow.peer_to_app == f"ping from {cli}\n".encode()
     assert flow.app_to_peer == f"pong: ping from {cli}\n".encode()
+    # The whole log passes `tsnet2 log verify` (run by the sidecar's own image).
+    report = env.exec(srv, SIDECAR, ["tsnet2", "log", "verify", "--allow-open", TRAFFIC_LOG])
+    assert report.endswith("OK\n"), report
     # ... and its /metrics, scraped over the pod network, count the same flows and bytes.
     records = env.traffic(srv)
     samples = checks.metric_samples(_scrape(env, str(server["status"]["podIP"])))
