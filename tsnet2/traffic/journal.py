@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 
 log = logging.getLogger("tsnet2.traffic.journal")
@@ -85,7 +84,6 @@ class FlowJournal:
         self._fd: int | None = None
         self._size = 0
         self._live: dict[str, Orphan] = {}
-        self._counted_at: dict[str, float] = {}
         self._pid = os.getpid()
 
     def recover(self) -> list[Orphan]:
@@ -160,26 +158,21 @@ class FlowJournal:
     def opened(self, conn_id: str, opened_ns: int) -> None:
         """A flow's ``open`` record is written."""
         self._live[conn_id] = Orphan(conn_id, opened_ns, pid=self._pid)
-        self._counted_at[conn_id] = time.monotonic()
         self._append({"k": "o", "id": conn_id, "t": opened_ns, "pid": self._pid})
 
     def counted(self, conn_id: str, bytes_in: int, bytes_out: int) -> None:
-        """The flow's bytes logged so far; written at most every :data:`COUNT_INTERVAL`."""
+        """The flow's bytes logged so far. The traffic log's flows call it at most every
+        :data:`COUNT_INTERVAL` (the throttle lives with the flow, off the lock)."""
         flow = self._live.get(conn_id)
         if flow is None:
             return
         flow.bytes_in, flow.bytes_out = bytes_in, bytes_out
-        now = time.monotonic()
-        if now - self._counted_at.get(conn_id, 0.0) < COUNT_INTERVAL:
-            return
-        self._counted_at[conn_id] = now
         self._append({"k": "n", "id": conn_id, "i": bytes_in, "o": bytes_out})
 
     def closed(self, conn_id: str) -> None:
         """The flow's ``close`` record is written (or it could not be, and never will)."""
         if self._live.pop(conn_id, None) is None:
             return
-        self._counted_at.pop(conn_id, None)
         self._append({"k": "c", "id": conn_id})
 
     def close(self) -> None:

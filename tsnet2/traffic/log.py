@@ -22,7 +22,7 @@ from typing import Any, Literal, Self
 
 from tsnet2.proto.ids import new_id
 from tsnet2.traffic.files import open_append, rotate
-from tsnet2.traffic.journal import FlowJournal, Orphan
+from tsnet2.traffic.journal import COUNT_INTERVAL, FlowJournal, Orphan
 from tsnet2.traffic.records import (
     CUT_ERROR,
     DEFAULT_CHUNK_SIZE,
@@ -55,6 +55,7 @@ _POLICIES = ("fail-closed", "continue")
 _DATA_DIRS = ("app->peer", "peer->app")
 _FLOW_DIRS = ("in", "out")
 _ROTATE_RETRY = 10.0  # seconds between rotation attempts after one failed
+_JOURNAL_INTERVAL_NS = int(COUNT_INTERVAL * 1e9)
 
 
 class TrafficLogError(Exception):
@@ -372,6 +373,7 @@ class TrafficLog:
         with self._lock:
             if self._closing or self._closed:
                 raise TrafficLogError(f"traffic log {self.path} is closed")
+            opened_ns = time.time_ns()
             if self.writes_records:
                 line = open_record(
                     conn_id=flow.conn_id,
@@ -381,13 +383,13 @@ class TrafficLog:
                     whois=whois,
                     listener_id=listener_id,
                     proto=proto,
-                    t=time.time_ns(),
+                    t=opened_ns,
                 )
                 out = self._write_locked("open", line)
             if out.error is None or self.on_error == "continue":
                 self._flows[flow.conn_id] = flow
                 if self._journal is not None and out.error is None:  # its open is written
-                    self._journal.opened(flow.conn_id, time.time_ns())
+                    self._journal.opened(flow.conn_id, opened_ns)
         self._after(out, raise_errors=self.on_error == "fail-closed")
         return flow
 
@@ -580,7 +582,7 @@ class TrafficLog:
             hook(kind, reason)
 
     def _journal_counts(self, flow: Flow) -> None:
-        """Journal ``flow``'s byte counts (at most once a second per flow)."""
+        """Journal ``flow``'s byte counts (:class:`Flow` calls it once a second at most)."""
         if self._journal is not None:
             with self._lock:
                 self._journal.counted(flow.conn_id, flow.bytes_in, flow.bytes_out)
@@ -617,6 +619,7 @@ class Flow:
         self.truncated = False
         """True once the payload cap left some bytes out of the log."""
         self._started_ns = time.monotonic_ns()
+        self._journal_due_ns = self._started_ns + _JOURNAL_INTERVAL_NS
         self._closed = False
         self._lock = threading.Lock()
 
@@ -672,7 +675,11 @@ class Flow:
                         truncated=include and not payload,
                     )
                     log.write_record("data", line)
-            log._journal_counts(self)
+            if log._journal is not None:  # the counts a restart would report, once a second
+                now = time.monotonic_ns()
+                if now >= self._journal_due_ns:
+                    self._journal_due_ns = now + _JOURNAL_INTERVAL_NS
+                    log._journal_counts(self)
 
     def close(
         self,
