@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp-keepalive", metavar="SECONDS", type=float,
                    default=TCP_KEEPALIVE_IDLE,
                    help="TCP keepalive of tailnet connections: probes start after this many "
-                   "idle seconds, so a flow whose peer vanished (no FIN or RST) ends, with its "
-                   "close record, within twice that; 0 turns it off (default "
+                   "idle seconds, three of them a third of that apart (at least 1 s), so a "
+                   "flow whose peer vanished (no FIN or RST) ends, with its close record, "
+                   "about twice that later; 0 turns it off (default "
                    f"{TCP_KEEPALIVE_IDLE:g}: at most 60 s)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
