@@ -488,8 +488,22 @@ def test_operator_restart(deployed: Env) -> None:
     wait_for(replaced, 300, "new operator pods to be available",
              lambda: describe(env.api, OPERATOR_NS))
     # Injection and coordination work again: a new client pod gets its sidecar, joins the
-    # tailnet and talks to the server.
+    # tailnet and talks to the server. "Available" comes before the webhook answers: the
+    # operator's readiness is its control server, and kopf starts the webhook server only
+    # after its start-up handlers and resource discovery (a known gap, see the issue note),
+    # so wait for the event itself: a dry-run create comes back injected.
     pod = manifests.client_pod("echo-client-after-restart", env.cluster.image)
+
+    def injects() -> bool:
+        try:
+            made = create(env.api, pod, dry_run=True)
+        except KubeError as exc:
+            if exc.status == 500 and "failed calling webhook" in str(exc):
+                return False
+            raise
+        return "tsnet2.io/status" in made["metadata"].get("annotations", {})
+
+    wait_for(injects, 120, "the webhook to inject again", lambda: describe(env.api, OPERATOR_NS))
     create(env.api, pod)
     name = pod["metadata"]["name"]
     wait_for(lambda: pod_ready(get(env.api, "v1", "Pod", name, NS)), APP_WAIT,
