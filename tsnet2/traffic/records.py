@@ -5,8 +5,10 @@ order** (nested objects too) and Go's HTML-safe string escaping; :func:`go_json`
 key-sorted dict reproduces that byte for byte.
 
 ``open``/``data``/``close`` are the prototype's kinds; ``reject`` (a flow that never
-opened) and ``gap`` (records the writer could not write) are tsnet2 additions that old
-parsers skip as unknown kinds.
+opened), ``gap`` (records the writer could not write) and ``checkpoint`` (a signed head of
+the hash chain, :mod:`~tsnet2.traffic.chain`) are tsnet2 additions that old parsers skip as
+unknown kinds. The writer appends the chain fields ``log_hash``/``log_seq`` to each line
+these functions return (all kinds but ``gap``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from tsnet2.proto.gojson import go_json, go_time, go_time_ns
+from tsnet2.traffic.chain import CHECKPOINT_REASONS, ZERO_HASH, checkpoint_message
 
 __all__ = [
     "CUT_ERROR",
@@ -28,6 +31,7 @@ __all__ = [
     "FlowDir",
     "RejectReason",
     "chunks",
+    "checkpoint_record",
     "close_record",
     "data_record",
     "format_time",
@@ -60,7 +64,7 @@ REJECT_REASONS: tuple[RejectReason, ...] = (
 )
 """Every value :data:`RejectReason` allows, in the order the docs list them."""
 
-RECORD_KINDS = ("open", "data", "close", "reject", "gap")
+RECORD_KINDS = ("open", "data", "close", "reject", "gap", "checkpoint")
 """Every ``kind`` this module writes."""
 
 CUT_ERROR = "daemon: flow cut by shutdown"
@@ -252,11 +256,17 @@ def gap_record(
     error: str,
     since: _dt.datetime | int,
     t: _dt.datetime | int,
+    first_seq: int | None = None,
+    last_seq: int | None = None,
+    sink: str | None = None,
 ) -> bytes:
     """A ``gap`` line: records of the given kinds (kind -> count) that could not be
     written since ``since`` (the first failure), with the last ``error``.
 
     ``dropped`` is the total; ``kinds`` the per-kind counts (kinds with zero left out).
+    ``first_seq``/``last_seq``: the ``log_seq`` range the lost records lie in (records of
+    that range not lost were written); ``sink``: ``file`` or ``stdout`` when the log has
+    both. A gap line is not chained.
     """
     kinds = {k: n for k, n in dropped.items() if n > 0}
     if not kinds:
@@ -269,6 +279,53 @@ def gap_record(
         "since": format_time(since),
         "t": format_time(t),
     }
+    if first_seq is not None and last_seq is not None:
+        record["first_seq"], record["last_seq"] = first_seq, last_seq
+    if sink:
+        record["sink"] = sink
+    return _line(record)
+
+
+def checkpoint_record(
+    *,
+    reason: str,
+    key: str,
+    head_seq: int,
+    head_hash: str,
+    t: int,
+    sign: Callable[[bytes], bytes],
+    node: str | None = None,
+    prev_seq: int | None = None,
+    prev_hash: str | None = None,
+    unclean: bool = False,
+) -> bytes:
+    """A ``checkpoint`` line signing the chain's head (see :mod:`~tsnet2.traffic.chain`).
+
+    ``sign`` signs :func:`~tsnet2.traffic.chain.checkpoint_message` with the log's Ed25519
+    key and returns the 64-byte signature. ``node``: the node's name once known.
+    ``prev_seq``/``prev_hash``/``unclean`` only for ``reason="start"``.
+    """
+    if reason not in CHECKPOINT_REASONS:
+        raise ValueError(f"checkpoint reason must be one of {', '.join(CHECKPOINT_REASONS)}; "
+                         f"got {reason!r}")
+    when = format_time(t)
+    sig = sign(checkpoint_message(key=key, head_seq=head_seq, head_hash=head_hash, t=when))
+    record: dict[str, Any] = {
+        "head_hash": head_hash,
+        "head_seq": head_seq,
+        "key": key,
+        "kind": "checkpoint",
+        "reason": reason,
+        "sig": base64.b64encode(sig).decode("ascii"),
+        "t": when,
+    }
+    if node:
+        record["node"] = node
+    if reason == "start":
+        record["prev_seq"] = prev_seq or 0
+        record["prev_hash"] = prev_hash or ZERO_HASH.hex()
+        if unclean:
+            record["unclean"] = True
     return _line(record)
 
 
