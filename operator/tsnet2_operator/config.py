@@ -27,6 +27,8 @@ from tsnet2.control.names import validate_domain
 Backend = Literal["userspace", "kernel"]
 NativeSidecarMode = Literal["auto", "on", "off"]
 TrafficLogMode = Literal["payload", "metadata", "off"]
+TrafficLogSink = Literal["stdout", "file", "both"]
+TRAFFIC_LOG_SINKS: tuple[TrafficLogSink, ...] = ("stdout", "file", "both")
 AuditBypassPolicy = Literal["refuse", "strip"]
 
 CONFIG_FILE_ENV = "TSNET2_OPERATOR_CONFIG"
@@ -58,6 +60,7 @@ class SidecarConfig:
     cpu_limit: str = ""
     memory_limit: str = ""
     traffic_log_default: TrafficLogMode = "payload"
+    traffic_log_sink: TrafficLogSink = "stdout"
     traffic_log_max_bytes: int = 100 << 20
     traffic_log_keep: int = 5
     audit_bypass_policy: AuditBypassPolicy = "refuse"
@@ -215,9 +218,13 @@ FIELDS: tuple[Field, ...] = (
     Field("traffic_log_default", "TSNET2_TRAFFIC_LOG_DEFAULT",
           _choice("payload", "metadata", "off"), True,
           "traffic-log mode for pods without the tsnet2.io/traffic-log annotation"),
+    Field("traffic_log_sink", "TSNET2_TRAFFIC_LOG_SINK", _choice(*TRAFFIC_LOG_SINKS), True,
+          "where the sidecar writes its traffic log in pods without the "
+          "tsnet2.io/traffic-log-sink annotation: stdout (the container log, collected by the "
+          "cluster's log pipeline), file (traffic.jsonl in the state volume, rotated) or both"),
     Field("traffic_log_max_bytes", "TSNET2_TRAFFIC_LOG_MAX_BYTES", _count, True,
-          "the sidecar rotates its traffic log file before it grows past this many bytes "
-          "(0: never)"),
+          "the sidecar rotates its traffic log file (sink file or both) before it grows past "
+          "this many bytes (0: never)"),
     Field("traffic_log_keep", "TSNET2_TRAFFIC_LOG_KEEP", _count, True,
           "rotated traffic-log files the sidecar keeps (traffic.jsonl.1 ... .N)"),
     Field("audit_bypass_policy", "TSNET2_AUDIT_BYPASS_POLICY", _choice("refuse", "strip"), True,

@@ -46,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tsnet2_operator.config import SidecarConfig
+from tsnet2_operator.config import TRAFFIC_LOG_SINKS, SidecarConfig, TrafficLogSink
 
 ANNOTATION_PREFIX = "tsnet2.io/"
 INJECT = "tsnet2.io/inject"
@@ -54,6 +54,7 @@ HOSTNAME = "tsnet2.io/hostname"
 TAGS = "tsnet2.io/tags"
 STATE = "tsnet2.io/state"
 TRAFFIC_LOG = "tsnet2.io/traffic-log"
+TRAFFIC_LOG_SINK = "tsnet2.io/traffic-log-sink"
 AUDIT_BYPASS_POLICY = "tsnet2.io/audit-bypass-policy"
 ALLOW_AUDIT_BYPASS = "tsnet2.io/allow-audit-bypass"
 KEEP_NET_RAW = "tsnet2.io/keep-net-raw"  # removed: a pod that still uses it is refused
@@ -68,6 +69,8 @@ TUN_VOLUME = "tsnet2-tun"
 SOCKET_DIR = "/var/run/tsnet2"
 SOCKET_PATH = f"{SOCKET_DIR}/tsnet2.sock"
 STATE_DIR = "/var/lib/tsnet2"
+TRAFFIC_LOG_FILE = f"{STATE_DIR}/traffic.jsonl"  # tsnet2d's default: <state-dir>/traffic.jsonl
+TRAFFIC_LOG_STDOUT = "-"
 TOKEN_DIR = "/var/run/secrets/tsnet2"
 TOKEN_PATH = f"{TOKEN_DIR}/token"
 TOKEN_AUDIENCE = "tsnet2"
@@ -107,6 +110,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     INJECT: ("enabled", "disabled"),
     STATE: ("ephemeral", "persistent"),
     TRAFFIC_LOG: ("payload", "metadata", "off"),
+    TRAFFIC_LOG_SINK: TRAFFIC_LOG_SINKS,
     AUDIT_BYPASS_POLICY: POLICIES,
 }
 # Whole-string patterns (re.fullmatch): "$" would also accept a trailing newline.
@@ -215,6 +219,7 @@ class _Settings:
     tags: tuple[str, ...]
     persistent: bool
     traffic_log: str
+    traffic_log_sink: TrafficLogSink
     policy: Policy
     waivers: frozenset[str]
 
@@ -261,6 +266,26 @@ def _keep_net_raw_error(value: str) -> str:
 def _policy(ann: Mapping[str, Any], config: SidecarConfig) -> Policy:
     value = str(ann.get(AUDIT_BYPASS_POLICY, config.audit_bypass_policy))
     return "strip" if value == "strip" else "refuse"
+
+
+def _sink(ann: Mapping[str, Any], config: SidecarConfig) -> TrafficLogSink:
+    value = str(ann.get(TRAFFIC_LOG_SINK, config.traffic_log_sink))
+    return next((s for s in TRAFFIC_LOG_SINKS if s == value), "stdout")
+
+
+def traffic_log_args(config: SidecarConfig, sink: TrafficLogSink) -> list[str]:
+    """tsnet2d's ``--traffic-log`` flags for ``sink``: ``-`` (standard output, the container
+    log the cluster's log pipeline collects) and/or the file in the state volume, with the
+    rotation flags only when a file is written."""
+    args: list[str] = []
+    if sink in ("stdout", "both"):
+        args += ["--traffic-log", TRAFFIC_LOG_STDOUT]
+    if sink in ("file", "both"):
+        args += ["--traffic-log", TRAFFIC_LOG_FILE]
+        if config.traffic_log_max_bytes > 0:
+            args += ["--traffic-log-max-bytes", str(config.traffic_log_max_bytes),
+                     "--traffic-log-keep", str(config.traffic_log_keep)]
+    return args
 
 
 def _read_settings(pod: Mapping[str, Any], config: SidecarConfig) -> _Settings:
@@ -312,6 +337,7 @@ def _read_settings(pod: Mapping[str, Any], config: SidecarConfig) -> _Settings:
         tags=tuple(tags),
         persistent=persistent,
         traffic_log=str(ann.get(TRAFFIC_LOG, config.traffic_log_default)),
+        traffic_log_sink=_sink(ann, config),
         policy=_policy(ann, config),
         waivers=waivers,
     )
@@ -604,9 +630,7 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
         "--hostname", settings.hostname or "$(POD_NAME)",
         "--metrics-addr", f"0.0.0.0:{METRICS_PORT}",
         "--traffic-log-mode", settings.traffic_log,
-        *(["--traffic-log-max-bytes", str(config.traffic_log_max_bytes),
-            "--traffic-log-keep", str(config.traffic_log_keep)]
-          if config.traffic_log_max_bytes > 0 else []),
+        *traffic_log_args(config, settings.traffic_log_sink),
         "--allow-any-uid",
         *access.args(),
         "--backend", config.backend,
@@ -799,7 +823,7 @@ def inject(
     parts = [f"added sidecar {SIDECAR_NAME} ({status['sidecar']}) via {source}",
              f"hostname {settings.hostname or '$(POD_NAME)'}",
              f"state {'persistent' if settings.persistent else 'ephemeral'}",
-             f"traffic-log {settings.traffic_log}",
+             f"traffic-log {settings.traffic_log} to {settings.traffic_log_sink}",
              access.describe()]
     if dropped:
         parts.append("dropped NET_RAW from " + ", ".join(dropped))

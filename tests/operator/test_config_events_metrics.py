@@ -101,6 +101,16 @@ def test_metrics_count_and_serve() -> None:
         in text
 
 
+def test_traffic_log_sink_setting() -> None:
+    assert load_config(BASE).sidecar.traffic_log_sink == "stdout"
+    for sink in ("stdout", "file", "both"):
+        assert load_config({**BASE, "TSNET2_TRAFFIC_LOG_SINK": sink}
+                           ).sidecar.traffic_log_sink == sink
+    with pytest.raises(ConfigError, match="TSNET2_TRAFFIC_LOG_SINK: invalid value 'loki'; "
+                                          "allowed: stdout, file, both"):
+        load_config({**BASE, "TSNET2_TRAFFIC_LOG_SINK": "loki"})
+
+
 def test_audit_bypass_policy_setting() -> None:
     assert load_config(BASE).sidecar.audit_bypass_policy == "refuse"
     assert load_config({**BASE, "TSNET2_AUDIT_BYPASS_POLICY": "strip"}

@@ -78,6 +78,8 @@ def test_host_network_and_already_injected_are_skipped() -> None:
     ("tsnet2.io/inject", "yes", "enabled, disabled"),
     ("tsnet2.io/state", "disk", "ephemeral, persistent"),
     ("tsnet2.io/traffic-log", "all", "payload, metadata, off"),
+    ("tsnet2.io/traffic-log-sink", "syslog", "stdout, file, both"),
+    ("tsnet2.io/traffic-log-sink", "stdout\n", "stdout, file, both"),
     ("tsnet2.io/audit-bypass-policy", "allow", "refuse, strip"),
     ("tsnet2.io/allow-audit-bypass", "NET_RAW,SYS_TIME", "SYS_PTRACE or privileged"),
     ("tsnet2.io/hostname", "web\n", "a DNS label"),
@@ -141,6 +143,58 @@ def test_kernel_backend_has_no_tun() -> None:
     out = jsonpatch.apply_patch(p, d.patch)
     assert all(v["name"] != "tsnet2-tun" for v in out["spec"]["volumes"])
     assert arg(sidecar(out), "--backend") == "kernel"
+
+
+def traffic_log_flags(c: dict[str, Any]) -> list[str]:
+    """The sidecar's --traffic-log* flags with their values, in order (mode aside)."""
+    args: list[str] = c["args"]
+    out: list[str] = []
+    for i, flag in enumerate(args):
+        if flag.startswith("--traffic-log") and flag != "--traffic-log-mode":
+            out += [flag, args[i + 1]]
+    return out
+
+
+ROTATION = ["--traffic-log-max-bytes", "104857600", "--traffic-log-keep", "5"]
+FILE = "/var/lib/tsnet2/traffic.jsonl"
+
+
+@pytest.mark.parametrize(("annotation", "flags"), [
+    (None, ["--traffic-log", "-"]),  # the default: standard output, the container log
+    ("stdout", ["--traffic-log", "-"]),
+    ("file", ["--traffic-log", FILE, *ROTATION]),
+    ("both", ["--traffic-log", "-", "--traffic-log", FILE, *ROTATION]),
+])
+def test_traffic_log_sink_annotation(annotation: str | None, flags: list[str]) -> None:
+    """stdout (default) writes `--traffic-log -`; the file, in the state volume, comes with
+    the rotation flags; both writes both; the mode flag is there whatever the sink."""
+    ann = {**ON, **({"tsnet2.io/traffic-log-sink": annotation} if annotation else {})}
+    c = sidecar(patched(pod(ann)))
+    assert traffic_log_flags(c) == flags
+    assert arg(c, "--traffic-log-mode") == "payload"
+    d = inject(pod(ann), CFG, native_sidecar=True)
+    assert f"traffic-log payload to {annotation or 'stdout'}" in d.message
+
+
+@pytest.mark.parametrize("sink", ["stdout", "file", "both"])
+def test_traffic_log_sink_from_config_and_annotation_wins(sink: str) -> None:
+    """The operator setting applies to pods without the annotation; the annotation beats it."""
+    cfg = replace(CFG, traffic_log_sink=sink)
+    p = pod(ON)
+    out = jsonpatch.apply_patch(p, inject(p, cfg, native_sidecar=True).patch)
+    want = {"stdout": ["--traffic-log", "-"], "file": ["--traffic-log", FILE, *ROTATION],
+            "both": ["--traffic-log", "-", "--traffic-log", FILE, *ROTATION]}[sink]
+    assert traffic_log_flags(sidecar(out)) == want
+    p = pod({**ON, "tsnet2.io/traffic-log-sink": "stdout"})
+    out = jsonpatch.apply_patch(p, inject(p, cfg, native_sidecar=True).patch)
+    assert traffic_log_flags(sidecar(out)) == ["--traffic-log", "-"]
+
+
+def test_rotation_off_writes_the_file_without_rotation_flags() -> None:
+    cfg = replace(CFG, traffic_log_sink="both", traffic_log_max_bytes=0)
+    p = pod(ON)
+    out = jsonpatch.apply_patch(p, inject(p, cfg, native_sidecar=True).patch)
+    assert traffic_log_flags(sidecar(out)) == ["--traffic-log", "-", "--traffic-log", FILE]
 
 
 def test_state_volumes() -> None:
