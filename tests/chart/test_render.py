@@ -19,6 +19,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tsnet2_operator.config import field_names, load_config
+from tsnet2_operator.inject import inject
 
 from tests.chart.conftest import (
     CHART,
@@ -138,6 +139,9 @@ def test_config_is_the_operators_settings(
     assert loaded.namespace == NAMESPACE
     assert loaded.sidecar.backend == sc["backend"]
     assert loaded.sidecar.traffic_log_default == sc["trafficLog"]
+    assert loaded.sidecar.traffic_log_sink == sc["trafficLogSink"]
+    assert loaded.sidecar.traffic_log_max_bytes == sc["trafficLogRotation"]["maxBytes"]
+    assert loaded.sidecar.traffic_log_keep == sc["trafficLogRotation"]["keep"]
     assert loaded.sidecar.audit_bypass_policy == sc["auditBypassPolicy"]
     assert loaded.native_sidecar == sc["nativeSidecar"]
     assert loaded.sidecar.cpu_request == sc["resources"]["requests"]["cpu"]
@@ -430,9 +434,10 @@ def test_optional_objects(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
         ["--set", "sidecar.nativeSidecar=maybe"],
         ["--set", "webhook.failurePolicy=Sometimes"],
         ["--set", "sidecar.resources.requests.memory=lots"],
+        ["--set", "sidecar.trafficLogSink=loki"],
     ],
     ids=["nested-unknown", "top-unknown", "deep-unknown", "bad-backend", "bad-native",
-         "bad-failure-policy", "bad-quantity"],
+         "bad-failure-policy", "bad-quantity", "bad-traffic-log-sink"],
 )
 def test_schema_rejects(helm: Helm, args: list[str]) -> None:
     """values.schema.json refuses unknown keys and bad values in template and lint."""
@@ -450,6 +455,40 @@ def test_schema_rejects_unknown_key_in_values_file(helm: Helm, tmp_path: Path) -
     with pytest.raises(HelmError) as info:
         helm.template("-f", str(bad))
     assert "trafficlog" in info.value.stderr
+
+
+@pytest.mark.parametrize(("sink", "flags"), [
+    (None, ["--traffic-log", "-"]),
+    ("stdout", ["--traffic-log", "-"]),
+    ("file", ["--traffic-log", "/var/lib/tsnet2/traffic.jsonl", "--traffic-log-max-bytes",
+              "1048576", "--traffic-log-keep", "3"]),
+    ("both", ["--traffic-log", "-", "--traffic-log", "/var/lib/tsnet2/traffic.jsonl",
+              "--traffic-log-max-bytes", "1048576", "--traffic-log-keep", "3"]),
+])
+def test_traffic_log_sink_value_reaches_the_sidecar(
+        helm: Helm, tmp_path: Path, sink: str | None, flags: list[str]) -> None:
+    """sidecar.trafficLogSink (default stdout) -> config.json's traffic_log_sink -> the
+    operator's loader -> the injected tsnet2d's --traffic-log flags (rotation only with a
+    file)."""
+    args = ["--set", "sidecar.trafficLogRotation.maxBytes=1048576",
+            "--set", "sidecar.trafficLogRotation.keep=3"]
+    if sink is not None:
+        args += ["--set", f"sidecar.trafficLogSink={sink}"]
+    config, text = _config(helm.template(*args))
+    assert config["traffic_log_sink"] == (sink or "stdout")
+    (tmp_path / "config.json").write_text(text, encoding="utf-8")
+    loaded = load_config({"TSNET2_OPERATOR_CONFIG": str(tmp_path / "config.json"),
+                          "POD_NAMESPACE": NAMESPACE})
+    pod = {"metadata": {"name": "web", "namespace": "apps",
+                        "annotations": {"tsnet2.io/inject": "enabled"}},
+           "spec": {"containers": [{"name": "app", "image": "a:1"}]}}
+    decision = inject(pod, loaded.sidecar, native_sidecar=True)
+    (sidecar,) = [op["value"][0] for op in decision.patch if op["path"] == "/spec/initContainers"]
+    got = [a for i, a in enumerate(sidecar["args"])
+           if (a.startswith("--traffic-log") and a != "--traffic-log-mode")
+           or (i and sidecar["args"][i - 1].startswith("--traffic-log")
+               and sidecar["args"][i - 1] != "--traffic-log-mode")]
+    assert got == flags
 
 
 def test_replicas_need_peering(helm: Helm) -> None:

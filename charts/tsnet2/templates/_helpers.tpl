@@ -143,6 +143,7 @@ from the same values map), reused from existing Secrets on upgrade via `lookup` 
   "cpu_limit" (toString $sc.resources.limits.cpu)
   "memory_limit" (toString $sc.resources.limits.memory)
   "traffic_log_default" $sc.trafficLog
+  "traffic_log_sink" $sc.trafficLogSink
   "traffic_log_max_bytes" (int64 $sc.trafficLogRotation.maxBytes)
   "traffic_log_keep" (int $sc.trafficLogRotation.keep)
   "audit_bypass_policy" $sc.auditBypassPolicy
