@@ -18,6 +18,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from tests.chained import unchain
+
 from tsnet2.traffic import (
     TrafficLog,
     TrafficLogError,
@@ -43,19 +45,16 @@ def validator() -> jsonschema.Draft202012Validator:
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The records (chain checked and stripped, checkpoints left out)."""
     raw = path.read_bytes()
     assert raw.endswith(b"\n") or raw == b""
-    return [json.loads(line) for line in raw.splitlines()]
+    return unchain(raw.splitlines())
 
 
 def assert_valid(validator: jsonschema.Draft202012Validator, path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_bytes().splitlines():
-        record = json.loads(line)
-        validator.validate(record)
-        assert list(record) == sorted(record), "keys must be in alphabetical order"
-        records.append(record)
-    return records
+    """Every line valid, keys sorted (chain keys last), chain intact; records without chain
+    keys and checkpoints."""
+    return unchain(path.read_bytes().splitlines(), validator=validator)
 
 
 # --------------------------------------------------------------------------- records
@@ -207,9 +206,12 @@ def test_flow_in_file(
     assert (close["bytes_in"], close["bytes_out"]) == (15, 40 * 1024)
     assert "error" not in close and close["duration_ms"] >= 20
     raw_lines = path.read_bytes().splitlines(keepends=True)
+    # the hook sees every record after open: the flow's, then the close checkpoint
     assert hook_calls == [
-        (r["kind"], len(line)) for r, line in zip(records, raw_lines, strict=True)
+        (json.loads(line)["kind"], len(line)) for line in raw_lines[1:]
     ]
+    assert [json.loads(line)["reason"] for line in (raw_lines[0], raw_lines[-1])] == [
+        "start", "close"]
 
 
 def test_existing_file_keeps_mode_and_is_appended(
@@ -271,11 +273,10 @@ def test_stdout(
     flow.close()
     log.close()
     os.write(1, b"")  # stdout still open after close
-    lines = capfd.readouterr().out.splitlines()
-    assert len(lines) == 3
-    for line in lines:
-        validator.validate(json.loads(line))
-    assert json.loads(lines[1])["payload_b64"] == "aGk="
+    lines = capfd.readouterr().out.encode().splitlines()
+    assert len(lines) == 5  # start checkpoint, open, data, close, close checkpoint
+    records = unchain(lines, validator=validator)
+    assert records[1]["payload_b64"] == "aGk="
 
 
 def test_write_errors_are_typed(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from tests.chained import unchain
+
 from tsnet2.traffic import (
     CUT_ERROR,
     REJECT_REASONS,
@@ -52,16 +54,12 @@ def umask0() -> Iterator[None]:
 
 def records_of(validator: jsonschema.Draft202012Validator, *paths: Path) -> list[dict[str, Any]]:
     """Every record of the files in order; each line whole, valid and key-sorted."""
-    out = []
+    lines = []
     for path in paths:
         raw = path.read_bytes()
         assert raw == b"" or raw.endswith(b"\n"), f"{path} ends in a partial line"
-        for line in raw.splitlines():
-            rec = json.loads(line)
-            validator.validate(rec)
-            assert list(rec) == sorted(rec)
-            out.append(rec)
-    return out
+        lines += raw.splitlines()
+    return unchain(lines, validator=validator, strict=False)
 
 
 def rotated(path: Path) -> list[Path]:
@@ -167,7 +165,7 @@ def test_reject_through_the_log(tmp_path: Path, validator: jsonschema.Draft20201
     assert all(r["kind"] == "reject" for r in records)
     assert records[0]["error"] == "e-dial_failed" and "local" not in records[0]
     assert records[-1]["listener_id"] == LID and "whois" not in records[-1]
-    assert [k for k, _ in kinds] == ["reject"] * len(records)
+    assert [k for k, _ in kinds] == ["reject"] * len(records) + ["checkpoint"]
 
 
 def test_reject_never_raises(tmp_path: Path) -> None:
@@ -325,10 +323,11 @@ def test_rotation_sizes_keep_and_modes(
     for p in files:
         assert 0 < p.stat().st_size <= 1000
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    # the kept files hold the newest records, in order, with nothing missing in between
+    # (records_of checks that log_seq goes up by one from file to file)
     records = records_of(validator, *files)
     seqs = [r["seq"] for r in records if r["kind"] == "data"]
-    # the kept files hold the newest records, in order, with nothing missing in between
-    assert seqs == list(range(seqs[0], 101))
+    assert seqs == list(range(seqs[0], 101)) if seqs else keep == 0
     assert records[-1]["kind"] == "close"
 
 
@@ -339,7 +338,8 @@ def test_rotation_never_splits_a_record(
     with TrafficLog(str(path), max_bytes=50, keep=100) as log:
         write_flows(log, 5, size=100)
     files = rotated(path)
-    assert len(files) == 7  # open, 5 data, close: each record alone in its file
+    # start checkpoint, open, 5 data, close, close checkpoint: each record alone in its file
+    assert len(files) == 9
     for p in files:
         assert p.read_bytes().count(b"\n") == 1
     assert [r["kind"] for r in records_of(validator, *files)] == ["open"] + ["data"] * 5 + ["close"]
@@ -349,11 +349,15 @@ def test_existing_file_over_the_limit(tmp_path: Path) -> None:
     path = tmp_path / "old.jsonl"
     path.write_bytes(b'{"kind":"old"}\n' * 100)
     path.chmod(0o640)
-    with TrafficLog(str(path), max_bytes=500, keep=2) as log:
+    with TrafficLog(str(path), max_bytes=500, keep=3) as log:
         log.reject(direction="out", remote="a:1", reason="dial_failed")
-    assert (tmp_path / "old.jsonl.1").read_bytes() == b'{"kind":"old"}\n' * 100
-    assert stat.S_IMODE((tmp_path / "old.jsonl.1").stat().st_mode) == 0o640
-    assert json.loads(path.read_bytes())["kind"] == "reject"
+    # the start checkpoint, the reject and the close checkpoint each went to a new file
+    oldest, *newer = rotated(path)
+    assert oldest.name == "old.jsonl.3"
+    assert oldest.read_bytes() == b'{"kind":"old"}\n' * 100
+    assert stat.S_IMODE(oldest.stat().st_mode) == 0o640
+    kinds = [json.loads(p.read_bytes())["kind"] for p in newer]
+    assert kinds == ["checkpoint", "reject", "checkpoint"]
 
 
 def test_rotation_keeps_path_present_and_readers_whole(tmp_path: Path) -> None:
@@ -427,41 +431,45 @@ def test_concurrent_writers_rotate_whole_lines(
 def test_fail_closed_policy_on_dev_full(caplog: pytest.LogCaptureFixture) -> None:
     drops: list[tuple[str, str]] = []
     caplog.set_level(logging.ERROR, logger="tsnet2.traffic")
-    with TrafficLog("/dev/full", max_bytes=10) as log:  # rotation is for regular files only
-        log.on_drop = lambda k, r: drops.append((k, r))
-        assert log.healthy and log.probe()
-        log.check_writable()
-        with pytest.raises(TrafficLogError) as info:
-            log.open_flow(direction="out", local="a:1", remote="b:2", whois=None)
-        assert info.value.errno == errno.ENOSPC
-        assert not log.healthy and log.active_flows == 0
+    log = TrafficLog("/dev/full", max_bytes=10)  # rotation is for regular files only
+    log.on_drop = lambda k, r: drops.append((k, r))
+    with log:
+        # the start checkpoint could not be written: the log knows it is unwritable
+        assert not log.healthy and not log.probe()
         with pytest.raises(TrafficLogError, match="refusing new flows") as info:
             log.check_writable()
         assert info.value.errno == errno.ENOSPC
+        with pytest.raises(TrafficLogError) as info:
+            log.open_flow(direction="out", local="a:1", remote="b:2", whois=None)
+        assert info.value.errno == errno.ENOSPC
+        assert log.active_flows == 0
         log.reject(direction="out", remote="b:2", reason="log_unavailable")  # never raises
         assert not log.probe()
-        assert log.dropped == 2
+        assert log.dropped == 3
         assert log.rotations == 0
-    assert drops == [("open", "ENOSPC"), ("reject", "ENOSPC")]
+    assert drops == [("checkpoint", "ENOSPC"), ("open", "ENOSPC"), ("reject", "ENOSPC"),
+                     ("checkpoint", "ENOSPC")]
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert sum("cannot be written" in m and "refusing new flows" in m for m in errors) == 1
-    assert any("2 records that could not be written" in m for m in errors)
+    assert any("4 records that could not be written" in m for m in errors)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_continue_policy_on_dev_full(caplog: pytest.LogCaptureFixture) -> None:
     drops: list[tuple[str, str]] = []
     caplog.set_level(logging.ERROR, logger="tsnet2.traffic")
-    with TrafficLog("/dev/full", on_error="continue", chunk_size=4) as log:
-        log.on_drop = lambda k, r: drops.append((k, r))
+    log = TrafficLog("/dev/full", on_error="continue", chunk_size=4)
+    log.on_drop = lambda k, r: drops.append((k, r))
+    with log:
         flow = log.open_flow(direction="in", local="a:1", remote="b:2", whois=None)
         flow.data("peer->app", b"0123456789")  # three chunks, all dropped
         log.check_writable()  # continue: new flows are allowed
         assert not log.healthy
         flow.close(bytes_in=10)
         assert flow.closed and log.active_flows == 0
-        assert log.dropped == 5
-    assert drops == [("open", "ENOSPC")] + [("data", "ENOSPC")] * 3 + [("close", "ENOSPC")]
+        assert log.dropped == 6
+    assert drops == ([("checkpoint", "ENOSPC"), ("open", "ENOSPC")] + [("data", "ENOSPC")] * 3
+                     + [("close", "ENOSPC"), ("checkpoint", "ENOSPC")])
     transitions = [r for r in caplog.records if "cannot be written" in r.getMessage()]
     assert len(transitions) == 1 and "counting dropped records" in transitions[0].getMessage()
 

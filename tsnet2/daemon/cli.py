@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", metavar="PATH", help="Unix socket to serve apps on (required)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="node state: private key, node credential (required; created 0700)")
-    p.add_argument("--traffic-log", metavar="PATH",
-                   help="JSONL traffic log, '-' for stdout (default <state-dir>/traffic.jsonl)")
+    p.add_argument("--traffic-log", metavar="PATH", action="append",
+                   help="JSONL traffic log: a file, or '-' for stdout; give it twice (once "
+                   "each) to write both (default <state-dir>/traffic.jsonl)")
     p.add_argument("--traffic-log-mode", choices=["payload", "metadata", "off"],
                    default="payload", help="what data records carry (default payload)")
     p.add_argument("--traffic-log-max-bytes", metavar="N", type=int,
@@ -59,8 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "records keep their length but no payload")
     p.add_argument("--traffic-log-on-error", choices=["fail-closed", "continue"],
                    default="fail-closed",
-                   help="when the traffic log cannot be written: refuse new flows "
-                   "(default) or count the lost records and carry on")
+                   help="when the traffic log cannot be written, or stdout's reader falls "
+                   "behind: refuse new flows and pause established ones (default), or count "
+                   "the lost records, report them in a gap record and carry on")
+    p.add_argument("--traffic-log-buffer", metavar="BYTES", type=int, default=4 << 20,
+                   help="records stdout may hold in memory while its reader is slow (default "
+                   "4194304); fail-closed pauses flows from half of it")
+    p.add_argument("--traffic-log-checkpoint", metavar="SECONDS", type=float, default=10.0,
+                   help="write a signed checkpoint of the log's hash chain this often when "
+                   "records were written (default 10; records after the last one are an "
+                   "unsigned tail)")
     p.add_argument("--tun", metavar="NAME", default="tsnet2",
                    help="WireGuard device name (default tsnet2)")
     p.add_argument("--port", metavar="N", type=int, default=41641,
@@ -200,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.watchdog < 0 or args.node_down_grace < 0:
         print("tsnet2d: --watchdog and --node-down-grace take seconds >= 0", file=sys.stderr)
         return USAGE_EXIT
+    logs = args.traffic_log or []
+    if logs.count("-") > 1 or len(logs) - logs.count("-") > 1:
+        print("tsnet2d: --traffic-log takes at most one file and one '-' (stdout)",
+              file=sys.stderr)
+        return USAGE_EXIT
+    if args.traffic_log_buffer < 65536:
+        print("tsnet2d: --traffic-log-buffer takes at least 65536 bytes", file=sys.stderr)
+        return USAGE_EXIT
+    if not 0.5 <= args.traffic_log_checkpoint <= 3600:
+        print("tsnet2d: --traffic-log-checkpoint takes 0.5 to 3600 seconds", file=sys.stderr)
+        return USAGE_EXIT
     if not (args.tcp_keepalive == 0 or 1 <= args.tcp_keepalive <= 7200):
         print("tsnet2d: --tcp-keepalive takes 0 (off) or 1 to 7200 seconds", file=sys.stderr)
         return USAGE_EXIT
@@ -213,12 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     config = DaemonConfig(
         socket_path=Path(args.socket),
         state_dir=state_dir,
-        traffic_log=args.traffic_log or str(state_dir / "traffic.jsonl"),
+        traffic_log=tuple(logs) or (str(state_dir / "traffic.jsonl"),),
         traffic_log_mode=args.traffic_log_mode,
         traffic_log_max_bytes=args.traffic_log_max_bytes,
         traffic_log_keep=args.traffic_log_keep,
         traffic_log_payload_cap=args.traffic_log_payload_cap,
         traffic_log_on_error=args.traffic_log_on_error,
+        traffic_log_buffer=args.traffic_log_buffer,
+        traffic_log_checkpoint=args.traffic_log_checkpoint,
         device=DeviceConfig(ifname=args.tun, listen_port=args.port, backend=args.backend,
                             advertise_endpoint=args.advertise_endpoint,
                             guard=not args.no_guard),

@@ -115,6 +115,7 @@ class Datapath:
         self._on_bytes = {d: self.metrics.flow_bytes_counter(d) for d in ("in", "out")}
         self.listeners: dict[str, Listener] = {}
         self.splices: set[Splice] = set()
+        self.log_stalled = False  # the traffic log's stdout is behind: flows are paused
         self._nflog: NflogReader | None = None
 
     # ---- listeners -------------------------------------------------------------------
@@ -275,6 +276,13 @@ class Datapath:
                     with contextlib.suppress(OSError):
                         slot.sock.send(refusal)  # a slot's buffer is empty: never blocks
         await self.close_all()
+
+    def log_pressure(self, stalled: bool) -> None:
+        """The traffic log's stdout reader fell behind (fail-closed): every flow stops
+        reading until it catches up; new flows are refused by the log meanwhile."""
+        self.log_stalled = stalled
+        for sp in self.splices:
+            sp.pause_for_log(stalled)
 
     async def close_all(self) -> None:
         """Daemon or node shutdown: listeners go, live flows are cut (and logged)."""
@@ -588,6 +596,8 @@ class Datapath:
 
         sp = Splice(flow, on_bytes=self._on_bytes[direction], on_close=closed)
         self.splices.add(sp)
+        if self.log_stalled:
+            sp.pause_for_log(True)
         try:
             with contextlib.suppress(OSError):
                 peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -20,6 +20,7 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.log_record(kind, nbytes)                     # TrafficLog.on_record = m.log_record
     m.log_dropped(reason)                          # a record not written (LOG_DROP_REASONS)
     m.log_write_error()                            # a failed write to the log file
+    m.set_log_queue(nbytes, stalled, log_seq)      # stdout's queue, fail-closed stall, chain
     # node and coordination
     m.set_node_up(bool)                            # backend state RUNNING or not
     m.set_control_connected(bool)                  # Backend.control_connected changed
@@ -100,6 +101,7 @@ LOG_DROP_REASONS: tuple[str, ...] = (
     "write_error",  # any other write failure
     "not_open",  # the log is closed or was never opened
     "payload_cap",  # the flow's payload cap was reached (metadata still logged)
+    "queue_full",  # stdout's reader was behind and its queue full (policy continue)
     OTHER,
 )
 #: Why a socket connection was refused before its channel was served.
@@ -304,6 +306,16 @@ class Metrics:
         self.log_errors = Counter(
             "tsnet2_traffic_log_write_errors_total", "Failed writes to the traffic log.",
             registry=r)
+        self.log_queue = Gauge(
+            "tsnet2_traffic_log_queue_bytes",
+            "Bytes of traffic-log records waiting for the reader of stdout.", registry=r)
+        self.log_stalled = Gauge(
+            "tsnet2_traffic_log_stalled",
+            "1 while stdout's reader is behind and flows are paused and refused (fail-closed).",
+            registry=r)
+        self.log_seq = Gauge(
+            "tsnet2_traffic_log_seq",
+            "log_seq of the last traffic-log record (the hash chain's length).", registry=r)
         self.node_up = Gauge(
             "tsnet2_node_up", "1 while the node runs (has tailnet addresses and a netmap).",
             registry=r)
@@ -442,6 +454,12 @@ class Metrics:
     def set_node_up(self, up: bool) -> None:
         """The node runs (True) or not (False)."""
         self.node_up.set(1 if up else 0)
+
+    def set_log_queue(self, nbytes: int, stalled: bool, log_seq: int) -> None:
+        """stdout's queued bytes, whether fail-closed flows are paused, the chain's head."""
+        self.log_queue.set(nbytes)
+        self.log_stalled.set(1 if stalled else 0)
+        self.log_seq.set(log_seq)
 
     def set_control_connected(self, connected: bool) -> None:
         """The coordination server is reachable (True) or not (False)."""

@@ -82,12 +82,14 @@ class DaemonConfig:
 
     socket_path: Path
     state_dir: Path
-    traffic_log: str
+    traffic_log: str | tuple[str, ...]
     traffic_log_mode: LogMode = "payload"
     traffic_log_max_bytes: int | None = None
     traffic_log_keep: int = 5
     traffic_log_payload_cap: int | None = None
     traffic_log_on_error: ErrorPolicy = "fail-closed"
+    traffic_log_buffer: int = 4 << 20
+    traffic_log_checkpoint: float = 10.0
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     allow_uids: frozenset[int] | None = None  # None: any uid; default: our own
     socket_mode: int | None = None  # None: 0666 with any uid, else 0660
@@ -148,6 +150,9 @@ class Daemon:
             payload_cap=config.traffic_log_payload_cap, on_error=config.traffic_log_on_error,
             # Flows open at a crash get their close record from the next start.
             journal=str(config.state_dir / JOURNAL_FILE),
+            buffer=config.traffic_log_buffer,
+            # The checkpoint key and chain state: the chain goes on across restarts.
+            state_dir=config.state_dir,
         )
         self.metrics = Metrics(
             peers=lambda: peer_samples(self.backend.peers, self.backend.peer_stats()),
@@ -155,6 +160,7 @@ class Daemon:
         )
         self.traffic.on_record = self.metrics.log_record
         self.traffic.on_drop = self._log_dropped
+        self.traffic.on_pressure = self._log_pressure
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics,
                                  keepalive_idle=config.tcp_keepalive)
         self.backend.refusal_log = self.datapath
@@ -174,6 +180,7 @@ class Daemon:
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._watchdog: Watchdog | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- task ownership --------------------------------------------------------------
 
@@ -218,6 +225,7 @@ class Daemon:
         Raises DaemonError after a clean shutdown if a critical task died (exit status 1).
         """
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._prepare_state_dir()
         if self.config.watchdog_timeout > 0:
             self._watchdog = Watchdog(self.config.watchdog_timeout)
@@ -239,6 +247,7 @@ class Daemon:
             self._accept_task = self.spawn(self._accept_loop(self._listen_sock), critical=True,
                                            name="socket accept loop")
             self.spawn(self._probe_traffic_log())
+            self.spawn(self._checkpoints(), name="traffic-log checkpoints")
             await self._stop.wait()
         finally:
             self._stopping = True
@@ -327,7 +336,7 @@ class Daemon:
         await self.backend.stop()
         if self.health is not None:
             await self.health.close()
-        self.traffic.close()
+        await asyncio.to_thread(self.traffic.close)  # stdout's reader gets a few seconds
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -361,9 +370,32 @@ class Daemon:
         if reason in ("closed", "not_open"):
             self.metrics.log_dropped("not_open")
             return
+        if reason == "queue_full":  # stdout's reader is behind: nothing failed
+            self.metrics.log_dropped(reason)
+            return
         self.metrics.log_write_error()
+        if reason in ("disk_full", "write_error"):
+            self.metrics.log_dropped(reason)
+            return
         self.metrics.log_dropped("disk_full" if reason in ("ENOSPC", "EDQUOT")
                                  else "write_error")
+
+    def _log_pressure(self, stalled: bool) -> None:
+        """stdout's reader fell behind (or caught up): pause (resume) every flow. Called
+        from the log's writer thread or from the data path."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to pause
+                loop.call_soon_threadsafe(self.datapath.log_pressure, stalled)
+
+    async def _checkpoints(self) -> None:
+        """Sign the chain's head every --traffic-log-checkpoint seconds (when it moved)."""
+        while True:
+            await asyncio.sleep(self.config.traffic_log_checkpoint)
+            fqdn = str((self.backend.self_node or {}).get("fqdn", "")).rstrip(".")
+            if fqdn:
+                self.traffic.node = fqdn
+            await asyncio.to_thread(self.traffic.checkpoint)
 
     async def _probe_traffic_log(self) -> None:
         """While the traffic log is unhealthy, try it every few seconds (recovery)."""
@@ -377,6 +409,8 @@ class Daemon:
         self.metrics.set_node_up(b.running)
         self.metrics.set_control_connected(b.control_connected)
         self.metrics.set_netmap_version(b.netmap_version)
+        t = self.traffic
+        self.metrics.set_log_queue(t.queued_bytes, t.stalled, t.log_seq)
 
     def _healthz(self) -> tuple[bool, str]:
         """Liveness: can this process serve? A failure makes the kubelet restart it.
@@ -402,6 +436,8 @@ class Daemon:
             return False, f"node is {self.backend.state.name.lower()}"
         if not self.traffic.healthy and self.config.traffic_log_on_error == "fail-closed":
             return False, "traffic log cannot be written; new flows are refused"
+        if self.traffic.stalled:
+            return False, "traffic log stdout is behind; flows are paused and new ones refused"
         return True, "ok"
 
     # ---- connections -----------------------------------------------------------------

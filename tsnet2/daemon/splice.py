@@ -96,7 +96,8 @@ class _Side(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if self.other is not None and self.other.transport is not None:
+        if (self.other is not None and self.other.transport is not None
+                and not self.splice.log_paused):
             self.other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -144,6 +145,7 @@ class Splice:
         self.peer = _Side(self, "peer->app")
         self.app.other, self.peer.other = self.peer, self.app
         self.error: str | None = None
+        self.log_paused = False  # the traffic log cannot keep up: neither side reads
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
@@ -166,6 +168,21 @@ class Splice:
                 return
         await loop.connect_accepted_socket(lambda: self.app, app_sock)
 
+    def pause_for_log(self, paused: bool) -> None:
+        """Stop (or resume) reading both sockets while the traffic log's stdout reader is
+        behind, so no flow outruns the log (fail-closed). Sides held before attaching, or
+        paused by the other side's full buffer, stay paused."""
+        self.log_paused = paused
+        for side in (self.app, self.peer):
+            t = side.transport
+            if t is None or side.lost or t.is_closing():
+                continue
+            if paused:
+                t.pause_reading()
+            elif self.attached and not side.held and not (side.other and
+                                                          side.other.writing_paused):
+                t.resume_reading()
+
     def attached_both(self) -> None:
         """The second socket is attached: pass on what the first one held, then run."""
         for side in (self.peer, self.app):
@@ -181,7 +198,7 @@ class Splice:
                 self._pass_on_loss(side, side.lost_exc)
             elif side.eof:
                 self.side_eof(side)
-            elif held and not other.writing_paused:
+            elif held and not other.writing_paused and not self.log_paused:
                 side.transport.resume_reading()
 
     def forward(self, side: _Side, data: bytes) -> None:

@@ -1,27 +1,37 @@
-"""The JSONL traffic-log writer: one ``os.write`` per record, append-only, mode 0600.
+"""The JSONL traffic-log writer: chained records to a file, to standard output, or both.
 
-Besides writing, the writer keeps the log *complete*: size-based rotation that never splits
-a record, a per-flow payload cap that keeps byte accounting exact, an explicit policy for
-a log that cannot be written (``fail-closed`` or ``continue``) with a ``gap`` record once
-writing works again, and ``close`` records for flows still open when the log is closed.
+Besides writing, the writer keeps the log *complete* and *checkable*:
+
+- every record is chained (``log_seq``/``log_hash``, :mod:`tsnet2.traffic.chain`) and a
+  signed ``checkpoint`` record is written at start, periodically (:meth:`TrafficLog.checkpoint`)
+  and at close; with a ``state_dir`` the chain continues across restarts;
+- a file sink is written in the caller's thread (one ``os.write`` per record, size-based
+  rotation that never splits a record); a stream sink (stdout, a pipe) goes through a
+  bounded queue and a writer thread (:mod:`tsnet2.traffic.sinks`), so a stalled reader never
+  blocks the caller;
+- an explicit policy (``fail-closed`` or ``continue``) for a log that cannot be written or
+  is stalled, with a ``gap`` record once writing works again;
+- a per-flow payload cap that keeps byte accounting exact, and ``close`` records for flows
+  still open when the log is closed -- or, after a crash, when it is next opened.
+
 See docs/traffic-log.md.
 """
 
 from __future__ import annotations
 
-import errno as _errno
 import logging
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
 from tsnet2.proto.ids import new_id
-from tsnet2.traffic.files import open_append, rotate
+from tsnet2.traffic.chain import ZERO_HASH, link
 from tsnet2.traffic.journal import COUNT_INTERVAL, FlowJournal, Orphan
 from tsnet2.traffic.records import (
     CUT_ERROR,
@@ -29,13 +39,21 @@ from tsnet2.traffic.records import (
     DataDir,
     FlowDir,
     RejectReason,
+    checkpoint_record,
     chunks,
     close_record,
     data_record,
-    gap_record,
     open_record,
     reject_record,
 )
+from tsnet2.traffic.signing import (
+    ChainState,
+    SigningKey,
+    load_chain_state,
+    load_or_create_signing_key,
+    save_chain_state,
+)
+from tsnet2.traffic.sinks import FileSink, Result, StreamSink, errno_reason
 
 __all__ = ["ErrorPolicy", "Flow", "LogMode", "TrafficLog", "TrafficLogError"]
 
@@ -46,20 +64,26 @@ LogMode = Literal["payload", "metadata", "off"]
 ``payload_b64``; ``off``: nothing is written (flows still count bytes)."""
 
 ErrorPolicy = Literal["fail-closed", "continue"]
-"""What a failed write does: ``fail-closed`` raises :class:`TrafficLogError` (the daemon
-refuses new flows and cuts flows whose bytes cannot be logged); ``continue`` counts the
-dropped record and carries on."""
+"""What a log that cannot keep up does. ``fail-closed``: a failed write raises
+:class:`TrafficLogError` (the daemon refuses new flows and cuts flows whose bytes cannot be
+logged), and a stalled stream sink refuses new flows and pauses established ones;
+``continue``: lost records are counted and reported by a ``gap`` record."""
 
 _MODES = ("payload", "metadata", "off")
 _POLICIES = ("fail-closed", "continue")
 _DATA_DIRS = ("app->peer", "peer->app")
 _FLOW_DIRS = ("in", "out")
-_ROTATE_RETRY = 10.0  # seconds between rotation attempts after one failed
 _JOURNAL_INTERVAL_NS = int(COUNT_INTERVAL * 1e9)
+_CHAIN_OVERHEAD = 110  # bytes the chain fields add to a line, at most
+_RESERVE = 1 << 20  # log_seq numbers reserved in the chain state at a time
+DEFAULT_BUFFER = 4 << 20
+"""Bytes of records a stream sink (stdout) may queue in memory while its reader is slow."""
+CLOSE_DRAIN_TIMEOUT = 5.0
+"""Seconds :meth:`TrafficLog.close` waits for a slow stdout reader to take the last records."""
 
 
 class TrafficLogError(Exception):
-    """The traffic log could not be opened or written (disk full, closed, bad path...).
+    """The traffic log could not be opened or written (disk full, stalled reader, closed...).
 
     ``errno`` is the OS error number when there is one (``ENOSPC``, ``EROFS``, ``EIO``...).
     """
@@ -70,22 +94,17 @@ class TrafficLogError(Exception):
         self.errno = errno
 
 
-def _reason(exc: OSError) -> str:
-    """A short, bounded label for a write failure (an errno name such as ``ENOSPC``)."""
-    if exc.errno is None:
-        return "OSError"
-    return _errno.errorcode.get(exc.errno, f"errno{exc.errno}")
-
-
 @dataclass
 class _Outcome:
-    """What one locked write did; hooks, log lines and errors are handled after unlocking."""
+    """What one emitted record did; hooks, log lines and errors are handled after unlocking."""
 
-    written: list[tuple[str, int]] = field(default_factory=list)
-    dropped: str | None = None  # the kind of the record that was dropped
-    error: OSError | None = None
-    became_unhealthy: bool = False
-    recovered: int = 0  # records reported by the gap record just written
+    kind: str = ""
+    nbytes: int = 0
+    accepted: bool = False  # at least one sink wrote or queued it
+    results: list[tuple[FileSink, Result]] = field(default_factory=list)
+    error: OSError | None = None  # the file sink's write failed
+    lost_stream: bool = False  # the stream sink lost it (queue full, closed)
+    stalled: bool = False  # fail-closed: the stream sink would not take it
 
 
 RESTART_ERROR = "daemon restart"
@@ -106,33 +125,55 @@ def _restart_close(orphan: Orphan) -> bytes:
     )
 
 
+def _paths(path: str | Sequence[str] | None) -> tuple[str | None, bool]:
+    """Split the configured sinks into (file path or None, stdout?)."""
+    if path is None:
+        return None, False
+    items = [path] if isinstance(path, str) else list(path)
+    files = [p for p in items if p != "-"]
+    stdout = len(files) < len(items)
+    if len(items) - len(files) > 1 or len(files) > 1:
+        raise ValueError("a traffic log has at most one file and one '-' (stdout); got "
+                         + ", ".join(map(repr, items)))
+    if not items:
+        return None, False
+    return (files[0] if files else None), stdout
+
+
 class TrafficLog:
-    """Append-only JSONL traffic log.
+    """Append-only JSONL traffic log with a hash chain and signed checkpoints.
 
     ``path``: a file (created with mode 0600; an existing file keeps its mode), ``"-"``
-    for standard output, or ``None`` to discard. Each record is written with one
-    ``os.write`` (continued only after a short write) under a lock, so lines never
-    interleave and are visible at once; there is no fsync.
+    for standard output, a list with one of each for both, or ``None`` to discard.
 
-    - ``max_bytes``/``keep``: rotate before a record would make the file larger than
-      ``max_bytes`` (``path`` -> ``path.1`` -> ... -> ``path.<keep>``, the oldest deleted);
-      a record is never split, so a file holds at least one record. Regular files only.
+    - A file is written in the caller's thread, one ``os.write`` per record (continued
+      only after a short write) under a lock, so lines never interleave and are visible at
+      once; there is no fsync. ``max_bytes``/``keep``: rotate before a record would make
+      the file larger than ``max_bytes`` (``path`` -> ``path.1`` -> ... -> ``path.<keep>``,
+      the oldest deleted); a record is never split.
+    - Standard output, when it is a pipe, socket or terminal, gets a writer thread and a
+      queue of at most ``buffer`` bytes (a regular file on stdout is written like a file).
     - ``payload_cap``: bytes of payload logged per flow and direction; later data records
       carry ``"truncated":true`` and ``len``/``seq`` but no payload.
-    - ``on_error``: the :data:`ErrorPolicy` for a failed write.
+    - ``on_error``: the :data:`ErrorPolicy`.
     - ``journal``: a file (in the daemon's state directory) where the flows opened and not
-      yet closed are kept (:mod:`tsnet2.traffic.journal`). :meth:`open` first writes a
-      ``close`` record, with :data:`RESTART_ERROR`, for every flow the previous process left
-      open (it crashed), so every ``open`` has exactly one ``close`` across restarts.
+      yet closed are kept (:mod:`tsnet2.traffic.journal`). :meth:`open` writes a ``close``
+      record, with :data:`RESTART_ERROR`, for every flow the previous process left open
+      (it crashed), so every ``open`` has exactly one ``close`` across restarts.
+    - ``state_dir``: where the checkpoint signing key (``traffic-log.key``) and the chain
+      state (``traffic-chain.json``) live, so the chain continues across restarts. Without
+      it, ``signing_key`` (or a new random key) signs and each open starts a new chain.
 
-    Hooks (called outside the lock, from the writing thread): ``on_record(kind, nbytes)``
-    after each record is written; ``on_drop(kind, reason)`` for each record that could not
-    be written (``reason``: an errno name such as ``ENOSPC``, or ``closed``).
+    Hooks (called outside the lock): ``on_record(kind, nbytes)`` once per record accepted
+    by a sink; ``on_drop(kind, reason)`` per record a sink lost (``reason``: an errno name
+    such as ``ENOSPC``, ``queue_full``, ``closed`` or ``not_open``);
+    ``on_pressure(stalled)`` when a fail-closed stdout queue starts or stops refusing new
+    flows (from the writer thread or the caller's: hop to your event loop).
     """
 
     def __init__(
         self,
-        path: str | None,
+        path: str | Sequence[str] | None,
         mode: LogMode = "payload",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         *,
@@ -141,6 +182,9 @@ class TrafficLog:
         payload_cap: int | None = None,
         on_error: ErrorPolicy = "fail-closed",
         journal: str | None = None,
+        buffer: int = DEFAULT_BUFFER,
+        state_dir: str | os.PathLike[str] | None = None,
+        signing_key: SigningKey | None = None,
     ) -> None:
         """Configure the log; nothing is opened until :meth:`open` (or ``with``)."""
         if mode not in _MODES:
@@ -155,38 +199,46 @@ class TrafficLog:
             raise ValueError(f"payload_cap must be >= 0 (or None for no cap), got {payload_cap}")
         if on_error not in _POLICIES:
             raise ValueError(f"on_error must be one of {', '.join(_POLICIES)}; got {on_error!r}")
-        self.path = path
+        if buffer < 64 << 10:
+            raise ValueError(f"buffer must be >= 65536 bytes, got {buffer}")
+        self._file_path, self._stdout = _paths(path)
+        self.path = " and ".join(p for p in (self._file_path, "-" if self._stdout else None)
+                                 if p) or None
+        """The sinks, for messages: a path, ``-``, ``<path> and -``, or None."""
         self.mode: LogMode = mode
         self.chunk_size = chunk_size
         self.max_bytes = max_bytes
         self.keep = keep
         self.payload_cap = payload_cap
         self.on_error: ErrorPolicy = on_error
+        self.buffer = buffer
         self.on_record: Callable[[str, int], None] | None = None
         self.on_drop: Callable[[str, str], None] | None = None
+        self.on_pressure: Callable[[bool], None] | None = None
+        self.node: str | None = None
+        """The node's name, written into checkpoints once set."""
         self.dropped = 0
-        """Records that could not be written since the log was created (every policy)."""
-        self.rotations = 0
-        """Completed rotations."""
-        self._fd: int | None = None
-        self._owns_fd = False
-        self._regular = False
-        self._size = 0
+        """Records lost since the log was created (every sink, every policy)."""
+        self.refused = 0
+        """Records refused under ``fail-closed`` because stdout's queue was full."""
+        self._file: FileSink | None = None
+        self._stream: StreamSink | None = None
         self._opened = False
         self._closing = False
         self._closed = False
-        self._healthy = True
-        self._gap: dict[str, int] = {}
-        self._gap_since = 0
-        self._gap_error = ""
-        self._last_errno: int | None = None
-        self._torn = False
-        self._rotate_after = 0.0
         self._flows: dict[str, Flow] = {}
         self._journal = FlowJournal(journal) if journal and self.writes_records else None
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._signer = signing_key
+        self._seq = 0
+        self._prev = ZERO_HASH
+        self._reserved = 0
+        self._since_checkpoint = 0
+        self._checkpoint_state: ChainState | None = None
         self.reconciled = 0
         """Flows of a crashed predecessor closed by :meth:`open`."""
         self._lock = threading.Lock()
+        self._state_lock = threading.Lock()
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -201,98 +253,202 @@ class TrafficLog:
 
         Health is learned from writes: an idle log stays healthy until a write fails.
         """
-        return self._healthy
+        return all(s.healthy for s in self._sinks())
+
+    @property
+    def stalled(self) -> bool:
+        """``fail-closed`` and stdout's reader is behind: new flows are refused and
+        established flows should pause (see ``on_pressure``) until it catches up."""
+        return self._stream is not None and self._stream.stalled
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of records waiting for stdout's reader."""
+        return self._stream.queued if self._stream is not None else 0
+
+    @property
+    def rotations(self) -> int:
+        """Completed rotations of the file."""
+        return self._file.rotations if self._file is not None else 0
+
+    @property
+    def log_seq(self) -> int:
+        """The ``log_seq`` of the last record (0 before the first)."""
+        return self._seq
+
+    @property
+    def public_key(self) -> str | None:
+        """Base64 public key that verifies this log's checkpoints (once open)."""
+        return self._signer.public if self._signer is not None else None
 
     @property
     def active_flows(self) -> int:
         """Flows opened and not yet closed."""
         return len(self._flows)
 
+    def _sinks(self) -> list[FileSink | StreamSink]:
+        return [s for s in (self._file, self._stream) if s is not None]
+
     def check_writable(self) -> None:
         """Raise :class:`TrafficLogError` if a new flow must be refused now.
 
         That is: the log is closed, or the policy is ``fail-closed`` and the log is
-        unhealthy even after one :meth:`probe`. Call it before dialling a peer or handing
-        an inbound flow to the app; :meth:`open_flow` applies the same policy by itself.
+        unhealthy even after one :meth:`probe`, or stdout's reader is behind. Call it
+        before dialling a peer or handing an inbound flow to the app; :meth:`open_flow`
+        applies the same policy by itself.
         """
         if self._closing or self._closed:
             raise TrafficLogError(f"traffic log {self.path} is closed")
-        if self._healthy or self.probe() or self.on_error == "continue":
+        if self.on_error == "continue":
             return
+        if self.stalled:
+            assert self._stream is not None
+            raise TrafficLogError(
+                f"traffic log stdout is stalled: {self._stream.queued} bytes of records wait "
+                "for its reader (the container runtime or log collector); refusing new flows "
+                "until it catches up")
+        if self.healthy or self.probe():
+            return
+        bad = next(s for s in self._sinks() if not s.healthy)
         raise TrafficLogError(
-            f"traffic log {self.path} cannot be written ({self._gap_error}); "
+            f"traffic log {self.path} cannot be written ({bad.label}: {bad.gap_error}); "
             "refusing new flows until it can",
-            self._last_errno,
+            bad.last_errno,
         )
 
     def probe(self) -> bool:
         """Try to recover; return :attr:`healthy`.
 
-        When records were dropped since the last successful write, this writes the
-        ``gap`` record that reports them: if that succeeds the log is healthy again. When
-        nothing is pending it does no I/O. Never raises; cheap enough to call every
-        second and before every new flow.
+        When a sink lost records since its last successful write, this writes the ``gap``
+        record that reports them (stdout: asks its writer to). When nothing is pending it
+        does no I/O. Never raises; cheap enough to call every second and before every new
+        flow.
         """
         if not self.writes_records:
             return True
+        results: list[tuple[FileSink, Result]] = []
         with self._lock:
-            if self._fd is None or not self._gap:
-                return self._healthy and self._fd is not None
-            out = _Outcome()
-            try:
-                self._flush_gap(out)
-            except OSError as exc:
-                self._gap_error = f"{_reason(exc)}: {exc.strerror or exc}"
-                self._last_errno = exc.errno
-                return False
-            self._healthy = True
-        self._after(out, raise_errors=False)
-        return True
+            if self._file is not None:
+                r = self._file.probe()
+                if r is not None:
+                    results.append((self._file, r))
+        if self._stream is not None and not self._stream.healthy:
+            self._stream.kick()
+        for sink, r in results:
+            self._report(sink, r, "gap")
+        return self.healthy
 
     # ---- open / close --------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open (create) the file for appending. Idempotent; raises :class:`TrafficLogError`."""
+        """Open the sinks and start the chain. Idempotent; raises :class:`TrafficLogError`.
+
+        Writes the ``start`` checkpoint first, then a ``close`` record for each flow a
+        crashed predecessor left open (``journal``).
+        """
         with self._lock:
             if self._closed or self._closing:
                 raise TrafficLogError("traffic log is closed; create a new TrafficLog")
             if self._opened:
                 return
-            if self.path == "-":
-                self._fd = 1
-            elif self.path is not None:
-                try:
-                    self._fd = open_append(self.path)
-                    st = os.fstat(self._fd)
-                except OSError as e:
-                    if self._fd is not None:
-                        os.close(self._fd)
-                        self._fd = None
-                    raise TrafficLogError(
-                        f"cannot open traffic log {self.path}: {e.strerror}", e.errno
-                    ) from e
-                self._owns_fd = True
-                self._regular = stat.S_ISREG(st.st_mode)
-                self._size = st.st_size
+            if not self.writes_records:
+                self._opened = True
+                return
+            self._open_sinks()
+            try:
+                start_state = self._start_chain()
+            except Exception:
+                self._close_sinks(0)
+                raise
             self._opened = True
-            orphans = self._journal.recover() if self._journal is not None else []
-            outcomes = [self._write_locked("close", _restart_close(o)) for o in orphans]
-            if self._journal is not None:
-                self._journal.start()
-        for o, out in zip(orphans, outcomes, strict=True):
-            if out.error is None:
+        outcome = self._emit_checkpoint("start", start_state)
+        orphans = self._journal.recover() if self._journal is not None else []
+        for o in orphans:
+            with self._lock:
+                out = self._emit("close", _restart_close(o), always=True)
+            if out.accepted:
                 self.reconciled += 1
             log.warning("traffic log: flow %s was left open by a daemon that stopped without "
                         "closing it (pid %d): close record %s", o.conn_id, o.pid,
-                        "written" if out.error is None else f"lost ({out.error})")
+                        "written" if out.accepted else "lost")
             self._after(out, raise_errors=False)
+        if self._journal is not None:
+            self._journal.start()
+        if not outcome.accepted:
+            log.error("traffic log %s: the start checkpoint could not be written", self.path)
+
+    def _open_sinks(self) -> None:
+        named = self._file_path is not None and self._stdout
+        try:
+            if self._file_path is not None:
+                self._file = FileSink(self._file_path, max_bytes=self.max_bytes,
+                                      keep=self.keep, named=named)
+                self._file.open()
+            if self._stdout:
+                st = os.fstat(1)
+                if stat.S_ISREG(st.st_mode):  # `tsnet2d > file`: written like a file
+                    if self._file is not None:
+                        raise TrafficLogError("standard output is a regular file: give the "
+                                              "traffic log only one file")
+                    self._file = FileSink("-", fd=1, label="stdout")
+                else:
+                    self._stream = StreamSink(1, limit=self.buffer,
+                                              fail_closed=self.on_error == "fail-closed",
+                                              named=named)
+                    self._stream.on_lost = self._stream_lost
+                    self._stream.on_pressure = self._stream_pressure
+                    self._stream.on_health = self._stream_health
+                    self._stream.start()
+        except OSError as e:
+            self._close_sinks(0)
+            raise TrafficLogError(
+                f"cannot open traffic log {self._file_path or '-'}: {e.strerror}", e.errno
+            ) from e
+
+    def _close_sinks(self, drain: float) -> int:
+        left = 0
+        if self._stream is not None:
+            left = self._stream.close(drain)
+        if self._file is not None:
+            self._file.close()
+        return left
+
+    def _start_chain(self) -> ChainState:
+        """Load the key and chain state; return the state the start checkpoint names."""
+        prev = ChainState()
+        unclean = False
+        if self._state_dir is not None:
+            try:
+                if self._signer is None:
+                    self._signer = load_or_create_signing_key(self._state_dir)
+                saved = load_chain_state(self._state_dir)
+            except (OSError, ValueError) as exc:
+                raise TrafficLogError(f"traffic log chain state in {self._state_dir}: {exc}",
+                                      getattr(exc, "errno", None)) from exc
+            if saved is not None:
+                prev = saved
+                if saved.key and saved.key != self._signer.public:
+                    log.warning("traffic log: the signing key changed (was %s); checkpoints "
+                                "from now on verify with %s", saved.key, self._signer.public)
+                unclean = not saved.clean
+        elif self._signer is None:
+            self._signer = SigningKey.generate()
+        # After a clean stop the chain goes on from its last record; after a crash, from
+        # the last checkpoint, past every number the crashed run may have used.
+        self._seq = prev.seq if not unclean else prev.reserved - 1
+        self._prev = bytes.fromhex(prev.hash)
+        self._reserved = self._seq + 1  # raised (and persisted) by the first record
+        prev.clean = not unclean
+        return prev
 
     def close(self) -> None:
         """Close the log. Idempotent; never closes stdout.
 
         Flows still open get their ``close`` record first, with ``error`` set to
         :data:`~tsnet2.traffic.records.CUT_ERROR` and their read byte counts; close your
-        flows before (with delivered counts) to record more precise totals.
+        flows before (with delivered counts) to record more precise totals. Then a
+        ``close`` checkpoint ends the chain, and stdout's writer gets up to
+        :data:`CLOSE_DRAIN_TIMEOUT` seconds to hand the rest to a slow reader.
         """
         with self._lock:
             if self._closed:
@@ -304,21 +460,25 @@ class TrafficLog:
                 flow.close(cut=True)
             except TrafficLogError as exc:
                 log.warning("traffic log: close record of cut flow %s lost: %s", flow.conn_id, exc)
+        last: ChainState | None = None
+        if self._opened and self.writes_records:
+            out = self._emit_checkpoint("close", None)
+            last = self._checkpoint_state if out.accepted else None
         with self._lock:
             self._closed = True
             if self._journal is not None:
                 self._journal.close()
-            fd, self._fd = self._fd, None
-            if fd is not None and self._owns_fd:
-                os.close(fd)
-            pending = sum(self._gap.values())
-        if pending:
-            log.error(
-                "traffic log %s closed with %d records that could not be written (%s)",
-                self.path,
-                pending,
-                self._gap_error,
-            )
+        left = self._close_sinks(CLOSE_DRAIN_TIMEOUT)
+        if last is not None and self._state_dir is not None:
+            last.clean = left == 0 and (self._file is None or self._file.healthy)
+            self._persist(last)
+        if left:
+            log.error("traffic log: %d records never reached stdout: its reader did not take "
+                      "them within %.0fs of shutdown", left, CLOSE_DRAIN_TIMEOUT)
+        for sink in self._sinks():
+            if sink.gap:
+                log.error("traffic log %s closed with %d records that could not be written (%s)",
+                          sink.label, sum(sink.gap.values()), sink.gap_error)
 
     def __enter__(self) -> Self:
         """Open the log."""
@@ -334,19 +494,67 @@ class TrafficLog:
         """Close the log."""
         self.close()
 
+    # ---- checkpoints ----------------------------------------------------------------------
+
+    def checkpoint(self) -> bool:
+        """Write a ``periodic`` checkpoint if records were written since the last one.
+
+        Returns True when one was written. The daemon calls it every few seconds; records
+        after the last checkpoint are an *unsigned tail* until the next one.
+        """
+        if not self.writes_records or not self._opened or self._closing or self._closed:
+            return False
+        if not self._since_checkpoint:
+            return False
+        return self._emit_checkpoint("periodic", None).accepted
+
+    def _emit_checkpoint(self, reason: str, start: ChainState | None) -> _Outcome:
+        signer = self._signer
+        assert signer is not None
+        with self._lock:
+            line = checkpoint_record(
+                reason=reason, key=signer.public,
+                head_seq=start.seq if start is not None else self._seq,
+                head_hash=start.hash if start is not None else self._prev.hex(),
+                t=time.time_ns(), sign=signer.sign,
+                node=self.node,
+                prev_seq=start.seq if start is not None else None,
+                prev_hash=start.hash if start is not None else None,
+                unclean=start is not None and not start.clean)
+            out = self._emit("checkpoint", line, always=True, reserve=False)
+            self._since_checkpoint = 0
+            state = ChainState(key=signer.public, seq=self._seq, hash=self._prev.hex(),
+                               clean=False, reserved=max(self._reserved, self._seq + 1))
+            self._checkpoint_state = state
+        if reason != "close":
+            self._persist(state)
+        self._after(out, raise_errors=False)
+        return out
+
+    def _persist(self, state: ChainState) -> None:
+        if self._state_dir is None:
+            return
+        with self._state_lock:
+            try:
+                save_chain_state(self._state_dir, state)
+            except OSError as exc:
+                log.error("traffic log: cannot save the chain state in %s (%s); a restart "
+                          "will start a new chain segment", self._state_dir, exc)
+
     # ---- records -------------------------------------------------------------------------
 
     def write_record(self, kind: str, line: bytes) -> None:
-        """Write one complete line (already ending in ``\\n``). Used by :class:`Flow`.
+        """Chain and write one complete line (already ending in ``\\n``). Used by :class:`Flow`.
 
         Raises :class:`TrafficLogError` when the log is not open or closed, and, under
-        the ``fail-closed`` policy, when the write fails (under ``continue`` the record is
-        counted in :attr:`dropped` and reported to ``on_drop``).
+        the ``fail-closed`` policy, when the write fails or stdout's queue is full (under
+        ``continue`` the record is counted in :attr:`dropped` and reported to ``on_drop``).
         """
         if not self.writes_records:
             return
         with self._lock:
-            out = self._write_locked(kind, line)
+            self._check_open()
+            out = self._emit(kind, line)
         self._after(out, raise_errors=self.on_error == "fail-closed")
 
     def open_flow(
@@ -363,8 +571,8 @@ class TrafficLog:
         """Write the ``open`` record of a new flow and return it.
 
         Raises :class:`TrafficLogError` when the log is closed or not open, or when the
-        write fails under ``fail-closed`` (the flow then does not exist: refuse it and
-        :meth:`reject` it with reason ``log_unavailable``).
+        write fails (or stdout is stalled) under ``fail-closed`` (the flow then does not
+        exist: refuse it and :meth:`reject` it with reason ``log_unavailable``).
         """
         if direction not in _FLOW_DIRS:
             raise ValueError(f'flow direction must be "in" or "out", got {direction!r}')
@@ -375,6 +583,10 @@ class TrafficLog:
                 raise TrafficLogError(f"traffic log {self.path} is closed")
             opened_ns = time.time_ns()
             if self.writes_records:
+                self._check_open()
+                if self.on_error == "fail-closed" and self.stalled:
+                    raise TrafficLogError(f"traffic log stdout is stalled ({self.queued_bytes} "
+                                          "bytes wait for its reader); flow refused")
                 line = open_record(
                     conn_id=flow.conn_id,
                     direction=direction,
@@ -385,10 +597,11 @@ class TrafficLog:
                     proto=proto,
                     t=opened_ns,
                 )
-                out = self._write_locked("open", line)
-            if out.error is None or self.on_error == "continue":
+                out = self._emit("open", line)
+            refused = self.on_error == "fail-closed" and (out.error is not None or out.stalled)
+            if not refused:
                 self._flows[flow.conn_id] = flow
-                if self._journal is not None and out.error is None:  # its open is written
+                if self._journal is not None and out.accepted:
                     self._journal.opened(flow.conn_id, opened_ns)
         self._after(out, raise_errors=self.on_error == "fail-closed")
         return flow
@@ -428,12 +641,12 @@ class TrafficLog:
         if not self.writes_records:
             return cid
         with self._lock:
-            if self._fd is None:
+            if not self._opened or self._closed:
                 self.dropped += 1
                 state = "closed" if self._closed or self._closing else "not_open"
                 out = None
             else:
-                out = self._write_locked("reject", line)
+                out = self._emit("reject", line, lossy=True)
         if out is None:
             self._notify_drop("reject", state)
         else:
@@ -442,139 +655,116 @@ class TrafficLog:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _write_locked(self, kind: str, line: bytes) -> _Outcome:
-        """Write (a pending gap record, then) ``line``; the lock is held."""
-        if self._fd is None:
+    def _check_open(self) -> None:
+        if not self._opened or self._closed:
             state = "closed" if self._closed or self._closing else "not open"
             raise TrafficLogError(f"traffic log {self.path} is {state}")
-        out = _Outcome()
-        try:
-            if self._gap:
-                self._flush_gap(out)
-            self._append(line)
-        except OSError as exc:
-            self.dropped += 1
-            if not self._gap:
-                self._gap_since = time.time_ns()
-            self._gap[kind] = self._gap.get(kind, 0) + 1
-            self._gap_error = f"{_reason(exc)}: {exc.strerror or exc}"
-            self._last_errno = exc.errno
-            out.dropped, out.error = kind, exc
-            out.became_unhealthy = self._healthy
-            self._healthy = False
+
+    def _emit(self, kind: str, line: bytes, *, always: bool = False, lossy: bool = False,
+              reserve: bool = True) -> _Outcome:
+        """Chain ``line`` and hand it to every sink (the lock is held).
+
+        ``always``: stdout queues it even past its limit (close, checkpoint); ``lossy``: a
+        full fail-closed stdout queue loses it instead of refusing it (reject). Without
+        either, a fail-closed stdout that cannot take the record refuses it before it gets
+        a ``log_seq`` (``_Outcome.stalled``).
+        """
+        out = _Outcome(kind=kind)
+        stream = self._stream
+        if (stream is not None and self.on_error == "fail-closed" and not always and not lossy
+                and not stream.admits(len(line) + _CHAIN_OVERHEAD)):
+            out.stalled = True
+            self.refused += 1
             return out
-        out.written.append((kind, len(line)))
-        self._healthy = True
+        self._seq += 1
+        line, self._prev = link(line, self._prev, self._seq)
+        self._since_checkpoint += 1
+        if reserve and self._seq >= self._reserved and self._state_dir is not None:
+            self._reserved = self._seq + _RESERVE
+            assert self._signer is not None
+            self._persist(ChainState(key=self._signer.public,
+                                     seq=self._checkpoint_state.seq
+                                     if self._checkpoint_state else 0,
+                                     hash=self._checkpoint_state.hash
+                                     if self._checkpoint_state else ZERO_HASH.hex(),
+                                     clean=False, reserved=self._reserved))
+        out.nbytes = len(line)
+        if self._file is not None:
+            r = self._file.write(kind, self._seq, line)
+            out.results.append((self._file, r))
+            if r.error is None:
+                out.accepted = True
+            else:
+                out.error = r.error
+                self.dropped += 1
+        if stream is not None:
+            if stream.offer(kind, self._seq, line, always=always):
+                out.accepted = True
+            else:
+                out.lost_stream = True
         return out
 
-    def _flush_gap(self, out: _Outcome) -> None:
-        """Write the pending ``gap`` record (lock held); raises OSError, keeping it pending."""
-        line = gap_record(
-            dropped=self._gap, error=self._gap_error, since=self._gap_since, t=time.time_ns()
-        )
-        self._append(line)
-        out.recovered = sum(self._gap.values())
-        out.written.append(("gap", len(line)))
-        self._gap = {}
-
-    def _append(self, line: bytes) -> None:
-        """Write all of ``line`` or nothing (lock held): a short write followed by an error
-        is truncated away, so the file never keeps half a record."""
-        if self._torn:
-            line = b"\n" + line  # end the fragment a failed truncate left behind
-        if self.max_bytes is not None and self._regular:
-            self._maybe_rotate(len(line))
-        fd = self._fd
-        assert fd is not None
-        view = memoryview(line)
-        written = 0
-        try:
-            while written < len(line):
-                n = os.write(fd, view[written:])
-                if n <= 0:
-                    raise OSError(_errno.EIO, "write returned 0")
-                written += n
-        except OSError:
-            if written:
-                self._undo(fd, written)
-            raise
-        self._size += written
-        self._torn = False
-
-    def _undo(self, fd: int, written: int) -> None:
-        """Remove the ``written`` bytes of a record that could not be finished."""
-        if self._regular:
-            try:
-                os.ftruncate(fd, os.fstat(fd).st_size - written)
-                return
-            except OSError as exc:
-                log.error("traffic log %s: cannot remove a partial record: %s", self.path, exc)
-        self._torn = True
-
-    def _maybe_rotate(self, nbytes: int) -> None:
-        assert self.max_bytes is not None and self._fd is not None
-        if self._size == 0 or self._size + nbytes <= self.max_bytes:
-            return
-        self._size = os.fstat(self._fd).st_size  # resync if someone truncated the file
-        if self._size == 0 or self._size + nbytes <= self.max_bytes:
-            return
-        if time.monotonic() < self._rotate_after:
-            return
-        try:
-            self._rotate()
-        except OSError as exc:
-            self._rotate_after = time.monotonic() + _ROTATE_RETRY
-            log.error(
-                "traffic log %s: rotation failed (%s); still writing to the current file, "
-                "next try in %.0fs",
-                self.path,
-                exc,
-                _ROTATE_RETRY,
-            )
-
-    def _rotate(self) -> None:
-        """Rotate the files (see :func:`~tsnet2.traffic.files.rotate`) and switch to the
-        fresh one; on :class:`OSError` the current file stays in use."""
-        assert self.path is not None and self._fd is not None
-        new_fd = rotate(self.path, self.keep)
-        old, self._fd = self._fd, new_fd
-        os.close(old)
-        self._size = 0
-        self.rotations += 1
-
     def _after(self, out: _Outcome, *, raise_errors: bool) -> None:
-        """Hooks and log lines for a locked write, then the policy's error."""
-        if out.recovered:
-            log.warning(
-                "traffic log %s is writable again; a gap record reports %d dropped records",
-                self.path,
-                out.recovered,
-            )
+        """Hooks and log lines for an emitted record, then the policy's error."""
+        for sink, r in out.results:
+            self._report(sink, r, out.kind)
         hook = self.on_record
-        if hook is not None:
-            for kind, nbytes in out.written:
-                hook(kind, nbytes)
-        exc = out.error
-        if exc is None or out.dropped is None:
+        if hook is not None and out.accepted:
+            hook(out.kind, out.nbytes)
+        if not raise_errors:
             return
-        if out.became_unhealthy:
-            action = (
-                "refusing new flows"
-                if self.on_error == "fail-closed"
-                else "counting dropped records"
-            )
-            log.error(
-                "traffic log %s cannot be written (%s); policy %s: %s",
-                self.path,
-                self._gap_error,
-                self.on_error,
-                action,
-            )
-        self._notify_drop(out.dropped, _reason(exc))
-        if raise_errors:
+        if out.stalled:
             raise TrafficLogError(
-                f"cannot write traffic log {self.path}: {exc.strerror or exc}", exc.errno
+                f"traffic log stdout is stalled: {self.queued_bytes} bytes of records wait for "
+                "its reader; this record was refused (fail-closed)")
+        if out.error is not None:
+            exc = out.error
+            raise TrafficLogError(
+                f"cannot write traffic log {self._file_path}: {exc.strerror or exc}", exc.errno
             ) from exc
+        if out.lost_stream and self._stream is not None and not self._stream.healthy:
+            raise TrafficLogError(f"traffic log stdout cannot be written "
+                                  f"({self._stream.gap_error})", self._stream.last_errno)
+
+    def _report(self, sink: FileSink, r: Result, kind: str) -> None:
+        if r.recovered:
+            log.warning("traffic log %s is writable again; a gap record reports %d dropped "
+                        "records", sink.path, r.recovered)
+        exc = r.error
+        if exc is None:
+            return
+        if r.became_unhealthy:
+            action = ("refusing new flows" if self.on_error == "fail-closed"
+                      else "counting dropped records")
+            log.error("traffic log %s cannot be written (%s); policy %s: %s", sink.path,
+                      sink.gap_error, self.on_error, action)
+        if kind != "gap":
+            self._notify_drop(kind, errno_reason(exc))
+
+    def _stream_lost(self, kind: str, reason: str, n: int) -> None:
+        with self._lock:
+            self.dropped += n
+        for _ in range(n):
+            self._notify_drop(kind, reason)
+
+    def _stream_pressure(self, stalled: bool) -> None:
+        if stalled:
+            log.error("traffic log stdout: %d bytes of records wait for its reader; refusing "
+                      "new flows and pausing flows until it catches up (fail-closed)",
+                      self.queued_bytes)
+        else:
+            log.warning("traffic log stdout caught up; flows resume")
+        hook = self.on_pressure
+        if hook is not None:
+            hook(stalled)
+
+    def _stream_health(self, healthy: bool, error: str, recovered: int) -> None:
+        if recovered:
+            log.warning("traffic log stdout is writable again; a gap record reports %d "
+                        "dropped records", recovered)
+        if not healthy:
+            log.error("traffic log stdout cannot be written (%s); policy %s", error,
+                      self.on_error)
 
     def _notify_drop(self, kind: str, reason: str) -> None:
         hook = self.on_drop
@@ -595,7 +785,8 @@ class TrafficLog:
                 self._journal.closed(flow.conn_id)
             if line is None:
                 return
-            out = self._write_locked("close", line)
+            self._check_open()
+            out = self._emit("close", line, always=True)
         self._after(out, raise_errors=self.on_error == "fail-closed")
 
 
