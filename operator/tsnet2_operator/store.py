@@ -80,6 +80,10 @@ LABEL_USER_ID = "tsnet2.io/user-id"
 LABEL_AUTH_KEY_ID = "tsnet2.io/auth-key-id"
 LABEL_CLAIM_KIND = "tsnet2.io/claim-kind"
 LABEL_NODE_ID = "tsnet2.io/node-id"
+ANNOTATION_TRAFFIC_LOG_KEY = "tsnet2.io/traffic-log-key"
+"""The node's traffic-log public key, on its ``TailnetNode`` (absent: none). An annotation,
+not a spec field: the CRD's structural schema would prune an unknown spec field on an API
+server whose CRD predates it, and annotations survive any CRD version."""
 
 _MAX_CONFLICT_RETRIES = 64
 _MAX_NAME_TRIES = 1000
@@ -160,7 +164,25 @@ def _node(obj: dict[str, Any]) -> NodeRecord:
         created=float(spec["created"]),
         last_seen=_num(spec.get("lastSeen")),
         auth_key_id=int(spec["authKeyId"]) if spec.get("authKeyId") is not None else None,
+        traffic_log_key=_traffic_log_key(obj),
     )
+
+
+def _traffic_log_key(obj: dict[str, Any]) -> str | None:
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    value = annotations.get(ANNOTATION_TRAFFIC_LOG_KEY)
+    return str(value) if value else None
+
+
+def _set_traffic_log_key(obj: dict[str, Any], key: str | None) -> None:
+    """Set (or, for None/"", remove) the traffic-log key annotation of ``obj``."""
+    metadata = obj.setdefault("metadata", {})
+    annotations = metadata.get("annotations") or {}
+    if key:
+        annotations[ANNOTATION_TRAFFIC_LOG_KEY] = key
+    else:
+        annotations.pop(ANNOTATION_TRAFFIC_LOG_KEY, None)
+    metadata["annotations"] = annotations
 
 
 def node_pod(obj: dict[str, Any]) -> PodRef | None:
@@ -292,15 +314,23 @@ class KubernetesStore:
         return items
 
     def _create(
-        self, plural: str, name: str, spec: dict[str, Any], labels: dict[str, str] | None = None
+        self,
+        plural: str,
+        name: str,
+        spec: dict[str, Any],
+        labels: dict[str, str] | None = None,
+        annotations: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "name": name,
+            "labels": {LABEL_MANAGED: "tsnet2", **(labels or {})},
+        }
+        if annotations:
+            metadata["annotations"] = dict(annotations)
         body = {
             "apiVersion": API_VERSION,
             "kind": _KINDS[plural],
-            "metadata": {
-                "name": name,
-                "labels": {LABEL_MANAGED: "tsnet2", **(labels or {})},
-            },
+            "metadata": metadata,
             "spec": spec,
         }
         try:
@@ -584,7 +614,10 @@ class KubernetesStore:
                 "authKeyId": spec.auth_key_id,
             }
             labels = {LABEL_CREDENTIAL: spec.credential_hash[:63], LABEL_USER_ID: str(user.id)}
-            obj = self._create(NODES, _node_name(node_id), node_spec, labels)
+            annotations = (
+                {ANNOTATION_TRAFFIC_LOG_KEY: spec.traffic_log_key} if spec.traffic_log_key else {}
+            )
+            obj = self._create(NODES, _node_name(node_id), node_spec, labels, annotations)
             undo.append(lambda: self._release_node(node_id))
             if spec.consume_auth_key and spec.auth_key_id is not None:
 
@@ -670,8 +703,10 @@ class KubernetesStore:
         public_key: str | None = None,
         endpoints: tuple[str, ...] | None = None,
         last_seen: float | None = None,
+        traffic_log_key: str | None = None,
     ) -> tuple[NodeRecord, int] | None:
-        """Change the given fields with compare-and-swap, bumping the version on a change."""
+        """Change the given fields with compare-and-swap, bumping the version on a change
+        (``traffic_log_key=""`` removes the key)."""
 
         def run() -> tuple[NodeRecord, int] | None:
             for _ in _attempts():
@@ -699,6 +734,11 @@ class KubernetesStore:
                     changed = True
                 if last_seen is not None and last_seen != node.last_seen:
                     spec["lastSeen"] = last_seen
+                    changed = True
+                if traffic_log_key is not None and (traffic_log_key or None) != (
+                    node.traffic_log_key
+                ):
+                    _set_traffic_log_key(obj, traffic_log_key)
                     changed = True
                 if not changed:
                     return node, self._counter("netmap-version")

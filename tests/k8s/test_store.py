@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,36 @@ def test_update_and_delete(make_store: StoreFactory) -> None:
         assert found is not None and found.id == c.id
         assert await store.get_node_by_credential(hash_secret("nope")) is None
         assert [n.id for n in await store.list_nodes()] == [b.id, c.id]
+
+    run(make_store, body)
+
+
+def test_traffic_log_key_is_stored_replaced_and_removed(make_store: StoreFactory) -> None:
+    """The node's traffic-log key (KubernetesStore: an annotation, so a node object written
+    before it, or under an older CRD, simply has none)."""
+
+    async def body(store: Store) -> None:
+        user = await store.ensure_user("u@x", "u")
+        key, key2 = _pub(), _pub()
+        a, _ = await store.create_node(replace(_spec(user.id, None, hostname="a"),
+                                               traffic_log_key=key))
+        b, v = await store.create_node(_spec(user.id, None, hostname="b"))
+        assert a.traffic_log_key == key and b.traffic_log_key is None
+        got = await store.get_node(a.id)
+        assert got is not None and got.traffic_log_key == key
+        same = await store.update_node(a.id, traffic_log_key=key, last_seen=None)
+        assert same is not None and same[1] == v  # no change, no bump
+        kept = await store.update_node(a.id, endpoints=("1.1.1.1:2",))
+        assert kept is not None and kept[0].traffic_log_key == key and kept[1] == v + 1
+        changed = await store.update_node(a.id, traffic_log_key=key2)
+        assert changed is not None and changed[0].traffic_log_key == key2 and changed[1] == v + 2
+        by_credential = await store.get_node_by_credential(a.credential_hash)
+        assert by_credential is not None and by_credential.traffic_log_key == key2
+        removed = await store.update_node(a.id, traffic_log_key="")
+        assert removed is not None and removed[0].traffic_log_key is None and removed[1] == v + 3
+        added = await store.update_node(b.id, traffic_log_key=key)
+        assert added is not None and added[0].traffic_log_key == key
+        assert [n.traffic_log_key for n in await store.list_nodes()] == [None, key]
 
     run(make_store, body)
 

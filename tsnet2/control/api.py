@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 from tsnet2.control.names import sanitize_hostname, validate_tag
 from tsnet2.control.store import NodeRecord
 from tsnet2.control.tokens import MAX_SECRET_LEN, validate_public_key
+from tsnet2.traffic.chain import decode_key, encode_key
 
 MAX_BODY = 64 * 1024
 """Largest accepted request body in bytes."""
@@ -31,10 +32,16 @@ MAX_JSON_NUMBER = 100
 """Longest number (characters, sign and exponent included) accepted in a request body."""
 MAX_SINCE_DIGITS = 19
 """Longest ``since`` query value: a netmap version is a signed 64-bit integer."""
+MAX_TRAFFIC_LOG_KEY = 64
+"""Longest ``traffic_log_key`` accepted (a base64 Ed25519 public key has 44 characters)."""
 
 
 class BadRequest(ValueError):
     """The request is malformed; the message says what to fix (HTTP 400)."""
+
+
+class InvalidTrafficLogKey(BadRequest):
+    """``traffic_log_key`` is not the canonical base64 of a 32-byte Ed25519 key (HTTP 400)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class RegisterRequest:
     endpoints: tuple[str, ...]
     ephemeral: bool
     tags: tuple[str, ...]
+    traffic_log_key: str | None = None
+    """The node's traffic-log public key (canonical base64, 32 bytes), or None."""
 
 
 class AuthenticationError(Exception):
@@ -224,6 +233,36 @@ def validate_endpoints(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(validate_endpoint(v) for v in value))
 
 
+def validate_traffic_log_key(value: object) -> str | None:
+    """A register body's ``traffic_log_key``: None/absent/"" mean "no key"; otherwise it
+    must be exactly the canonical standard base64 of a 32-byte Ed25519 public key (what
+    ``tsnet2.traffic.signing.SigningKey.public`` is). Raises :class:`InvalidTrafficLogKey`.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidTrafficLogKey(
+            "traffic_log_key must be a string: the base64 Ed25519 public key of the node's "
+            "traffic log"
+        )
+    if len(value) > MAX_TRAFFIC_LOG_KEY:
+        raise InvalidTrafficLogKey(
+            f"traffic_log_key has {len(value)} characters; a base64 Ed25519 public key has 44"
+        )
+    try:
+        raw = decode_key(value)
+    except ValueError as e:
+        raise InvalidTrafficLogKey(f"traffic_log_key: {e}") from None
+    canonical = encode_key(raw)
+    if value != canonical:
+        # Same 32 bytes, other spelling (prefix, blanks, non-zero padding bits): one key,
+        # one string, so a peer comparing keys compares strings.
+        raise InvalidTrafficLogKey(
+            f"traffic_log_key is not in canonical base64; send {canonical!r}"
+        )
+    return value
+
+
 def parse_register(body: dict[str, Any]) -> RegisterRequest:
     """Validate a register body; unknown fields are ignored."""
     public_key = body.get("public_key")
@@ -266,6 +305,7 @@ def parse_register(body: dict[str, Any]) -> RegisterRequest:
         endpoints=validate_endpoints(body.get("endpoints")),
         ephemeral=ephemeral,
         tags=tags,
+        traffic_log_key=validate_traffic_log_key(body.get("traffic_log_key")),
     )
 
 
@@ -327,4 +367,5 @@ def node_json(node: NodeRecord, *, domain: str, online: bool) -> dict[str, Any]:
         "online": online,
         "created": rfc3339(node.created),
         "last_seen": rfc3339(node.last_seen) if node.last_seen is not None else None,
+        "traffic_log_key": node.traffic_log_key,
     }

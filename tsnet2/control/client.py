@@ -291,9 +291,14 @@ class ControlClient:
         auth_key: str | None = None,
         node_credential: str | None = None,
         bearer_token: str | None = None,
+        traffic_log_key: str | None = None,
     ) -> RegisterResult:
         """Register (auth key, or a bearer token such as a Kubernetes ServiceAccount token
-        the server verifies) or re-register (node credential) this node."""
+        the server verifies) or re-register (node credential) this node.
+
+        ``traffic_log_key``: the base64 Ed25519 public key that signs this node's traffic
+        log, published to peers (WhoIs); a re-registration without it removes the key.
+        """
         body: dict[str, Any] = {
             "public_key": public_key,
             "hostname": hostname,
@@ -305,6 +310,8 @@ class ControlClient:
             body["auth_key"] = auth_key
         if node_credential is not None:
             body["node_credential"] = node_credential
+        if traffic_log_key is not None:
+            body["traffic_log_key"] = traffic_log_key
         data = await self._call("POST", "/v1/register", body=body, credential=bearer_token)
         try:
             return RegisterResult(

@@ -539,6 +539,7 @@ class ControlServer:
             endpoints=req.endpoints,
             auth_key_id=auth_key_id,
             consume_auth_key=consume_auth_key,
+            traffic_log_key=req.traffic_log_key,
         )
         try:
             node, version = await self.store.create_node(spec)
@@ -587,8 +588,14 @@ class ControlServer:
     async def _reregister(self, node: NodeRecord, req: api.RegisterRequest) -> NodeRecord:
         assert req.node_credential is not None
         try:
+            # The register call describes the node as it is now: a node that sends no
+            # traffic-log key (an older tsnet2d) has none, and a new key replaces the old
+            # one (its signing key file was replaced); both are logged.
             result = await self.store.update_node(
-                node.id, public_key=req.public_key, endpoints=req.endpoints
+                node.id,
+                public_key=req.public_key,
+                endpoints=req.endpoints,
+                traffic_log_key=req.traffic_log_key or "",
             )
         except PublicKeyInUseError:
             raise ApiError(409, "public key is already registered to another node") from None
@@ -598,6 +605,17 @@ class ControlServer:
         self._last_active[node.id] = self._clock()
         self._publish(version)
         log.info("control: node %d (%s) re-registered", node.id, node.name)
+        if updated.traffic_log_key != node.traffic_log_key:
+            # A first key is an upgrade; a replaced or dropped one is worth an operator's look
+            # (logs signed before verify only with the old key).
+            log.log(
+                logging.INFO if node.traffic_log_key is None else logging.WARNING,
+                "control: node %d (%s) changed its traffic-log key from %s to %s",
+                node.id,
+                node.name,
+                node.traffic_log_key or "none",
+                updated.traffic_log_key or "none",
+            )
         return updated
 
     async def _netmap(self, request: web.Request) -> web.Response:

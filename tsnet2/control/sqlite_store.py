@@ -75,6 +75,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             version INTEGER NOT NULL)""",
         "INSERT INTO netmap_version (id, version) VALUES (1, 0)",
     ),
+    # 2: the node's traffic-log public key; NULL (no key) for nodes registered before.
+    ("ALTER TABLE nodes ADD COLUMN traffic_log_key TEXT",),
 )
 """Schema migrations; after applying ``MIGRATIONS[i]`` the user_version is ``i + 1``."""
 
@@ -113,6 +115,7 @@ def _node(row: sqlite3.Row) -> NodeRecord:
         created=row["created"],
         last_seen=row["last_seen"],
         auth_key_id=row["auth_key_id"],
+        traffic_log_key=row["traffic_log_key"],
     )
 
 
@@ -354,8 +357,8 @@ class SQLiteStore:
             v4, v6 = ipam.addresses(offset)
             cur = conn.execute(
                 "INSERT INTO nodes (stable_id, name, public_key, credential_hash, user_id, tags,"
-                " ephemeral, endpoints, created, last_seen, auth_key_id)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                " ephemeral, endpoints, created, last_seen, auth_key_id, traffic_log_key)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
                 (
                     spec.stable_id,
                     name,
@@ -367,6 +370,7 @@ class SQLiteStore:
                     json.dumps(list(spec.endpoints)),
                     now,
                     spec.auth_key_id,
+                    spec.traffic_log_key or None,
                 ),
             )
             node_id = cur.lastrowid
@@ -405,8 +409,10 @@ class SQLiteStore:
         public_key: str | None = None,
         endpoints: tuple[str, ...] | None = None,
         last_seen: float | None = None,
+        traffic_log_key: str | None = None,
     ) -> tuple[NodeRecord, int] | None:
-        """Change the given fields, bumping the version if a value changed."""
+        """Change the given fields, bumping the version if a value changed (``""`` removes
+        the traffic-log key)."""
 
         def run(conn: sqlite3.Connection) -> tuple[NodeRecord, int] | None:
             node = _node_by(conn, "n.id = ?", node_id)
@@ -423,6 +429,8 @@ class SQLiteStore:
                 changes["endpoints"] = json.dumps(list(endpoints))
             if last_seen is not None and last_seen != node.last_seen:
                 changes["last_seen"] = last_seen
+            if traffic_log_key is not None and (traffic_log_key or None) != node.traffic_log_key:
+                changes["traffic_log_key"] = traffic_log_key or None
             if not changes:
                 return node, _version(conn)
             assignments = ", ".join(f"{column} = ?" for column in changes)

@@ -77,6 +77,10 @@ class NodeRecord:
     created: float
     last_seen: float | None
     auth_key_id: int | None
+    traffic_log_key: str | None = None
+    """The base64 Ed25519 public key that signs the node's traffic log checkpoints, as the
+    node registered it (canonical, 32 bytes); None when it registered none (an older node,
+    or a row/object stored before the field existed)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class NewNode:
     auth_key_id: int | None
     consume_auth_key: bool
     """Mark the (single-use) auth key used in the same transaction; fail if it already is."""
+    traffic_log_key: str | None = None
+    """The node's traffic-log public key (validated by the API layer), or None."""
 
 
 @dataclass(frozen=True)
@@ -170,9 +176,11 @@ class Store(Protocol):
         public_key: str | None = None,
         endpoints: tuple[str, ...] | None = None,
         last_seen: float | None = None,
+        traffic_log_key: str | None = None,
     ) -> tuple[NodeRecord, int] | None:
         """Change the given fields; bump the version if any value changed.
 
+        ``None`` leaves a field as it is; ``traffic_log_key=""`` removes the node's key.
         Returns the node and the (possibly unchanged) version, or None if there is no such
         node. Raises :class:`PublicKeyInUseError` if another node has ``public_key``.
         """
