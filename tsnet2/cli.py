@@ -17,6 +17,7 @@ import tsnet2
 from tsnet2 import proto
 from tsnet2._entry import check_extra, extra_for, missing_extra
 from tsnet2._version import __version__
+from tsnet2.proto import tailscale
 
 CONNECT_TIMEOUT = 1.0
 """Seconds a query keeps retrying to connect to a socket that is missing or refusing (a
@@ -59,6 +60,9 @@ def _status(args: argparse.Namespace) -> int:
     self_ = st.get("Self") or {}
     print(f"{', '.join(st.get('TailscaleIPs') or []):<40} {self_.get('DNSName', '')}  "
           f"{st.get('BackendState', '')}")
+    log_key = tailscale.traffic_log_key(self_.get("CapMap"))
+    if log_key:
+        print(f"  traffic-log key: {log_key}")
     for peer in (st.get("Peer") or {}).values():
         state = "online" if peer.get("Online") else "offline"
         print(f"{', '.join(peer.get('TailscaleIPs') or []):<40} {peer.get('DNSName', '')}  "
@@ -133,6 +137,9 @@ def _whois(args: argparse.Namespace) -> int:
     print(f"  Addresses: {', '.join(node.get('Addresses') or [])}")
     if node.get("Tags"):
         print(f"  Tags: {', '.join(node['Tags'])}")
+    log_key = tailscale.traffic_log_key(node.get("CapMap"))
+    if log_key:
+        print(f"  traffic-log key: {log_key}")
     print(f"User: {user.get('LoginName', '')}  ({user.get('DisplayName', '')})")
     return 0
 

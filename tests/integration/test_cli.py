@@ -21,6 +21,8 @@ import pytest
 
 import tsnet2
 from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
+from tsnet2.proto.tailscale import TRAFFIC_LOG_KEY_CAP
+from tsnet2.traffic.signing import SIGNING_KEY_FILE, load_or_create_signing_key
 
 from .tailnet import running_tailnet, wait_for
 from .test_daemon import Daemon
@@ -246,6 +248,34 @@ def test_whois_text_and_self(net: Net) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"Machine: alpha.{DOMAIN}.  (")
     assert "Addresses: 100.64." in out.stdout and "User: " in out.stdout
+
+
+@pytest.mark.netns
+def test_whois_and_status_show_the_traffic_log_key(net: Net) -> None:
+    """Each node registered the public half of ``<state-dir>/traffic-log.key``: alpha's WhoIs
+    of beta shows beta's (Node.CapMap), alpha's status shows both, and so does the CLI."""
+    keys = {}
+    for name, daemon in (("alpha", net.alpha), ("beta", net.dbeta)):
+        assert (daemon.state_dir / SIGNING_KEY_FILE).is_file(), f"{name} has no key file"
+        keys[name] = load_or_create_signing_key(daemon.state_dir).public
+    assert keys["alpha"] != keys["beta"]
+    local = tsnet2.LocalClient(net.sock)
+    who = local.whois(net.beta_ip)
+    assert who["Node"]["Name"] == f"beta.{DOMAIN}."
+    assert who["Node"]["CapMap"] == {TRAFFIC_LOG_KEY_CAP: [keys["beta"]]}
+    st = local.status()
+    assert st["Self"]["CapMap"] == {TRAFFIC_LOG_KEY_CAP: [keys["alpha"]]}
+    (beta,) = [p for p in st["Peer"].values() if p["HostName"] == "beta"]
+    assert beta["CapMap"] == {TRAFFIC_LOG_KEY_CAP: [keys["beta"]]}
+
+    out = cli("whois", "--socket", net.sock, "beta")
+    assert out.returncode == 0, out.stderr
+    assert f"  traffic-log key: {keys['beta']}\n" in out.stdout
+    out = cli("status", "--socket", net.sock)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1] == f"  traffic-log key: {keys['alpha']}"
+    who_json = json.loads(cli("whois", "--json", "--socket", net.sock, "beta").stdout)
+    assert who_json["Node"]["CapMap"][TRAFFIC_LOG_KEY_CAP] == [keys["beta"]]
 
 
 @pytest.mark.netns

@@ -29,6 +29,7 @@ from tsnet2.node.endpoint import detect_endpoints, parse_endpoint
 from tsnet2.node.guard import Guard
 from tsnet2.node.keys import load_or_create_private_key, public_key_b64
 from tsnet2.proto.codes import ErrorCode
+from tsnet2.traffic.signing import SigningKeyError, load_or_create_signing_key
 
 log = logging.getLogger("tsnet2d.backend")
 
@@ -186,6 +187,12 @@ class Backend:
     async def _bring_up(self, params: StartParams) -> None:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         key = await asyncio.to_thread(load_or_create_private_key, self.state_dir)
+        try:
+            # The traffic log signs its checkpoints with this key (the log writer loads the
+            # same file; creating it is race-free); peers learn its public half from control.
+            log_key = (await asyncio.to_thread(load_or_create_signing_key, self.state_dir)).public
+        except SigningKeyError as exc:
+            raise BackendError(f"traffic-log signing key: {exc}") from exc
         saved = self._load_node_file()
         cfg = self.device_config
         if cfg.advertise_endpoint:
@@ -219,6 +226,7 @@ class Backend:
                 auth_key=auth_key or None,
                 node_credential=credential or None,
                 bearer_token=token or None,
+                traffic_log_key=log_key,
             )
         except AuthError:
             if not credential or not (auth_key or token):
@@ -229,6 +237,7 @@ class Backend:
                 public_key=public_key_b64(key), hostname=params.hostname, endpoints=endpoints,
                 ephemeral=params.ephemeral, tags=list(params.advertise_tags),
                 auth_key=auth_key or None, node_credential=None, bearer_token=token or None,
+                traffic_log_key=log_key,
             )
         self._credential = reg.node_credential
         self.domain = reg.domain

@@ -21,8 +21,15 @@ Field names, order and encodings follow these files of github.com/tailscale/tail
 
 Our ``Node`` dict (docs/architecture.md): ``{"id", "stable_id", "name", "fqdn",
 "public_key" (base64 WireGuard key), "addresses", "endpoints", "user": {"id",
-"login_name", "display_name"}, "tags", "ephemeral", "online", "created", "last_seen"}``;
-an optional ``"os"`` key (default ``"linux"``) fills ``Hostinfo.OS``/``PeerStatus.OS``.
+"login_name", "display_name"}, "tags", "ephemeral", "online", "created", "last_seen",
+"traffic_log_key"}``; an optional ``"os"`` key (default ``"linux"``) fills
+``Hostinfo.OS``/``PeerStatus.OS``.
+
+Node capabilities (``tailcfg.NodeCapMap``, ``map[NodeCapability][]RawMessage``, in
+``tailcfg.Node.CapMap`` and ``ipnstate.PeerStatus.CapMap``, both ``omitempty``): a node that
+registered a traffic-log key has ``{TRAFFIC_LOG_KEY_CAP: ["<base64 Ed25519 key>"]}``; a node
+without one has no ``CapMap`` field, as before. ``WhoIsResponse.CapMap`` is Tailscale's
+``PeerCapMap`` (grants between the two nodes): it stays ``{}``.
 
 Times: Go's ``time.Time`` JSON (UTC RFC 3339, fraction trimmed); the zero time is
 ``0001-01-01T00:00:00Z``. Go maps keyed by ``UserID`` marshal their keys as decimal
@@ -42,18 +49,23 @@ from typing import Any
 from tsnet2.proto.gojson import GO_ZERO_TIME, go_time
 
 __all__ = [
+    "TRAFFIC_LOG_KEY_CAP",
     "IPNState",
+    "cap_map",
     "node_key",
     "notify",
     "peer_status",
     "status",
     "tailcfg_node",
+    "traffic_log_key",
     "user_profile",
     "whois_response",
 ]
 
 _ZERO_HEX = "0" * 64
 DEFAULT_OS = "linux"
+TRAFFIC_LOG_KEY_CAP = "https://tsnet2.io/cap/traffic-log-key"
+"""The node capability whose one value is the node's traffic-log public key (base64)."""
 
 
 class IPNState(enum.IntEnum):
@@ -77,6 +89,39 @@ def node_key(public_key_b64: str) -> str:
     if len(raw) != 32:
         raise ValueError(f"public_key {public_key_b64!r:.60} is not a base64 32-byte key")
     return "nodekey:" + raw.hex()
+
+
+def _is_key(value: object) -> bool:
+    if not isinstance(value, str) or len(value) != 44:
+        return False
+    try:
+        return len(base64.b64decode(value, validate=True)) == 32
+    except (binascii.Error, ValueError):
+        return False
+
+
+def cap_map(node: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The node's ``tailcfg.NodeCapMap`` (empty when it has no capability to show).
+
+    A ``traffic_log_key`` that is not a base64 32-byte key (a broken control server) is
+    left out rather than shown.
+    """
+    caps: dict[str, list[Any]] = {}
+    key = node.get("traffic_log_key")
+    if _is_key(key):
+        caps[TRAFFIC_LOG_KEY_CAP] = [key]
+    return caps
+
+
+def traffic_log_key(caps: object) -> str | None:
+    """The traffic-log key in a decoded ``CapMap`` (of a WhoIs ``Node``, or a status
+    ``Self``/``Peer`` entry), or None when there is none."""
+    if not isinstance(caps, Mapping):
+        return None
+    values = caps.get(TRAFFIC_LOG_KEY_CAP)
+    if isinstance(values, list) and values and _is_key(values[0]):
+        return str(values[0])
+    return None
 
 
 def _time(value: object) -> str:
@@ -164,6 +209,9 @@ def tailcfg_node(node: Mapping[str, Any], domain: str) -> dict[str, Any]:
     if node.get("online") is not None:
         out["Online"] = bool(node["online"])
     out["MachineAuthorized"] = True
+    caps = cap_map(node)
+    if caps:
+        out["CapMap"] = caps
     name = _computed_name(node, domain)
     if name:
         out["ComputedName"] = name
@@ -256,11 +304,12 @@ def peer_status(
             "ExitNodeOption": False,
             "Active": bool(stats.get("active")),
             "PeerAPIURL": None,
-            "InNetworkMap": True,
-            "InMagicSock": in_engine,
-            "InEngine": in_engine,
         }
     )
+    caps = cap_map(node)
+    if caps:
+        out["CapMap"] = caps
+    out.update({"InNetworkMap": True, "InMagicSock": in_engine, "InEngine": in_engine})
     return out
 
 
