@@ -41,14 +41,17 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         time.sleep(0.05)
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Parse a JSONL traffic log; blank lines skipped, bad JSON fails the test."""
+def read_log(path: Path, *, checkpoints: bool = False) -> list[dict[str, Any]]:
+    """Parse a JSONL traffic log; blank lines skipped, bad JSON fails the test. The hash
+    chain's ``checkpoint`` records are left out unless ``checkpoints``."""
     if not path.exists():
         return []
     out = []
     for line in path.read_text().splitlines():
         if line.strip():
-            out.append(json.loads(line))
+            rec = json.loads(line)
+            if checkpoints or rec.get("kind") != "checkpoint":
+                out.append(rec)
     return out
 
 

@@ -103,8 +103,10 @@ class _Outcome:
     accepted: bool = False  # at least one sink wrote or queued it
     results: list[tuple[FileSink, Result]] = field(default_factory=list)
     error: OSError | None = None  # the file sink's write failed
-    lost_stream: bool = False  # the stream sink lost it (queue full, closed)
-    stalled: bool = False  # fail-closed: the stream sink would not take it
+    lost_stream: str = ""  # why the stream sink lost it (queue_full, not_open)
+    stalled: bool = False  # fail-closed: the stream sink would not take it (full)
+    unwritable: bool = False  # fail-closed: the stream sink is failing (its reader is gone)
+    stall_started: bool = False  # this record started a stall of the stream sink
 
 
 RESTART_ERROR = "daemon restart"
@@ -185,8 +187,12 @@ class TrafficLog:
         buffer: int = DEFAULT_BUFFER,
         state_dir: str | os.PathLike[str] | None = None,
         signing_key: SigningKey | None = None,
+        stdout_fd: int = 1,
     ) -> None:
-        """Configure the log; nothing is opened until :meth:`open` (or ``with``)."""
+        """Configure the log; nothing is opened until :meth:`open` (or ``with``).
+
+        ``stdout_fd``: the descriptor ``"-"`` writes to (tests give a pipe).
+        """
         if mode not in _MODES:
             raise ValueError(f"traffic log mode must be one of {', '.join(_MODES)}; got {mode!r}")
         if chunk_size < 1:
@@ -212,6 +218,7 @@ class TrafficLog:
         self.payload_cap = payload_cap
         self.on_error: ErrorPolicy = on_error
         self.buffer = buffer
+        self._stdout_fd = stdout_fd
         self.on_record: Callable[[str, int], None] | None = None
         self.on_drop: Callable[[str, str], None] | None = None
         self.on_pressure: Callable[[bool], None] | None = None
@@ -385,14 +392,14 @@ class TrafficLog:
                                       keep=self.keep, named=named)
                 self._file.open()
             if self._stdout:
-                st = os.fstat(1)
+                st = os.fstat(self._stdout_fd)
                 if stat.S_ISREG(st.st_mode):  # `tsnet2d > file`: written like a file
                     if self._file is not None:
                         raise TrafficLogError("standard output is a regular file: give the "
                                               "traffic log only one file")
-                    self._file = FileSink("-", fd=1, label="stdout")
+                    self._file = FileSink("-", fd=self._stdout_fd, label="stdout")
                 else:
-                    self._stream = StreamSink(1, limit=self.buffer,
+                    self._stream = StreamSink(self._stdout_fd, limit=self.buffer,
                                               fail_closed=self.on_error == "fail-closed",
                                               named=named)
                     self._stream.on_lost = self._stream_lost
@@ -673,7 +680,10 @@ class TrafficLog:
         stream = self._stream
         if (stream is not None and self.on_error == "fail-closed" and not always and not lossy
                 and not stream.admits(len(line) + _CHAIN_OVERHEAD)):
-            out.stalled = True
+            if stream.healthy:
+                out.stalled = True
+            else:
+                out.unwritable = True
             self.refused += 1
             return out
         self._seq += 1
@@ -698,10 +708,12 @@ class TrafficLog:
                 out.error = r.error
                 self.dropped += 1
         if stream is not None:
-            if stream.offer(kind, self._seq, line, always=always):
-                out.accepted = True
+            lost, out.stall_started = stream.offer(kind, self._seq, line, always=always)
+            if lost:
+                out.lost_stream = lost
+                self.dropped += 1
             else:
-                out.lost_stream = True
+                out.accepted = True
         return out
 
     def _after(self, out: _Outcome, *, raise_errors: bool) -> None:
@@ -711,8 +723,17 @@ class TrafficLog:
         hook = self.on_record
         if hook is not None and out.accepted:
             hook(out.kind, out.nbytes)
+        if out.lost_stream:
+            self._notify_drop(out.kind, out.lost_stream)
+        if out.stall_started:
+            self._stream_pressure(True)
         if not raise_errors:
             return
+        if out.unwritable:
+            assert self._stream is not None
+            raise TrafficLogError(f"traffic log stdout cannot be written "
+                                  f"({self._stream.gap_error}); refusing flows until it can",
+                                  self._stream.last_errno)
         if out.stalled:
             raise TrafficLogError(
                 f"traffic log stdout is stalled: {self.queued_bytes} bytes of records wait for "
@@ -722,7 +743,8 @@ class TrafficLog:
             raise TrafficLogError(
                 f"cannot write traffic log {self._file_path}: {exc.strerror or exc}", exc.errno
             ) from exc
-        if out.lost_stream and self._stream is not None and not self._stream.healthy:
+        if out.lost_stream and self.on_error == "fail-closed":
+            assert self._stream is not None
             raise TrafficLogError(f"traffic log stdout cannot be written "
                                   f"({self._stream.gap_error})", self._stream.last_errno)
 

@@ -39,6 +39,7 @@ log = logging.getLogger("tsnet2.traffic")
 _ROTATE_RETRY = 10.0  # seconds between rotation attempts after one failed
 _BATCH_BYTES = 1 << 20  # at most this much per write of the stream writer
 _POLL_MS = 100  # the stream writer looks at close/abandon this often while the reader stalls
+_MARK = "\0gap"  # a queue entry: write the pending gap record here
 
 
 def errno_reason(exc: OSError) -> str:
@@ -243,9 +244,9 @@ class StreamSink(Sink):
     ``close`` and ``checkpoint`` records are always queued (there is one close per flow).
     Under ``continue`` a record that does not fit is lost and counted.
 
-    Callbacks, called without locks from the thread that noticed (the writer thread or the
-    caller of :meth:`offer`): ``on_pressure(stalled)``, ``on_lost(kind, reason, n)``,
-    ``on_health(healthy, error, recovered)``.
+    Callbacks, called by the writer thread without the sink's lock: ``on_pressure(False)``
+    when a stall ends, ``on_lost(kind, reason, n)`` for records a failed write lost,
+    ``on_health(healthy, error, recovered)``. (:meth:`offer` returns its news instead.)
     """
 
     def __init__(self, fd: int, *, limit: int, fail_closed: bool, label: str = "stdout",
@@ -276,6 +277,7 @@ class StreamSink(Sink):
         self._thread: threading.Thread | None = None
         self._poll = False
         self._retry = False
+        self._marked = False  # a gap marker waits in the queue
 
     def start(self) -> None:
         """Start the writer thread (sets O_NONBLOCK on a pipe or socket; restored at close)."""
@@ -297,37 +299,36 @@ class StreamSink(Sink):
         with self._cond:
             return self.healthy and not self._closing and self.queued + nbytes <= self.limit
 
-    def offer(self, kind: str, seq: int | None, line: bytes, *, always: bool = False) -> bool:
-        """Queue ``line``; False when it was lost (counted, ``on_lost`` called).
+    def offer(self, kind: str, seq: int | None, line: bytes, *,
+              always: bool = False) -> tuple[str, bool]:
+        """Queue ``line``. Returns ``(lost, stalled_now)``: ``lost`` is "" when queued, else
+        why it was lost (``queue_full``, ``not_open``; counted in the gap); ``stalled_now``
+        when this record started a stall. The caller reports both (no callback here: the
+        caller holds its own lock).
 
         ``always``: queue it even past ``limit`` (close and checkpoint records).
         """
         n = len(line)
-        stalled_now = False
         with self._cond:
             if self._closing:
                 self.lose(kind, seq, "closed")
-                reason = "not_open"
-            elif not always and self.queued + n > self.limit:
+                return "not_open", False
+            if not always and self.queued + n > self.limit:
                 self.lose(kind, seq, f"queue full: {self.queued} bytes wait for the reader of "
                                      f"{self.label}")
-                reason = "queue_full"
-            else:
-                was_empty = not self._q
-                self._q.append((kind, seq, line))
-                self.queued += n
-                if self.fail_closed and not self.stalled and self.queued >= self.high:
-                    self.stalled = stalled_now = True
-                if was_empty:
-                    self._cond.notify()
-                reason = ""
-        if stalled_now and self.on_pressure is not None:
-            self.on_pressure(True)
-        if reason:
-            if self.on_lost is not None:
-                self.on_lost(kind, reason, 1)
-            return False
-        return True
+                if not self._marked:  # the gap record goes where the first loss would have
+                    self._q.append((_MARK, None, b""))
+                    self._marked = True
+                return "queue_full", False
+            was_empty = not self._q
+            self._q.append((kind, seq, line))
+            self.queued += n
+            stalled_now = False
+            if self.fail_closed and not self.stalled and self.queued >= self.high:
+                self.stalled = stalled_now = True
+            if was_empty:
+                self._cond.notify()
+            return "", stalled_now
 
     def kick(self) -> None:
         """Ask the writer to write a pending gap record now (recovery after an error)."""
@@ -352,9 +353,10 @@ class StreamSink(Sink):
                     self._cond.notify()
                 t.join(1.0 if self._poll else 0.05)
         with self._cond:
-            left = len(self._q)
+            left = sum(1 for kind, _, _ in self._q if kind != _MARK)
             for kind, seq, _ in self._q:
-                self.lose(kind, seq, "closed")
+                if kind != _MARK:
+                    self.lose(kind, seq, "closed")
             self._q.clear()
             self.queued = 0
         if self._restore_flags is not None:
@@ -376,11 +378,18 @@ class StreamSink(Sink):
                     return
                 batch: list[tuple[str, int | None, bytes]] = []
                 size = 0
-                while self._q and (not batch or size + len(self._q[0][2]) <= _BATCH_BYTES):
+                gap = b""
+                if self._q and self._q[0][0] == _MARK:
+                    self._q.popleft()
+                    self._marked = False
+                    gap = self.gap_line() if self.gap else b""
+                elif self.gap and not self._marked:  # losses of a failed write
+                    gap = self.gap_line()
+                while (self._q and self._q[0][0] != _MARK
+                       and (not batch or size + len(self._q[0][2]) <= _BATCH_BYTES)):
                     item = self._q.popleft()
                     batch.append(item)
                     size += len(item[2])
-                gap = self.gap_line() if self.gap else b""
             self._write_batch(batch, gap, size)
 
     def _write_batch(self, batch: list[tuple[str, int | None, bytes]], gap: bytes,
