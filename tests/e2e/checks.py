@@ -49,6 +49,55 @@ def traffic_records(text: str) -> list[dict[str, Any]]:
     return records
 
 
+def cri_stdout(text: str) -> str:
+    """The standard output of a container as the kubelet's (CRI) container log file holds it:
+    ``<time> <stream> <tags> <content>`` per line, ``tags`` starting with ``P`` for a partial
+    piece (the runtime splits lines longer than 16 KiB) and ``F`` for the last one. Pieces
+    are joined, ``stderr`` (the daemon's diagnostics) is left out; a torn last CRI line
+    (the runtime may be writing) is dropped, and a record whose last piece has not come yet
+    is left without its newline (:func:`traffic_records` then leaves it out)."""
+    out: list[str] = []
+    pending = ""
+    lines = text.split("\n")
+    del lines[-1]  # "" after the last newline, or a torn CRI line
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        parts = line.split(" ", 3)
+        if len(parts) < 3 or parts[1] not in ("stdout", "stderr") or parts[2][:1] not in "PF":
+            raise AssertionError(f"container log line {i + 1} is not CRI: {line[:200]}")
+        if parts[1] != "stdout":
+            continue
+        pending += parts[3] if len(parts) == 4 else ""
+        if parts[2].startswith("F"):
+            out.append(pending + "\n")
+            pending = ""
+    return "".join(out) + pending
+
+
+def chained(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The records in the hash chain (those with a ``log_seq``: not ``gap``), in order."""
+    return [r for r in records if "log_seq" in r]
+
+
+def unclosed(records: Iterable[Mapping[str, Any]]) -> list[Any]:
+    """conn_ids with an ``open`` and no ``close``, in order of their open."""
+    records = list(records)
+    closed = {r.get("conn_id") for r in records if r.get("kind") == "close"}
+    return [r["conn_id"] for r in records
+            if r.get("kind") == "open" and r.get("conn_id") not in closed]
+
+
+def same_records_problems(a: Iterable[Mapping[str, Any]],
+                          b: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Where two sinks of one log disagree: each record of the chain that both hold (same
+    ``log_seq``) must be the same record; empty when they agree."""
+    by_seq = {r["log_seq"]: r for r in chained(a)}
+    return [f"log_seq {r['log_seq']}: {json.dumps(by_seq[r['log_seq']])[:300]} != "
+            f"{json.dumps(r)[:300]}"
+            for r in chained(b) if r["log_seq"] in by_seq and by_seq[r["log_seq"]] != r]
+
+
 def metric_samples(text: str) -> dict[str, float]:
     """Prometheus text exposition -> ``{'name{labels}': value}``."""
     out = {}

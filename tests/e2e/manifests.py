@@ -7,8 +7,10 @@ apps (the same Python programs as the podman pod test, tests/image/apps.py).
   and ``privileged`` Pod Security, which the sidecar's ``NET_ADMIN`` needs;
 * the server: a StatefulSet (a stable pod name is the stable tailnet hostname that
   ``tsnet2.io/state: persistent`` needs; its rolling update replaces the pod in place, so the
-  old and the new pod never hold the state claim at once);
-* the client: a Deployment (ephemeral state: its node goes with its pod).
+  old and the new pod never hold the state claim at once), with its traffic log to standard
+  output and to the file in its state volume (``tsnet2.io/traffic-log-sink: both``);
+* the client: a Deployment (ephemeral state: its node goes with its pod; the traffic log
+  to standard output, the default).
 
 Both pod templates carry ``tsnet2.io/inject: enabled`` as well, as an app would.
 """
@@ -29,6 +31,7 @@ APP_UID = 10001  # the image's non-root user
 
 INJECT = "tsnet2.io/inject"
 STATE = "tsnet2.io/state"
+TRAFFIC_LOG_SINK = "tsnet2.io/traffic-log-sink"
 INJECT_LABEL = {INJECT: "enabled"}
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # what `kubectl rollout restart` sets
 
@@ -97,7 +100,8 @@ def server_statefulset(image: str, namespace: str = APPS_NAMESPACE) -> dict[str,
             "selector": {"matchLabels": labels},
             "updateStrategy": {"type": "RollingUpdate"},
             "template": _template(labels, _app_container(image, apps.SERVER, []),
-                                  {STATE: "persistent"}, fs_group=APP_UID),
+                                  {STATE: "persistent", TRAFFIC_LOG_SINK: "both"},
+                                  fs_group=APP_UID),
         },
     }
 

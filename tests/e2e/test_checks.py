@@ -71,6 +71,44 @@ def test_traffic_records_skip_only_a_torn_last_line() -> None:
         checks.traffic_records('{"kind": "open"}\n{torn\n{"kind": "close"}\n')
 
 
+def _cri(stream: str, tag: str, content: str) -> str:
+    return f"2026-05-19T16:06:10.123456789Z {stream} {tag} {content}\n"
+
+
+def test_cri_stdout_joins_partial_lines_and_drops_stderr() -> None:
+    """The kubelet's container log: a long record is split into P pieces ending with an F
+    piece; stderr lines (the daemon's messages) may come between; a torn CRI line at the
+    end and a record whose F piece has not come yet are left out of the records."""
+    rec = json.dumps({"kind": "open", "conn_id": "a", "log_seq": 1})
+    text = (_cri("stdout", "P", rec[:10]) + _cri("stderr", "F", "tsnet2d: starting")
+            + _cri("stdout", "P", rec[10:20]) + _cri("stdout", "F", rec[20:])
+            + _cri("stdout", "F", "") + _cri("stdout", "F", '{"kind": "close"}'))
+    assert checks.cri_stdout(text) == rec + "\n\n" + '{"kind": "close"}\n'
+    assert checks.traffic_records(checks.cri_stdout(text))[0] == json.loads(rec)
+    torn = text + "2026-05-19T16:06:10Z stdout F {\"ki"
+    assert checks.cri_stdout(torn) == checks.cri_stdout(text)
+    unfinished = text + _cri("stdout", "P", '{"kind": "da')
+    assert len(checks.traffic_records(checks.cri_stdout(unfinished))) == 2
+    with pytest.raises(AssertionError, match="line 1 is not CRI"):
+        checks.cri_stdout('{"kind": "open"}\n')
+
+
+def test_chain_helpers() -> None:
+    records: list[dict[str, Any]] = [
+        {"kind": "checkpoint", "reason": "start", "log_seq": 1},
+        {"kind": "open", "conn_id": "a", "log_seq": 2},
+        {"kind": "open", "conn_id": "b", "log_seq": 3},
+        {"kind": "gap", "dropped": 1},
+        {"kind": "close", "conn_id": "a", "log_seq": 4},
+    ]
+    assert [r["log_seq"] for r in checks.chained(records)] == [1, 2, 3, 4]
+    assert checks.unclosed(records) == ["b"]
+    assert checks.same_records_problems(records, records[1:3]) == []
+    other = [dict(records[1], conn_id="x"), {"kind": "open", "log_seq": 9}]
+    (problem,) = checks.same_records_problems(records, other)
+    assert problem.startswith("log_seq 2:")
+
+
 def test_served_flow_is_the_last_exchange_of_that_client() -> None:
     cut = _flow(1, b"ping\n", b"", close=False)
     cut.append({"kind": "close", "conn_id": 1, "bytes_in": 5, "bytes_out": 0})

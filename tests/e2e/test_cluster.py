@@ -13,14 +13,21 @@ One cluster for the module. In order, as a user meets the product:
 2. two annotated workloads, a persistent StatefulSet and an ephemeral Deployment with
    non-root apps, get the (native) sidecar, go Ready and echo over the tailnet by hostname;
    WhoIs names the caller; their ``TailnetNode`` objects exist;
-3. the server's traffic log holds the flow; its ``/metrics``, scraped over the pod network by
-   a pod (as Prometheus would), agree;
+3. the server's traffic log leaves the pod through its container log: the kubelet's CRI
+   file on the node (what a log collector reads) holds the flow and passes ``tsnet2 log
+   verify`` as it is; the server's sink is ``both``, and the file in its state volume holds
+   the same records; its ``/metrics``, scraped over the pod network by a pod (as Prometheus
+   would), agree;
 4. ``kubectl exec`` of ``tsnet2 status`` / ``tsnet2 whois`` into the app container, and a
    second client process in it, leave the pod serving (the sidecar is a shared service);
 5. the operator's pods are deleted: the pods keep talking meanwhile; the new operator
    injects and coordinates (a new pod joins and talks);
 6. a rolling update of the persistent server keeps its identity (same node, key and IP, no
-   ``-1`` hostname); deleting the ephemeral client's pod removes its node;
+   ``-1`` hostname), and its log's chain: what a collector following the old pod's container
+   log got verifies whole and ends in the ``close`` checkpoint the new daemon's ``start``
+   continues from; deleting the ephemeral client's pod while a flow is open loses nothing a
+   collector following its container log already held (every open has its close, the
+   chain ends in a ``close`` checkpoint), and removes its node;
 7. ``helm upgrade`` with a changed value (the operator's uid: any uid works) and ``helm
    uninstall``, which leaves only what charts/tsnet2/README.md says it leaves.
 
@@ -35,6 +42,8 @@ import os
 import re
 import shlex
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,7 +53,7 @@ from typing import Any, Protocol
 import pytest
 from kubernetes import client as k8s
 
-from tests.e2e import checks, manifests
+from tests.e2e import checks, manifests, podlogs
 from tests.e2e.cluster import driver as local
 from tests.e2e.kind import cluster as kind
 from tests.e2e.kube import (
@@ -79,7 +88,8 @@ RELEASE = kind.RELEASE
 OPERATOR_NS = kind.OPERATOR_NAMESPACE
 OPERATOR = f"{RELEASE}-operator"
 SIDECAR = "tsnet2d"
-TRAFFIC_LOG = "/var/lib/tsnet2/traffic.jsonl"
+TRAFFIC_LOG = "/var/lib/tsnet2/traffic.jsonl"  # the file sink (tsnet2.io/traffic-log-sink)
+TSNET2 = Path(sys.executable).with_name("tsnet2")  # the CLI of the tree under test
 METRICS_PORT = 9464
 SERVER_SELECTOR = f"app.kubernetes.io/name={manifests.SERVER}"
 CLIENT_SELECTOR = f"app.kubernetes.io/name={manifests.CLIENT}"
@@ -103,6 +113,9 @@ class Cluster(Protocol):
     def helm(self, *argv: str, timeout: float = 300) -> str: ...
     def kubectl_argv(self) -> list[str]: ...
     def api_client(self) -> Any: ...
+    def read_container_log(self, namespace: str, pod: str, uid: str, container: str) -> str: ...
+    def follow_container_log(self, namespace: str, pod: str, uid: str,
+                             container: str) -> podlogs.Follower: ...
 
 
 def readme_helm_install(repository: str, tag: str) -> list[str]:
@@ -161,8 +174,23 @@ class Env:
         """Every ``RESULT`` line of a pod's app so far."""
         return checks.results_of(self.logs(pod))
 
+    def container_log(self, pod: str, uid: str = "") -> str:
+        """The sidecar's container log as the node holds it (the kubelet's CRI files, oldest
+        first): what a log collector reads."""
+        uid = uid or _uid(get(self.api, "v1", "Pod", pod, NS))
+        return self.cluster.read_container_log(NS, pod, uid, SIDECAR)
+
+    def follow(self, pod: dict[str, Any]) -> podlogs.Follower:
+        """Follow the sidecar's container log on the node, as a collector does."""
+        return self.cluster.follow_container_log(NS, _name(pod), _uid(pod), SIDECAR)
+
     def traffic(self, pod: str) -> list[dict[str, Any]]:
-        """The pod's traffic log (read in its sidecar)."""
+        """The pod's traffic log: the sidecar's standard output (the default sink), from its
+        container log on the node."""
+        return checks.traffic_records(checks.cri_stdout(self.container_log(pod)))
+
+    def traffic_file(self, pod: str) -> list[dict[str, Any]]:
+        """The pod's traffic-log file (sink ``file`` or ``both``; read in its sidecar)."""
         return checks.traffic_records(self.exec(pod, SIDECAR, ["cat", TRAFFIC_LOG]))
 
     def server(self) -> dict[str, Any]:
@@ -181,6 +209,22 @@ class Env:
         out = self.exec(pod, manifests.APP_CONTAINER,
                         ["python3", "-c", apps.PING, target, message])
         return str(json.loads(out.strip().splitlines()[-1])["reply"])
+
+
+def verify_log(text: str, *, allow_open: bool = False) -> str:
+    """``tsnet2 log verify`` (the CLI of the tree under test, on the host) over collected
+    text; its report. Fails with the report unless it exits 0."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "collected.log"
+        path.write_text(text, encoding="utf-8")
+        argv = [str(TSNET2), "log", "verify", *(["--allow-open"] if allow_open else []),
+                str(path)]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                              stdin=subprocess.DEVNULL)
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, (f"`tsnet2 log verify` exited {proc.returncode}:\n"
+                                  f"{report[-4000:]}\ncollected (tail):\n{text[-3000:]}")
+    return report
 
 
 def operator_available(api: k8s.ApiClient) -> bool:
@@ -417,20 +461,41 @@ def _scrape(env: Env, pod_ip: str) -> str:
 
 
 def test_traffic_log_and_metrics_from_the_running_pod(deployed: Env) -> None:
+    """The server's traffic log leaves the pod through its container log: the kubelet's
+    CRI file on the node (what Fluent Bit or Vector read) holds the exchange and passes
+    `tsnet2 log verify` as it is; `kubectl logs` shows it too. The server's sink is `both`:
+    the file in the state volume holds the same records and verifies in the sidecar. Its
+    /metrics, scraped over the pod network, agree."""
     env = deployed
     server, client = env.server(), env.client()
     srv, cli = _name(server), _name(client)
     seen = _exchange(env, cli, srv)
-    # The server's traffic log holds the exchange, both directions, with the payload.
+    # The container log on the node holds the exchange, both directions, with the payload.
     flow = wait_for(lambda: (lambda f: f if f.closed else None)(
         checks.served_flow(env.traffic(srv), f"{cli}.{env.domain}.")), 30,
         "the flow's close record")
     assert flow.remote_ip == seen["remote"]
     assert flow.peer_to_app == f"ping from {cli}\n".encode()
     assert flow.app_to_peer == f"pong: ping from {cli}\n".encode()
-    # The whole log passes `tsnet2 log verify` (run by the sidecar's own image).
-    report = env.exec(srv, SIDECAR, ["tsnet2", "log", "verify", "--allow-open", TRAFFIC_LOG])
-    assert report.endswith("OK\n"), report
+    # The raw CRI file passes `tsnet2 log verify` as a collector found it.
+    raw = env.container_log(srv, _uid(server))
+    assert " stdout F {" in raw, raw[-2000:]
+    verify_log(raw, allow_open=True)
+    records = checks.traffic_records(checks.cri_stdout(raw))
+    assert checks.chained(records), records[-5:]
+    # `kubectl logs` (the kubelet's API over the same file) shows the records; the daemon's
+    # own messages go to stderr, which this merges in, so only JSON lines are records.
+    api = "".join(line + "\n" for line in env.kubectl("-n", NS, "logs", srv, "-c",
+                                                       SIDECAR).splitlines()
+                  if line.startswith("{"))
+    assert checks.served_flow(checks.traffic_records(api), f"{cli}.{env.domain}.").closed
+    # Sink `both`: the file in the state volume has the same records and verifies in the
+    # sidecar (with the sidecar's own tsnet2).
+    in_file = env.traffic_file(srv)
+    assert checks.served_flow(in_file, f"{cli}.{env.domain}.").closed
+    problems = checks.same_records_problems(records, in_file)
+    assert not problems, problems
+    env.exec(srv, SIDECAR, ["tsnet2", "log", "verify", "--allow-open", TRAFFIC_LOG])
     # ... and its /metrics, scraped over the pod network, count the same flows and bytes.
     records = env.traffic(srv)
     samples = checks.metric_samples(_scrape(env, str(server["status"]["podIP"])))
@@ -525,11 +590,27 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     assert node["spec"]["pod"]["uid"] == _uid(old), node_summary(node)
     assert node["spec"]["ephemeral"] is False, node_summary(node)
 
-    strategic_patch(env.api, "apps/v1", "StatefulSet", manifests.SERVER,
-                    manifests.restart_patch(time.strftime("%Y-%m-%dT%H:%M:%SZ")), NS)
-    new = wait_for(lambda: _one_pod(env, SERVER_SELECTOR, not_uid=_uid(old)), APP_WAIT,
-                   "the rolled server pod", env.detail)
+    # A collector follows the old pod's container log through the roll.
+    follower = env.follow(old)
+    try:
+        strategic_patch(env.api, "apps/v1", "StatefulSet", manifests.SERVER,
+                        manifests.restart_patch(time.strftime("%Y-%m-%dT%H:%M:%SZ")), NS)
+        new = wait_for(lambda: _one_pod(env, SERVER_SELECTOR, not_uid=_uid(old)), APP_WAIT,
+                       "the rolled server pod", env.detail)
+        collected = follower.stop()  # the old pod is gone: the StatefulSet replaced it
+    finally:
+        follower.close()
     assert _name(new) == manifests.SERVER_POD
+    # What the collector has of the old pod is whole and ends in the daemon's close
+    # checkpoint; the new daemon's chain starts from it (persistent state).
+    closing = _whole_and_closed(collected)
+    first = checks.chained(checks.traffic_records(checks.cri_stdout(
+        wait_for(lambda: (lambda t: t if " stdout F {" in t else None)(
+            env.container_log(_name(new), _uid(new))), 60, "the new sidecar's first record")
+    )))[0]
+    assert (first["kind"], first.get("reason")) == ("checkpoint", "start"), first
+    assert (first.get("prev_seq"), first.get("prev_hash")) == (
+        closing["log_seq"], closing["log_hash"]), (first, closing)
     wait_for(lambda: "LISTENING" in env.logs(_name(new)), APP_WAIT,
              "the new server to listen", lambda: env.logs(_name(new)) + env.detail())
 
@@ -550,17 +631,44 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     status = json.loads(env.exec(_name(new), "app", ["tsnet2", "status", "--json"]))
     assert status["Self"]["HostName"] == manifests.SERVER_POD, status["Self"]
     assert status["Self"]["DNSName"] == f"{manifests.SERVER_POD}.{env.domain}.", status["Self"]
-    # The traffic log lives in the state volume too: the first exchange is still there;
-    # and the client reaches the new pod by the same name.
+    # The traffic-log file (sink `both`) lives in the state volume too: the first exchange
+    # is still there; and the client reaches the new pod by the same name.
     client = _one_pod(env, CLIENT_SELECTOR)
     assert client is not None
     cli = _name(client)
-    checks.served_flow(env.traffic(_name(new)), f"{cli}.{env.domain}.")
+    checks.served_flow(env.traffic_file(_name(new)), f"{cli}.{env.domain}.")
     message = f"after the rolling update, from {cli}"
     target = f"{manifests.SERVER_POD}:{manifests.APP_PORT}"
     reply = wait_for(lambda: _try_ping(env, cli, target, message), 60,
                      "the client to reach the rolled server")
     assert reply == f"pong: {message}\n"
+
+
+def _whole_and_closed(collected: str) -> dict[str, Any]:
+    """Check what a collector read of a deleted pod's sidecar: it passes `tsnet2 log verify`
+    with no flow left open, and the chain ends in the daemon's ``close`` checkpoint (written
+    on SIGTERM, after the close records of the flows it had). Returns that checkpoint."""
+    verify_log(collected)
+    records = checks.traffic_records(checks.cri_stdout(collected))
+    assert not checks.unclosed(records), (checks.unclosed(records), records[-5:])
+    chain = checks.chained(records)
+    assert chain, collected[-3000:]
+    last = dict(chain[-1])
+    assert (last["kind"], last.get("reason")) == ("checkpoint", "close"), chain[-3:]
+    return last
+
+
+# Holds one flow open through the client's sidecar: the line is never finished, so the
+# server keeps reading (up to its 30 s timeout) and neither side closes.
+HOLD = r'''
+import sys, time, tsnet2
+target, message = sys.argv[1], sys.argv[2].encode()
+with tsnet2.Server(join=False) as srv:
+    conn = srv.dial("tcp", target, timeout=20)
+    conn.sendall(message)
+    print("HELD", flush=True)
+    time.sleep(3600)
+'''
 
 
 def _try_ping(env: Env, pod: str, target: str, message: str) -> str | None:
@@ -584,7 +692,40 @@ def test_deleting_the_client_pod_removes_its_node(deployed: Env) -> None:
     assert node["spec"]["ephemeral"] is True, node_summary(node)
     assert node["spec"]["name"] == _name(old)
 
-    request(env.api, "DELETE", f"/api/v1/namespaces/{NS}/pods/{_name(old)}")
+    # The done-when of the stdout sink: a collector follows the sidecar's container log on
+    # the node while a flow is open; the pod is deleted; what it collected verifies whole.
+    path = f"/api/v1/namespaces/{NS}/pods/{_name(old)}"
+    follower = env.follow(old)
+    with tempfile.TemporaryFile() as out:
+        held = subprocess.Popen(
+            [*env.cluster.kubectl_argv(), "exec", "-n", NS, _name(old), "-c",
+             manifests.APP_CONTAINER, "--", "python3", "-c", HOLD,
+             f"{manifests.SERVER_POD}:{manifests.APP_PORT}", f"held open by {_name(old)}"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            def held_open() -> list[Any]:
+                return checks.unclosed(checks.traffic_records(checks.cri_stdout(
+                    follower.text())))
+
+            def detail() -> str:
+                out.seek(0)
+                return (f"exec: {out.read().decode('utf-8', 'replace')[-2000:]}\n"
+                        f"collected: {follower.text()[-2000:]}")
+
+            (held_id,) = wait_for(held_open, 60, "the held flow's open record", detail)
+            request(env.api, "DELETE", path)
+            wait_for(lambda: _gone(env.api, path), 120, f"{_name(old)} to be deleted",
+                     env.detail)
+            collected = follower.stop()
+        finally:
+            follower.close()
+            if held.poll() is None:
+                held.kill()
+            held.wait(30)
+    _whole_and_closed(collected)
+    closes = [r for r in checks.traffic_records(checks.cri_stdout(collected))
+              if r.get("kind") == "close" and r.get("conn_id") == held_id]
+    assert len(closes) == 1, closes
 
     def gone() -> bool:
         names = {n["metadata"]["name"] for n in tailnet_nodes(env.api, OPERATOR_NS)}

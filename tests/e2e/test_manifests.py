@@ -174,7 +174,10 @@ def test_sample_apps() -> None:
     server = manifests.server_statefulset(IMAGE)
     client = manifests.client_deployment(IMAGE)
     ann = server["spec"]["template"]["metadata"]["annotations"]
-    assert ann == {"tsnet2.io/inject": "enabled", "tsnet2.io/state": "persistent"}
+    assert ann == {"tsnet2.io/inject": "enabled", "tsnet2.io/state": "persistent",
+                   "tsnet2.io/traffic-log-sink": "both"}
+    assert "tsnet2.io/traffic-log-sink" not in client["spec"]["template"]["metadata"][
+        "annotations"]  # the default: stdout
     assert client["spec"]["template"]["metadata"]["annotations"]["tsnet2.io/inject"] == (
         "enabled")
     (srv_c,) = server["spec"]["template"]["spec"]["containers"]
@@ -366,11 +369,14 @@ def test_the_pods_as_injected_are_valid(api: k8s.ApiClient,
         assert args[args.index("--backend") + 1] == "userspace"
         claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
                   if "persistentVolumeClaim" in v]
+        sinks = [args[i + 1] for i, a in enumerate(args) if a == "--traffic-log"]
         if role == "server":
             assert claims == ["tsnet2-state-echo-server-0"]
             assert "--ephemeral" not in args and "echo-server-0" in args
+            assert sinks == ["-", "/var/lib/tsnet2/traffic.jsonl"]
         else:
             assert claims == [] and "--ephemeral" in args and "$(POD_NAME)" in args
+            assert sinks == ["-"] and "--traffic-log-max-bytes" not in args
         app = next(c for c in spec["containers"] if c["name"] == manifests.APP_CONTAINER)
         # The socket opens to the app: the server's fsGroup, else every uid of the pod.
         mode = args[args.index("--socket-mode") + 1]

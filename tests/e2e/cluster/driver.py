@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml  # type: ignore[import-untyped]
 
+from tests.e2e import podlogs
 from tests.e2e.kind.cluster import (
     ClusterError,
     helm_env,
@@ -50,6 +51,7 @@ IMAGE_REPOSITORY = "localhost/tsnet2"
 IMAGE_TAG = "test"
 IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"  # tests/image/build.sh, imported by up.sh
 APISERVER = ("127.0.0.1", 6443)
+POD_LOGS = STATE / "pod-logs"  # up.sh's kubelet podLogsDir: on the host's file system
 CLONE_NEWNET = 0x40000000
 _BUF = 64 * 1024
 PACKAGES = {"containerd": "containerd", "runc": "runc", "nft": "nftables",
@@ -317,4 +319,21 @@ class LocalCluster:
 
         new_client: Callable[..., Any] = config.new_client_from_config
         return new_client(config_file=str(self.kubeconfig), persist_config=False)
+
+    @staticmethod
+    def container_log_dir(namespace: str, pod: str, uid: str, container: str) -> Path:
+        """The kubelet's log directory of a container (the node's ``/var/log/pods/...``:
+        ``podLogsDir`` is a directory of the host, so the test reads it directly)."""
+        return Path(podlogs.container_log_dir(POD_LOGS, namespace, pod, uid, container))
+
+    def read_container_log(self, namespace: str, pod: str, uid: str, container: str) -> str:
+        """Every kubelet log file of the container (CRI format), oldest first."""
+        return podlogs.read_container_log(
+            self.container_log_dir(namespace, pod, uid, container))
+
+    def follow_container_log(self, namespace: str, pod: str, uid: str,
+                             container: str) -> podlogs.FileFollower:
+        """Follow the container's current kubelet log file from its first byte, holding it
+        open as a collector does (see :class:`podlogs.FileFollower`)."""
+        return podlogs.FileFollower(self.container_log_dir(namespace, pod, uid, container))
 

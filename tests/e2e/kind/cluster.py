@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
+from tests.e2e import podlogs
 from tests.k8s.apiserver import default_bin_dir
 
 REPO = Path(__file__).resolve().parents[3]
@@ -41,6 +42,7 @@ IMAGE_TAG = "kind-e2e"
 IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"
 RELEASE = "tsnet2"
 OPERATOR_NAMESPACE = "tsnet2-system"
+NODE_POD_LOGS = "/var/log/pods"  # the kubelet's container logs in the node container
 # What the Containerfile copies: the allow-list of .containerignore (a test checks both agree).
 BUILD_CONTEXT = ("Containerfile", "pyproject.toml", "README.md", "image", "tsnet2", "operator")
 _CONTEXT_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
@@ -415,3 +417,25 @@ class KindCluster:
 
         new_client: Callable[..., Any] = config.new_client_from_config
         return new_client(config_file=str(self.kubeconfig), persist_config=False)
+
+    def _node_argv(self, *argv: str) -> list[str]:
+        return [str(self.tools.docker), "exec", f"{self.name}-control-plane", *argv]
+
+    def read_container_log(self, namespace: str, pod: str, uid: str, container: str) -> str:
+        """Every kubelet log file of the container (CRI format), oldest first, read in the
+        node container."""
+        directory = podlogs.container_log_dir(NODE_POD_LOGS, namespace, pod, uid, container)
+        names = run(self._node_argv("ls", "-1", str(directory)), timeout=60,
+                    what="list the container's log files").split()
+        return "".join(
+            run(self._node_argv("zcat" if name.endswith(".gz") else "cat",
+                                str(directory / name)), timeout=120, what=f"read {name}")
+            for name in podlogs.log_file_order(names))
+
+    def follow_container_log(self, namespace: str, pod: str, uid: str,
+                             container: str) -> podlogs.ProcessFollower:
+        """Follow the container's current kubelet log file from its first byte (``tail -F``
+        in the node container)."""
+        directory = podlogs.container_log_dir(NODE_POD_LOGS, namespace, pod, uid, container)
+        return podlogs.ProcessFollower(self._node_argv(
+            "sh", "-c", f"exec tail -c +1 -F \"$(ls -1 {directory}/*.log | sort -V | tail -1)\""))
