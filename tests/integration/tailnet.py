@@ -78,12 +78,14 @@ class TwoNodes:
 
 @contextmanager
 def two_nodes(names: tuple[str, str], *, extra_a: tuple[str, ...] = (),
-              extra_b: tuple[str, ...] = (), up: bool = True) -> Iterator[TwoNodes]:
+              extra_b: tuple[str, ...] = (), up: bool = True,
+              stdout_a: int | None = None) -> Iterator[TwoNodes]:
     """:func:`running_tailnet` with daemons ``names`` (one reusable key) and their Servers,
-    brought up unless ``up`` is false; the Servers are closed afterwards."""
+    brought up unless ``up`` is false; the Servers are closed afterwards. ``stdout_a``: a
+    descriptor for the first daemon's stdout."""
     with running_tailnet() as lnet:
         key = lnet.authkey(reusable=True)
-        da = lnet.add_daemon(names[0], auth_key=key, extra_args=extra_a)
+        da = lnet.add_daemon(names[0], auth_key=key, extra_args=extra_a, stdout=stdout_a)
         db = lnet.add_daemon(names[1], auth_key=key, extra_args=extra_b)
         n = TwoNodes(lnet, da, db,
                      tsnet2.Server(socket_path=str(da.socket_path), hostname=names[0]),

@@ -19,7 +19,6 @@ import jsonschema
 import pytest
 
 from tests.chained import unchain
-
 from tsnet2.traffic import (
     TrafficLog,
     TrafficLogError,

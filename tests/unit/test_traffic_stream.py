@@ -3,6 +3,7 @@ chain across restarts (clean and after SIGKILL), against real pipes and processe
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -62,10 +63,8 @@ def pipe() -> Iterator[Pipe]:
     p = Pipe()
     yield p
     for fd in (p.r, p.w):
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def _open(log: TrafficLog) -> Any:
@@ -255,7 +254,7 @@ def test_after_a_crash_the_chain_restarts_past_the_reserved_numbers(tmp_path: Pa
     assert len(periodic) == 1
     state = load_chain_state(tmp_path)
     assert state is not None and not state.clean
-    with TrafficLog(str(path), state_dir=tmp_path) as log:
+    with TrafficLog(str(path), state_dir=tmp_path):
         pass
     recs = [json.loads(line) for line in _lines(path)]
     start = recs[len(crashed)]

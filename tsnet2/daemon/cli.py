@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the lost records, report them in a gap record and carry on")
     p.add_argument("--traffic-log-buffer", metavar="BYTES", type=int, default=4 << 20,
                    help="records stdout may hold in memory while its reader is slow (default "
-                   "4194304); fail-closed pauses flows from half of it")
+                   "4194304, at least 1048576); fail-closed pauses flows from half of it")
     p.add_argument("--traffic-log-checkpoint", metavar="SECONDS", type=float, default=10.0,
                    help="write a signed checkpoint of the log's hash chain this often when "
                    "records were written (default 10; records after the last one are an "
@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         print("tsnet2d: --traffic-log takes at most one file and one '-' (stdout)",
               file=sys.stderr)
         return USAGE_EXIT
-    if args.traffic_log_buffer < 65536:
-        print("tsnet2d: --traffic-log-buffer takes at least 65536 bytes", file=sys.stderr)
+    if args.traffic_log_buffer < 1 << 20:
+        print("tsnet2d: --traffic-log-buffer takes at least 1048576 bytes (1 MiB)",
+              file=sys.stderr)
         return USAGE_EXIT
     if not 0.5 <= args.traffic_log_checkpoint <= 3600:
         print("tsnet2d: --traffic-log-checkpoint takes 0.5 to 3600 seconds", file=sys.stderr)

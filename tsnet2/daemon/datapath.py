@@ -277,9 +277,13 @@ class Datapath:
                         slot.sock.send(refusal)  # a slot's buffer is empty: never blocks
         await self.close_all()
 
-    def log_pressure(self, stalled: bool) -> None:
-        """The traffic log's stdout reader fell behind (fail-closed): every flow stops
-        reading until it catches up; new flows are refused by the log meanwhile."""
+    def log_pressure(self) -> None:
+        """The traffic log's stdout reader fell behind or caught up (fail-closed): every flow
+        stops reading until it catches up; new flows are refused by the log meanwhile.
+        Follows :attr:`TrafficLog.stalled` now, however many times it is called."""
+        stalled = self.traffic.stalled
+        if stalled == self.log_stalled:
+            return
         self.log_stalled = stalled
         for sp in self.splices:
             sp.pause_for_log(stalled)

@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -181,6 +182,7 @@ class Daemon:
         self._accept_task: asyncio.Task[None] | None = None
         self._watchdog: Watchdog | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     # ---- task ownership --------------------------------------------------------------
 
@@ -226,6 +228,7 @@ class Daemon:
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._loop_thread = threading.get_ident()
         self._prepare_state_dir()
         if self.config.watchdog_timeout > 0:
             self._watchdog = Watchdog(self.config.watchdog_timeout)
@@ -381,12 +384,20 @@ class Daemon:
                                  else "write_error")
 
     def _log_pressure(self, stalled: bool) -> None:
-        """stdout's reader fell behind (or caught up): pause (resume) every flow. Called
-        from the log's writer thread or from the data path."""
+        """stdout's reader fell behind (or caught up): pause (resume) every flow.
+
+        Called from the data path (a record started the stall: pause now, before another
+        read) or from the log's writer thread (hop to the loop). The datapath reads the
+        log's current state, so the order of the calls does not matter.
+        """
         loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to pause
-                loop.call_soon_threadsafe(self.datapath.log_pressure, stalled)
+        if loop is None:
+            return
+        if threading.get_ident() == self._loop_thread:
+            self.datapath.log_pressure()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to pause
+            loop.call_soon_threadsafe(self.datapath.log_pressure)
 
     async def _checkpoints(self) -> None:
         """Sign the chain's head every --traffic-log-checkpoint seconds (when it moved)."""

@@ -41,6 +41,8 @@ class DaemonProc:
     argv: list[str]
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    stdout: int | None = None
+    """A descriptor for the daemon's stdout (``--traffic-log -`` writes there); None: null."""
 
     def log_text(self) -> str:
         """The daemon's stderr so far."""
@@ -141,8 +143,12 @@ class LocalTailnet:
     # ---- daemons ---------------------------------------------------------------------
 
     def add_daemon(self, name: str, *, auth_key: str | None = None,
-                   extra_args: tuple[str, ...] = (), start: bool = True) -> DaemonProc:
-        """Create a node namespace and run tsnet2d in it (waits for the readiness line)."""
+                   extra_args: tuple[str, ...] = (), start: bool = True,
+                   stdout: int | None = None) -> DaemonProc:
+        """Create a node namespace and run tsnet2d in it (waits for the readiness line).
+
+        ``stdout``: a descriptor the daemon's stdout goes to (a pipe for ``--traffic-log -``).
+        """
         node = self.lab.add_node(name)
         d = node.dir
         env = {"TS_CONTROL_URL": self.control_url}
@@ -154,7 +160,7 @@ class LocalTailnet:
             argv=[sys.executable, "-m", "tsnet2.daemon", "--socket", str(d / "tsnet2.sock"),
                   "--state-dir", str(d / "state"), "--traffic-log", str(d / "traffic.jsonl"),
                   "--tun", node.ifname, "--port", str(WG_PORT), "-v", *extra_args],
-            env=env,
+            env=env, stdout=stdout,
         )
         self.daemons[name] = dp
         if start:
@@ -168,8 +174,8 @@ class LocalTailnet:
         with open(dp.log_path, "ab") as logf:
             logf.write(b"--- start\n")
             logf.flush()
-            dp.proc = self.lab.popen(dp.node.netns, dp.argv, stdout=subprocess.DEVNULL,
-                                     stderr=logf, env=env)
+            out = subprocess.DEVNULL if dp.stdout is None else dp.stdout
+            dp.proc = self.lab.popen(dp.node.netns, dp.argv, stdout=out, stderr=logf, env=env)
         marker_from = dp.log_text().rfind("--- start")
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
