@@ -189,43 +189,93 @@ def _ping(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _log_verify(args: argparse.Namespace) -> int:
-    from tsnet2.traffic.verify import ordered, verify
-
-    paths = ordered(args.files) if args.files else ["-"]
-
-    def lines() -> Iterator[str]:
-        for path in paths:
-            if path == "-":
-                yield from sys.stdin
-                continue
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                yield from fh
+def _log_key(value: str) -> str:
+    from tsnet2.traffic.chain import decode_key
 
     try:
-        rep = verify(lines())
+        decode_key(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _log_verify(args: argparse.Namespace) -> int:
+    from tsnet2.traffic.verify import Lines, ordered, verify
+
+    paths = ordered(args.files) if args.files else ["-"]
+    src = Lines(paths, sys.stdin.buffer)
+    try:
+        rep = verify(src, keys=args.key or ())
     except OSError as exc:
         print(f"tsnet2 log verify: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 1
-    ok = rep.ok(allow_open=args.allow_open)
+    opts = {"allow_open": args.allow_open, "allow_unsigned_tail": args.allow_unsigned_tail,
+            "require_start": args.from_start}
+    failing = {id(p) for p in rep.failures(**opts)}
+    ok = rep.ok(args.allow_open, allow_unsigned_tail=args.allow_unsigned_tail,
+                require_start=args.from_start)
     if args.json:
-        _print_json({"ok": ok, "files": paths, **rep.as_json()})
+        doc = rep.as_json()
+        for p, out in zip(rep.problems, doc["problems"], strict=True):
+            out["fails"] = id(p) in failing
+            out["at"] = src.where(p.line)
+        for p, out in zip(rep.notes, doc["notes"], strict=True):
+            out["at"] = src.where(p.line)
+        _print_json({"ok": ok, "files": paths, "options": opts, **doc})
         return 0 if ok else 1
-    print(f"{rep.records} records ({rep.foreign_lines} other lines skipped) in "
-          f"{', '.join(paths)}")
-    print(f"flows: {rep.flows} opened, {rep.closed} closed ({rep.restart_closes} by a "
-          f"daemon restart), {len(rep.open_flows)} open; {rep.rejects} refused")
-    if rep.gap_records_lost:
-        print(f"the daemon reported {rep.gap_records_lost} records it could not write (gap)")
-    if rep.close_without_open:
-        print(f"{len(rep.close_without_open)} closes whose open is not in these files (an "
-              "older rotated file?)")
-    for cid in rep.open_flows[:20]:
-        print(f"open: flow {cid} has no close" + (" (allowed)" if args.allow_open else ""))
-    for problem in rep.problems[:100]:
-        print(f"problem: {problem}")
-    if len(rep.problems) > 100:
-        print(f"... and {len(rep.problems) - 100} more problems")
+
+    def ranges(rs: list[list[int]]) -> str:
+        text = ", ".join(f"{a}..{b}" if a != b else f"{a}" for a, b in rs[:8])
+        return text + (f", ... ({len(rs) - 8} more)" if len(rs) > 8 else "")
+
+    def summary() -> Iterator[str]:
+        yield (f"{rep.records} records ({rep.foreign_lines} other lines skipped) in "
+               f"{', '.join(paths)}")
+        if rep.unchained_records and not rep.chained_records:
+            yield "no hash chain in these records (an older tsnet2 wrote them): flows only"
+        for node in rep.nodes:
+            pinned = "pinned" if node["pinned"] else "not pinned" if node["keys"] else "none"
+            names = f" ({', '.join(node['names'])})" if node["names"] else ""
+            crashes = sum(1 for r in node["restarts"] if not r["clean"])
+            yield (f"node {node['node']}{names}: key {', '.join(node['keys']) or '?'} "
+                   f"[{pinned}]; log_seq {node['first_seq']}..{node['last_seq']}, "
+                   f"{node['records']} records, {node['checkpoints']} valid checkpoints, "
+                   f"{len(node['restarts'])} restart(s) ({crashes} after a crash)")
+            yield f"  verified (signed): {ranges(node['verified']) or 'nothing'}"
+            for what, rs in (("unverified (chain broken)", node["unverified"]),
+                             ("crash tails (unsigned)", node["crash_tails"]),
+                             ("missing", node["missing"])):
+                if rs:
+                    yield f"  {what}: {ranges(rs)}"
+            if node["unsigned_tail"]:
+                yield f"  unsigned tail: {ranges([node['unsigned_tail']])}"
+            yield "  ends with a close checkpoint" if node["closed"] else \
+                "  no close checkpoint at the end (a live or cut log)"
+        yield (f"flows: {rep.flows} opened, {rep.closed} closed ({rep.restart_closes} by a "
+               f"daemon restart), {len(rep.open_flows)} open; {rep.rejects} refused")
+        if rep.gap_records_lost:
+            yield (f"the daemon reported {rep.gap_records_lost} records it could not write "
+                   "(gap)")
+        if rep.close_without_open or rep.without_open:
+            yield (f"{len(rep.close_without_open) + len(rep.without_open)} flows whose open "
+                   "is not in these files (an older rotated file?)")
+        for cid in rep.open_flows[:20]:
+            yield f"open: flow {cid} has no close" + (" (allowed)" if args.allow_open else "")
+        if len(rep.open_flows) > 20:
+            yield f"... and {len(rep.open_flows) - 20} more open flows"
+        several = len(rep.nodes) > 1
+        for what, found, limit in (("problem", rep.problems, 50), ("note", rep.notes, 10)):
+            for p in found[:limit]:
+                who = f"node {p.node} " if several and p.node is not None else ""
+                at = src.where(p.line)
+                allowed = "" if what == "note" or id(p) in failing else " (allowed)"
+                yield f"{what}: {who}{p}{allowed}" + (f" [{at}]" if at else "")
+            more = len(found) - limit + (rep.problems_omitted if what == "problem" else 0)
+            if more > 0:
+                yield f"... and {more} more {what}s (--json lists them)"
+
+    for text in summary():
+        print(text)
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
@@ -302,19 +352,37 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Offline checks of tsnet2 traffic logs (no daemon needed).")
     lsub = lg.add_subparsers(dest="log_command", required=True, metavar="SUBCOMMAND")
     v = lsub.add_parser(
-        "verify", help="check that every flow in a traffic log is whole",
+        "verify", help="check a traffic log's hash chain, signatures and flows",
         description="Read traffic-log records from FILEs (a rotated set is read oldest first: "
-        "traffic.jsonl.2, traffic.jsonl.1, traffic.jsonl) or standard input (-, or no FILE), "
-        "with other text allowed around them (a collector's or kubelet's prefixes), and check "
-        "every flow: one open and one close, data records numbered without holes, nothing "
-        "after the close, close totals not above the logged bytes. Lost records the daemon "
-        "reported (gap) are counted. Not checked yet: a hash chain (records are not chained), "
-        "so a whole flow removed from the log goes unnoticed. Exit status 0 when whole, 1 "
-        "when a problem was found (or a flow is still open, unless --allow-open).")
+        "traffic.jsonl.2, traffic.jsonl.1, traffic.jsonl) or standard input (-, or no FILE). "
+        "Text around the records is allowed (a collector's prefixes), and container log "
+        "formats are undone: kubelet/CRI lines (stderr ignored, partial P lines joined) and "
+        "JSON lines whose log or message field holds the record (Docker json-file, Fluent "
+        "Bit, Vector). Checks, per node: the hash chain record by record (log_seq and "
+        "log_hash; a reordered, re-serialized or rotated log is fine), the Ed25519 "
+        "signature of every checkpoint, and which log_seq ranges a valid checkpoint signs "
+        "(verified); it reports missing log_seq numbers (and the gap record that declares "
+        "them), altered records (a hash that does not link, a checkpoint whose signed head "
+        "does not match, a bad signature), duplicates, reordered records, the unsigned tail "
+        "after the last checkpoint, the crash tail of a run that died, and a log that does "
+        "not end with a close checkpoint. And every flow: one open and one close, data "
+        "records numbered without holes, nothing after the close, close totals not above "
+        "the logged bytes. Problems are listed by log_seq. Exit status 0 when the log "
+        "passes, 1 when a problem was found (or a flow is still open, or the log has no "
+        "close checkpoint or an unsigned tail, unless --allow-open).")
     v.add_argument("files", nargs="*", metavar="FILE", help="traffic-log files; - for stdin")
+    v.add_argument("--key", action="append", type=_log_key, metavar="BASE64",
+                   help="the node's checkpoint public key (base64, ed25519: prefix allowed; "
+                   "repeatable, e.g. old and new key): checkpoints signed by another key do "
+                   "not count. Without it the keys seen are reported as not pinned")
     v.add_argument("--allow-open", action="store_true",
-                   help="flows without a close are not a failure (a live log)")
-    _json_arg(v, "print the report as one JSON object")
+                   help="a live log: flows without a close, an unsigned tail and no close "
+                   "checkpoint at the end are not a failure")
+    v.add_argument("--allow-unsigned-tail", action="store_true",
+                   help="records after the last checkpoint are not a failure")
+    v.add_argument("--from-start", action="store_true",
+                   help="the input must begin at log_seq 1 (not after rotated-away files)")
+    _json_arg(v, "print the whole report as one JSON object")
     v.set_defaults(func=_log_verify)
 
     queries = ("Read-only: it talks to the daemon's LocalAPI and never starts, stops or "
