@@ -78,7 +78,9 @@ def fill(directory: Path) -> Path:
 def align_to_page(log: TrafficLog, path: Path) -> None:
     """Pad the log with one valid reject record so its size is a whole number of pages:
     then every later record needs a new page (and fails once the disk is full)."""
-    base = len(
+    # the chain keys the writer appends: ,"log_hash":"<64 hex>","log_seq":N
+    chain = 89 + len(str(log.log_seq + 1))
+    base = chain + len(
         reject_record(
             conn_id="0" * 16, direction="out", remote="x", reason="no_slot", error="p", t=T_NS
         )
@@ -94,7 +96,7 @@ def align_to_page(log: TrafficLog, path: Path) -> None:
         error="p" * (need - base + 1),
         t=T_NS,
     )
-    assert len(line) == need
+    assert len(line) + chain == need
     log.write_record("reject", line)
     assert path.stat().st_size % PAGE == 0
 
@@ -106,7 +108,8 @@ def records(validator: jsonschema.Draft202012Validator, path: Path) -> list[dict
     for line in raw.splitlines():
         rec = json.loads(line)
         validator.validate(rec)
-        out.append(rec)
+        if rec["kind"] != "checkpoint":  # the chain's: tests/unit/test_traffic_stream.py
+            out.append(rec)
     return out
 
 
@@ -243,7 +246,8 @@ def test_read_only(tmpfs: Path) -> None:
             assert info.value.errno == errno.EROFS
     finally:
         assert run("mount", "-o", "remount,rw", str(tmpfs)).returncode == 0
-    assert len(path.read_bytes().splitlines()) == 3
+    # start checkpoint, open, close, reject, close checkpoint
+    assert len(path.read_bytes().splitlines()) == 5
 
 
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
@@ -304,4 +308,4 @@ def test_io_error_after_fs_shutdown(ext4: Path, policy: Any) -> None:
             log.check_writable()
         with contextlib.suppress(TrafficLogError):
             flow.close()
-    assert drops == [("data", "EIO"), ("close", "EIO")]
+    assert drops == [("data", "EIO"), ("close", "EIO"), ("checkpoint", "EIO")]

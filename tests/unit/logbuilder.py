@@ -53,7 +53,8 @@ class LogBuilder:
             start["prev_seq"], start["prev_hash"])
         line = records.checkpoint_record(
             reason=reason, key=self.key.public, head_seq=int(str(head_seq)),
-            head_hash=str(head_hash), t=self.tick(), sign=self.key.sign, node=self.node,
+            head_hash=str(head_hash), seq=self.seq + 1, t=self.tick(), sign=self.key.sign,
+            node=self.node,
             **start)  # type: ignore[arg-type]
         seq = self.emit(line)
         self.saved = (seq, self.prev.hex())

@@ -290,7 +290,8 @@ def test_resigning_with_a_new_key_is_a_key_change() -> None:
         if r["kind"] == "checkpoint":
             r["key"] = evil.public
             msg = chain.checkpoint_message(key=evil.public, head_seq=r["head_seq"],
-                                           head_hash=r["head_hash"], t=r["t"])
+                                           head_hash=r["head_hash"], t=r["t"],
+                                           reason=r["reason"], seq=r["log_seq"])
             r["sig"] = base64.b64encode(evil.sign(msg)).decode()
         out.append(json.dumps(r))
     out = _relink(out, i)

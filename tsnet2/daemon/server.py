@@ -36,6 +36,10 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Coroutine
+
+# asyncio.to_thread's executor, imported now: a daemon that dropped privileges may no longer
+# be able to read the standard library when it first needs it.
+from concurrent.futures import ThreadPoolExecutor  # noqa: F401
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +343,7 @@ class Daemon:
         await self.backend.stop()
         if self.health is not None:
             await self.health.close()
-        await asyncio.to_thread(self.traffic.close)  # stdout's reader gets a few seconds
+        self.traffic.close()  # a slow stdout reader gets a few seconds; nothing else is left
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

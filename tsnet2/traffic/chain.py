@@ -103,11 +103,15 @@ def link(line: bytes, prev: bytes, seq: int) -> tuple[bytes, bytes]:
             % (body[:-1], digest.hex().encode(), seq)), digest
 
 
-def checkpoint_message(*, key: str, head_seq: int, head_hash: str, t: str) -> bytes:
+def checkpoint_message(*, key: str, head_seq: int, head_hash: str, t: str, reason: str,
+                       seq: int) -> bytes:
     """The bytes a checkpoint's ``sig`` signs: a fixed domain string, then the base64 public
-    key, ``head_seq``, ``head_hash`` (hex) and the record's time ``t``, one per line."""
-    return b"%s%s\n%d\n%s\n%s\n" % (_DOMAIN, key.encode(), head_seq, head_hash.encode(),
-                                    t.encode())
+    key, ``head_seq``, ``head_hash`` (hex), the record's time ``t``, its ``reason`` and its own
+    ``log_seq``, one per line (so a periodic checkpoint cannot pass for a ``close`` one, nor
+    move in the chain)."""
+    return b"%s%s\n%d\n%s\n%s\n%s\n%d\n" % (_DOMAIN, key.encode(), head_seq,
+                                              head_hash.encode(), t.encode(), reason.encode(),
+                                              seq)
 
 
 def encode_key(raw: bytes) -> str:

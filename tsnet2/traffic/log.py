@@ -523,7 +523,7 @@ class TrafficLog:
                 reason=reason, key=signer.public,
                 head_seq=start.seq if start is not None else self._seq,
                 head_hash=start.hash if start is not None else self._prev.hex(),
-                t=time.time_ns(), sign=signer.sign,
+                seq=self._seq + 1, t=time.time_ns(), sign=signer.sign,
                 node=self.node,
                 prev_seq=start.seq if start is not None else None,
                 prev_hash=start.hash if start is not None else None,

@@ -292,6 +292,7 @@ def checkpoint_record(
     key: str,
     head_seq: int,
     head_hash: str,
+    seq: int,
     t: int,
     sign: Callable[[bytes], bytes],
     node: str | None = None,
@@ -302,14 +303,16 @@ def checkpoint_record(
     """A ``checkpoint`` line signing the chain's head (see :mod:`~tsnet2.traffic.chain`).
 
     ``sign`` signs :func:`~tsnet2.traffic.chain.checkpoint_message` with the log's Ed25519
-    key and returns the 64-byte signature. ``node``: the node's name once known.
+    key and returns the 64-byte signature; ``seq`` is the ``log_seq`` the record will get.
+    ``node``: the node's name once known.
     ``prev_seq``/``prev_hash``/``unclean`` only for ``reason="start"``.
     """
     if reason not in CHECKPOINT_REASONS:
         raise ValueError(f"checkpoint reason must be one of {', '.join(CHECKPOINT_REASONS)}; "
                          f"got {reason!r}")
     when = format_time(t)
-    sig = sign(checkpoint_message(key=key, head_seq=head_seq, head_hash=head_hash, t=when))
+    sig = sign(checkpoint_message(key=key, head_seq=head_seq, head_hash=head_hash, t=when,
+                                  reason=reason, seq=seq))
     record: dict[str, Any] = {
         "head_hash": head_hash,
         "head_seq": head_seq,

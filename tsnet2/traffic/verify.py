@@ -718,7 +718,9 @@ class _Verifier:
             issues.append(("altered", f"altered: a checkpoint with a bad {', '.join(bad)}"))
             return ck
         assert isinstance(t, str) and isinstance(head_hash, str) and type(head_seq) is int
-        message = checkpoint_message(key=str(key), head_seq=head_seq, head_hash=head_hash, t=t)
+        own = doc.get("log_seq")
+        message = checkpoint_message(key=str(key), head_seq=head_seq, head_hash=head_hash, t=t,
+                                     reason=str(reason), seq=own if type(own) is int else -1)
         if not verify_signature(raw, signature, message):
             issues.append(("altered", "altered: the checkpoint's signature does not verify"))
             return ck
