@@ -100,7 +100,8 @@ def test_a_killed_daemon_s_flows_are_closed_when_it_restarts() -> None:
             assert "left open by a daemon that stopped without closing it" in net.db.log_text()
             # The log is whole again.
             rep = verify(net.db.traffic_log.read_text().splitlines())
-            assert rep.ok() and rep.flows == 3 and rep.restart_closes == 3, rep
+            # a live log: open at its end (no close checkpoint yet), the rest whole
+            assert rep.ok(allow_open=True) and rep.flows == 3 and rep.restart_closes == 3, rep
         finally:
             for c in conns:
                 c.close()
