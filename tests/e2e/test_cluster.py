@@ -73,6 +73,7 @@ from tests.e2e.kube import (
 )
 from tests.image import apps
 from tests.require import needs
+from tsnet2.proto import tailscale
 
 REPO = Path(__file__).resolve().parents[2]
 KIND = os.environ.get(kind.OPT_IN_ENV) == "1"
@@ -211,20 +212,30 @@ class Env:
         return str(json.loads(out.strip().splitlines()[-1])["reply"])
 
 
-def verify_log(text: str, *, allow_open: bool = False) -> str:
-    """``tsnet2 log verify`` (the CLI of the tree under test, on the host) over collected
-    text; its report. Fails with the report unless it exits 0."""
+def verify_log(text: str, *, key: str, allow_open: bool = False) -> str:
+    """``tsnet2 log verify --key KEY`` (the CLI of the tree under test, on the host) over
+    collected text; its report. Fails with the report unless it exits 0."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "collected.log"
         path.write_text(text, encoding="utf-8")
-        argv = [str(TSNET2), "log", "verify", *(["--allow-open"] if allow_open else []),
-                str(path)]
+        argv = [str(TSNET2), "log", "verify", "--key", key,
+                *(["--allow-open"] if allow_open else []), str(path)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
                               stdin=subprocess.DEVNULL)
     report = proc.stdout + proc.stderr
     assert proc.returncode == 0, (f"`tsnet2 log verify` exited {proc.returncode}:\n"
                                   f"{report[-4000:]}\ncollected (tail):\n{text[-3000:]}")
     return report
+
+
+def log_key(env: Env, pod: str, *, asked_from: str) -> str:
+    """``pod``'s traffic-log public key as the tailnet knows it: ``tsnet2 whois`` run in
+    another pod's app container (the control server's record, not the pod's own word)."""
+    who = json.loads(env.exec(asked_from, manifests.APP_CONTAINER,
+                              ["tsnet2", "whois", pod, "--json"]))
+    key = tailscale.traffic_log_key(who["Node"].get("CapMap"))
+    assert key, who["Node"]
+    return key
 
 
 def operator_available(api: k8s.ApiClient) -> bool:
@@ -480,15 +491,16 @@ def test_traffic_log_and_metrics_from_the_running_pod(deployed: Env) -> None:
     # The raw CRI file passes `tsnet2 log verify` as a collector found it.
     raw = env.container_log(srv, _uid(server))
     assert " stdout F {" in raw, raw[-2000:]
-    verify_log(raw, allow_open=True)
+    key = log_key(env, srv, asked_from=cli)
+    verify_log(raw, key=key, allow_open=True)
     records = checks.traffic_records(checks.cri_stdout(raw))
     assert checks.chained(records), records[-5:]
     # `kubectl logs` (the kubelet's API over the same file) shows the records; the daemon's
     # own messages go to stderr, which this merges in, so only JSON lines are records.
-    api = "".join(line + "\n" for line in env.kubectl("-n", NS, "logs", srv, "-c",
-                                                       SIDECAR).splitlines()
-                  if line.startswith("{"))
+    shown = env.kubectl("-n", NS, "logs", srv, "-c", SIDECAR)
+    api = "".join(line + "\n" for line in shown.splitlines() if line.startswith("{"))
     assert checks.served_flow(checks.traffic_records(api), f"{cli}.{env.domain}.").closed
+    verify_log(shown, key=key, allow_open=True)  # as NOTES and the docs show it
     # Sink `both`: the file in the state volume has the same records and verifies in the
     # sidecar (with the sidecar's own tsnet2).
     in_file = env.traffic_file(srv)
@@ -591,6 +603,9 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     assert node["spec"]["ephemeral"] is False, node_summary(node)
 
     # A collector follows the old pod's container log through the roll.
+    client = _one_pod(env, CLIENT_SELECTOR)
+    assert client is not None
+    key = log_key(env, _name(old), asked_from=_name(client))
     follower = env.follow(old)
     try:
         strategic_patch(env.api, "apps/v1", "StatefulSet", manifests.SERVER,
@@ -603,7 +618,7 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     assert _name(new) == manifests.SERVER_POD
     # What the collector has of the old pod is whole and ends in the daemon's close
     # checkpoint; the new daemon's chain starts from it (persistent state).
-    closing = _whole_and_closed(collected)
+    closing = _whole_and_closed(collected, key)
     first = checks.chained(checks.traffic_records(checks.cri_stdout(
         wait_for(lambda: (lambda t: t if " stdout F {" in t else None)(
             env.container_log(_name(new), _uid(new))), 60, "the new sidecar's first record")
@@ -644,11 +659,12 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     assert reply == f"pong: {message}\n"
 
 
-def _whole_and_closed(collected: str) -> dict[str, Any]:
+def _whole_and_closed(collected: str, key: str) -> dict[str, Any]:
     """Check what a collector read of a deleted pod's sidecar: it passes `tsnet2 log verify`
-    with no flow left open, and the chain ends in the daemon's ``close`` checkpoint (written
-    on SIGTERM, after the close records of the flows it had). Returns that checkpoint."""
-    verify_log(collected)
+    (checkpoints signed by ``key``) with no flow left open, and the chain ends in the
+    daemon's ``close`` checkpoint (written on SIGTERM, after the close records of the flows
+    it had). Returns that checkpoint."""
+    verify_log(collected, key=key)
     records = checks.traffic_records(checks.cri_stdout(collected))
     assert not checks.unclosed(records), (checks.unclosed(records), records[-5:])
     chain = checks.chained(records)
@@ -668,6 +684,26 @@ with tsnet2.Server(join=False) as srv:
     conn.sendall(message)
     print("HELD", flush=True)
     time.sleep(3600)
+'''
+
+
+# Sends one line longer than the runtime's 16 KiB log line: the sidecar logs it in data
+# records of up to 16 KiB of payload (about 22 KB of JSON each), which the runtime splits
+# into partial (P) container-log lines. The server answers after 4 KiB and closes, so the
+# rest may be reset: that is fine, the flow still ends with its close.
+BIG = r'''
+import sys, tsnet2
+target, size = sys.argv[1], int(sys.argv[2])
+with tsnet2.Server(join=False) as srv:
+    with srv.dial("tcp", target, timeout=20) as conn:
+        conn.settimeout(30)
+        try:
+            conn.sendall(b"x" * size + b"\n")
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+print("SENT", flush=True)
 '''
 
 
@@ -695,12 +731,24 @@ def test_deleting_the_client_pod_removes_its_node(deployed: Env) -> None:
     # The done-when of the stdout sink: a collector follows the sidecar's container log on
     # the node while a flow is open; the pod is deleted; what it collected verifies whole.
     path = f"/api/v1/namespaces/{NS}/pods/{_name(old)}"
+    target = f"{manifests.SERVER_POD}:{manifests.APP_PORT}"
+    key = log_key(env, _name(old), asked_from=manifests.SERVER_POD)
     follower = env.follow(old)
+    # A record longer than a container-log line first: the runtime splits it into pieces.
+    env.exec(_name(old), manifests.APP_CONTAINER, ["python3", "-c", BIG, target, "40000"])
+
+    def long_flow_closed() -> bool:
+        text = follower.text()
+        records = checks.traffic_records(checks.cri_stdout(text))
+        return " stdout P {" in text and not checks.unclosed(records)
+
+    wait_for(long_flow_closed, 60, "the long flow's close in the container log",
+             lambda: follower.text()[-3000:])
     with tempfile.TemporaryFile() as out:
         held = subprocess.Popen(
             [*env.cluster.kubectl_argv(), "exec", "-n", NS, _name(old), "-c",
-             manifests.APP_CONTAINER, "--", "python3", "-c", HOLD,
-             f"{manifests.SERVER_POD}:{manifests.APP_PORT}", f"held open by {_name(old)}"],
+             manifests.APP_CONTAINER, "--", "python3", "-c", HOLD, target,
+             f"held open by {_name(old)}"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         try:
             def held_open() -> list[Any]:
@@ -722,10 +770,14 @@ def test_deleting_the_client_pod_removes_its_node(deployed: Env) -> None:
             if held.poll() is None:
                 held.kill()
             held.wait(30)
-    _whole_and_closed(collected)
-    closes = [r for r in checks.traffic_records(checks.cri_stdout(collected))
-              if r.get("kind") == "close" and r.get("conn_id") == held_id]
+    _whole_and_closed(collected, key)
+    records = checks.traffic_records(checks.cri_stdout(collected))
+    closes = [r for r in records if r.get("kind") == "close" and r.get("conn_id") == held_id]
     assert len(closes) == 1, closes
+    # The long records came in pieces and were joined whole.
+    assert " stdout P {" in collected, collected[-2000:]
+    assert any(r.get("kind") == "data" and r.get("dir") == "app->peer" and r["len"] == 16384
+               for r in records), [r for r in records if r.get("kind") == "data"]
 
     def gone() -> bool:
         names = {n["metadata"]["name"] for n in tailnet_nodes(env.api, OPERATOR_NS)}
