@@ -47,6 +47,7 @@ __all__ = [
     "decode_key",
     "encode_key",
     "link",
+    "sort_keys",
 ]
 
 CHAIN_KEYS = ("log_hash", "log_seq")
@@ -61,11 +62,12 @@ ZERO_HASH = bytes(32)
 _DOMAIN = b"tsnet2 traffic-log checkpoint v1\n"
 
 
-def _sorted(obj: Any) -> Any:
+def sort_keys(obj: Any) -> Any:
+    """``obj`` with the keys of every mapping in it sorted (how Go marshals a map)."""
     if isinstance(obj, Mapping):
-        return {k: _sorted(obj[k]) for k in sorted(obj)}
+        return {k: sort_keys(obj[k]) for k in sorted(obj)}
     if isinstance(obj, list | tuple):
-        return [_sorted(v) for v in obj]
+        return [sort_keys(v) for v in obj]
     return obj
 
 
@@ -74,7 +76,7 @@ def canonical_body(record: Mapping[str, Any]) -> bytes:
 
     For a record the daemon wrote this is exactly the line without the chain suffix.
     """
-    return go_json(_sorted({k: v for k, v in record.items() if k not in CHAIN_KEYS}))
+    return go_json(sort_keys({k: v for k, v in record.items() if k not in CHAIN_KEYS}))
 
 
 def chain_hash(prev: bytes, seq: int, body: bytes) -> bytes:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from tsnet2.proto.gojson import go_json, go_time, go_time_ns
-from tsnet2.traffic.chain import CHECKPOINT_REASONS, ZERO_HASH, checkpoint_message
+from tsnet2.traffic.chain import CHECKPOINT_REASONS, ZERO_HASH, checkpoint_message, sort_keys
 
 __all__ = [
     "CUT_ERROR",
@@ -82,16 +82,8 @@ def format_time(dt: _dt.datetime | int) -> str:
     return go_time(dt)
 
 
-def _sorted(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {k: _sorted(obj[k]) for k in sorted(obj)}
-    if isinstance(obj, list | tuple):
-        return [_sorted(v) for v in obj]
-    return obj
-
-
 def _line(record: dict[str, Any]) -> bytes:
-    return go_json(_sorted(record)) + b"\n"
+    return go_json(sort_keys(record)) + b"\n"
 
 
 def open_record(
