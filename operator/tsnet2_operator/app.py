@@ -33,7 +33,7 @@ from tsnet2_operator.control import ControlRuntime, ControlSettings, register_ha
 from tsnet2_operator.handlers import build_registry
 from tsnet2_operator.metrics import InjectorMetrics
 from tsnet2_operator.store import install_crds
-from tsnet2_operator.webhook import KubeLookups
+from tsnet2_operator.webhook import KubeLookups, ListeningWebhookServer
 
 PEERING_GROUP = "kopf.dev"
 PEERING_PLURAL = "clusterkopfpeerings"
@@ -155,9 +155,18 @@ def build_operator_registry(
             await asyncio.to_thread(ensure_peering_object, api, peering)
             logger.info("tsnet2: kopf peering %r present", peering)
 
+    # The replica is Ready (the control server's /healthz, the readiness probe) only once
+    # its admission webhook listens too.
+    waiting = "the admission webhook server is not listening yet"
+    runtime.server.ready = lambda: waiting
+
+    def gate(server: ListeningWebhookServer) -> None:
+        runtime.server.ready = lambda: None if server.listening else waiting
+
     if lookups_factory is None:
-        build_registry(config, metrics=metrics, registry=registry)
+        build_registry(config, metrics=metrics, registry=registry, on_server=gate)
     else:
-        build_registry(config, metrics=metrics, registry=registry, lookups_factory=lookups_factory)
+        build_registry(config, metrics=metrics, registry=registry, lookups_factory=lookups_factory,
+                       on_server=gate)
     register_handlers(registry, runtime)
     return registry, runtime

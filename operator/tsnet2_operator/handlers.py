@@ -39,7 +39,13 @@ from tsnet2_operator.inject import (
     wants_namespace_labels,
 )
 from tsnet2_operator.metrics import InjectorMetrics
-from tsnet2_operator.webhook import KubeLookups, LookupError_, load_api_client, make_server
+from tsnet2_operator.webhook import (
+    KubeLookups,
+    ListeningWebhookServer,
+    LookupError_,
+    load_api_client,
+    make_server,
+)
 
 HANDLER_ID = "inject"  # kopf serves this handler at https://<addr>:<port>/inject
 EPHEMERAL_HANDLER_ID = "ephemeral"  # ... and this one at /ephemeral
@@ -69,8 +75,11 @@ def build_registry(
     metrics: InjectorMetrics | None = None,
     registry: kopf.OperatorRegistry | None = None,
     lookups_factory: Callable[[], KubeLookups] = lambda: KubeLookups(load_api_client()),
+    on_server: Callable[[ListeningWebhookServer], None] | None = None,
 ) -> kopf.OperatorRegistry:
-    """Register the injector's handlers (in ``registry``, or a new one) and return it."""
+    """Register the injector's handlers (in ``registry``, or a new one) and return it.
+
+    ``on_server`` is told the webhook server when start-up makes it (readiness gating)."""
     reg = registry if registry is not None else kopf.OperatorRegistry()
     counters = metrics if metrics is not None else InjectorMetrics()
     runtime = _Runtime()
@@ -90,7 +99,10 @@ def build_registry(
     async def configure(settings: kopf.OperatorSettings, logger: kopf.Logger,
                         **_: Any) -> None:
         """Webhook server, unmanaged webhook configuration, sidecar mode, metrics."""
-        settings.admission.server = make_server(config)
+        server = make_server(config)
+        settings.admission.server = server
+        if on_server is not None:
+            on_server(server)
         settings.admission.managed = None
         settings.posting.reporting_component = REPORTING_COMPONENT
         runtime.lookups = await asyncio.to_thread(lookups_factory)

@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import os
 import socket
+from collections.abc import AsyncIterator
 
 import kopf
 from kubernetes import client as k8s
@@ -25,11 +26,30 @@ from urllib3.exceptions import HTTPError
 from tsnet2_operator.config import ConfigError, OperatorConfig, parse_server_version
 
 
-def make_server(config: OperatorConfig) -> kopf.WebhookServer:
+class ListeningWebhookServer(kopf.WebhookServer):
+    """kopf's HTTPS webhook server that says when it listens (:attr:`listening`), so the
+    operator's readiness can wait for it: kopf starts it after the other start-up handlers,
+    and a replica that is Ready before its webhook listens makes the API server's admission
+    calls fail (connection refused) during a rollout or restart."""
+
+    listening = False
+    """True from the moment the server accepts connections until it stops."""
+
+    async def __call__(self, fn: kopf.WebhookFn) -> AsyncIterator[kopf.WebhookClientConfig]:
+        """kopf's server; :attr:`listening` follows it (kopf yields once it listens)."""
+        try:
+            async for client_config in super().__call__(fn):
+                self.listening = True
+                yield client_config
+        finally:
+            self.listening = False
+
+
+def make_server(config: OperatorConfig) -> ListeningWebhookServer:
     """kopf's webhook server on ``webhook_addr:webhook_port`` with the configured cert files."""
     if not (config.webhook_cert_file and config.webhook_key_file):
         raise ConfigError("the webhook needs TSNET2_WEBHOOK_CERT_FILE and TSNET2_WEBHOOK_KEY_FILE")
-    return kopf.WebhookServer(
+    return ListeningWebhookServer(
         addr=config.webhook_addr,
         port=config.webhook_port,
         certfile=config.webhook_cert_file,

@@ -623,3 +623,22 @@ def test_abandoned_long_poll_goes_offline(tmp_path: Path) -> None:
             assert nm["peers"][0]["online"] is False and nm["self"]["online"] is True
 
     run(main)
+
+
+def test_healthz_waits_for_what_the_embedder_says(tmp_path: Path) -> None:
+    """/healthz (the operator's readiness probe) is 503 with the reason until ``ready`` says
+    so: the operator gates it on its admission webhook listening."""
+
+    async def main() -> None:
+        waiting = ["the admission webhook server is not listening yet"]
+        async with control(tmp_path / "c.db") as (server, _):
+            server.ready = lambda: waiting[0] if waiting else None
+            async with aiohttp.ClientSession() as http:
+                async with http.get(server.url + "/healthz") as r:
+                    assert r.status == 503
+                    assert (await r.text()) == f"not ready: {waiting[0]}"
+                waiting.clear()
+                async with http.get(server.url + "/healthz") as r:
+                    assert r.status == 200 and (await r.text()) == "ok"
+
+    run(main)

@@ -126,6 +126,9 @@ class ControlServer:
         if not ephemeral_timeout > 0:
             raise ValueError("ephemeral_timeout must be > 0 seconds")
         self.store = store
+        self.ready: Callable[[], str | None] | None = None
+        """Readiness beyond this server: returns why it is not ready, or None; ``/healthz``
+        answers 503 with the reason meanwhile (the operator waits for its webhook)."""
         self.domain = validate_domain(domain)
         self.ephemeral_timeout = float(ephemeral_timeout)
         self.online_grace = (
@@ -426,6 +429,9 @@ class ControlServer:
     # -- handlers ------------------------------------------------------------------------
 
     async def _healthz(self, request: web.Request) -> web.Response:
+        why = self.ready() if self.ready is not None else None
+        if why:
+            return web.Response(status=503, text=f"not ready: {why}")
         return web.Response(text="ok")
 
     async def _register(self, request: web.Request) -> web.Response:
