@@ -128,7 +128,15 @@ def test_a_stalled_stdout_reader(policy: str) -> None:
                     out.thread.start()  # the collector catches up
                     mover.join(120)
                     assert result.get("got") == PAYLOAD, result
-                    net.a.dial("tcp", "sb:7300", timeout=10).close()  # accepted again
+                    # Accepted again once stdout's queue has drained to a quarter.
+                    def accepted() -> bool:
+                        try:
+                            net.a.dial("tcp", "sb:7300", timeout=10).close()
+                        except tsnet2.Error:
+                            return False
+                        return True
+
+                    wait_for(accepted, 60, "a dial accepted after stdout caught up")
                 else:
                     mover.join(120)  # never waits for stdout
                     assert result.get("got") == PAYLOAD, result

@@ -327,7 +327,8 @@ def test_rotation_sizes_keep_and_modes(
     records = records_of(validator, *files)
     seqs = [r["seq"] for r in records if r["kind"] == "data"]
     assert seqs == list(range(seqs[0], 101)) if seqs else keep == 0
-    assert records[-1]["kind"] == "close"
+    # (with keep=0 the one file may hold only the close checkpoint, which records_of skips)
+    assert [r["kind"] for r in records][-1:] == ["close"] or (keep == 0 and not records)
 
 
 def test_rotation_never_splits_a_record(
@@ -391,7 +392,7 @@ def test_concurrent_writers_rotate_whole_lines(
 ) -> None:
     path = tmp_path / "conc.jsonl"
     n_threads, n_records = 8, 150
-    with TrafficLog(str(path), max_bytes=4096, keep=10_000, chunk_size=64) as log:
+    with TrafficLog(str(path), max_bytes=16384, keep=1000, chunk_size=64) as log:
         barrier = threading.Barrier(n_threads)
 
         def run(i: int) -> None:
@@ -408,7 +409,7 @@ def test_concurrent_writers_rotate_whole_lines(
             t.join()
         assert log.rotations > 10
     files = rotated(path)
-    assert all(p.stat().st_size <= 4096 for p in files)
+    assert all(p.stat().st_size <= 16384 for p in files)
     records = records_of(validator, *files)
     by_flow: dict[str, list[dict[str, Any]]] = {}
     for r in records:

@@ -38,9 +38,13 @@ def rotate(path: str, keep: int) -> int:
         if keep == 0:
             os.replace(tmp, path)
             return new_fd
-        for i in range(keep - 1, 0, -1):
-            if os.path.lexists(f"{path}.{i}"):
-                os.replace(f"{path}.{i}", f"{path}.{i + 1}")
+        # Shift the run path.1 .. path.n that exists (one stat per file, not per `keep`);
+        # a file past a hole, or past `keep`, is not touched.
+        n = 0
+        while n < keep - 1 and os.path.lexists(f"{path}.{n + 1}"):
+            n += 1
+        for i in range(n, 0, -1):
+            os.replace(f"{path}.{i}", f"{path}.{i + 1}")
         first = f"{path}.1"
         if os.path.lexists(first):  # keep == 1: the only copy is the oldest
             os.unlink(first)
