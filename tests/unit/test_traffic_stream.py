@@ -267,3 +267,23 @@ def test_after_a_crash_the_chain_restarts_past_the_reserved_numbers(tmp_path: Pa
     assert start["log_seq"] == state.reserved > recs[len(crashed) - 1]["log_seq"]
     # the restarted run's own records chain from there
     unchain([line for line in _lines(path)][len(crashed):], checkpoints=True)
+
+
+def test_losses_while_a_gap_record_is_written_are_not_forgotten() -> None:
+    """The writer takes the pending gap out while it writes its record: losses counted
+    meanwhile start a new gap; a gap record that could not be written is put back whole."""
+    from tsnet2.traffic.sinks import Sink
+
+    sink = Sink("stdout", named=False)
+    sink.lose("data", 5, "queue full")
+    sink.lose("data", 6, "queue full")
+    line, taken = sink.take_gap()
+    assert json.loads(line)["dropped"] == 2 and not sink.gap
+    sink.lose("close", 9, "queue full")  # while the gap record is on its way
+    assert sink.gap == {"close": 1} and (sink.gap_first, sink.gap_last) == (9, 9)
+    sink.put_back(taken)  # ... and it failed: one gap with all three
+    assert sink.gap == {"data": 2, "close": 1}
+    assert (sink.gap_first, sink.gap_last) == (5, 9)
+    assert sink.gap_since == taken.since
+    rec = json.loads(sink.gap_line())
+    assert (rec["dropped"], rec["first_seq"], rec["last_seq"]) == (3, 5, 9)

@@ -68,7 +68,6 @@ class Sink:
         """``file`` or ``stdout`` (what the log calls it in gap records and messages)."""
         self.named = named  # the log has two sinks: gap records name theirs
         self.healthy = True
-        self.dropped = 0
         self.gap: dict[str, int] = {}
         self.gap_since = 0
         self.gap_error = ""
@@ -78,7 +77,6 @@ class Sink:
 
     def lose(self, kind: str, seq: int | None, error: str, errno: int | None = None) -> None:
         """Count one record that this sink could not write."""
-        self.dropped += 1
         if not self.gap:
             self.gap_since = time.time_ns()
         self.gap[kind] = self.gap.get(kind, 0) + 1
@@ -101,6 +99,35 @@ class Sink:
         self.gap_first = self.gap_last = None
         return n
 
+    def take_gap(self) -> tuple[bytes, _Taken]:
+        """The pending gap record's line, and its counts taken out of the sink: losses
+        counted while it is being written start a new gap instead of vanishing with it.
+        :meth:`put_back` them if the line could not be written."""
+        line = self.gap_line()
+        taken = _Taken(self.gap, self.gap_since, self.gap_first, self.gap_last)
+        self.gap_written()
+        return line, taken
+
+    def put_back(self, taken: _Taken) -> None:
+        """Merge a gap record that could not be written back into the pending one."""
+        self.gap_since = min(self.gap_since, taken.since) if self.gap else taken.since
+        for kind, n in taken.kinds.items():
+            self.gap[kind] = self.gap.get(kind, 0) + n
+        for seq in (taken.first, taken.last):
+            if seq is not None:
+                self.gap_first = seq if self.gap_first is None else min(self.gap_first, seq)
+                self.gap_last = seq if self.gap_last is None else max(self.gap_last, seq)
+
+
+@dataclass
+class _Taken:
+    """A gap taken out of a sink while its record is written (:meth:`Sink.take_gap`)."""
+
+    kinds: dict[str, int]
+    since: int
+    first: int | None
+    last: int | None
+
 
 class FileSink(Sink):
     """A file (or a non-pipe stdout) written in the caller's thread; see the module doc.
@@ -122,10 +149,6 @@ class FileSink(Sink):
         self._size = 0
         self._torn = False
         self._rotate_after = 0.0
-
-    @property
-    def is_open(self) -> bool:
-        return self._fd is not None
 
     def open(self) -> None:
         """Open (create, 0600) the file for appending. Raises :class:`OSError`."""
@@ -266,8 +289,6 @@ class StreamSink(Sink):
         """Bytes waiting in the queue."""
         self.stalled = False
         """Fail-closed: the queue passed half of ``limit`` and has not drained to a quarter."""
-        self.written = 0
-        """Records written to the stream."""
         self._q: collections.deque[tuple[str, int | None, bytes]] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -378,22 +399,23 @@ class StreamSink(Sink):
                     return
                 batch: list[tuple[str, int | None, bytes]] = []
                 size = 0
-                gap = b""
+                gap, taken = b"", None
                 if self._q and self._q[0][0] == _MARK:
                     self._q.popleft()
                     self._marked = False
-                    gap = self.gap_line() if self.gap else b""
+                    if self.gap:
+                        gap, taken = self.take_gap()
                 elif self.gap and not self._marked:  # losses of a failed write
-                    gap = self.gap_line()
+                    gap, taken = self.take_gap()
                 while (self._q and self._q[0][0] != _MARK
                        and (not batch or size + len(self._q[0][2]) <= _BATCH_BYTES)):
                     item = self._q.popleft()
                     batch.append(item)
                     size += len(item[2])
-            self._write_batch(batch, gap, size)
+            self._write_batch(batch, gap, taken, size)
 
     def _write_batch(self, batch: list[tuple[str, int | None, bytes]], gap: bytes,
-                     size: int) -> None:
+                     taken: _Taken | None, size: int) -> None:
         prefix = (b"\n" if self._torn else b"") + gap
         data = prefix + b"".join(line for _, _, line in batch)
         written, error = self._write_all(data)
@@ -417,9 +439,11 @@ class StreamSink(Sink):
         became_unhealthy = became_healthy = False
         with self._cond:
             self.queued -= size
-            self.written += ok
-            if gap_ok:
-                recovered = self.gap_written()
+            if taken is not None:
+                if gap_ok:
+                    recovered = sum(taken.kinds.values())
+                else:
+                    self.put_back(taken)
             if error is not None:
                 why = ("closed" if self._abandon else
                        f"{errno_reason(error)}: {error.strerror or error}")
