@@ -19,13 +19,14 @@ See docs/traffic-log.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -101,7 +102,7 @@ class _Outcome:
     kind: str = ""
     nbytes: int = 0
     accepted: bool = False  # at least one sink wrote or queued it
-    results: list[tuple[FileSink, Result]] = field(default_factory=list)
+    file_result: Result | None = None  # what the file sink did with it
     error: OSError | None = None  # the file sink's write failed
     lost_stream: str = ""  # why the stream sink lost it (queue_full, not_open)
     stalled: bool = False  # fail-closed: the stream sink would not take it (full)
@@ -284,11 +285,6 @@ class TrafficLog:
         return self._seq
 
     @property
-    def public_key(self) -> str | None:
-        """Base64 public key that verifies this log's checkpoints (once open)."""
-        return self._signer.public if self._signer is not None else None
-
-    @property
     def active_flows(self) -> int:
         """Flows opened and not yet closed."""
         return len(self._flows)
@@ -333,16 +329,14 @@ class TrafficLog:
         """
         if not self.writes_records:
             return True
-        results: list[tuple[FileSink, Result]] = []
+        result = None
         with self._lock:
             if self._file is not None:
-                r = self._file.probe()
-                if r is not None:
-                    results.append((self._file, r))
+                result = self._file.probe()
         if self._stream is not None and not self._stream.healthy:
             self._stream.kick()
-        for sink, r in results:
-            self._report(sink, r, "gap")
+        if result is not None:
+            self._report_file(result, "gap")
         return self.healthy
 
     # ---- open / close --------------------------------------------------------------------
@@ -444,7 +438,9 @@ class TrafficLog:
         # the last checkpoint, past every number the crashed run may have used.
         self._seq = prev.seq if not unclean else prev.reserved - 1
         self._prev = bytes.fromhex(prev.hash)
-        self._reserved = self._seq + 1  # raised (and persisted) by the first record
+        # Numbers this run may use before it must raise (and persist) the reservation: the
+        # start checkpoint's state carries it, so no record waits for the file.
+        self._reserved = self._seq + 1 + _RESERVE
         prev.clean = not unclean
         return prev
 
@@ -531,7 +527,7 @@ class TrafficLog:
             out = self._emit("checkpoint", line, always=True, reserve=False)
             self._since_checkpoint = 0
             state = ChainState(key=signer.public, seq=self._seq, hash=self._prev.hex(),
-                               clean=False, reserved=max(self._reserved, self._seq + 1))
+                               clean=False, reserved=self._reserved)
             self._checkpoint_state = state
         if reason != "close":
             self._persist(state)
@@ -690,18 +686,15 @@ class TrafficLog:
         line, self._prev = link(line, self._prev, self._seq)
         self._since_checkpoint += 1
         if reserve and self._seq >= self._reserved and self._state_dir is not None:
+            # Before this record exists anywhere: a crash from here on restarts past it.
             self._reserved = self._seq + _RESERVE
-            assert self._signer is not None
-            self._persist(ChainState(key=self._signer.public,
-                                     seq=self._checkpoint_state.seq
-                                     if self._checkpoint_state else 0,
-                                     hash=self._checkpoint_state.hash
-                                     if self._checkpoint_state else ZERO_HASH.hex(),
-                                     clean=False, reserved=self._reserved))
+            assert self._checkpoint_state is not None  # the start checkpoint came first
+            self._checkpoint_state = dataclasses.replace(self._checkpoint_state,
+                                                         reserved=self._reserved)
+            self._persist(self._checkpoint_state)
         out.nbytes = len(line)
         if self._file is not None:
-            r = self._file.write(kind, self._seq, line)
-            out.results.append((self._file, r))
+            r = out.file_result = self._file.write(kind, self._seq, line)
             if r.error is None:
                 out.accepted = True
             else:
@@ -718,8 +711,8 @@ class TrafficLog:
 
     def _after(self, out: _Outcome, *, raise_errors: bool) -> None:
         """Hooks and log lines for an emitted record, then the policy's error."""
-        for sink, r in out.results:
-            self._report(sink, r, out.kind)
+        if out.file_result is not None:
+            self._report_file(out.file_result, out.kind)
         hook = self.on_record
         if hook is not None and out.accepted:
             hook(out.kind, out.nbytes)
@@ -748,7 +741,9 @@ class TrafficLog:
             raise TrafficLogError(f"traffic log stdout cannot be written "
                                   f"({self._stream.gap_error})", self._stream.last_errno)
 
-    def _report(self, sink: FileSink, r: Result, kind: str) -> None:
+    def _report_file(self, r: Result, kind: str) -> None:
+        sink = self._file
+        assert sink is not None
         if r.recovered:
             log.warning("traffic log %s is writable again; a gap record reports %d dropped "
                         "records", sink.path, r.recovered)
