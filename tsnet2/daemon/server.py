@@ -381,9 +381,6 @@ class Daemon:
             self.metrics.log_dropped(reason)
             return
         self.metrics.log_write_error()
-        if reason in ("disk_full", "write_error"):
-            self.metrics.log_dropped(reason)
-            return
         self.metrics.log_dropped("disk_full" if reason in ("ENOSPC", "EDQUOT")
                                  else "write_error")
 

@@ -458,10 +458,8 @@ class StreamSink(Sink):
                 self.stalled = False
                 stalled_over = True
         if lost and self.on_lost is not None:
-            reason = "not_open" if self._abandon else (
-                "disk_full" if error is not None and error.errno in (_errno.ENOSPC,
-                                                                     _errno.EDQUOT)
-                else "write_error")
+            # the same reasons a failed file write reports: an errno name (ENOSPC, EPIPE...)
+            reason = "not_open" if self._abandon or error is None else errno_reason(error)
             kinds: dict[str, int] = {}
             for kind, _, _ in lost:
                 kinds[kind] = kinds.get(kind, 0) + 1
