@@ -17,7 +17,7 @@ import kopf
 
 from tsnet2_operator.app import build_operator_registry
 from tsnet2_operator.config import ConfigError, load_config
-from tsnet2_operator.webhook import LookupError_, load_api_client
+from tsnet2_operator.webhook import KubeLookupError, load_api_client
 
 PRIORITY_RANGE = 1 << 30
 """Random peering priorities are drawn from ``1..PRIORITY_RANGE``."""
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         api = load_api_client()
-    except LookupError_ as exc:
+    except KubeLookupError as exc:
         print(f"tsnet2-operator: {exc}", file=sys.stderr)
         return 1
     try:

@@ -1,11 +1,13 @@
 """The whole operator in one kopf registry: injector, control server, state volumes, GC.
 
-:func:`build_operator_registry` puts into ONE :class:`kopf.OperatorRegistry`, in this order
-(kopf runs start-up handlers one after another in registration order):
+:func:`build_operator_registry` puts into ONE :class:`kopf.OperatorRegistry` (an explicit
+one, never kopf's global default registry), in this order (kopf runs start-up handlers one
+after another in registration order):
 
-1. ``install-crds`` (when ``install_crds`` is on): the ``tsnet2.io`` CRDs and, with
-   peering, kopf's ``ClusterKopfPeering`` CRD plus the peering object itself;
-2. the injector (:func:`tsnet2_operator.handlers.build_registry`): login, webhook server,
+1. ``install-crds`` (:func:`install_crds_at_startup`, when ``install_crds`` is on): the
+   ``tsnet2.io`` CRDs and, with peering, kopf's ``ClusterKopfPeering`` CRD plus the peering
+   object itself; else, with peering, ``ensure-peering`` (:func:`ensure_peering_at_startup`);
+2. the injector (:func:`tsnet2_operator.handlers.register`): login, webhook server,
    ``/inject``, metrics;
 3. the control runtime (:func:`tsnet2_operator.control.register_handlers`): the coordination
    server over the Kubernetes store with TokenReview auth and the periodic sweep, started by
@@ -15,6 +17,9 @@
 Activities (start-up, clean-up) and the admission webhook run in every replica; kopf peering
 only pauses the watch handlers, so with ``--peering`` the webhook and the control server are
 served by every replica and the watch handlers by one replica at a time.
+
+Every handler is a module-level function that takes what it works on as kopf's ``param``
+keyword argument (here a :class:`ClusterSetup`), so a test can call it directly.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import kopf
@@ -29,8 +35,10 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from tsnet2_operator.config import OperatorConfig
-from tsnet2_operator.control import ControlRuntime, ControlSettings, register_handlers
-from tsnet2_operator.handlers import build_registry
+from tsnet2_operator.control import ControlRuntime, ControlSettings
+from tsnet2_operator.control import register_handlers as register_control
+from tsnet2_operator.handlers import Injector, kube_lookups
+from tsnet2_operator.handlers import register as register_injector
 from tsnet2_operator.metrics import InjectorMetrics
 from tsnet2_operator.store import install_crds
 from tsnet2_operator.webhook import KubeLookups, ListeningWebhookServer
@@ -115,6 +123,49 @@ def ensure_peering_object(api: k8s.ApiClient, name: str) -> None:
             raise
 
 
+@dataclass(frozen=True)
+class ClusterSetup:
+    """What the CRD and peering start-up handlers need (kopf passes it as ``param``)."""
+
+    api: k8s.ApiClient
+    peering: str | None = None
+    """The kopf peering whose object must exist, if any."""
+
+
+async def install_crds_at_startup(param: ClusterSetup, logger: kopf.Logger, **_: Any) -> None:
+    """Create or update the CRDs (and, with peering, kopf's) before anything uses them."""
+    await asyncio.to_thread(install_crds, param.api)
+    if param.peering is not None:
+        await asyncio.to_thread(install_peering, param.api, param.peering)
+    logger.info(
+        "tsnet2: CRDs installed%s",
+        f" (with kopf peering {param.peering!r})" if param.peering is not None else "",
+    )
+
+
+async def ensure_peering_at_startup(param: ClusterSetup, logger: kopf.Logger, **_: Any) -> None:
+    """The CRDs belong to someone else (the chart): still make sure the peering object exists,
+    or every replica would stay paused. Without a peering there is nothing to do."""
+    if param.peering is None:
+        return
+    await asyncio.to_thread(ensure_peering_object, param.api, param.peering)
+    logger.info("tsnet2: kopf peering %r present", param.peering)
+
+
+WEBHOOK_NOT_LISTENING = "the admission webhook server is not listening yet"
+
+
+def gate_readiness(runtime: ControlRuntime) -> Callable[[ListeningWebhookServer], None]:
+    """Make the control server's readiness (its /healthz, the readiness probe) wait for the
+    admission webhook; return the callback that start-up tells the webhook server."""
+    runtime.server.ready = lambda: WEBHOOK_NOT_LISTENING
+
+    def gate(server: ListeningWebhookServer) -> None:
+        runtime.server.ready = lambda: None if server.listening else WEBHOOK_NOT_LISTENING
+
+    return gate
+
+
 def build_operator_registry(
     config: OperatorConfig,
     api: k8s.ApiClient,
@@ -132,41 +183,21 @@ def build_operator_registry(
     """
     registry = kopf.OperatorRegistry()
     runtime = ControlRuntime(api, ControlSettings.from_config(config))
-
+    setup = ClusterSetup(api, peering)
+    # (The ignores: kopf's handler protocols declare ``param`` optional; ours always get one.)
     if config.install_crds:
-
-        @kopf.on.startup(registry=registry, id="install-crds", backoff=5.0)
-        async def install(logger: kopf.Logger, **_: Any) -> None:
-            """Create or update the CRDs before anything uses them."""
-            await asyncio.to_thread(install_crds, api)
-            if peering is not None:
-                await asyncio.to_thread(install_peering, api, peering)
-            logger.info(
-                "tsnet2: CRDs installed%s",
-                f" (with kopf peering {peering!r})" if peering is not None else "",
-            )
-
+        install = kopf.on.startup(registry=registry, id="install-crds", backoff=5.0, param=setup)
+        install(install_crds_at_startup)  # type: ignore[arg-type]
     elif peering is not None:
-
-        @kopf.on.startup(registry=registry, id="ensure-peering", backoff=5.0)
-        async def ensure_peering(logger: kopf.Logger, **_: Any) -> None:
-            """The CRDs belong to someone else (the chart): still make sure the peering
-            object exists, or every replica would stay paused."""
-            await asyncio.to_thread(ensure_peering_object, api, peering)
-            logger.info("tsnet2: kopf peering %r present", peering)
-
-    # The replica is Ready (the control server's /healthz, the readiness probe) only once
-    # its admission webhook listens too.
-    waiting = "the admission webhook server is not listening yet"
-    runtime.server.ready = lambda: waiting
-
-    def gate(server: ListeningWebhookServer) -> None:
-        runtime.server.ready = lambda: None if server.listening else waiting
-
-    if lookups_factory is None:
-        build_registry(config, metrics=metrics, registry=registry, on_server=gate)
-    else:
-        build_registry(config, metrics=metrics, registry=registry, lookups_factory=lookups_factory,
-                       on_server=gate)
-    register_handlers(registry, runtime)
+        ensure = kopf.on.startup(registry=registry, id="ensure-peering", backoff=5.0, param=setup)
+        ensure(ensure_peering_at_startup)  # type: ignore[arg-type]
+    # The replica is Ready only once its admission webhook listens too.
+    injector = Injector(
+        config,
+        metrics if metrics is not None else InjectorMetrics(),
+        lookups_factory if lookups_factory is not None else kube_lookups,
+        on_server=gate_readiness(runtime),
+    )
+    register_injector(registry, injector)
+    register_control(registry, runtime)
     return registry, runtime

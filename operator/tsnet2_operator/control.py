@@ -168,41 +168,51 @@ class ControlRuntime:
         await asyncio.to_thread(collect_pvcs, self.api, namespace)
 
 
-def register_handlers(registry: kopf.OperatorRegistry, runtime: ControlRuntime) -> None:
-    """Register start-up/clean-up and the watch handlers of ``runtime`` in ``registry``."""
-
-    @kopf.on.startup(registry=registry, backoff=5.0)
-    async def start_control(**_: Any) -> None:
-        """Open the store, serve the control API, start the sweep (store errors retry)."""
-        try:
-            url = await runtime.start()
-        except (OSError, ssl.SSLError, ValueError) as e:  # bind or TLS files: never fixes itself
-            await runtime.close()
-            raise kopf.PermanentError(
-                f"tsnet2 control server cannot serve on {runtime.settings.host}:"
-                f"{runtime.settings.port}: {e}"
-            ) from e
-        except BaseException:
-            await runtime.close()  # a retried start begins from scratch
-            raise
-        log.info(
-            "tsnet2 control server on %s (store namespace %s)", url, runtime.settings.namespace
-        )
-
-    @kopf.on.cleanup(registry=registry)
-    async def stop_control(**_: Any) -> None:
-        """Stop the sweep and the server."""
+async def start_control(param: ControlRuntime, **_: Any) -> None:
+    """Start-up: open the store, serve the control API, start the sweep (store errors retry;
+    a bind or TLS failure, which never fixes itself, stops the operator)."""
+    runtime = param
+    try:
+        url = await runtime.start()
+    except (OSError, ssl.SSLError, ValueError) as e:  # bind or TLS files: never fixes itself
         await runtime.close()
+        raise kopf.PermanentError(
+            f"tsnet2 control server cannot serve on {runtime.settings.host}:"
+            f"{runtime.settings.port}: {e}"
+        ) from e
+    except BaseException:
+        await runtime.close()  # a retried start begins from scratch
+        raise
+    log.info("tsnet2 control server on %s (store namespace %s)", url, runtime.settings.namespace)
 
-    @kopf.on.event(  # type: ignore[arg-type]
-        "v1", "pods", annotations={ANNOTATION_STATUS: kopf.PRESENT}, registry=registry
-    )
-    async def injected_pod_event(event: dict[str, Any], **_: Any) -> None:
-        await runtime.on_pod_event(event)
 
+async def stop_control(param: ControlRuntime, **_: Any) -> None:
+    """Clean-up: stop the sweep and the server."""
+    await param.close()
+
+
+async def injected_pod_event(param: ControlRuntime, event: dict[str, Any], **_: Any) -> None:
+    """A watch event of an injected pod (see :meth:`ControlRuntime.on_pod_event`)."""
+    await param.on_pod_event(event)
+
+
+async def owner_event(param: ControlRuntime, event: dict[str, Any], namespace: str | None,
+                      **_: Any) -> None:
+    """A watch event of a possible owner of state claims: on deletion, collect its namespace."""
+    if event.get("type") == "DELETED" and namespace:
+        await param.on_owner_deleted(namespace)
+
+
+def register_handlers(registry: kopf.OperatorRegistry, runtime: ControlRuntime) -> None:
+    """Register start-up/clean-up and the watch handlers in ``registry``, each with
+    ``param=runtime`` (the handlers are the module-level functions above)."""
+    # (The ignores: kopf's handler protocols declare ``param`` optional; ours always get one.)
+    kopf.on.startup(registry=registry, backoff=5.0, param=runtime)(
+        start_control)  # type: ignore[arg-type]
+    kopf.on.cleanup(registry=registry, param=runtime)(stop_control)  # type: ignore[arg-type]
+    on_pod = kopf.on.event("v1", "pods", annotations={ANNOTATION_STATUS: kopf.PRESENT},
+                           registry=registry, param=runtime)
+    on_pod(injected_pod_event)  # type: ignore[arg-type]
     for group, version, plural in OWNER_KINDS:
-
-        @kopf.on.event(group, version, plural, registry=registry)  # type: ignore[arg-type]
-        async def owner_event(event: dict[str, Any], namespace: str | None, **_: Any) -> None:
-            if event.get("type") == "DELETED" and namespace:
-                await runtime.on_owner_deleted(namespace)
+        on_owner = kopf.on.event(group, version, plural, registry=registry, param=runtime)
+        on_owner(owner_event)  # type: ignore[arg-type]

@@ -57,8 +57,10 @@ def make_server(config: OperatorConfig) -> ListeningWebhookServer:
     )
 
 
-class LookupError_(RuntimeError):
-    """An API read the injector depends on failed (the message names what and why)."""
+class KubeLookupError(Exception):
+    """A Kubernetes API request the operator depends on failed, or there are no credentials
+    to make one (the message names what and why). Raised by :func:`load_api_client` and
+    :class:`KubeLookups`."""
 
 
 def load_api_client() -> k8s.ApiClient:
@@ -74,7 +76,7 @@ def load_api_client() -> k8s.ApiClient:
                 config_file=os.environ.get("KUBECONFIG") or None,
                 client_configuration=configuration)
         except (ConfigException, OSError) as exc:
-            raise LookupError_(
+            raise KubeLookupError(
                 f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({exc})"
             ) from exc
     return k8s.ApiClient(configuration)
@@ -93,7 +95,7 @@ class KubeLookups:
         self.api.close()  # type: ignore[no-untyped-call]
 
     async def namespace_labels(self, name: str) -> dict[str, str]:
-        """The labels of namespace ``name``; raises :class:`LookupError_` if it cannot tell."""
+        """The labels of namespace ``name``; raises :class:`KubeLookupError` if it cannot tell."""
         def read() -> dict[str, str]:
             ns = k8s.CoreV1Api(self.api).read_namespace(name, _request_timeout=self.timeout)
             labels = ns.metadata.labels if ns.metadata is not None else None
@@ -103,10 +105,10 @@ class KubeLookups:
             return await asyncio.to_thread(read)
         except (ApiException, HTTPError, OSError) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
-            raise LookupError_(f"cannot read namespace {name!r}: {reason}") from exc
+            raise KubeLookupError(f"cannot read namespace {name!r}: {reason}") from exc
 
     async def server_version(self) -> tuple[int, int]:
-        """(major, minor) of the API server."""
+        """(major, minor) of the API server; raises :class:`KubeLookupError` if it cannot tell."""
         def read() -> tuple[int, int]:
             info = k8s.VersionApi(self.api).get_code(_request_timeout=self.timeout)
             return parse_server_version(str(info.major), str(info.minor))
@@ -114,7 +116,7 @@ class KubeLookups:
         try:
             return await asyncio.to_thread(read)
         except (ApiException, HTTPError, OSError) as exc:
-            raise LookupError_(f"cannot read the API server version: {exc}") from exc
+            raise KubeLookupError(f"cannot read the API server version: {exc}") from exc
 
     async def post_event(self, ref: dict[str, str], *, type: str, reason: str,
                          message: str, component: str) -> None:
@@ -145,4 +147,5 @@ class KubeLookups:
         try:
             await asyncio.to_thread(create)
         except (ApiException, HTTPError, OSError) as exc:
-            raise LookupError_(f"cannot post Event {reason} in {ref['namespace']}: {exc}") from exc
+            raise KubeLookupError(
+                f"cannot post Event {reason} in {ref['namespace']}: {exc}") from exc
