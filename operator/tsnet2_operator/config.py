@@ -17,7 +17,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -367,11 +367,6 @@ def resolve_native_sidecar(mode: NativeSidecarMode, server_version: tuple[int, i
     if mode == "off":
         return False
     return server_version >= NATIVE_SIDECAR_MIN_VERSION
-
-
-def with_sidecar(config: OperatorConfig, **changes: Any) -> OperatorConfig:
-    """A copy of ``config`` with some sidecar fields replaced (a convenience for callers)."""
-    return replace(config, sidecar=replace(config.sidecar, **changes))
 
 
 def field_names() -> list[str]:

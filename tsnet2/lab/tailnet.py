@@ -52,20 +52,6 @@ class DaemonProc:
             return ""
 
 
-def _wait_for_line(proc: subprocess.Popen[bytes], log_path: Path, needle: str,
-                   what: str, timeout: float = READY_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        if needle in text:
-            return
-        if proc.poll() is not None:
-            raise TailnetError(f"{what} exited with {proc.returncode}:\n{text[-3000:]}")
-        time.sleep(0.02)
-    text = log_path.read_text(errors="replace") if log_path.exists() else ""
-    raise TailnetError(f"{what} not ready after {timeout:.0f}s:\n{text[-3000:]}")
-
-
 def _stop(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> int | None:
     if proc is None or proc.poll() is not None:
         return None if proc is None else proc.returncode

@@ -38,10 +38,6 @@ _ESCAPE_RE = re.compile("[<>&\u2028\u2029]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-def _reject_nan(value: float) -> Any:
-    raise ValueError(f"JSON cannot represent {value!r}")
-
-
 def go_json(obj: Any) -> bytes:
     """Encode ``obj`` as Go's ``json.Marshal`` would, as UTF-8 bytes (no trailing newline).
 
