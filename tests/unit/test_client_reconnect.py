@@ -1,4 +1,4 @@
-"""Reconnection: the pure shared logic in tsnet2.client._base, and the sync face against a
+"""Reconnection: the pure shared logic in tsnet2.client._base, and both faces against a
 scripted daemon peer that is replaced by a new one on the same socket path (a restart)."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,11 +66,11 @@ def _restart(peer: WirePeer, path: Path) -> WirePeer:
     return WirePeer(path)
 
 
-def test_sync_reconnects_to_a_restarted_peer(tmp_path: Path) -> None:
+def test_reconnects_to_a_restarted_peer(face: Any, tmp_path: Path) -> None:
     path = tmp_path / "tsnet2.sock"
     peer = WirePeer(path)
     logs: list[str] = []
-    srv = tsnet2.Server(socket_path=str(path), hostname="n", logf=logs.append)
+    srv = face.Server(socket_path=str(path), hostname="n", logf=logs.append)
     try:
         ln = srv.listen("tcp", ":8080")
         peer.next_slot()
@@ -97,10 +98,10 @@ def test_sync_reconnects_to_a_restarted_peer(tmp_path: Path) -> None:
         peer.close()
 
 
-def test_sync_reconnect_timeout_zero_fails_loudly(tmp_path: Path) -> None:
+def test_reconnect_timeout_zero_fails_loudly(face: Any, tmp_path: Path) -> None:
     path = tmp_path / "tsnet2.sock"
     peer = WirePeer(path)
-    srv = tsnet2.Server(socket_path=str(path), reconnect_timeout=0)
+    srv = face.Server(socket_path=str(path), reconnect_timeout=0)
     try:
         srv.start()
         peer.control_socks[0].shutdown(socket.SHUT_RDWR)

@@ -1,4 +1,4 @@
-"""Socket-level behaviour of the sync client: connect retry, exact header reads, TailnetSocket.
+"""Socket-level behaviour of the client: connect retry, exact header reads, TailnetSocket.
 
 Everything here runs over real kernel sockets (socketpair / Unix sockets); the far end
 is played by the test with the real protocol encoders from tsnet2.proto.
@@ -17,17 +17,20 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tsnet2
 from tsnet2 import proto
-from tsnet2.client._sockets import HeaderEOF, TailnetSocket, read_header_line
+from tsnet2.client._backend_sync import TailnetSocket
+from tsnet2.client._sync.channel import HeaderEOF, read_header_line
 
 
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.setblocking(False)  # the client's side: its channels are non-blocking
     try:
         yield a, b
     finally:
@@ -45,14 +48,14 @@ def _adopt(sock: socket.socket) -> TailnetSocket:
 
 
 @pytest.mark.parametrize("kind", ["missing", "not-listening"])
-def test_start_gives_up_after_connect_timeout(tmp_path: Path, kind: str) -> None:
+def test_start_gives_up_after_connect_timeout(face: Any, tmp_path: Path, kind: str) -> None:
     path = tmp_path / "tsnet2.sock"
     stale = None
     if kind == "not-listening":  # a socket file nobody accepts on: ECONNREFUSED
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(str(path))
     try:
-        srv = tsnet2.Server(socket_path=str(path), connect_timeout=1.0)
+        srv = face.Server(socket_path=str(path), connect_timeout=1.0)
         t0 = time.monotonic()
         with pytest.raises(tsnet2.DaemonUnavailableError) as ei:
             srv.start()
@@ -83,7 +86,7 @@ def test_connect_retries_until_daemon_appears(tmp_path: Path) -> None:
 
     t = threading.Thread(target=late_daemon)
     t.start()
-    from tsnet2.client._sockets import connect_channel
+    from tsnet2.client._sync.channel import connect_channel
 
     sock = connect_channel(str(path), 1, "test", time.monotonic() + 5)
     sock.close()

@@ -1,9 +1,11 @@
-"""The sync client against a scripted daemon peer speaking the real wire protocol.
+"""Both client faces against a scripted daemon peer speaking the real wire protocol.
 
 :class:`WirePeer` listens on a real Unix socket and answers with tsnet2.proto's own
 server-side encoders (ControlServerCore, encode_dial_reply, encode_accept_header), so
 these tests exercise the client's byte handling, RPC id matching, timeouts, slot
-accounting and clean-up. End-to-end tests against tsnet2d live in tests/integration.
+accounting and clean-up. Every test runs against both faces (``face``: the blocking
+Server, and the AsyncServer behind the blocking proxies of tests/unit/faces.py), so
+the two behave the same. End-to-end tests against tsnet2d live in tests/integration.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class WirePeer:
     def _guard(fn: Callable[..., None], *args: Any) -> None:
         # A client may hang up before its header line is complete (a listener closing while
         # it re-parks a slot): the peer's decode of the cut line is not a test failure.
-        with contextlib.suppress(OSError, ValueError, proto.ProtocolError):
+        with contextlib.suppress(OSError, ValueError, proto.WireError):
             fn(*args)
 
     def _accept_loop(self) -> None:
@@ -137,7 +139,7 @@ class WirePeer:
         while True:
             data = sock.recv(65536)
             for item in core.receive_data(data):
-                assert isinstance(item, proto.Request), item
+                assert isinstance(item, proto.ControlRequest), item
                 self.calls.append((item.method, item.params))
                 handler = self.methods.get(item.method)
                 if handler is None:
@@ -221,8 +223,8 @@ def peer(tmp_path: Path) -> Iterator[WirePeer]:
 
 
 @pytest.fixture
-def srv(peer: WirePeer) -> Iterator[tsnet2.Server]:
-    s = tsnet2.Server(socket_path=peer.path, hostname="node-a", connect_timeout=2)
+def srv(face: Any, peer: WirePeer) -> Iterator[Any]:
+    s = face.Server(socket_path=peer.path, hostname="node-a", connect_timeout=2)
     try:
         yield s
     finally:
@@ -233,8 +235,8 @@ def srv(peer: WirePeer) -> Iterator[tsnet2.Server]:
 # -- lifecycle -------------------------------------------------------------------------
 
 
-def test_start_sends_every_param(peer: WirePeer) -> None:
-    s = tsnet2.Server(socket_path=peer.path, hostname="h", auth_key="k", advertise_tags=["tag:a"])
+def test_start_sends_every_param(face: Any, peer: WirePeer) -> None:
+    s = face.Server(socket_path=peer.path, hostname="h", auth_key="k", advertise_tags=["tag:a"])
     with s:
         s.start()
         s.start()  # idempotent: one start RPC
@@ -252,14 +254,14 @@ def test_start_sends_every_param(peer: WirePeer) -> None:
     assert peer.kinds[0] == proto.ChannelKind.CONTROL
 
 
-def test_fields_freeze_after_start(srv: tsnet2.Server) -> None:
+def test_fields_freeze_after_start(srv: Any) -> None:
     srv.hostname = "changed-before-start"
     srv.start()
     with pytest.raises(AttributeError, match="cannot change"):
         srv.hostname = "too-late"
 
 
-def test_up_fills_status(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_up_fills_status(srv: Any, peer: WirePeer) -> None:
     st = srv.up(timeout=5)
     assert st.tailscale_ips == [IPv4Address("100.64.0.7"), IPv6Address("fd7a:115c:a1e0::7")]
     assert st.node_name == "node-a"
@@ -272,7 +274,7 @@ def test_up_fills_status(srv: tsnet2.Server, peer: WirePeer) -> None:
     assert peer.method_names() == ["start", "up", "tailscale_ips", "cert_domains"]
 
 
-def test_close_twice_and_after_close(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_close_twice_and_after_close(srv: Any, peer: WirePeer) -> None:
     srv.start()
     srv.close()
     assert peer.method_names()[-1] == "close"
@@ -285,7 +287,7 @@ def test_close_twice_and_after_close(srv: tsnet2.Server, peer: WirePeer) -> None
     assert srv.tailscale_ips() == (None, None)
 
 
-def test_failed_start_can_be_retried(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_failed_start_can_be_retried(srv: Any, peer: WirePeer) -> None:
     def refuse(p: Any) -> Any:
         raise RuntimeError("daemon: control server unreachable")
 
@@ -302,7 +304,7 @@ def test_failed_start_can_be_retried(srv: tsnet2.Server, peer: WirePeer) -> None
 # -- RPC ids, timeouts and errors -------------------------------------------------
 
 
-def test_rpc_timeout_cancels_pending_id(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_rpc_timeout_cancels_pending_id(srv: Any, peer: WirePeer) -> None:
     peer.methods["up"] = lambda p: HANG
     srv.start()
     t0 = time.monotonic()
@@ -312,14 +314,14 @@ def test_rpc_timeout_cancels_pending_id(srv: tsnet2.Server, peer: WirePeer) -> N
     assert isinstance(ei.value, TimeoutError)
     control = srv._control
     assert control is not None
-    assert control._core.pending == frozenset()
+    assert control._core.pending == frozenset() and control._replies == {}
     # The daemon answers the abandoned request late; the next call still gets its own reply.
     sock, late_id = peer.hung[0]
     sock.sendall(proto.ControlServerCore().reply(late_id, {"tailscale_ips": ["100.64.9.9"]}))
     assert srv.tailscale_ips() == (IPv4Address("100.64.0.7"), IPv6Address("fd7a:115c:a1e0::7"))
 
 
-def test_rpc_error_maps_to_daemon_error(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_rpc_error_maps_to_daemon_error(srv: Any, peer: WirePeer) -> None:
     del peer.methods["cert_domains"]
     srv.start()
     with pytest.raises(tsnet2.DaemonError, match='unknown method "cert_domains"') as ei:
@@ -328,14 +330,14 @@ def test_rpc_error_maps_to_daemon_error(srv: tsnet2.Server, peer: WirePeer) -> N
     assert str(ei.value).startswith("tsnet2.cert_domains: ")
 
 
-def test_malformed_result_is_protocol_error(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_malformed_result_is_protocol_error(srv: Any, peer: WirePeer) -> None:
     peer.methods["tailscale_ips"] = lambda p: {"v4": "fd7a::1"}
     srv.start()
     with pytest.raises(tsnet2.ProtocolError, match="IPv6 address as 'v4'"):
         srv.tailscale_ips()
 
 
-def test_daemon_going_away(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_daemon_going_away(srv: Any, peer: WirePeer) -> None:
     srv.reconnect_timeout = 0  # the fail-loudly mode (test_client_reconnect: default)
     peer.methods["up"] = lambda p: HANG
     srv.start()
@@ -361,7 +363,7 @@ def test_daemon_going_away(srv: tsnet2.Server, peer: WirePeer) -> None:
     srv.close()  # still closes cleanly
 
 
-def test_close_interrupts_a_blocked_call(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_close_interrupts_a_blocked_call(srv: Any, peer: WirePeer) -> None:
     peer.methods["up"] = lambda p: HANG
     srv.start()
     errors: list[BaseException] = []
@@ -384,9 +386,9 @@ def test_close_interrupts_a_blocked_call(srv: tsnet2.Server, peer: WirePeer) -> 
 # -- dial ------------------------------------------------------------------------------
 
 
-def test_dial_echo_and_half_close(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_dial_echo_and_half_close(face: Any, srv: Any, peer: WirePeer) -> None:
     with srv.dial("tcp", "100.64.0.1:8080", timeout=5) as conn:
-        assert isinstance(conn, tsnet2.TailnetSocket)
+        assert isinstance(getattr(conn, "conn", conn), face.conn_type)
         assert conn.tailnet_local == (IPv4Address("100.64.0.7"), 41000)
         assert conn.tailnet_remote == (IPv4Address("100.64.0.1"), 8080)
         conn.sendall(b"hello tsnet2")
@@ -398,7 +400,7 @@ def test_dial_echo_and_half_close(srv: tsnet2.Server, peer: WirePeer) -> None:
     assert peer.kinds.count(proto.ChannelKind.DIAL) == 1
 
 
-def test_dial_bytes_after_reply_are_kept(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_dial_bytes_after_reply_are_kept(srv: Any, peer: WirePeer) -> None:
     def reply_and_greet(sock: socket.socket, req: proto.DialRequest) -> None:
         sock.sendall(proto.encode_dial_reply(True) + b"220 greeting\r\n")
         sock.shutdown(socket.SHUT_WR)
@@ -413,7 +415,7 @@ def test_dial_bytes_after_reply_are_kept(srv: tsnet2.Server, peer: WirePeer) -> 
         assert data == b"220 greeting\r\n"
 
 
-def test_dial_refused(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_dial_refused(srv: Any, peer: WirePeer) -> None:
     peer.on_dial = lambda sock, req: sock.sendall(
         proto.encode_dial_reply(False, err="dial tcp 100.64.0.1:9: connection refused")
     )
@@ -423,7 +425,7 @@ def test_dial_refused(srv: tsnet2.Server, peer: WirePeer) -> None:
     assert isinstance(ei.value, ConnectionError)
 
 
-def test_dial_timeout_bounds_the_reply(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_dial_timeout_bounds_the_reply(srv: Any, peer: WirePeer) -> None:
     peer.on_dial = lambda sock, req: peer.stopping.wait()  # never replies
     srv.start()
     t0 = time.monotonic()
@@ -432,8 +434,8 @@ def test_dial_timeout_bounds_the_reply(srv: tsnet2.Server, peer: WirePeer) -> No
     assert time.monotonic() - t0 >= 0.25
 
 
-def test_dial_validates_before_touching_the_socket(peer: WirePeer) -> None:
-    s = tsnet2.Server(socket_path=peer.path)
+def test_dial_validates_before_touching_the_socket(face: Any, peer: WirePeer) -> None:
+    s = face.Server(socket_path=peer.path)
     with pytest.raises(tsnet2.AddressError):
         s.dial("tcp", "no-port")
     with pytest.raises(tsnet2.AddressError):
@@ -459,7 +461,7 @@ def _deliver(slot: Any, payload: bytes = b"") -> None:
 
 
 def test_listen_parks_k_slots_and_accept_never_grows_them(
-    srv: tsnet2.Server, peer: WirePeer
+    srv: Any, peer: WirePeer
 ) -> None:
     ln = srv.listen("tcp", ":8080")
     assert (ln.addr, ln.port, ln.listener_id) == (":8080", 8080, "00112233445566ff")
@@ -488,7 +490,7 @@ def test_listen_parks_k_slots_and_accept_never_grows_them(
     ln.close()  # idempotent
 
 
-def test_accept_timeout(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_accept_timeout(srv: Any, peer: WirePeer) -> None:
     with srv.listen("tcp", ":8080") as ln:
         t0 = time.monotonic()
         with pytest.raises(tsnet2.DeadlineExceededError):
@@ -496,7 +498,7 @@ def test_accept_timeout(srv: tsnet2.Server, peer: WirePeer) -> None:
         assert time.monotonic() - t0 >= 0.15
 
 
-def test_dropped_slot_is_reparked(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_dropped_slot_is_reparked(srv: Any, peer: WirePeer) -> None:
     with srv.listen("tcp", ":8080") as ln:
         a, b = peer.next_slot(), peer.next_slot()
         a.sock.close()  # the daemon drops one parked slot
@@ -509,7 +511,7 @@ def test_dropped_slot_is_reparked(srv: tsnet2.Server, peer: WirePeer) -> None:
         del b
 
 
-def test_accept_fails_loudly_when_daemon_goes(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_accept_fails_loudly_when_daemon_goes(srv: Any, peer: WirePeer) -> None:
     srv.reconnect_timeout = 0  # the fail-loudly mode (test_client_reconnect: default)
     with srv.listen("tcp", ":8080") as ln:
         slots = [peer.next_slot(), peer.next_slot()]
@@ -520,7 +522,7 @@ def test_accept_fails_loudly_when_daemon_goes(srv: tsnet2.Server, peer: WirePeer
             ln.accept(timeout=5)
 
 
-def test_close_from_another_thread_wakes_accept(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_close_from_another_thread_wakes_accept(srv: Any, peer: WirePeer) -> None:
     ln = srv.listen("tcp", ":8080")
     errors: list[BaseException] = []
 
@@ -539,7 +541,7 @@ def test_close_from_another_thread_wakes_accept(srv: tsnet2.Server, peer: WirePe
     assert peer.method_names()[-2:] == ["unregister_listener", "close"]
 
 
-def test_listener_iteration_stops_at_close(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_listener_iteration_stops_at_close(srv: Any, peer: WirePeer) -> None:
     ln = srv.listen("tcp", ":8080")
     _deliver(peer.next_slot())
     got = []
@@ -550,7 +552,7 @@ def test_listener_iteration_stops_at_close(srv: tsnet2.Server, peer: WirePeer) -
     assert len(got) == 1
 
 
-def test_bad_accept_header_is_protocol_error(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_bad_accept_header_is_protocol_error(srv: Any, peer: WirePeer) -> None:
     with srv.listen("tcp", ":8080") as ln:
         peer.next_slot().sock.sendall(b"not json\n")
         with pytest.raises(tsnet2.ProtocolError, match="bad accept header"):
@@ -560,7 +562,7 @@ def test_bad_accept_header_is_protocol_error(srv: tsnet2.Server, peer: WirePeer)
 # -- LocalAPI ------------------------------------------------------------------------
 
 
-def test_local_client_whois_and_errors(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_local_client_whois_and_errors(srv: Any, peer: WirePeer) -> None:
     heads: list[bytes] = []
 
     def localapi(sock: socket.socket, head: bytes) -> None:
@@ -585,7 +587,7 @@ def test_local_client_whois_and_errors(srv: tsnet2.Server, peer: WirePeer) -> No
     assert (ei.value.status, ei.value.body) == (404, "no such endpoint")
 
 
-def test_local_client_body_is_bounded(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_local_client_body_is_bounded(srv: Any, peer: WirePeer) -> None:
     def huge(sock: socket.socket, head: bytes) -> None:
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
         chunk = b"x" * (1 << 20)
@@ -597,7 +599,7 @@ def test_local_client_body_is_bounded(srv: tsnet2.Server, peer: WirePeer) -> Non
         srv.local_client().status()
 
 
-def test_watch_ipn_bus_streams(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_watch_ipn_bus_streams(srv: Any, peer: WirePeer) -> None:
     release = threading.Event()
 
     def stream(sock: socket.socket, head: bytes) -> None:
@@ -637,7 +639,7 @@ class Coded(Exception):
     (proto.ErrorCode.BAD_REQUEST, tsnet2.DaemonError),
     (proto.ErrorCode.OTHER, tsnet2.DaemonError),
 ])
-def test_error_codes_become_typed_errors(srv: tsnet2.Server, peer: WirePeer,
+def test_error_codes_become_typed_errors(srv: Any, peer: WirePeer,
                                          code: proto.ErrorCode, cls: type) -> None:
     def fail(p: Any) -> Any:
         raise Coded("daemon: port 8080 is in use on this node", code)
@@ -649,7 +651,7 @@ def test_error_codes_become_typed_errors(srv: tsnet2.Server, peer: WirePeer,
         assert isinstance(ei.value, OSError) and ei.value.errno == 98
 
 
-def test_start_errors_auth_and_hostname(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_start_errors_auth_and_hostname(srv: Any, peer: WirePeer) -> None:
     def fail(p: Any) -> Any:
         raise Coded("daemon: this daemon's node is 'web'", proto.ErrorCode.HOSTNAME_CONFLICT)
     peer.methods["start"] = fail
@@ -663,7 +665,7 @@ def test_start_errors_auth_and_hostname(srv: tsnet2.Server, peer: WirePeer) -> N
         srv.start()
 
 
-def test_refusal_frame_is_a_permission_error(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_refusal_frame_is_a_permission_error(srv: Any, peer: WirePeer) -> None:
     def refuse(sock: socket.socket) -> None:
         sock.sendall(proto.ControlServerCore().refuse(
             "daemon: uid 1000 may not use this socket", proto.ErrorCode.PERMISSION_DENIED))
@@ -681,7 +683,7 @@ def test_refusal_frame_is_a_permission_error(srv: tsnet2.Server, peer: WirePeer)
     (proto.ErrorCode.PERMISSION_DENIED, tsnet2.PermissionDeniedError),
     (proto.ErrorCode.DIAL_FAILED, tsnet2.DialError),
 ])
-def test_dial_codes_become_typed_errors(srv: tsnet2.Server, peer: WirePeer,
+def test_dial_codes_become_typed_errors(srv: Any, peer: WirePeer,
                                         code: proto.ErrorCode, cls: type) -> None:
     peer.on_dial = lambda sock, req: sock.sendall(
         proto.encode_dial_reply(False, err="peer 'db' is offline", code=code))
@@ -689,7 +691,7 @@ def test_dial_codes_become_typed_errors(srv: tsnet2.Server, peer: WirePeer,
         srv.dial("tcp", "db:5432", timeout=5)
 
 
-def test_node_down_on_parked_slots_is_raised_once(srv: tsnet2.Server, peer: WirePeer) -> None:
+def test_node_down_on_parked_slots_is_raised_once(srv: Any, peer: WirePeer) -> None:
     srv.reconnect_timeout = 0
     with srv.listen("tcp", ":8080") as ln:
         refusal = proto.encode_accept_refusal("daemon: the node went away",
@@ -703,3 +705,111 @@ def test_node_down_on_parked_slots_is_raised_once(srv: tsnet2.Server, peer: Wire
         # daemon keeps the control channel, so accept() waits for a flow on new slots.)
         with pytest.raises(tsnet2.DeadlineExceededError):
             ln.accept(timeout=0.5)
+
+
+# -- several threads (or tasks) share one Server --------------------------------------
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``fn`` in a thread; the list gets its result or the exception it raised."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_slow_up_does_not_hold_back_other_calls(srv: Any, peer: WirePeer) -> None:
+    peer.methods["up"] = lambda p: HANG
+    srv.start()
+    t, up = _in_thread(lambda: srv.up())  # no timeout: it waits for the daemon
+    wait_until(lambda: len(peer.hung) == 1, "the up call to reach the daemon")
+    # Another thread's calls get their replies while up() is still waiting for its own
+    # (each would raise DeadlineExceededError after 5 s if it queued behind up()).
+    assert srv.tailscale_ips() == (IPv4Address("100.64.0.7"), IPv6Address("fd7a:115c:a1e0::7"))
+    assert srv.cert_domains() == ["node-a.tail.example"]
+    assert t.is_alive() and up == []
+    sock, up_id = peer.hung[0]
+    sock.sendall(proto.ControlServerCore().reply(up_id, {
+        "tailscale_ips": ["100.64.0.7"], "node_name": "node-a"}))
+    t.join(10)
+    assert not t.is_alive() and isinstance(up[0], tsnet2.Status)
+    assert up[0].node_name == "node-a"
+
+
+def test_a_caller_timing_out_hands_the_reading_on(srv: Any, peer: WirePeer) -> None:
+    peer.methods["up"] = lambda p: HANG
+    srv.start()
+    t1, first = _in_thread(lambda: srv._rpc("t", "up", None, 0.3))
+    wait_until(lambda: len(peer.hung) == 1, "the first up to reach the daemon")
+    t2, second = _in_thread(lambda: srv._rpc("t", "up", None, None))
+    wait_until(lambda: len(peer.hung) == 2, "the second up to reach the daemon")
+    t1.join(10)
+    assert isinstance(first[0], tsnet2.DeadlineExceededError)
+    # The caller that was reading gave up: the one still waiting reads its own reply.
+    sock, up_id = peer.hung[1]
+    sock.sendall(proto.ControlServerCore().reply(up_id, {"node_name": "late"}))
+    t2.join(10)
+    assert second == [{"node_name": "late"}]
+
+
+def test_concurrent_calls_each_get_their_own_reply(srv: Any, peer: WirePeer) -> None:
+    peer.methods["cert_domains"] = lambda p: {"domains": [f"n{len(peer.calls)}.example"]}
+    srv.start()
+    threads = [_in_thread(lambda: [srv.cert_domains() for _ in range(20)]) for _ in range(6)]
+    for t, _ in threads:
+        t.join(30)
+    results = [r for _, out in threads for r in out[0]]
+    assert len(results) == 120 and len({r[0] for r in results}) == 120  # nobody got another's
+
+
+def test_two_flows_at_once_lose_no_header(srv: Any, peer: WirePeer) -> None:
+    with srv.listen("tcp", ":8080") as ln:
+        a, b = peer.next_slot(), peer.next_slot()
+        _deliver(a, b"one")
+        _deliver(b, b"two")
+        got = set()
+        for _ in range(2):
+            with ln.accept(timeout=5) as conn:
+                got.add(conn.recv(3))
+        assert got == {b"one", b"two"}
+
+
+def test_local_client_error_and_a_stream_ended_by_the_daemon(srv: Any, peer: WirePeer) -> None:
+    def localapi(sock: socket.socket, head: bytes) -> None:
+        if b"watch-ipn-bus" in head:
+            sock.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            sock.sendall(b'{"State":6}\n\n{"NetMap":{}}\n')
+            sock.shutdown(socket.SHUT_WR)
+        else:
+            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+
+    peer.localapi = localapi
+    lc = srv.local_client()
+    with lc.watch_ipn_bus() as watch:
+        assert list(watch) == [{"State": 6}, {"NetMap": {}}]
+    with pytest.raises(tsnet2.LocalAPIError) as ei:
+        lc.whois("100.64.0.1")
+    assert (ei.value.status, ei.value.body) == (503, "busy")
+
+
+def test_closing_a_watch_from_another_thread_ends_the_iteration(
+    srv: Any, peer: WirePeer
+) -> None:
+    def localapi(sock: socket.socket, head: bytes) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        peer.stopping.wait()
+
+    peer.localapi = localapi
+    watch = srv.local_client().watch_ipn_bus()
+    t, out = _in_thread(lambda: list(watch))
+    wait_until(lambda: peer.kinds.count(proto.ChannelKind.LOCALAPI) == 1, "the watch")
+    watch.close()
+    t.join(10)
+    assert out == [[]]

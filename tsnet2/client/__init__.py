@@ -1,15 +1,20 @@
 """The app-side client library: a thin shim over the tsnet2d Unix socket.
 
-:class:`Server` (blocking) and :class:`AsyncServer` (asyncio) share one non-I/O
-base (:mod:`tsnet2.client._base`) and the sans-IO protocol core
-(:mod:`tsnet2.proto`); the faces only move bytes. Everything public is
-re-exported by the top-level :mod:`tsnet2` package.
+:class:`Server` (blocking) and :class:`AsyncServer` (asyncio) are one design with two
+faces: the asyncio code in ``tsnet2/client/_async`` is the source, and
+``scripts/unasync.py`` generates the blocking face ``tsnet2/client/_sync`` from it (CI
+fails if the two drift). Both share the non-I/O half (:mod:`tsnet2.client._base`,
+:mod:`tsnet2.client._http`) and the sans-IO protocol core (:mod:`tsnet2.proto`).
+Everything public is re-exported by the top-level :mod:`tsnet2` package.
 """
 
+from tsnet2.client._async.local import AsyncIPNBusWatcher, AsyncLocalClient
+from tsnet2.client._async.server import AsyncListener, AsyncServer
+from tsnet2.client._backend_async import AsyncConn
+from tsnet2.client._backend_sync import TailnetSocket
 from tsnet2.client._base import FallbackTCPHandler, Status, TailnetAddr
-from tsnet2.client._sockets import TailnetSocket
-from tsnet2.client.aio import AsyncConn, AsyncListener, AsyncServer
-from tsnet2.client.aio_local import AsyncIPNBusWatcher, AsyncLocalClient
+from tsnet2.client._sync.local import IPNBusWatcher, LocalClient
+from tsnet2.client._sync.server import Listener, Server
 from tsnet2.client.errors import (
     AddressError,
     AddressInUseError,
@@ -30,8 +35,6 @@ from tsnet2.client.errors import (
     PermissionDeniedError,
     ProtocolError,
 )
-from tsnet2.client.local import IPNBusWatcher, LocalClient
-from tsnet2.client.sync import Listener, Server
 
 __all__ = [
     "AddressError",

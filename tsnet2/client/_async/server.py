@@ -1,23 +1,28 @@
-"""The asyncio face: :class:`AsyncServer`, :class:`AsyncListener`, :class:`AsyncConn`."""
+"""The app's tailnet node: :class:`AsyncServer` and :class:`AsyncListener`."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import socket
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
 from typing import Any
 
 from tsnet2 import proto
+from tsnet2.client import _backend_async as backend
 from tsnet2.client import _base
-from tsnet2.client._aio_io import (
-    AsyncControl,
-    close_writer,
-    open_channel,
-    read_header,
+from tsnet2.client._async.channel import (
+    HeaderEOF,
+    close_quietly,
+    connect_channel,
+    read_header_line,
+    remaining,
 )
+from tsnet2.client._async.control import AsyncControlChannel
+from tsnet2.client._async.local import AsyncLocalClient
+from tsnet2.client._backend_async import AsyncConn
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
     RECONNECT_BACKOFF_MAX,
@@ -30,9 +35,7 @@ from tsnet2.client._base import (
     ServerBase,
     State,
     Status,
-    TailnetAddr,
 )
-from tsnet2.client.aio_local import AsyncLocalClient
 from tsnet2.client.errors import (
     ClosedError,
     DaemonError,
@@ -44,102 +47,96 @@ from tsnet2.client.errors import (
     ProtocolError,
 )
 
-__all__ = ["AsyncConn", "AsyncListener", "AsyncServer"]
-
-
-class AsyncConn:
-    """A connection to a tailnet peer as asyncio streams (from ``dial`` or ``accept``).
-
-    Attributes:
-        reader: an :class:`asyncio.StreamReader` of the peer's bytes.
-        writer: an :class:`asyncio.StreamWriter`; ``writer.write_eof()`` half-closes.
-        tailnet_local: our end as ``(ip_address, port)``, or None if unknown.
-        tailnet_remote: the peer's end as ``(ip_address, port)``, or None if unknown.
-    """
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        tailnet_local: TailnetAddr | None,
-        tailnet_remote: TailnetAddr | None,
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.tailnet_local = tailnet_local
-        self.tailnet_remote = tailnet_remote
-
-    def __repr__(self) -> str:
-        return (
-            f"<AsyncConn tailnet_local={self.tailnet_local} tailnet_remote={self.tailnet_remote}>"
-        )
-
-    def close(self) -> None:
-        """Start closing the connection (see wait_closed)."""
-        self.writer.close()
-
-    async def wait_closed(self) -> None:
-        """Wait until the connection is closed (connection errors are ignored)."""
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
-
-    async def __aenter__(self) -> AsyncConn:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-        await self.wait_closed()
+__all__ = ["AsyncListener", "AsyncServer"]
 
 
 class AsyncServer(ServerBase):
-    """asyncio version of :class:`tsnet2.Server`: same fields, awaitable methods.
+    """A tailnet node for this process, run by the tsnet2d daemon.
 
-    Fields (keyword arguments): dir, hostname, control_url, auth_key, ephemeral,
-    socket_path (default $TSNET2_SOCKET), traffic_log_path, advertise_tags, port,
-    store, logf, user_logf, tun, connect_timeout, accept_slots, reconnect_timeout, join;
-    see ``help(tsnet2.Server)``. Use ``async with tsnet2.AsyncServer(...) as srv``.
-    The control channel's reader task belongs to the server: created by start(),
-    replaced (the old one awaited) when the server reconnects to a restarted
-    daemon, cancelled and awaited by close(). Reconnection happens lazily, in the
-    next call or in ``AsyncListener.accept()``; no task runs in the background.
+    Construct it with keyword fields (all optional; mutable until the server starts)::
+
+        dir               returned by get_root_path(); the daemon keeps the real state
+        hostname          node name in the tailnet ("" lets the daemon choose)
+        control_url       coordination server ("" = the daemon's TS_CONTROL_URL)
+        auth_key          auth key ("" = the daemon's TS_AUTHKEY, then TS_AUTH_KEY)
+        ephemeral         remove the node when it goes offline
+        socket_path       tsnet2d's Unix socket (default: $TSNET2_SOCKET)
+        traffic_log_path  informational: the daemon's --traffic-log decides the path
+        advertise_tags    ACL tags to request, like ["tag:web"]
+        port              ignored: the daemon owns the WireGuard port
+        store             ignored: the daemon owns the state
+        logf              callable(str) receiving this library's log lines
+        user_logf         accepted; auth URLs stay in the daemon's log
+        tun               must be None (the daemon owns the device)
+        connect_timeout   seconds start() retries connecting to the socket (default 10)
+        accept_slots      accept connections each Listener keeps parked (default 2)
+        reconnect_timeout seconds a call waits for a restarted daemon (default 10; 0: never
+                          reconnect, fail with DaemonUnavailableError)
+        join              True (default): start() asks the daemon to start the node and
+                          holds it until close(). False: use the node the daemon already
+                          runs and never start or hold it (read-only tools, `tsnet2 ping`)
+
+    The node belongs to the daemon, which may serve several Servers (processes,
+    containers, the CLI): close() releases this Server's listeners and its hold on
+    the node; the node stays up while tsnet2d runs with --up or another Server holds
+    it. If the node goes away (its device died, or its last holder closed it), calls
+    raise NodeDownError and a blocked ``Listener.accept()`` raises it once; the next
+    ``accept()`` reconnects and registers the listener again, as after a restart.
+
+    If the daemon restarts, the next call (or a blocked ``Listener.accept()``)
+    reconnects, sends ``start`` again and re-registers every open listener on the
+    same address; see docs/client.md, "Reconnection". Calls may run concurrently
+    (from several threads, or several asyncio tasks): they share one control
+    connection, each bounded by its own timeout, and while one of them reconnects
+    the others wait for it. Nothing runs in the background.
+
+    Every method that needs the daemon starts the server first. Without a socket
+    path those methods raise NotSupportedError (a NotImplementedError). Use it
+    as a context manager to close it.
     """
 
     def _setup(self) -> None:
-        self._start_lock = asyncio.Lock()
-        self._closing = asyncio.Event()
-        self._control: AsyncControl | None = None
-        self._pending_control: AsyncControl | None = None
+        self._start_lock = backend.Lock()
+        self._closing = backend.Event()
+        self._control: AsyncControlChannel | None = None
+        self._pending_control: AsyncControlChannel | None = None
         self._gen = 0
         self._listeners: set[AsyncListener] = set()
+
+    # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         """Connect to the daemon and send ``start`` (idempotent once it succeeded).
 
-        Retries the connect for ``connect_timeout`` seconds, then raises
-        DaemonUnavailableError. A failed start can be retried.
+        Retries the connect for ``connect_timeout`` seconds (backoff 50 ms doubling
+        to 1 s), then raises DaemonUnavailableError. Does not wait for the node to
+        be running (``up()`` does). A failed start can be retried.
         """
+        await self._start(None)
+
+    async def _start(self, deadline: float | None) -> None:
         op = "tsnet2.start"
         async with self._start_lock:
             if self._state is State.STARTED:
                 return
             self._check_startable(op)
-            loop = asyncio.get_running_loop()
-            reader, writer = await open_channel(
+            connect_by = time.monotonic() + self.connect_timeout
+            sock = await connect_channel(
                 self.socket_path,
                 int(proto.ChannelKind.CONTROL),
                 op,
-                loop.time() + self.connect_timeout,
+                connect_by if deadline is None else min(connect_by, deadline),
             )
-            control = AsyncControl(reader, writer, self.socket_path)
+            control = AsyncControlChannel(sock, self.socket_path)
             try:
                 if self.join:
-                    resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
-                    _base.rpc_result(op, "start", resp)
+                    timeout = START_TIMEOUT
+                    if deadline is not None:
+                        timeout = min(timeout, max(0.001, deadline - time.monotonic()))
+                    _base.rpc_result(
+                        op, "start",
+                        await control.call(op, "start", self._start_params(), timeout),
+                    )
             except BaseException:
                 await control.aclose()
                 raise
@@ -151,13 +148,12 @@ class AsyncServer(ServerBase):
         self, op: str, method: str, params: dict[str, Any] | None, timeout: float | None
     ) -> dict[str, Any]:
         """One RPC; if the channel dies during it, reconnect and send it once more."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in (1, 2):
             control = await self._live_control(op)
-            remaining = None if deadline is None else max(0.001, deadline - loop.time())
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
-                resp = await control.call(op, method, params, remaining)
+                resp = await control.call(op, method, params, left)
             except DaemonUnavailableError:
                 if attempt == 2 or not self.reconnects or self._state is State.CLOSED:
                     raise
@@ -165,62 +161,62 @@ class AsyncServer(ServerBase):
             return _base.rpc_result(op, method, resp)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _live_control(self, op: str) -> AsyncControl:
+    async def _live_control(self, op: str) -> AsyncControlChannel:
         """The control channel, reconnected first if the daemon went away."""
         control = self._control
         if self._state is State.CLOSED or control is None:
             raise ClosedError(f"{op}: server is closed")
-        if self.reconnects and control.broken is not None:
+        if self.reconnects and not await control.alive():
             return await self._revive(op)
         return control
 
     # -- reconnection -----------------------------------------------------------
 
-    async def _revive(self, op: str) -> AsyncControl:
-        """Return a live control channel, reconnecting if the reader task saw it die.
+    async def _revive(self, op: str) -> AsyncControlChannel:
+        """Return a live control channel, reconnecting if it is dead.
 
-        One task reconnects at a time; others wait on the lock and then find the
-        channel alive. Raises DaemonUnavailableError if the daemon does not come
-        back within ``reconnect_timeout`` (or reconnection is disabled).
+        One caller reconnects at a time; the others wait on the lock and then
+        find the channel alive. Raises DaemonUnavailableError if the daemon does
+        not come back within ``reconnect_timeout`` (or reconnection is disabled).
         """
         async with self._start_lock:
             control = self._control
             if self._state is State.CLOSED or control is None:
                 raise ClosedError(f"{op}: server is closed")
-            if control.broken is None:
+            if await control.alive():
                 return control
             if not self.reconnects:
                 raise DaemonUnavailableError(_base.gone_message(op, self.socket_path))
             return await self._reconnect_locked(op, control)
 
-    async def _reconnect_locked(self, op: str, old: AsyncControl) -> AsyncControl:
-        loop = asyncio.get_running_loop()
+    async def _reconnect_locked(
+        self, op: str, old: AsyncControlChannel
+    ) -> AsyncControlChannel:
         path = self.socket_path
         reason = old.broken or "the daemon closed the control channel"
-        await old.discard(reason)  # its reader task has ended; awaited here
+        await old.discard(reason)
         self._log(
             f"tsnet2: lost the control channel to the daemon at {path} ({reason}); "
             f"reconnecting (up to {self.reconnect_timeout:g}s)"
         )
-        t0 = loop.time()
+        t0 = time.monotonic()
         control = await self._connect_and_start(op, t0 + self.reconnect_timeout)
         self._control = control
         self._gen += 1
         again, lost = await self._relisten(op, control, list(self._listeners))
         note = f", {len(lost)} lost ({'; '.join(lost)})" if lost else ""
         self._log(
-            f"tsnet2: reconnected to the daemon at {path} in {loop.time() - t0:.2f}s; "
+            f"tsnet2: reconnected to the daemon at {path} in {time.monotonic() - t0:.2f}s; "
             f"{again} listener(s) registered again{note}"
         )
         return control
 
-    async def _connect_and_start(self, op: str, deadline: float) -> AsyncControl:
-        loop = asyncio.get_running_loop()
+    async def _connect_and_start(self, op: str, deadline: float) -> AsyncControlChannel:
         path = self.socket_path
         delays = _base.backoff_delays()
         while True:
             try:
-                reader, writer = await open_channel(
+                sock = await connect_channel(
                     path,
                     int(proto.ChannelKind.CONTROL),
                     op,
@@ -232,15 +228,19 @@ class AsyncServer(ServerBase):
                 raise DaemonUnavailableError(
                     _base.reconnect_failed_message(op, path, self.reconnect_timeout, exc)
                 ) from exc
-            control = AsyncControl(reader, writer, path)
+            control = AsyncControlChannel(sock, path)
             self._pending_control = control
             try:
                 if self.join:
-                    resp = await control.call(op, "start", self._start_params(), START_TIMEOUT)
-                    _base.rpc_result(op, "start", resp)
+                    _base.rpc_result(
+                        op, "start",
+                        await control.call(op, "start", self._start_params(), START_TIMEOUT),
+                    )
                 if any(not ln._closed for ln in self._listeners):
                     # Listeners need the node's addresses: wait until it runs.
-                    _base.rpc_result(op, "up", await control.call(op, "up", None, START_TIMEOUT))
+                    _base.rpc_result(
+                        op, "up", await control.call(op, "up", None, START_TIMEOUT)
+                    )
                 return control
             except PermissionDeniedError:
                 await control.aclose()
@@ -249,13 +249,13 @@ class AsyncServer(ServerBase):
                 await control.aclose()
                 if self._closing.is_set():
                     raise ClosedError(f"{op}: server is closed") from None
-                if loop.time() >= deadline:
+                if time.monotonic() >= deadline:
                     raise DaemonUnavailableError(
                         _base.reconnect_failed_message(op, path, self.reconnect_timeout, exc)
                     ) from exc
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(next(delays), max(0.0, deadline - loop.time()))):
-                        await self._closing.wait()
+                await self._closing.wait(
+                    min(next(delays), max(0.0, deadline - time.monotonic()))
+                )
             except DaemonError as exc:
                 await control.aclose()
                 raise DaemonUnavailableError(_base.restart_refused_message(op, path, exc)) from exc
@@ -268,7 +268,8 @@ class AsyncServer(ServerBase):
                 self._pending_control = None
 
     async def _ensure_bound(self, op: str, ln: AsyncListener) -> None:
-        """Register ``ln`` on the current connection if a reconnect missed it."""
+        """Register ``ln`` on the current connection if a reconnect missed it (a race
+        with listen()); a no-op when it is already bound or lost."""
         b = ln._binding
         if b.gen == self._gen or b.lost is not None:
             return
@@ -278,7 +279,7 @@ class AsyncServer(ServerBase):
                 await self._relisten(op, control, [ln])
 
     async def _relisten(
-        self, op: str, control: AsyncControl, listeners: list[AsyncListener]
+        self, op: str, control: AsyncControlChannel, listeners: list[AsyncListener]
     ) -> tuple[int, list[str]]:
         """Register listeners again on their bound addresses; return (ok, lost addrs)."""
         again, lost = 0, []
@@ -301,29 +302,35 @@ class AsyncServer(ServerBase):
             else:
                 b.rebind(listener_id, bound, self._gen)
                 again += 1
+            ln._wakeup.set()
         return again, lost
 
     async def up(self, timeout: float | None = None) -> Status:
-        """Start, wait until the node is running, and return its Status (``timeout`` in s)."""
-        op = "tsnet2.up"
-        try:
-            async with asyncio.timeout(timeout):
-                await self.start()
-                result = await self._rpc(op, "up", None, None)
-                raw = await self._local().status()
-        except TimeoutError as exc:
-            if isinstance(exc, Error):
-                raise
-            raise DeadlineExceededError(f"{op}: node not running within {timeout}s") from None
-        return _base.build_status(result, raw)
+        """Start, wait until the node is running, and return its Status.
 
-    def _local(self) -> AsyncLocalClient:
-        return AsyncLocalClient(self.socket_path, connect_timeout=self.connect_timeout)
+        ``timeout`` (seconds) bounds the whole call, start included; None waits as long
+        as it takes (for example, until an interactive login completes in the daemon).
+        """
+        op = "tsnet2.up"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        await self._start(deadline)
+        result = await self._rpc(op, "up", None, remaining(deadline))
+        status = await self._local(deadline).status()
+        return _base.build_status(result, status)
+
+    def _local(self, deadline: float | None) -> AsyncLocalClient:
+        timeout = _base.LOCALAPI_TIMEOUT
+        if deadline is not None:
+            timeout = max(0.001, deadline - time.monotonic())
+        return AsyncLocalClient(
+            self.socket_path, timeout=timeout, connect_timeout=self.connect_timeout
+        )
 
     async def close(self) -> None:
-        """Close listeners, tell the daemon ``close``, stop the reader task, drop the connection.
+        """Close listeners, tell the daemon ``close``, and drop the connection.
 
-        Closing a server that never started is fine; a second call raises ClosedError.
+        Closing a server that never started is fine. A second call raises
+        ClosedError. A call blocked in another thread or task fails with ClosedError.
         """
         op = "tsnet2.close"
         self._closing.set()  # interrupts a reconnect in progress
@@ -336,7 +343,7 @@ class AsyncServer(ServerBase):
             self._state = State.CLOSED
         control = self._control
         for ln in list(self._listeners):
-            await ln.close()
+            await ln.aclose()
         self._control = None
         if control is None:
             return
@@ -347,9 +354,11 @@ class AsyncServer(ServerBase):
         finally:
             await control.aclose()
 
+    # unasync: async-only
     async def aclose(self) -> None:
         """Alias of close()."""
         await self.close()
+    # unasync: end
 
     async def __aenter__(self) -> AsyncServer:
         return self
@@ -363,8 +372,14 @@ class AsyncServer(ServerBase):
         if not self.closed:
             await self.close()
 
+    # -- inbound ----------------------------------------------------------------
+
     async def listen(self, network: str, addr: str) -> AsyncListener:
-        """Listen on the tailnet (tcp/tcp4/tcp6, ``addr`` like ``":8080"``)."""
+        """Listen on the tailnet: ``network`` is tcp, tcp4 or tcp6; ``addr`` like ``":8080"``.
+
+        Arguments are validated before the daemon is contacted. Port 0 lets the
+        daemon pick a port (see ``Listener.addr``).
+        """
         op = "tsnet2.listen"
         _base.check_listen_args(op, network, addr)
         await self.start()
@@ -378,7 +393,7 @@ class AsyncServer(ServerBase):
         try:
             await ln._park_initial()
         except BaseException:
-            await ln.close()
+            await ln.aclose()
             raise
         return ln
 
@@ -392,7 +407,7 @@ class AsyncServer(ServerBase):
             return
         try:
             await control.call(
-                "tsnet2.AsyncListener.close",
+                "tsnet2.Listener.close",
                 "unregister_listener",
                 {"listener_id": listener_id},
                 SHUTDOWN_RPC_TIMEOUT,
@@ -400,75 +415,65 @@ class AsyncServer(ServerBase):
         except Error as exc:
             self._log(f"tsnet2: unregister_listener {listener_id} failed (ignored): {exc}")
 
-    def _gone_event(self) -> asyncio.Event | None:
-        return self._control.gone if self._control is not None else None
-
-    def _control_alive(self) -> bool:
+    async def _control_alive(self) -> bool:
         control = self._control
-        return control is not None and control.broken is None
+        return control is not None and await control.alive()
+
+    # -- outbound ---------------------------------------------------------------
 
     async def dial(self, network: str, addr: str, timeout: float | None = None) -> AsyncConn:
-        """Connect to ``addr`` (``"host:port"``) through the daemon; return an AsyncConn.
+        """Connect to ``addr`` (``"host:port"``; host may be a tailnet name) through the daemon.
 
-        ``timeout`` bounds both the socket connect and the daemon's reply.
-        Raises DialError if the daemon could not connect.
+        ``timeout`` bounds both connecting to the daemon socket and waiting for the
+        daemon's reply; None means ``connect_timeout`` for the connect and no bound
+        for the reply (the daemon gives up on its own after 30 s). Returns the
+        connection: AsyncConn. Raises DialError if the daemon could not connect
+        (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
+        the node is not running.
         """
         op = "tsnet2.dial"
         _base.check_dial_args(op, network, addr)
         await self.start()
-        if not self._control_alive():
+        if not await self._control_alive():
             await self._revive(op)  # DaemonUnavailableError if the daemon does not come back
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        reader, writer = await open_channel(
+        now = time.monotonic()
+        connect_deadline = now + (self.connect_timeout if timeout is None else timeout)
+        reply_deadline = None if timeout is None else now + timeout
+        sock = await connect_channel(
             self.socket_path,
             int(proto.ChannelKind.DIAL),
             op,
-            now + (self.connect_timeout if timeout is None else timeout),
+            connect_deadline,
             payload=proto.encode_dial_request(network, addr),
         )
-        ok = False
         try:
             try:
-                async with asyncio.timeout_at(None if timeout is None else now + timeout):
-                    await writer.drain()
-                    line = await read_header(reader, op)
-            except TimeoutError as exc:
-                if isinstance(exc, Error):
-                    raise
-                raise DeadlineExceededError(f"{op}: no reply from the daemon in time") from None
-            except OSError as exc:
-                if isinstance(exc, Error):
-                    raise
-                raise DaemonUnavailableError(
-                    f"{op}: connection to the daemon failed: {exc}"
-                ) from exc
-            if line is None:
+                line = await read_header_line(sock, op, reply_deadline)
+            except HeaderEOF:
                 raise DaemonUnavailableError(
                     f"{op}: the daemon closed the connection without a reply"
-                )
+                ) from None
+            except DeadlineExceededError:
+                raise DeadlineExceededError(f"{op}: no reply from the daemon in time") from None
             try:
                 reply = proto.decode_dial_reply(line)
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
             if not reply.ok:
                 raise _base.dial_error(op, reply)
-            conn = AsyncConn(
-                reader,
-                writer,
-                _base.parse_tailnet_addr(reply.local or ""),
-                _base.parse_tailnet_addr(reply.remote or ""),
-            )
-            ok = True
-            return conn
+            local = _base.parse_tailnet_addr(reply.local or "")
+            remote = _base.parse_tailnet_addr(reply.remote or "")
+            return await backend.make_conn(sock, local, remote)
         finally:
-            if not ok:
-                await close_writer(writer)
+            if sock.fileno() != -1:
+                close_quietly(sock)
+
+    # -- queries ----------------------------------------------------------------
 
     async def local_client(self) -> AsyncLocalClient:
-        """Start, then return an AsyncLocalClient for the daemon's LocalAPI."""
+        """Start, then return a LocalClient for the daemon's LocalAPI."""
         await self.start()
-        return self._local()
+        return self._local(None)
 
     async def tailscale_ips(self) -> tuple[IPv4Address | None, IPv6Address | None]:
         """The node's (IPv4, IPv6) tailnet addresses, asked fresh; (None, None) before start."""
@@ -487,24 +492,15 @@ class AsyncServer(ServerBase):
         )
 
 
-@dataclass(eq=False)
-class _Slot:
-    """One parked accept connection, and the listener id it was parked for."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    listener_id: str
-    header: bytes | None = None
-    eof: bool = False
-
-
 class AsyncListener(_base.ListenerBase):
-    """asyncio version of :class:`tsnet2.Listener` (from ``AsyncServer.listen``).
+    """A tailnet TCP listener (from ``Server.listen``).
 
-    ``await accept()`` returns an AsyncConn; ``async for conn in listener`` yields
-    connections until the listener is closed. If the daemon restarts, accept()
-    has the server reconnect, and goes on with the listener registered again on
-    the same address (``listener_id`` changes).
+    Keeps ``accept_slots`` connections parked in the daemon; each inbound flow
+    arrives on one of them. ``accept()`` returns connections; iterating yields
+    them until the listener is closed. Use it as a context manager.
+
+    If the daemon restarts, the server registers the listener again on the same
+    address (``listener_id`` changes) and ``accept()`` parks new slots by itself.
 
     Attributes:
         network: "tcp", "tcp4" or "tcp6".
@@ -512,31 +508,32 @@ class AsyncListener(_base.ListenerBase):
         listener_id: the daemon's id for this listener.
     """
 
-    def __init__(self, server: AsyncServer, binding: _base.ListenerBinding, slots: int) -> None:
+    def __init__(
+        self, server: AsyncServer, binding: _base.ListenerBinding, slots: int
+    ) -> None:
         self._binding = binding
         self._server = server
         self._k = slots
-        self._slots: list[_Slot] = []
-        self._lock = asyncio.Lock()
+        self._slots: dict[socket.socket, str] = {}  # slot -> the listener id it was parked for
+        self._wakeup = backend.Wakeup()  # makes a waiting accept() look at the state again
+        self._lock = backend.Lock()
         self._closed = False
-        self._closed_event = asyncio.Event()
         self._retry_at = 0.0
         self._backoff = BACKOFF_INITIAL
         self._reported: set[str] = set()  # registrations whose loss accept() has raised
 
+    # -- slots ------------------------------------------------------------------
+
     async def _park_one(self, op: str, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
         listener_id = self._binding.listener_id
-        reader, writer = await open_channel(
+        sock = await connect_channel(
             self._server.socket_path,
             int(proto.ChannelKind.ACCEPT),
             op,
-            loop.time() + timeout,
+            time.monotonic() + timeout,
             payload=proto.encode_accept_request(listener_id),
         )
-        self._slots.append(_Slot(reader, writer, listener_id))
-        with contextlib.suppress(OSError):  # the slot then reads EOF and is re-parked
-            await writer.drain()
+        self._slots[sock] = listener_id
 
     async def _park_initial(self) -> None:
         while len(self._slots) < self._k:
@@ -555,161 +552,120 @@ class AsyncListener(_base.ListenerBase):
         await self._server._revive(op)
         await self._server._ensure_bound(op, self)
 
-    async def _check_binding(self, op: str) -> None:
+    def _check_binding(self) -> None:
         """Raise if the listener was lost; drop slots parked for an earlier registration."""
         b = self._binding
         if b.lost is not None:
             raise DaemonUnavailableError(b.lost)
         if b.slots_stale():
-            slots, self._slots = self._slots, []
-            for slot in slots:
-                await close_writer(slot.writer)
+            for sock in list(self._slots):
+                del self._slots[sock]
+                close_quietly(sock)
             b.mark_slots_current()
             self._retry_at = 0.0
             self._backoff = BACKOFF_INITIAL
 
-    def _schedule_retry(self) -> None:
-        self._retry_at = asyncio.get_running_loop().time() + self._backoff
-        self._backoff = min(self._backoff * 2, REPARK_BACKOFF_MAX)
-
     async def _refill(self, op: str, *, revive: bool = True) -> None:
-        loop = asyncio.get_running_loop()
-        while len(self._slots) < self._k and loop.time() >= self._retry_at:
+        """Park slots up to K, unless a retry is scheduled for later."""
+        while len(self._slots) < self._k and time.monotonic() >= self._retry_at:
             try:
                 await self._park_one(op, REPARK_CONNECT_TIMEOUT)
             except DaemonUnavailableError:
                 self._schedule_retry()
-                if revive and not self._server._control_alive():
+                if revive and not await self._server._control_alive():
                     await self._revive(op)
                 return
 
-    @staticmethod
-    async def _read_slot(slot: _Slot, op: str) -> None:
-        try:
-            line = await read_header(slot.reader, op)
-        except DaemonUnavailableError:  # reset: as good as EOF
-            line = None
-        if line is None:
-            slot.eof = True
-        else:
-            slot.header = line
+    def _schedule_retry(self) -> None:
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, REPARK_BACKOFF_MAX)
 
-    async def _finish(self, slot: _Slot, op: str) -> AsyncConn | None:
-        self._slots.remove(slot)
+    async def _take(self, sock: socket.socket, op: str) -> AsyncConn | None:
+        """Read the accept header from a readable slot; None if the daemon dropped it."""
+        slot_id = self._slots.pop(sock)
         try:
-            assert slot.header is not None
             try:
-                header = proto.decode_accept_header(slot.header)
+                line = await read_header_line(
+                    sock, op, time.monotonic() + SLOT_CONNECT_TIMEOUT
+                )
+            except (HeaderEOF, DaemonUnavailableError):
+                self._server._log(
+                    f"tsnet2: daemon dropped an accept slot of {self.addr}; re-parking"
+                )
+                self._schedule_retry()
+                if not await self._server._control_alive():
+                    await self._revive(op)
+                else:
+                    await self._server._ensure_bound(op, self)
+                return None
+            except DeadlineExceededError:
+                raise ProtocolError(f"{op}: daemon sent an incomplete accept header") from None
+            try:
+                header = proto.decode_accept_header(line)
             except proto.ChannelRefused as exc:
                 # The daemon closed the slot with a reason (its node went away): say so once
                 # per registration; the next accept() reconnects and registers again.
                 self._schedule_retry()
-                if slot.listener_id in self._reported:
-                    await close_writer(slot.writer)
+                if slot_id in self._reported:
                     return None
-                self._reported.add(slot.listener_id)
+                self._reported.add(slot_id)
                 raise (_base.refused_error(f"{op}: {exc}", exc.code)
                        or DaemonUnavailableError(f"{op}: {exc}")) from None
             except proto.ProtocolError as exc:
                 raise ProtocolError(f"{op}: bad accept header: {exc}") from None
-            if header.listener_id and header.listener_id != slot.listener_id:
+            if header.listener_id and header.listener_id != slot_id:
                 raise ProtocolError(
-                    f"{op}: accept header names listener {header.listener_id}, "
-                    f"want {slot.listener_id}"
+                    f"{op}: accept header names listener {header.listener_id}, want {slot_id}"
                 )
-            conn = AsyncConn(
-                slot.reader,
-                slot.writer,
-                _base.parse_tailnet_addr(header.local),
-                _base.parse_tailnet_addr(header.remote),
-            )
-        except BaseException:
-            await close_writer(slot.writer)
-            raise
-        self._backoff = BACKOFF_INITIAL
-        with contextlib.suppress(DaemonUnavailableError):  # the next accept() reports it
-            await self._refill(op, revive=False)
-        return conn
+            local = _base.parse_tailnet_addr(header.local)
+            remote = _base.parse_tailnet_addr(header.remote)
+            self._backoff = BACKOFF_INITIAL
+            return await backend.make_conn(sock, local, remote)
+        finally:
+            if sock.fileno() != -1:
+                close_quietly(sock)
 
-    async def _drop_dead(self, op: str) -> bool:
-        """Close slots the daemon dropped; True if there were any."""
-        dead = [s for s in self._slots if s.eof]
-        for slot in dead:
-            self._slots.remove(slot)
-            await close_writer(slot.writer)
-            self._server._log(f"tsnet2: daemon dropped an accept slot of {self.addr}; re-parking")
-            self._schedule_retry()
-        return bool(dead)
+    # -- public -------------------------------------------------------------------
 
     async def accept(self, timeout: float | None = None) -> AsyncConn:
-        """Wait for the next inbound connection (``timeout`` in seconds, None = forever).
+        """Wait for the next inbound connection and return it.
 
-        Raises ClosedError once the listener is closed, DeadlineExceededError on timeout.
-        If the daemon restarts, accept() has the server reconnect and goes on (a
-        reconnect may hold it up to ``reconnect_timeout``); it raises
+        ``timeout`` in seconds (None waits forever) raises DeadlineExceededError.
+        Raises ClosedError once the listener (or its server) is closed. If the
+        daemon restarts, accept() waits for the server to reconnect and goes on
+        (a reconnect in progress may hold it up to ``reconnect_timeout``); it raises
         DaemonUnavailableError if the daemon does not come back in time or the
         listener could not be registered again.
         """
         op = "tsnet2.accept"
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         async with self._lock:
             while True:
                 if self._closed:
                     raise ClosedError(f"{op}: listener {self.addr} is closed")
-                await self._check_binding(op)
-                ready = next((s for s in self._slots if s.header is not None), None)
-                if ready is not None:
-                    conn = await self._finish(ready, op)
-                    if conn is None:
-                        continue  # a slot closed for a loss already reported
-                    return conn
-                gone = self._server._gone_event()
-                if gone is None:
-                    raise ClosedError(f"{op}: server is closed")
-                if gone.is_set():
-                    await self._revive(op)
-                    continue
+                self._check_binding()
                 await self._refill(op)
-                wait = None if deadline is None else max(0.0, deadline - loop.time())
+                wait = remaining(deadline)
                 if len(self._slots) < self._k:
-                    until_retry = max(0.0, self._retry_at - loop.time())
+                    until_retry = max(0.0, self._retry_at - time.monotonic())
                     wait = until_retry if wait is None else min(wait, until_retry)
-                await self._wait_any(op, gone, wait)
-                if await self._drop_dead(op) and not gone.is_set():
-                    await self._server._ensure_bound(op, self)
-                if (
-                    deadline is not None
-                    and loop.time() >= deadline
-                    and not self._closed
-                    and not gone.is_set()
-                    and not any(s.header is not None for s in self._slots)
-                ):
+                ready = await backend.wait_readable(list(self._slots), wait, self._wakeup)
+                for sock in ready:
+                    if self._closed:
+                        break
+                    if sock not in self._slots:
+                        continue  # dropped earlier in this round
+                    conn = await self._take(sock, op)
+                    if conn is None:
+                        break  # a dropped slot (perhaps a restart): look again
+                    with contextlib.suppress(DaemonUnavailableError):
+                        await self._refill(op, revive=False)  # else the next accept() sees it
+                    return conn
+                if deadline is not None and time.monotonic() >= deadline and not self._closed:
                     raise DeadlineExceededError(f"{op}: no connection within {timeout}s")
 
-    async def _wait_any(self, op: str, gone: asyncio.Event, wait: float | None) -> None:
-        """Wait until a slot has a header or EOF, the listener closes, or the daemon goes."""
-        readers = {asyncio.ensure_future(self._read_slot(s, op)): s for s in self._slots}
-        watchers = [
-            asyncio.ensure_future(self._closed_event.wait()),
-            asyncio.ensure_future(gone.wait()),
-        ]
-        tasks = [*readers, *watchers]
-        try:
-            await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.wait(tasks)
-        for t, slot in readers.items():
-            exc = None if t.cancelled() else t.exception()
-            if exc is not None:
-                self._slots.remove(slot)
-                await close_writer(slot.writer)
-                self._schedule_retry()
-                raise exc
-
     def __aiter__(self) -> AsyncIterator[AsyncConn]:
+        """Yield accepted connections until the listener is closed."""
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[AsyncConn]:
@@ -719,18 +675,25 @@ class AsyncListener(_base.ListenerBase):
             except ClosedError:
                 return
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Unregister the listener and release every parked slot (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        self._closed_event.set()
+        self._wakeup.set()
         await self._server._unregister(self.listener_id)
         async with self._lock:
-            slots, self._slots = self._slots, []
-            for slot in slots:
-                await close_writer(slot.writer)
+            for sock in list(self._slots):
+                del self._slots[sock]
+                close_quietly(sock)
+            self._wakeup.close()
         self._server._listeners.discard(self)
+
+    # unasync: async-only
+    async def close(self) -> None:
+        """Alias of aclose()."""
+        await self.aclose()
+    # unasync: end
 
     async def __aenter__(self) -> AsyncListener:
         return self
@@ -741,4 +704,4 @@ class AsyncListener(_base.ListenerBase):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()

@@ -1,0 +1,147 @@
+"""The blocking primitives the generated sync face (``tsnet2.client._sync``) runs on.
+
+Same names as :mod:`tsnet2.client._backend_async` (see its docstring), implemented with
+``threading`` and ``poll(2)``. Several threads may share one Server, so every primitive
+here is thread-safe; :class:`Wakeup` lets one thread interrupt another's wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import select
+import socket
+import threading
+import time
+
+from tsnet2.client._base import TailnetAddr
+
+__all__ = [
+    "Condition",
+    "Event",
+    "Lock",
+    "TailnetSocket",
+    "Wakeup",
+    "make_conn",
+    "sleep",
+    "wait_readable",
+    "wait_writable",
+]
+
+Lock = threading.Lock
+Condition = threading.Condition
+Event = threading.Event
+
+
+class Wakeup:
+    """Interrupts a :func:`wait_readable` in progress (or the next one), from any thread."""
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def set(self) -> None:
+        """Wake the waiter; if nobody waits, the next wait returns at once."""
+        with contextlib.suppress(OSError):
+            self._w.send(b"x")
+
+    def _drain(self) -> bool:
+        got = False
+        with contextlib.suppress(OSError):
+            while self._r.recv(64):
+                got = True
+        return got
+
+    def close(self) -> None:
+        """Close the wakeup's socket pair."""
+        self._r.close()
+        self._w.close()
+
+
+def sleep(seconds: float) -> None:
+    """Sleep for ``seconds``."""
+    time.sleep(seconds)
+
+
+def _poll(socks: list[socket.socket], events: int, timeout: float | None,
+          extra: socket.socket | None = None) -> list[socket.socket]:
+    poller = select.poll()
+    by_fd: dict[int, socket.socket] = {}
+    for sock in [*socks, *([extra] if extra is not None else [])]:
+        fd = sock.fileno()
+        if fd < 0:  # closed under us: the caller's read or write reports it
+            return [sock]
+        poller.register(fd, events)
+        by_fd[fd] = sock
+    ms = None if timeout is None else math.ceil(max(0.0, timeout) * 1000)
+    return [by_fd[fd] for fd, _ in poller.poll(ms) if fd in by_fd]
+
+
+def wait_readable(
+    socks: list[socket.socket], timeout: float | None, wakeup: Wakeup | None = None
+) -> list[socket.socket]:
+    """Wait until some of ``socks`` are readable (data, EOF or an error), ``timeout``
+    seconds pass (None: no bound) or ``wakeup`` is set; return the readable ones."""
+    extra = wakeup._r if wakeup is not None else None
+    ready = _poll(socks, select.POLLIN, timeout, extra)
+    if wakeup is not None and wakeup._drain():
+        return [s for s in ready if s is not extra]
+    return ready
+
+
+def wait_writable(sock: socket.socket, timeout: float | None) -> bool:
+    """Wait until ``sock`` is writable (or failed); False if ``timeout`` seconds passed."""
+    return bool(_poll([sock], select.POLLOUT, timeout))
+
+
+class TailnetSocket(socket.socket):
+    """A connected stream socket to a tailnet peer, carried through the daemon.
+
+    It is a real :class:`socket.socket` (an ``AF_UNIX`` stream to tsnet2d, which
+    splices it to the peer), so ``ssl.SSLContext.wrap_socket``, ``http.client``,
+    ``selectors`` and ``asyncio`` (``sock=``) all accept it. ``shutdown(SHUT_WR)``
+    half-closes: the peer reads EOF and can still answer.
+
+    Attributes:
+        tailnet_local: our end of the flow as ``(ip_address, port)``, or None if unknown.
+        tailnet_remote: the peer's end as ``(ip_address, port)``, or None if unknown.
+    """
+
+    __slots__ = ("tailnet_local", "tailnet_remote")
+
+    tailnet_local: TailnetAddr | None
+    tailnet_remote: TailnetAddr | None
+
+    def __init__(
+        self,
+        family: int = -1,
+        type: int = -1,
+        proto: int = -1,
+        fileno: int | None = None,
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self.tailnet_local = None
+        self.tailnet_remote = None
+
+    @classmethod
+    def _adopt(
+        cls, sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None
+    ) -> TailnetSocket:
+        """Take over ``sock``'s descriptor (``sock`` is detached) as a blocking TailnetSocket."""
+        new = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        new.settimeout(None)
+        new.tailnet_local = local
+        new.tailnet_remote = remote
+        return new
+
+    def __repr__(self) -> str:
+        base = super().__repr__()[:-1]
+        return f"{base}, tailnet_local={self.tailnet_local}, tailnet_remote={self.tailnet_remote}>"
+
+
+def make_conn(
+    sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None
+) -> TailnetSocket:
+    """Hand a channel whose header has been read to the app, as a blocking socket."""
+    return TailnetSocket._adopt(sock, local, remote)
