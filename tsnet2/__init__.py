@@ -30,6 +30,7 @@ Environment: ``TSNET2_SOCKET`` is the default ``socket_path``.
 Errors derive from :class:`tsnet2.Error`; see :mod:`tsnet2.client.errors` for the tree.
 """
 
+from tsnet2._version import __version__
 from tsnet2.client import (
     AddressError,
     AddressInUseError,
@@ -59,8 +60,6 @@ from tsnet2.client import (
     Status,
     TailnetSocket,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AddressError",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from tsnet2._version import __version__
 from tsnet2.control.authkeys import DEFAULT_DOMAIN
 from tsnet2.control.names import validate_domain
 
@@ -51,7 +52,7 @@ class ConfigError(ValueError):
 class SidecarConfig:
     """What the injector puts into a pod: the tsnet2d sidecar's image, control URL and limits."""
 
-    image: str = "tsnet2:0.1.0"
+    image: str = f"tsnet2:{__version__}"  # the image of this release
     image_pull_policy: str = "IfNotPresent"
     control_url: str = ""
     backend: Backend = "userspace"

@@ -89,8 +89,11 @@ if [ -f "$ca" ]; then
     ca_args=(-v "$(readlink -f "$ca"):/run/tsnet2-build-ca.crt:ro"
              --build-arg PIP_CA=/run/tsnet2-build-ca.crt)
 fi
+# The image's version label comes from the one place the version lives.
+VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' tsnet2/_version.py)
 buildah bud --isolation chroot --format docker --layers=false "${ca_args[@]}" \
     --build-arg "BASE=$BASE" \
+    --build-arg "VERSION=$VERSION" \
     --build-arg "SOURCE_HASH=$hash" \
     --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
     --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
