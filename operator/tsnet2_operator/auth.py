@@ -95,31 +95,38 @@ def subject_from_review(status: k8s.V1TokenReviewStatus | None, audience: str) -
     return TokenSubject(namespace, service_account, pod_name, pod_uid)
 
 
+def pod_metadata(pod: k8s.V1Pod) -> k8s.V1ObjectMeta:
+    """The pod's metadata. The client's model allows none, but the API server always sends
+    it: without it, raise AuthenticationError (503, the node retries)."""
+    if pod.metadata is None:
+        raise AuthenticationError(
+            "the API server returned a pod without metadata; cannot check the token's pod, "
+            "retry", status=503)
+    return pod.metadata
+
+
 def pod_hostname(pod: k8s.V1Pod) -> str:
     """The tailnet hostname of a pod: ``tsnet2.io/hostname``, else the pod name, sanitized."""
-    meta = pod.metadata
-    assert meta is not None
+    meta = pod_metadata(pod)
     raw = (meta.annotations or {}).get(ANNOTATION_HOSTNAME) or meta.name or ""
     return sanitize_hostname(raw)
 
 
 def pod_tags(pod: k8s.V1Pod) -> tuple[str, ...]:
     """The tags a pod may use (``tsnet2.io/tags``: comma-separated ``tag:x``)."""
-    assert pod.metadata is not None
-    raw = (pod.metadata.annotations or {}).get(ANNOTATION_TAGS, "")
+    raw = (pod_metadata(pod).annotations or {}).get(ANNOTATION_TAGS, "")
     return parse_tags(t.strip() for t in raw.split(",") if t.strip())
 
 
 def pod_is_persistent(pod: k8s.V1Pod) -> bool:
     """True if the pod asked for ``tsnet2.io/state: persistent``."""
-    assert pod.metadata is not None
-    return (pod.metadata.annotations or {}).get(ANNOTATION_STATE, "ephemeral") == "persistent"
+    annotations = pod_metadata(pod).annotations or {}
+    return annotations.get(ANNOTATION_STATE, "ephemeral") == "persistent"
 
 
 def check_pod(pod: k8s.V1Pod, subject: TokenSubject, request: RegisterRequest) -> None:
     """Check the token's pod against the registration; raise AuthenticationError if wrong."""
-    meta, spec = pod.metadata, pod.spec
-    assert meta is not None
+    meta, spec = pod_metadata(pod), pod.spec
     where = f"pod {subject.namespace}/{subject.pod_name}"
     if meta.uid != subject.pod_uid:
         raise AuthenticationError(f"{where} was replaced (uid differs from the token's)")

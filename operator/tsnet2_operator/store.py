@@ -232,7 +232,9 @@ def install_crds(api: k8s.ApiClient, timeout: float = 30.0) -> None:
             if e.status != 409:
                 raise
             current = ext.read_custom_resource_definition(name, _request_timeout=_TIMEOUT)
-            assert current.metadata is not None
+            if current.metadata is None:
+                raise StoreError(
+                    f"CRD {name}: the API server returned it without metadata") from None
             doc["metadata"]["resourceVersion"] = current.metadata.resource_version
             ext.replace_custom_resource_definition(name, cast(Any, doc), _request_timeout=_TIMEOUT)
     deadline = time.monotonic() + timeout

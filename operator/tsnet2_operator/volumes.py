@@ -126,7 +126,8 @@ def read_object(
 ) -> dict[str, Any] | None:
     """GET a namespaced object's ``{"metadata": {"uid", "ownerReferences"}}``, or None if it
     does not exist (blocking). Kinds of the core group other than Pod and
-    ReplicationController raise LookupError (they cannot own pods)."""
+    ReplicationController raise LookupError (they cannot own pods), as does an object the
+    API server returns without metadata."""
     group, version = _split(api_version)
     try:
         if group:
@@ -155,7 +156,9 @@ def read_object(
         if e.status == 404:
             return None
         raise
-    assert typed.metadata is not None
+    if typed.metadata is None:
+        raise LookupError(
+            f"{kind} {namespace}/{name}: the API server returned it without metadata")
     return {
         "metadata": {
             "uid": typed.metadata.uid,
@@ -203,7 +206,8 @@ def ensure_pvc(api: k8s.ApiClient, pod: dict[str, Any]) -> tuple[str, bool]:
     core = k8s.CoreV1Api(api)
     name = manifest["metadata"]["name"]
     body = k8s.V1PersistentVolumeClaim.from_dict(manifest)
-    assert body is not None
+    if body is None:  # from_dict returns None only for None
+        raise AssertionError("unreachable: no claim from a manifest")
     try:
         core.create_namespaced_persistent_volume_claim(
             meta["namespace"],
@@ -217,7 +221,10 @@ def ensure_pvc(api: k8s.ApiClient, pod: dict[str, Any]) -> tuple[str, bool]:
     existing = core.read_namespaced_persistent_volume_claim(
         name, meta["namespace"], _request_timeout=_TIMEOUT
     )
-    assert existing.metadata is not None
+    if existing.metadata is None:
+        raise LookupError(
+            f"state claim {meta['namespace']}/{name}: the API server returned it without "
+            "metadata")
     owners = existing.metadata.owner_references or []
     if not any(o.uid == owner["uid"] for o in owners):
         patch = {
