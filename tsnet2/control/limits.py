@@ -228,8 +228,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Admit (or refuse) the connection; start TLS or hand it to aiohttp."""
-        self.raw = cast(asyncio.Transport, transport)
-        self._guard._admit(self)
+        raw = self.raw = cast(asyncio.Transport, transport)
+        self._guard._admit(self, raw)
 
     def data_received(self, data: bytes) -> None:
         """Pass bytes on; the first byte of a head starts the header deadline."""
@@ -288,13 +288,13 @@ class _Conn(asyncio.Protocol):
         if self._early_eof and not self.lost and not inner.eof_received():
             transport.close()
 
-    async def start_tls(self, context: ssl.SSLContext) -> None:
-        """Do the TLS handshake (bounded by ``header_timeout``), then :meth:`open`."""
-        assert self.raw is not None
+    async def start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        """Do the TLS handshake over ``raw`` (bounded by ``header_timeout``), then
+        :meth:`open`."""
         loop = self._guard.loop
         try:
             transport = await loop.start_tls(
-                self.raw,
+                raw,
                 self,
                 context,
                 server_side=True,
@@ -562,7 +562,7 @@ class ConnectionGuard:
 
     # -- called by _Conn -----------------------------------------------------------------
 
-    def _admit(self, conn: _Conn) -> None:
+    def _admit(self, conn: _Conn, raw: asyncio.Transport) -> None:
         if self._closing:
             conn.abort()
             return
@@ -593,10 +593,9 @@ class ConnectionGuard:
         self.stats.peak = max(self.stats.peak, len(self._open))
         conn.arm(self.loop.time() + self.limits.header_timeout)
         if self.ssl_context is None:
-            assert conn.raw is not None
-            conn.open(conn.raw)
+            conn.open(raw)
             return
-        task = self.loop.create_task(conn.start_tls(self.ssl_context))
+        task = self.loop.create_task(conn.start_tls(raw, self.ssl_context))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

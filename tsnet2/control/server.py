@@ -211,7 +211,9 @@ class ControlServer:
             logger=http_log,
         )
         await runner.setup()
-        assert runner.server is not None
+        if runner.server is None:
+            raise RuntimeError("aiohttp's AppRunner.setup() made no server: an aiohttp this "
+                               "control server does not support?")
         max_connections = fd_room(self.limits.max_connections)
         if max_connections < self.limits.max_connections:
             log.warning(
@@ -451,7 +453,7 @@ class ControlServer:
                 )
         if req.auth_key is None:
             raise ApiError(401, "an auth key or a node credential is required")
-        key = await self._check_auth_key(req)
+        key = await self._check_auth_key(req.auth_key, req)
         node, credential = await self._create_node(
             req,
             user_id=key.user.id,
@@ -483,19 +485,21 @@ class ControlServer:
 
     async def _register_with_token(self, token: str, req: api.RegisterRequest) -> web.Response:
         """Register through :attr:`authenticator` (the auth key field is ignored)."""
-        assert self.authenticator is not None
+        authenticator = self.authenticator
+        if authenticator is None:  # _register_bearer refused the token already
+            raise ApiError(401, "this control server does not accept bearer tokens for "
+                           "registration; register with an auth key")
         existing: NodeRecord | None = None
-        if req.node_credential is not None:
-            existing = await self.store.get_node_by_credential(hash_secret(req.node_credential))
+        credential = req.node_credential
+        if credential is not None:
+            existing = await self.store.get_node_by_credential(hash_secret(credential))
         try:
-            identity = await self.authenticator.authenticate(token, req, existing)
+            identity = await authenticator.authenticate(token, req, existing)
         except api.AuthenticationError as e:
             log.info("control: registration of %r refused: %s", req.hostname, e.message)
             raise ApiError(e.status, e.message) from None
-        if existing is not None:
-            assert req.node_credential is not None
+        if existing is not None and credential is not None:  # its credential matched
             node = await self._reregister(existing, req)
-            credential = req.node_credential
         else:
             for tag in req.tags:
                 if tag not in identity.tags:
@@ -519,7 +523,7 @@ class ControlServer:
                     f"hostname {req.hostname!r} is already taken by another node; "
                     "remove that node or choose another hostname",
                 )
-        await self.authenticator.registered(identity, node)
+        await authenticator.registered(identity, node)
         return self._register_reply(node, credential)
 
     async def _create_node(
@@ -577,9 +581,9 @@ class ControlServer:
             {"node": self._node_json(node), "node_credential": credential, "domain": self.domain}
         )
 
-    async def _check_auth_key(self, req: api.RegisterRequest) -> AuthKeyRecord:
-        assert req.auth_key is not None
-        key = await self.store.get_auth_key(hash_secret(req.auth_key))
+    async def _check_auth_key(self, auth_key: str, req: api.RegisterRequest) -> AuthKeyRecord:
+        """The auth key ``auth_key`` (``req``'s), if it may register ``req``; else ApiError."""
+        key = await self.store.get_auth_key(hash_secret(auth_key))
         if key is None:
             raise ApiError(401, "invalid auth key")
         if key.expires is not None and key.expires <= time.time():
@@ -592,7 +596,7 @@ class ControlServer:
         return key
 
     async def _reregister(self, node: NodeRecord, req: api.RegisterRequest) -> NodeRecord:
-        assert req.node_credential is not None
+        """Update ``node``, found by ``req``'s node credential, to what ``req`` says."""
         try:
             # The register call describes the node as it is now: a node that sends no
             # traffic-log key (an older tsnet2d) has none, and a new key replaces the old

@@ -383,7 +383,9 @@ class SQLiteStore:
                     "UPDATE auth_keys SET used_by = ? WHERE id = ?", (node_id, spec.auth_key_id)
                 )
             node = _node_by(conn, "n.id = ?", node_id)
-            assert node is not None
+            if node is None:  # e.g. its user row is missing: the database is inconsistent
+                raise StoreError(f"sqlite store {self.path}: node {node_id} cannot be read back "
+                                 "after its creation")
             return node, _bump(conn)
 
         return await self._tx(run)
@@ -438,7 +440,9 @@ class SQLiteStore:
                 f"UPDATE nodes SET {assignments} WHERE id = ?", (*changes.values(), node_id)
             )
             updated = _node_by(conn, "n.id = ?", node_id)
-            assert updated is not None
+            if updated is None:  # read a moment ago in this transaction
+                raise StoreError(f"sqlite store {self.path}: node {node_id} cannot be read back "
+                                 "after its update")
             return updated, _bump(conn)
 
         return await self._tx(run)

@@ -56,7 +56,6 @@ class _Side(asyncio.Protocol):
         self.splice = splice
         self.direction = direction  # the direction of bytes READ on this side
         self.transport: asyncio.Transport | None = None
-        self.other: _Side | None = None
         self.eof = False
         self.lost = False
         self.lost_exc: Exception | None = None
@@ -66,8 +65,14 @@ class _Side(asyncio.Protocol):
         self.unsent = 0  # of those, bytes that never reached the kernel (lost on a reset)
         self._pending_hint = 0  # write buffer size after our last write
 
+    @property
+    def other(self) -> _Side:
+        """The flow's other socket."""
+        return self.splice.peer if self is self.splice.app else self.splice.app
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError(f"a splice needs a stream transport, not {type(transport).__name__}")
         self.transport = transport
         transport.set_write_buffer_limits(high=HIGH_WATER)
         # No pause_reading() here: CPython < 3.11.4 ignores it (see the module docstring).
@@ -78,7 +83,8 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.splice.attached:
             self.held.append(data)
-            assert self.transport is not None
+            if self.transport is None:
+                raise AssertionError("unreachable: asyncio calls connection_made first")
             self.transport.pause_reading()  # effective here on every version
             return
         self.splice.forward(self, data)
@@ -91,13 +97,12 @@ class _Side(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        if self.other is not None and self.other.transport is not None:
+        if self.other.transport is not None:
             self.other.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        if (self.other is not None and self.other.transport is not None
-                and not self.splice.log_paused):
+        if self.other.transport is not None and not self.splice.log_paused:
             self.other.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -110,7 +115,8 @@ class _Side(asyncio.Protocol):
         self.splice.side_lost(self, exc)
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
+        if self.transport is None:
+            raise AssertionError("unreachable: bytes are written only to an attached side")
         self.transport.write(data)
         self.sent += len(data)
         self._pending_hint = self.transport.get_write_buffer_size()
@@ -143,7 +149,6 @@ class Splice:
         self.cut = False
         self.app = _Side(self, "app->peer")
         self.peer = _Side(self, "peer->app")
-        self.app.other, self.peer.other = self.peer, self.app
         self.error: str | None = None
         self.log_paused = False  # the traffic log cannot keep up: neither side reads
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -179,15 +184,15 @@ class Splice:
                 continue
             if paused:
                 t.pause_reading()
-            elif self.attached and not side.held and not (side.other and
-                                                          side.other.writing_paused):
+            elif self.attached and not side.held and not side.other.writing_paused:
                 t.resume_reading()
 
     def attached_both(self) -> None:
         """The second socket is attached: pass on what the first one held, then run."""
         for side in (self.peer, self.app):
-            other = side.other
-            assert other is not None and side.transport is not None
+            other, transport = side.other, side.transport
+            if transport is None:
+                raise AssertionError("unreachable: both sides are attached now")
             held, side.held = side.held, []
             for data in held:
                 if self.error is not None:
@@ -199,11 +204,10 @@ class Splice:
             elif side.eof:
                 self.side_eof(side)
             elif held and not other.writing_paused and not self.log_paused:
-                side.transport.resume_reading()
+                transport.resume_reading()
 
     def forward(self, side: _Side, data: bytes) -> None:
         other = side.other
-        assert other is not None
         try:
             self.flow.data(side.direction, data)
         except TrafficLogError as exc:
@@ -214,13 +218,13 @@ class Splice:
             return
         if self.on_bytes is not None:
             self.on_bytes(side.direction, len(data))
-        assert other.transport is not None  # reading starts only once both are attached
+        if other.transport is None:
+            raise AssertionError("unreachable: reading starts only once both are attached")
         if not other.transport.is_closing():
             other.write(data)
 
     def side_eof(self, side: _Side) -> None:
         other = side.other
-        assert other is not None
         if other.transport is not None and not other.transport.is_closing():
             if other.transport.can_write_eof():
                 other.transport.write_eof()
@@ -233,7 +237,6 @@ class Splice:
         if exc is not None and self.error is None:
             self.error = f"{side.direction.split('->')[0]}: {describe_error(exc)}"
         other = side.other
-        assert other is not None
         if other.transport is None and not other.lost:
             return  # the other side is still to come: attached_both() passes the loss on
         self._pass_on_loss(side, exc)
@@ -251,7 +254,6 @@ class Splice:
 
     def _pass_on_loss(self, side: _Side, exc: Exception | None) -> None:
         other = side.other
-        assert other is not None
         if not other.lost and other.transport is not None:
             if exc is not None:
                 other.reset()

@@ -46,20 +46,17 @@ class Watchdog:
         self._every = min(BEAT, timeout / 4)  # beats well within the timeout
         self.last_beat = time.monotonic()
         self._handle: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _beat(self) -> None:
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
         self.last_beat = time.monotonic()
-        assert self._loop is not None
-        self._handle = self._loop.call_later(self._every, self._beat)
+        self._handle = loop.call_later(self._every, self._beat, loop)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Beat on `loop` and watch it from a daemon thread."""
-        self._loop = loop
         self.last_beat = time.monotonic()
-        self._handle = loop.call_later(self._every, self._beat)
+        self._handle = loop.call_later(self._every, self._beat, loop)
         self._thread = threading.Thread(target=self._watch, name="tsnet2d-watchdog",
                                         daemon=True)
         self._thread.start()

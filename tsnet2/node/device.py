@@ -184,17 +184,16 @@ class UserspaceDevice:
             preexec_fn=_die_with_parent,
         )
         try:
-            self._wait_for_socket()
+            self._wait_for_socket(self._proc)
             self.uapi.set([f"private_key={private_key.hex}", f"listen_port={listen_port}"])
         except BaseException:
             self.close()
             raise
 
-    def _wait_for_socket(self) -> None:
-        assert self._proc is not None
+    def _wait_for_socket(self, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + _SOCKET_WAIT
         while True:
-            code = self._proc.poll()
+            code = proc.poll()
             if code is not None:
                 raise NodeError(
                     f"wireguard-go for {self.name} exited with status {code} before its UAPI "

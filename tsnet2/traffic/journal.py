@@ -134,26 +134,29 @@ class FlowJournal:
         self._fd = None
 
     def _append(self, entry: dict[str, object]) -> None:
-        if self._fd is None:
+        fd = self._fd
+        if fd is None:
             return
         line = _line(entry)
         try:
             if self._size + len(line) > COMPACT_BYTES:
-                self._compact()
-            os.write(self._fd, line)
+                fd = self._compact(fd)
+            os.write(fd, line)
             self._size += len(line)
         except OSError as exc:
             self._off(exc)
 
-    def _compact(self) -> None:
+    def _compact(self, old: int) -> int:
+        """Replace the journal (open as ``old``) by the live flows only; return the new
+        descriptor (also :attr:`_fd`)."""
         content = b"".join(
             _line({"k": "o", "id": f.conn_id, "t": f.opened_ns, "pid": self._pid})
             + _line({"k": "n", "id": f.conn_id, "i": f.bytes_in, "o": f.bytes_out})
             for f in self._live.values())
         fd = self._create(content)
-        assert self._fd is not None
-        os.close(self._fd)
+        os.close(old)
         self._fd = fd
+        return fd
 
     def opened(self, conn_id: str, opened_ns: int) -> None:
         """A flow's ``open`` record is written."""

@@ -304,10 +304,10 @@ class TrafficLog:
             raise TrafficLogError(f"traffic log {self.path} is closed")
         if self.on_error == "continue":
             return
-        if self.stalled:
-            assert self._stream is not None
+        stream = self._stream
+        if stream is not None and stream.stalled:
             raise TrafficLogError(
-                f"traffic log stdout is stalled: {self._stream.queued} bytes of records wait "
+                f"traffic log stdout is stalled: {stream.queued} bytes of records wait "
                 "for its reader (the container runtime or log collector); refusing new flows "
                 "until it catches up")
         if self.healthy or self.probe():
@@ -513,7 +513,9 @@ class TrafficLog:
 
     def _emit_checkpoint(self, reason: str, start: ChainState | None) -> _Outcome:
         signer = self._signer
-        assert signer is not None
+        if signer is None:
+            raise TrafficLogError(f"traffic log {self.path} has no signing key: open() it "
+                                  "before writing checkpoints")
         with self._lock:
             line = checkpoint_record(
                 reason=reason, key=signer.public,
@@ -688,9 +690,10 @@ class TrafficLog:
         if reserve and self._seq >= self._reserved and self._state_dir is not None:
             # Before this record exists anywhere: a crash from here on restarts past it.
             self._reserved = self._seq + _RESERVE
-            assert self._checkpoint_state is not None  # the start checkpoint came first
-            self._checkpoint_state = dataclasses.replace(self._checkpoint_state,
-                                                         reserved=self._reserved)
+            last = self._checkpoint_state
+            if last is None:
+                raise AssertionError("unreachable: the start checkpoint sets the chain state")
+            self._checkpoint_state = dataclasses.replace(last, reserved=self._reserved)
             self._persist(self._checkpoint_state)
         out.nbytes = len(line)
         if self._file is not None:
@@ -723,10 +726,7 @@ class TrafficLog:
         if not raise_errors:
             return
         if out.unwritable:
-            assert self._stream is not None
-            raise TrafficLogError(f"traffic log stdout cannot be written "
-                                  f"({self._stream.gap_error}); refusing flows until it can",
-                                  self._stream.last_errno)
+            raise self._stream_error("; refusing flows until it can")
         if out.stalled:
             raise TrafficLogError(
                 f"traffic log stdout is stalled: {self.queued_bytes} bytes of records wait for "
@@ -737,13 +737,20 @@ class TrafficLog:
                 f"cannot write traffic log {self._file_path}: {exc.strerror or exc}", exc.errno
             ) from exc
         if out.lost_stream and self.on_error == "fail-closed":
-            assert self._stream is not None
-            raise TrafficLogError(f"traffic log stdout cannot be written "
-                                  f"({self._stream.gap_error})", self._stream.last_errno)
+            raise self._stream_error("")
+
+    def _stream_error(self, then: str) -> TrafficLogError:
+        """stdout cannot take records: the error to raise (``then``: what happens now)."""
+        stream = self._stream
+        if stream is None:
+            raise AssertionError("unreachable: only the stdout sink refuses or loses records")
+        return TrafficLogError(f"traffic log stdout cannot be written ({stream.gap_error}){then}",
+                               stream.last_errno)
 
     def _report_file(self, r: Result, kind: str) -> None:
         sink = self._file
-        assert sink is not None
+        if sink is None:
+            raise AssertionError("unreachable: a file result comes from the file sink")
         if r.recovered:
             log.warning("traffic log %s is writable again; a gap record reports %d dropped "
                         "records", sink.path, r.recovered)

@@ -153,7 +153,9 @@ class FileSink(Sink):
     def open(self) -> None:
         """Open (create, 0600) the file for appending. Raises :class:`OSError`."""
         if self._fd is None:
-            assert self.path is not None
+            if self.path is None:
+                raise ValueError(f"traffic log sink {self.label}: neither a path nor a "
+                                 "descriptor to write to")
             self._fd = open_append(self.path)
             try:
                 st = os.fstat(self._fd)
@@ -206,11 +208,12 @@ class FileSink(Sink):
         """Write all of ``line`` or nothing."""
         if self._torn:
             line = b"\n" + line  # end the fragment a failed truncate left behind
-        if self.max_bytes is not None and self._regular and self._owns_fd:
-            self._maybe_rotate(len(line))
         fd = self._fd
         if fd is None:
             raise OSError(_errno.EBADF, "the traffic log is closed")
+        if self.max_bytes is not None and self.path is not None and self._regular and (
+                self._owns_fd):
+            fd = self._maybe_rotate(fd, self.path, self.max_bytes, len(line))
         view = memoryview(line)
         written = 0
         try:
@@ -235,27 +238,28 @@ class FileSink(Sink):
                 log.error("traffic log %s: cannot remove a partial record: %s", self.path, exc)
         self._torn = True
 
-    def _maybe_rotate(self, nbytes: int) -> None:
-        assert self.max_bytes is not None and self._fd is not None
-        if self._size == 0 or self._size + nbytes <= self.max_bytes:
-            return
-        self._size = os.fstat(self._fd).st_size  # resync if someone truncated the file
-        if self._size == 0 or self._size + nbytes <= self.max_bytes:
-            return
+    def _maybe_rotate(self, fd: int, path: str, max_bytes: int, nbytes: int) -> int:
+        """Rotate ``path`` (open as ``fd``) if ``nbytes`` more would pass ``max_bytes``;
+        return the descriptor to write to."""
+        if self._size == 0 or self._size + nbytes <= max_bytes:
+            return fd
+        self._size = os.fstat(fd).st_size  # resync if someone truncated the file
+        if self._size == 0 or self._size + nbytes <= max_bytes:
+            return fd
         if time.monotonic() < self._rotate_after:
-            return
-        assert self.path is not None
+            return fd
         try:
-            new_fd = rotate(self.path, self.keep)
+            new_fd = rotate(path, self.keep)
         except OSError as exc:
             self._rotate_after = time.monotonic() + _ROTATE_RETRY
             log.error("traffic log %s: rotation failed (%s); still writing to the current "
-                      "file, next try in %.0fs", self.path, exc, _ROTATE_RETRY)
-            return
-        old, self._fd = self._fd, new_fd
-        os.close(old)
+                      "file, next try in %.0fs", path, exc, _ROTATE_RETRY)
+            return fd
+        self._fd = new_fd
+        os.close(fd)
         self._size = 0
         self.rotations += 1
+        return new_fd
 
 
 class StreamSink(Sink):

@@ -717,7 +717,8 @@ class _Verifier:
         if bad:
             issues.append(("altered", f"altered: a checkpoint with a bad {', '.join(bad)}"))
             return ck
-        assert isinstance(t, str) and isinstance(head_hash, str) and type(head_seq) is int
+        if not (isinstance(t, str) and isinstance(head_hash, str) and type(head_seq) is int):
+            raise AssertionError("unreachable: bad t, head_hash or head_seq were reported above")
         own = doc.get("log_seq")
         message = checkpoint_message(key=str(key), head_seq=head_seq, head_hash=head_hash, t=t,
                                      reason=str(reason), seq=own if type(own) is int else -1)
@@ -779,16 +780,14 @@ class _Verifier:
             self.rep.omitted_fail = True
             c = self.chains[-1]
             return c.final()
-        start = ck is not None and ck.reason == "start"
+        start = ck if ck is not None and ck.reason == "start" else None
         linked = False
-        if start:
-            assert ck is not None
-            prev = bytes.fromhex(ck.prev_hash)
+        if start is not None:
+            prev = bytes.fromhex(start.prev_hash)
             linked = chain_hash(prev, rec.seq, rec.body) == rec.hash
         c = _Chain(len(self.chains), rec, self.count, linked)
         self.chains.append(c)
-        if start:
-            assert ck is not None
+        if start is not None:
             if linked:
                 self.remember(rec, prev, c)
             else:
@@ -796,8 +795,8 @@ class _Verifier:
                                      "not the hash of its content and prev_hash", rec.seq,
                                      rec.seq, rec.line, chain=c))
             c.first_body = None
-            if ck.valid and ck.prev_seq == 0:
-                c.last_ok = (rec.seq, ck.reason)
+            if start.valid and start.prev_seq == 0:
+                c.last_ok = (rec.seq, start.reason)
         else:
             self.young.append(c)
             self.waiting.setdefault(rec.seq, []).append(c)
@@ -805,7 +804,7 @@ class _Verifier:
             self.body_bytes += len(rec.body)
             self.trim_bodies()
         if ck is not None:
-            self.note_ck(c, rec)
+            self.note_ck(c, rec, ck)
         self.by_next.setdefault(rec.seq + 1, []).append(c)
         if rec.ev is not None:
             rec.ev.chain = c
@@ -822,7 +821,7 @@ class _Verifier:
         self.remember(rec, ph, c)
         ck = rec.ck
         if ck is not None:
-            self.note_ck(c, rec)
+            self.note_ck(c, rec, ck)
             if ck.valid:
                 if self.check_head(c, rec.seq, rec.line, ck, ps, ph):
                     c.last_ok = (rec.seq, ck.reason)
@@ -846,9 +845,8 @@ class _Verifier:
             else:
                 return
 
-    def note_ck(self, c: _Chain, rec: _Rec) -> None:
-        ck = rec.ck
-        assert ck is not None
+    def note_ck(self, c: _Chain, rec: _Rec, ck: _Ck) -> None:
+        """``rec`` (in ``c``) is the checkpoint ``ck``."""
         c.ckpts[rec.seq] = rec.hash
         if len(c.ckpts) > _MAX_CKPTS:
             c.ckpts.popitem(last=False)
@@ -1026,15 +1024,14 @@ class _Verifier:
                         key=lambda c: (c.first_seq, c.start is None, -c.records)):
             done = [c for c in done if c.merged is None]
             if x.start is not None:
-                self.join_start(x, done)
+                self.join_start(x, x.start, done)
             else:
                 self.join_fragment(x, done)
             if x.merged is None:
                 done.append(x)
 
-    def join_start(self, x: _Chain, done: list[_Chain]) -> None:
-        ck = x.start
-        assert ck is not None
+    def join_start(self, x: _Chain, ck: _Ck, done: list[_Chain]) -> None:
+        """Place ``x``, which begins with the start checkpoint ``ck``, among ``done``."""
         p, ph = ck.prev_seq, bytes.fromhex(ck.prev_hash)
         live = [c for c in done if not c.duplicate]
         if p == 0:
@@ -1052,7 +1049,7 @@ class _Verifier:
             return
         for c in live:
             if c.first_seq <= p <= c.head_seq and c.hash_at(p) == ph:
-                self.link_start(c, x, p)
+                self.link_start(c, x, ck, p)
                 return
         same = [c for c in live if not c.keys or not x.keys or set(c.keys) & set(x.keys)]
         inside = [c for c in same if c.first_seq <= p <= c.head_seq]
@@ -1070,10 +1067,8 @@ class _Verifier:
                                  f"log_seq {p}")
             self.merge(c, x, good=False)
 
-    def link_start(self, c: _Chain, x: _Chain, p: int) -> None:
-        """``x`` begins with a restart that continues from ``c``'s record ``p``."""
-        ck = x.start
-        assert ck is not None
+    def link_start(self, c: _Chain, x: _Chain, ck: _Ck, p: int) -> None:
+        """``x`` begins with a restart (``ck``) that continues from ``c``'s record ``p``."""
         if x.first_seq <= c.head_seq:
             x.duplicate = True
             self.problem(Problem("fork", f"fork: log_seq {x.first_seq}..{c.head_seq} are used "
@@ -1290,7 +1285,8 @@ class Lines:
         for path in self.paths:
             self.starts.append((n + 1, path))
             if path == "-":
-                assert self.stdin is not None
+                if self.stdin is None:
+                    raise ValueError("the path '-' names standard input, but no stdin was given")
                 for line in _read(self.stdin, self.limit):
                     n += 1
                     yield line
