@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tsnet2.daemon.server import Daemon, DaemonConfig, DaemonError
+from tsnet2.daemon.server import Daemon, DaemonConfig, DaemonFatalError
 from tsnet2.daemon.watchdog import Watchdog
 
 
 def test_dead_accept_loop_stops_the_daemon_with_the_reason(tmp_path: Path) -> None:
     """A daemon whose socket accept loop is gone must not stay up deaf: run() ends with a
-    DaemonError naming the task (tsnet2d exits 1, and its supervisor starts a new one)."""
+    DaemonFatalError naming the task (tsnet2d exits 1, and its supervisor starts a new one)."""
     async def main() -> None:
         d = Daemon(DaemonConfig(socket_path=tmp_path / "run" / "s.sock",
                                 state_dir=tmp_path / "state",
@@ -28,7 +28,7 @@ def test_dead_accept_loop_stops_the_daemon_with_the_reason(tmp_path: Path) -> No
         assert d._healthz() == (True, "ok")
         assert d._accept_task is not None
         d._accept_task.cancel()  # the loop is gone, whatever the cause
-        with pytest.raises(DaemonError, match="socket accept loop ended"):
+        with pytest.raises(DaemonFatalError, match="socket accept loop ended"):
             await asyncio.wait_for(run, 30)
         assert not (tmp_path / "run" / "s.sock").exists()
 

@@ -261,7 +261,13 @@ def test_the_key_the_node_registers_is_its_state_dir_key(tmp_path: Path) -> None
 def test_a_daemon_with_an_unusable_key_file_says_so_and_does_not_register(
     tmp_path: Path,
 ) -> None:
-    from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartParams, State
+    from tsnet2.daemon.backend import (
+        Backend,
+        BackendError,
+        DeviceConfig,
+        NodeState,
+        StartParams,
+    )
 
     load_or_create_signing_key(tmp_path)
     (tmp_path / "traffic-log.key").chmod(0o644)
@@ -270,4 +276,4 @@ def test_a_daemon_with_an_unusable_key_file_says_so_and_does_not_register(
                          ephemeral=False, advertise_tags=())
     with pytest.raises(BackendError, match=r"traffic-log signing key: .*chmod 600"):
         asyncio.run(backend.start(params))
-    assert backend.state == State.STOPPED and not (tmp_path / "node.json").exists()
+    assert backend.state == NodeState.STOPPED and not (tmp_path / "node.json").exists()

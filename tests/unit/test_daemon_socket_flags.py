@@ -13,7 +13,7 @@ import pytest
 from tsnet2.daemon import cli
 from tsnet2.daemon.server import (
     MAX_SOCKET_PATH,
-    DaemonError,
+    DaemonFatalError,
     bind_unix_socket,
     socket_dir_mode,
 )
@@ -135,12 +135,12 @@ def test_bind_replaces_a_stale_socket_but_not_a_live_one_or_a_file(tmp_path: Pat
     stale.bind(str(path))
     stale.close()  # the file stays, nobody listens
     with bind_unix_socket(path, 0o660, None):
-        with pytest.raises(DaemonError, match="another tsnet2d is listening on"):
+        with pytest.raises(DaemonFatalError, match="another tsnet2d is listening on"):
             bind_unix_socket(path, 0o660, None)
         assert _entries(tmp_path) == ["t.sock"]
     path.unlink()
     path.write_text("x")
-    with pytest.raises(DaemonError, match="exists and is not a socket"):
+    with pytest.raises(DaemonFatalError, match="exists and is not a socket"):
         bind_unix_socket(path, 0o660, None)
     assert _entries(tmp_path) == ["t.sock"] and path.read_text() == "x"
 
@@ -149,7 +149,8 @@ def test_bind_rejects_a_path_clients_could_not_connect_to(tmp_path: Path) -> Non
     name = "s" * (MAX_SOCKET_PATH + 1 - len(str(tmp_path)) - 1)
     path = tmp_path / name
     assert len(os.fsencode(path)) == MAX_SOCKET_PATH + 1
-    with pytest.raises(DaemonError, match=r"too long for a Unix socket \(108 bytes, at most 107"):
+    with pytest.raises(DaemonFatalError,
+                       match=r"too long for a Unix socket \(108 bytes, at most 107"):
         bind_unix_socket(path, 0o660, None)
     assert _entries(tmp_path) == []
     path = tmp_path / name[1:]  # exactly at the limit works, though the bind name is short
@@ -159,8 +160,8 @@ def test_bind_rejects_a_path_clients_could_not_connect_to(tmp_path: Path) -> Non
 
 def test_bind_parent_that_is_a_file(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("")
-    with pytest.raises(DaemonError, match="is not a directory; pick another --socket path"):
+    with pytest.raises(DaemonFatalError, match="is not a directory; pick another --socket path"):
         bind_unix_socket(tmp_path / "f" / "t.sock", 0o660, None)
-    with pytest.raises(DaemonError, match=r"cannot use socket directory .*: Not a directory"):
+    with pytest.raises(DaemonFatalError, match=r"cannot use socket directory .*: Not a directory"):
         bind_unix_socket(tmp_path / "f" / "d" / "t.sock", 0o660, None)
     assert _entries(tmp_path) == ["f"]

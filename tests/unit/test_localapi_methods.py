@@ -18,8 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tsnet2.daemon.backend import Backend, DeviceConfig, State
-from tsnet2.daemon.localapi import MAX_REQUEST, LocalAPI, LocalAPIConnection, Reply, Request
+from tsnet2.daemon.backend import Backend, DeviceConfig, NodeState
+from tsnet2.daemon.localapi import (
+    MAX_REQUEST,
+    LocalAPI,
+    LocalAPIConnection,
+    LocalAPIRequest,
+    Reply,
+)
 
 HOST = b"Host: local-tailscaled.sock\r\n"
 
@@ -256,12 +262,12 @@ def test_http10_request_is_answered_and_closed(tmp_path: Path) -> None:
 
 
 def test_a_failing_handler_is_a_500_not_a_silent_close(tmp_path: Path) -> None:
-    async def broken(req: Request) -> Reply:
+    async def broken(req: LocalAPIRequest) -> Reply:
         raise RuntimeError("bug")
 
     def setup(api: LocalAPI) -> None:
         api.register("broken", read_only=True, handler=broken)
-        api.backend.state = State.RUNNING  # past the 503 gate; the handler reads nothing
+        api.backend.state = NodeState.RUNNING  # past the 503 gate; the handler reads nothing
 
     s = session(tmp_path, request("GET", "/localapi/v0/broken"), [False], half_close=False,
                 setup=setup)

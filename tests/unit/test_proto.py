@@ -14,10 +14,10 @@ from tsnet2.proto import (
     MAX_CONTROL_LINE,
     MAX_HEADER_LINE,
     AcceptHeader,
-    AddressError,
     CertDomainsResult,
     ChannelKind,
     ControlClientCore,
+    ControlRequest,
     ControlServerCore,
     DialReply,
     DialRequest,
@@ -26,16 +26,16 @@ from tsnet2.proto import (
     ListenAddr,
     LocalProtocolError,
     Method,
-    ProtocolError,
     RegisterListenerParams,
     RegisterListenerResult,
     RemoteProtocolError,
-    Request,
     Response,
     StartParams,
     TailscaleIPsResult,
     UnregisterListenerParams,
     UpResult,
+    WireAddressError,
+    WireError,
 )
 
 
@@ -125,23 +125,23 @@ def test_go_json_rejects_nan() -> None:
 ENCODER_CASES: list[tuple[str, Callable[[], bytes], bytes]] = [
     (
         "start request",
-        lambda: proto.encode_request(Request(1, "start", START_PARAMS)),
+        lambda: proto.encode_request(ControlRequest(1, "start", START_PARAMS)),
         b'{"id":1,"method":"start","params":"' + b64(START_JSON).encode() + b'"}\n',
     ),
     (
         "spec example start",
-        lambda: proto.encode_request(Request(1, "start", {"hostname": "a"})),
+        lambda: proto.encode_request(ControlRequest(1, "start", {"hostname": "a"})),
         b'{"id":1,"method":"start","params":"eyJob3N0bmFtZSI6ImEifQ=="}\n',
     ),
     (
         "up request, no params",
-        lambda: proto.encode_request(Request(7, "up")),
+        lambda: proto.encode_request(ControlRequest(7, "up")),
         b'{"id":7,"method":"up"}\n',
     ),
-    ("id 0 omitted", lambda: proto.encode_request(Request(0, "up")), b'{"method":"up"}\n'),
+    ("id 0 omitted", lambda: proto.encode_request(ControlRequest(0, "up")), b'{"method":"up"}\n'),
     (
         "html escaped in params",
-        lambda: proto.encode_request(Request(2, "x", {"a": "<>"})),
+        lambda: proto.encode_request(ControlRequest(2, "x", {"a": "<>"})),
         b'{"id":2,"method":"x","params":"' + b64(b'{"a":"\\u003c\\u003e"}').encode() + b'"}\n',
     ),
     (
@@ -219,17 +219,21 @@ def test_encoders_are_byte_exact(name: str, encode: Callable[[], bytes], expecte
 
 # --------------------------------------------------------------------------- decoders
 
-FRAME_CASES: list[tuple[bytes, Request | Response]] = [
+FRAME_CASES: list[tuple[bytes, ControlRequest | Response]] = [
     (
         b'{"id":1,"method":"start","params":"' + b64(START_JSON).encode() + b'"}',
-        Request(1, "start", START_PARAMS),
+        ControlRequest(1, "start", START_PARAMS),
     ),
-    (b'{"id":1,"method":"start","params":' + START_JSON + b"}", Request(1, "start", START_PARAMS)),
-    (b'{"id":7,"method":"up"}', Request(7, "up", None)),
-    (b'{"id":7,"method":"up","params":null}', Request(7, "up", None)),
-    (b'{"id":7,"method":"up","params":""}', Request(7, "up", None)),
-    (b'{"id":7,"method":"up","params":"bnVsbA=="}', Request(7, "up", None)),  # base64 of null
-    (b'{"method":"up"}', Request(0, "up", None)),
+    (
+        b'{"id":1,"method":"start","params":' + START_JSON + b"}",
+        ControlRequest(1, "start", START_PARAMS),
+    ),
+    (b'{"id":7,"method":"up"}', ControlRequest(7, "up", None)),
+    (b'{"id":7,"method":"up","params":null}', ControlRequest(7, "up", None)),
+    (b'{"id":7,"method":"up","params":""}', ControlRequest(7, "up", None)),
+    # base64 of null
+    (b'{"id":7,"method":"up","params":"bnVsbA=="}', ControlRequest(7, "up", None)),
+    (b'{"method":"up"}', ControlRequest(0, "up", None)),
     (b'{"id":1,"result":"e30="}', Response(1, {}, None)),
     (b'{"id":1,"result":{"a":[1]}}', Response(1, {"a": [1]}, None)),
     (b'{"id":1}', Response(1, None, None)),
@@ -242,7 +246,7 @@ FRAME_CASES: list[tuple[bytes, Request | Response]] = [
 
 
 @pytest.mark.parametrize(("line", "expected"), FRAME_CASES)
-def test_decode_frame(line: bytes, expected: Request | Response) -> None:
+def test_decode_frame(line: bytes, expected: ControlRequest | Response) -> None:
     assert proto.decode_frame(line) == expected
     assert proto.decode_frame(line + b"\n") == expected
 
@@ -346,9 +350,9 @@ def test_decode_headers_reject(
 
 def test_encoders_refuse_bad_values() -> None:
     with pytest.raises(LocalProtocolError):
-        proto.encode_request(Request(1, ""))
+        proto.encode_request(ControlRequest(1, ""))
     with pytest.raises(LocalProtocolError):
-        proto.encode_request(Request(-1, "up"))
+        proto.encode_request(ControlRequest(-1, "up"))
     with pytest.raises(LocalProtocolError):
         proto.encode_response(Response(1, {}, "both"))
     with pytest.raises(LocalProtocolError):
@@ -467,7 +471,7 @@ def test_client_core_ids_and_out_of_order_replies() -> None:
     id3, _ = c.request("cert_domains")
     assert (id1, id2, id3) == (1, 2, 3)
     assert data2 == b'{"id":2,"method":"up"}\n'
-    assert proto.decode_frame(data1) == Request(1, "start", {"hostname": "a"})
+    assert proto.decode_frame(data1) == ControlRequest(1, "start", {"hostname": "a"})
     assert c.pending == {1, 2, 3}
     srv = ControlServerCore()
     replies = srv.reply(3, {"domains": None}) + srv.reply_error(1, "no") + srv.reply(99, {})
@@ -516,16 +520,16 @@ def test_client_core_eof_and_bad_frame_keep_pending() -> None:
 def test_server_core_requests_errors_and_continue() -> None:
     s = ControlServerCore()
     data = (
-        proto.encode_request(Request(1, "start", START_PARAMS))
+        proto.encode_request(ControlRequest(1, "start", START_PARAMS))
         + b"not json\n"
         + b'{"id":5,"result":"e30="}\n'
         + b'{"id":2,"method":"up","params":{"x":1}}\n'
     )
     items = s.receive_data(data)
-    assert items[0] == Request(1, "start", START_PARAMS)
+    assert items[0] == ControlRequest(1, "start", START_PARAMS)
     assert isinstance(items[1], RemoteProtocolError)
     assert isinstance(items[2], RemoteProtocolError) and "got a reply" in str(items[2])
-    assert items[3] == Request(2, "up", {"x": 1})
+    assert items[3] == ControlRequest(2, "up", {"x": 1})
     assert s.receive_data(b"") == []
     assert s.eof
 
@@ -534,7 +538,7 @@ def test_server_core_bytewise_equals_whole() -> None:
     data = b"".join(data for _, _, data in _frames()) + b"junk\n"
     whole = ControlServerCore().receive_data(data)
     s = ControlServerCore()
-    bytewise: list[Request | ProtocolError] = []
+    bytewise: list[ControlRequest | WireError] = []
     for i in range(len(data)):
         bytewise += s.receive_data(data[i : i + 1])
     assert [repr(x) for x in whole] == [repr(x) for x in bytewise]
@@ -570,7 +574,7 @@ def test_round_trip_through_cores() -> None:
         Method.REGISTER_LISTENER, RegisterListenerParams("tcp", ":8080").to_json()
     )
     (req,) = server.receive_data(data)
-    assert isinstance(req, Request)
+    assert isinstance(req, ControlRequest)
     params = RegisterListenerParams.from_json(req.params or {})
     assert params == RegisterListenerParams("tcp", ":8080")
     reply = server.reply(req.id, RegisterListenerResult("0011223344556677", ":8080").to_json())
@@ -705,10 +709,10 @@ LISTEN_BAD: list[tuple[str, str, str]] = [
 
 @pytest.mark.parametrize(("network", "addr", "message"), LISTEN_BAD)
 def test_parse_listen_addr_rejects(network: str, addr: str, message: str) -> None:
-    with pytest.raises(AddressError, match=message) as info:
+    with pytest.raises(WireAddressError, match=message) as info:
         proto.parse_listen_addr(network, addr)
     assert isinstance(info.value, ValueError)
-    assert isinstance(info.value, ProtocolError)
+    assert isinstance(info.value, WireError)
 
 
 def test_split_host_port_and_format_addr() -> None:
@@ -717,7 +721,7 @@ def test_split_host_port_and_format_addr() -> None:
     assert proto.split_host_port("[fd7a:115c:a1e0::1]:80") == ("fd7a:115c:a1e0::1", 80)
     assert proto.split_host_port(":0") == ("", 0)
     for bad in ["peer", "peer:", "a:b:c", "[x]y:1", "peer:99999", "]:1"]:
-        with pytest.raises(AddressError):
+        with pytest.raises(WireAddressError):
             proto.split_host_port(bad)
     assert proto.format_addr(V4("100.64.0.1"), 80) == "100.64.0.1:80"
     assert proto.format_addr("fd7a:115c:a1e0::1", 80) == "[fd7a:115c:a1e0::1]:80"

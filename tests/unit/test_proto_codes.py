@@ -45,7 +45,7 @@ def test_server_core_salvages_the_id_of_a_malformed_frame(line: bytes, want_id: 
     items = core.receive_data(line + b"\n" + b'{"id":20,"method":"up"}\n')
     bad, good = items
     assert isinstance(bad, proto.FrameError) and bad.id == want_id
-    assert isinstance(good, proto.Request) and good.id == 20  # parsing goes on
+    assert isinstance(good, proto.ControlRequest) and good.id == 20  # parsing goes on
 
 
 def test_client_core_raises_the_daemons_reason_on_an_id0_error_frame() -> None:

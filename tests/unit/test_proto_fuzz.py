@@ -1,4 +1,4 @@
-"""Property tests: the protocol core never fails with anything but ProtocolError, stays
+"""Property tests: the protocol core never fails with anything but WireError, stays
 bounded in memory, and its encoders and decoders round-trip."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from hypothesis import strategies as st
 from tsnet2 import proto
 from tsnet2.proto import (
     MAX_HEADER_LINE,
-    AddressError,
     ControlClientCore,
+    ControlRequest,
     ControlServerCore,
     LineReader,
     LineTooLong,
-    ProtocolError,
     RemoteProtocolError,
-    Request,
     Response,
+    WireAddressError,
+    WireError,
 )
 
 settings.register_profile(
@@ -73,7 +73,7 @@ def chunked(
 # Lines that look a lot like protocol traffic, plus noise.
 frame_lines = st.one_of(
     st.builds(
-        lambda i, m, p: proto.encode_request(Request(i, m, p)).rstrip(b"\n"),
+        lambda i, m, p: proto.encode_request(ControlRequest(i, m, p)).rstrip(b"\n"),
         st.integers(0, 2**64 - 1),
         st.text(min_size=1, max_size=10),
         st.none() | json_objects,
@@ -126,7 +126,7 @@ def test_line_reader_matches_reference_and_stays_bounded(
             while (line := r.next_line()) is not None:
                 got.append(line)
             assert r.buffered <= max_line  # drained: at most one partial line remains
-    except ProtocolError as e:
+    except WireError as e:
         error = type(e)
     expected, expected_error = reference_lines(data, max_line, eof)
     assert got == expected
@@ -142,11 +142,11 @@ def test_server_core_only_protocol_errors(case: tuple[bytes, list[bytes]]) -> No
     try:
         for part in [*parts, b""]:
             for item in core.receive_data(part):
-                assert isinstance(item, Request | RemoteProtocolError)
-                if isinstance(item, Request):
+                assert isinstance(item, ControlRequest | RemoteProtocolError)
+                if isinstance(item, ControlRequest):
                     assert item.params is None or isinstance(item.params, dict)
             assert core.buffered <= proto.MAX_CONTROL_LINE
-    except ProtocolError:
+    except WireError:
         pass
 
 
@@ -162,7 +162,7 @@ def test_client_core_only_protocol_errors(case: tuple[bytes, list[bytes]], n_req
                 assert isinstance(resp, Response)
                 assert resp.id in ids and resp.id not in seen
                 seen.add(resp.id)
-    except ProtocolError:
+    except WireError:
         pass
     assert core.pending | seen == ids
 
@@ -217,14 +217,14 @@ def test_decoders_on_near_miss_objects(
 
 @given(st.integers(0, 2**64 - 1), st.text(min_size=1, max_size=30), st.none() | json_objects)
 def test_request_round_trip(id_: int, method: str, params: dict[str, Any] | None) -> None:
-    line = proto.encode_request(Request(id_, method, params))
+    line = proto.encode_request(ControlRequest(id_, method, params))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert proto.decode_frame(line) == Request(id_, method, params)
+    assert proto.decode_frame(line) == ControlRequest(id_, method, params)
     # The same frame with the document nested instead of base64 decodes the same way.
     frame = json.loads(line)
     if "params" in frame:
         frame["params"] = params
-    assert proto.decode_frame(json.dumps(frame).encode()) == Request(id_, method, params)
+    assert proto.decode_frame(json.dumps(frame).encode()) == ControlRequest(id_, method, params)
 
 
 @given(st.integers(1, 2**64 - 1), json_objects | st.text(min_size=1, max_size=30))
@@ -281,7 +281,7 @@ def test_addr_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port
     other = 6 if family == 4 else 4
     try:
         proto.parse_listen_addr(f"tcp{other}", text)
-    except AddressError:
+    except WireAddressError:
         pass
     else:
         raise AssertionError(f"tcp{other} accepted {text}")
@@ -291,7 +291,7 @@ def test_addr_round_trip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port
 def test_parse_listen_addr_only_address_errors(network: str, addr: str) -> None:
     try:
         result = proto.parse_listen_addr(network, addr)
-    except AddressError:
+    except WireAddressError:
         return
     assert 0 <= result.port <= 65535
 

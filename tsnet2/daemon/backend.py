@@ -2,7 +2,7 @@
 
 `Backend` joins the three outside parts the daemon owns: the coordination server (register,
 netmap long-poll), the WireGuard device (`tsnet2.node.Node`) and the node's state directory.
-It is a small state machine (see `State`) with watchers for the IPN bus, and it is the only
+It is a small state machine (see `NodeState`) with watchers for the IPN bus, and it is the only
 place that knows what the netmap says: WhoIs, name resolution and status come from here.
 """
 
@@ -43,8 +43,8 @@ RETRY_MAX = 2.0  # longest pause between attempts to reach a control server that
 NODE_CHECK_INTERVAL = 2.0  # seconds between checks that the WireGuard device still runs
 
 
-class State(enum.IntEnum):
-    """Backend states, numbered as Tailscale's ipn.State so LocalAPI clients read them."""
+class NodeState(enum.IntEnum):
+    """The node's states, numbered as Tailscale's ipn.State so LocalAPI clients read them."""
 
     NO_STATE = 0
     NEEDS_LOGIN = 2
@@ -131,7 +131,7 @@ class Backend:
     def __init__(self, state_dir: Path, device: DeviceConfig) -> None:
         self.state_dir = state_dir
         self.device_config = device
-        self.state = State.NO_STATE
+        self.state = NodeState.NO_STATE
         self.state_since = time.monotonic()  # when `state` last changed
         self.params: StartParams | None = None
         self.domain = ""
@@ -163,7 +163,7 @@ class Backend:
         failed start leaves nothing behind and can be retried.
         """
         async with self._lock:
-            if self.state in (State.STARTING, State.RUNNING):
+            if self.state in (NodeState.STARTING, NodeState.RUNNING):
                 return
             if not params.control_url:
                 raise BackendError(
@@ -172,17 +172,17 @@ class Backend:
                 )
             self.params = params
             self.lost_reason = None
-            await self._set_state(State.STARTING)
+            await self._set_state(NodeState.STARTING)
             try:
                 await self._bring_up(params)
             except BaseException as exc:
                 self.last_error = str(exc)
                 await self._teardown(deregister=False)
-                await self._set_state(State.NEEDS_LOGIN if isinstance(exc, AuthError)
-                                      else State.STOPPED)
+                await self._set_state(NodeState.NEEDS_LOGIN if isinstance(exc, AuthError)
+                                      else NodeState.STOPPED)
                 raise
             self.last_error = ""
-            await self._set_state(State.RUNNING)
+            await self._set_state(NodeState.RUNNING)
 
     async def _bring_up(self, params: StartParams) -> None:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -268,13 +268,13 @@ class Backend:
     async def stop(self, *, deregister: bool | None = None) -> None:
         """Take the node down. Ephemeral nodes leave the tailnet (deregister) by default."""
         async with self._lock:
-            if self.state == State.NO_STATE:
+            if self.state == NodeState.NO_STATE:
                 return
             if deregister is None:
                 deregister = bool(self.params and self.params.ephemeral)
             await self._teardown(deregister=deregister)
             self.lost_reason = None  # handled: the node is down now
-            await self._set_state(State.NO_STATE)
+            await self._set_state(NodeState.NO_STATE)
 
     async def _teardown(self, *, deregister: bool) -> None:
         for task in (self._poll_task, self._monitor_task):
@@ -327,7 +327,7 @@ class Backend:
                 return
 
     def _lost(self, reason: str) -> None:
-        if self.lost_reason is not None or self.state != State.RUNNING:
+        if self.lost_reason is not None or self.state != NodeState.RUNNING:
             return
         log.error("node lost: %s", reason)
         self.lost_reason = reason
@@ -416,17 +416,17 @@ class Backend:
     @property
     def running(self) -> bool:
         """True once the node has addresses and a netmap."""
-        return self.state == State.RUNNING
+        return self.state == NodeState.RUNNING
 
     def addresses(self) -> tuple[ipaddress.IPv4Address | None, ipaddress.IPv6Address | None]:
         """Our tailnet addresses (None before start)."""
-        if self.self_node is None or self.state != State.RUNNING:
+        if self.self_node is None or self.state != NodeState.RUNNING:
             return None, None
         return self._addresses(self.self_node)
 
     def cert_domains(self) -> list[str] | None:
         """Domains a certificate could be issued for: our FQDN without the trailing dot."""
-        if self.self_node is None or self.state != State.RUNNING:
+        if self.self_node is None or self.state != NodeState.RUNNING:
             return None
         fqdn = str(self.self_node.get("fqdn", "")).rstrip(".")
         return [fqdn] if fqdn else None
@@ -506,7 +506,7 @@ class Backend:
 
     # ---- change notification (IPN bus) -----------------------------------------------
 
-    async def _set_state(self, state: State) -> None:
+    async def _set_state(self, state: NodeState) -> None:
         if state != self.state:
             self.state_since = time.monotonic()
         self.state = state
@@ -519,13 +519,13 @@ class Backend:
 
     def down_error(self) -> BackendError:
         """Why the node is not running, as the error a client is told."""
-        if self.state == State.NEEDS_LOGIN:
+        if self.state == NodeState.NEEDS_LOGIN:
             return BackendError(self.last_error or "the control server refused the node's "
                                 "credentials", code=ErrorCode.AUTH_FAILED)
         if self.params is None:
             return BackendError("daemon: backend not started; call Start first",
                                 code=ErrorCode.NOT_STARTED)
-        if self.state == State.STARTING:
+        if self.state == NodeState.STARTING:
             return BackendError("daemon: node is starting" + (
                 f" (last attempt: {self.last_error})" if self.last_error else ""),
                 code=ErrorCode.NODE_DOWN)
@@ -541,8 +541,8 @@ class Backend:
         """
         async def wait() -> None:
             async with self._changed:
-                while self.state != State.RUNNING:
-                    if (self.state in (State.NO_STATE, State.STOPPED, State.NEEDS_LOGIN)
+                while self.state != NodeState.RUNNING:
+                    if (self.state in (NodeState.NO_STATE, NodeState.STOPPED, NodeState.NEEDS_LOGIN)
                             and not (retrying is not None and retrying())):
                         raise self.down_error()
                     await self._changed.wait()

@@ -18,7 +18,7 @@ from tsnet2.daemon.server import (
     WATCHDOG_TIMEOUT,
     Daemon,
     DaemonConfig,
-    DaemonError,
+    DaemonFatalError,
     no_dumps,
 )
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         asyncio.run(run())
-    except DaemonError as exc:
+    except DaemonFatalError as exc:
         print(f"tsnet2d: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -78,7 +78,7 @@ class Slot:
 
 
 @dataclasses.dataclass(eq=False)
-class Listener:
+class ListenerRegistration:
     """A registered listener: its bound sockets, parked slots and owner."""
 
     id: str
@@ -113,18 +113,19 @@ class Datapath:
         self._spawn = spawn
         # One bytes hook per direction, shared by every flow (not a partial per flow).
         self._on_bytes = {d: self.metrics.flow_bytes_counter(d) for d in ("in", "out")}
-        self.listeners: dict[str, Listener] = {}
+        self.listeners: dict[str, ListenerRegistration] = {}
         self.splices: set[Splice] = set()
         self.log_stalled = False  # the traffic log's stdout is behind: flows are paused
         self._nflog: NflogReader | None = None
 
     # ---- listeners -------------------------------------------------------------------
 
-    async def register_listener(self, network: str, addr: str, owner: object) -> Listener:
+    async def register_listener(self, network: str, addr: str,
+                                owner: object) -> ListenerRegistration:
         """Bind a listener on the node's tailnet addresses; return it (port 0 resolved)."""
         try:
             la = proto.parse_listen_addr(network, addr)
-        except proto.AddressError as exc:
+        except proto.WireAddressError as exc:
             raise ListenError(f"daemon: {exc}", ErrorCode.BAD_REQUEST) from exc
         if not self.backend.running:
             try:
@@ -159,8 +160,8 @@ class Datapath:
         socks = self._bind(ips, la.port)
         port = socks[0].getsockname()[1]
         shown = proto.format_addr(la.host, port) if la.host is not None else f":{port}"
-        lst = Listener(id=proto.new_id(), network=la.network, port=port, addr=shown,
-                       owner=owner, ips=ips, socks=socks)
+        lst = ListenerRegistration(id=proto.new_id(), network=la.network, port=port,
+                                   addr=shown, owner=owner, ips=ips, socks=socks)
         self.listeners[lst.id] = lst
         for s in socks:
             lst.tasks.append(self._spawn(self._accept_loop(lst, s)))
@@ -301,7 +302,7 @@ class Datapath:
 
     # ---- inbound ---------------------------------------------------------------------
 
-    async def _accept_loop(self, lst: Listener, lsock: socket.socket) -> None:
+    async def _accept_loop(self, lst: ListenerRegistration, lsock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -313,7 +314,7 @@ class Datapath:
             conn.setblocking(False)
             self._spawn(self._inbound(lst, conn))
 
-    async def _inbound(self, lst: Listener, conn: socket.socket,
+    async def _inbound(self, lst: ListenerRegistration, conn: socket.socket,
                        waited: float = 0.0) -> None:
         try:
             remote = _sockaddr(conn.getpeername())
@@ -355,7 +356,7 @@ class Datapath:
                 reset(conn)
 
     @staticmethod
-    def _take_slot(lst: Listener) -> Slot | None:
+    def _take_slot(lst: ListenerRegistration) -> Slot | None:
         while lst.slots:
             slot = lst.slots.popleft()
             if not slot.handed.done():

@@ -29,7 +29,7 @@ import h11
 
 from tsnet2 import proto
 from tsnet2._version import __version__
-from tsnet2.daemon.backend import Backend, State
+from tsnet2.daemon.backend import Backend, NodeState
 from tsnet2.proto import tailscale
 
 log = logging.getLogger("tsnet2d.localapi")
@@ -67,11 +67,11 @@ class Reply:
     close: bool = False  # close the connection after this answer
 
 
-Handler = Callable[["Request"], Awaitable[Reply | None]]
+Handler = Callable[["LocalAPIRequest"], Awaitable[Reply | None]]
 
 
 @dataclasses.dataclass
-class Request:
+class LocalAPIRequest:
     """One parsed LocalAPI request plus the means to stream an answer."""
 
     method: str
@@ -110,7 +110,7 @@ class LocalAPI:
             raise ValueError(f"duplicate LocalAPI endpoint {name!r}")
         self.routes[name] = (read_only, handler)
 
-    async def dispatch(self, req: Request) -> Reply | None:
+    async def dispatch(self, req: LocalAPIRequest) -> Reply | None:
         """Gate (method, permissions) then call the endpoint's handler."""
         for name, reason in REFUSED.items():
             if req.endpoint == name or (name.endswith("/") and req.endpoint.startswith(name)):
@@ -124,13 +124,13 @@ class LocalAPI:
         if req.method not in READ_METHODS:
             return _error(405, f"{req.endpoint}: method {req.method} not allowed; use GET",
                           headers=(("Allow", ", ".join(READ_METHODS)),))
-        if self.backend.state == State.NO_STATE:
+        if self.backend.state == NodeState.NO_STATE:
             return Reply(503, b"", "text/plain", close=True)
         return await handler(req)
 
     # ---- endpoints -------------------------------------------------------------------
 
-    async def status(self, req: Request) -> Reply:
+    async def status(self, req: LocalAPIRequest) -> Reply:
         """GET /localapi/v0/status[?peers=false]: ipnstate.Status."""
         b = self.backend
         with_peers = req.query.get("peers", ["true"])[0] != "false"
@@ -141,7 +141,7 @@ class LocalAPI:
             cert_domains=b.cert_domains(),
         ))
 
-    async def whois(self, req: Request) -> Reply:
+    async def whois(self, req: LocalAPIRequest) -> Reply:
         """GET /localapi/v0/whois?addr=IP[:port]: apitype.WhoIsResponse."""
         addr = req.query.get("addr", [""])[0]
         if not addr:
@@ -159,7 +159,7 @@ class LocalAPI:
             return _error(404, "no match for IP:port")
         return _json(200, tailscale.whois_response(node, self.backend.domain))
 
-    async def watch_ipn_bus(self, req: Request) -> None:
+    async def watch_ipn_bus(self, req: LocalAPIRequest) -> None:
         """GET /localapi/v0/watch-ipn-bus?mask=N: a stream of ipn.Notify JSON lines."""
         try:
             mask = int(req.query.get("mask", ["0"])[0])
@@ -336,7 +336,7 @@ class LocalAPIConnection:
         target = urlsplit(request.target.decode("latin-1"))
         if not target.path.startswith(PREFIX):
             return _error(404, f"{target.path}: LocalAPI paths start with {PREFIX}")
-        req = Request(
+        req = LocalAPIRequest(
             method=request.method.decode(),
             endpoint=target.path[len(PREFIX):],
             query=parse_qs(target.query),

@@ -45,7 +45,7 @@ from typing import Any
 
 from tsnet2 import proto
 from tsnet2.control.client import AuthError, ControlError
-from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, StartParams, State
+from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState, StartParams
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
@@ -77,8 +77,9 @@ NODE_DOWN_GRACE = 90.0  # /healthz fails when a node that should run has been do
 WATCHDOG_TIMEOUT = 30.0  # the process exits when its event loop is stuck this long
 
 
-class DaemonError(Exception):
-    """The daemon cannot run as configured (message printed as `tsnet2d: <message>`)."""
+class DaemonFatalError(Exception):
+    """tsnet2d cannot run as configured, or must stop (a critical task ended): the message
+    is printed as `tsnet2d: <message>` and the process exits 1."""
 
 
 @dataclasses.dataclass
@@ -228,7 +229,7 @@ class Daemon:
     async def run(self, ready: Callable[[], None] | None = None) -> None:
         """Serve until `stop()`; `ready` is called once the socket accepts connections.
 
-        Raises DaemonError after a clean shutdown if a critical task died (exit status 1).
+        Raises DaemonFatalError after a clean shutdown if a critical task died (exit status 1).
         """
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -262,7 +263,7 @@ class Daemon:
             if self._watchdog is not None:
                 self._watchdog.stop()
         if self._fatal is not None:
-            raise DaemonError(self._fatal)
+            raise DaemonFatalError(self._fatal)
 
     # ---- the node's lifetime ---------------------------------------------------------
 
@@ -294,7 +295,8 @@ class Daemon:
                                           "reconnecting clients register again",
                                           deregister=False)
                 b.last_error = f"node lost: {reason}"
-            if self.config.auto_start and b.state not in (State.STARTING, State.RUNNING):
+            if self.config.auto_start and b.state not in (NodeState.STARTING,
+                                                          NodeState.RUNNING):
                 try:
                     await b.start(b.params or self._start_params({}))
                 except (BackendError, ControlError, NodeError, OSError, ValueError) as exc:
@@ -356,7 +358,7 @@ class Daemon:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DaemonError(f"another tsnet2d is running with state dir {d}") from None
+            raise DaemonFatalError(f"another tsnet2d is running with state dir {d}") from None
         self._lock_fd = fd
 
     def _bind(self) -> socket.socket:
@@ -434,7 +436,7 @@ class Daemon:
         if self._accept_task is None or self._accept_task.done():
             return False, "the socket's accept loop is not running"
         b = self.backend
-        if b.state != State.RUNNING and (self.config.auto_start or self.holds()):
+        if b.state != NodeState.RUNNING and (self.config.auto_start or self.holds()):
             down = time.monotonic() - b.state_since
             if down > self.config.node_down_grace:
                 reason = b.last_error or f"node is {b.state.name.lower()}"
@@ -492,7 +494,7 @@ class Daemon:
                 return
             try:
                 kind = proto.parse_channel_byte(first[0])
-            except proto.ProtocolError as exc:
+            except proto.WireError as exc:
                 log.warning("refused connection: %s", exc)
                 return
             allowed = self.config.allow_uids
@@ -533,7 +535,7 @@ class Daemon:
             else:
                 spliced = await self.datapath.park(
                     sock, proto.LineReader(proto.MAX_HEADER_LINE))
-        except proto.ProtocolError as exc:
+        except proto.WireError as exc:
             log.warning("closing connection: %s", exc)
         except TimeoutError:
             log.warning("closing connection: header not received in time")
@@ -582,12 +584,12 @@ class Daemon:
         # replies stalls only itself (its replies fill the socket, its handlers wait).
         places = asyncio.Semaphore(MAX_INFLIGHT)
 
-        async def handle(req: proto.Request) -> None:
+        async def handle(req: proto.ControlRequest) -> None:
             held = session.holds_node
             try:
                 result = await self._call(req.method, req.params or {}, session)
             except (BackendError, ListenError, ControlError, NodeError, ValueError,
-                    TimeoutError, proto.ProtocolError) as exc:
+                    TimeoutError, proto.WireError) as exc:
                 log.warning("control: %s failed: %s", req.method, _message(exc))
                 await session.send(core.reply_error(req.id, _message(exc), _code(exc)))
                 return
@@ -614,7 +616,7 @@ class Daemon:
                 if not data:
                     return
                 for item in core.receive_data(data):
-                    if isinstance(item, proto.ProtocolError):
+                    if isinstance(item, proto.WireError):
                         log.warning("control: %s", item)
                         if isinstance(item, proto.FrameError) and item.id:
                             await session.send(core.reply_error(
@@ -638,7 +640,7 @@ class Daemon:
     def _node_hostname(self) -> str | None:
         """The hostname this daemon's node has (or will have with --up), if settled."""
         b = self.backend
-        if b.params is not None and b.state in (State.STARTING, State.RUNNING):
+        if b.params is not None and b.state in (NodeState.STARTING, NodeState.RUNNING):
             return b.params.hostname
         if self.config.auto_start:
             return self.config.hostname or socket.gethostname()
@@ -659,7 +661,7 @@ class Daemon:
             session.holds_node = True
             return {}
         if method == "up":
-            if b.state == State.NO_STATE and not self._retrying():
+            if b.state == NodeState.NO_STATE and not self._retrying():
                 raise b.down_error()
             await b.wait_running(None, retrying=self._retrying)
             v4, v6 = b.addresses()
@@ -673,7 +675,7 @@ class Daemon:
             await self.datapath.release_owner(session)
             session.holds_node = False
             return {}
-        if method in ("tailscale_ips", "cert_domains") and b.state != State.RUNNING \
+        if method in ("tailscale_ips", "cert_domains") and b.state != NodeState.RUNNING \
                 and (b.params is not None or self._retrying()):
             raise b.down_error()  # started once: "not running" is news, not an empty answer
         if method == "tailscale_ips":
@@ -754,13 +756,13 @@ def bind_unix_socket(path: Path, mode: int, group: int | None,
     process swapped for a symlink or a file of its own is refused, never chmod'ed), then the
     socket listens. Bound at its real path, it shows as such in `ss -xl`/`/proc/net/unix`.
     A stale socket left by a dead daemon is replaced; a live one, or anything that is not a
-    socket, is a `DaemonError`. A missing parent directory is created with
+    socket, is a `DaemonFatalError`. A missing parent directory is created with
     `socket_dir_mode(mode)` (and `group`); an existing one is left as it is, with a warning
     when it keeps out whom `mode` lets in.
     """
     size = len(os.fsencode(path))
     if size > MAX_SOCKET_PATH:
-        raise DaemonError(f"socket path {path} is too long for a Unix socket ({size} bytes, "
+        raise DaemonFatalError(f"socket path {path} is too long for a Unix socket ({size} bytes, "
                           f"at most {MAX_SOCKET_PATH})")
     _prepare_socket_dir(path.parent, mode, group)
     _remove_stale_socket(path)
@@ -778,12 +780,13 @@ def _prepare_socket_dir(parent: Path, mode: int, group: int | None) -> None:
             if group is not None:
                 os.chown(parent, -1, group)
         except OSError as exc:
-            raise DaemonError(f"cannot create socket directory {parent}: {exc.strerror}") from exc
+            raise DaemonFatalError(
+                f"cannot create socket directory {parent}: {exc.strerror}") from exc
         return
     except OSError as exc:
-        raise DaemonError(f"cannot use socket directory {parent}: {exc.strerror}") from exc
+        raise DaemonFatalError(f"cannot use socket directory {parent}: {exc.strerror}") from exc
     if not stat.S_ISDIR(st.st_mode):
-        raise DaemonError(f"{parent} is not a directory; pick another --socket path")
+        raise DaemonFatalError(f"{parent} is not a directory; pick another --socket path")
     dmode = stat.S_IMODE(st.st_mode)
     if mode & 0o007 and not dmode & 0o001:
         log.warning("socket directory %s is mode %04o: other users cannot reach the socket "
@@ -801,7 +804,7 @@ def _remove_stale_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise DaemonError(f"{path} exists and is not a socket; remove it or pick another "
+        raise DaemonFatalError(f"{path} exists and is not a socket; remove it or pick another "
                           "--socket path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -810,7 +813,7 @@ def _remove_stale_socket(path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # stale socket left by a daemon that died
     else:
-        raise DaemonError(f"another tsnet2d is listening on {path}")
+        raise DaemonFatalError(f"another tsnet2d is listening on {path}")
     finally:
         probe.close()
 
@@ -825,7 +828,7 @@ def _bind_in_place(path: Path, mode: int, group: int | None, backlog: int) -> so
             sock.bind(str(path))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                raise DaemonError(f"another tsnet2d is listening on {path}") from None
+                raise DaemonFatalError(f"another tsnet2d is listening on {path}") from None
             raise
         bound = True
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -834,7 +837,7 @@ def _bind_in_place(path: Path, mode: int, group: int | None, backlog: int) -> so
             if (not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.geteuid()
                     or stat.S_IMODE(st.st_mode)):
                 bound = False  # not ours to remove
-                raise DaemonError(f"cannot listen on {path}: it was replaced while the socket "
+                raise DaemonFatalError(f"cannot listen on {path}: it was replaced while the socket "
                                   "was made")
             if group is not None:
                 doing = f"give group {group}"
@@ -853,7 +856,7 @@ def _bind_in_place(path: Path, mode: int, group: int | None, backlog: int) -> so
         if isinstance(exc, OSError):
             hint = (" (a tsnet2d that is not root can only use its own groups)"
                     if exc.errno == errno.EPERM and doing.startswith("give group") else "")
-            raise DaemonError(f"cannot {doing} {path}: {exc.strerror}{hint}") from exc
+            raise DaemonFatalError(f"cannot {doing} {path}: {exc.strerror}{hint}") from exc
         raise
     return sock
 
@@ -880,7 +883,7 @@ def _code(exc: BaseException) -> ErrorCode:
         return ErrorCode.AUTH_FAILED
     if isinstance(exc, ControlError):
         return ErrorCode.CONTROL_UNAVAILABLE
-    if isinstance(exc, ValueError | proto.ProtocolError):
+    if isinstance(exc, ValueError | proto.WireError):
         return ErrorCode.BAD_REQUEST
     return ErrorCode.OTHER
 
@@ -902,5 +905,5 @@ def no_dumps() -> None:
 
 __all__ = [
     "MAX_SOCKET_PATH", "SOCKET_MODE", "SOCKET_MODE_ANY_UID", "Daemon", "DaemonConfig",
-    "DaemonError", "bind_unix_socket", "socket_dir_mode",
+    "DaemonFatalError", "bind_unix_socket", "socket_dir_mode",
 ]

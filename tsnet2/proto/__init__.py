@@ -32,8 +32,8 @@ from tsnet2.proto.channels import (
 from tsnet2.proto.codes import ErrorCode, parse_code
 from tsnet2.proto.control import (
     ControlClientCore,
+    ControlRequest,
     ControlServerCore,
-    Request,
     Response,
     decode_frame,
     encode_request,
@@ -55,13 +55,13 @@ from tsnet2.proto.datapath import (
     encode_dial_request,
 )
 from tsnet2.proto.errors import (
-    AddressError,
     ChannelRefused,
     FrameError,
     LineTooLong,
     LocalProtocolError,
-    ProtocolError,
     RemoteProtocolError,
+    WireAddressError,
+    WireError,
 )
 from tsnet2.proto.gojson import GO_ZERO_TIME, go_json, go_time, go_time_ns
 from tsnet2.proto.ids import ID_RE, new_id
@@ -77,6 +77,8 @@ from tsnet2.proto.methods import (
     UpResult,
 )
 
+ProtocolError = WireError  # TEMP alias for tsnet2.client, removed by the lead
+
 __all__ = [
     "DIAL_OP",
     "GO_ZERO_TIME",
@@ -85,11 +87,11 @@ __all__ = [
     "MAX_CONTROL_LINE",
     "MAX_HEADER_LINE",
     "AcceptHeader",
-    "AddressError",
     "CertDomainsResult",
     "ChannelKind",
     "ChannelRefused",
     "ControlClientCore",
+    "ControlRequest",
     "ControlServerCore",
     "DialReply",
     "DialRequest",
@@ -105,12 +107,13 @@ __all__ = [
     "RegisterListenerParams",
     "RegisterListenerResult",
     "RemoteProtocolError",
-    "Request",
     "Response",
     "StartParams",
     "TailscaleIPsResult",
     "UnregisterListenerParams",
     "UpResult",
+    "WireAddressError",
+    "WireError",
     "decode_accept_header",
     "decode_accept_request",
     "decode_dial_reply",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from tsnet2.proto.errors import AddressError
+from tsnet2.proto.errors import WireAddressError
 
 __all__ = [
     "LISTEN_NETWORKS",
@@ -39,10 +39,10 @@ class ListenAddr:
 def _parse_port(port: str, s: str) -> int:
     # Decimal digits only: no signs, spaces, "0x", or service names (the prototype's rule).
     if not port or not port.isascii() or not port.isdigit() or len(port) > 5:
-        raise AddressError(f"bad port {port!r} in {s!r}: must be a decimal number 0-65535")
+        raise WireAddressError(f"bad port {port!r} in {s!r}: must be a decimal number 0-65535")
     value = int(port)
     if value > 65535:
-        raise AddressError(f"bad port {port!r} in {s!r}: must be a decimal number 0-65535")
+        raise WireAddressError(f"bad port {port!r} in {s!r}: must be a decimal number 0-65535")
     return value
 
 
@@ -50,26 +50,28 @@ def split_host_port(s: str) -> tuple[str, int]:
     """Split ``host:port`` or ``[v6-host]:port`` into ``(host, port)``.
 
     The host may be a name, an IP literal or empty; the port must be decimal 0-65535.
-    Raises :class:`AddressError` with a message naming what is wrong.
+    Raises :class:`WireAddressError` with a message naming what is wrong.
     """
     if ":" not in s:
-        raise AddressError(f"bad addr {s!r}: missing port (expected host:port)")
+        raise WireAddressError(f"bad addr {s!r}: missing port (expected host:port)")
     if s.startswith("["):
         end = s.find("]")
         if end < 0:
-            raise AddressError(f"bad addr {s!r}: missing ']'")
+            raise WireAddressError(f"bad addr {s!r}: missing ']'")
         host, rest = s[1:end], s[end + 1 :]
         if not rest.startswith(":"):
-            raise AddressError(f"bad addr {s!r}: missing port after ']'")
+            raise WireAddressError(f"bad addr {s!r}: missing port after ']'")
         if "[" in host or "]" in rest:
-            raise AddressError(f"bad addr {s!r}: unexpected bracket")
+            raise WireAddressError(f"bad addr {s!r}: unexpected bracket")
         port = rest[1:]
     else:
         host, _, port = s.rpartition(":")
         if ":" in host:
-            raise AddressError(f"bad addr {s!r}: too many colons (put an IPv6 address in brackets)")
+            raise WireAddressError(
+                f"bad addr {s!r}: too many colons (put an IPv6 address in brackets)"
+            )
         if "[" in host or "]" in host:
-            raise AddressError(f"bad addr {s!r}: unexpected bracket")
+            raise WireAddressError(f"bad addr {s!r}: unexpected bracket")
     return host, _parse_port(port, s)
 
 
@@ -77,26 +79,26 @@ def parse_listen_addr(network: str, addr: str) -> ListenAddr:
     """Validate a listen request: network ``tcp``/``tcp4``/``tcp6`` and an IP-or-empty host.
 
     The host's family must match ``tcp4``/``tcp6`` (an IPv4-mapped IPv6 address counts
-    as IPv4). Raises :class:`AddressError`.
+    as IPv4). Raises :class:`WireAddressError`.
     """
     if network not in LISTEN_NETWORKS:
-        raise AddressError(f'unsupported network "{network}"; expected tcp, tcp4 or tcp6')
+        raise WireAddressError(f'unsupported network "{network}"; expected tcp, tcp4 or tcp6')
     host_s, port = split_host_port(addr)
     host: IPAddress | None = None
     if host_s:
         try:
             host = ipaddress.ip_address(host_s)
         except ValueError:
-            raise AddressError(
+            raise WireAddressError(
                 f"bad addr {addr!r}: host {host_s!r} is not an IP address "
                 "(listen hosts must be empty or an IP literal)"
             ) from None
         if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
             host = host.ipv4_mapped
         if network == "tcp4" and host.version != 4:
-            raise AddressError(f"bad addr {addr!r}: network tcp4 needs an IPv4 host")
+            raise WireAddressError(f"bad addr {addr!r}: network tcp4 needs an IPv4 host")
         if network == "tcp6" and host.version != 6:
-            raise AddressError(f"bad addr {addr!r}: network tcp6 needs an IPv6 host")
+            raise WireAddressError(f"bad addr {addr!r}: network tcp6 needs an IPv6 host")
         if host.is_unspecified:
             host = None
     return ListenAddr(network, host, port)

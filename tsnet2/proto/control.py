@@ -21,16 +21,16 @@ from tsnet2.proto.errors import (
     ChannelRefused,
     FrameError,
     LocalProtocolError,
-    ProtocolError,
     RemoteProtocolError,
+    WireError,
 )
 from tsnet2.proto.gojson import go_json
 from tsnet2.proto.lines import LineReader
 
 __all__ = [
     "ControlClientCore",
+    "ControlRequest",
     "ControlServerCore",
-    "Request",
     "Response",
     "decode_frame",
     "encode_request",
@@ -41,7 +41,7 @@ _MAX_ID = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
+class ControlRequest:
     """A control request: ``method`` with optional ``params`` (a JSON object)."""
 
     id: int
@@ -92,7 +92,7 @@ def _line(frame: dict[str, Any]) -> bytes:
     return data
 
 
-def encode_request(req: Request) -> bytes:
+def encode_request(req: ControlRequest) -> bytes:
     """Encode a request as one line: ``{"id":1,"method":"up"}\\n`` (params as base64 JSON)."""
     _check_id(req.id)
     if not isinstance(req.method, str) or not req.method:
@@ -152,10 +152,10 @@ def _decode_doc(value: Any, key: str) -> dict[str, Any] | None:
     return value
 
 
-def decode_frame(line: bytes) -> Request | Response:
-    """Decode one control line (with or without ``\\n``) into a Request or Response.
+def decode_frame(line: bytes) -> ControlRequest | Response:
+    """Decode one control line (with or without ``\\n``) into a ControlRequest or Response.
 
-    A frame with a ``method`` key is a :class:`Request`; anything else a :class:`Response`.
+    A frame with a ``method`` key is a :class:`ControlRequest`; anything else a :class:`Response`.
     Raises :class:`RemoteProtocolError` on bad JSON, a non-object, wrong field types, bad
     base64, or params/result that are not JSON objects.
     """
@@ -166,7 +166,7 @@ def decode_frame(line: bytes) -> Request | Response:
         method = get_str(frame, "method", what)
         if not method:
             raise RemoteProtocolError('control frame: "method" must not be empty')
-        return Request(id_, method, _decode_doc(frame.get("params"), "params"))
+        return ControlRequest(id_, method, _decode_doc(frame.get("params"), "params"))
     error = get_str(frame, "error", what)
     if error:
         return Response(id_, None, error, parse_code(frame.get("code")))
@@ -221,7 +221,7 @@ class ControlClientCore:
     def request(self, method: str, params: dict[str, Any] | None = None) -> tuple[int, bytes]:
         """Allocate an id for a new request; return it with the bytes to send."""
         id_ = self._next_id
-        data = encode_request(Request(id_, method, params))
+        data = encode_request(ControlRequest(id_, method, params))
         self._next_id += 1
         self._pending.add(id_)
         return id_, data
@@ -244,7 +244,7 @@ class ControlClientCore:
                 if _is_blank(line):
                     continue
                 frame = decode_frame(line)
-                if isinstance(frame, Request):
+                if isinstance(frame, ControlRequest):
                     continue
                 if frame.id == 0:
                     if frame.error:
@@ -255,7 +255,7 @@ class ControlClientCore:
                     out.append(frame)
             if not data:
                 raise RemoteProtocolError("control channel closed by the daemon")
-        except ProtocolError:
+        except WireError:
             # The channel is unusable; keep matched ids pending so the caller fails them
             # all instead of leaving a waiter whose reply was decoded but never returned.
             self._pending.update(r.id for r in out)
@@ -285,14 +285,14 @@ class ControlServerCore:
         """True once the client closed and every complete line was returned."""
         return self._reader.eof
 
-    def receive_data(self, data: bytes) -> list[Request | ProtocolError]:
+    def receive_data(self, data: bytes) -> list[ControlRequest | WireError]:
         """Feed bytes from the client (``b""`` at EOF); return requests and per-line errors.
 
         Raises :class:`LineTooLong` for an over-long line and :class:`RemoteProtocolError`
         when EOF arrives in the middle of a line.
         """
         self._reader.feed(data)
-        out: list[Request | ProtocolError] = []
+        out: list[ControlRequest | WireError] = []
         while (line := self._reader.next_line()) is not None:
             if _is_blank(line):
                 continue

@@ -2,31 +2,34 @@
 
 Every failure caused by bytes received from a peer is a :class:`RemoteProtocolError`;
 every misuse of this API by our own code is a :class:`LocalProtocolError`. Both derive
-from :class:`ProtocolError`, so I/O layers can catch one type and close the connection.
+from :class:`WireError`, so I/O layers can catch one type and close the connection.
+
+The names say their layer: these are wire (protocol-core) errors; the app library's public
+errors (``tsnet2.ProtocolError``, ``tsnet2.AddressError``, ...) are its own classes.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "AddressError",
     "ChannelRefused",
     "FrameError",
     "LineTooLong",
     "LocalProtocolError",
-    "ProtocolError",
     "RemoteProtocolError",
+    "WireAddressError",
+    "WireError",
 ]
 
 
-class ProtocolError(Exception):
+class WireError(Exception):
     """Base class of every error raised by :mod:`tsnet2.proto`."""
 
 
-class LocalProtocolError(ProtocolError):
+class LocalProtocolError(WireError):
     """We used the API wrongly (for example, encoding a value the peer would reject)."""
 
 
-class RemoteProtocolError(ProtocolError):
+class RemoteProtocolError(WireError):
     """The peer broke the protocol: bad JSON, wrong types, unknown channel byte, EOF mid-line."""
 
 
@@ -57,7 +60,7 @@ class LineTooLong(RemoteProtocolError):
     """The peer sent a line longer than the limit for this channel."""
 
 
-class AddressError(LocalProtocolError, ValueError):
+class WireAddressError(LocalProtocolError, ValueError):
     """A network or address string cannot be used (bad network, host, or port).
 
     It is a :class:`ValueError` too, so callers validating user input can catch either.
