@@ -261,13 +261,8 @@ def test_the_key_the_node_registers_is_its_state_dir_key(tmp_path: Path) -> None
 def test_a_daemon_with_an_unusable_key_file_says_so_and_does_not_register(
     tmp_path: Path,
 ) -> None:
-    from tsnet2.daemon.backend import (
-        Backend,
-        BackendError,
-        DeviceConfig,
-        NodeState,
-        StartParams,
-    )
+    from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState
+    from tsnet2.proto import StartParams
 
     load_or_create_signing_key(tmp_path)
     (tmp_path / "traffic-log.key").chmod(0o644)

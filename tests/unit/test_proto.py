@@ -659,6 +659,184 @@ def test_start_params_repr_hides_auth_key() -> None:
     assert "tskey-secret" not in repr(StartParams(auth_key="tskey-secret"))
 
 
+# --------------------------------------------------------------------------- the method table
+
+
+def test_method_table_holds_every_method_the_daemon_answers() -> None:
+    assert list(proto.METHODS) == [m for m in Method if not m.endswith("_fallback_tcp")]
+    for name, spec in proto.METHODS.items():
+        assert spec.method == name and proto.method_spec(str(name)) is spec
+    takes_none = [m for m, spec in proto.METHODS.items() if not spec.sends_params]
+    assert takes_none == [Method.UP, Method.CLOSE, Method.TAILSCALE_IPS, Method.CERT_DOMAINS]
+
+
+def _b64_frame(prefix: str, key: str, doc: bytes) -> bytes:
+    return f'{prefix},"{key}":"{b64(doc)}"}}\n'.encode()
+
+
+# method, params, request bytes, result, reply bytes: one exchange per method, as both ends
+# see it through the table (the start, up and register_listener bytes are docs/protocol.md's).
+WIRE_CASES: list[tuple[Method, Any, bytes, Any, bytes]] = [
+    (
+        Method.START,
+        StartParams("tsnet2-a", "http://127.0.0.1:8080", "", True, None),
+        b'{"id":1,"method":"start","params":"eyJob3N0bmFtZSI6InRzbmV0Mi1hIiwiY29udHJvbF91cmwi'
+        b"OiJodHRwOi8vMTI3LjAuMC4xOjgwODAiLCJhdXRoX2tleSI6IiIsImVwaGVtZXJhbCI6dHJ1ZSwiYWR2ZXJ0"
+        b'aXNlX3RhZ3MiOm51bGx9"}\n',
+        proto.Empty(),
+        b'{"id":1,"result":"e30="}\n',
+    ),
+    (
+        Method.UP,
+        None,
+        b'{"id":1,"method":"up"}\n',
+        UpResult(("100.64.0.1", "fd7a:115c:a1e0::1"), "tsnet2-a", ("tsnet2-a.tail-scale.ts.net",)),
+        b'{"id":1,"result":"eyJ0YWlsc2NhbGVfaXBzIjpbIjEwMC42NC4wLjEiLCJmZDdhOjExNWM6YTFlMDo6MSJd'
+        b"LCJub2RlX25hbWUiOiJ0c25ldDItYSIsImNlcnRfZG9tYWlucyI6WyJ0c25ldDItYS50YWlsLXNjYWxlLnRz"
+        b'Lm5ldCJdfQ=="}\n',
+    ),
+    (
+        Method.CLOSE,
+        None,
+        b'{"id":1,"method":"close"}\n',
+        proto.Empty(),
+        b'{"id":1,"result":"e30="}\n',
+    ),
+    (
+        Method.TAILSCALE_IPS,
+        None,
+        b'{"id":1,"method":"tailscale_ips"}\n',
+        TailscaleIPsResult("100.64.0.1", None),
+        _b64_frame('{"id":1', "result", b'{"v4":"100.64.0.1"}'),
+    ),
+    (
+        Method.CERT_DOMAINS,
+        None,
+        b'{"id":1,"method":"cert_domains"}\n',
+        CertDomainsResult(None),
+        _b64_frame('{"id":1', "result", b'{"domains":null}'),
+    ),
+    (
+        Method.REGISTER_LISTENER,
+        RegisterListenerParams("tcp", ":8080"),
+        b'{"id":1,"method":"register_listener","params":"eyJuZXR3b3JrIjoidGNwIiwiYWRkciI6Ijo4'
+        b'MDgwIn0="}\n',
+        RegisterListenerResult("3a1b5c7d9e0f1a2b", ":8080"),
+        b'{"id":1,"result":"eyJsaXN0ZW5lcl9pZCI6IjNhMWI1YzdkOWUwZjFhMmIiLCJhZGRyIjoiOjgwODAifQ=="}\n',
+    ),
+    (
+        Method.UNREGISTER_LISTENER,
+        UnregisterListenerParams("3a1b5c7d9e0f1a2b"),
+        _b64_frame(
+            '{"id":1,"method":"unregister_listener"',
+            "params",
+            b'{"listener_id":"3a1b5c7d9e0f1a2b"}',
+        ),
+        proto.Empty(),
+        b'{"id":1,"result":"e30="}\n',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "request_line", "result", "reply_line"),
+    WIRE_CASES,
+    ids=[c[0].value for c in WIRE_CASES],
+)
+def test_every_method_through_the_table(
+    method: Method, params: Any, request_line: bytes, result: Any, reply_line: bytes
+) -> None:
+    client, server = ControlClientCore(), ControlServerCore()
+    _, data = client.request(method, proto.encode_params(method, params))
+    assert data == request_line
+    (req,) = server.receive_data(data)
+    assert isinstance(req, ControlRequest)
+    assert proto.decode_params(req.method, req.params) == (params or proto.Empty())
+    reply = server.reply(req.id, proto.encode_result(req.method, result))
+    assert reply == reply_line
+    (resp,) = client.receive_data(reply)
+    assert proto.decode_result(method, resp.result) == result
+
+
+# What tsnet2d has always answered for bad params (the daemon prefixes "daemon: "), and the
+# order it checks start's keys in.
+PARAMS_ERRORS: list[tuple[str, dict[str, Any], str]] = [
+    ("start", {"hostname": 1}, "parameter 'hostname' must be a string"),
+    (
+        "start",
+        {"control_url": [], "advertise_tags": "tag:a"},
+        "advertise_tags must be a list of strings",
+    ),
+    ("start", {"advertise_tags": [1]}, "advertise_tags must be a list of strings"),
+    ("start", {"control_url": 1, "auth_key": 2}, "parameter 'control_url' must be a string"),
+    ("start", {"auth_key": {}}, "parameter 'auth_key' must be a string"),
+    ("start", {"ephemeral": "yes"}, "parameter 'ephemeral' must be a boolean"),
+    ("start", {"ephemeral": 1}, "parameter 'ephemeral' must be a boolean"),
+    ("start", {"advertise_tags": ""}, "advertise_tags must be a list of strings"),
+    ("register_listener", {"network": 5}, "parameter 'network' must be a string"),
+    ("register_listener", {"network": "tcp", "addr": 80}, "parameter 'addr' must be a string"),
+    ("unregister_listener", {"listener_id": 3}, "parameter 'listener_id' must be a string"),
+]
+
+
+@pytest.mark.parametrize(("method", "doc", "message"), PARAMS_ERRORS)
+def test_bad_params_say_what_the_daemon_always_said(
+    method: str, doc: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        proto.decode_params(method, doc)
+    assert str(info.value) == message
+
+
+def test_params_zero_values_and_methods_that_take_none() -> None:
+    assert proto.decode_params("start", None) == StartParams()
+    assert proto.decode_params("start", {"advertise_tags": None, "x": 1}) == StartParams()
+    assert proto.decode_params("register_listener", {}) == RegisterListenerParams("", "")
+    for method in (Method.UP, Method.CLOSE, Method.TAILSCALE_IPS, Method.CERT_DOMAINS):
+        assert proto.encode_params(method) is None
+        assert proto.encode_params(method, proto.Empty()) is None
+        # Whatever params arrive are ignored, as tsnet2d always did.
+        assert proto.decode_params(method, {"hostname": 1}) == proto.Empty()
+        with pytest.raises(LocalProtocolError, match="takes no params"):
+            proto.encode_params(method, StartParams())
+    for method, bad in [
+        (Method.START, None),
+        (Method.START, UpResult()),
+        (Method.REGISTER_LISTENER, UnregisterListenerParams("x")),
+    ]:
+        with pytest.raises(LocalProtocolError, match="params must be a"):
+            proto.encode_params(method, bad)
+    with pytest.raises(LocalProtocolError, match="result must be a UpResult"):
+        proto.encode_result("up", proto.Empty())
+
+
+def test_results_zero_values_and_bad_types() -> None:
+    assert proto.decode_result(Method.UP, None) == UpResult()
+    assert proto.decode_result(Method.START, {"anything": 1}) == proto.Empty()
+    assert proto.decode_result("tailscale_ips", {"v6": "fd7a::1", "v5": 1}) == (
+        TailscaleIPsResult(None, "fd7a::1")
+    )
+    with pytest.raises(RemoteProtocolError, match='up result: "node_name" must be a string'):
+        proto.decode_result(Method.UP, {"node_name": 1})
+
+
+@pytest.mark.parametrize(
+    "name", ["frobnicate", "register_fallback_tcp", "unregister_fallback_tcp", "", "Start"]
+)
+def test_unknown_methods(name: str) -> None:
+    for call in (
+        lambda: proto.decode_params(name, {}),
+        lambda: proto.decode_result(name, {}),
+        lambda: proto.encode_params(name, None),
+        lambda: proto.encode_result(name, proto.Empty()),
+        lambda: proto.method_spec(name),
+    ):
+        with pytest.raises(proto.UnknownMethodError) as info:
+            call()
+        assert str(info.value) == f'unknown method "{name}"' and info.value.method == name
+        assert isinstance(info.value, RemoteProtocolError)
+
+
 # --------------------------------------------------------------------------- addresses
 
 V4 = ipaddress.IPv4Address

@@ -301,3 +301,152 @@ def test_go_json_is_valid_json_and_html_safe(value: Any) -> None:
     data = proto.go_json(value)
     assert json.loads(data) == value
     assert not any(c in data for c in (b"<", b">", b"&", b"\n", "\u2028".encode()))
+
+
+# ---- the method table (tsnet2.proto.methods): the daemon's decode path -----------------
+
+str_lists = st.none() | st.lists(st.text(max_size=12), max_size=4).map(tuple)
+PARAMS: dict[str, st.SearchStrategy[Any]] = {
+    "start": st.builds(
+        proto.StartParams,
+        st.text(max_size=20),
+        st.text(max_size=20),
+        st.text(max_size=20),
+        st.booleans(),
+        str_lists,
+    ),
+    "register_listener": st.builds(
+        proto.RegisterListenerParams, st.text(max_size=8), st.text(max_size=20)
+    ),
+    "unregister_listener": st.builds(proto.UnregisterListenerParams, st.text(max_size=20)),
+}
+RESULTS: dict[str, st.SearchStrategy[Any]] = {
+    "up": st.builds(proto.UpResult, str_lists, st.text(max_size=20), str_lists),
+    "tailscale_ips": st.builds(
+        proto.TailscaleIPsResult,
+        st.none() | st.text(min_size=1, max_size=15),
+        st.none() | st.text(min_size=1, max_size=40),
+    ),
+    "cert_domains": st.builds(proto.CertDomainsResult, str_lists),
+    "register_listener": st.builds(
+        proto.RegisterListenerResult, st.text(max_size=16), st.text(max_size=20)
+    ),
+}
+PARAM_KEYS = [
+    "hostname",
+    "control_url",
+    "auth_key",
+    "ephemeral",
+    "advertise_tags",
+    "network",
+    "addr",
+    "listener_id",
+    "v4",
+    "v6",
+    "domains",
+    "tailscale_ips",
+    "node_name",
+    "cert_domains",
+]
+method_names = st.sampled_from([str(m) for m in proto.Method]) | st.text(max_size=12)
+# Params documents near the schema: its own keys with any JSON values, plus noise keys.
+near_docs = (
+    st.none() | json_objects | st.dictionaries(st.sampled_from(PARAM_KEYS), json_values, max_size=6)
+)
+
+
+def _empty_or(strategies: dict[str, st.SearchStrategy[Any]], method: str) -> Any:
+    return strategies.get(method, st.just(proto.Empty()))
+
+
+@given(st.data(), st.sampled_from(list(proto.METHODS)), st.integers(1, 2**64 - 1))
+def test_params_round_trip_through_a_request_frame(
+    data: st.DataObject, method: proto.Method, id_: int
+) -> None:
+    params = data.draw(_empty_or(PARAMS, method))
+    doc = proto.encode_params(method, params)
+    req = proto.decode_frame(proto.encode_request(ControlRequest(id_, method, doc)))
+    assert isinstance(req, ControlRequest) and req.method == method
+    assert proto.decode_params(req.method, req.params) == params
+
+
+@given(st.data(), st.sampled_from(list(proto.METHODS)), st.integers(1, 2**64 - 1))
+def test_results_round_trip_through_a_reply_frame(
+    data: st.DataObject, method: proto.Method, id_: int
+) -> None:
+    result = data.draw(_empty_or(RESULTS, method))
+    line = ControlServerCore().reply(id_, proto.encode_result(method, result))
+    resp = proto.decode_frame(line)
+    assert isinstance(resp, Response) and resp.ok
+    assert proto.decode_result(method, resp.result) == result
+
+
+@given(method_names, near_docs)
+def test_decode_params_and_results_raise_only_remote_protocol_errors(
+    method: str, doc: dict[str, Any] | None
+) -> None:
+    for decode in (proto.decode_params, proto.decode_result):
+        try:
+            value = decode(method, doc)
+        except RemoteProtocolError:
+            continue
+        assert method in proto.METHODS
+        # What decoded encodes again (a document of the same method, Go-ordered keys).
+        assert isinstance(value.to_json(), dict)
+
+
+# Request frames for the table's methods with near-miss params, nested or base64.
+method_frames = st.builds(
+    lambda i, m, d, nested: json.dumps(
+        {
+            "id": i,
+            "method": m,
+            "params": d if nested else base64.b64encode(json.dumps(d).encode()).decode(),
+        }
+    ).encode(),
+    st.integers(0, 2**64 - 1),
+    method_names,
+    near_docs,
+    st.booleans(),
+)
+daemon_streams = st.lists(method_frames | frame_lines, max_size=8).map(
+    lambda ls: b"\n".join(ls) + b"\n"
+)
+
+
+@given(chunked(daemon_streams | streams))
+def test_daemon_decode_path_only_remote_protocol_errors(case: tuple[bytes, list[bytes]]) -> None:
+    """Frames off the socket, then their params through the table, as tsnet2d does."""
+    _, parts = case
+    core = ControlServerCore()
+    try:
+        for part in [*parts, b""]:
+            for item in core.receive_data(part):
+                if isinstance(item, ControlRequest):
+                    with contextlib.suppress(RemoteProtocolError):
+                        proto.decode_params(item.method, item.params)
+    except WireError:
+        pass
+
+
+@given(
+    st.sampled_from(list(proto.METHODS)),
+    st.dictionaries(
+        st.sampled_from(PARAM_KEYS),
+        json_values,
+        max_size=6,
+    ),
+)
+def test_bad_params_messages_name_the_key(method: str, doc: dict[str, Any]) -> None:
+    """A params error is one of tsnet2d's messages, naming a key the document holds."""
+    try:
+        proto.decode_params(method, doc)
+    except RemoteProtocolError as e:
+        msg = str(e)
+        key = msg.split("'")[1] if msg.startswith("parameter '") else msg.split()[0]
+        assert key in doc, msg
+        assert msg in (
+            f"parameter '{key}' must be a string",
+            f"parameter '{key}' must be a boolean",
+            f"{key} must be a list of strings",
+        ), msg

@@ -29,6 +29,7 @@ from tsnet2.node.endpoint import detect_endpoints, parse_endpoint
 from tsnet2.node.guard import Guard
 from tsnet2.node.keys import load_or_create_private_key, public_key_b64
 from tsnet2.proto.codes import ErrorCode
+from tsnet2.proto.methods import StartParams
 from tsnet2.traffic.signing import SigningKeyError, load_or_create_signing_key
 
 log = logging.getLogger("tsnet2d.backend")
@@ -65,18 +66,6 @@ class BackendError(Exception):
         super().__init__(message)
         self.reason = reason
         self.code = code
-
-
-@dataclasses.dataclass(frozen=True)
-class StartParams:
-    """What the app (or the daemon's own flags) asks the node to be."""
-
-    hostname: str
-    control_url: str
-    auth_key: str
-    ephemeral: bool
-    advertise_tags: tuple[str, ...]
-    token_file: str = ""  # a projected ServiceAccount token (Kubernetes) read at register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,12 +117,15 @@ def whois_summary(node: dict[str, Any] | None) -> dict[str, str] | None:
 class Backend:
     """One tailnet node: registration, device, netmap and state, with change notification."""
 
-    def __init__(self, state_dir: Path, device: DeviceConfig) -> None:
+    def __init__(self, state_dir: Path, device: DeviceConfig, token_file: str = "") -> None:
+        """``token_file``: a projected ServiceAccount token (Kubernetes) the node registers
+        with when its start params carry no auth key (read at every registration)."""
         self.state_dir = state_dir
         self.device_config = device
+        self.token_file = token_file
         self.state = NodeState.NO_STATE
         self.state_since = time.monotonic()  # when `state` last changed
-        self.params: StartParams | None = None
+        self.params: StartParams | None = None  # the last start's, daemon defaults filled in
         self.domain = ""
         self.self_node: dict[str, Any] | None = None
         self.peers: list[dict[str, Any]] = []
@@ -205,12 +197,12 @@ class Backend:
             credential = ""
         auth_key = params.auth_key
         token = ""
-        if not auth_key and params.token_file:
+        if not auth_key and self.token_file:
             try:
-                token = Path(params.token_file).read_text().strip()
+                token = Path(self.token_file).read_text().strip()
             except OSError as exc:
                 raise BackendError(f"cannot read the ServiceAccount token "
-                                   f"{params.token_file}: {exc.strerror}") from exc
+                                   f"{self.token_file}: {exc.strerror}") from exc
         if not credential and not auth_key and not token:
             raise BackendError(
                 "no auth key: set Server.auth_key, or TS_AUTHKEY for tsnet2d, to join the tailnet",
@@ -222,7 +214,7 @@ class Backend:
                 hostname=params.hostname,
                 endpoints=endpoints,
                 ephemeral=params.ephemeral,
-                tags=list(params.advertise_tags),
+                tags=list(params.advertise_tags or ()),
                 auth_key=auth_key or None,
                 node_credential=credential or None,
                 bearer_token=token or None,
@@ -235,7 +227,7 @@ class Backend:
             log.warning("saved node credential refused; registering again with the auth key")
             reg = await self._control.register(
                 public_key=public_key_b64(key), hostname=params.hostname, endpoints=endpoints,
-                ephemeral=params.ephemeral, tags=list(params.advertise_tags),
+                ephemeral=params.ephemeral, tags=list(params.advertise_tags or ()),
                 auth_key=auth_key or None, node_credential=None, bearer_token=token or None,
                 traffic_log_key=log_key,
             )

@@ -35,17 +35,17 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 
 # asyncio.to_thread's executor, imported now: a daemon that dropped privileges may no longer
 # be able to read the standard library when it first needs it.
 from concurrent.futures import ThreadPoolExecutor  # noqa: F401
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tsnet2 import proto
 from tsnet2.control.client import AuthError, ControlError
-from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState, StartParams
+from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
@@ -53,7 +53,7 @@ from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
 from tsnet2.daemon.watchdog import Watchdog
 from tsnet2.node import NodeError
-from tsnet2.proto import ErrorCode
+from tsnet2.proto import ErrorCode, methods
 from tsnet2.traffic import ErrorPolicy, LogMode, TrafficLog
 
 log = logging.getLogger("tsnet2d")
@@ -140,6 +140,23 @@ class Session:
             self.sock.shutdown(socket.SHUT_RDWR)  # the session's reader sees EOF and ends
 
 
+P = TypeVar("P", bound=proto.WireDocument)
+R = TypeVar("R", bound=proto.WireDocument)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlRoute(Generic[P, R]):
+    """A control method's handler, typed by the method's spec in `tsnet2.proto.methods`."""
+
+    spec: proto.MethodSpec[P, R]
+    handler: Callable[[P, Session], Awaitable[R]]
+
+    async def call(self, params: dict[str, Any] | None, session: Session) -> dict[str, Any]:
+        """Decode the request's params (WireError if bad), run, encode the result."""
+        return self.spec.encode_result(await self.handler(self.spec.decode_params(params),
+                                                          session))
+
+
 JOURNAL_FILE = "traffic-flows.journal"
 """The open-flow journal in the state directory (:mod:`tsnet2.traffic.journal`)."""
 
@@ -149,7 +166,7 @@ class Daemon:
 
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
-        self.backend = Backend(config.state_dir, config.device)
+        self.backend = Backend(config.state_dir, config.device, token_file=config.token_file)
         self.traffic = TrafficLog(
             config.traffic_log, mode=config.traffic_log_mode,
             max_bytes=config.traffic_log_max_bytes, keep=config.traffic_log_keep,
@@ -173,6 +190,17 @@ class Daemon:
         self.backend.on_lost = self._wake_supervisor
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
+        self.control_routes: dict[str, ControlRoute[Any, Any]] = {}
+        self.route(methods.START, self._start)
+        self.route(methods.UP, self._up)
+        self.route(methods.CLOSE, self._close)
+        self.route(methods.TAILSCALE_IPS, self._tailscale_ips)
+        self.route(methods.CERT_DOMAINS, self._cert_domains)
+        self.route(methods.REGISTER_LISTENER, self._register_listener)
+        self.route(methods.UNREGISTER_LISTENER, self._unregister_listener)
+        if self.control_routes.keys() != proto.METHODS.keys():
+            raise RuntimeError("control methods without a handler: "
+                               f"{sorted(proto.METHODS.keys() - self.control_routes.keys())}")
         self.sessions: set[Session] = set()
         self._handshakes = 0
         self._localapi_conns = 0
@@ -295,10 +323,9 @@ class Daemon:
                                           "reconnecting clients register again",
                                           deregister=False)
                 b.last_error = f"node lost: {reason}"
-            if self.config.auto_start and b.state not in (NodeState.STARTING,
-                                                          NodeState.RUNNING):
+            if self.config.auto_start and b.state not in (NodeState.STARTING, NodeState.RUNNING):
                 try:
-                    await b.start(b.params or self._start_params({}))
+                    await b.start(b.params or self._start_params(proto.StartParams()))
                 except (BackendError, ControlError, NodeError, OSError, ValueError) as exc:
                     self.metrics.node_start_failed(_code(exc))
                     log.warning("node start failed: %s; next attempt in %.0fs",
@@ -587,7 +614,7 @@ class Daemon:
         async def handle(req: proto.ControlRequest) -> None:
             held = session.holds_node
             try:
-                result = await self._call(req.method, req.params or {}, session)
+                result = await self._call(req, session)
             except (BackendError, ListenError, ControlError, NodeError, ValueError,
                     TimeoutError, proto.WireError) as exc:
                 log.warning("control: %s failed: %s", req.method, _message(exc))
@@ -598,7 +625,7 @@ class Daemon:
                 await session.send(core.reply_error(req.id, f"daemon: internal error: {exc}"))
                 return
             await session.send(core.reply(req.id, result))
-            if req.method == "close" and held and self.holds() == 0 \
+            if req.method == proto.Method.CLOSE and held and self.holds() == 0 \
                     and not self.config.auto_start:
                 # The last hold is gone. Owned by the daemon, not this connection: the app
                 # hangs up right after the reply, and that must not cut the teardown short.
@@ -646,69 +673,92 @@ class Daemon:
             return self.config.hostname or socket.gethostname()
         return None
 
-    async def _call(self, method: str, params: dict[str, Any],
-                    session: Session) -> dict[str, Any]:
+    def route(self, spec: proto.MethodSpec[P, R],
+              handler: Callable[[P, Session], Awaitable[R]]) -> None:
+        """Answer a control method (`tsnet2.proto.methods`) with `handler`; a duplicate is
+        a programming error."""
+        if spec.method in self.control_routes:
+            raise ValueError(f"duplicate control method {spec.method!r}")
+        self.control_routes[spec.method] = ControlRoute(spec, handler)
+
+    async def _call(self, req: proto.ControlRequest, session: Session) -> dict[str, Any]:
+        """Decode a request's params, run its handler, encode the result (one schema:
+        `tsnet2.proto.methods`). Bad params and unknown methods raise WireError."""
+        route = self.control_routes.get(req.method)
+        if route is None:
+            raise proto.UnknownMethodError(req.method)
+        return await route.call(req.params, session)
+
+    # ---- control methods -------------------------------------------------------------
+
+    async def _start(self, params: proto.StartParams, session: Session) -> proto.Empty:
+        wanted = params.hostname
+        have = self._node_hostname()
+        if wanted and have is not None and wanted.lower() != have.lower():
+            raise BackendError(
+                f"daemon: this daemon's node is {have!r}, but this Server asked for "
+                f"{wanted!r}; one tsnet2d runs one node: leave hostname unset, use "
+                f"{have!r}, or run another tsnet2d", code=ErrorCode.HOSTNAME_CONFLICT)
+        await self.backend.start(self._start_params(params))
+        session.holds_node = True
+        return proto.Empty()
+
+    async def _up(self, _: proto.Empty, session: Session) -> proto.UpResult:
         b = self.backend
-        if method == "start":
-            wanted = _str(params, "hostname")
-            have = self._node_hostname()
-            if wanted and have is not None and wanted.lower() != have.lower():
-                raise BackendError(
-                    f"daemon: this daemon's node is {have!r}, but this Server asked for "
-                    f"{wanted!r}; one tsnet2d runs one node: leave hostname unset, use "
-                    f"{have!r}, or run another tsnet2d", code=ErrorCode.HOSTNAME_CONFLICT)
-            await b.start(self._start_params(params))
-            session.holds_node = True
-            return {}
-        if method == "up":
-            if b.state == NodeState.NO_STATE and not self._retrying():
-                raise b.down_error()
-            await b.wait_running(None, retrying=self._retrying)
-            v4, v6 = b.addresses()
-            return {
-                "tailscale_ips": [str(ip) for ip in (v4, v6) if ip is not None] or None,
-                "node_name": str((b.self_node or {}).get("name", "")),
-                "cert_domains": b.cert_domains(),
-            }
-        if method == "close":
-            # This client's listeners and hold only; the node stays while others hold it.
-            await self.datapath.release_owner(session)
-            session.holds_node = False
-            return {}
-        if method in ("tailscale_ips", "cert_domains") and b.state != NodeState.RUNNING \
-                and (b.params is not None or self._retrying()):
+        if b.state == NodeState.NO_STATE and not self._retrying():
+            raise b.down_error()
+        await b.wait_running(None, retrying=self._retrying)
+        v4, v6 = b.addresses()
+        domains = b.cert_domains()
+        return proto.UpResult(
+            tailscale_ips=tuple(str(ip) for ip in (v4, v6) if ip is not None) or None,
+            node_name=str((b.self_node or {}).get("name", "")),
+            cert_domains=None if domains is None else tuple(domains),
+        )
+
+    async def _close(self, _: proto.Empty, session: Session) -> proto.Empty:
+        # This client's listeners and hold only; the node stays while others hold it.
+        await self.datapath.release_owner(session)
+        session.holds_node = False
+        return proto.Empty()
+
+    def _check_started_node_runs(self) -> None:
+        b = self.backend
+        if b.state != NodeState.RUNNING and (b.params is not None or self._retrying()):
             raise b.down_error()  # started once: "not running" is news, not an empty answer
-        if method == "tailscale_ips":
-            v4, v6 = b.addresses()
-            out: dict[str, Any] = {}
-            if v4 is not None:
-                out["v4"] = str(v4)
-            if v6 is not None:
-                out["v6"] = str(v6)
-            return out
-        if method == "cert_domains":
-            return {"domains": b.cert_domains()}
-        if method == "register_listener":
-            owned = sum(1 for x in self.datapath.listeners.values() if x.owner is session)
-            if owned >= MAX_LISTENERS_PER_SESSION:
-                raise ListenError(f"daemon: this client has {owned} listeners, the most one "
-                                  "client may register; close some", ErrorCode.LIMIT)
-            lst = await self.datapath.register_listener(
-                _str(params, "network"), _str(params, "addr"), session
-            )
-            return {"listener_id": lst.id, "addr": lst.addr}
-        if method == "unregister_listener":
-            lid = _str(params, "listener_id")
-            other = self.datapath.listeners.get(lid)
-            if other is not None and other.owner is not session:
-                # Another client's listener: succeed as the prototype does for unknown ids,
-                # but leave it alone (a client cannot close what it does not own).
-                log.warning("control: unregister_listener %s by a client that does not own "
-                            "it; ignored", lid)
-                return {}
-            await self.datapath.unregister_listener(lid)
-            return {}
-        raise BackendError(f'daemon: unknown method "{method}"', code=ErrorCode.BAD_REQUEST)
+
+    async def _tailscale_ips(self, _: proto.Empty, session: Session) -> proto.TailscaleIPsResult:
+        self._check_started_node_runs()
+        v4, v6 = self.backend.addresses()
+        return proto.TailscaleIPsResult(v4=None if v4 is None else str(v4),
+                                        v6=None if v6 is None else str(v6))
+
+    async def _cert_domains(self, _: proto.Empty, session: Session) -> proto.CertDomainsResult:
+        self._check_started_node_runs()
+        domains = self.backend.cert_domains()
+        return proto.CertDomainsResult(None if domains is None else tuple(domains))
+
+    async def _register_listener(self, params: proto.RegisterListenerParams,
+                                 session: Session) -> proto.RegisterListenerResult:
+        owned = sum(1 for x in self.datapath.listeners.values() if x.owner is session)
+        if owned >= MAX_LISTENERS_PER_SESSION:
+            raise ListenError(f"daemon: this client has {owned} listeners, the most one "
+                              "client may register; close some", ErrorCode.LIMIT)
+        lst = await self.datapath.register_listener(params.network, params.addr, session)
+        return proto.RegisterListenerResult(listener_id=lst.id, addr=lst.addr)
+
+    async def _unregister_listener(self, params: proto.UnregisterListenerParams,
+                                   session: Session) -> proto.Empty:
+        lid = params.listener_id
+        other = self.datapath.listeners.get(lid)
+        if other is not None and other.owner is not session:
+            # Another client's listener: succeed as the prototype does for unknown ids,
+            # but leave it alone (a client cannot close what it does not own).
+            log.warning("control: unregister_listener %s by a client that does not own "
+                        "it; ignored", lid)
+            return proto.Empty()
+        await self.datapath.unregister_listener(lid)
+        return proto.Empty()
 
     async def _close_node(self) -> None:
         """The last hold was released (and no --up): the node goes down; the daemon keeps
@@ -718,18 +768,15 @@ class Daemon:
         await self.take_node_down("daemon: the node was stopped: its last client closed it",
                                   deregister=None)
 
-    def _start_params(self, p: dict[str, Any]) -> StartParams:
+    def _start_params(self, p: proto.StartParams) -> proto.StartParams:
+        """The app's start params, with the daemon's flags for what it left empty."""
         c = self.config
-        tags = p.get("advertise_tags") or list(c.advertise_tags)
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ValueError("daemon: advertise_tags must be a list of strings")
-        return StartParams(
-            hostname=_str(p, "hostname") or c.hostname or socket.gethostname(),
-            control_url=_str(p, "control_url") or c.control_url,
-            auth_key=_str(p, "auth_key") or c.auth_key,
-            token_file=c.token_file,
-            ephemeral=bool(p.get("ephemeral")) or c.ephemeral,
-            advertise_tags=tuple(tags),
+        return proto.StartParams(
+            hostname=p.hostname or c.hostname or socket.gethostname(),
+            control_url=p.control_url or c.control_url,
+            auth_key=p.auth_key or c.auth_key,
+            ephemeral=p.ephemeral or c.ephemeral,
+            advertise_tags=p.advertise_tags or c.advertise_tags,
         )
 
 
@@ -859,15 +906,6 @@ def _bind_in_place(path: Path, mode: int, group: int | None, backlog: int) -> so
             raise DaemonFatalError(f"cannot {doing} {path}: {exc.strerror}{hint}") from exc
         raise
     return sock
-
-
-def _str(params: dict[str, Any], key: str) -> str:
-    v = params.get(key, "")
-    if v is None:
-        return ""
-    if not isinstance(v, str):
-        raise ValueError(f"daemon: parameter {key!r} must be a string")
-    return v
 
 
 def _message(exc: BaseException) -> str:

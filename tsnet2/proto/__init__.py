@@ -6,7 +6,8 @@ small state machines. Submodules:
 - :mod:`.channels`: the channel byte that opens each connection, and line limits;
 - :mod:`.lines`: a bounded incremental line reader;
 - :mod:`.control`: control frames (base64-of-JSON params/results) and RPC state machines;
-- :mod:`.methods`: control method names and typed params/results;
+- :mod:`.methods`: control methods: names, typed params/results and the table
+  (:data:`~.methods.METHODS`) both ends encode and decode them with;
 - :mod:`.datapath`: dial and accept header lines;
 - :mod:`.addr`: ``host:port`` parsing/formatting; :mod:`.ids`: listener/conn ids;
 - :mod:`.gojson`: Go-compatible JSON and time formatting;
@@ -67,14 +68,24 @@ from tsnet2.proto.gojson import GO_ZERO_TIME, go_json, go_time, go_time_ns
 from tsnet2.proto.ids import ID_RE, new_id
 from tsnet2.proto.lines import LineReader
 from tsnet2.proto.methods import (
+    METHODS,
     CertDomainsResult,
+    Empty,
     Method,
+    MethodSpec,
     RegisterListenerParams,
     RegisterListenerResult,
     StartParams,
     TailscaleIPsResult,
+    UnknownMethodError,
     UnregisterListenerParams,
     UpResult,
+    WireDocument,
+    decode_params,
+    decode_result,
+    encode_params,
+    encode_result,
+    method_spec,
 )
 
 ProtocolError = WireError  # TEMP alias for tsnet2.client, removed by the lead
@@ -86,6 +97,7 @@ __all__ = [
     "LISTEN_NETWORKS",
     "MAX_CONTROL_LINE",
     "MAX_HEADER_LINE",
+    "METHODS",
     "AcceptHeader",
     "CertDomainsResult",
     "ChannelKind",
@@ -95,6 +107,7 @@ __all__ = [
     "ControlServerCore",
     "DialReply",
     "DialRequest",
+    "Empty",
     "ErrorCode",
     "FrameError",
     "IPAddress",
@@ -103,6 +116,7 @@ __all__ = [
     "ListenAddr",
     "LocalProtocolError",
     "Method",
+    "MethodSpec",
     "ProtocolError",
     "RegisterListenerParams",
     "RegisterListenerResult",
@@ -110,26 +124,33 @@ __all__ = [
     "Response",
     "StartParams",
     "TailscaleIPsResult",
+    "UnknownMethodError",
     "UnregisterListenerParams",
     "UpResult",
     "WireAddressError",
+    "WireDocument",
     "WireError",
     "decode_accept_header",
     "decode_accept_request",
     "decode_dial_reply",
     "decode_dial_request",
     "decode_frame",
+    "decode_params",
+    "decode_result",
     "encode_accept_header",
     "encode_accept_refusal",
     "encode_accept_request",
     "encode_dial_reply",
     "encode_dial_request",
+    "encode_params",
     "encode_request",
     "encode_response",
+    "encode_result",
     "format_addr",
     "go_json",
     "go_time",
     "go_time_ns",
+    "method_spec",
     "new_id",
     "parse_channel_byte",
     "parse_code",
