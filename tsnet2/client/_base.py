@@ -90,7 +90,7 @@ _FIELDS = frozenset(
 )
 
 
-class State(enum.Enum):
+class ServerState(enum.Enum):
     """Lifecycle of a Server: UNOPENED -> STARTED -> CLOSED (CLOSED is final)."""
 
     UNOPENED = "unopened"
@@ -365,7 +365,7 @@ class ServerBase:
         self.accept_slots = accept_slots
         self.reconnect_timeout = reconnect_timeout
         self.join = join
-        self._state = State.UNOPENED
+        self._state = ServerState.UNOPENED
         self._setup()
 
     def _setup(self) -> None:
@@ -389,11 +389,11 @@ class ServerBase:
     @property
     def closed(self) -> bool:
         """True once close() has been called."""
-        return self._state is State.CLOSED
+        return self._state is ServerState.CLOSED
 
     def _check_startable(self, op: str) -> None:
         """Raise the error start() would raise before touching the socket."""
-        if self._state is State.CLOSED:
+        if self._state is ServerState.CLOSED:
             raise ClosedError(f"{op}: server is closed")
         if not self.socket_path:
             raise NotSupportedError(f"{op}: {NO_SOCKET_MESSAGE}")
@@ -415,7 +415,7 @@ class ServerBase:
 
     def _mark_started(self) -> None:
         object.__setattr__(self, "_frozen", True)
-        self._state = State.STARTED
+        self._state = ServerState.STARTED
 
     def _start_params(self) -> dict[str, Any]:
         """The ``start`` RPC params; every key is always present (seed-spec §2.2)."""

@@ -35,7 +35,7 @@ from tsnet2.client._base import (
     SLOT_CONNECT_TIMEOUT,
     START_TIMEOUT,
     ServerBase,
-    State,
+    ServerState,
     Status,
 )
 from tsnet2.client.errors import (
@@ -119,7 +119,7 @@ class Server(ServerBase):
     def _start(self, deadline: float | None) -> None:
         op = "tsnet2.start"
         with self._start_lock:
-            if self._state is State.STARTED:
+            if self._state is ServerState.STARTED:
                 return
             self._check_startable(op)
             connect_by = time.monotonic() + self.connect_timeout
@@ -157,7 +157,7 @@ class Server(ServerBase):
             try:
                 resp = control.call(op, method, params, left)
             except DaemonUnavailableError:
-                if attempt == 2 or not self.reconnects or self._state is State.CLOSED:
+                if attempt == 2 or not self.reconnects or self._state is ServerState.CLOSED:
                     raise
                 continue
             return _base.rpc_result(op, method, resp)
@@ -166,7 +166,7 @@ class Server(ServerBase):
     def _live_control(self, op: str) -> ControlChannel:
         """The control channel, reconnected first if the daemon went away."""
         control = self._control
-        if self._state is State.CLOSED or control is None:
+        if self._state is ServerState.CLOSED or control is None:
             raise ClosedError(f"{op}: server is closed")
         if self.reconnects and not control.alive():
             return self._revive(op)
@@ -183,7 +183,7 @@ class Server(ServerBase):
         """
         with self._start_lock:
             control = self._control
-            if self._state is State.CLOSED or control is None:
+            if self._state is ServerState.CLOSED or control is None:
                 raise ClosedError(f"{op}: server is closed")
             if control.alive():
                 return control
@@ -340,9 +340,9 @@ class Server(ServerBase):
         if pending is not None:
             pending.close()
         with self._start_lock:
-            if self._state is State.CLOSED:
+            if self._state is ServerState.CLOSED:
                 raise ClosedError(f"{op}: server already closed")
-            self._state = State.CLOSED
+            self._state = ServerState.CLOSED
         control = self._control
         for ln in list(self._listeners):
             ln.close()
@@ -474,7 +474,7 @@ class Server(ServerBase):
 
     def tailscale_ips(self) -> tuple[IPv4Address | None, IPv6Address | None]:
         """The node's (IPv4, IPv6) tailnet addresses, asked fresh; (None, None) before start."""
-        if self._state is not State.STARTED:
+        if self._state is not ServerState.STARTED:
             return None, None
         return _base.parse_tailscale_ips(
             self._rpc("tsnet2.tailscale_ips", "tailscale_ips", None, RPC_TIMEOUT)
@@ -482,7 +482,7 @@ class Server(ServerBase):
 
     def cert_domains(self) -> list[str] | None:
         """DNS names this node can get TLS certificates for; None before start."""
-        if self._state is not State.STARTED:
+        if self._state is not ServerState.STARTED:
             return None
         return _base.parse_cert_domains(
             self._rpc("tsnet2.cert_domains", "cert_domains", None, RPC_TIMEOUT)
