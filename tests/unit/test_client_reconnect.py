@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import tsnet2
+from tsnet2 import proto
 from tsnet2.client import _base
 
 from .test_client_wire import WirePeer
@@ -31,7 +32,9 @@ def test_reconnect_timeout_field() -> None:
 
 
 def test_relisten_uses_the_bound_address() -> None:
-    assert _base.relisten_params("tcp", ":41234") == {"network": "tcp", "addr": ":41234"}
+    params = _base.relisten_params("tcp", ":41234")
+    assert proto.encode_params(proto.Method.REGISTER_LISTENER, params) == {
+        "network": "tcp", "addr": ":41234"}
     _base.check_relisten_addr(":41234", ":41234")
     _base.check_relisten_addr("100.64.0.1:80", "100.64.0.1:80")
     with pytest.raises(tsnet2.ProtocolError, match="bound"):

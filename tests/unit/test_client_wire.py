@@ -337,6 +337,16 @@ def test_malformed_result_is_protocol_error(srv: Any, peer: WirePeer) -> None:
         srv.tailscale_ips()
 
 
+def test_a_result_of_the_wrong_shape_is_protocol_error(srv: Any, peer: WirePeer) -> None:
+    # Results are decoded by the one schema both ends use (tsnet2.proto.methods).
+    peer.methods["up"] = lambda p: {"tailscale_ips": "100.64.0.7"}
+    with pytest.raises(tsnet2.ProtocolError, match=r"tsnet2\.up: daemon sent a malformed result"):
+        srv.up(timeout=5)
+    peer.methods["register_listener"] = lambda p: {"listener_id": "", "addr": ":80"}
+    with pytest.raises(tsnet2.ProtocolError, match="malformed register result"):
+        srv.listen("tcp", ":80")
+
+
 def test_daemon_going_away(srv: Any, peer: WirePeer) -> None:
     srv.reconnect_timeout = 0  # the fail-loudly mode (test_client_reconnect: default)
     peer.methods["up"] = lambda p: HANG
@@ -756,7 +766,7 @@ def test_a_caller_timing_out_hands_the_reading_on(srv: Any, peer: WirePeer) -> N
     sock, up_id = peer.hung[1]
     sock.sendall(proto.ControlServerCore().reply(up_id, {"node_name": "late"}))
     t2.join(10)
-    assert second == [{"node_name": "late"}]
+    assert second == [proto.UpResult(node_name="late")]
 
 
 def test_concurrent_calls_each_get_their_own_reply(srv: Any, peer: WirePeer) -> None:

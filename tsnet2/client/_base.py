@@ -190,16 +190,20 @@ _RPC_ERRORS: dict[proto.ErrorCode, type[DaemonError]] = {
 }
 
 
-def rpc_result(op: str, method: str, response: proto.Response) -> dict[str, Any]:
-    """Map a control-channel response to its result dict, or raise the typed error its
-    code names (DaemonError by default; NodeDownError when the node is not running)."""
+def rpc_result(op: str, method: proto.Method, response: proto.Response) -> Any:
+    """Map a control-channel response to its typed result (``tsnet2.proto.methods``), or
+    raise the typed error its code names (DaemonError by default; NodeDownError when the
+    node is not running). A result of the wrong shape is a ProtocolError."""
     if response.error is not None:
         msg = f"{op}: {response.error}"
         if response.code == proto.ErrorCode.NODE_DOWN:
             raise NodeDownError(msg)
         cls = _RPC_ERRORS.get(response.code or proto.ErrorCode.OTHER, DaemonError)
-        raise cls(msg, method=method, daemon_message=str(response.error))
-    return as_object(op, response.result)
+        raise cls(msg, method=str(method), daemon_message=str(response.error))
+    try:
+        return proto.decode_result(method, as_object(op, response.result))
+    except proto.WireError as exc:
+        raise ProtocolError(f"{op}: daemon sent a malformed result: {exc}") from None
 
 
 def dial_error(op: str, reply: proto.DialReply) -> Error:
@@ -224,79 +228,58 @@ def refused_error(msg: str, code: proto.ErrorCode | str | None) -> Error | None:
     return None
 
 
-def _str_list(op: str, key: str, value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ProtocolError(f"{op}: daemon sent a malformed {key!r}: {value!r}")
-    return list(value)
-
-
-def _ip(op: str, key: str, value: Any) -> IPAddress:
+def _ip(op: str, key: str, value: str) -> IPAddress:
     try:
         return ipaddress.ip_address(value)
     except ValueError:
         raise ProtocolError(f"{op}: daemon sent a malformed {key!r}: {value!r}") from None
 
 
-def parse_up_result(result: dict[str, Any]) -> tuple[list[IPAddress], str, list[str] | None]:
-    """``up`` result -> (tailscale_ips, node_name, cert_domains)."""
-    op = "tsnet2.up"
-    ips = [
-        _ip(op, "tailscale_ips", s)
-        for s in _str_list(op, "tailscale_ips", result.get("tailscale_ips")) or []
-    ]
-    node_name = result.get("node_name", "")
-    if not isinstance(node_name, str):
-        raise ProtocolError(f"{op}: daemon sent a malformed 'node_name': {node_name!r}")
-    return ips, node_name, _str_list(op, "cert_domains", result.get("cert_domains"))
-
-
-def build_status(up_result: dict[str, Any], raw_status: dict[str, Any]) -> Status:
+def build_status(up: proto.UpResult, raw_status: dict[str, Any]) -> Status:
     """Combine the ``up`` RPC result and the LocalAPI status into a Status."""
-    ips, node_name, domains = parse_up_result(up_result)
+    ips = [_ip("tsnet2.up", "tailscale_ips", s) for s in up.tailscale_ips or ()]
     self_obj = raw_status.get("Self")
     backend_state = raw_status.get("BackendState", "")
     return Status(
         tailscale_ips=ips,
-        cert_domains=domains,
-        node_name=node_name,
+        cert_domains=None if up.cert_domains is None else list(up.cert_domains),
+        node_name=up.node_name,
         backend_state=backend_state if isinstance(backend_state, str) else str(backend_state),
         self=dict(self_obj) if isinstance(self_obj, dict) else {},
         raw=raw_status,
     )
 
 
-def parse_tailscale_ips(result: dict[str, Any]) -> tuple[IPv4Address | None, IPv6Address | None]:
-    """``tailscale_ips`` result ``{"v4"?: str, "v6"?: str}`` -> (v4 or None, v6 or None)."""
+def parse_tailscale_ips(
+    result: proto.TailscaleIPsResult,
+) -> tuple[IPv4Address | None, IPv6Address | None]:
+    """``tailscale_ips`` result -> (v4 or None, v6 or None), each of its family."""
     op = "tsnet2.tailscale_ips"
     v4: IPv4Address | None = None
     v6: IPv6Address | None = None
-    if result.get("v4"):
-        ip = _ip(op, "v4", result["v4"])
+    if result.v4:
+        ip = _ip(op, "v4", result.v4)
         if not isinstance(ip, IPv4Address):
             raise ProtocolError(f"{op}: daemon sent an IPv6 address as 'v4': {ip}")
         v4 = ip
-    if result.get("v6"):
-        ip = _ip(op, "v6", result["v6"])
+    if result.v6:
+        ip = _ip(op, "v6", result.v6)
         if not isinstance(ip, IPv6Address):
             raise ProtocolError(f"{op}: daemon sent an IPv4 address as 'v6': {ip}")
         v6 = ip
     return v4, v6
 
 
-def parse_cert_domains(result: dict[str, Any]) -> list[str] | None:
-    """``cert_domains`` result ``{"domains": [str]|null}`` -> list or None."""
-    return _str_list("tsnet2.cert_domains", "domains", result.get("domains"))
+def parse_cert_domains(result: proto.CertDomainsResult) -> list[str] | None:
+    """``cert_domains`` result -> list or None."""
+    return None if result.domains is None else list(result.domains)
 
 
-def parse_register_result(result: dict[str, Any]) -> tuple[str, str]:
-    """``register_listener`` result -> (listener_id, addr)."""
-    listener_id = result.get("listener_id")
-    addr = result.get("addr", "")
-    if not isinstance(listener_id, str) or not listener_id or not isinstance(addr, str):
+def parse_register_result(result: proto.RegisterListenerResult) -> tuple[str, str]:
+    """``register_listener`` result -> (listener_id, addr); the id must not be empty."""
+    if not result.listener_id:
         raise ProtocolError(f"tsnet2.listen: daemon sent a malformed register result: {result!r}")
-    return listener_id, addr
+    return result.listener_id, result.addr
 
 
 # ---------------------------------------------------------------------------
@@ -417,15 +400,15 @@ class ServerBase:
         object.__setattr__(self, "_frozen", True)
         self._state = ServerState.STARTED
 
-    def _start_params(self) -> dict[str, Any]:
-        """The ``start`` RPC params; every key is always present (seed-spec §2.2)."""
-        return {
-            "hostname": self.hostname,
-            "control_url": self.control_url,
-            "auth_key": self.auth_key,
-            "ephemeral": bool(self.ephemeral),
-            "advertise_tags": list(self.advertise_tags) if self.advertise_tags else None,
-        }
+    def _start_params(self) -> proto.StartParams:
+        """The ``start`` RPC params; every key is always sent (seed-spec §2.2)."""
+        return proto.StartParams(
+            hostname=self.hostname,
+            control_url=self.control_url,
+            auth_key=self.auth_key,
+            ephemeral=bool(self.ephemeral),
+            advertise_tags=tuple(self.advertise_tags) if self.advertise_tags else None,
+        )
 
     def _log(self, msg: str) -> None:
         if self.logf is not None:
@@ -496,13 +479,13 @@ def relisten_failed_message(path: str, addr: str, cause: BaseException) -> str:
     )
 
 
-def relisten_params(network: str, bound_addr: str) -> dict[str, Any]:
+def relisten_params(network: str, bound_addr: str) -> proto.RegisterListenerParams:
     """``register_listener`` params that re-create a listener on the same bound address.
 
     The bound address (as the daemon reported it, port 0 already resolved) is used,
     not the one the app asked for, so a ``":0"`` listener keeps its port.
     """
-    return {"network": network, "addr": bound_addr}
+    return proto.RegisterListenerParams(network=network, addr=bound_addr)
 
 
 def check_relisten_addr(old_addr: str, new_addr: str) -> None:

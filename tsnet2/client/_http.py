@@ -162,7 +162,7 @@ class JSONLines:
                 rest = self._reader.take_rest()
                 if rest.strip():
                     out.append(decode_json_object(self._op, rest))
-        except proto.ProtocolError as exc:
+        except proto.WireError as exc:
             raise ProtocolError(f"{self._op}: {exc}") from None
         return out
 

@@ -88,8 +88,6 @@ from tsnet2.proto.methods import (
     method_spec,
 )
 
-ProtocolError = WireError  # TEMP alias for tsnet2.client, removed by the lead
-
 __all__ = [
     "DIAL_OP",
     "GO_ZERO_TIME",
@@ -117,7 +115,6 @@ __all__ = [
     "LocalProtocolError",
     "Method",
     "MethodSpec",
-    "ProtocolError",
     "RegisterListenerParams",
     "RegisterListenerResult",
     "RemoteProtocolError",

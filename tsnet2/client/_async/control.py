@@ -17,7 +17,7 @@ from typing import Any
 from tsnet2 import proto
 from tsnet2.client import _backend_async as backend
 from tsnet2.client._async.channel import close_quietly, remaining, send_all
-from tsnet2.client._base import refused_error
+from tsnet2.client._base import refused_error, rpc_result
 from tsnet2.client.errors import ClosedError, DaemonUnavailableError, DeadlineExceededError
 
 CLOSE_WAIT = 5.0
@@ -78,7 +78,7 @@ class AsyncControlChannel:
             self._refused = exc.code or str(proto.ErrorCode.OTHER)
             self._broken = str(exc)
             return
-        except proto.ProtocolError as exc:
+        except proto.WireError as exc:
             self._broken = (
                 "the daemon closed the connection" if not chunk else f"protocol error: {exc}"
             )
@@ -96,15 +96,25 @@ class AsyncControlChannel:
             f"{op}: control channel to the daemon at {self._path} closed: {self._broken}"
         )
 
+    async def request(
+        self, op: str, method: proto.Method, params: proto.WireDocument | None,
+        timeout: float | None,
+    ) -> Any:
+        """One RPC: its typed result (``tsnet2.proto.methods``), or the typed error the
+        daemon's reply names (see :func:`tsnet2.client._base.rpc_result`)."""
+        return rpc_result(op, method, await self.call(op, method, params, timeout))
+
     async def call(
-        self, op: str, method: str, params: dict[str, Any] | None, timeout: float | None
+        self, op: str, method: proto.Method, params: proto.WireDocument | None,
+        timeout: float | None,
     ) -> proto.Response:
         """Send one request and wait (at most ``timeout`` seconds) for its reply."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        doc = proto.encode_params(method, params)  # the one definition of the method's params
         async with self._cond:
             if self._closing or self._broken is not None:
                 raise self._error(op)
-            req_id, data = self._core.request(method, params)
+            req_id, data = self._core.request(method, doc)
         try:
             try:
                 async with self._send_lock:

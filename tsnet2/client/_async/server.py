@@ -49,6 +49,11 @@ from tsnet2.client.errors import (
 
 __all__ = ["AsyncListener", "AsyncServer"]
 
+START, UP, CLOSE = proto.Method.START, proto.Method.UP, proto.Method.CLOSE
+TAILSCALE_IPS, CERT_DOMAINS = proto.Method.TAILSCALE_IPS, proto.Method.CERT_DOMAINS
+REGISTER_LISTENER = proto.Method.REGISTER_LISTENER
+UNREGISTER_LISTENER = proto.Method.UNREGISTER_LISTENER
+
 
 class AsyncServer(ServerBase):
     """A tailnet node for this process, run by the tsnet2d daemon.
@@ -133,10 +138,7 @@ class AsyncServer(ServerBase):
                     timeout = START_TIMEOUT
                     if deadline is not None:
                         timeout = min(timeout, max(0.001, deadline - time.monotonic()))
-                    _base.rpc_result(
-                        op, "start",
-                        await control.call(op, "start", self._start_params(), timeout),
-                    )
+                    await control.request(op, START, self._start_params(), timeout)
             except BaseException:
                 await control.aclose()
                 raise
@@ -145,20 +147,19 @@ class AsyncServer(ServerBase):
         self._log(f"tsnet2: connected to the daemon at {self.socket_path}")
 
     async def _rpc(
-        self, op: str, method: str, params: dict[str, Any] | None, timeout: float | None
-    ) -> dict[str, Any]:
+        self, op: str, method: proto.Method, params: proto.WireDocument | None,
+        timeout: float | None,
+    ) -> Any:
         """One RPC; if the channel dies during it, reconnect and send it once more."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in (1, 2):
             control = await self._live_control(op)
             left = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
-                resp = await control.call(op, method, params, left)
+                return await control.request(op, method, params, left)
             except DaemonUnavailableError:
                 if attempt == 2 or not self.reconnects or self._state is ServerState.CLOSED:
                     raise
-                continue
-            return _base.rpc_result(op, method, resp)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _live_control(self, op: str) -> AsyncControlChannel:
@@ -232,15 +233,10 @@ class AsyncServer(ServerBase):
             self._pending_control = control
             try:
                 if self.join:
-                    _base.rpc_result(
-                        op, "start",
-                        await control.call(op, "start", self._start_params(), START_TIMEOUT),
-                    )
+                    await control.request(op, START, self._start_params(), START_TIMEOUT)
                 if any(not ln._closed for ln in self._listeners):
                     # Listeners need the node's addresses: wait until it runs.
-                    _base.rpc_result(
-                        op, "up", await control.call(op, "up", None, START_TIMEOUT)
-                    )
+                    await control.request(op, UP, None, START_TIMEOUT)
                 return control
             except PermissionDeniedError:
                 await control.aclose()
@@ -289,9 +285,8 @@ class AsyncServer(ServerBase):
             b = ln._binding
             params = _base.relisten_params(b.network, b.addr)
             try:
-                resp = await control.call(op, "register_listener", params, RPC_TIMEOUT)
                 listener_id, bound = _base.parse_register_result(
-                    _base.rpc_result(op, "register_listener", resp)
+                    await control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
                 )
                 _base.check_relisten_addr(b.addr, bound)
             except DaemonUnavailableError:
@@ -314,7 +309,7 @@ class AsyncServer(ServerBase):
         op = "tsnet2.up"
         deadline = None if timeout is None else time.monotonic() + timeout
         await self._start(deadline)
-        result = await self._rpc(op, "up", None, remaining(deadline))
+        result = await self._rpc(op, UP, None, remaining(deadline))
         status = await self._local(deadline).status()
         return _base.build_status(result, status)
 
@@ -348,7 +343,7 @@ class AsyncServer(ServerBase):
         if control is None:
             return
         try:
-            await control.call(op, "close", None, SHUTDOWN_RPC_TIMEOUT)
+            await control.request(op, CLOSE, None, SHUTDOWN_RPC_TIMEOUT)
         except Error as exc:
             self._log(f"tsnet2: close RPC failed (ignored): {exc}")
         finally:
@@ -384,7 +379,7 @@ class AsyncServer(ServerBase):
         _base.check_listen_args(op, network, addr)
         await self.start()
         result = await self._rpc(
-            op, "register_listener", {"network": network, "addr": addr}, RPC_TIMEOUT
+            op, REGISTER_LISTENER, proto.RegisterListenerParams(network, addr), RPC_TIMEOUT
         )
         listener_id, bound = _base.parse_register_result(result)
         binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
@@ -406,10 +401,10 @@ class AsyncServer(ServerBase):
         if control is None:
             return
         try:
-            await control.call(
+            await control.request(
                 "tsnet2.Listener.close",
-                "unregister_listener",
-                {"listener_id": listener_id},
+                UNREGISTER_LISTENER,
+                proto.UnregisterListenerParams(listener_id),
                 SHUTDOWN_RPC_TIMEOUT,
             )
         except Error as exc:
@@ -457,7 +452,7 @@ class AsyncServer(ServerBase):
                 raise DeadlineExceededError(f"{op}: no reply from the daemon in time") from None
             try:
                 reply = proto.decode_dial_reply(line)
-            except proto.ProtocolError as exc:
+            except proto.WireError as exc:
                 raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
             if not reply.ok:
                 raise _base.dial_error(op, reply)
@@ -480,7 +475,7 @@ class AsyncServer(ServerBase):
         if self._state is not ServerState.STARTED:
             return None, None
         return _base.parse_tailscale_ips(
-            await self._rpc("tsnet2.tailscale_ips", "tailscale_ips", None, RPC_TIMEOUT)
+            await self._rpc("tsnet2.tailscale_ips", TAILSCALE_IPS, None, RPC_TIMEOUT)
         )
 
     async def cert_domains(self) -> list[str] | None:
@@ -488,7 +483,7 @@ class AsyncServer(ServerBase):
         if self._state is not ServerState.STARTED:
             return None
         return _base.parse_cert_domains(
-            await self._rpc("tsnet2.cert_domains", "cert_domains", None, RPC_TIMEOUT)
+            await self._rpc("tsnet2.cert_domains", CERT_DOMAINS, None, RPC_TIMEOUT)
         )
 
 
@@ -611,7 +606,7 @@ class AsyncListener(_base.ListenerBase):
                 self._reported.add(slot_id)
                 raise (_base.refused_error(f"{op}: {exc}", exc.code)
                        or DaemonUnavailableError(f"{op}: {exc}")) from None
-            except proto.ProtocolError as exc:
+            except proto.WireError as exc:
                 raise ProtocolError(f"{op}: bad accept header: {exc}") from None
             if header.listener_id and header.listener_id != slot_id:
                 raise ProtocolError(

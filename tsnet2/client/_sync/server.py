@@ -51,6 +51,11 @@ from tsnet2.client.errors import (
 
 __all__ = ["Listener", "Server"]
 
+START, UP, CLOSE = proto.Method.START, proto.Method.UP, proto.Method.CLOSE
+TAILSCALE_IPS, CERT_DOMAINS = proto.Method.TAILSCALE_IPS, proto.Method.CERT_DOMAINS
+REGISTER_LISTENER = proto.Method.REGISTER_LISTENER
+UNREGISTER_LISTENER = proto.Method.UNREGISTER_LISTENER
+
 
 class Server(ServerBase):
     """A tailnet node for this process, run by the tsnet2d daemon.
@@ -135,10 +140,7 @@ class Server(ServerBase):
                     timeout = START_TIMEOUT
                     if deadline is not None:
                         timeout = min(timeout, max(0.001, deadline - time.monotonic()))
-                    _base.rpc_result(
-                        op, "start",
-                        control.call(op, "start", self._start_params(), timeout),
-                    )
+                    control.request(op, START, self._start_params(), timeout)
             except BaseException:
                 control.close()
                 raise
@@ -147,20 +149,19 @@ class Server(ServerBase):
         self._log(f"tsnet2: connected to the daemon at {self.socket_path}")
 
     def _rpc(
-        self, op: str, method: str, params: dict[str, Any] | None, timeout: float | None
-    ) -> dict[str, Any]:
+        self, op: str, method: proto.Method, params: proto.WireDocument | None,
+        timeout: float | None,
+    ) -> Any:
         """One RPC; if the channel dies during it, reconnect and send it once more."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for attempt in (1, 2):
             control = self._live_control(op)
             left = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
-                resp = control.call(op, method, params, left)
+                return control.request(op, method, params, left)
             except DaemonUnavailableError:
                 if attempt == 2 or not self.reconnects or self._state is ServerState.CLOSED:
                     raise
-                continue
-            return _base.rpc_result(op, method, resp)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _live_control(self, op: str) -> ControlChannel:
@@ -234,15 +235,10 @@ class Server(ServerBase):
             self._pending_control = control
             try:
                 if self.join:
-                    _base.rpc_result(
-                        op, "start",
-                        control.call(op, "start", self._start_params(), START_TIMEOUT),
-                    )
+                    control.request(op, START, self._start_params(), START_TIMEOUT)
                 if any(not ln._closed for ln in self._listeners):
                     # Listeners need the node's addresses: wait until it runs.
-                    _base.rpc_result(
-                        op, "up", control.call(op, "up", None, START_TIMEOUT)
-                    )
+                    control.request(op, UP, None, START_TIMEOUT)
                 return control
             except PermissionDeniedError:
                 control.close()
@@ -291,9 +287,8 @@ class Server(ServerBase):
             b = ln._binding
             params = _base.relisten_params(b.network, b.addr)
             try:
-                resp = control.call(op, "register_listener", params, RPC_TIMEOUT)
                 listener_id, bound = _base.parse_register_result(
-                    _base.rpc_result(op, "register_listener", resp)
+                    control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
                 )
                 _base.check_relisten_addr(b.addr, bound)
             except DaemonUnavailableError:
@@ -316,7 +311,7 @@ class Server(ServerBase):
         op = "tsnet2.up"
         deadline = None if timeout is None else time.monotonic() + timeout
         self._start(deadline)
-        result = self._rpc(op, "up", None, remaining(deadline))
+        result = self._rpc(op, UP, None, remaining(deadline))
         status = self._local(deadline).status()
         return _base.build_status(result, status)
 
@@ -350,7 +345,7 @@ class Server(ServerBase):
         if control is None:
             return
         try:
-            control.call(op, "close", None, SHUTDOWN_RPC_TIMEOUT)
+            control.request(op, CLOSE, None, SHUTDOWN_RPC_TIMEOUT)
         except Error as exc:
             self._log(f"tsnet2: close RPC failed (ignored): {exc}")
         finally:
@@ -381,7 +376,7 @@ class Server(ServerBase):
         _base.check_listen_args(op, network, addr)
         self.start()
         result = self._rpc(
-            op, "register_listener", {"network": network, "addr": addr}, RPC_TIMEOUT
+            op, REGISTER_LISTENER, proto.RegisterListenerParams(network, addr), RPC_TIMEOUT
         )
         listener_id, bound = _base.parse_register_result(result)
         binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
@@ -403,10 +398,10 @@ class Server(ServerBase):
         if control is None:
             return
         try:
-            control.call(
+            control.request(
                 "tsnet2.Listener.close",
-                "unregister_listener",
-                {"listener_id": listener_id},
+                UNREGISTER_LISTENER,
+                proto.UnregisterListenerParams(listener_id),
                 SHUTDOWN_RPC_TIMEOUT,
             )
         except Error as exc:
@@ -454,7 +449,7 @@ class Server(ServerBase):
                 raise DeadlineExceededError(f"{op}: no reply from the daemon in time") from None
             try:
                 reply = proto.decode_dial_reply(line)
-            except proto.ProtocolError as exc:
+            except proto.WireError as exc:
                 raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
             if not reply.ok:
                 raise _base.dial_error(op, reply)
@@ -477,7 +472,7 @@ class Server(ServerBase):
         if self._state is not ServerState.STARTED:
             return None, None
         return _base.parse_tailscale_ips(
-            self._rpc("tsnet2.tailscale_ips", "tailscale_ips", None, RPC_TIMEOUT)
+            self._rpc("tsnet2.tailscale_ips", TAILSCALE_IPS, None, RPC_TIMEOUT)
         )
 
     def cert_domains(self) -> list[str] | None:
@@ -485,7 +480,7 @@ class Server(ServerBase):
         if self._state is not ServerState.STARTED:
             return None
         return _base.parse_cert_domains(
-            self._rpc("tsnet2.cert_domains", "cert_domains", None, RPC_TIMEOUT)
+            self._rpc("tsnet2.cert_domains", CERT_DOMAINS, None, RPC_TIMEOUT)
         )
 
 
@@ -608,7 +603,7 @@ class Listener(_base.ListenerBase):
                 self._reported.add(slot_id)
                 raise (_base.refused_error(f"{op}: {exc}", exc.code)
                        or DaemonUnavailableError(f"{op}: {exc}")) from None
-            except proto.ProtocolError as exc:
+            except proto.WireError as exc:
                 raise ProtocolError(f"{op}: bad accept header: {exc}") from None
             if header.listener_id and header.listener_id != slot_id:
                 raise ProtocolError(
