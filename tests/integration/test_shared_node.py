@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import tsnet2
+from tsnet2 import proto
 from tsnet2.daemon.server import MAX_LISTENERS_PER_SESSION
 
 from .tailnet import TwoNodes, recv_exactly, two_nodes, wait_for
@@ -78,7 +79,8 @@ def test_a_second_app_and_a_read_only_tool_leave_the_first_app_serving(net: TwoN
     with net.a.listen("tcp", ":8303") as ln, \
             tsnet2.Server(socket_path=str(net.da.socket_path), join=False) as tool:
         tool.start()
-        tool._rpc("test", "unregister_listener", {"listener_id": ln.listener_id}, 5)
+        tool._rpc("test", proto.Method.UNREGISTER_LISTENER,
+                  proto.UnregisterListenerParams(ln.listener_id), 5)
         t = echo_once(ln)
         assert_echo(net.b, "web:8303")
         t.join(10)
@@ -124,9 +126,11 @@ def test_listeners_per_client_are_capped(net: TwoNodes) -> None:
         hog.up(timeout=30)
         before = len(os.listdir(f"/proc/{pid}/fd"))
         for _ in range(MAX_LISTENERS_PER_SESSION):
-            hog._rpc("test", "register_listener", {"network": "tcp4", "addr": ":0"}, 10)
+            hog._rpc("test", proto.Method.REGISTER_LISTENER,
+                     proto.RegisterListenerParams("tcp4", ":0"), 10)
         with pytest.raises(tsnet2.LimitError, match="64 listeners"):
-            hog._rpc("test", "register_listener", {"network": "tcp4", "addr": ":0"}, 10)
+            hog._rpc("test", proto.Method.REGISTER_LISTENER,
+                     proto.RegisterListenerParams("tcp4", ":0"), 10)
         grown = len(os.listdir(f"/proc/{pid}/fd")) - before
         assert grown <= MAX_LISTENERS_PER_SESSION + 4, grown
         # Other clients are served meanwhile.
