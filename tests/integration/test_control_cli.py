@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tsnet2.control.cli import add_subcommands, parse_listen
-from tsnet2.control.client import AuthError, ControlClient
+from tsnet2.controlclient import AuthError, ControlClient
 
 ROOT = Path(__file__).resolve().parents[2]
 

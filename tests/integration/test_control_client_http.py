@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tsnet2.control import client as client_mod
-from tsnet2.control.client import AuthError, ControlClient, ControlError, ControlUnavailable
+from tsnet2.controlclient import AuthError, ControlClient, ControlError, ControlUnavailable
+from tsnet2.controlclient import client as client_mod
 
 Reply = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 

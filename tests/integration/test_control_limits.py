@@ -37,10 +37,10 @@ import aiohttp
 import pytest
 import yarl
 
-from tsnet2.control.client import ControlClient, ControlUnavailable
 from tsnet2.control.limits import ACCEPT_SLACK, ServerLimits
 from tsnet2.control.server import ControlServer
 from tsnet2.control.sqlite_store import SQLiteStore
+from tsnet2.controlclient import ControlClient, ControlUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 CTL = (sys.executable, "-m", "tsnet2.control")

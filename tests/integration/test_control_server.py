@@ -19,15 +19,15 @@ import aiohttp
 import pytest
 
 from tsnet2.control import ipam
-from tsnet2.control.client import (
+from tsnet2.control.server import ControlServer
+from tsnet2.control.sqlite_store import SQLiteStore
+from tsnet2.controlclient import (
     AuthError,
     ControlClient,
     ControlError,
     ControlUnavailable,
     RegisterResult,
 )
-from tsnet2.control.server import ControlServer
-from tsnet2.control.sqlite_store import SQLiteStore
 
 
 def pub() -> str:

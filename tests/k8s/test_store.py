@@ -21,7 +21,6 @@ from tsnet2_operator.store import CLAIMS, KubernetesStore
 from tests.k8s.test_store_fixtures import api_client, apiserver, new_namespace
 from tests.unit.test_control_store import _pub, _spec
 from tsnet2.control.authkeys import create_auth_key
-from tsnet2.control.client import ControlClient
 from tsnet2.control.server import ControlServer
 from tsnet2.control.sqlite_store import SQLiteStore
 from tsnet2.control.store import (
@@ -31,6 +30,7 @@ from tsnet2.control.store import (
     StoreError,
 )
 from tsnet2.control.tokens import hash_secret
+from tsnet2.controlclient import ControlClient
 
 __all__ = ["api_client", "apiserver"]
 

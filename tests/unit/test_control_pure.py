@@ -21,6 +21,7 @@ from tsnet2.control.tokens import (
     new_node_credential,
     validate_public_key,
 )
+from tsnet2.controlclient import boundedjson
 
 
 def _pub() -> str:
@@ -219,15 +220,15 @@ def test_poll_query_is_bounded() -> None:
 
 
 def test_json_depth_is_checked_before_parsing() -> None:
-    ok = "[" * api.MAX_JSON_DEPTH + "]" * api.MAX_JSON_DEPTH
-    assert not api.json_too_deep(ok)
-    assert api.json_too_deep("[" + ok + "]")
+    ok = "[" * boundedjson.MAX_JSON_DEPTH + "]" * boundedjson.MAX_JSON_DEPTH
+    assert not boundedjson.json_too_deep(ok)
+    assert boundedjson.json_too_deep("[" + ok + "]")
     # Brackets inside strings (escaped quotes too) do not count.
-    assert not api.json_too_deep('["' + "[" * 100 + '\\"' + "{" * 100 + '"]')
+    assert not boundedjson.json_too_deep('["' + "[" * 100 + '\\"' + "{" * 100 + '"]')
     # Siblings are not nesting.
-    assert not api.json_too_deep("[" + "[[]]," * 1000 + "[]]")
+    assert not boundedjson.json_too_deep("[" + "[[]]," * 1000 + "[]]")
     # Linear time on hostile input: an unterminated string of escaped quotes.
-    assert not api.json_too_deep('"' + '\\"' * 30_000)
+    assert not boundedjson.json_too_deep('"' + '\\"' * 30_000)
     for body in [b"[" * 60_000, b'{"a":' * 13_000 + b"1" + b"}" * 13_000]:
         with pytest.raises(api.BadRequest, match="deeper than 32"):
             api.parse_json_object(body)

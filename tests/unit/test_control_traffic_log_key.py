@@ -28,10 +28,10 @@ from tests.unit.test_tailscale_json import (
     make_node,
 )
 from tsnet2.control import api
-from tsnet2.control.client import ControlClient, ControlError
 from tsnet2.control.server import ControlServer
 from tsnet2.control.sqlite_store import MIGRATIONS, SQLiteStore
 from tsnet2.control.store import NodeRecord, UserRecord
+from tsnet2.controlclient import ControlClient, ControlError
 from tsnet2.proto import go_json
 from tsnet2.proto import tailscale as ts
 from tsnet2.traffic.signing import SigningKey, load_or_create_signing_key

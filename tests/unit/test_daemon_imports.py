@@ -1,7 +1,10 @@
 """The daemon process stays lean: no aiohttp, no coordination server or SQLite store.
 
 aiohttp alone costs tsnet2d about 10 MB of idle RSS (docs/benchmarks.md, "RSS"); it is
-only for the separate `tsnet2 control serve` and operator processes.
+only for the separate `tsnet2 control serve` and operator processes. The daemon reaches the
+coordination server through `tsnet2.controlclient`, a package of its own that imports nothing
+of `tsnet2.control`. tests/unit/test_layers.py checks that statically (tests/layers.toml);
+this test checks what a fresh interpreter actually loads.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import sys
 import textwrap
 
 # Modules the daemon must never load (in any of its own modules or the client it uses).
-BANNED = ("aiohttp", "tsnet2.control.server", "tsnet2.control.sqlite_store", "kopf",
-          "kubernetes")
+# Not sqlite3 itself: pyroute2 (the node) loads it for its NDB.
+BANNED = ("aiohttp", "tsnet2.control", "tsnet2.control.server", "tsnet2.control.sqlite_store",
+          "kopf", "kubernetes", "tsnet2_operator")
 
 
 def loaded_after(code: str) -> set[str]:
@@ -26,29 +30,28 @@ def loaded_after(code: str) -> set[str]:
 
 def test_daemon_entry_points_do_not_import_aiohttp() -> None:
     mods = loaded_after("import tsnet2.daemon.server, tsnet2.daemon.cli")
-    assert "tsnet2.daemon.health" in mods and "tsnet2.control.client" in mods
+    assert "tsnet2.daemon.health" in mods and "tsnet2.controlclient.client" in mods
     for banned in BANNED:
         assert banned not in mods, f"the daemon imported {banned}"
 
 
-def test_every_daemon_module_and_the_lazy_control_names_stay_lean() -> None:
+def test_every_daemon_module_and_the_control_client_stay_lean() -> None:
     mods = loaded_after("""
         import importlib, pkgutil
-        import tsnet2.daemon
-        for info in pkgutil.iter_modules(tsnet2.daemon.__path__, "tsnet2.daemon."):
-            if not info.name.endswith("__main__"):
-                importlib.import_module(info.name)
-        import tsnet2.control
-        # What the daemon uses through the package's lazy names.
-        tsnet2.control.ControlClient, tsnet2.control.ControlError, tsnet2.control.AuthError
-        tsnet2.control.ControlUnavailable, tsnet2.control.RegisterResult
+        import tsnet2.daemon, tsnet2.controlclient
+        for pkg in (tsnet2.daemon, tsnet2.controlclient):
+            for info in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
+                if not info.name.endswith("__main__"):
+                    importlib.import_module(info.name)
     """)
     assert "tsnet2.daemon.localapi" in mods and "tsnet2.daemon.backend" in mods
+    assert "tsnet2.controlclient.boundedjson" in mods
     for banned in BANNED:
         assert banned not in mods, f"a daemon module imported {banned}"
 
 
-def test_the_lazy_control_package_still_loads_the_server_on_demand() -> None:
-    # The guard above must not pass just because nothing can load the server.
-    mods = loaded_after("import tsnet2.control\ntsnet2.control.ControlServer")
-    assert "tsnet2.control.server" in mods and "aiohttp" in mods
+def test_the_guard_can_see_the_server() -> None:
+    # The guards above must not pass just because nothing can load the server.
+    mods = loaded_after("import tsnet2.control.server, tsnet2.control.sqlite_store")
+    assert {"tsnet2.control", "tsnet2.control.server", "tsnet2.control.sqlite_store",
+            "aiohttp"} <= mods

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from tsnet2.control.client import AuthError, ControlClient, ControlError
+from tsnet2.controlclient import AuthError, ControlClient, ControlError
 from tsnet2.daemon.io import DAEMON_MARK
 from tsnet2.node import Node, NodeError, PeerConfig, PeerState
 from tsnet2.node.endpoint import detect_endpoints, parse_endpoint

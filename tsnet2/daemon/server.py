@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from tsnet2 import proto
-from tsnet2.control.client import AuthError, ControlError
+from tsnet2.controlclient import AuthError, ControlError
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.health import HealthServer

@@ -20,7 +20,7 @@ from urllib.parse import urlencode, urlsplit
 
 import h11
 
-from tsnet2.control.api import BadRequest, loads_bounded
+from tsnet2.controlclient.boundedjson import BadRequest, loads_bounded
 
 MAX_RESPONSE_HEAD = 64 * 1024
 """Largest response status line + headers accepted from the control server."""
