@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,8 +96,14 @@ def lost_c(note: Note) -> bool:
     return "NetMap" in note and C_NAME not in peer_names(note)
 
 
+SESSION_ID = re.compile(r"[0-9a-f]{16}")  # tailscaled's rands.HexString(16)
+
+
 def check_initial(note: Note) -> None:
-    """The first Notify for mask 2|8: Running, and a NetMap of A with B as a peer."""
+    """The first Notify for mask 2|8: a session id, Running, and a NetMap of A with B as a
+    peer, in ipn.Notify's field order."""
+    assert list(note) == ["Version", "SessionID", "State", "NetMap"], list(note)
+    assert SESSION_ID.fullmatch(note["SessionID"]), note["SessionID"]
     assert note["State"] == RUNNING, note
     assert note["Version"]
     nm = note["NetMap"]
@@ -187,6 +195,8 @@ def test_watch_ipn_bus_blocking(bus: Bus) -> None:
     late = drain_end(q_full, t_full) + drain_end(q_quiet, t_quiet)
     assert all("State" not in n for n in seen_quiet + late), "mask 0 sent a State"
     assert all("State" not in n for n in seen_full[1:]), "A's state did not change"
+    # The session id is in the first Notify only, and only with NotifyInitialState.
+    assert all("SessionID" not in n for n in seen_full[1:] + seen_quiet + late)
     wait_for(lambda: bus.conns() == base, 5, "the daemon to drop both watch connections")
 
     # The daemon keeps serving; a watch closed from its own thread is gone at once too.
@@ -194,6 +204,8 @@ def test_watch_ipn_bus_blocking(bus: Bus) -> None:
     with lc.watch_ipn_bus(mask=NOTIFY_INITIAL_STATE) as only_state:
         note = next(only_state)
         assert note["State"] == RUNNING and "NetMap" not in note
+        assert list(note) == ["Version", "SessionID", "State"]
+        assert SESSION_ID.fullmatch(note["SessionID"])
         wait_for(lambda: bus.conns() == base + 1, 5, "the watch connection")
     with pytest.raises(StopIteration):
         next(only_state)
@@ -202,6 +214,7 @@ def test_watch_ipn_bus_blocking(bus: Bus) -> None:
     watcher = lc.watch_ipn_bus(mask=NOTIFY_INITIAL_NETMAP)
     for note in watcher:
         assert B_NAME in peer_names(note) and "State" not in note
+        assert "SessionID" not in note  # tailscaled sets it for NotifyInitialState only
         break
     watcher.close()
     watcher.close()  # idempotent
@@ -323,3 +336,46 @@ def test_watch_bad_mask_is_an_error(bus: Bus) -> None:
 
     asyncio.run(main())
     wait_for(lambda: bus.conns() == base, 5, "no leftover connections")
+
+
+# ---- wire bytes --------------------------------------------------------------------------
+
+
+def first_bus_line(d: DaemonProc, mask: int) -> bytes:
+    """The first Notify line of a raw watch-ipn-bus request (chunked HTTP/1.1 on a LocalAPI
+    channel), as the bytes the daemon wrote."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(d.socket_path))
+        s.sendall(b"\x02GET /localapi/v0/watch-ipn-bus?mask=%d HTTP/1.1\r\n"
+                  b"Host: local-tailscaled.sock\r\n\r\n" % mask)
+        buf = b""
+        while True:
+            head, sep, body = buf.partition(b"\r\n\r\n")
+            if sep:
+                size, crlf, rest = body.partition(b"\r\n")
+                if crlf and len(rest) >= int(size, 16):
+                    assert head.startswith(b"HTTP/1.1 200 "), head
+                    assert b"transfer-encoding: chunked" in head.lower(), head
+                    return rest[: int(size, 16)]
+            chunk = s.recv(65536)
+            assert chunk, f"connection closed before the first Notify: {buf!r}"
+            buf += chunk
+
+
+def test_first_notify_bytes_carry_a_session_id(bus: Bus) -> None:
+    """Byte for byte as tailscaled: ``{"Version":..,"SessionID":"<16 hex>","State":6}``; a
+    new id for every watch; none without NotifyInitialState."""
+    version = bus.a.local_client().status()["Version"]
+    ids = []
+    for _ in range(2):
+        line = first_bus_line(bus.da, NOTIFY_INITIAL_STATE)
+        m = re.fullmatch(rb'\{"Version":"([^"]+)","SessionID":"([0-9a-f]{16})","State":6\}\n',
+                         line)
+        assert m, line
+        assert m.group(1).decode() == version
+        ids.append(m.group(2))
+    assert ids[0] != ids[1]
+    line = first_bus_line(bus.da, NOTIFY_INITIAL_NETMAP)
+    assert line.startswith(b'{"Version":"%s","NetMap":{' % version.encode()), line[:80]
+    assert b'"SessionID"' not in line

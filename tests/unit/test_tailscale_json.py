@@ -260,3 +260,31 @@ def test_notify_state_and_netmap() -> None:
     assert nm["Domain"] == DOMAIN and set(nm["UserProfiles"]) == {"5", "6"}
     with pytest.raises(ValueError):
         ts.notify("v", state=42)
+
+
+# ipn.Notify field order (json names) up to the fields we emit: Version, then SessionID
+# (`json:",omitzero"`), ErrMessage, LoginFinished, State, ... (ipn/backend.go).
+GO_NOTIFY_ORDER = ["Version", "SessionID", "ErrMessage", "LoginFinished", "State", "Prefs",
+                   "SelfChange", "InitialStatus", "NetMap", "BrowseToURL"]
+
+
+def test_notify_session_id_bytes() -> None:
+    """The first Notify of a NotifyInitialState watch, byte for byte as tailscaled writes it
+    (Go's encoder, struct-field order): SessionID right after Version; "" is omitted."""
+    first = ts.notify("1.2.3", session_id="0123456789abcdef", state=ts.IPNState.Running)
+    assert go_json(first) == b'{"Version":"1.2.3","SessionID":"0123456789abcdef","State":6}'
+    assert go_json(ts.notify("1.2.3", session_id="", state=6)) == b'{"Version":"1.2.3","State":6}'
+    full = ts.notify("v", session_id="00ff00ff00ff00ff", err_message="e", state=2,
+                     browse_to_url="", self_node=make_node(1, "me", "100.64.0.2",
+                                                          "fd7a:115c:a1e0::2", 5))
+    assert list(full) == [k for k in GO_NOTIFY_ORDER if k in full]
+    assert list(full) == ["Version", "SessionID", "ErrMessage", "State", "NetMap", "BrowseToURL"]
+
+
+def test_new_session_id_is_rands_hexstring_16() -> None:
+    """tailscaled's rands.HexString(16): 16 lowercase hex characters, new for every watch."""
+    ids = {ts.new_session_id() for _ in range(64)}
+    assert len(ids) == 64
+    for sid in ids:
+        assert len(sid) == 16 and sid == sid.lower()
+        int(sid, 16)

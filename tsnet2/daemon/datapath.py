@@ -18,7 +18,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from tsnet2 import proto
@@ -46,6 +46,10 @@ HEADER_TIMEOUT = 10.0  # seconds for a client to send its header line
 SLOT_WAIT = 10.0  # seconds an inbound flow waits for a parked slot before it is dropped
 MAX_SLOTS = 64  # parked slots per listener; more are refused (a client parks 2 by default)
 BACKLOG = 512
+# Port 0 is given a port of the prototype's pool, 10002-19999 (its pickEphemeralPort in
+# cmd/tsnet2d/daemon/daemon.go): the kernel's own ephemeral range would show the app other
+# numbers than the Go daemon does.
+EPHEMERAL_PORTS = range(10002, 20000)
 EARLY_DATA_MAX = 256 * 1024  # app bytes buffered while a dial connects (then we stop reading)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -116,6 +120,7 @@ class Datapath:
         self.listeners: dict[str, ListenerRegistration] = {}
         self.splices: set[Splice] = set()
         self.log_stalled = False  # the traffic log's stdout is behind: flows are paused
+        self._ephemeral_count = 0  # port-0 ports handed out or skipped (the Go counter)
         self._nflog: NflogReader | None = None
 
     # ---- listeners -------------------------------------------------------------------
@@ -171,39 +176,71 @@ class Datapath:
         return lst
 
     def _bind(self, ips: list[IPAddress], requested: int) -> list[socket.socket]:
-        """Bind `requested` (0: any free port) on every address; a fixed port that is taken
-        is an error (`address_in_use`), never silently replaced by another one."""
-        for _attempt in range(16):
-            port = requested
-            socks: list[socket.socket] = []
+        """Bind `requested` on every address; a fixed port that is taken is an error
+        (`address_in_use`), never silently replaced by another one. Port 0 takes the next
+        free port of :data:`EPHEMERAL_PORTS` (see :meth:`_ephemeral_ports`); one that
+        another socket on these addresses holds is skipped, and a range with no free port
+        left is an `address_in_use` error."""
+        if requested:
             try:
-                for ip in ips:
-                    fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-                    s = socket.socket(fam, socket.SOCK_STREAM)
-                    socks.append(s)
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    with contextlib.suppress(OSError):
-                        s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-                    if fam == socket.AF_INET6:
-                        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    mark(s)
-                    keepalive(s, self.keepalive_idle)  # inherited by accepted sockets
-                    s.bind((str(ip), port))
-                    port = s.getsockname()[1]
-                    s.listen(BACKLOG)
-                    s.setblocking(False)
-                return socks
+                return self._bind_port(ips, requested)
             except OSError as exc:
-                for s in socks:
-                    s.close()
-                if exc.errno == errno.EADDRINUSE and requested == 0 and len(socks) > 1:
-                    continue  # an ephemeral port taken on the other family: pick another
                 if exc.errno == errno.EADDRINUSE:
-                    raise ListenError(f"daemon: port {port} is in use on this node "
+                    raise ListenError(f"daemon: port {requested} is in use on this node "
                                       f"({', '.join(map(str, ips))}); pick another port",
                                       ErrorCode.ADDRESS_IN_USE) from exc
                 raise ListenError(f"daemon: cannot listen: {exc}") from exc
-        raise ListenError("daemon: no free port on every address", ErrorCode.ADDRESS_IN_USE)
+        for port in self._ephemeral_ports():
+            try:
+                return self._bind_port(ips, port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise ListenError(f"daemon: cannot listen: {exc}") from exc
+        first, last = EPHEMERAL_PORTS[0], EPHEMERAL_PORTS[-1]
+        raise ListenError(f"daemon: no free port for a port-0 listener: every port of "
+                          f"{first}-{last} is in use on this node "
+                          f"({', '.join(map(str, ips))}); close a listener or pick a port",
+                          ErrorCode.ADDRESS_IN_USE)
+
+    def _ephemeral_ports(self) -> Iterator[int]:
+        """Candidate ports for a port-0 listener, each port of the range at most once.
+
+        The prototype's order: port ``10002 + n % 9998`` for its counter n = 1, 2, ... (a
+        fresh daemon hands out 10003 first, then 10004, ...; after 19999 comes 10002). The
+        counter lives as long as the daemon, like the Go daemon's process-wide one. Unlike
+        the prototype, a port a listener of this node holds is skipped (the prototype
+        answered "already registered"); the caller skips ports a bind finds taken.
+        """
+        held = {lst.port for lst in self.listeners.values()}
+        for _ in EPHEMERAL_PORTS:
+            self._ephemeral_count += 1
+            port = EPHEMERAL_PORTS[self._ephemeral_count % len(EPHEMERAL_PORTS)]
+            if port not in held:
+                yield port
+
+    def _bind_port(self, ips: list[IPAddress], port: int) -> list[socket.socket]:
+        """Listening sockets on `port` of every address; an OSError closes what was bound."""
+        socks: list[socket.socket] = []
+        try:
+            for ip in ips:
+                fam = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+                s = socket.socket(fam, socket.SOCK_STREAM)
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                with contextlib.suppress(OSError):
+                    s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+                if fam == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                mark(s)
+                keepalive(s, self.keepalive_idle)  # inherited by accepted sockets
+                s.bind((str(ip), port))
+                s.listen(BACKLOG)
+                s.setblocking(False)
+        except OSError:
+            for s in socks:
+                s.close()
+            raise
+        return socks
 
     async def unregister_listener(self, listener_id: str) -> bool:
         """Close a listener, its sockets and its parked slots. False if the id is unknown."""

@@ -171,9 +171,14 @@ class LocalAPI:
         if req.method == "HEAD":
             return  # the stream's headers only
 
+        # Like tailscaled (LocalBackend.WatchNotifications): every watch has its own
+        # session id, sent once, in the first Notify, when NotifyInitialState is asked for.
+        session_id = tailscale.new_session_id() if mask & NOTIFY_INITIAL_STATE else ""
+
         async def pump() -> None:
-            # Like tailscaled: the first Notify carries the state (NotifyInitialState) and
-            # the netmap (NotifyInitialNetMap) when asked; later ones follow every change.
+            # Like tailscaled: the first Notify carries the state and the session id
+            # (NotifyInitialState) and the netmap (NotifyInitialNetMap) when asked; later
+            # ones follow every change.
             first = True
             last_state: int | None = None
             async for _seq in b.changes():
@@ -185,6 +190,7 @@ class LocalAPI:
                     state=state if want_state else None,
                     self_node=b.self_node if want_netmap and b.running else None,
                     peers=b.peers, domain=b.domain,
+                    session_id=session_id if first else "",
                 )
                 first, last_state = False, state
                 if len(note) > 1:

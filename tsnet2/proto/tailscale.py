@@ -15,7 +15,10 @@ Field names, order and encodings follow these files of github.com/tailscale/tail
   HaveNodeKey, AuthURL, TailscaleIPs, Self, Health, MagicDNSSuffix, CurrentTailnet,
   CertDomains, Peer keyed by node key, User keyed by user id, ClientVersion),
   ``PeerStatus``, ``TailnetStatus``.
-- ``ipn/backend.go`` (commit c69ee128): ``State`` ints and names, ``Notify``.
+- ``ipn/backend.go`` (commit c69ee128): ``State`` ints and names, ``Notify`` (its
+  ``SessionID``, after ``Version``, is set by ``LocalBackend.WatchNotifications`` in
+  ``ipn/ipnlocal/local.go``: ``rands.HexString(16)`` per watch, first Notify only, and only
+  when the watch asked for ``NotifyInitialState``).
 - ``types/netmap/netmap.go`` (commit bd29b189): ``NetworkMap`` (SelfNode, NodeKey,
   Peers sorted by ID, Domain, UserProfiles) for the ``NetMap`` field of a Notify.
 
@@ -43,6 +46,7 @@ import binascii
 import datetime as _dt
 import enum
 import ipaddress
+import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -52,6 +56,7 @@ __all__ = [
     "TRAFFIC_LOG_KEY_CAP",
     "IPNState",
     "cap_map",
+    "new_session_id",
     "node_key",
     "notify",
     "peer_status",
@@ -382,6 +387,12 @@ def status(
     return out
 
 
+def new_session_id() -> str:
+    """A watch's ``Notify.SessionID``: 16 random lowercase hex characters, as tailscaled's
+    ``rands.HexString(16)`` (8 bytes from the OS's CSPRNG)."""
+    return secrets.token_hex(8)
+
+
 def notify(
     version: str,
     *,
@@ -391,16 +402,21 @@ def notify(
     peers: Iterable[Mapping[str, Any]] | None = None,
     domain: str = "",
     browse_to_url: str | None = None,
+    session_id: str = "",
 ) -> dict[str, Any]:
     """One ``ipn.Notify`` (a line of ``/localapi/v0/watch-ipn-bus``).
 
     Only the fields we know are present (Go decodes a missing pointer field as nil, which
-    means "unchanged"): ``Version`` always; ``ErrMessage``, ``State`` (an int),
-    ``BrowseToURL`` when given; ``NetMap`` when ``self_node`` is given. A peer change is
-    reported as tailscaled does: a Notify carrying the whole new ``NetMap`` with
-    ``SelfNode``, ``NodeKey``, ``Peers`` (sorted by ID), ``Domain`` and ``UserProfiles``.
+    means "unchanged"): ``Version`` always; ``SessionID`` when non-empty (Go's
+    ``omitzero``: tailscaled sets it in a watch's first Notify only, see
+    :func:`new_session_id`); ``ErrMessage``, ``State`` (an int), ``BrowseToURL`` when
+    given; ``NetMap`` when ``self_node`` is given. A peer change is reported as tailscaled
+    does: a Notify carrying the whole new ``NetMap`` with ``SelfNode``, ``NodeKey``,
+    ``Peers`` (sorted by ID), ``Domain`` and ``UserProfiles``.
     """
     out: dict[str, Any] = {"Version": version}
+    if session_id:
+        out["SessionID"] = session_id
     if err_message is not None:
         out["ErrMessage"] = err_message
     if state is not None:
