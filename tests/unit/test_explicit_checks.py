@@ -62,3 +62,17 @@ def test_splice_side_needs_a_stream_transport() -> None:
         assert splice.app.other is splice.peer and splice.peer.other is splice.app
 
     asyncio.run(main())
+
+
+def test_no_assert_statements_in_product_code() -> None:
+    """``python -O`` strips asserts: a condition worth checking gets a real check."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2]
+    found = []
+    for path in [*root.joinpath("tsnet2").rglob("*.py"),
+                 *root.joinpath("operator", "tsnet2_operator").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Assert):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == [], f"assert statements in product code: {found}"

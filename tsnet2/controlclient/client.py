@@ -140,7 +140,9 @@ class ControlClient:
         except OSError as exc:  # includes ssl.SSLError (certificate, handshake)
             raise _Unreachable(str(exc) or type(exc).__name__) from None
         transport = writer.transport
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):  # open_connection makes one: unreachable
+            writer.close()
+            raise TypeError(f"control client: unexpected transport {transport!r}")
         self._inflight.add(transport)
         graceful = False
         try:
@@ -219,7 +221,8 @@ class ControlClient:
                     )
                 parts.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                assert status is not None
+                if status is None:  # h11 yields a Response first; a server cannot skip it
+                    raise _Unreachable("reply ended before its status line")
                 return status, b"".join(parts)
             elif isinstance(event, h11.ConnectionClosed):
                 raise _Unreachable("connection closed before a complete reply")

@@ -254,7 +254,8 @@ class Backend:
         await self._apply_netmap(netmap)
         self.control_connected = True
         loop = asyncio.get_running_loop()
-        self._poll_task = loop.create_task(self._poll_loop(), name="tsnet2d-netmap-poll")
+        self._poll_task = loop.create_task(self._poll_loop(self._control),
+                                           name="tsnet2d-netmap-poll")
         self._monitor_task = loop.create_task(self._monitor_loop(), name="tsnet2d-node-monitor")
 
     async def stop(self, *, deregister: bool | None = None) -> None:
@@ -329,12 +330,11 @@ class Backend:
 
     # ---- netmap ----------------------------------------------------------------------
 
-    async def _poll_loop(self) -> None:
-        assert self._control is not None
+    async def _poll_loop(self, control: ControlClient) -> None:
         delay = 0.1
         while True:
             try:
-                netmap = await self._control.netmap(
+                netmap = await control.netmap(
                     self._credential, since=self.netmap_version, timeout=POLL_TIMEOUT
                 )
             except ControlError as exc:
