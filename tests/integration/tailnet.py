@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,16 @@ def wait_for(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condit
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def echo_once(ln: tsnet2.Listener) -> threading.Thread:
+    """Serve one echo connection on `ln` in a thread."""
+    def serve() -> None:
+        with ln.accept(timeout=30) as conn:
+            conn.sendall(conn.recv(100))
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
 
 
 def read_log(path: Path, *, checkpoints: bool = False) -> list[dict[str, Any]]:

@@ -12,15 +12,13 @@ import base64
 import json
 import re
 import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
 
-import tsnet2
 from tsnet2 import proto
 
-from .tailnet import TwoNodes, recv_exactly, two_nodes
+from .tailnet import TwoNodes, echo_once, recv_exactly, two_nodes
 
 pytestmark = pytest.mark.netns
 
@@ -57,15 +55,6 @@ def register_raw(s: socket.socket, rid: int, network: str, addr: str) -> bytes:
     assert result == b'{"listener_id":"%s","addr":"%s"}' % (doc["listener_id"].encode(),
                                                             doc["addr"].encode())
     return str(doc["addr"]).encode()
-
-
-def echo_once(ln: tsnet2.Listener) -> threading.Thread:
-    def serve() -> None:
-        with ln.accept(timeout=30) as conn:
-            conn.sendall(conn.recv(100))
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return t
 
 
 def test_port_0_follows_the_go_daemon_and_skips_ports_in_use(net: TwoNodes) -> None:

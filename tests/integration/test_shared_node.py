@@ -20,19 +20,9 @@ import tsnet2
 from tsnet2 import proto
 from tsnet2.daemon.server import MAX_LISTENERS_PER_SESSION
 
-from .tailnet import TwoNodes, recv_exactly, two_nodes, wait_for
+from .tailnet import TwoNodes, echo_once, recv_exactly, two_nodes, wait_for
 
 pytestmark = pytest.mark.netns
-
-
-def echo_once(ln: tsnet2.Listener) -> threading.Thread:
-    """Serve one echo connection on `ln` in a thread."""
-    def serve() -> None:
-        with ln.accept(timeout=30) as conn:
-            conn.sendall(conn.recv(100))
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return t
 
 
 def assert_echo(dialer: tsnet2.Server, target: str, payload: bytes = b"ping",
