@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,11 @@ from typing import Any
 import pytest
 from tsnet2_operator.config import SidecarConfig
 
+import tsnet2
 from tests.e2e.checks import metric_samples
 from tests.image import apps
 from tests.image.podman import (
     IMAGE,
-    REPO,
     PodmanError,
     for_podman,
     infra_ip,
@@ -58,8 +57,7 @@ def _run(*args: str, timeout: float = 60.0) -> str:
 def test_metadata_labels_user_healthcheck_size() -> None:
     doc = _inspect()
     labels = doc["Config"]["Labels"]
-    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    assert labels["org.opencontainers.image.version"] == version
+    assert labels["org.opencontainers.image.version"] == tsnet2.__version__  # tsnet2/_version.py
     for key in ("title", "description", "source", "licenses", "revision", "created"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
     assert labels["org.opencontainers.image.licenses"] == "BSD-3-Clause"
