@@ -8,7 +8,7 @@
 #   ${TSNET2_TOOLS_CACHE:-/var/cache/tsnet2-tools}/wireguard-go-<module version>/wireguard-go
 # and its path is printed on stdout (progress goes to stderr). Idempotent: once that file
 # exists (it is only ever renamed into place after a build that reports the right
-# version) nothing is built and neither Go nor the network is needed. Cold: about 10 s.
+# version) nothing is built and neither Go nor the network is needed. Cold: under 20 s.
 # Static (CGO_ENABLED=0), no toolchain download, go.sum enforced, never `@latest`.
 #
 # Usage: image/wireguard-go/build.sh [--print-path]
