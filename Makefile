@@ -16,9 +16,10 @@ setup:
 	scripts/setup
 
 # The benchmark suite (not part of `make test`): about 5 minutes, writes bench-results.json.
+# Over the current wireguard-go when Go is here, else Debian's (scripts/with-wireguard-go).
 bench:
 	scripts/setup
-	.venv/bin/python -m tests.bench.run
+	scripts/with-wireguard-go .venv/bin/python -m tests.bench.run
 
 # The end-to-end suite on kind instead of the local cluster (needs a Docker engine):
 # see docs/e2e.md.

@@ -10,6 +10,18 @@ import pytest
 from tests.require import REQUIRE_ENV, required, required_part
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which wireguard-go the netns lab's nodes run: $TSNET2_WIREGUARD_GO (scripts/test sets
+    it to the build of image/wireguard-go), else wireguard-go on PATH."""
+    from tsnet2.node.device import find_wireguard_go
+    from tsnet2.node.errors import NodeError
+
+    try:
+        return f"wireguard-go: {find_wireguard_go()}"
+    except NodeError as exc:
+        return f"wireguard-go: {exc}"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Reject a misspelt ``$TSNET2_REQUIRE`` before any test runs."""
     try:

@@ -35,6 +35,7 @@ from typing import Any
 import tsnet2
 from tsnet2.lab import Lab, check_prerequisites, find_leftovers
 from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
+from tsnet2.node.device import WireguardGo, find_wireguard_go
 
 from .procs import (
     ROOT,
@@ -84,8 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Bench:
     """Runs the phases in one lab and collects rows and raw details."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, wireguard_go: WireguardGo) -> None:
         self.args = args
+        self.wireguard_go = wireguard_go
+        """The wireguard-go both nodes run ($TSNET2_WIREGUARD_GO, else wireguard-go on PATH)."""
+        self.wg_name = os.path.basename(wireguard_go.path)
         self.t0 = time.monotonic()
         self.rows: list[Row] = []
         self.details: dict[str, Any] = {}
@@ -149,7 +153,7 @@ class Bench:
         """Daemons and wireguard-go processes to watch for CPU."""
         pids = {"daemon_a": self.daemon_pid(self.da), "daemon_b": self.daemon_pid(self.db)}
         for key, dp in (("wg_a", self.da), ("wg_b", self.db)):
-            pid = find_pid(["wireguard-go", "-f", dp.node.ifname])
+            pid = find_pid([self.wg_name, "-f", dp.node.ifname])
             if pid is not None:
                 pids[key] = pid
         return pids
@@ -284,7 +288,7 @@ class Bench:
             "nofile_a": nofile_limits(pa), "nofile_b": nofile_limits(pb),
         }
         for key, dp in (("a", self.da), ("b", self.db)):
-            wg = find_pid(["wireguard-go", "-f", dp.node.ifname])
+            wg = find_pid([self.wg_name, "-f", dp.node.ifname])
             out[f"wg_rss_{key}"] = rss_bytes(wg) if wg else None
         return out
 
@@ -587,15 +591,15 @@ def nproc() -> int:
 
 def write_results(bench: Bench, path: str, interrupted: bool, leftovers: list[str]) -> None:
     """The JSON document: environment, options, rows, raw details."""
-    wg = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True,
-                        check=False).stdout.strip().split("\n")[0]
     doc = {
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "nproc": nproc(),
         "loadavg_start": bench.loadavg_start,
         "loadavg_end": Path("/proc/loadavg").read_text().split()[:3],
         "machine": {"hostname": socket.gethostname(), "kernel": platform.release(),
-                    "python": platform.python_version(), "wireguard_go": wg},
+                    "python": platform.python_version(),
+                    "wireguard_go": bench.wireguard_go.version,
+                    "wireguard_go_path": bench.wireguard_go.path},
         "options": {k: v for k, v in vars(bench.args).items() if k != "out"},
         "main_traffic_log_mode": "off",
         "seconds": round(bench.elapsed(), 1),
@@ -621,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    bench = Bench(args)
+    bench = Bench(args, find_wireguard_go())
+    bench.say(f"wireguard-go: {bench.wireguard_go}")
     interrupted = False
     lab: Lab | None = None
     net: LocalTailnet | None = None
@@ -648,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"tsnet2 benchmark, {nproc()} CPUs (load average {' '.join(bench.loadavg_start)} at "
           f"start), {bench.elapsed():.0f} s, main rows with --traffic-log-mode off; baselines "
-          "measured in the same run")
+          f"measured in the same run; {bench.wireguard_go}")
     print(table(bench.rows))
     for e in bench.errors:
         print(f"ERROR {e}")

@@ -4,6 +4,8 @@
 # * installs podman, buildah, runc and debootstrap from Debian when missing (needs root);
 # * builds a Debian bookworm base image with debootstrap (no registry is reachable on the
 #   CI machine), localhost/tsnet2-base:bookworm, unless it exists;
+# * stages the current wireguard-go (image/wireguard-go/build.sh) in the build context when
+#   Go or its cached build is here, else the image takes Debian's package;
 # * builds the Containerfile at the repository root on that base, unless an image with the
 #   same source hash (label io.tsnet2.source-hash) exists already.
 #
@@ -62,6 +64,19 @@ EOF
     rm -rf "$rootfs"
     trap - EXIT
     say "base image ready in $((SECONDS - start)) s"
+fi
+
+# wireguard-go: stage the current build (image/wireguard-go/build.sh: built once with Go, or
+# found in its cache) in the build context, where the Containerfile takes it; with neither,
+# remove a stale one, and the image takes Debian's package.
+staged=image/wireguard-go/wireguard-go
+if command -v go >/dev/null 2>&1 || [ -x "$(image/wireguard-go/build.sh --print-path)" ]; then
+    wg=$(image/wireguard-go/build.sh)
+    cmp -s "$wg" "$staged" || install -m 0755 "$wg" "$staged"
+    say "wireguard-go: $("$staged" --version | head -1) (built by image/wireguard-go/build.sh)"
+else
+    rm -f "$staged"
+    say "wireguard-go: no Go toolchain and no cached build: the image takes Debian's package"
 fi
 
 # The content hash of everything the Containerfile copies, plus the base image's id.

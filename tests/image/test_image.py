@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.e2e.checks import metric_samples
 from tests.image import apps
 from tests.image.podman import (
     IMAGE,
+    REPO,
     PodmanError,
     for_podman,
     infra_ip,
@@ -93,6 +95,21 @@ def test_entry_points_and_no_build_leftovers() -> None:
                     "ls -A /root/.cache /tmp 2>/dev/null | grep -v ':' | sed 's/^/CACHE /'; "
                     "find / -xdev -name '*.whl' -print -quit | sed 's/^/WHEEL /'; true")
     assert leftover.strip() == "", leftover
+
+
+def test_wireguard_go_is_the_current_one_when_staged() -> None:
+    """tests/image/build.sh stages the build of image/wireguard-go (when Go or that build's
+    cache is here): the image then runs it from /usr/local/bin; without it, Debian's."""
+    staged = REPO / "image" / "wireguard-go" / "wireguard-go"
+    path, version = _run("sh", "-c", "command -v wireguard-go; "
+                         "wireguard-go --version | head -1").splitlines()
+    if staged.exists():
+        want = subprocess.run([str(staged), "--version"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.splitlines()[0]
+        assert (path, version) == ("/usr/local/bin/wireguard-go", want)
+    else:
+        assert path == "/usr/bin/wireguard-go", path
+    print(f"\nimage {IMAGE}: {version} ({path})")
 
 
 def test_healthcheck_asks_the_daemons_healthz() -> None:

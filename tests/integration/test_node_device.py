@@ -18,10 +18,13 @@ from tsnet2.lab import Lab, find_leftovers
 from tsnet2.node import Node, NodeError, PeerConfig, UAPIError, detect_endpoints
 from tsnet2.node.device import (
     SOCKET_DIR,
+    WIREGUARD_GO_ENV,
     KernelDevice,
     PeerUpdate,
     UserspaceDevice,
+    WireguardGo,
     detect_backend,
+    find_wireguard_go,
 )
 from tsnet2.node.uapi import MAX_REPLY_BYTES, UAPIClient
 
@@ -128,6 +131,39 @@ def test_child_that_never_listens_is_killed(lab: Lab, tmp_path: Path) -> None:
         dev.start(WireguardKey.generate(), 41641)
     assert dev.pid is None
     assert [x for x in find_leftovers(lab.prefix) if x.startswith("process")] == []
+
+
+@netns
+def test_the_wireguard_go_named_is_the_one_run(
+        lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$TSNET2_WIREGUARD_GO names the binary (scripts/test points it at the build of
+    image/wireguard-go); ``Node(wireguard_go=...)`` (tsnet2d --wireguard-go) overrides it."""
+    real = find_wireguard_go()
+    a = lab.add_node("a")
+    with lab.in_netns(a.netns), Node(ifname=a.ifname, backend="userspace") as node:
+        node.start(WireguardKey.generate())
+        device = node.device
+        assert isinstance(device, UserspaceDevice) and device.pid is not None
+        assert device.path == real.path
+        assert os.path.realpath(f"/proc/{device.pid}/exe") == os.path.realpath(real.path)
+    ran = tmp_path / "ran"
+    wrapper = _fake_binary(tmp_path, f'echo "$@" >> {ran}; exec {real.path} "$@"')
+    monkeypatch.setenv(WIREGUARD_GO_ENV, wrapper)
+    assert find_wireguard_go() == WireguardGo(wrapper, real.version)
+    assert ran.read_text() == "--version\n"
+    ran.unlink()
+    with lab.in_netns(a.netns), Node(ifname=a.ifname, backend="userspace") as node:
+        node.start(WireguardKey.generate())
+        assert node.device.path == wrapper  # type: ignore[attr-defined]
+    assert ran.read_text() == f"-f {a.ifname}\n"
+    monkeypatch.setenv(WIREGUARD_GO_ENV, str(tmp_path / "not-there"))
+    with lab.in_netns(a.netns), Node(ifname=a.ifname, backend="userspace",
+                                     wireguard_go=wrapper) as node:
+        node.start(WireguardKey.generate())
+    assert ran.read_text() == f"-f {a.ifname}\n" * 2
+    with pytest.raises(NodeError, match=f"not-there not found; install the wireguard-go "
+                       f"package, or name a wireguard-go binary in \\${WIREGUARD_GO_ENV}"):
+        find_wireguard_go()
 
 
 @netns

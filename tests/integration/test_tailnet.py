@@ -8,12 +8,14 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tsnet2
 from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
+from tsnet2.node.device import WIREGUARD_GO_ENV, find_wireguard_go
 
 from .tailnet import recv_exactly, running_tailnet, wait_for
 
@@ -91,6 +93,29 @@ def test_three_nodes_then_a_fourth_joins_and_an_ephemeral_leaves() -> None:
             for s in servers:
                 if not s.closed:
                     s.close()
+
+
+def test_tsnet2d_says_which_wireguard_go_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wireguard-go picks the binary over $TSNET2_WIREGUARD_GO, and the daemon logs it."""
+    real = find_wireguard_go()
+    ran = tmp_path / "ran"
+    wrapper = tmp_path / "wg-wrapper"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {ran}\nexec {real.path} "$@"\n')
+    wrapper.chmod(0o755)
+    with running_tailnet() as net:
+        key = net.authkey()
+        plain = net.add_daemon("plain", auth_key=key)
+        with _server(plain) as srv:
+            srv.up(timeout=30)
+        assert f"device {plain.node.ifname} up: wireguard-go {real.path}\n" in plain.log_text()
+        monkeypatch.setenv(WIREGUARD_GO_ENV, str(tmp_path / "not-there"))
+        named = net.add_daemon("named", auth_key=net.authkey(),
+                               extra_args=("--wireguard-go", str(wrapper)))
+        with _server(named) as srv:
+            srv.up(timeout=30)
+        assert f"device {named.node.ifname} up: wireguard-go {wrapper}\n" in named.log_text()
+        assert ran.read_text() == f"-f {named.node.ifname}\n"
 
 
 def _device_gone(net: LocalTailnet, d: DaemonProc) -> bool:

@@ -25,6 +25,7 @@ from typing import Any, Literal, Protocol
 from tsnet2.controlclient import AuthError, ControlClient, ControlError
 from tsnet2.daemon.io import DAEMON_MARK
 from tsnet2.node import Node, NodeError, PeerConfig, PeerState
+from tsnet2.node.device import UserspaceDevice
 from tsnet2.node.endpoint import detect_endpoints, parse_endpoint
 from tsnet2.node.guard import Guard
 from tsnet2.node.keys import load_or_create_private_key, public_key_b64
@@ -77,6 +78,7 @@ class DeviceConfig:
     backend: Literal["auto", "kernel", "userspace"] = "auto"
     advertise_endpoint: str | None = None
     guard: bool = True  # install the nftables audit guard with the device
+    wireguard_go: str | None = None  # userspace binary; None: $TSNET2_WIREGUARD_GO or PATH
 
 
 # The NFLOG group the guard copies refused SYNs to. Groups are per network namespace, and
@@ -238,9 +240,14 @@ class Backend:
             {"control_url": params.control_url, "node_credential": reg.node_credential,
              "node": reg.node, "domain": reg.domain}
         )
-        node = Node(ifname=cfg.ifname, listen_port=cfg.listen_port, backend=cfg.backend)
+        node = Node(ifname=cfg.ifname, listen_port=cfg.listen_port, backend=cfg.backend,
+                    wireguard_go=cfg.wireguard_go)
         self._node = node
         await asyncio.to_thread(node.start, key)
+        device = node.device
+        log.info("device %s up: %s", cfg.ifname,
+                 f"wireguard-go {device.path}" if isinstance(device, UserspaceDevice)
+                 else f"{device.backend} WireGuard")
         v4, v6 = self._addresses(reg.node)
         await asyncio.to_thread(node.set_addresses, v4, v6)
         if cfg.guard:

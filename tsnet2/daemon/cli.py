@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="endpoint peers should use (default: detected from routes)")
     p.add_argument("--backend", choices=["auto", "kernel", "userspace"], default="auto",
                    help="WireGuard implementation (default auto: kernel if available)")
+    p.add_argument("--wireguard-go", metavar="PATH",
+                   help="the userspace backend's wireguard-go binary (default "
+                   "$TSNET2_WIREGUARD_GO, else wireguard-go on PATH)")
     p.add_argument("--no-guard", action="store_true",
                    help="do not install the nftables guard that keeps every other process in "
                    "this network namespace off the tailnet (the traffic log is then not "
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic_log_checkpoint=args.traffic_log_checkpoint,
         device=DeviceConfig(ifname=args.tun, listen_port=args.port, backend=args.backend,
                             advertise_endpoint=args.advertise_endpoint,
-                            guard=not args.no_guard),
+                            guard=not args.no_guard, wireguard_go=args.wireguard_go),
         allow_uids=allow,
         socket_mode=socket_mode,
         socket_group=socket_group,

@@ -27,7 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tsnet2.node.device import SOCKET_DIR
+from tsnet2.node.device import SOCKET_DIR, find_wireguard_go
+from tsnet2.node.errors import NodeError
 from tsnet2.node.netns import enter_netns
 
 __all__ = [
@@ -62,14 +63,18 @@ class LabNode:
 
 
 def check_prerequisites() -> list[str]:
-    """Return human-readable reasons the lab cannot run here (empty list = ready)."""
+    """Return human-readable reasons the lab cannot run here (empty list = ready). The
+    wireguard-go checked is the one the lab's nodes run: ``$TSNET2_WIREGUARD_GO``, else
+    ``wireguard-go`` on PATH (``tsnet2.node.device.find_wireguard_go`` names it)."""
     problems: list[str] = []
     if os.geteuid() != 0:
         problems.append("not running as root (network namespaces need root; try sudo)")
     if shutil.which("ip") is None:
         problems.append("the `ip` command is missing (install iproute2)")
-    if shutil.which("wireguard-go") is None:
-        problems.append("wireguard-go not found (install the wireguard-go package)")
+    try:
+        find_wireguard_go()
+    except NodeError as exc:
+        problems.append(str(exc))
     if not os.path.exists("/dev/net/tun"):
         problems.append("/dev/net/tun is missing (load the tun module or run with --device)")
     return problems

@@ -20,6 +20,7 @@ from typing import Any
 import tsnet2
 from tsnet2.lab import Lab, check_prerequisites
 from tsnet2.lab.tailnet import LocalTailnet
+from tsnet2.node.device import find_wireguard_go
 
 MESSAGE = b"hello tsnet2"
 
@@ -59,6 +60,7 @@ def run_demo(verbose: bool = False, out: Any = None) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
+    wireguard_go = find_wireguard_go()  # the nodes run this one (checked just above)
 
     def on_term(_sig: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -67,7 +69,7 @@ def run_demo(verbose: bool = False, out: Any = None) -> int:
     lab = Lab()
     try:
         with lab, LocalTailnet(lab) as net:
-            print(f"lab {lab.prefix}: hub {lab.hub_ip}", file=out)
+            print(f"lab {lab.prefix}: hub {lab.hub_ip}; {wireguard_go}", file=out)
             net.start_control()
             key = net.authkey(reusable=True, ephemeral=True)
             print(f"control server {net.control_url}; auth key created", file=out)

@@ -156,8 +156,11 @@ class Node:
         ifname: str = "tsnet2",
         listen_port: int = 41641,
         backend: Literal["auto", "kernel", "userspace"] = "auto",
+        wireguard_go: str | None = None,
     ) -> None:
-        """Validate the settings; nothing is created until ``start()``."""
+        """Validate the settings; nothing is created until ``start()``. ``wireguard_go``: the
+        userspace backend's binary (default ``$TSNET2_WIREGUARD_GO``, else ``wireguard-go``
+        on PATH)."""
         _validate_ifname(ifname)
         if not 0 <= listen_port <= 65535:
             raise NodeError(f"listen port {listen_port} is not in 0-65535")
@@ -166,6 +169,7 @@ class Node:
         self.ifname = ifname
         self.listen_port = listen_port
         self.requested_backend = backend
+        self.wireguard_go = wireguard_go
         self.ipv6 = False
         self._device: Device | None = None
         self._netns_fd: int | None = None
@@ -224,7 +228,7 @@ class Node:
             backend = (
                 detect_backend() if self.requested_backend == "auto" else self.requested_backend
             )
-            device = create_device(self.ifname, backend)
+            device = create_device(self.ifname, backend, self.wireguard_go)
             self._netns_fd = current_netns_fd()
             try:
                 device.start(private_key, self.listen_port)

@@ -1,7 +1,9 @@
 """The WireGuard device: one interface (``Device``), two backends.
 
 * ``UserspaceDevice``: runs ``wireguard-go -f <ifname>`` as a supervised child process (TUN
-  device, configured over the UAPI socket ``/var/run/wireguard/<ifname>.sock``).
+  device, configured over the UAPI socket ``/var/run/wireguard/<ifname>.sock``). Which
+  wireguard-go: the ``binary`` argument, else ``$TSNET2_WIREGUARD_GO``, else
+  ``wireguard-go`` on PATH (``wireguard_go_binary``).
 * ``KernelDevice``: the in-kernel WireGuard module, ``ip link add type wireguard`` plus the
   ``wireguard`` generic-netlink family (pyroute2).
 
@@ -36,13 +38,17 @@ from .uapi import DeviceState, PeerState, UAPIClient, b64_to_hex
 
 __all__ = [
     "SOCKET_DIR",
+    "WIREGUARD_GO_ENV",
     "Backend",
     "Device",
     "KernelDevice",
     "PeerUpdate",
     "UserspaceDevice",
+    "WireguardGo",
     "create_device",
     "detect_backend",
+    "find_wireguard_go",
+    "wireguard_go_binary",
 ]
 
 Backend = Literal["kernel", "userspace"]
@@ -50,6 +56,50 @@ SOCKET_DIR = Path("/var/run/wireguard")
 _SOCKET_WAIT = 5.0
 _STOP_WAIT = 5.0
 _MAX_LOG = 64 * 1024
+WIREGUARD_GO_ENV = "TSNET2_WIREGUARD_GO"
+"""Environment variable naming the wireguard-go binary (a path, or a name looked up on PATH)."""
+
+
+def wireguard_go_binary(binary: str | None = None) -> str:
+    """The wireguard-go to run: ``binary`` if given, else ``$TSNET2_WIREGUARD_GO``, else
+    ``wireguard-go`` (looked up on PATH when started)."""
+    return binary or os.environ.get(WIREGUARD_GO_ENV) or "wireguard-go"
+
+
+@dataclass(frozen=True)
+class WireguardGo:
+    """A wireguard-go binary: its resolved ``path`` and ``version`` (the first line of its
+    ``--version`` output, e.g. ``wireguard-go v0.0.20250522``)."""
+
+    path: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.version} ({self.path})"
+
+
+def find_wireguard_go(binary: str | None = None) -> WireguardGo:
+    """Resolve the wireguard-go that ``UserspaceDevice(binary=binary)`` would run and ask it
+    its version. Raises ``NodeError`` if it is missing or does not answer ``--version``."""
+    name = wireguard_go_binary(binary)
+    path = shutil.which(name)
+    if path is None:
+        raise NodeError(_not_found(name))
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=5,
+                             stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NodeError(f"{path} --version failed: {exc}") from None
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise NodeError(f"{path} --version failed (status {out.returncode}): "
+                        f"{(out.stderr or out.stdout).strip()[:500]}")
+    return WireguardGo(os.path.abspath(path), lines[0].strip())
+
+
+def _not_found(name: str) -> str:
+    return (f"{name} not found; install the wireguard-go package, or name a wireguard-go "
+            f"binary in ${WIREGUARD_GO_ENV} (tsnet2d: --wireguard-go)")
 
 
 @dataclass(frozen=True)
@@ -131,10 +181,13 @@ class UserspaceDevice:
 
     backend: Backend = "userspace"
 
-    def __init__(self, name: str, binary: str = "wireguard-go") -> None:
-        """``binary`` is looked up on PATH at start()."""
+    def __init__(self, name: str, binary: str | None = None) -> None:
+        """``binary``: the wireguard-go to run (default ``$TSNET2_WIREGUARD_GO``, else
+        ``wireguard-go``), looked up on PATH at start()."""
         self.name = name
-        self.binary = binary
+        self.binary = wireguard_go_binary(binary)
+        self.path: str | None = None
+        """The resolved binary, once started."""
         self.sock_path = SOCKET_DIR / f"{name}.sock"
         self.uapi = UAPIClient(self.sock_path)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -158,7 +211,8 @@ class UserspaceDevice:
             raise NodeError(f"device {self.name} is already started")
         binary = shutil.which(self.binary)
         if binary is None:
-            raise NodeError(f"{self.binary} not found; install the wireguard-go package")
+            raise NodeError(_not_found(self.binary))
+        self.path = os.path.abspath(binary)
         if not os.path.exists("/dev/net/tun"):
             raise NodeError(
                 "/dev/net/tun missing; the userspace backend needs a TUN device "
@@ -387,10 +441,11 @@ def detect_backend() -> Backend:
     return "kernel"
 
 
-def create_device(name: str, backend: Backend) -> Device:
-    """Construct (but do not start) a device for ``backend``."""
+def create_device(name: str, backend: Backend, wireguard_go: str | None = None) -> Device:
+    """Construct (but do not start) a device for ``backend``; ``wireguard_go`` is the binary
+    of the userspace backend (see ``wireguard_go_binary``)."""
     if backend == "kernel":
         return KernelDevice(name)
     if backend == "userspace":
-        return UserspaceDevice(name)
+        return UserspaceDevice(name, binary=wireguard_go)
     raise NodeError(f"unknown WireGuard backend {backend!r}; use kernel, userspace or auto")
