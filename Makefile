@@ -10,6 +10,7 @@ test:
 lint:
 	scripts/setup
 	.venv/bin/ruff check tsnet2 operator tests
+	.venv/bin/python scripts/unasync.py --check
 	.venv/bin/mypy
 
 setup:
