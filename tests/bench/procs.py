@@ -25,19 +25,21 @@ class BenchRunError(Exception):
 
 
 class Gen:
-    """One load-generator process (``tests.bench.loadgen``) inside ``netns``.
+    """One load-generator process (``tests.bench.loadgen``, or ``program``) inside ``netns``.
 
     It speaks line by line on stdout (READY / HELD / RESULT); ``send`` writes a line to its
     stdin. The process is tracked by the lab, so ``Lab.close`` stops it in any case.
     """
 
     def __init__(self, lab: Lab, netns: str, role_argv: list[str], log_path: Path,
-                 max_seconds: int, mark: bool = False) -> None:
+                 max_seconds: int, mark: bool = False, program: list[str] | None = None) -> None:
         self.name = role_argv[0]
         self.log_path = log_path
         argv = [sys.executable, "-m", "tests.bench.loadgen", "--max-seconds", str(max_seconds)]
         if mark:
             argv.append("--mark")
+        if program is not None:  # another program speaking the same protocol (gotsnet)
+            argv = [*program, "-max-seconds", str(max_seconds)]
         with open(log_path, "ab") as logf:
             self.proc: subprocess.Popen[str] = lab.popen(
                 netns, [*argv, *role_argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -44,6 +44,8 @@ class Row:
     check: str = ""
     limit: float | None = None
     note: str = ""
+    go_value: float | None = None
+    """The same measure for the Go tsnet row (tests/bench/gotsnet), when it ran."""
 
     @property
     def ratio(self) -> float | None:
@@ -51,6 +53,13 @@ class Row:
         if self.value is None or not self.baseline:
             return None
         return self.value / self.baseline
+
+    @property
+    def vs_go(self) -> float | None:
+        """value / go_value, when both are known."""
+        if self.value is None or not self.go_value:
+            return None
+        return self.value / self.go_value
 
     @property
     def delta(self) -> float | None:
@@ -87,7 +96,8 @@ class Row:
     def as_json(self) -> dict[str, Any]:
         """The row with its derived fields."""
         out = dataclasses.asdict(self)
-        out.update(ratio=_r(self.ratio), delta=_r(self.delta), target=self.target,
+        out.update(ratio=_r(self.ratio), vs_go=_r(self.vs_go), delta=_r(self.delta),
+                   target=self.target,
                    verdict=self.verdict)
         return out
 
@@ -108,15 +118,17 @@ def _fmt(x: float | None) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     """The rows as a fixed-width text table."""
-    head = ("row", "tsnet2", "baseline", "ratio", "delta", "target", "result", "note")
+    head = ("row", "tsnet2", "baseline", "ratio", "delta", "vs Go tsnet", "target", "result",
+            "note")
     lines = [head]
     for r in rows:
         base = f"{_fmt(r.baseline)} {r.baseline_name}".strip() if r.baseline is not None else "-"
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
         delta = "-" if r.delta is None else f"{r.delta:+.3f}" if abs(r.delta) < 10 else \
             f"{r.delta:+,.0f}"
-        lines.append((f"{r.label} [{r.unit}]", _fmt(r.value), base, ratio, delta, r.target,
-                      r.verdict, r.note))
+        vs_go = "-" if r.vs_go is None else f"{r.vs_go:.2f}x ({_fmt(r.go_value)})"
+        lines.append((f"{r.label} [{r.unit}]", _fmt(r.value), base, ratio, delta, vs_go,
+                      r.target, r.verdict, r.note))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = []
     for i, line in enumerate(lines):
@@ -128,13 +140,14 @@ def table(rows: Sequence[Row]) -> str:
 
 def markdown(rows: Sequence[Row]) -> str:
     """The rows as a Markdown table (for docs/benchmarks.md)."""
-    out = ["| row | tsnet2 | baseline | ratio | delta | target | result | note |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| row | tsnet2 | baseline | ratio | delta | vs Go tsnet | target | result | note |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = f"{_fmt(r.baseline)} ({r.baseline_name})" if r.baseline is not None else "-"
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}x"
         delta = "-" if r.delta is None else f"{r.delta:+.3f}" if abs(r.delta) < 10 else \
             f"{r.delta:+,.0f}"
+        vs_go = "-" if r.vs_go is None else f"{r.vs_go:.2f}x ({_fmt(r.go_value)})"
         out.append(f"| {r.label} [{r.unit}] | {_fmt(r.value)} | {base} | {ratio} | {delta} | "
-                   f"{r.target} | {r.verdict} | {r.note} |")
+                   f"{vs_go} | {r.target} | {r.verdict} | {r.note} |")
     return "\n".join(out)

@@ -8,6 +8,10 @@ namespaces: receivers and echo servers in A, senders and clients in B. Three pat
 - tunnel:  a plain TCP socket from B's namespace to A's tailnet IP (SO_MARK 0x7473)
 - veth:    a plain TCP socket between the same namespaces over the lab's 10.250.x.y addresses
 
+and, when Go is here, a Go tsnet row (``tests/bench/gotsnet``): two tailscale.com/tsnet nodes,
+testcontrol and DERP in one Go process in a namespace of its own (loopback and one veth with
+192.0.2.1/32, no route out); its apps are goroutines in that process.
+
 Prints a table (with PASS/MISS against the targets) and writes JSON (``bench-results.json``
 at the repo root by default). Everything it creates is removed at the end, also on Ctrl-C.
 """
@@ -18,9 +22,11 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,7 +39,7 @@ from types import FrameType
 from typing import Any
 
 import tsnet2
-from tsnet2.lab import Lab, check_prerequisites, find_leftovers
+from tsnet2.lab import Lab, LabError, check_prerequisites, find_leftovers
 from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
 from tsnet2.node.device import WireguardGo, find_wireguard_go
 
@@ -55,6 +61,8 @@ from .report import Row, markdown, median, percentile, table
 
 MB = 1024 * 1024
 PATHS = ("tunnel", "tsnet2", "veth")
+GOTSNET_BUILD = ROOT / "tests" / "bench" / "gotsnet" / "build.sh"
+GO_NETNS_ADDR = "192.0.2.1/32"  # TEST-NET-1: tsnet wants a non-loopback IPv4 to go online
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sample both daemons with py-spy during tsnet2 runs into DIR")
     p.add_argument("--only", default="",
                    help="comma-separated phases to run (latency,bulk,flows,hold,logmode)")
+    p.add_argument("--no-go", action="store_true",
+                   help="skip the Go tsnet row (tests/bench/gotsnet) even when Go is here")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.rounds, args.iters, args.flows = 1.0, 1, 200, 500
@@ -85,8 +95,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Bench:
     """Runs the phases in one lab and collects rows and raw details."""
 
-    def __init__(self, args: argparse.Namespace, wireguard_go: WireguardGo) -> None:
+    def __init__(self, args: argparse.Namespace, wireguard_go: WireguardGo,
+                 gotsnet: tuple[str, str] = ("", "not requested")) -> None:
         self.args = args
+        self.go_bin, self.go_skip = gotsnet
+        """The gotsnet binary, or "" and why the Go tsnet row is skipped."""
+        self.go: Gen | None = None
         self.wireguard_go = wireguard_go
         """The wireguard-go both nodes run ($TSNET2_WIREGUARD_GO, else wireguard-go on PATH)."""
         self.wg_name = os.path.basename(wireguard_go.path)
@@ -227,6 +241,84 @@ class Bench:
         self.say(f"up: A {self.a_ip}, B {self.b_ip}; idle RSS A "
                  f"{self.idle['rss_a'] / MB:.1f} MB, B {self.idle['rss_b'] / MB:.1f} MB")
         self.warm_up()
+        self.start_go()
+
+    # ---- the Go tsnet row --------------------------------------------------------------
+
+    def start_go(self) -> None:
+        """Start gotsnet in a namespace of its own (loopback and a veth pair with a TEST-NET
+        address and no route: tsnet stays offline without a non-loopback IPv4)."""
+        if not self.go_bin:
+            self.skipped.append(f"Go tsnet row: {self.go_skip}")
+            self.say(f"Go tsnet row skipped: {self.go_skip}")
+            return
+        assert self.lab is not None
+        lab = self.lab
+        ns = f"{lab.prefix}-gots"
+        try:
+            lab._add_netns(ns)  # the lab removes it with the others; find_leftovers checks
+            for cmd in (["ip", "link", "add", "gots0", "type", "veth", "peer", "name", "gots1"],
+                        ["ip", "addr", "add", GO_NETNS_ADDR, "dev", "gots0"],
+                        ["ip", "link", "set", "gots0", "up"],
+                        ["ip", "link", "set", "gots1", "up"]):
+                lab.run(ns, cmd)
+        except (LabError, OSError, subprocess.SubprocessError) as exc:
+            self.go_skip = f"its namespace could not be set up: {exc}"
+            self.skipped.append(f"Go tsnet row: {self.go_skip}")
+            return
+        go = Gen(lab, ns, ["gotsnet"], lab.dir / "gotsnet.log", int(self.args.budget) + 120,
+                 program=[self.go_bin])
+        try:
+            ready = go.expect("READY", 90)
+        except BenchRunError as exc:
+            go.stop()
+            self.go_skip = f"gotsnet did not come up: {exc}"
+            self.skipped.append(f"Go tsnet row: {self.go_skip}")
+            self.say(self.go_skip)
+            return
+        self.go = go
+        rss = rss_bytes(go.proc.pid)
+        self.details["gotsnet"] = {"binary": self.go_bin, "ready": ready, "rss_idle": rss}
+        self.say(f"Go tsnet up: A {ready['a_ip']}, path {ready['path']}, process RSS "
+                 f"{rss / MB:.1f} MB")
+        self.rows.append(Row("gotsnet_rss", "Go tsnet process RSS idle (2 nodes, control, DERP)",
+                             "MB", rss / MB))
+
+    def go_cmd(self, line: str, timeout: float) -> dict[str, Any]:
+        """One gotsnet command; its RESULT payload."""
+        assert self.go is not None
+        self.go.send(line)
+        res: dict[str, Any] = self.go.expect("RESULT", timeout)
+        if "error" in res:
+            raise BenchRunError(f"gotsnet {line!r}: {res['error']}")
+        return res
+
+    def stop_go(self) -> None:
+        """Ask gotsnet to quit (it exits within 5 s), else stop it."""
+        if self.go is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.go.send("quit")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.go.proc.wait(10)
+            self.go.stop()
+            self.go = None
+
+    def bulk_go(self, streams: int) -> dict[str, Any]:
+        """One Go tsnet throughput run (sender and sink are goroutines in gotsnet)."""
+        d = self.args.duration
+        res = self.go_cmd(f"bulk {streams} {d}", d + 60)
+        if res["errors"]:
+            raise BenchRunError(f"gotsnet x{streams}: {res['errors'][:3]}")
+        span = res["seconds"]
+        mbps = res["bytes"] * 8 / span / 1e6 if span > 0 else float("nan")
+        out = {"path": "gotsnet", "streams": streams, "mode": self.mode,
+               "mbit_s": round(mbps, 1), "bytes": res["bytes"], "seconds": round(span, 3),
+               "cpu_s": round(res["cpu_s"], 3),
+               "cpu_s_per_gb": round(res["cpu_s"] / (res["bytes"] / 1e9), 3)
+               if res["bytes"] else None, "per_stream_bytes": res["per_stream"]}
+        self.say(f"  {'gotsnet':6} x{streams}: {mbps:8.1f} Mbit/s  cpu {out['cpu_s']} s "
+                 "(whole process)")
+        return out
 
     def bring_up(self) -> None:
         """Keeper Servers hold both nodes up for the whole run (they are never closed
@@ -323,6 +415,7 @@ class Bench:
             gens.append(src)
             src.expect("READY", 30)
             cpu = CpuWatch(self.cpu_pids())
+            t_cpu = time.monotonic()
             net0 = self.net_counters()
             prof = self.profile_start(f"bulk{streams}-{self.mode}", d - 0.5) \
                 if path == "tsnet2" else []
@@ -330,6 +423,7 @@ class Bench:
             profile_finish(prof)
             got = sink.result(30)
             cpu_pct = cpu.stop()
+            cpu_dt = time.monotonic() - t_cpu
             net1 = self.net_counters()
         finally:
             stop_all(gens)
@@ -341,6 +435,11 @@ class Bench:
                "bytes": got["bytes"], "seconds": round(span, 3), "cpu_pct": cpu_pct,
                "per_stream_bytes": got["per_stream"],
                "net": {k: net1[k] - net0[k] for k in net0}}
+        # CPU-seconds per GB of the stack: wireguard-go (and for tsnet2 both daemons); the
+        # load generators are not counted (gotsnet's figure is its whole process).
+        keys = ("wg_a", "wg_b") + (("daemon_a", "daemon_b") if path == "tsnet2" else ())
+        stack_s = sum(cpu_pct.get(k, 0.0) for k in keys) / 100 * cpu_dt
+        out["cpu_s_per_gb"] = round(stack_s / (got["bytes"] / 1e9), 3) if got["bytes"] else None
         self.say(f"  {path:6} x{streams} [{self.mode}]: {mbps:8.1f} Mbit/s  cpu {cpu_pct} "
                  f"net {out['net']}")
         return out
@@ -351,17 +450,35 @@ class Bench:
         self.details["bulk"] = runs
         for streams in (1, 8):
             for r in range(self.args.rounds):
-                order = ("tunnel", "tsnet2") if r % 2 == 0 else ("tsnet2", "tunnel")
+                order = ["tunnel", "tsnet2"] + (["gotsnet"] if self.go else [])
+                if r % 2:
+                    order.reverse()
                 for path in order:
-                    runs.append(self.bulk_once(path, streams))
+                    runs.append(self.bulk_go(streams) if path == "gotsnet"
+                                else self.bulk_once(path, streams))
             runs.append(self.bulk_once("veth", streams))
-            by = {p: median([x["mbit_s"] for x in runs
-                             if x["path"] == p and x["streams"] == streams]) for p in PATHS}
-            self.rows.append(Row(f"bulk_{streams}", f"bulk {streams} stream"
-                                 f"{'s' if streams > 1 else ''}", "Mbit/s", by["tsnet2"],
-                                 by["tunnel"], "tunnel", "ratio>=", 0.95))
-            self.rows.append(Row(f"bulk_{streams}_veth", f"  raw veth, {streams} stream"
-                                 f"{'s' if streams > 1 else ''}", "Mbit/s", by["veth"]))
+            sel = [x for x in runs if x["streams"] == streams]
+            by = {p: median([x["mbit_s"] for x in sel if x["path"] == p])
+                  for p in (*PATHS, "gotsnet")}
+            cpu = {p: median([x["cpu_s_per_gb"] for x in sel
+                              if x["path"] == p and x.get("cpu_s_per_gb") is not None])
+                   for p in ("tunnel", "tsnet2", "gotsnet")}
+            def go(x: float) -> float | None:
+                return None if self.go is None or math.isnan(x) else x
+
+            s = f"{streams} stream{'s' if streams > 1 else ''}"
+            self.rows.append(Row(f"bulk_{streams}", f"bulk {s}", "Mbit/s", by["tsnet2"],
+                                 by["tunnel"], "tunnel", "ratio>=", 0.95,
+                                 go_value=go(by["gotsnet"])))
+            if self.go:
+                self.rows.append(Row(f"bulk_{streams}_gotsnet", f"  Go tsnet, {s}", "Mbit/s",
+                                     by["gotsnet"], by["tunnel"], "tunnel"))
+            self.rows.append(Row(f"bulk_{streams}_cpu", f"  CPU per GB, {s}", "CPU-s/GB",
+                                 cpu["tsnet2"], cpu["tunnel"], "tunnel",
+                                 go_value=go(cpu["gotsnet"]),
+                                 note="daemons + wireguard-go; Go: whole process"))
+            self.rows.append(Row(f"bulk_{streams}_veth", f"  raw veth, {s}", "Mbit/s",
+                                 by["veth"]))
 
     # ---- phase 2: latency --------------------------------------------------------------
 
@@ -371,6 +488,10 @@ class Bench:
         listens = [self.endpoints(p, ports[p])[0] for p in PATHS]
         gens: list[Gen] = []
         res = self._latency_run(ports, listens, gens)
+        if self.go:  # right after the Python paths, same iterations and warm-up
+            go = self.go_cmd(f"latency {self.args.iters} 20", 2 * self.args.iters * 0.05 + 60)
+            for mode in ("connect", "pingpong"):
+                res[mode]["gotsnet"] = go[mode]
         self._latency_rows(res)
 
     def _latency_run(self, ports: dict[str, int], listens: list[str],
@@ -396,7 +517,9 @@ class Bench:
     def _latency_rows(self, res: Any) -> None:
         summary: dict[str, Any] = {}
         for mode in ("connect", "pingpong"):
-            for p in (*PATHS, "dialonly"):
+            for p in (*PATHS, "dialonly", "gotsnet"):
+                if p not in res[mode]:
+                    continue
                 xs = res[mode][p]
                 summary[f"{mode}_{p}"] = {"p50": round(percentile(xs, 50), 4),
                                           "p99": round(percentile(xs, 99), 4),
@@ -405,10 +528,16 @@ class Bench:
         for mode, label, limit in (("connect", "connect+1B echo", 0.25),
                                    ("pingpong", "open-flow 1B echo", 0.05)):
             s = {p: summary[f"{mode}_{p}"] for p in PATHS}
+            g = summary.get(f"{mode}_gotsnet", {})
             self.rows.append(Row(f"{mode}_p50", f"{label} p50", "ms", s["tsnet2"]["p50"],
-                                 s["tunnel"]["p50"], "tunnel", "delta<=", limit))
+                                 s["tunnel"]["p50"], "tunnel", "delta<=", limit,
+                                 go_value=g.get("p50")))
             self.rows.append(Row(f"{mode}_p99", f"{label} p99", "ms", s["tsnet2"]["p99"],
-                                 s["tunnel"]["p99"], "tunnel"))
+                                 s["tunnel"]["p99"], "tunnel", go_value=g.get("p99")))
+            if g:
+                self.rows.append(Row(f"{mode}_gotsnet", f"  Go tsnet {label} p50", "ms",
+                                     g["p50"], s["tunnel"]["p50"], "tunnel",
+                                     note=f"p99 {g['p99']:.3f}"))
             self.rows.append(Row(f"{mode}_dialonly", f"  {label} p50, tsnet2 dial side only",
                                  "ms", summary[f"{mode}_dialonly"]["p50"], s["tunnel"]["p50"],
                                  "tunnel", note="B app -> B daemon -> A plain listener"))
@@ -461,16 +590,37 @@ class Bench:
             gens.append(echo)
             echo.expect("READY", 30)
             for r in range(self.args.rounds):
-                order = ("tunnel", "tsnet2") if r % 2 == 0 else ("tsnet2", "tunnel")
+                order = ["tunnel", "tsnet2"] + (["gotsnet"] if self.go else [])
+                if r % 2:
+                    order.reverse()
                 for path in order:
-                    runs.append(self.flows_once(path, self.endpoints(path, ports[path])[1]))
+                    runs.append(self.flows_go() if path == "gotsnet" else
+                                self.flows_once(path, self.endpoints(path, ports[path])[1]))
         finally:
             stop_all(gens)
         by = {p: median([x["flows_s"] for x in runs if x["path"] == p]) for p in ports}
         errors = sum(x["errors"] for x in runs if x["path"] == "tsnet2")
+        go = median([x["flows_s"] for x in runs if x["path"] == "gotsnet"]) if self.go else None
         self.rows.append(Row("flows_per_s", f"new flows/s ({self.args.clients} clients)",
                              "flows/s", by["tsnet2"], by["tunnel"], "tunnel", "value>=", 2000,
-                             note=f"{errors} errors" if errors else ""))
+                             note=f"{errors} errors" if errors else "", go_value=go))
+        if self.go:
+            self.rows.append(Row("flows_per_s_gotsnet", f"  Go tsnet new flows/s "
+                                 f"({self.args.clients} goroutines)", "flows/s", go,
+                                 by["tunnel"], "tunnel"))
+
+    def flows_go(self) -> dict[str, Any]:
+        """``--clients`` goroutines doing connect / 1-byte echo / close in gotsnet."""
+        d = self.args.duration
+        res = self.go_cmd(f"flows {self.args.clients} {d}", d + 60)
+        lat = res["lat_ms"] or []
+        out = {"path": "gotsnet", "flows": res["flows"], "flows_s": round(res["flows"] / d, 1),
+               "errors": res["errors"], "first_error": res["first_error"],
+               "lat_p50_ms": round(percentile(lat, 50), 3),
+               "lat_p99_ms": round(percentile(lat, 99), 3), "cpu_s": round(res["cpu_s"], 3)}
+        self.say(f"  {'gotsnet':6}: {out['flows_s']:8.1f} flows/s, p50 {out['lat_p50_ms']} ms, "
+                 f"errors {out['errors']}, cpu {out['cpu_s']} s (whole process)")
+        return out
 
     # ---- phase 4: many open flows ------------------------------------------------------
 
@@ -584,6 +734,32 @@ class Bench:
         self.phase("logmode", 3 * (2 * (d + 2.5) + 6), self.phase_logmode)
 
 
+def build_gotsnet() -> tuple[str, str]:
+    """(path of the gotsnet binary, "") built or cached by tests/bench/gotsnet/build.sh, or
+    ("", why not): no Go toolchain and nothing cached, or the build failed."""
+    env = os.environ.copy()
+    go = shutil.which("go") or next((g for g in ("/usr/local/go/bin/go",)
+                                     if os.access(g, os.X_OK)), None)
+    if go:
+        env["PATH"] = f"{env.get('PATH', '')}:{os.path.dirname(go)}"
+    cached = subprocess.run([str(GOTSNET_BUILD), "--print-path"], capture_output=True,
+                            text=True, check=False).stdout.strip()
+    if not go and not os.access(cached, os.X_OK):
+        return "", "no Go toolchain (and no cached build of tests/bench/gotsnet)"
+    print("building tests/bench/gotsnet (cached by version; about 3 min cold)",
+          file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run([str(GOTSNET_BUILD)], capture_output=True, text=True, env=env,
+                              timeout=900, check=False)
+    except subprocess.TimeoutExpired:
+        return "", "building tests/bench/gotsnet took over 900 s"
+    sys.stderr.write(proc.stderr)
+    path = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not os.access(path, os.X_OK):
+        return "", f"building tests/bench/gotsnet failed: {proc.stderr.strip()[-300:]}"
+    return path, ""
+
+
 def nproc() -> int:
     """CPUs this process may run on."""
     return len(os.sched_getaffinity(0))
@@ -625,8 +801,10 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    bench = Bench(args, find_wireguard_go())
+    gotsnet = ("", "--no-go") if args.no_go else build_gotsnet()
+    bench = Bench(args, find_wireguard_go(), gotsnet)
     bench.say(f"wireguard-go: {bench.wireguard_go}")
+    bench.say(f"Go tsnet row: {gotsnet[0] or 'skipped: ' + gotsnet[1]}")
     interrupted = False
     lab: Lab | None = None
     net: LocalTailnet | None = None
@@ -645,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         bench.close_keepers()
+        bench.stop_go()
         if net is not None:
             net.close()
         if lab is not None:
