@@ -306,18 +306,30 @@ class Bench:
     def bulk_go(self, streams: int) -> dict[str, Any]:
         """One Go tsnet throughput run (sender and sink are goroutines in gotsnet)."""
         d = self.args.duration
+        assert self.go is not None
+        net0 = snmp(self.go.proc.pid)
         res = self.go_cmd(f"bulk {streams} {d}", d + 60)
+        net1 = snmp(self.go.proc.pid)
+        failed: list[str] = []
         if res["errors"]:
-            raise BenchRunError(f"gotsnet x{streams}: {res['errors'][:3]}")
+            # tsnet resets a flow its app has not accepted within 1 s (listener.handle in
+            # tsnet.go); on a saturated machine that can hit a stream. One retry, recorded.
+            failed = res["errors"][:3]
+            self.say(f"  gotsnet x{streams}: {failed}; retrying once")
+            res = self.go_cmd(f"bulk {streams} {d}", d + 60)
+            if res["errors"]:
+                raise BenchRunError(f"gotsnet x{streams}: {res['errors'][:3]}")
         span = res["seconds"]
         mbps = res["bytes"] * 8 / span / 1e6 if span > 0 else float("nan")
         out = {"path": "gotsnet", "streams": streams, "mode": self.mode,
                "mbit_s": round(mbps, 1), "bytes": res["bytes"], "seconds": round(span, 3),
                "cpu_s": round(res["cpu_s"], 3),
                "cpu_s_per_gb": round(res["cpu_s"] / (res["bytes"] / 1e9), 3)
-               if res["bytes"] else None, "per_stream_bytes": res["per_stream"]}
+               if res["bytes"] else None, "per_stream_bytes": res["per_stream"],
+               "failed_first_try": failed,
+               "net": {k: net1[k] - net0[k] for k in net0}}  # its namespace: loopback UDP
         self.say(f"  {'gotsnet':6} x{streams}: {mbps:8.1f} Mbit/s  cpu {out['cpu_s']} s "
-                 "(whole process)")
+                 f"(whole process) net {out['net']}")
         return out
 
     def bring_up(self) -> None:
@@ -492,6 +504,8 @@ class Bench:
             go = self.go_cmd(f"latency {self.args.iters} 20", 2 * self.args.iters * 0.05 + 60)
             for mode in ("connect", "pingpong"):
                 res[mode]["gotsnet"] = go[mode]
+                self.say(f"  Go tsnet {mode}: p50 {percentile(go[mode], 50):.3f} "
+                         f"p99 {percentile(go[mode], 99):.3f}")
         self._latency_rows(res)
 
     def _latency_run(self, ports: dict[str, int], listens: list[str],
