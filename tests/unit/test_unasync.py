@@ -35,7 +35,7 @@ def test_a_hand_edit_to_the_sync_face_is_caught(tmp_path: Path,
     unasync = load()
     copy = tmp_path / "_sync"
     shutil.copytree(unasync.TARGET, copy)
-    edited = copy / "control.py"
+    edited = copy / "channel.py"
     edited.write_text(edited.read_text().replace("CLOSE_WAIT = 5.0", "CLOSE_WAIT = 50.0"))
     monkeypatch.setattr(unasync, "TARGET", copy)
     monkeypatch.setattr(unasync, "ROOT", tmp_path)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import socket
 import time
+from collections.abc import Callable
 
 from tsnet2 import proto
 from tsnet2.client import _backend_async as backend
@@ -36,6 +37,27 @@ def close_quietly(sock: socket.socket) -> None:
     """Close a socket, ignoring errors."""
     with contextlib.suppress(OSError):
         sock.close()
+
+
+CLOSE_WAIT = 5.0
+"""How long closing a shared socket waits for its reader to leave before closing it anyway."""
+
+
+async def close_when_idle(
+    sock: socket.socket, cond: backend.Condition, busy: Callable[[], bool]
+) -> None:
+    """Close a socket another caller may be waiting on, without pulling the descriptor
+    from under it: shut it down (the waiter wakes with EOF), wake everyone waiting on
+    ``cond``, wait up to :data:`CLOSE_WAIT` seconds until ``busy()`` is false (its owner
+    notifies ``cond`` when it stops), then close it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    async with cond:
+        cond.notify_all()
+        give_up = time.monotonic() + CLOSE_WAIT
+        while busy() and time.monotonic() < give_up:
+            await cond.wait(give_up - time.monotonic())
+    close_quietly(sock)
 
 
 class HeaderEOF(Exception):

@@ -9,19 +9,15 @@ own timeout: a slow ``up()`` does not hold back another caller's ``tailscale_ips
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import time
 from typing import Any
 
 from tsnet2 import proto
 from tsnet2.client import _backend_async as backend
-from tsnet2.client._async.channel import close_quietly, remaining, send_all
+from tsnet2.client._async.channel import close_when_idle, remaining, send_all
 from tsnet2.client._base import refused_error, rpc_result
 from tsnet2.client.errors import ClosedError, DaemonUnavailableError, DeadlineExceededError
-
-CLOSE_WAIT = 5.0
-"""How long closing waits for a reader to leave the socket before closing it anyway."""
 
 
 class AsyncControlChannel:
@@ -183,12 +179,4 @@ class AsyncControlChannel:
         await self._shut()
 
     async def _shut(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader with EOF
-        async with self._cond:
-            self._cond.notify_all()
-            # Never close a descriptor another caller is waiting on: let the reader go first.
-            give_up = time.monotonic() + CLOSE_WAIT
-            while self._reading and time.monotonic() < give_up:
-                await self._cond.wait(give_up - time.monotonic())
-        close_quietly(self._sock)
+        await close_when_idle(self._sock, self._cond, lambda: self._reading)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import socket
 import time
 from types import TracebackType
@@ -11,7 +10,7 @@ from typing import Any
 
 from tsnet2 import proto
 from tsnet2.client import _backend_async as backend
-from tsnet2.client._async.channel import close_quietly, connect_channel, recv
+from tsnet2.client._async.channel import close_quietly, close_when_idle, connect_channel, recv
 from tsnet2.client._base import LOCALAPI_TIMEOUT
 from tsnet2.client._http import (
     BodyBuffer,
@@ -24,10 +23,6 @@ from tsnet2.client._http import (
 from tsnet2.client.errors import Error
 
 __all__ = ["AsyncIPNBusWatcher", "AsyncLocalClient"]
-
-CLOSE_WAIT = 5.0
-"""How long closing a watcher waits for a reader to leave the socket before closing it."""
-
 
 class AsyncLocalClient:
     """Talk to the daemon's LocalAPI (Tailscale's ``/localapi/v0/...`` endpoints).
@@ -183,13 +178,7 @@ class AsyncIPNBusWatcher:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader with EOF
-        async with self._cond:
-            give_up = time.monotonic() + CLOSE_WAIT
-            while self._reading and time.monotonic() < give_up:
-                await self._cond.wait(give_up - time.monotonic())
-        close_quietly(self._sock)
+        await close_when_idle(self._sock, self._cond, lambda: self._reading)
 
     async def __aenter__(self) -> AsyncIPNBusWatcher:
         return self

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import socket
 import time
+from collections.abc import Callable
 
 from tsnet2 import proto
 from tsnet2.client import _backend_sync as backend
@@ -38,6 +39,27 @@ def close_quietly(sock: socket.socket) -> None:
     """Close a socket, ignoring errors."""
     with contextlib.suppress(OSError):
         sock.close()
+
+
+CLOSE_WAIT = 5.0
+"""How long closing a shared socket waits for its reader to leave before closing it anyway."""
+
+
+def close_when_idle(
+    sock: socket.socket, cond: backend.Condition, busy: Callable[[], bool]
+) -> None:
+    """Close a socket another caller may be waiting on, without pulling the descriptor
+    from under it: shut it down (the waiter wakes with EOF), wake everyone waiting on
+    ``cond``, wait up to :data:`CLOSE_WAIT` seconds until ``busy()`` is false (its owner
+    notifies ``cond`` when it stops), then close it."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with cond:
+        cond.notify_all()
+        give_up = time.monotonic() + CLOSE_WAIT
+        while busy() and time.monotonic() < give_up:
+            cond.wait(give_up - time.monotonic())
+    close_quietly(sock)
 
 
 class HeaderEOF(Exception):

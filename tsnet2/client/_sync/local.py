@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import socket
 import time
 from types import TracebackType
@@ -13,7 +12,7 @@ from typing import Any
 
 from tsnet2 import proto
 from tsnet2.client import _backend_sync as backend
-from tsnet2.client._sync.channel import close_quietly, connect_channel, recv
+from tsnet2.client._sync.channel import close_quietly, close_when_idle, connect_channel, recv
 from tsnet2.client._base import LOCALAPI_TIMEOUT
 from tsnet2.client._http import (
     BodyBuffer,
@@ -26,10 +25,6 @@ from tsnet2.client._http import (
 from tsnet2.client.errors import Error
 
 __all__ = ["IPNBusWatcher", "LocalClient"]
-
-CLOSE_WAIT = 5.0
-"""How long closing a watcher waits for a reader to leave the socket before closing it."""
-
 
 class LocalClient:
     """Talk to the daemon's LocalAPI (Tailscale's ``/localapi/v0/...`` endpoints).
@@ -185,13 +180,7 @@ class IPNBusWatcher:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes a reader with EOF
-        with self._cond:
-            give_up = time.monotonic() + CLOSE_WAIT
-            while self._reading and time.monotonic() < give_up:
-                self._cond.wait(give_up - time.monotonic())
-        close_quietly(self._sock)
+        close_when_idle(self._sock, self._cond, lambda: self._reading)
 
     def __enter__(self) -> IPNBusWatcher:
         return self
