@@ -3,7 +3,6 @@ error that says what is wrong (and they survive ``python -O``)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -47,21 +46,6 @@ def test_journal_compaction_keeps_writing(tmp_path: Path) -> None:
         assert b'"c1"' in data and b'"c2"' in data
     finally:
         journal.close()
-
-
-def test_splice_side_needs_a_stream_transport() -> None:
-    from tsnet2.daemon.splice import Splice
-
-    class Flow:
-        conn_id = "c"
-
-    async def main() -> None:
-        splice = Splice(Flow())  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="needs a stream transport, not DatagramTransport"):
-            splice.app.connection_made(asyncio.DatagramTransport())
-        assert splice.app.other is splice.peer and splice.peer.other is splice.app
-
-    asyncio.run(main())
 
 
 def test_no_assert_statements_in_product_code() -> None:

@@ -93,7 +93,7 @@ class ControlClient:
         self._host_header = host if self._port == default_port else f"{host}:{self._port}"
         self._prefix = parts.path
         self._ssl_context = ssl_context
-        self._inflight: set[asyncio.Transport] = set()
+        self._inflight: set[asyncio.WriteTransport] = set()
         self._closed = False
 
     async def __aenter__(self) -> ControlClient:
@@ -139,10 +139,8 @@ class ControlClient:
             )
         except OSError as exc:  # includes ssl.SSLError (certificate, handshake)
             raise _Unreachable(str(exc) or type(exc).__name__) from None
+        # A stream transport; uvloop's do not subclass asyncio's classes, so no isinstance.
         transport = writer.transport
-        if not isinstance(transport, asyncio.Transport):  # open_connection makes one: unreachable
-            writer.close()
-            raise TypeError(f"control client: unexpected transport {transport!r}")
         self._inflight.add(transport)
         graceful = False
         try:

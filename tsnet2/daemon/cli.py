@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tsnet2.daemon.backend import DeviceConfig
@@ -130,8 +131,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "flow whose peer vanished (no FIN or RST) ends, with its close record, "
                    "about twice that later; 0 turns it off (default "
                    f"{TCP_KEEPALIVE_IDLE:g}: at most 60 s)")
+    p.add_argument("--relay", choices=["auto", "copy"], default="auto",
+                   help="how flows are relayed: auto moves the bytes with splice(2) through "
+                   "pipes, never into the daemon's memory, when the traffic log records no "
+                   "payload (modes metadata and off), and copies them otherwise; copy always "
+                   "copies (default auto)")
+    p.add_argument("--event-loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="event loop: uvloop (libuv; less CPU per flow and per byte), "
+                   "asyncio (the standard library's), or auto: uvloop when it is installed "
+                   "(the daemon extra installs it), else asyncio (default auto)")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop factory for `--event-loop`: uvloop's or asyncio's.
+
+    Raises ValueError with the message tsnet2d prints when uvloop is asked for but is not
+    installed.
+    """
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop  # lazy: optional, and only the daemon's entry point needs it
+        except ImportError:
+            if choice == "uvloop":
+                raise ValueError("--event-loop uvloop: uvloop is not installed; install "
+                                 "tsnet2[daemon] (or `pip install uvloop`), or use "
+                                 "--event-loop asyncio") from None
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 def parse_socket_mode(text: str) -> int:
@@ -262,17 +291,25 @@ def main(argv: list[str] | None = None) -> int:
         watchdog_timeout=args.watchdog,
         node_down_grace=args.node_down_grace,
         tcp_keepalive=args.tcp_keepalive,
+        relay=args.relay,
     )
 
     def ready() -> None:
-        print(f"tsnet2d: pid={os.getpid()} listening on {args.socket}", file=sys.stderr,
-              flush=True)
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        print(f"tsnet2d: pid={os.getpid()} listening on {args.socket} ({loop} event loop)",
+              file=sys.stderr, flush=True)
 
     async def run() -> None:
         await Daemon(config).run(ready)
 
     try:
-        asyncio.run(run())
+        factory = loop_factory(args.event_loop)
+    except ValueError as exc:
+        print(f"tsnet2d: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run())
     except DaemonFatalError as exc:
         print(f"tsnet2d: {exc}", file=sys.stderr)
         return 1

@@ -19,11 +19,13 @@ arrived in that window used to die with an `AssertionError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
+import struct
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 from tsnet2.traffic import Flow, TrafficLogError
 
@@ -71,10 +73,10 @@ class _Side(asyncio.Protocol):
         return self.splice.peer if self is self.splice.app else self.splice.app
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not isinstance(transport, asyncio.Transport):
-            raise TypeError(f"a splice needs a stream transport, not {type(transport).__name__}")
-        self.transport = transport
-        transport.set_write_buffer_limits(high=HIGH_WATER)
+        # A stream transport (connect_accepted_socket makes one). No isinstance check:
+        # uvloop's transports do not subclass asyncio's classes.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
         # No pause_reading() here: CPython < 3.11.4 ignores it (see the module docstring).
         # The first side holds what it reads until the second is attached.
         if self.splice.attached:
@@ -125,6 +127,12 @@ class _Side(asyncio.Protocol):
         """Abort this side, remembering what was still queued (so it is not counted)."""
         if self.transport is not None and not self.lost:
             self.unsent = self.transport.get_write_buffer_size()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.family != socket.AF_UNIX:
+                # SO_LINGER 0: the tailnet peer gets a RST, not a clean FIN.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
             self.transport.abort()
 
     @property
