@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from tsnet2 import proto
+from tsnet2.daemon import zerocopy
 from tsnet2.daemon.backend import Backend, BackendError, whois_summary
 from tsnet2.daemon.io import (
     IP_FREEBIND,
@@ -33,6 +34,7 @@ from tsnet2.daemon.io import (
 )
 from tsnet2.daemon.metrics import Metrics
 from tsnet2.daemon.splice import Splice
+from tsnet2.daemon.zerocopy import PipePool, PipeSplice, RelayMode
 from tsnet2.node import NodeError
 from tsnet2.node.nflog import NflogReader
 from tsnet2.proto import ErrorCode
@@ -107,9 +109,15 @@ class Datapath:
         spawn: Callable[[Any], asyncio.Task[None]],
         metrics: Metrics | None = None,
         keepalive_idle: float = TCP_KEEPALIVE_IDLE,
+        relay: RelayMode = "auto",
     ) -> None:
         """``keepalive_idle``: TCP keepalive of every tailnet socket (see
-        :func:`~tsnet2.daemon.io.keepalive`; 0 turns it off)."""
+        :func:`~tsnet2.daemon.io.keepalive`; 0 turns it off). ``relay``: ``"auto"`` relays
+        flows with splice(2) (:mod:`~tsnet2.daemon.zerocopy`) when the traffic log records
+        no payload and the system has it, else by copying (:mod:`~tsnet2.daemon.splice`);
+        ``"copy"`` always copies."""
+        if relay not in ("auto", "copy"):
+            raise ValueError(f'relay must be "auto" or "copy", got {relay!r}')
         self.backend = backend
         self.keepalive_idle = keepalive_idle
         self.traffic = traffic
@@ -118,7 +126,11 @@ class Datapath:
         # One bytes hook per direction, shared by every flow (not a partial per flow).
         self._on_bytes = {d: self.metrics.flow_bytes_counter(d) for d in ("in", "out")}
         self.listeners: dict[str, ListenerRegistration] = {}
-        self.splices: set[Splice] = set()
+        self.splices: set[Splice | PipeSplice] = set()
+        # Pipes for zero-copy flows; None: every flow copies.
+        self.pipes: PipePool | None = (
+            PipePool() if relay == "auto" and zerocopy.available()
+            and traffic.mode != "payload" else None)
         self.log_stalled = False  # the traffic log's stdout is behind: flows are paused
         self._ephemeral_count = 0  # port-0 ports handed out or skipped (the Go counter)
         self._nflog: NflogReader | None = None
@@ -336,6 +348,8 @@ class Datapath:
         if cut:
             # Let the transports report their loss, so each flow writes its close record.
             await asyncio.wait([sp.done for sp in cut], timeout=5)
+        if self.pipes is not None:
+            self.pipes.clear()
 
     # ---- inbound ---------------------------------------------------------------------
 
@@ -631,12 +645,17 @@ class Datapath:
         m.flow_opened(direction)
         started = time.monotonic()
 
-        def closed(sp: Splice) -> None:
+        def closed(sp: Splice | PipeSplice) -> None:
             if sp in self.splices:  # exactly once, whichever way the flow ended
                 self.splices.discard(sp)
                 m.flow_closed(direction, sp.result, time.monotonic() - started)
 
-        sp = Splice(flow, on_bytes=self._on_bytes[direction], on_close=closed)
+        sp: Splice | PipeSplice
+        if self.pipes is not None:
+            sp = PipeSplice(flow, self.pipes, on_bytes=self._on_bytes[direction],
+                            on_close=closed)
+        else:
+            sp = Splice(flow, on_bytes=self._on_bytes[direction], on_close=closed)
         self.splices.add(sp)
         if self.log_stalled:
             sp.pause_for_log(True)

@@ -52,6 +52,7 @@ from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
 from tsnet2.daemon.watchdog import Watchdog
+from tsnet2.daemon.zerocopy import RelayMode
 from tsnet2.node import NodeError
 from tsnet2.proto import ErrorCode, methods
 from tsnet2.traffic import ErrorPolicy, LogMode, TrafficLog
@@ -111,6 +112,7 @@ class DaemonConfig:
     watchdog_timeout: float = WATCHDOG_TIMEOUT  # 0: off
     node_down_grace: float = NODE_DOWN_GRACE
     tcp_keepalive: float = TCP_KEEPALIVE_IDLE  # 0: off
+    relay: RelayMode = "auto"  # "auto": splice(2) when no payload is logged; "copy"
 
 
 @dataclasses.dataclass(eq=False)
@@ -185,7 +187,7 @@ class Daemon:
         self.traffic.on_drop = self._log_dropped
         self.traffic.on_pressure = self._log_pressure
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics,
-                                 keepalive_idle=config.tcp_keepalive)
+                                 keepalive_idle=config.tcp_keepalive, relay=config.relay)
         self.backend.refusal_log = self.datapath
         self.backend.on_lost = self._wake_supervisor
         self.health: HealthServer | None = None

@@ -20,6 +20,7 @@ See docs/traffic-log.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import stat
@@ -814,6 +815,12 @@ class TrafficLog:
         self._after(out, raise_errors=self.on_error == "fail-closed")
 
 
+@functools.lru_cache(maxsize=4)
+def _zeros(size: int) -> memoryview:
+    """A read-only view of ``size`` zero bytes (record lengths without a payload)."""
+    return memoryview(bytes(size))
+
+
 class Flow:
     """One logged connection: counts bytes and writes its ``data`` and ``close`` records.
 
@@ -853,6 +860,25 @@ class Flow:
         :meth:`close`, and on a write failure under the ``fail-closed`` policy: then do
         not forward ``data``, cut the flow.
         """
+        view = memoryview(data).cast("B")
+        self._account(direction, view.nbytes, view)
+
+    def count(self, direction: DataDir, nbytes: int) -> None:
+        """Like :meth:`data` for ``nbytes`` bytes relayed without being read into memory
+        (zero-copy): the same counts and the same ``data`` records (``len``, ``seq``, no
+        payload). Only for a log that records no payload (modes ``metadata`` and ``off``):
+        raises ValueError in ``payload`` mode, where the bytes themselves must be logged.
+        """
+        if self._log.mode == "payload" and self._log.writes_records:
+            raise ValueError("traffic log mode payload logs the bytes: use Flow.data(), "
+                             "not Flow.count()")
+        if nbytes < 0:
+            raise ValueError(f"byte count must be >= 0, got {nbytes}")
+        self._account(direction, nbytes, None)
+
+    def _account(self, direction: DataDir, n: int, view: memoryview | None) -> None:
+        """Count ``n`` bytes read in ``direction`` and write their ``data`` records; the
+        payload comes from ``view`` (None: no payload, lengths only)."""
         if direction not in _DATA_DIRS:
             raise ValueError(
                 f'data direction must be "app->peer" or "peer->app", got {direction!r}'
@@ -861,35 +887,37 @@ class Flow:
         with self._lock:
             if self._closed:
                 raise TrafficLogError(f"flow {self.conn_id} is closed")
-            view = memoryview(data).cast("B")
-            n = view.nbytes
             if direction == "peer->app":
                 self.bytes_in += n
             else:
                 self.bytes_out += n
             if not log.writes_records or n == 0:
                 return
-            include = log.mode == "payload"
-            full, rest = view, view[n:]
-            left = self._cap_left[direction]
-            if include and left is not None:
-                full, rest = view[:left], view[left:]
-                self._cap_left[direction] = max(0, left - n)
-                if rest.nbytes:
-                    self.truncated = True
-            for part, payload in ((full, include), (rest, False)):
-                for chunk in chunks(part, log.chunk_size):
+            size = log.chunk_size
+            if view is None or log.mode != "payload":
+                # Lengths only: a view of zeros gives data_record each chunk's length.
+                zeros = _zeros(size)
+                for start in range(0, n, size):
                     self._seq[direction] += 1
-                    line = data_record(
-                        conn_id=self.conn_id,
-                        direction=direction,
-                        seq=self._seq[direction],
-                        data=chunk,
-                        t=time.time_ns(),
-                        include_payload=payload,
-                        truncated=include and not payload,
-                    )
-                    log.write_record("data", line)
+                    log.write_record("data", data_record(
+                        conn_id=self.conn_id, direction=direction, seq=self._seq[direction],
+                        data=zeros[:min(size, n - start)], t=time.time_ns(),
+                        include_payload=False))
+            else:
+                full, rest = view, view[n:]
+                left = self._cap_left[direction]
+                if left is not None:
+                    full, rest = view[:left], view[left:]
+                    self._cap_left[direction] = max(0, left - n)
+                    if rest.nbytes:
+                        self.truncated = True
+                for part, payload in ((full, True), (rest, False)):
+                    for chunk in chunks(part, size):
+                        self._seq[direction] += 1
+                        log.write_record("data", data_record(
+                            conn_id=self.conn_id, direction=direction,
+                            seq=self._seq[direction], data=chunk, t=time.time_ns(),
+                            include_payload=payload, truncated=not payload))
             if log._journal is not None:  # the counts a restart would report, once a second
                 now = time.monotonic_ns()
                 if now >= self._journal_due_ns:
