@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 from tsnet2 import proto
-from tsnet2.daemon import zerocopy
+from tsnet2.daemon import io, zerocopy
 from tsnet2.daemon.backend import Backend, BackendError, whois_summary
 from tsnet2.daemon.io import (
     IP_FREEBIND,
@@ -354,10 +354,9 @@ class Datapath:
     # ---- inbound ---------------------------------------------------------------------
 
     async def _accept_loop(self, lst: ListenerRegistration, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(lsock)
+                conn, _ = await io.accept(lsock)
             except OSError as exc:
                 log.warning("listener %s: accept failed: %s", lst.id, exc)
                 await asyncio.sleep(0.1)
@@ -437,7 +436,7 @@ class Datapath:
         lst.slots.append(slot)
         lst.slot_added.set()
         m.slot_parked(+1)
-        watch = loop.create_task(loop.sock_recv(sock, 1))
+        watch = loop.create_task(io.recv(sock, 1))
         waiting: set[asyncio.Future[Any]] = {watch, slot.handed}
         try:
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -458,7 +457,7 @@ class Datapath:
             return False
         conn, local, remote, waited = slot.handed.result()
         try:
-            await loop.sock_sendall(sock, proto.encode_accept_header(lst.id, local, remote))
+            await io.sendall(sock, proto.encode_accept_header(lst.id, local, remote))
         except OSError as exc:
             # The app vanished between the check and the hand-off: give the flow to the
             # next slot instead of losing it.
@@ -512,7 +511,7 @@ class Datapath:
         req = proto.decode_dial_request(line)
         if not self._log_ready("out", remote=req.addr):
             with contextlib.suppress(OSError):
-                await loop.sock_sendall(sock, proto.encode_dial_reply(
+                await io.sendall(sock, proto.encode_dial_reply(
                     False, err="daemon: traffic log unavailable; refusing new flows",
                     code=ErrorCode.LOG_UNAVAILABLE))
             return False
@@ -538,12 +537,12 @@ class Datapath:
                 reason = "dial_failed"
             self._refuse("out", reason, remote=req.addr, error=msg)
             with contextlib.suppress(OSError):
-                await loop.sock_sendall(sock, proto.encode_dial_reply(False, err=msg, code=code))
+                await io.sendall(sock, proto.encode_dial_reply(False, err=msg, code=code))
             return False
         local = _sockaddr(peer.getsockname())
         remote = _sockaddr(peer.getpeername())
         try:
-            await loop.sock_sendall(
+            await io.sendall(
                 sock, proto.encode_dial_reply(True, local=local, remote=remote)
             )
         except OSError:
@@ -574,7 +573,7 @@ class Datapath:
         app_gone = False
         try:
             while not connect.done() and len(early) < EARLY_DATA_MAX:
-                recv = loop.create_task(loop.sock_recv(sock, 65536))
+                recv = loop.create_task(io.recv(sock, 65536))
                 await asyncio.wait({connect, recv}, return_when=asyncio.FIRST_COMPLETED)
                 if not recv.done():
                     recv.cancel()
@@ -616,7 +615,7 @@ class Datapath:
             # A peer the control server calls offline gets a short try (the netmap may lag
             # behind a peer that just came back), then a "peer offline" answer.
             async with asyncio.timeout(OFFLINE_DIAL_TIMEOUT if offline else DIAL_TIMEOUT):
-                await asyncio.get_running_loop().sock_connect(s, (str(ip), port))
+                await io.connect(s, (str(ip), port))
         except (TimeoutError, OSError) as exc:
             s.close()
             if offline and node is not None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+from typing import Any
 
 from tsnet2.proto import LineReader, RemoteProtocolError
 
@@ -17,6 +18,89 @@ IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 RECV_CHUNK = 4096
 
 
+# Socket calls for the daemon's channels: the syscall first, and only when it would block, a
+# wait on the loop's reader/writer. The loop's own sock_* methods cost more per call here
+# (asyncio's when a wait is needed; uvloop's always: 4-5x for a recv with bytes ready, and
+# its sock_connect resolves the numeric address again), and the daemon runs on either loop.
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def wait_readable(sock: socket.socket) -> None:
+    """Wait until ``sock`` is readable (or has an error or EOF to report)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _wake, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
+async def wait_writable(sock: socket.socket) -> None:
+    """Wait until ``sock`` is writable (or has an error to report)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _wake, fut)
+    try:
+        await fut
+    finally:
+        loop.remove_writer(fd)
+
+
+async def recv(sock: socket.socket, size: int) -> bytes:
+    """Receive up to ``size`` bytes from a non-blocking socket (b"" at EOF)."""
+    while True:
+        try:
+            return sock.recv(size)
+        except (BlockingIOError, InterruptedError):
+            await wait_readable(sock)
+
+
+async def sendall(sock: socket.socket, data: bytes) -> None:
+    """Send all of ``data`` on a non-blocking socket."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except (BlockingIOError, InterruptedError):
+            await wait_writable(sock)
+            continue
+        view = view[sent:]
+
+
+async def accept(lsock: socket.socket) -> tuple[socket.socket, Any]:
+    """Accept a connection on a non-blocking listening socket; the new socket is
+    non-blocking."""
+    while True:
+        try:
+            conn, addr = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            await wait_readable(lsock)
+            continue
+        conn.setblocking(False)
+        return conn, addr
+
+
+async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
+    """Connect a non-blocking socket to a numeric ``address``; raises OSError as asyncio's
+    ``sock_connect`` does (``Connect call failed ...``)."""
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    await wait_writable(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, f"Connect call failed {address}")
+
+
 async def read_line(
     sock: socket.socket, reader: LineReader, timeout: float | None
 ) -> bytes:
@@ -24,7 +108,6 @@ async def read_line(
 
     Raises TimeoutError, LineTooLong, or RemoteProtocolError (EOF before a full line).
     """
-    loop = asyncio.get_running_loop()
 
     async def read() -> bytes:
         while True:
@@ -33,7 +116,7 @@ async def read_line(
                 return line
             if reader.eof:
                 raise RemoteProtocolError("connection closed before a full line")
-            data = await loop.sock_recv(sock, RECV_CHUNK)
+            data = await recv(sock, RECV_CHUNK)
             reader.feed(data)
 
     async with asyncio.timeout(timeout):  # no extra task per header, unlike wait_for

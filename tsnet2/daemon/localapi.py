@@ -29,6 +29,7 @@ import h11
 
 from tsnet2 import proto
 from tsnet2._version import __version__
+from tsnet2.daemon import io
 from tsnet2.daemon.backend import Backend, NodeState
 from tsnet2.proto import tailscale
 
@@ -214,14 +215,14 @@ class LocalAPIConnection:
     async def _send(self, *events: Any) -> None:
         data = b"".join(self.h11.send(e) or b"" for e in events)
         if data:
-            await self._loop.sock_sendall(self.sock, data)
+            await io.sendall(self.sock, data)
 
     async def _next_event(self) -> Any:
         while True:
             ev = self.h11.next_event()
             if ev is not h11.NEED_DATA:
                 return ev
-            data = await asyncio.wait_for(self._loop.sock_recv(self.sock, 65536), IDLE_TIMEOUT)
+            data = await asyncio.wait_for(io.recv(self.sock, 65536), IDLE_TIMEOUT)
             self.h11.receive_data(data)
 
     async def send_reply(self, reply: Reply) -> None:
@@ -249,7 +250,7 @@ class LocalAPIConnection:
     async def until_closed(self, work: Awaitable[None]) -> None:
         """Run `work` (a stream) until it ends or the client closes its side."""
         work_task = asyncio.ensure_future(work)
-        closed = self._loop.create_task(self._loop.sock_recv(self.sock, 1))
+        closed = self._loop.create_task(io.recv(self.sock, 1))
         try:
             await asyncio.wait({work_task, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:

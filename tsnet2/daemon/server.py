@@ -45,6 +45,7 @@ from typing import Any, Generic, TypeVar
 
 from tsnet2 import proto
 from tsnet2.controlclient import AuthError, ControlError
+from tsnet2.daemon import io
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState
 from tsnet2.daemon.datapath import Datapath, ListenError
 from tsnet2.daemon.health import HealthServer
@@ -128,7 +129,7 @@ class Session:
     async def send(self, data: bytes) -> None:
         """Write one frame (frames never interleave)."""
         async with self.write_lock:
-            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+            await io.sendall(self.sock, data)
 
     async def hang_up(self, message: str, code: ErrorCode) -> None:
         """Tell the client why (an id-0 error frame), then end the connection."""
@@ -486,10 +487,9 @@ class Daemon:
     # ---- connections -----------------------------------------------------------------
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _ = await loop.sock_accept(lsock)
+                conn, _ = await io.accept(lsock)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     log.error("accept: %s; backing off", exc)
@@ -508,12 +508,11 @@ class Daemon:
             self.spawn(self._serve_conn(conn))
 
     async def _serve_conn(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         spliced = False  # True once a running splice owns `sock` (it closes it then)
         try:
             try:
                 async with asyncio.timeout(KIND_TIMEOUT):
-                    first = await loop.sock_recv(sock, 1)
+                    first = await io.recv(sock, 1)
             except TimeoutError:
                 log.warning("connection did not name a channel within %.0fs", KIND_TIMEOUT)
                 return
@@ -579,7 +578,6 @@ class Daemon:
         """Tell a client, in its channel's format, why the daemon hangs up; then drain a
         little of what it sent (closing with unread data would reset the connection and
         lose the message)."""
-        loop = asyncio.get_running_loop()
         if kind == proto.ChannelKind.CONTROL:
             data = proto.ControlServerCore().refuse(message, code)
         elif kind == proto.ChannelKind.DIAL:
@@ -595,10 +593,10 @@ class Daemon:
                     + b"\r\n\r\n" + body)
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(REFUSAL_TIMEOUT):
-                await loop.sock_sendall(sock, data)
+                await io.sendall(sock, data)
                 sock.shutdown(socket.SHUT_WR)
                 drained = 0
-                while drained < 65536 and (chunk := await loop.sock_recv(sock, 4096)):
+                while drained < 65536 and (chunk := await io.recv(sock, 4096)):
                     drained += len(chunk)
 
     # ---- control channel -------------------------------------------------------------
@@ -641,7 +639,7 @@ class Daemon:
         self.metrics.set_sessions(len(self.sessions))
         try:
             while True:
-                data = await loop.sock_recv(sock, 65536)
+                data = await io.recv(sock, 65536)
                 if not data:
                     return
                 for item in core.receive_data(data):
