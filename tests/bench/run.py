@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -118,6 +119,7 @@ class Bench:
         self.idle: dict[str, Any] = {}
         self.loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
         self.a_ip = self.b_ip = ""
+        self.lab_prefix = ""
 
     # ---- plumbing ----------------------------------------------------------------------
 
@@ -774,6 +776,19 @@ def build_gotsnet() -> tuple[str, str]:
     return path, ""
 
 
+def new_lab() -> Lab:
+    """A lab under a prefix nothing on this host uses, so this run and another bench or test
+    run going on at the same time never touch each other's namespaces, devices, sockets or
+    processes (``Lab.close`` removes only what it made; ``find_leftovers`` looks for the
+    prefix). "tb" + 6 random hex digits; a prefix still in use is never taken, and if two
+    runs drew the same one at the same moment, the second's ``ip netns add`` would fail."""
+    for _ in range(20):
+        prefix = "tb" + secrets.token_hex(3)
+        if not find_leftovers(prefix):
+            return Lab(prefix)
+    raise LabError("no unused lab prefix found in 20 tries")
+
+
 def nproc() -> int:
     """CPUs this process may run on."""
     return len(os.sched_getaffinity(0))
@@ -792,6 +807,7 @@ def write_results(bench: Bench, path: str, interrupted: bool, leftovers: list[st
                     "wireguard_go_path": bench.wireguard_go.path},
         "options": {k: v for k, v in vars(bench.args).items() if k != "out"},
         "main_traffic_log_mode": "off",
+        "lab_prefix": bench.lab_prefix,
         "seconds": round(bench.elapsed(), 1),
         "interrupted": interrupted,
         "rows": [r.as_json() for r in bench.rows],
@@ -823,13 +839,15 @@ def main(argv: list[str] | None = None) -> int:
     lab: Lab | None = None
     net: LocalTailnet | None = None
     try:
-        lab = Lab()
+        lab = new_lab()
+        bench.lab_prefix = lab.prefix
+        bench.say(f"lab {lab.prefix} (namespaces {lab.prefix}-*, in {lab.dir})")
         net = LocalTailnet(lab)
         bench.run(lab, net)
     except KeyboardInterrupt:
         interrupted = True
         bench.say("interrupted: cleaning up")
-    except (BenchRunError, tsnet2.Error, OSError) as exc:
+    except (BenchRunError, LabError, tsnet2.Error, OSError) as exc:
         bench.errors.append(f"setup: {exc}")
         bench.say(f"setup failed: {exc}")
     finally:
