@@ -359,27 +359,42 @@ def role_latency(targets: list[tuple[str, Endpoint]], iters: int, block: int,
     emit("RESULT", out)
 
 
-def role_flows(ep: Endpoint, duration: float) -> None:
-    """After the GO line: connect, 1-byte echo, close, as often as possible for ``duration``."""
+def role_flows(ep: Endpoint, duration: float, threads: int = 1) -> None:
+    """After the GO line: ``threads`` threads each connect, send 1 byte, read the echo and
+    close, one flow after another, as often as they can for ``duration`` seconds."""
     dial = make_dialer(ep)
     emit("READY")
     wait_go()
-    count, errors = 0, 0
-    lat: list[float] = []
-    first_error = ""
-    t0 = time.monotonic()
+    lat: list[list[float]] = [[] for _ in range(threads)]
+    errors = [0] * threads
+    first_errors: list[str] = []
+    t0, cpu0 = time.monotonic(), time.process_time()
     end = t0 + duration
-    while time.monotonic() < end:
-        try:
-            lat.append(_connect_rtt(dial) * 1000.0)
-            count += 1
-        except (OSError, tsnet2.Error, BenchError) as exc:
-            errors += 1
-            first_error = first_error or repr(exc)
-            if errors > 100:
-                break
-    emit("RESULT", {"flows": count, "errors": errors, "first_error": first_error,
-                    "elapsed": time.monotonic() - t0, "lat_ms": sorted(lat)})
+
+    def loop(i: int) -> None:
+        while time.monotonic() < end:
+            try:
+                lat[i].append(_connect_rtt(dial) * 1000.0)
+            except (OSError, tsnet2.Error, BenchError) as exc:
+                errors[i] += 1
+                if not first_errors:
+                    first_errors.append(repr(exc))
+                if errors[i] > 100:
+                    break
+
+    if threads == 1:
+        loop(0)
+    else:
+        workers = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    all_lat = sorted(x for xs in lat for x in xs)
+    emit("RESULT", {"flows": len(all_lat), "errors": sum(errors),
+                    "first_error": first_errors[0] if first_errors else "",
+                    "elapsed": time.monotonic() - t0, "cpu_s": time.process_time() - cpu0,
+                    "lat_ms": all_lat})
 
 
 # ---- many open flows --------------------------------------------------------------------
@@ -476,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("flows")
     s.add_argument("target")
     s.add_argument("--duration", type=float, default=5.0)
+    s.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("hold-accept")
     s.add_argument("listen")
     s.add_argument("--count", type=int, required=True)
@@ -506,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             pairs = [t.split("=", 1) for t in args.target]
             role_latency([(n, ep(e)) for n, e in pairs], args.iters, args.block, args.warmup)
         elif args.role == "flows":
-            role_flows(ep(args.target), args.duration)
+            role_flows(ep(args.target), args.duration, args.threads)
         elif args.role == "hold-accept":
             role_hold_accept(ep(args.listen), args.count, args.slots)
         else:

@@ -12,8 +12,11 @@ and, when Go is here, a Go tsnet row (``tests/bench/gotsnet``): two tailscale.co
 testcontrol and DERP in one Go process in a namespace of its own (loopback and one veth with
 192.0.2.1/32, no route out); its apps are goroutines in that process.
 
-Prints a table (with PASS/MISS against the targets) and writes JSON (``bench-results.json``
-at the repo root by default). Everything it creates is removed at the end, also on Ctrl-C.
+The daemons run with ``--traffic-log-mode metadata`` for every row but the ``payload`` and
+``off`` bulk rows. Prints a table (each tsnet2 row against the tunnel and against Go tsnet, with
+PASS/MISS per target; docs/benchmarks.md, "Rows") and writes JSON (``bench-results.json`` at the
+repo root by default) with every raw run. Everything it creates is removed at the end, also on
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -58,10 +61,13 @@ from .procs import (
 )
 from .profile import finish as profile_finish
 from .profile import start_record
-from .report import Row, markdown, median, percentile, table
+from .report import Row, Target, fmt, markdown, median, percentile, summary, table
 
 MB = 1024 * 1024
 PATHS = ("tunnel", "tsnet2", "veth")
+MAIN_MODE = "metadata"
+"""The daemons' --traffic-log-mode for every row but the payload and off bulk rows."""
+PHASES = ("latency", "bulk", "flows", "hold", "payload", "off")
 GOTSNET_BUILD = ROOT / "tests" / "bench" / "gotsnet" / "build.sh"
 GO_NETNS_ADDR = "192.0.2.1/32"  # TEST-NET-1: tsnet wants a non-loopback IPv4 to go online
 
@@ -75,7 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2,
                    help="interleaved tunnel/tsnet2 rounds per throughput and flow-rate row")
     p.add_argument("--iters", type=int, default=1000, help="latency iterations per path")
-    p.add_argument("--clients", type=int, default=4, help="concurrent flow-rate clients")
+    p.add_argument("--workers", type=int, default=16,
+                   help="concurrent clients of the second new-flows row (the first has one)")
+    p.add_argument("--worker-threads", type=int, default=1,
+                   help="threads per client process in that row: --workers / this processes "
+                        "(default 1: a process per worker, so no client shares a GIL)")
     p.add_argument("--flows", type=int, default=8000, help="concurrent open flows to hold")
     p.add_argument("--budget", type=float, default=570.0,
                    help="seconds; phases that would not fit are skipped")
@@ -84,10 +94,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default="", metavar="DIR",
                    help="sample both daemons with py-spy during tsnet2 runs into DIR")
     p.add_argument("--only", default="",
-                   help="comma-separated phases to run (latency,bulk,flows,hold,logmode)")
+                   help=f"comma-separated phases to run ({','.join(PHASES)}; logmode = "
+                        "payload,off)")
     p.add_argument("--no-go", action="store_true",
                    help="skip the Go tsnet row (tests/bench/gotsnet) even when Go is here")
     args = p.parse_args(argv)
+    if args.workers < 1 or args.worker_threads < 1 or args.workers % args.worker_threads:
+        p.error("--workers must be a positive multiple of --worker-threads")
+    only = {x for x in args.only.split(",") if x}
+    if "logmode" in only:
+        only = (only - {"logmode"}) | {"payload", "off"}
+    if only - set(PHASES):
+        p.error(f"--only: unknown phase(s) {sorted(only - set(PHASES))}")
+    args.only = ",".join(sorted(only))
     if args.quick:
         args.duration, args.rounds, args.iters, args.flows = 1.0, 1, 200, 500
     return args
@@ -115,7 +134,7 @@ class Bench:
         self.keepers: list[tsnet2.Server] = []
         self._port = 20000
         self._gen_no = 0
-        self.mode = "off"
+        self.mode = MAIN_MODE
         self.idle: dict[str, Any] = {}
         self.loadavg_start = Path("/proc/loadavg").read_text().split()[:3]
         self.a_ip = self.b_ip = ""
@@ -203,10 +222,15 @@ class Bench:
         only = [x for x in self.args.only.split(",") if x]
         if only and phase not in only:
             return False
+        return self.in_budget(phase, seconds)
+
+    def in_budget(self, what: str, seconds: float) -> bool:
+        """Whether ``what`` (about ``seconds`` long) fits in the remaining budget; if not,
+        it is listed as skipped."""
         if self.elapsed() + seconds > self.args.budget:
-            self.skipped.append(f"{phase} (needs ~{seconds:.0f}s, "
+            self.skipped.append(f"{what} (needs ~{seconds:.0f}s, "
                                 f"{self.args.budget - self.elapsed():.0f}s left)")
-            self.say(f"skipping {phase}: not enough time left in the budget")
+            self.say(f"skipping {what}: not enough time left in the budget")
             return False
         return True
 
@@ -226,7 +250,8 @@ class Bench:
     # ---- setup -------------------------------------------------------------------------
 
     def setup(self, lab: Lab, net: LocalTailnet) -> None:
-        """Control server, both daemons (traffic log off), keepers up, idle readings."""
+        """Control server, both daemons (traffic log ``MAIN_MODE``), keepers up, idle
+        readings."""
         self.lab, self.net = lab, net
         net.start_control()
         key = net.authkey(reusable=True)
@@ -236,7 +261,7 @@ class Bench:
             # listener comes or goes). The guard's per-packet cost (a conntrack lookup and a
             # few rules on the tailnet device) is left out of the tsnet2 rows.
             net.add_daemon(name, auth_key=key,
-                           extra_args=("--traffic-log-mode", "off", "--no-guard"))
+                           extra_args=("--traffic-log-mode", MAIN_MODE, "--no-guard"))
         self.bring_up()
         self.idle = self.readings()
         self.details["idle"] = self.idle
@@ -283,8 +308,6 @@ class Bench:
         self.details["gotsnet"] = {"binary": self.go_bin, "ready": ready, "rss_idle": rss}
         self.say(f"Go tsnet up: A {ready['a_ip']}, path {ready['path']}, process RSS "
                  f"{rss / MB:.1f} MB")
-        self.rows.append(Row("gotsnet_rss", "Go tsnet process RSS idle (2 nodes, control, DERP)",
-                             "MB", rss / MB))
 
     def go_cmd(self, line: str, timeout: float) -> dict[str, Any]:
         """One gotsnet command; its RESULT payload."""
@@ -458,8 +481,13 @@ class Bench:
                  f"net {out['net']}")
         return out
 
+    def go_or_none(self, x: float) -> float | None:
+        """A Go tsnet figure for a row: None when the Go row did not run."""
+        return None if self.go is None or math.isnan(x) else x
+
     def phase_bulk(self) -> None:
-        """Row 1: 1 and 8 streams; tunnel and tsnet2 interleaved, veth once."""
+        """1 and 8 streams with the daemons in ``MAIN_MODE``; tunnel, tsnet2 and Go tsnet
+        interleaved over ``--rounds``, veth once."""
         runs: list[dict[str, Any]] = []
         self.details["bulk"] = runs
         for streams in (1, 8):
@@ -469,7 +497,7 @@ class Bench:
                     order.reverse()
                 for path in order:
                     runs.append(self.bulk_go(streams) if path == "gotsnet"
-                                else self.bulk_once(path, streams))
+                                else self.bulk_logged(path, streams))
             runs.append(self.bulk_once("veth", streams))
             sel = [x for x in runs if x["streams"] == streams]
             by = {p: median([x["mbit_s"] for x in sel if x["path"] == p])
@@ -477,20 +505,18 @@ class Bench:
             cpu = {p: median([x["cpu_s_per_gb"] for x in sel
                               if x["path"] == p and x.get("cpu_s_per_gb") is not None])
                    for p in ("tunnel", "tsnet2", "gotsnet")}
-            def go(x: float) -> float | None:
-                return None if self.go is None or math.isnan(x) else x
-
             s = f"{streams} stream{'s' if streams > 1 else ''}"
-            self.rows.append(Row(f"bulk_{streams}", f"bulk {s}", "Mbit/s", by["tsnet2"],
-                                 by["tunnel"], "tunnel", "ratio>=", 0.95,
-                                 go_value=go(by["gotsnet"])))
-            if self.go:
-                self.rows.append(Row(f"bulk_{streams}_gotsnet", f"  Go tsnet, {s}", "Mbit/s",
-                                     by["gotsnet"], by["tunnel"], "tunnel"))
-            self.rows.append(Row(f"bulk_{streams}_cpu", f"  CPU per GB, {s}", "CPU-s/GB",
-                                 cpu["tsnet2"], cpu["tunnel"], "tunnel",
-                                 go_value=go(cpu["gotsnet"]),
-                                 note="daemons + wireguard-go; Go: whole process"))
+            self.rows.append(Row(f"bulk_{streams}", f"bulk {s}, log {MAIN_MODE}", "Mbit/s",
+                                 by["tsnet2"], by["tunnel"], self.go_or_none(by["gotsnet"]),
+                                 (Target("ratio>=", 0.9), Target("ratio>=", 1.0, "go"))))
+            # tsnet2: both daemons + both wireguard-go; tunnel: both wireguard-go; Go: its
+            # whole process (apps included). Load generators are not counted.
+            self.rows.append(Row(f"bulk_{streams}_cpu", f"CPU per GB, {s}, {MAIN_MODE}",
+                                 "CPU-s", cpu["tsnet2"], cpu["tunnel"],
+                                 self.go_or_none(cpu["gotsnet"]),
+                                 (Target("ratio<=", 1.5),) if streams == 1 else (),
+                                 note="tsnet2: daemons + wireguard-go; tunnel: wireguard-go; "
+                                      "Go: its whole process" if streams == 1 else ""))
             self.rows.append(Row(f"bulk_{streams}_veth", f"  raw veth, {s}", "Mbit/s",
                                  by["veth"]))
 
@@ -542,40 +568,39 @@ class Bench:
                                           "max": round(max(xs), 3), "n": len(xs)}
         self.details["latency"] = summary
         for mode, label, limit in (("connect", "connect+1B echo", 0.25),
-                                   ("pingpong", "open-flow 1B echo", 0.05)):
+                                   ("pingpong", "open-flow ping-pong", 0.05)):
             s = {p: summary[f"{mode}_{p}"] for p in PATHS}
             g = summary.get(f"{mode}_gotsnet", {})
             self.rows.append(Row(f"{mode}_p50", f"{label} p50", "ms", s["tsnet2"]["p50"],
-                                 s["tunnel"]["p50"], "tunnel", "delta<=", limit,
-                                 go_value=g.get("p50")))
+                                 s["tunnel"]["p50"], g.get("p50"), (Target("delta<=", limit),)))
             self.rows.append(Row(f"{mode}_p99", f"{label} p99", "ms", s["tsnet2"]["p99"],
-                                 s["tunnel"]["p99"], "tunnel", go_value=g.get("p99")))
-            if g:
-                self.rows.append(Row(f"{mode}_gotsnet", f"  Go tsnet {label} p50", "ms",
-                                     g["p50"], s["tunnel"]["p50"], "tunnel",
-                                     note=f"p99 {g['p99']:.3f}"))
-            self.rows.append(Row(f"{mode}_dialonly", f"  {label} p50, tsnet2 dial side only",
-                                 "ms", summary[f"{mode}_dialonly"]["p50"], s["tunnel"]["p50"],
-                                 "tunnel", note="B app -> B daemon -> A plain listener"))
-            self.rows.append(Row(f"{mode}_veth", f"  raw veth {label} p50", "ms",
-                                 s["veth"]["p50"], note=f"p99 {s['veth']['p99']:.3f}"))
+                                 s["tunnel"]["p99"], g.get("p99")))
+            short = label.split()[-1] if mode == "pingpong" else "connect+1B"
+            self.rows.append(Row(f"{mode}_dialonly", f"  {short} p50, dial side only", "ms",
+                                 summary[f"{mode}_dialonly"]["p50"], s["tunnel"]["p50"],
+                                 note="tsnet2 on B only: B app -> B daemon -> A's plain "
+                                      "kernel listener" if mode == "connect" else ""))
+            self.rows.append(Row(f"{mode}_veth", f"  {short} p50, raw veth", "ms",
+                                 s["veth"]["p50"], note=f"p99 {s['veth']['p99']:.3f} ms"))
             self.say(f"  {label}: " + ", ".join(
                 f"{p} p50 {s[p]['p50']:.3f} p99 {s[p]['p99']:.3f}" for p in PATHS))
 
     # ---- phase 3: flow rate ------------------------------------------------------------
 
-    def flows_once(self, path: str, target: str) -> dict[str, Any]:
-        """``--clients`` processes doing connect / 1-byte echo / close for ``--duration``."""
+    def flows_once(self, path: str, target: str, workers: int, echo_pid: int) -> dict[str, Any]:
+        """``workers`` clients doing connect / 1-byte echo / close for ``--duration``: one
+        process, or ``workers / --worker-threads`` processes of ``--worker-threads`` threads."""
         d = self.args.duration
+        threads = min(workers, self.args.worker_threads)
         gens: list[Gen] = []
         try:
-            for _ in range(self.args.clients):
-                gens.append(self.gen("b", ["flows", target, "--duration", str(d)],
-                                     int(d) + 60))
+            for _ in range(workers // threads):
+                gens.append(self.gen("b", ["flows", target, "--duration", str(d),
+                                           "--threads", str(threads)], int(d) + 90))
             for g in gens:
-                g.expect("READY", 30)
-            cpu = CpuWatch(self.cpu_pids())
-            prof = self.profile_start("flows", d - 0.5) if path == "tsnet2" else []
+                g.expect("READY", 60)
+            cpu = CpuWatch(self.cpu_pids() | {"echo": echo_pid})
+            prof = self.profile_start(f"flows-x{workers}", d - 0.5) if path == "tsnet2" else []
             for g in gens:
                 g.send("go")
             results = [g.result(d + 40) for g in gens]
@@ -583,59 +608,74 @@ class Bench:
             cpu_pct = cpu.stop()
         finally:
             stop_all(gens)
+        # the clients have exited: their own CPU time over the timed loop, % of one core
+        cpu_pct["clients"] = round(100 * sum(r["cpu_s"] for r in results) / d, 1)
         flows = sum(r["flows"] for r in results)
         lat = sorted(x for r in results for x in r["lat_ms"])
-        out = {"path": path, "flows": flows, "flows_s": round(flows / d, 1),
+        out = {"path": path, "workers": workers, "processes": len(gens), "threads": threads,
+               "flows": flows, "flows_s": round(flows / d, 1),
                "errors": sum(r["errors"] for r in results),
                "first_error": next((r["first_error"] for r in results if r["first_error"]), ""),
                "lat_p50_ms": round(percentile(lat, 50), 3),
                "lat_p99_ms": round(percentile(lat, 99), 3), "cpu_pct": cpu_pct}
-        self.say(f"  {path:6}: {out['flows_s']:8.1f} flows/s, p50 {out['lat_p50_ms']} ms, "
-                 f"errors {out['errors']}, cpu {cpu_pct}")
+        if flows:  # CPU per flow of each daemon, ms (CPU share x duration / flows)
+            out["daemon_cpu_ms_per_flow"] = {
+                k: round(cpu_pct[k] / 100 * d / flows * 1000, 3)
+                for k in ("daemon_a", "daemon_b") if k in cpu_pct}
+        self.say(f"  {path:6} x{workers}: {out['flows_s']:8.1f} flows/s, p50 "
+                 f"{out['lat_p50_ms']} ms, errors {out['errors']}, cpu {cpu_pct}")
         return out
 
     def phase_flows(self) -> None:
-        """Row 3: new flows per second, tunnel and tsnet2 interleaved."""
+        """New flows per second: one client (sequential), then ``--workers`` clients; tunnel,
+        tsnet2 and Go tsnet interleaved over ``--rounds``."""
         ports = {p: self.port() for p in ("tunnel", "tsnet2")}
         runs: list[dict[str, Any]] = []
         self.details["flows"] = runs
         gens: list[Gen] = []
+        w = self.args.workers
         try:
-            echo = self.gen("a", ["echo", "--slots", "8",
-                                  *[self.endpoints(p, ports[p])[0] for p in ports]], 300)
+            # One threaded echo server in A for both paths; its tsnet2 listener keeps
+            # enough accept slots parked for every worker.
+            echo = self.gen("a", ["echo", "--slots", str(max(8, w)),
+                                  *[self.endpoints(p, ports[p])[0] for p in ports]], 600)
             gens.append(echo)
             echo.expect("READY", 30)
-            for r in range(self.args.rounds):
-                order = ["tunnel", "tsnet2"] + (["gotsnet"] if self.go else [])
-                if r % 2:
-                    order.reverse()
-                for path in order:
-                    runs.append(self.flows_go() if path == "gotsnet" else
-                                self.flows_once(path, self.endpoints(path, ports[path])[1]))
+            for workers in (1, w):
+                for r in range(self.args.rounds):
+                    order = ["tunnel", "tsnet2"] + (["gotsnet"] if self.go else [])
+                    if r % 2:
+                        order.reverse()
+                    for path in order:
+                        runs.append(self.flows_go(workers) if path == "gotsnet" else
+                                    self.flows_once(path, self.endpoints(path, ports[path])[1],
+                                                    workers, echo.proc.pid))
         finally:
             stop_all(gens)
-        by = {p: median([x["flows_s"] for x in runs if x["path"] == p]) for p in ports}
-        errors = sum(x["errors"] for x in runs if x["path"] == "tsnet2")
-        go = median([x["flows_s"] for x in runs if x["path"] == "gotsnet"]) if self.go else None
-        self.rows.append(Row("flows_per_s", f"new flows/s ({self.args.clients} clients)",
-                             "flows/s", by["tsnet2"], by["tunnel"], "tunnel", "value>=", 2000,
-                             note=f"{errors} errors" if errors else "", go_value=go))
-        if self.go:
-            self.rows.append(Row("flows_per_s_gotsnet", f"  Go tsnet new flows/s "
-                                 f"({self.args.clients} goroutines)", "flows/s", go,
-                                 by["tunnel"], "tunnel"))
+        for workers, key, label, targets in (
+                (1, "flows_sequential", "new flows, sequential", ()),
+                (w, f"flows_{w}", f"new flows, {w} workers", (Target("ratio>=", 0.8),))):
+            sel = [x for x in runs if x["workers"] == workers]
+            by = {p: median([x["flows_s"] for x in sel if x["path"] == p])
+                  for p in ("tunnel", "tsnet2", "gotsnet")}
+            errors = sum(x["errors"] for x in sel if x["path"] == "tsnet2")
+            self.rows.append(Row(key, label, "flows/s", by["tsnet2"], by["tunnel"],
+                                 self.go_or_none(by["gotsnet"]), targets,
+                                 note=f"tsnet2: {errors} errors" if errors else ""))
 
-    def flows_go(self) -> dict[str, Any]:
-        """``--clients`` goroutines doing connect / 1-byte echo / close in gotsnet."""
+    def flows_go(self, workers: int) -> dict[str, Any]:
+        """``workers`` goroutines doing connect / 1-byte echo / close in gotsnet."""
         d = self.args.duration
-        res = self.go_cmd(f"flows {self.args.clients} {d}", d + 60)
+        res = self.go_cmd(f"flows {workers} {d}", d + 60)
         lat = res["lat_ms"] or []
-        out = {"path": "gotsnet", "flows": res["flows"], "flows_s": round(res["flows"] / d, 1),
+        out = {"path": "gotsnet", "workers": workers, "flows": res["flows"],
+               "flows_s": round(res["flows"] / d, 1),
                "errors": res["errors"], "first_error": res["first_error"],
                "lat_p50_ms": round(percentile(lat, 50), 3),
                "lat_p99_ms": round(percentile(lat, 99), 3), "cpu_s": round(res["cpu_s"], 3)}
-        self.say(f"  {'gotsnet':6}: {out['flows_s']:8.1f} flows/s, p50 {out['lat_p50_ms']} ms, "
-                 f"errors {out['errors']}, cpu {out['cpu_s']} s (whole process)")
+        self.say(f"  {'gotsnet':6} x{workers}: {out['flows_s']:8.1f} flows/s, p50 "
+                 f"{out['lat_p50_ms']} ms, errors {out['errors']}, cpu {out['cpu_s']} s "
+                 "(whole process)")
         return out
 
     # ---- phase 4: many open flows ------------------------------------------------------
@@ -679,19 +719,18 @@ class Bench:
         result["drain_seconds"] = self._wait_drained(before, 30)
         result["after"] = after = self.readings()
         ok = result.get("accepted", {}).get("flows") == n
-        note = "" if ok else f"only {dialed['flows']} of {n} flows opened"
-        self.rows.append(Row("hold_rss_a", f"daemon A RSS, {n} flows open", "MB",
-                             loaded["rss_a"] / MB, self.idle["rss_a"] / MB, "idle",
-                             "value<=", 100, note=note))
-        self.rows.append(Row("hold_rss_b", f"daemon B RSS, {n} flows open", "MB",
-                             loaded["rss_b"] / MB, self.idle["rss_b"] / MB, "idle",
-                             "value<=", 100, note=note))
+        short = "" if ok else f"only {dialed['flows']} of {n} flows opened; "
+        for k in ("a", "b"):
+            self.rows.append(Row(f"hold_rss_{k}", f"daemon {k.upper()} RSS, {n} flows open",
+                                 "MB", loaded[f"rss_{k}"] / MB,
+                                 targets=(Target("value<=", 100),),
+                                 note=f"{short}idle {self.idle[f'rss_{k}'] / MB:.1f} MB, "
+                                      f"{loaded[f'fds_{k}']} fds"))
         self.rows.append(Row("hold_open_rate", f"  {n} flows opened at", "flows/s",
                              dialed["flows"] / result["open_seconds"]))
         for k in ("a", "b"):
             self.rows.append(Row(f"hold_after_rss_{k}", f"  daemon {k.upper()} RSS after they "
                                  "closed", "MB", after[f"rss_{k}"] / MB,
-                                 self.idle[f"rss_{k}"] / MB, "idle",
                                  note=f"drained in {result['drain_seconds']} s"))
 
     def _wait_drained(self, before: dict[str, Any], timeout: float) -> float | None:
@@ -703,51 +742,98 @@ class Bench:
             time.sleep(0.2)
         return None
 
-    # ---- phase 5: traffic-log modes ----------------------------------------------------
+    # ---- phase 5: bulk in the other traffic-log modes ------------------------------------
 
-    def phase_logmode(self) -> None:
-        """Row 5: 1-stream throughput with --traffic-log-mode payload, metadata, off."""
-        runs: list[dict[str, Any]] = []
-        self.details["logmode"] = runs
-        for i, mode in enumerate(("payload", "metadata", "off")):
-            self.restart_daemons(mode)
-            sizes = [dp.traffic_log.stat().st_size if dp.traffic_log.exists() else 0
-                     for dp in (self.da, self.db)]
-            order = ("tunnel", "tsnet2") if i % 2 == 0 else ("tsnet2", "tunnel")
-            pair = {p: self.bulk_once(p, 1) for p in order}
-            logged = [(dp.traffic_log.stat().st_size if dp.traffic_log.exists() else 0) - s
-                      for dp, s in zip((self.da, self.db), sizes, strict=True)]
-            for dp in (self.da, self.db):
-                if dp.traffic_log.exists():
-                    os.truncate(dp.traffic_log, 0)  # bound disk use; O_APPEND writers go on
-            pair["tsnet2"]["log_bytes"] = logged
-            runs.extend(pair.values())
-            check, limit = {"payload": ("ratio>=", 0.8), "off": ("ratio>=", 0.95)}.get(
-                mode, ("", None))
-            self.rows.append(Row(f"logmode_{mode}", f"bulk 1 stream, log {mode}", "Mbit/s",
-                                 pair["tsnet2"]["mbit_s"], pair["tunnel"]["mbit_s"], "tunnel",
-                                 check, limit,
-                                 note=f"log {sum(logged) / MB:.0f} MB" if sum(logged) else ""))
+    def log_sizes(self) -> list[int]:
+        """Bytes in each daemon's traffic log now."""
+        return [dp.traffic_log.stat().st_size if dp.traffic_log.exists() else 0
+                for dp in (self.da, self.db)]
+
+    def truncate_logs(self) -> None:
+        """Empty both traffic logs, to bound disk use (the daemons' O_APPEND writes go on)."""
+        for dp in (self.da, self.db):
+            if dp.traffic_log.exists():
+                os.truncate(dp.traffic_log, 0)
+
+    def bulk_logged(self, path: str, streams: int) -> dict[str, Any]:
+        """``bulk_once``, plus the traffic-log bytes it wrote (the logs are emptied after)."""
+        before = self.log_sizes()
+        out = self.bulk_once(path, streams)
+        if path == "tsnet2":
+            out["log_bytes"] = [x - y for x, y in zip(self.log_sizes(), before, strict=True)]
+            self.truncate_logs()
+        return out
+
+    def bulk_mode_rows(self, runs: list[dict[str, Any]], streams: int,
+                       targets: tuple[Target, ...]) -> None:
+        """A row for ``self.mode`` and ``streams`` from ``runs``; Go tsnet's value is from
+        the bulk phase (it has no traffic log)."""
+        sel = [x for x in runs if x["streams"] == streams and x["mode"] == self.mode]
+        by = {p: median([x["mbit_s"] for x in sel if x["path"] == p])
+              for p in ("tunnel", "tsnet2")}
+        cpu = {p: median([x["cpu_s_per_gb"] for x in sel if x["path"] == p and
+                          x.get("cpu_s_per_gb") is not None]) for p in ("tunnel", "tsnet2")}
+        logged = [sum(x["log_bytes"]) for x in sel if "log_bytes" in x]
+        go = [x["mbit_s"] for x in self.details.get("bulk", [])
+              if x["path"] == "gotsnet" and x["streams"] == streams]
+        s = f"{streams} stream{'s' if streams > 1 else ''}"
+        note = f"CPU {fmt(cpu['tsnet2'])} s/GB (tunnel {fmt(cpu['tunnel'])})"
+        if logged and max(logged):
+            note += f", log {median(logged) / MB:.0f} MB per run"
+        if go:
+            note += "; Go from the bulk phase"
+        self.rows.append(Row(f"bulk_{streams}_{self.mode}", f"bulk {s}, log {self.mode}",
+                             "Mbit/s", by["tsnet2"], by["tunnel"],
+                             self.go_or_none(median(go)), targets, note=note))
+
+    def phase_payload(self) -> None:
+        """Bulk with the daemons restarted in ``payload`` mode (the default): 1 stream, then
+        8 streams when that fits in the budget; tunnel and tsnet2 interleaved."""
+        runs: list[dict[str, Any]] = self.details.setdefault("logmode", [])
+        self.restart_daemons("payload")
+        d, r = self.args.duration, self.args.rounds
+        for streams in (1, 8):
+            if streams > 1 and not self.in_budget("payload 8 streams", 2 * r * (d + 4)):
+                break
+            for i in range(r):
+                for path in ("tunnel", "tsnet2") if i % 2 == 0 else ("tsnet2", "tunnel"):
+                    runs.append(self.bulk_logged(path, streams))
+            self.bulk_mode_rows(runs, streams, (Target("ratio>=", 0.6),))
+
+    def phase_off(self) -> None:
+        """One tunnel/tsnet2 pair of 1-stream bulk with the daemons in ``off`` mode (info)."""
+        runs: list[dict[str, Any]] = self.details.setdefault("logmode", [])
+        self.restart_daemons("off")
+        runs.extend(self.bulk_logged(p, 1) for p in ("tunnel", "tsnet2"))
+        self.bulk_mode_rows(runs, 1, ())
 
     # ---- run ---------------------------------------------------------------------------
 
     def run(self, lab: Lab, net: LocalTailnet) -> None:
-        """Every phase, in an order that keeps the daemons' idle reading clean."""
+        """Every phase, in an order that keeps the daemons' idle reading clean. Each phase's
+        estimate (seconds) is checked against what is left of ``--budget``."""
         d, r = self.args.duration, self.args.rounds
         self.setup(lab, net)
-        self.rows.append(Row("idle_rss_a", "daemon A RSS idle (after up)", "MB",
-                             self.idle["rss_a"] / MB, check="value<=", limit=40))
-        self.rows.append(Row("idle_rss_b", "daemon B RSS idle (after up)", "MB",
-                             self.idle["rss_b"] / MB, check="value<=", limit=40))
+        for k in ("a", "b"):
+            self.rows.append(Row(f"idle_rss_{k}", f"daemon {k.upper()} RSS idle (after up)",
+                                 "MB", self.idle[f"rss_{k}"] / MB,
+                                 targets=(Target("value<=", 40),)))
         for k in ("a", "b"):
             soft, hard = self.idle[f"nofile_{k}"]
             self.rows.append(Row(f"nofile_{k}", f"daemon {k.upper()} open-files limit, soft",
                                  "fds", soft, note=f"hard {hard}"))
-        self.phase("latency", 3 * self.args.iters * 0.006 + 10, self.phase_latency)
-        self.phase("bulk", 2 * (2 * r + 1) * (d + 2.5), self.phase_bulk)
-        self.phase("flows", 2 * r * (d + 3) + 3, self.phase_flows)
+        if "gotsnet" in self.details:
+            self.rows.append(Row("gotsnet_rss", "  Go tsnet process RSS idle", "MB",
+                                 self.details["gotsnet"]["rss_idle"] / MB,
+                                 note="one process: both nodes, control, DERP and the apps"))
+        n = 3 if self.go else 2  # paths per round: tunnel, tsnet2 (, Go tsnet)
+        self.phase("latency", 3 * self.args.iters * 0.006 + 10 +
+                   (2 * self.args.iters * 0.002 + 3 if self.go else 0), self.phase_latency)
+        self.phase("bulk", 2 * (r * n + 1) * (d + 4), self.phase_bulk)
+        self.phase("flows", r * n * (d + 2) + r * n * (d + 5) + 3, self.phase_flows)
         self.phase("hold", 15 + self.args.flows / 250, self.phase_hold)
-        self.phase("logmode", 3 * (2 * (d + 2.5) + 6), self.phase_logmode)
+        self.phase("payload", 10 + 2 * r * (d + 4), self.phase_payload)
+        self.phase("off", 10 + 2 * (d + 4), self.phase_off)
 
 
 def build_gotsnet() -> tuple[str, str]:
@@ -806,7 +892,7 @@ def write_results(bench: Bench, path: str, interrupted: bool, leftovers: list[st
                     "wireguard_go": bench.wireguard_go.version,
                     "wireguard_go_path": bench.wireguard_go.path},
         "options": {k: v for k, v in vars(bench.args).items() if k != "out"},
-        "main_traffic_log_mode": "off",
+        "main_traffic_log_mode": MAIN_MODE,
         "lab_prefix": bench.lab_prefix,
         "seconds": round(bench.elapsed(), 1),
         "interrupted": interrupted,
@@ -863,9 +949,11 @@ def main(argv: list[str] | None = None) -> int:
     leftovers = find_leftovers(lab.prefix) if lab is not None else []
     print()
     print(f"tsnet2 benchmark, {nproc()} CPUs (load average {' '.join(bench.loadavg_start)} at "
-          f"start), {bench.elapsed():.0f} s, main rows with --traffic-log-mode off; baselines "
-          f"measured in the same run; {bench.wireguard_go}")
+          f"start), {bench.elapsed():.0f} s; daemons in --traffic-log-mode {MAIN_MODE} but "
+          f"where a row says otherwise; tunnel and Go tsnet measured in the same run, "
+          f"interleaved; {bench.wireguard_go}")
     print(table(bench.rows))
+    print(summary(bench.rows))
     for e in bench.errors:
         print(f"ERROR {e}")
     for s in bench.skipped:
