@@ -184,6 +184,13 @@ class Bench:
         assert dp.proc is not None
         return dp.proc.pid
 
+    def event_loop(self) -> str:
+        """The daemons' event loop, from their readiness lines ("?" when they do not say)."""
+        loops = {m[-1] if (m := re.findall(r"listening on .*\((\S+) event loop\)",
+                                           dp.log_text())) else "?"
+                 for dp in (self.da, self.db)}
+        return "/".join(sorted(loops))
+
     def cpu_pids(self) -> dict[str, int]:
         """Daemons and wireguard-go processes to watch for CPU."""
         pids = {"daemon_a": self.daemon_pid(self.da), "daemon_b": self.daemon_pid(self.db)}
@@ -265,8 +272,10 @@ class Bench:
         self.bring_up()
         self.idle = self.readings()
         self.details["idle"] = self.idle
+        self.details["daemon_event_loop"] = self.event_loop()
         self.say(f"up: A {self.a_ip}, B {self.b_ip}; idle RSS A "
-                 f"{self.idle['rss_a'] / MB:.1f} MB, B {self.idle['rss_b'] / MB:.1f} MB")
+                 f"{self.idle['rss_a'] / MB:.1f} MB, B {self.idle['rss_b'] / MB:.1f} MB; "
+                 f"event loop {self.details['daemon_event_loop']}")
         self.warm_up()
         self.start_go()
 
@@ -949,9 +958,10 @@ def main(argv: list[str] | None = None) -> int:
     leftovers = find_leftovers(lab.prefix) if lab is not None else []
     print()
     print(f"tsnet2 benchmark, {nproc()} CPUs (load average {' '.join(bench.loadavg_start)} at "
-          f"start), {bench.elapsed():.0f} s; daemons in --traffic-log-mode {MAIN_MODE} but "
-          f"where a row says otherwise; tunnel and Go tsnet measured in the same run, "
-          f"interleaved; {bench.wireguard_go}")
+          f"start), {bench.elapsed():.0f} s, lab {bench.lab_prefix}; {bench.wireguard_go}")
+    print(f"daemons: --traffic-log-mode {MAIN_MODE} unless a row says otherwise, "
+          f"{bench.details.get('daemon_event_loop', '?')} event loop; tunnel and Go tsnet "
+          "measured in the same run, interleaved")
     print(table(bench.rows))
     print(summary(bench.rows))
     for e in bench.errors:
