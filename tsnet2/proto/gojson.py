@@ -63,14 +63,23 @@ def _seconds_text(dt: _dt.datetime) -> str:
     )
 
 
+_last_second: tuple[int, str] = (-1, "")  # the last whole second formatted (a tuple: atomic)
+
+
 def go_time_ns(ns: int) -> str:
     """Format nanoseconds since the Unix epoch as UTC RFC 3339, Go ``RFC3339Nano`` style.
 
     The fraction has up to nine digits with trailing zeros trimmed, and is left out when
     zero: ``2026-05-19T16:06:10.12345Z``, ``2026-05-19T16:06:10Z``.
     """
+    global _last_second
     seconds, frac = divmod(ns, 1_000_000_000)
-    text = _seconds_text(_EPOCH + _dt.timedelta(seconds=seconds))
+    last = _last_second
+    if last[0] == seconds:  # one record after another: mostly the same second
+        text = last[1]
+    else:
+        text = _seconds_text(_EPOCH + _dt.timedelta(seconds=seconds))
+        _last_second = (seconds, text)
     if frac:
         text += "." + f"{frac:09d}".rstrip("0")
     return text + "Z"
