@@ -136,6 +136,9 @@ class Backend:
         self.last_error = ""
         self._node: Node | None = None
         self._by_ip: dict[IPAddress, dict[str, Any]] = {}  # rebuilt on every netmap change
+        # The same by canonical text, tailnet addresses only: a flow's addresses come from
+        # the kernel as text, and parsing them with ipaddress is a measurable per-flow cost.
+        self._by_text: dict[str, tuple[IPAddress, dict[str, Any]]] = {}
         self._guard: Guard | None = None
         self.refusal_log: RefusalLog | None = None
         self._control: ControlClient | None = None
@@ -440,6 +443,12 @@ class Backend:
         """The node (self or a peer) that owns a tailnet address, if any."""
         return self._by_ip.get(ip)
 
+    def node_by_addr(self, text: str) -> dict[str, Any] | None:
+        """The node that owns a tailnet address given as canonical text (as the kernel
+        writes it: ``100.64.0.1``, ``fd7a:115c:a1e0::1``), if any."""
+        hit = self._by_text.get(text)
+        return hit[1] if hit is not None else None
+
     def _reindex(self) -> None:
         # Looked up once or twice per flow: index the netmap instead of walking it.
         by_ip: dict[IPAddress, dict[str, Any]] = {}
@@ -447,12 +456,17 @@ class Backend:
             for ip in _node_ips(node):
                 by_ip[ip] = node
         self._by_ip = by_ip
+        self._by_text = {str(ip): (ip, node) for ip, node in by_ip.items()
+                         if ip in TAILNET_V4 or ip in TAILNET_V6}
 
     def resolve(self, host: str, family: int | None) -> IPAddress:
         """Turn a dial host (tailnet IP, hostname or FQDN) into a tailnet address.
 
         Raises BackendError with a message naming what was not found.
         """
+        hit = self._by_text.get(host.strip("[]"))
+        if hit is not None and family in (None, hit[0].version):
+            return hit[0]  # a node's tailnet address, as text: no parsing
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
         except ValueError:

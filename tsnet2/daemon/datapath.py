@@ -436,17 +436,26 @@ class Datapath:
         lst.slots.append(slot)
         lst.slot_added.set()
         m.slot_parked(+1)
-        watch = loop.create_task(io.recv(sock, 1))
-        waiting: set[asyncio.Future[Any]] = {watch, slot.handed}
-        try:
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            m.slot_parked(-1)
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await watch
+
+        def app_spoke() -> None:
+            # The app closed the slot, or wrote to it (which the protocol forbids).
             if not slot.handed.done():
                 slot.handed.cancel()
+
+        loop.add_reader(sock, app_spoke)  # a callback, not a task per parked slot
+        try:
+            try:
+                await slot.handed
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this task is being cancelled (shutdown): not a dropped slot
+        finally:
+            loop.remove_reader(sock)
+            m.slot_parked(-1)
+            if not slot.handed.done():
+                slot.handed.cancel()
+            if slot.handed.cancelled():
                 with contextlib.suppress(ValueError):
                     lst.slots.remove(slot)
         if slot.handed.cancelled():
@@ -465,7 +474,7 @@ class Datapath:
             m.slot_dropped("handoff_failed")
             self._spawn(self._inbound(lst, conn, waited))
             return False
-        whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
+        whois = whois_summary(self._node_at(remote))
         try:
             flow = self.traffic.open_flow(direction="in", local=local, remote=remote,
                                           whois=whois, listener_id=lst.id)
@@ -482,7 +491,7 @@ class Datapath:
         self.metrics.flow_refused(direction, reason)
         whois = None
         with contextlib.suppress(ValueError):
-            whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
+            whois = whois_summary(self._node_at(remote))
         self.traffic.reject(direction=direction, remote=remote, local=local or None,
                             reason=REJECT_REASON.get(reason, "dial_failed"), error=error,
                             whois=whois, listener_id=listener_id)
@@ -506,7 +515,6 @@ class Datapath:
         Returns True once `sock` belongs to a running splice (the caller must not close
         it; the splice does), False when the caller still owns it.
         """
-        loop = asyncio.get_running_loop()
         line = await read_line(sock, reader, HEADER_TIMEOUT)
         req = proto.decode_dial_request(line)
         if not self._log_ready("out", remote=req.addr):
@@ -515,15 +523,18 @@ class Datapath:
                     False, err="daemon: traffic log unavailable; refusing new flows",
                     code=ErrorCode.LOG_UNAVAILABLE))
             return False
-        connect = loop.create_task(self._connect(req.network or "tcp", req.addr))
-        early = await self._watch_app_while(connect, sock, bytearray(reader.take_rest()))
-        if early is None:
+        watch = _AppWatch(sock, bytearray(reader.take_rest()))
+        try:
+            peer = await self._connect(req.network or "tcp", req.addr)
+        except asyncio.CancelledError:
+            watch.stop()
+            if not watch.gone(cancelled=True):
+                raise  # cancelled from outside (shutdown)
             self._refuse("out", "app_gone", remote=req.addr,
                          error="dial abandoned: the app closed the connection")
             return False
-        try:
-            peer = connect.result()
         except (BackendError, OSError, TimeoutError, ValueError) as exc:
+            watch.stop()  # before any await: a hang-up now must not cancel the reply
             msg = str(exc) or type(exc).__name__
             code = ErrorCode.DIAL_FAILED
             if isinstance(exc, BackendError):
@@ -539,6 +550,9 @@ class Datapath:
             with contextlib.suppress(OSError):
                 await io.sendall(sock, proto.encode_dial_reply(False, err=msg, code=code))
             return False
+        finally:
+            watch.stop()  # idempotent; also on an unexpected error
+        early = watch.early
         local = _sockaddr(peer.getsockname())
         remote = _sockaddr(peer.getpeername())
         try:
@@ -550,7 +564,7 @@ class Datapath:
             self._refuse("out", "app_gone", remote=remote, local=local,
                          error="the app hung up before the dial reply")
             return False
-        whois = whois_summary(self.backend.node_by_ip(_ip_of(remote)))
+        whois = whois_summary(self._node_at(remote))
         try:
             flow = self.traffic.open_flow(direction="out", local=local, remote=remote,
                                           whois=whois)
@@ -558,40 +572,6 @@ class Datapath:
             peer.close()
             raise
         return await self._splice("out", flow, sock, peer, bytes(early))
-
-    @staticmethod
-    async def _watch_app_while(
-        connect: asyncio.Task[socket.socket], sock: socket.socket, early: bytearray
-    ) -> bytearray | None:
-        """Wait for `connect`, reading what the app sends meanwhile (bounded).
-
-        Returns the app's early bytes, or None when the app hung up first: then the
-        connect is cancelled (or its socket closed), so a dial the app gave up on — its
-        timeout — does not linger in the daemon.
-        """
-        loop = asyncio.get_running_loop()
-        app_gone = False
-        try:
-            while not connect.done() and len(early) < EARLY_DATA_MAX:
-                recv = loop.create_task(io.recv(sock, 65536))
-                await asyncio.wait({connect, recv}, return_when=asyncio.FIRST_COMPLETED)
-                if not recv.done():
-                    recv.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await recv
-                    break
-                data = b"" if recv.exception() else recv.result()
-                if not data:
-                    app_gone = True
-                    return None
-                early += data
-            await asyncio.wait({connect})
-            return early
-        finally:
-            if app_gone or not connect.done():
-                connect.cancel()
-                with contextlib.suppress(BaseException):
-                    (await connect).close()
 
     async def _connect(self, network: str, addr: str) -> socket.socket:
         if network not in ("tcp", "tcp4", "tcp6"):
@@ -631,6 +611,16 @@ class Datapath:
             raise
         return s
 
+    def _node_at(self, addr: str) -> dict[str, Any] | None:
+        """The tailnet node at ``addr`` (``ip:port`` as `_sockaddr` makes it), if any.
+        Raises ValueError (a WireAddressError) for text that is not ``host:port``."""
+        host, _port = proto.split_host_port(addr)
+        node = self.backend.node_by_addr(host)
+        if node is None:  # not a node's address in canonical form: the exact, slower way
+            with contextlib.suppress(ValueError):
+                node = self.backend.node_by_ip(ipaddress.ip_address(host))
+        return node
+
     # ---- splice ----------------------------------------------------------------------
 
     async def _splice(self, direction: Literal["in", "out"], flow: Flow,
@@ -669,11 +659,54 @@ class Datapath:
         return True
 
 
+class _AppWatch:
+    """While a dial connects: read what the app sends meanwhile (bounded, sent on first),
+    and notice when it hangs up, then cancel the dialing task, so a dial the app gave up on
+    (its timeout) does not linger in the daemon. A reader callback, not a task."""
+
+    def __init__(self, sock: socket.socket, early: bytearray) -> None:
+        self.sock = sock
+        self.early = early
+        self._hung_up = False
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._reading = len(early) < EARLY_DATA_MAX
+        if self._reading:
+            self._loop.add_reader(sock, self._on_readable)
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._hung_up = True
+            self.stop()
+            if self._task is not None:
+                self._task.cancel()
+            return
+        self.early += data
+        if len(self.early) >= EARLY_DATA_MAX:
+            self.stop()  # enough: the rest waits in the socket until the splice runs
+
+    def gone(self, *, cancelled: bool) -> bool:
+        """True when the app hung up (and the cancellation that brought the caller here was
+        ours: it is taken back)."""
+        if not self._hung_up:
+            return False
+        # Also cancelled from outside when more than ours remains: that one wins.
+        return not (cancelled and self._task is not None and self._task.uncancel() > 0)
+
+    def stop(self) -> None:
+        """Stop watching (idempotent)."""
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.sock)
+
+
 def _sockaddr(addr: Any) -> str:
-    host, port = addr[0], addr[1]
-    return proto.format_addr(ipaddress.ip_address(host), int(port))
-
-
-def _ip_of(addr: str) -> IPAddress:
-    host, _port = proto.split_host_port(addr)
-    return ipaddress.ip_address(host)
+    """A socket address from the kernel as ``ip:port`` (``[ip]:port`` for IPv6). The
+    kernel's text is canonical already (RFC 5952 for IPv6), so it is not parsed again."""
+    return proto.format_addr(str(addr[0]), int(addr[1]))

@@ -119,6 +119,16 @@ async def read_line(
             data = await recv(sock, RECV_CHUNK)
             reader.feed(data)
 
+    # Mostly the line is there already (a client sends it right after connecting): no
+    # timer is armed for what needs no wait.
+    while (line := reader.next_line()) is None and not reader.eof:
+        try:
+            data = sock.recv(RECV_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            break
+        reader.feed(data)
+    if line is not None:
+        return line
     async with asyncio.timeout(timeout):  # no extra task per header, unlike wait_for
         return await read()
 

@@ -511,8 +511,11 @@ class Daemon:
         spliced = False  # True once a running splice owns `sock` (it closes it then)
         try:
             try:
-                async with asyncio.timeout(KIND_TIMEOUT):
-                    first = await io.recv(sock, 1)
+                try:
+                    first = sock.recv(1)  # mostly there already: no timer then
+                except (BlockingIOError, InterruptedError):
+                    async with asyncio.timeout(KIND_TIMEOUT):
+                        first = await io.recv(sock, 1)
             except TimeoutError:
                 log.warning("connection did not name a channel within %.0fs", KIND_TIMEOUT)
                 return
