@@ -6,9 +6,11 @@ when the packages are not installed (a meta-path finder refusing them).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 from tsnet2._entry import EXTRA_MODULES
@@ -91,3 +93,24 @@ def test_an_unrelated_missing_module_is_still_an_error() -> None:
             print("raised")
     """)
     assert out.stdout.strip() == "raised", out.stderr
+
+
+# What `tsnet2[daemon]` adds to `tsnet2[sidecar]`: the coordination server's dependencies,
+# which the tsnet2d process never loads (tests/unit/test_daemon_imports.py). The sidecar
+# image installs `tsnet2[sidecar]` alone (docs/image.md).
+SERVER_ONLY = {"aiohttp"}
+
+
+def _requirement_name(req: str) -> str:
+    return re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower()
+
+
+def test_the_sidecar_extra_is_the_daemon_extra_without_the_coordination_server() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    extras = project["optional-dependencies"]
+    assert "tsnet2[sidecar]" in extras["daemon"] and "tsnet2[daemon]" in extras["operator"]
+    added = {_requirement_name(r) for r in extras["daemon"] if r != "tsnet2[sidecar]"}
+    assert added == SERVER_ONLY, (
+        f"`daemon` adds {sorted(added - SERVER_ONLY)} to `sidecar`: a dependency of tsnet2d "
+        "belongs in the `sidecar` extra, or the sidecar image goes without it")
+    assert not {_requirement_name(r) for r in extras["sidecar"]} & SERVER_ONLY
