@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Builds the tsnet2 container image for the image tests: localhost/tsnet2:test.
+# Builds the two tsnet2 container images for the image tests (docs/image.md): the full image
+# localhost/tsnet2:test (the Containerfile's default target) and the sidecar image
+# localhost/tsnet2-sidecar:test (--target sidecar).
 #
 # * installs podman, buildah, runc and debootstrap from Debian when missing (needs root);
 # * builds a Debian bookworm base image with debootstrap (no registry is reachable on the
 #   CI machine), localhost/tsnet2-base:bookworm, unless it exists;
 # * stages the current wireguard-go (image/wireguard-go/build.sh) in the build context when
 #   Go or its cached build is here, else the image takes Debian's package;
-# * builds the Containerfile at the repository root on that base, unless an image with the
-#   same source hash (label io.tsnet2.source-hash) exists already.
+# * builds each image from the Containerfile at the repository root on that base, unless an
+#   image with the same source hash (label io.tsnet2.source-hash) exists already.
 #
 # Safe to run again; it only does what is missing. Environment:
-#   TSNET2_IMAGE       image to build (default localhost/tsnet2:test)
+#   TSNET2_IMAGE       the full image (default localhost/tsnet2:test)
+#   TSNET2_SIDECAR_IMAGE  the sidecar image (default localhost/tsnet2-sidecar:test)
 #   TSNET2_BASE_IMAGE  base image; set it to e.g. docker.io/library/python:3.11-slim-bookworm
 #                      where a registry is reachable (default: the debootstrap base)
 #   DEBIAN_MIRROR      mirror for debootstrap (default http://deb.debian.org/debian)
@@ -19,6 +22,7 @@ cd "$(dirname "$0")/../.."
 export CONTAINERS_CONF="$PWD/tests/image/containers.conf"
 
 IMAGE=${TSNET2_IMAGE:-localhost/tsnet2:test}
+SIDECAR_IMAGE=${TSNET2_SIDECAR_IMAGE:-localhost/tsnet2-sidecar:test}
 DEBOOTSTRAP_BASE=localhost/tsnet2-base:bookworm
 BASE=${TSNET2_BASE_IMAGE:-$DEBOOTSTRAP_BASE}
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -86,15 +90,7 @@ hash=$( {
         -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
       | LC_ALL=C sort -z | xargs -0 sha256sum
 } | sha256sum | cut -c1-32)
-current=$(podman image inspect --format '{{index .Labels "io.tsnet2.source-hash"}}' \
-    "$IMAGE" 2>/dev/null || true)
-if [ "$current" = "$hash" ]; then
-    say "$IMAGE is up to date ($hash)"
-    exit 0
-fi
 
-say "building $IMAGE on $BASE"
-start=$SECONDS
 # --format docker keeps HEALTHCHECK (the OCI image config has no such field);
 # --isolation chroot because crun cannot run containers on this host's hybrid cgroups.
 ca_args=()
@@ -106,13 +102,32 @@ if [ -f "$ca" ]; then
 fi
 # The image's version label comes from the one place the version lives.
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' tsnet2/_version.py)
-buildah bud --isolation chroot --format docker --layers=false "${ca_args[@]}" \
-    --build-arg "BASE=$BASE" \
-    --build-arg "VERSION=$VERSION" \
-    --build-arg "SOURCE_HASH=$hash" \
-    --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-    --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    -t "$IMAGE" -f Containerfile . >&2
-# Drop the dangling image the previous build of this tag left behind.
-podman image prune -f --filter "label=io.tsnet2.source-hash" >/dev/null 2>&1 || true
-say "built $IMAGE in $((SECONDS - start)) s: $(podman image inspect --format '{{.Size}}' "$IMAGE") bytes"
+
+# build IMAGE [TARGET]: build the Containerfile's TARGET stage (none: its default, the full
+# image, as a plain `buildah bud .` does) as IMAGE, unless IMAGE has this source hash.
+build() {
+    local image=$1 target=${2:-}
+    local current
+    current=$(podman image inspect --format '{{index .Labels "io.tsnet2.source-hash"}}' \
+        "$image" 2>/dev/null || true)
+    if [ "$current" = "$hash" ]; then
+        say "$image is up to date ($hash)"
+        return 0
+    fi
+    say "building $image${target:+ (--target $target)} on $BASE"
+    local start=$SECONDS
+    buildah bud --isolation chroot --format docker --layers=false "${ca_args[@]}" \
+        ${target:+--target "$target"} \
+        --build-arg "BASE=$BASE" \
+        --build-arg "VERSION=$VERSION" \
+        --build-arg "SOURCE_HASH=$hash" \
+        --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+        --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+        -t "$image" -f Containerfile . >&2
+    # Drop the dangling image the previous build of this tag left behind.
+    podman image prune -f --filter "label=io.tsnet2.source-hash" >/dev/null 2>&1 || true
+    say "built $image in $((SECONDS - start)) s: $(podman image inspect --format '{{.Size}}' "$image") bytes"
+}
+
+build "$IMAGE"
+build "$SIDECAR_IMAGE" sidecar

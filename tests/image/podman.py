@@ -26,7 +26,8 @@ from tsnet2_operator.inject import (
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-IMAGE = os.environ.get("TSNET2_IMAGE", "localhost/tsnet2:test")
+IMAGE = os.environ.get("TSNET2_IMAGE", "localhost/tsnet2:test")  # the full image
+SIDECAR_IMAGE = os.environ.get("TSNET2_SIDECAR_IMAGE", "localhost/tsnet2-sidecar:test")
 CONTAINERS_CONF = HERE / "containers.conf"
 BUILD_HINT = "build it first: tests/image/build.sh (scripts/test does)"
 
@@ -55,8 +56,9 @@ def why_not_runnable() -> str | None:
     for tool in ("podman", "buildah", "runc"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed; {BUILD_HINT}"
-    if podman("image", "exists", IMAGE, check=False).returncode != 0:
-        return f"image {IMAGE} does not exist; {BUILD_HINT}"
+    for image in (IMAGE, SIDECAR_IMAGE):
+        if podman("image", "exists", image, check=False).returncode != 0:
+            return f"image {image} does not exist; {BUILD_HINT}"
     return None
 
 

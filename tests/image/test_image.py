@@ -1,6 +1,7 @@
-"""The container image (Containerfile) and a pod-level end-to-end test with podman.
+"""The container images (Containerfile: the full image and the sidecar image) and a
+pod-level end-to-end test with podman.
 
-Needs root, podman/buildah/runc and the image built by tests/image/build.sh (scripts/test
+Needs root, podman/buildah/runc and both images built by tests/image/build.sh (scripts/test
 runs it first); skipped with that message otherwise. The end-to-end test runs the
 coordination server and two sample app pods, injected by the operator's real ``inject()``,
 with ``podman kube play`` on a podman network of its own, and checks that nothing is left.
@@ -25,6 +26,7 @@ from tests.image import apps
 from tests.image.podman import (
     IMAGE,
     REPO,
+    SIDECAR_IMAGE,
     PodmanError,
     for_podman,
     infra_ip,
@@ -41,51 +43,88 @@ _skip = why_not_runnable()
 pytestmark = pytest.mark.skipif(_skip is not None, reason=needs("image", _skip or ""))
 
 MAX_IMAGE_BYTES = 400 * 1024 * 1024
+MAX_SIDECAR_IMAGE_BYTES = 200 * 1024 * 1024  # every injected pod pulls it
 DOMAIN = "img.ts2"
+# The two images of the Containerfile: the full one (its default target) and the sidecar.
+IMAGES = {"full": IMAGE, "sidecar": SIDECAR_IMAGE}
+BOTH = pytest.mark.parametrize("image", list(IMAGES.values()), ids=list(IMAGES))
+# What only the full image carries: the operator and its Kubernetes client and kopf, and the
+# coordination server's aiohttp.
+FULL_ONLY = ("kopf", "kubernetes", "aiohttp", "tsnet2_operator")
+SOCKET = "/var/run/tsnet2/tsnet2.sock"  # the injector's, the sidecar image's TSNET2_SOCKET
 
 
-def _inspect() -> dict[str, Any]:
-    out = json.loads(podman("image", "inspect", IMAGE).stdout)
+def _inspect(image: str = IMAGE) -> dict[str, Any]:
+    out = json.loads(podman("image", "inspect", image).stdout)
     assert isinstance(out, list) and len(out) == 1
     doc: dict[str, Any] = out[0]
     return doc
 
 
-def _run(*args: str, timeout: float = 60.0) -> str:
+def _run(*args: str, image: str = IMAGE, timeout: float = 60.0) -> str:
     """``podman run --rm`` the image without network; return stdout."""
-    return podman("run", "--rm", "--network", "none", IMAGE, *args, timeout=timeout).stdout
+    return podman("run", "--rm", "--network", "none", image, *args, timeout=timeout).stdout
 
 
-def test_metadata_labels_user_healthcheck_size() -> None:
-    doc = _inspect()
-    labels = doc["Config"]["Labels"]
+def _size(image: str) -> int:
+    return int(_inspect(image)["Size"])
+
+
+@BOTH
+def test_metadata_labels_user_healthcheck_size(image: str) -> None:
+    doc = _inspect(image)
+    config = doc["Config"]
+    labels = config["Labels"]
     assert labels["org.opencontainers.image.version"] == tsnet2.__version__  # tsnet2/_version.py
     for key in ("title", "description", "source", "licenses", "revision", "created"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
     assert labels["org.opencontainers.image.licenses"] == "BSD-3-Clause"
-    assert doc["Config"]["User"] == "10001:10001"
-    assert doc["Config"]["Entrypoint"] == ["/usr/local/bin/entrypoint"]
+    assert config["User"] == "10001:10001"
+    assert config["Entrypoint"] == ["/usr/local/bin/entrypoint"]
     health = doc["Healthcheck"]  # podman lists it at the top level (docker format)
     assert health["Test"] == ["CMD", "/usr/local/bin/healthcheck"], health
+    if image == SIDECAR_IMAGE:
+        assert labels["org.opencontainers.image.title"] == "tsnet2-sidecar"
+        assert config["Cmd"] == ["tsnet2d", "--socket", SOCKET, "--state-dir", "/var/lib/tsnet2"]
+        assert f"TSNET2_SOCKET={SOCKET}" in config["Env"]
+        assert set(config["ExposedPorts"]) == {"9464/tcp"}
+    else:
+        assert labels["org.opencontainers.image.title"] == "tsnet2"
+        assert config["Cmd"] == ["operator"]
+        assert set(config["ExposedPorts"]) == {"9464/tcp", "8440/tcp", "9443/tcp", "8080/tcp"}
     size = int(doc["Size"])
-    print(f"\nimage {IMAGE}: {size} bytes ({size / 1e6:.0f} MB)")
-    assert size < MAX_IMAGE_BYTES, f"image is {size} bytes"
+    print(f"\nimage {image}: {size} bytes ({size / 1e6:.0f} MB)")
+    limit = MAX_SIDECAR_IMAGE_BYTES if image == SIDECAR_IMAGE else MAX_IMAGE_BYTES
+    assert size < limit, f"image is {size} bytes"
 
 
-def test_entry_points_and_no_build_leftovers() -> None:
-    assert "usage: tsnet2d" in _run("tsnet2d", "--help")
-    assert "usage: tsnet2" in _run("tsnet2", "--help")
-    assert "usage: tsnet2-operator" in _run("operator", "--help")
-    assert _run("id", "-u").strip() == "10001"
-    # Started as root, the operator entry point still runs the operator as uid 10001 (a
-    # stand-in tsnet2-operator first on PATH prints the uid and arguments it got).
-    out = podman("run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "sh",
-                 IMAGE, "-c", "mkdir /tmp/f && printf '#!/bin/sh\\necho $(id -u) \"$*\"\\n' "
-                 "> /tmp/f/tsnet2-operator && chmod 755 /tmp/f /tmp/f/tsnet2-operator && "
-                 "PATH=/tmp/f:$PATH exec entrypoint operator -v").stdout
-    assert out.strip() == "10001 --liveness http://0.0.0.0:8080/healthz -v", out
+def test_the_sidecar_image_is_smaller_than_the_full_one() -> None:
+    full, sidecar = _size(IMAGE), _size(SIDECAR_IMAGE)
+    print(f"\nfull {IMAGE}: {full / 1e6:.1f} MB; sidecar {SIDECAR_IMAGE}: "
+          f"{sidecar / 1e6:.1f} MB ({(full - sidecar) / 1e6:.1f} MB less)")
+    assert sidecar < full, (sidecar, full)
+
+
+@BOTH
+def test_entry_points_and_no_build_leftovers(image: str) -> None:
+    assert "usage: tsnet2d" in _run("tsnet2d", "--help", image=image)
+    assert "usage: tsnet2" in _run("tsnet2", "--help", image=image)
+    # What `kubectl exec` users run against the daemon is in both images.
+    for command in ("status", "whois", "ping", "log verify"):
+        assert f"usage: tsnet2 {command}" in _run("tsnet2", *command.split(), "--help",
+                                                  image=image)
+    assert _run("id", "-u", image=image).strip() == "10001"
+    if image == IMAGE:
+        assert "usage: tsnet2-operator" in _run("operator", "--help")
+        # Started as root, the operator entry point still runs the operator as uid 10001 (a
+        # stand-in tsnet2-operator first on PATH prints the uid and arguments it got).
+        out = podman("run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "sh",
+                     IMAGE, "-c", "mkdir /tmp/f && printf '#!/bin/sh\\necho $(id -u) \"$*\"\\n' "
+                     "> /tmp/f/tsnet2-operator && chmod 755 /tmp/f /tmp/f/tsnet2-operator && "
+                     "PATH=/tmp/f:$PATH exec entrypoint operator -v").stdout
+        assert out.strip() == "10001 --liveness http://0.0.0.0:8080/healthz -v", out
     tools = _run("sh", "-c", "wg --version; wireguard-go --version; ip -V; nft --version; "
-                 "python3 --version")
+                 "python3 --version", image=image)
     for needle in ("wireguard-tools", "wireguard-go", "iproute2", "nftables", "Python 3.11"):
         assert needle in tools, tools
     leftover = _run("sh", "-c", "for c in gcc cc g++ make pip pip3 apt-get; do "
@@ -93,33 +132,82 @@ def test_entry_points_and_no_build_leftovers() -> None:
                     "ls -A /var/lib/apt/lists /var/cache/apt/archives 2>/dev/null "
                     "| grep -v -e lock -e partial -e ':' -e '^$' | sed 's/^/CACHE /'; "
                     "ls -A /root/.cache /tmp 2>/dev/null | grep -v ':' | sed 's/^/CACHE /'; "
-                    "find / -xdev -name '*.whl' -print -quit | sed 's/^/WHEEL /'; true")
+                    "find / -xdev -name '*.whl' -print -quit | sed 's/^/WHEEL /'; "
+                    "ls /usr/local/sbin | sed 's/^/BUILD HELPER /'; true", image=image)
     assert leftover.strip() == "", leftover
 
 
-def test_wireguard_go_is_the_current_one_when_staged() -> None:
+FIND_MODULES = ("import importlib.util, json, sys; print(json.dumps({m: "
+                "importlib.util.find_spec(m) is not None for m in sys.argv[1:]}))")
+
+
+def test_the_sidecar_image_has_no_operator_kubernetes_client_or_coordination_server() -> None:
+    want_full = dict.fromkeys(FULL_ONLY, True)
+    assert json.loads(_run("python3", "-c", FIND_MODULES, *FULL_ONLY)) == want_full
+    assert json.loads(_run("python3", "-c", FIND_MODULES, *FULL_ONLY,
+                           image=SIDECAR_IMAGE)) == dict.fromkeys(FULL_ONLY, False)
+    for module in ("kopf", "kubernetes"):
+        out = podman("run", "--rm", "--network", "none", SIDECAR_IMAGE, "python3", "-c",
+                     f"import {module}", check=False)
+        assert out.returncode == 1, out
+        assert f"ModuleNotFoundError: No module named '{module}'" in out.stderr, out.stderr
+    # The commands that need what the sidecar leaves out say so.
+    out = podman("run", "--rm", "--network", "none", SIDECAR_IMAGE, "tsnet2", "control",
+                 "serve", "--listen", "127.0.0.1:8440", check=False)
+    assert out.returncode == 1, out
+    assert "tsnet2 control: needs the 'daemon' extra (module 'aiohttp'" in out.stderr, out
+    out = podman("run", "--rm", "--network", "none", SIDECAR_IMAGE, "operator", check=False)
+    assert out.returncode == 127, out
+    assert "no tsnet2-operator in this image" in out.stderr, out
+
+
+def test_the_sidecar_images_default_command_is_the_daemon_the_cli_finds() -> None:
+    """As root with NET_ADMIN (what the injector gives it), the sidecar image's default
+    command is tsnet2d on the injector's paths, and ``tsnet2 status`` in the container finds
+    it without --socket (TSNET2_SOCKET). As the default non-root user it says what it needs.
+    """
+    name = f"t2img-sc-{secrets.token_hex(3)}"
+    podman("run", "-d", "--name", name, "--network", "none", "--user", "0",
+           "--cap-add", "NET_ADMIN", SIDECAR_IMAGE)
+    try:
+        wait_for(lambda: f"listening on {SOCKET}" in podman("logs", name).stderr, 30,
+                 "tsnet2d to listen", lambda: podman("logs", name, check=False).stderr[-2000:])
+        out = podman("exec", name, "tsnet2", "status", check=False)
+        # The daemon answers: no node yet (it waits for an app to start it).
+        assert out.returncode == 1 and "the node is not started" in out.stderr, out
+        assert podman("exec", name, "/usr/local/bin/healthcheck", check=False).returncode == 0
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)
+    out = podman("run", "--rm", "--network", "none", SIDECAR_IMAGE, check=False)
+    assert out.returncode != 0, out
+    assert "tsnet2d runs as uid 10001, but needs root with NET_ADMIN" in out.stderr, out
+
+
+@BOTH
+def test_wireguard_go_is_the_current_one_when_staged(image: str) -> None:
     """tests/image/build.sh stages the build of image/wireguard-go (when Go or that build's
     cache is here): the image then runs it from /usr/local/bin; without it, Debian's."""
     staged = REPO / "image" / "wireguard-go" / "wireguard-go"
     path, version = _run("sh", "-c", "command -v wireguard-go; "
-                         "wireguard-go --version | head -1").splitlines()
+                         "wireguard-go --version | head -1", image=image).splitlines()
     if staged.exists():
         want = subprocess.run([str(staged), "--version"], capture_output=True, text=True,
                               timeout=10, check=True).stdout.splitlines()[0]
         assert (path, version) == ("/usr/local/bin/wireguard-go", want)
     else:
         assert path == "/usr/bin/wireguard-go", path
-    print(f"\nimage {IMAGE}: {version} ({path})")
+    print(f"\nimage {image}: {version} ({path})")
 
 
-def test_healthcheck_asks_the_daemons_healthz() -> None:
+@BOTH
+def test_healthcheck_asks_the_daemons_healthz(image: str) -> None:
     """A daemon told to keep its node up (--up) that cannot (no control server), past its
     --node-down-grace, answers /healthz with 503: the HEALTHCHECK reaches it and reports
     unhealthy. (A daemon still waiting for its first app is healthy.) The pod test sees it
     healthy."""
     name = f"t2img-hc-{secrets.token_hex(3)}"
     podman("run", "-d", "--name", name, "--network", "none", "--user", "0",
-           "--cap-add", "NET_ADMIN", IMAGE,
+           "--cap-add", "NET_ADMIN", image,
            "tsnet2d", "--socket", "/run/tsnet2/tsnet2.sock", "--state-dir", "/tmp/state",
            "--up", "--node-down-grace", "0")
     try:
@@ -175,8 +263,9 @@ asyncio.run(main())
 '''
 
 
-def test_splice_first_bytes_on_the_image_python() -> None:
-    out = _run("python3", "-c", SPLICE_CHECK)
+@BOTH
+def test_splice_first_bytes_on_the_image_python(image: str) -> None:
+    out = _run("python3", "-c", SPLICE_CHECK, image=image)
     doc = json.loads(out.strip().splitlines()[-1])
     print(f"\nimage Python {doc['python']}: {doc['close']}")
     assert (doc["got"], doc["reply"]) == ("ping\n", "pong\n"), doc
@@ -276,7 +365,13 @@ def plays(tmp_path: Path) -> Iterator[Plays]:
 
 
 @pytest.mark.timeout(300)
-def test_pods_talk_over_wireguard_through_injected_sidecars(plays: Plays) -> None:
+# The injected sidecar runs the sidecar image (the operator's default); the full image, which
+# carries the same tsnet2d, works as the sidecar too. The apps and the control server run
+# the full image (python3 with tsnet2; `tsnet2 control serve` needs its aiohttp).
+@pytest.mark.parametrize("sidecar_image", [SIDECAR_IMAGE, IMAGE],
+                         ids=["sidecar-image", "full-image-as-sidecar"])
+def test_pods_talk_over_wireguard_through_injected_sidecars(plays: Plays,
+                                                            sidecar_image: str) -> None:
     prefix = plays.network.removesuffix("-net")
     ctl, srv, cli = f"{prefix}-ctl", f"{prefix}-srv", f"{prefix}-cli"
 
@@ -286,13 +381,14 @@ def test_pods_talk_over_wireguard_through_injected_sidecars(plays: Plays) -> Non
     key = podman("exec", f"{ctl}-control", "tsnet2", "control", "authkey", "create",
                  "--db", "/tmp/control.db", "--reusable", "--ephemeral").stdout.strip()
     assert key
-    config = SidecarConfig(image=IMAGE, image_pull_policy="Never",
+    config = SidecarConfig(image=sidecar_image, image_pull_policy="Never",
                            control_url=f"http://{infra_ip(ctl)}:8440", backend="userspace")
 
     # The server's app shares a group with the socket; the client's runs as a bare uid.
     server = for_podman(injected_pod(_app_pod(srv, apps.SERVER, {}, {
         "runAsUser": 10001, "runAsGroup": 10001}), config), key, plays.dir / "srv-socket")
     assert [c["name"] for c in server["spec"]["containers"]] == ["tsnet2d", "app"]
+    assert server["spec"]["containers"][0]["image"] == sidecar_image
     plays.play(server)
     wait_for(lambda: "LISTENING" in _logs(f"{srv}-app"), 90, "the server app to listen",
              lambda: _logs(f"{srv}-app") + _logs(f"{srv}-tsnet2d")[-3000:], gone=f"{srv}-app")
