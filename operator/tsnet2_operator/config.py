@@ -52,7 +52,9 @@ class ConfigError(ValueError):
 class SidecarConfig:
     """What the injector puts into a pod: the tsnet2d sidecar's image, control URL and limits."""
 
-    image: str = f"tsnet2:{__version__}"  # the image of this release
+    # The sidecar image of this release (the Containerfile's `sidecar` target: tsnet2d and
+    # the CLI, without the operator's dependencies); the full `tsnet2` image works too.
+    image: str = f"tsnet2-sidecar:{__version__}"
     image_pull_policy: str = "IfNotPresent"
     control_url: str = ""
     backend: Backend = "userspace"

@@ -220,23 +220,51 @@ def test_deployment_args_and_security(rendered: tuple[Path, list[dict[str, Any]]
     assert probe["scheme"] == ("HTTPS" if values["control"]["tls"]["enabled"] else "HTTP")
 
 
-def test_images(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
-    """Operator image from repository/tag/digest; sidecar image defaults to the same."""
-    path, objects = rendered
-    values = _values(path)
+def _expected_images(values: dict[str, Any]) -> tuple[str, str]:
+    """The operator's and the sidecar's image refs for ``values`` (see values.yaml): the
+    sidecar's repository defaults to the operator's + ``-sidecar`` (the sidecar image),
+    its tag to the operator's, then appVersion; the operator's digest is not the
+    sidecar's."""
     op, sc = values["operator"]["image"], values["sidecar"]["image"]
     app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
     expected_op = (f"{op['repository']}@{op['digest']}" if op["digest"]
                    else f"{op['repository']}:{op['tag'] or app_version}")
+    repository = sc["repository"] or f"{op['repository']}-sidecar"
+    expected_sc = (f"{repository}@{sc['digest']}" if sc["digest"]
+                   else f"{repository}:{sc['tag'] or op['tag'] or app_version}")
+    return expected_op, expected_sc
+
+
+def test_images(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
+    """Operator image from repository/tag/digest; sidecar image from its own, defaulting to
+    the operator's repository + ``-sidecar`` and the operator's tag."""
+    path, objects = rendered
+    expected_op, expected_sc = _expected_images(_values(path))
     assert _container(objects)["image"] == expected_op
     config, _ = _config(objects)
-    if sc["repository"] or sc["tag"] or sc["digest"]:
-        expected_sc = (f"{sc['repository'] or op['repository']}@{sc['digest']}" if sc["digest"]
-                       else f"{sc['repository'] or op['repository']}:"
-                            f"{sc['tag'] or op['tag'] or app_version}")
-    else:
-        expected_sc = expected_op
     assert config["image"] == expected_sc
+
+
+@pytest.mark.parametrize(("sets", "operator", "sidecar"), [
+    ((), "tsnet2:{v}", "tsnet2-sidecar:{v}"),
+    (("operator.image.repository=reg.example/t2", "operator.image.tag=1.2.3"),
+     "reg.example/t2:1.2.3", "reg.example/t2-sidecar:1.2.3"),
+    # The operator's digest pins the full image only: the sidecar keeps a tag.
+    (("operator.image.repository=reg.example/t2", f"operator.image.digest=sha256:{'a' * 64}"),
+     f"reg.example/t2@sha256:{'a' * 64}", "reg.example/t2-sidecar:{v}"),
+    (("sidecar.image.repository=reg.example/full", f"sidecar.image.digest=sha256:{'b' * 64}"),
+     "tsnet2:{v}", f"reg.example/full@sha256:{'b' * 64}"),
+    (("operator.image.tag=9.9.9", "sidecar.image.tag=1.0.0"),
+     "tsnet2:9.9.9", "tsnet2-sidecar:1.0.0"),
+], ids=["defaults", "operator-repo-and-tag", "operator-digest", "sidecar-digest",
+        "sidecar-tag"])
+def test_sidecar_image_defaults(helm: Helm, sets: tuple[str, ...], operator: str,
+                                sidecar: str) -> None:
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    objects = helm.template(*[arg for s in sets for arg in ("--set", s)])
+    assert _container(objects)["image"] == operator.replace("{v}", app_version)
+    config, _ = _config(objects)
+    assert config["image"] == sidecar.replace("{v}", app_version)
 
 
 def _cert(pem: bytes) -> x509.Certificate:

@@ -101,7 +101,7 @@ def run_operator(
         "TSNET2_WEBHOOK_CERT_FILE": str(pair.cert_file),
         "TSNET2_WEBHOOK_KEY_FILE": str(pair.key_file),
         "TSNET2_METRICS_ADDR": "",
-        "TSNET2_SIDECAR_IMAGE": "registry.example/tsnet2:0.1.0",
+        "TSNET2_SIDECAR_IMAGE": "registry.example/tsnet2-sidecar:0.1.0",
         "TSNET2_NAMESPACE": STORE_NS,
         "TSNET2_CONTROL_ADDR": f"127.0.0.1:{control_port}",
         "TSNET2_SWEEP_INTERVAL": "1",

@@ -74,7 +74,7 @@ def operator(
     port = free_port()
     config = OperatorConfig(
         sidecar=SidecarConfig(
-            image="registry.example/tsnet2:0.1.0",
+            image="registry.example/tsnet2-sidecar:0.1.0",
             control_url="http://tsnet2-control.tsnet2-system.svc:8080",
         ),
         native_sidecar="auto",

@@ -25,7 +25,7 @@ from tests.operator.podcheck import pod_problems
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.yaml"))
-BASE = SidecarConfig(image="registry.example/tsnet2:0.1.0",
+BASE = SidecarConfig(image="registry.example/tsnet2-sidecar:0.1.0",
                      control_url="http://tsnet2-control.tsnet2-system.svc:8080")
 
 

@@ -30,7 +30,7 @@ def test_python_code_takes_the_version_from_one_module() -> None:
     assert tsnet2.__version__ is VERSION
     init = (REPO / "tsnet2" / "__init__.py").read_text(encoding="utf-8")
     assert not re.search(r"^__version__\s*=", init, re.M), "tsnet2/__init__.py repeats it"
-    assert SidecarConfig().image == f"tsnet2:{VERSION}"
+    assert SidecarConfig().image == f"tsnet2-sidecar:{VERSION}"
 
 
 def test_the_build_reads_the_version_module() -> None:

@@ -72,11 +72,12 @@ helm.sh/chart: {{ include "tsnet2.chart" $ctx }}
 {{- include "tsnet2.imageRef" (list .Values.operator.image .Values.operator.image.repository .Chart.AppVersion) -}}
 {{- end -}}
 
+{{/* The sidecar image: its own repository (default: the operator's + "-sidecar", the
+Containerfile's sidecar target), tag (default: the operator's, else appVersion) and digest
+(never the operator's: another image). */}}
 {{- define "tsnet2.sidecarImage" -}}
 {{- $op := .Values.operator.image -}}
-{{- $sc := .Values.sidecar.image -}}
-{{- $digest := ternary $sc.digest $op.digest (or (ne $sc.repository "") (ne $sc.tag "") (ne $sc.digest "")) -}}
-{{- include "tsnet2.imageRef" (list (dict "repository" $sc.repository "tag" $sc.tag "digest" $digest) $op.repository (default .Chart.AppVersion $op.tag)) -}}
+{{- include "tsnet2.imageRef" (list .Values.sidecar.image (printf "%s-sidecar" $op.repository) (default .Chart.AppVersion $op.tag)) -}}
 {{- end -}}
 
 {{/* Secrets holding the serving certificates (tls.crt, tls.key, ca.crt). */}}
