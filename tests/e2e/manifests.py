@@ -38,13 +38,16 @@ RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # what `kubectl rollout rest
 
 def helm_values(repository: str, tag: str, *, backend: str = "userspace",
                 pull_policy: str = "IfNotPresent") -> dict[str, Any]:
-    """The suite's chart values: operator and sidecar from the image loaded into the nodes
-    (``IfNotPresent``: never pulled, it is there), the sidecar's WireGuard ``backend``;
-    everything else is the chart's defaults (two operator replicas with kopf peering)."""
-    image = {"repository": repository, "tag": tag, "pullPolicy": pull_policy}
+    """The suite's chart values: the operator from the full image and the sidecar from the
+    sidecar image (``repository`` + ``-sidecar``, as the chart's default), both loaded into
+    the nodes (``IfNotPresent``: never pulled, they are there), the sidecar's WireGuard
+    ``backend``; everything else is the chart's defaults (two operator replicas with kopf
+    peering)."""
     return {
-        "operator": {"image": dict(image)},
-        "sidecar": {"image": dict(image), "backend": backend},
+        "operator": {"image": {"repository": repository, "tag": tag,
+                               "pullPolicy": pull_policy}},
+        "sidecar": {"image": {"repository": f"{repository}-sidecar", "tag": tag,
+                              "pullPolicy": pull_policy}, "backend": backend},
     }
 
 

@@ -108,6 +108,7 @@ class Cluster(Protocol):
     image: str
     image_repository: str
     image_tag: str
+    sidecar_image: str  # the sidecar image, where the chart finds it by default
     kubeconfig: Path
 
     def prepare_image(self) -> None: ...
@@ -386,7 +387,8 @@ def test_readme_install_gives_an_available_operator(env: Env) -> None:
         assert restarts == [0], describe(env.api, OPERATOR_NS)  # no crash loop
     notes = env.cluster.helm("status", RELEASE, "--namespace", OPERATOR_NS)
     assert "STATUS: deployed" in notes, notes
-    assert f"Sidecar: {env.cluster.image}, backend userspace" in notes, notes
+    # The README's install sets the operator's image only: the sidecar is the sidecar image.
+    assert f"Sidecar: {env.cluster.sidecar_image}, backend userspace" in notes, notes
     # NOTES step 1: the rollout command it prints works.
     step1 = re.search(r"^\s+(kubectl -n \S+ rollout status deployment/\S+)$", notes, re.M)
     assert step1, notes
@@ -410,6 +412,7 @@ def test_two_workloads_get_the_sidecar_and_talk(deployed: Env) -> None:
         assert status["initContainers"] + status["containers"] == [SIDECAR], status
         (sidecar,) = [c for c in pod["spec"]["initContainers"] if c["name"] == SIDECAR]
         assert sidecar["restartPolicy"] == "Always", sidecar
+        assert sidecar["image"] == env.cluster.sidecar_image, sidecar
         app = next(c for c in pod["spec"]["containers"] if c["name"] == "app")
         assert app["securityContext"]["runAsUser"] == manifests.APP_UID
     claims = [v["persistentVolumeClaim"]["claimName"] for v in server["spec"]["volumes"]

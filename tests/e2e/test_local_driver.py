@@ -3,6 +3,7 @@ the host kubeconfig, the namespace forwarder, the skip reasons."""
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml  # type: ignore[import-untyped]
 
 from tests.e2e.cluster import driver
 from tests.e2e.test_cluster import readme_helm_install
+from tests.image import podman
 
 
 def test_the_readme_install_command_with_the_clusters_image() -> None:
@@ -19,6 +21,25 @@ def test_the_readme_install_command_with_the_clusters_image() -> None:
     assert argv == ["install", "tsnet2", "charts/tsnet2", "-n", "tsnet2-system",
                     "--create-namespace", "--set", "operator.image.repository=localhost/tsnet2",
                     "--set", "operator.image.tag=test"]
+
+
+def test_the_images_are_where_build_sh_puts_them_and_up_sh_imports_them() -> None:
+    """The driver's two images are tests/image/build.sh's defaults (the image tests' too),
+    which up.sh imports (lib.sh), and the sidecar is where the chart looks for it by
+    default: the operator's repository + ``-sidecar``, the operator's tag."""
+    repo = driver.REPO
+    assert (driver.IMAGE, driver.SIDECAR_IMAGE) == (
+        "localhost/tsnet2:test", "localhost/tsnet2-sidecar:test")
+    assert f"{driver.IMAGE_REPOSITORY}-sidecar:{driver.IMAGE_TAG}" == driver.SIDECAR_IMAGE
+    build = (repo / "tests" / "image" / "build.sh").read_text(encoding="utf-8")
+    lib = (repo / "tests" / "e2e" / "cluster" / "lib.sh").read_text(encoding="utf-8")
+    for text in (build, lib):
+        assert f"${{TSNET2_IMAGE:-{driver.IMAGE}}}" in text
+        assert f"${{TSNET2_SIDECAR_IMAGE:-{driver.SIDECAR_IMAGE}}}" in text
+    up = (repo / "tests" / "e2e" / "cluster" / "up.sh").read_text(encoding="utf-8")
+    assert 'for image in "$PROJECT_IMAGE" "$PROJECT_SIDECAR_IMAGE"; do' in up
+    if "TSNET2_SIDECAR_IMAGE" not in os.environ:
+        assert podman.SIDECAR_IMAGE == driver.SIDECAR_IMAGE
 
 
 def test_host_kubeconfig_points_at_the_forwarder(tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from tests.image import apps
 from tests.k8s.apiserver import KubeAPIServer, admin_client, running_apiserver
 
 IMAGE = cluster.IMAGE
+SIDECAR_IMAGE = cluster.SIDECAR_IMAGE
 
 
 # ---- skip detection -----------------------------------------------------------------------
@@ -145,8 +146,12 @@ def test_command_lines(tmp_path: Path) -> None:
                         "-t", IMAGE]
     assert argv[-1] == str(tmp_path)
     assert "REVISION=abc" in argv and not [a for a in argv if a.startswith("BASE=")]
+    assert "--target" not in argv  # the default target: the full image
     based = cluster.docker_build_argv(docker, IMAGE, tmp_path, base="debian:bookworm")
     assert based[based.index("BASE=debian:bookworm") - 1] == "--build-arg"
+    sidecar = cluster.docker_build_argv(docker, SIDECAR_IMAGE, tmp_path, target="sidecar")
+    assert sidecar[sidecar.index("--target") + 1] == "sidecar"
+    assert sidecar[sidecar.index("-t") + 1] == SIDECAR_IMAGE == "tsnet2-sidecar:kind-e2e"
     values, extra = tmp_path / "v.yaml", tmp_path / "more.yaml"
     assert cluster.helm_install_argv(values, extra) == [
         "install", "tsnet2", str(cluster.CHART), "--namespace", "tsnet2-system",
@@ -206,8 +211,8 @@ def test_helm_values() -> None:
     values = manifests.helm_values("tsnet2", "kind-e2e", backend="kernel")
     image = {"repository": "tsnet2", "tag": "kind-e2e", "pullPolicy": "IfNotPresent"}
     assert values == {"operator": {"image": image},
-                      "sidecar": {"image": image, "backend": "kernel"}}
-    assert values["operator"]["image"] is not values["sidecar"]["image"]
+                      "sidecar": {"image": {**image, "repository": "tsnet2-sidecar"},
+                                  "backend": "kernel"}}
 
 
 # ---- against the real helm and kube-apiserver ------------------------------------------------
@@ -305,7 +310,8 @@ def test_the_chart_with_the_suites_values_is_valid(
     (op,) = dep["spec"]["template"]["spec"]["containers"]
     assert (op["image"], op["imagePullPolicy"]) == (IMAGE, "IfNotPresent")
     config = _rendered_config(rendered)
-    assert (config.sidecar.image, config.sidecar.image_pull_policy) == (IMAGE, "IfNotPresent")
+    assert (config.sidecar.image, config.sidecar.image_pull_policy) == (
+        SIDECAR_IMAGE, "IfNotPresent")
 
 
 def _rendered_config(rendered: list[dict[str, Any]]) -> Any:
@@ -364,7 +370,7 @@ def test_the_pods_as_injected_are_valid(api: k8s.ApiClient,
         spec = out["spec"]
         sidecars = [c for c in spec.get("initContainers", []) + spec["containers"]
                     if c["name"] == SIDECAR_NAME]
-        assert len(sidecars) == 1 and sidecars[0]["image"] == IMAGE
+        assert len(sidecars) == 1 and sidecars[0]["image"] == SIDECAR_IMAGE
         args = sidecars[0]["args"]
         assert args[args.index("--backend") + 1] == "userspace"
         claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]

@@ -50,6 +50,9 @@ STATE = Path(os.environ.get("TSNET2_CLUSTER_STATE", f"/var/lib/{NAME}"))
 IMAGE_REPOSITORY = "localhost/tsnet2"
 IMAGE_TAG = "test"
 IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"  # tests/image/build.sh, imported by up.sh
+# The sidecar image (tests/image/build.sh, imported by up.sh too), where the chart looks for
+# it by default: the operator's repository + "-sidecar", the operator's tag.
+SIDECAR_IMAGE = f"{IMAGE_REPOSITORY}-sidecar:{IMAGE_TAG}"
 APISERVER = ("127.0.0.1", 6443)
 POD_LOGS = STATE / "pod-logs"  # up.sh's kubelet podLogsDir: on the host's file system
 CLONE_NEWNET = 0x40000000
@@ -96,10 +99,11 @@ def why_skip() -> str | None:
         tools.append("containernetworking-plugins")
     if tools:
         return f"missing Debian packages for the local cluster: apt-get install {' '.join(tools)}"
-    if shutil.which("podman") is None or subprocess.run(
-            ["podman", "image", "exists", IMAGE], check=False,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
-        return f"image {IMAGE} does not exist; run tests/image/build.sh"
+    for image in (IMAGE, SIDECAR_IMAGE):
+        if shutil.which("podman") is None or subprocess.run(
+                ["podman", "image", "exists", image], check=False,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+            return f"image {image} does not exist; run tests/image/build.sh"
     return None
 
 
@@ -251,6 +255,7 @@ class LocalCluster:
     image = IMAGE
     image_repository = IMAGE_REPOSITORY
     image_tag = IMAGE_TAG
+    sidecar_image = SIDECAR_IMAGE
     driver = "local"
 
     def __init__(self, workdir: Path) -> None:
@@ -301,7 +306,8 @@ class LocalCluster:
                 self._signals = None
 
     def prepare_image(self) -> None:
-        """Nothing to build: up.sh imported :data:`IMAGE` from podman into containerd."""
+        """Nothing to build: up.sh imported :data:`IMAGE` and :data:`SIDECAR_IMAGE` from
+        podman into containerd."""
 
     def helm(self, *argv: str, timeout: float = 300) -> str:
         """Run the project's helm against this cluster, with a home of its own."""

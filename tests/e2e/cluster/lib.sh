@@ -33,7 +33,10 @@ DNS_IP=$NODE_IP             # CoreDNS (if built) listens on the node IP :53
 CLUSTER_DOMAIN=cluster.local
 
 PAUSE_IMAGE=k8n.local/pause:1
-PROJECT_IMAGE=${TSNET2_IMAGE:-localhost/tsnet2:test}   # tests/image/build.sh
+# The project's two images (tests/image/build.sh): the full one (operator, sample apps) and
+# the sidecar one (the injected tsnet2d: the chart's default, operator repository + -sidecar).
+PROJECT_IMAGE=${TSNET2_IMAGE:-localhost/tsnet2:test}
+PROJECT_SIDECAR_IMAGE=${TSNET2_SIDECAR_IMAGE:-localhost/tsnet2-sidecar:test}
 
 # kin CMD...: run CMD inside the cluster's network + mount namespaces.
 kin() { nsenter --mount="$NS_DIR/mnt" --net="/run/netns/$NETNS" -- "$@"; }

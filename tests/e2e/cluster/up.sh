@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # up.sh (`make cluster-up`): build what is missing (build.sh, unless
 # TSNET2_CLUSTER_SKIP_BUILD=1), start the single-node cluster inside its own network + mount
-# namespaces (see lib.sh), import the project image (tests/image/build.sh) from podman,
+# namespaces (see lib.sh), import the project images (tests/image/build.sh) from podman,
 # write $STATE/admin.kubeconfig, wait for the node Ready. Then: tests/e2e/cluster/kubectl ...
 # Idempotent: a running component is left alone; a second run only starts what is down.
 # Needs root, Go >= 1.26 (GOTOOLCHAIN=local) and the Go module proxy for the first build.
@@ -183,17 +183,20 @@ for tar in "$IMG_DIR/pause.tar"; do
     ref=$(tar -xOf "$tar" index.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["manifests"][0]["annotations"]["io.containerd.image.name"])')
     kctr images ls -q | grep -qxF "$ref" || kctr images import --no-unpack=false "$tar" >/dev/null
 done
-# The project's image (tests/image/build.sh, podman store) when it exists.
-if command -v podman >/dev/null && podman image exists "$PROJECT_IMAGE" 2>/dev/null; then
-    pid=$(podman image inspect --format '{{.Id}}' "$PROJECT_IMAGE")
-    have=$(cat "$STATE/project-image.id" 2>/dev/null || true)
-    if [[ $pid != "$have" ]] || ! kctr images ls -q | grep -qxF "$PROJECT_IMAGE"; then
-        say "importing $PROJECT_IMAGE from podman"
-        podman save --format docker-archive -o "$STATE/project-image.tar" "$PROJECT_IMAGE" >/dev/null
-        kctr images import "$STATE/project-image.tar" >/dev/null
-        rm -f "$STATE/project-image.tar"; echo "$pid" >"$STATE/project-image.id"
+# The project's images (tests/image/build.sh, podman store) when they exist: the full one
+# and the sidecar one, each imported again only when podman's copy changed.
+for image in "$PROJECT_IMAGE" "$PROJECT_SIDECAR_IMAGE"; do
+    command -v podman >/dev/null && podman image exists "$image" 2>/dev/null || continue
+    key=$(printf '%s' "$image" | tr -c 'A-Za-z0-9._-' '_')
+    pid=$(podman image inspect --format '{{.Id}}' "$image")
+    have=$(cat "$STATE/image-$key.id" 2>/dev/null || true)
+    if [[ $pid != "$have" ]] || ! kctr images ls -q | grep -qxF "$image"; then
+        say "importing $image from podman"
+        podman save --format docker-archive -o "$STATE/image-$key.tar" "$image" >/dev/null
+        kctr images import "$STATE/image-$key.tar" >/dev/null
+        rm -f "$STATE/image-$key.tar"; echo "$pid" >"$STATE/image-$key.id"
     fi
-fi
+done
 
 # ---- 8. kubelet ------------------------------------------------------------------------------
 put "$STATE/resolv.conf" <<EOF

@@ -40,6 +40,10 @@ CLUSTER_PREFIX = "tsnet2-e2e-"
 IMAGE_REPOSITORY = "tsnet2"
 IMAGE_TAG = "kind-e2e"
 IMAGE = f"{IMAGE_REPOSITORY}:{IMAGE_TAG}"
+# The sidecar image (the Containerfile's `sidecar` target), where the chart looks for it by
+# default: the operator's repository + "-sidecar", the operator's tag.
+SIDECAR_IMAGE = f"{IMAGE_REPOSITORY}-sidecar:{IMAGE_TAG}"
+SIDECAR_TARGET = "sidecar"
 RELEASE = "tsnet2"
 OPERATOR_NAMESPACE = "tsnet2-system"
 NODE_POD_LOGS = "/var/log/pods"  # the kubelet's container logs in the node container
@@ -177,14 +181,17 @@ def kind_load_argv(kind: Path, name: str, image: str) -> list[str]:
 
 
 def docker_build_argv(docker: Path, image: str, context: Path, *, base: str = "",
-                      revision: str = "unknown") -> list[str]:
+                      revision: str = "unknown", target: str = "") -> list[str]:
     """``docker build`` of the Containerfile in ``context`` (see :func:`make_build_context`).
 
-    ``base`` overrides the Containerfile's ``BASE`` (default: the public slim Python image).
+    ``base`` overrides the Containerfile's ``BASE`` (default: the public slim Python image);
+    ``target`` picks a stage (default: the last, the full image; ``sidecar``: the sidecar).
     """
     argv = [str(docker), "build", "-f", str(context / "Containerfile"), "-t", image,
             "--build-arg", f"REVISION={revision}",
             "--build-arg", f"CREATED={time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"]
+    if target:
+        argv += ["--target", target]
     if base:
         argv += ["--build-arg", f"BASE={base}"]
     return [*argv, str(context)]
@@ -330,6 +337,7 @@ class KindCluster:
     image = IMAGE
     image_repository = IMAGE_REPOSITORY
     image_tag = IMAGE_TAG
+    sidecar_image = SIDECAR_IMAGE
 
     def __init__(self, tools: Tools, workdir: Path, name: str | None = None,
                  node_image: str | None = None) -> None:
@@ -383,20 +391,25 @@ class KindCluster:
         else:
             self._created = False
 
-    def build_and_load(self, image: str = IMAGE) -> None:
-        """``docker build`` the image from a clean context, then ``kind load`` it."""
+    def build_and_load(self, image: str = IMAGE, sidecar_image: str = SIDECAR_IMAGE) -> None:
+        """``docker build`` both images from a clean context (the full one, the
+        Containerfile's default target, and the sidecar one), then ``kind load`` them."""
         context = make_build_context(self.workdir / "build-context")
         base = os.environ.get("TSNET2_BASE_IMAGE", "")
-        say(f"building {image}" + (f" on {base}" if base else ""))
-        run(docker_build_argv(self.tools.docker, image, context, base=base,
-                              revision=revision()), timeout=1800, what="docker build")
+        for name, target in ((image, ""), (sidecar_image, SIDECAR_TARGET)):
+            say(f"building {name}" + (f" (--target {target})" if target else "")
+                + (f" on {base}" if base else ""))
+            run(docker_build_argv(self.tools.docker, name, context, base=base,
+                                  revision=revision(), target=target),
+                timeout=1800, what="docker build")
         shutil.rmtree(context, ignore_errors=True)
-        run(kind_load_argv(self.tools.kind, self.name, image), timeout=600,
-            what="kind load docker-image")
+        for name in (image, sidecar_image):
+            run(kind_load_argv(self.tools.kind, self.name, name), timeout=600,
+                what="kind load docker-image")
 
     def prepare_image(self) -> None:
-        """Build the image with docker and load it into the nodes."""
-        self.build_and_load(self.image)
+        """Build both images with docker and load them into the nodes."""
+        self.build_and_load(self.image, self.sidecar_image)
 
     def kubectl_argv(self) -> list[str]:
         """kubectl (from ``PATH``) with this cluster's kubeconfig."""
