@@ -60,6 +60,6 @@ def test_chart_versions_agree() -> None:
 
 def test_readme_example_uses_the_version() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    tags = re.findall(r"tsnet2:([0-9]+\.[0-9]+\.[0-9]+)\b", readme)
+    tags = re.findall(r"tsnet2(?:-sidecar)?:([0-9]+\.[0-9]+\.[0-9]+)\b", readme)
     tags += re.findall(r"image\.tag=([0-9]+\.[0-9]+\.[0-9]+)\b", readme)
     assert tags and set(tags) == {VERSION}
