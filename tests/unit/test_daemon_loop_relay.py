@@ -96,3 +96,15 @@ def test_pipe_pool_reuses_clean_pipes_and_closes_dirty_ones() -> None:
         os.fstat(again[0])
     assert (pool.in_use, pool.kept) == (0, 0)
     pool.clear()
+
+
+def test_unusable_state_dir_is_a_clear_error(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """No traceback: the daemon says which state dir it cannot use and why, and exits 1."""
+    (tmp_path / "file").write_text("")
+    argv = ["--socket", str(tmp_path / "s.sock"), "--state-dir", str(tmp_path / "file" / "st"),
+            "--event-loop", "asyncio"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"tsnet2d: cannot use state dir {tmp_path / 'file' / 'st'}: Not a directory" in err
+    assert "Traceback" not in err

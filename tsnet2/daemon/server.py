@@ -382,8 +382,15 @@ class Daemon:
 
     def _prepare_state_dir(self) -> None:
         d = self.config.state_dir
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(d / "tsnet2d.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(d / "tsnet2d.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            hint = (" (tsnet2d runs as root with CAP_NET_ADMIN: it creates the WireGuard "
+                    "device and the nftables guard; the injected sidecar does)"
+                    if os.geteuid() != 0 else "")
+            raise DaemonFatalError(
+                f"cannot use state dir {d}: {exc.strerror or exc}{hint}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
