@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,8 +16,6 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from types import TracebackType
 from typing import Literal
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 from wireguard_tools import WireguardKey
 
 from .device import Backend, Device, PeerUpdate, create_device, detect_backend
@@ -33,6 +30,7 @@ from .endpoint import (
 from .errors import KeyFileError, NodeError, UAPIError
 from .keys import load_or_create_private_key, public_key_b64
 from .netns import current_netns_fd, enter_netns
+from .rtnl import IFA_F_NODAD, RT_SCOPE_LINK, Rtnl, RtnlError
 from .uapi import DeviceState, PeerState
 
 __all__ = [
@@ -57,8 +55,6 @@ __all__ = [
 
 MTU = 1280
 """Tailscale's default tunnel MTU (also the IPv6 minimum, so it never needs fragmentation)."""
-_IFA_F_NODAD = 0x02
-_SCOPE_LINK = 253
 
 
 @dataclass
@@ -210,12 +206,16 @@ class Node:
             yield
 
     @contextlib.contextmanager
-    def _ipr(self) -> Iterator[tuple[IPRoute, int]]:
-        with self._in_netns(), IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=self.ifname)
-            if not idx:
+    def _rtnl(self) -> Iterator[tuple[Rtnl, int]]:
+        """An rtnetlink socket opened in the node's netns, and the device's link index."""
+        with self._in_netns(), Rtnl() as rt:
+            try:
+                idx = rt.link_index(self.ifname)
+            except RtnlError as exc:
+                raise NodeError(f"cannot look up device {self.ifname}: {exc}") from exc
+            if idx is None:
                 raise NodeError(f"device {self.ifname} disappeared (was it deleted or killed?)")
-            yield ipr, idx[0]
+            yield rt, idx
 
     def start(self, private_key: WireguardKey) -> None:
         """Create the device in the calling thread's netns, bring it up, add tailnet routes.
@@ -241,18 +241,18 @@ class Node:
                 self._public_key = None
                 os.close(self._netns_fd)
                 self._netns_fd = None
-                if isinstance(exc, NetlinkError):
+                if isinstance(exc, RtnlError):
                     raise NodeError(f"cannot set up device {self.ifname}: {exc}") from exc
                 raise
 
     def _setup_link(self) -> None:
-        with self._ipr() as (ipr, idx):
-            ipr.link("set", index=idx, mtu=MTU, state="up")
-            ipr.route("replace", dst=str(TAILNET_V4), oif=idx)
+        with self._rtnl() as (rt, idx):
+            rt.link_set(idx, mtu=MTU, up=True)
+            rt.route_replace(TAILNET_V4, idx)
             try:
-                ipr.route("replace", dst=str(TAILNET_V6), oif=idx, family=socket.AF_INET6)
+                rt.route_replace(TAILNET_V6, idx)
                 self.ipv6 = True
-            except NetlinkError:
+            except RtnlError:
                 self.ipv6 = False  # IPv6 disabled in this namespace: run IPv4-only
 
     def close(self) -> None:
@@ -282,7 +282,7 @@ class Node:
             reason = exited() if exited is not None else None
             if reason is not None:
                 raise NodeError(reason)
-            with self._ipr():
+            with self._rtnl():
                 pass  # raises NodeError when the link disappeared
 
     def __enter__(self) -> Node:
@@ -313,32 +313,31 @@ class Node:
             if not self.ipv6:
                 raise NodeError(f"IPv6 is disabled in the network namespace of {self.ifname}")
             wanted.add((str(IPv6Address(v6)), 128))
-        with self._lock, self._ipr() as (ipr, idx):
-            present: set[tuple[str, int]] = set()
-            for msg in ipr.get_addr(index=idx):
-                addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-                if addr is None or msg["scope"] == _SCOPE_LINK or ip_address(addr).is_link_local:
-                    continue
-                item = (str(ip_address(addr)), int(msg["prefixlen"]))
-                if item in wanted:
-                    present.add(item)
-                else:
-                    ipr.addr("del", index=idx, address=item[0], prefixlen=item[1])
-            for addr, plen in sorted(wanted - present):
-                if plen == 128:
-                    ipr.addr("add", index=idx, address=addr, prefixlen=plen, flags=_IFA_F_NODAD)
-                else:
-                    ipr.addr("add", index=idx, address=addr, prefixlen=plen)
+        try:
+            with self._lock, self._rtnl() as (rt, idx):
+                present: set[tuple[str, int]] = set()
+                for msg in rt.addresses(idx):
+                    addr = msg.ip
+                    if addr is None or msg.scope == RT_SCOPE_LINK or addr.is_link_local:
+                        continue
+                    item = (str(addr), msg.prefixlen)
+                    if item in wanted:
+                        present.add(item)
+                    else:
+                        rt.addr_del(idx, addr, msg.prefixlen)
+                for text, plen in sorted(wanted - present):
+                    rt.addr_add(idx, ip_address(text), plen, IFA_F_NODAD if plen == 128 else 0)
+        except RtnlError as exc:
+            raise NodeError(f"cannot set the addresses of {self.ifname}: {exc}") from exc
 
     def addresses(self) -> list[IPv4Address | IPv6Address]:
         """The device's non-link-local addresses."""
-        out: list[IPv4Address | IPv6Address] = []
-        with self._ipr() as (ipr, idx):
-            for msg in ipr.get_addr(index=idx):
-                addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-                if addr is not None and not ip_address(addr).is_link_local:
-                    out.append(ip_address(addr))
-        return out
+        try:
+            with self._rtnl() as (rt, idx):
+                found = rt.addresses(idx)
+        except RtnlError as exc:
+            raise NodeError(f"cannot read the addresses of {self.ifname}: {exc}") from exc
+        return [msg.ip for msg in found if msg.ip is not None and not msg.ip.is_link_local]
 
     # -- peers -----------------------------------------------------------------------------
 

@@ -4,8 +4,10 @@
   device, configured over the UAPI socket ``/var/run/wireguard/<ifname>.sock``). Which
   wireguard-go: the ``binary`` argument, else ``$TSNET2_WIREGUARD_GO``, else
   ``wireguard-go`` on PATH (``wireguard_go_binary``).
-* ``KernelDevice``: the in-kernel WireGuard module, ``ip link add type wireguard`` plus the
-  ``wireguard`` generic-netlink family (pyroute2).
+* ``KernelDevice``: the in-kernel WireGuard module, ``ip link add type wireguard``
+  (``tsnet2.node.rtnl``) plus the ``wireguard`` generic-netlink family (pyroute2, imported
+  only when a kernel device is started or used: the userspace backend and the backend probe
+  never load it, which keeps about 13 MB out of tsnet2d).
 
 Both create the device in the calling thread's network namespace. Peer changes are expressed
 as ``PeerUpdate`` values so the caller (``Node``) can compute an incremental diff.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import secrets
 import shutil
@@ -26,15 +29,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, Protocol
+from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
-from pyroute2 import IPRoute, WireGuard
-from pyroute2.netlink.exceptions import NetlinkError
 from wireguard_tools import WireguardKey
 
 from .endpoint import split_endpoint
 from .errors import NodeError, UAPIError
+from .rtnl import Rtnl, RtnlError
 from .uapi import DeviceState, PeerState, UAPIClient, b64_to_hex
+
+if TYPE_CHECKING:
+    from pyroute2 import WireGuard
 
 __all__ = [
     "SOCKET_DIR",
@@ -152,8 +157,8 @@ class Device(Protocol):
 
 
 def _link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
+    with Rtnl() as rt:
+        return rt.link_index(name) is not None
 
 
 def _socket_alive(path: Path) -> bool:
@@ -314,6 +319,20 @@ def _nl_key(value: Any) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
+def _pyroute2() -> tuple[type[WireGuard], type[Exception]]:
+    """pyroute2's genetlink ``WireGuard`` and its ``NetlinkError``, imported on first use:
+    importing pyroute2 costs about 13 MB, and only the kernel backend needs it."""
+    try:
+        from pyroute2 import WireGuard
+        from pyroute2.netlink.exceptions import NetlinkError
+    except ImportError as exc:
+        raise NodeError(
+            f"the kernel WireGuard backend needs pyroute2 ({exc}): pip install "
+            "'tsnet2[daemon]', or use the userspace backend (wireguard-go)"
+        ) from None
+    return WireGuard, NetlinkError
+
+
 class KernelDevice:
     """In-kernel WireGuard via rtnetlink (link) and the ``wireguard`` genetlink family."""
 
@@ -328,23 +347,24 @@ class KernelDevice:
         """``ip link add <name> type wireguard``, then set key and port over genetlink."""
         if self._created:
             raise NodeError(f"device {self.name} is already started")
-        with IPRoute() as ipr:
-            try:
-                ipr.link("add", ifname=self.name, kind="wireguard")
-            except NetlinkError as exc:
-                if exc.code == 17:  # EEXIST
-                    raise NodeError(
-                        f"device {self.name} already exists; pick another name or delete it"
-                    ) from None
+        wireguard, netlink_error = _pyroute2()
+        try:
+            with Rtnl() as rt:
+                rt.link_add(self.name, "wireguard")
+        except RtnlError as exc:
+            if exc.errno == errno.EEXIST:
                 raise NodeError(
-                    f"cannot create kernel WireGuard device {self.name}: {exc}; "
-                    "use the userspace backend (wireguard-go) if the module is not available"
+                    f"device {self.name} already exists; pick another name or delete it"
                 ) from None
+            raise NodeError(
+                f"cannot create kernel WireGuard device {self.name}: {exc}; "
+                "use the userspace backend (wireguard-go) if the module is not available"
+            ) from None
         self._created = True
         try:
-            with WireGuard() as wg:
+            with wireguard() as wg:
                 wg.set(self.name, private_key=str(private_key), listen_port=listen_port)
-        except (NetlinkError, OSError) as exc:
+        except (netlink_error, OSError) as exc:
             self.close()
             raise NodeError(
                 f"cannot configure kernel WireGuard device {self.name}: {exc}"
@@ -353,10 +373,11 @@ class KernelDevice:
     def state(self) -> DeviceState:
         """Dump the device over genetlink."""
         state = DeviceState()
+        wireguard, netlink_error = _pyroute2()
         try:
-            with WireGuard() as wg:
+            with wireguard() as wg:
                 messages = list(wg.info(self.name))
-        except (NetlinkError, OSError) as exc:
+        except (netlink_error, OSError) as exc:
             raise NodeError(f"cannot read kernel WireGuard device {self.name}: {exc}") from None
         for msg in messages:  # large devices are split over several messages
             port = _nl_attr(msg, "WGDEVICE_A_LISTEN_PORT")
@@ -390,8 +411,9 @@ class KernelDevice:
 
     def set_peers(self, updates: Sequence[PeerUpdate]) -> None:
         """One genetlink set per peer (pyroute2 takes one peer per call)."""
+        wireguard, netlink_error = _pyroute2()
         try:
-            with WireGuard() as wg:
+            with wireguard() as wg:
                 for update in updates:
                     peer: dict[str, Any] = {"public_key": update.public_key}
                     if update.remove:
@@ -407,9 +429,10 @@ class KernelDevice:
                             peer["replace_allowed_ips"] = True
                             peer["allowed_ips"] = list(update.allowed_ips)
                     wg.set(self.name, peer=peer)
-        except NetlinkError as exc:
+        except netlink_error as exc:
             raise UAPIError(
-                f"kernel WireGuard rejected a peer update on {self.name}: {exc}", errno=exc.code
+                f"kernel WireGuard rejected a peer update on {self.name}: {exc}",
+                errno=getattr(exc, "code", None),
             ) from None
 
     def close(self) -> None:
@@ -417,26 +440,26 @@ class KernelDevice:
         if not self._created:
             return
         self._created = False
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=self.name)
-            if idx:
-                with contextlib.suppress(NetlinkError):
-                    ipr.link("del", index=idx[0])
+        with Rtnl() as rt, contextlib.suppress(RtnlError):
+            idx = rt.link_index(self.name)
+            if idx is not None:
+                rt.link_del(idx)
 
 
 def detect_backend() -> Backend:
     """ "kernel" if a wireguard link can be created in this netns, else "userspace".
 
-    Creates and deletes a throwaway link with a random name.
+    Creates and deletes a throwaway link with a random name, over rtnetlink (``Rtnl``): the
+    probe does not import pyroute2.
     """
     probe = f"t2wgprobe{secrets.token_hex(3)}"
     try:
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=probe, kind="wireguard")
-            idx = ipr.link_lookup(ifname=probe)
-            if idx:
-                ipr.link("del", index=idx[0])
-    except (NetlinkError, OSError):
+        with Rtnl() as rt:
+            rt.link_add(probe, "wireguard")
+            idx = rt.link_index(probe)
+            if idx is not None:
+                rt.link_del(idx)
+    except OSError:  # RtnlError included
         return "userspace"
     return "kernel"
 

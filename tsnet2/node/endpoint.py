@@ -7,9 +7,8 @@ from collections.abc import Collection
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import NamedTuple
 
-from pyroute2 import IPRoute
-
 from .errors import NodeError
+from .rtnl import IFF_LOOPBACK, RT_TABLE_MAIN, Rtnl
 
 __all__ = [
     "TAILNET_V4",
@@ -22,7 +21,6 @@ __all__ = [
 
 TAILNET_V4 = IPv4Network("100.64.0.0/10")
 TAILNET_V6 = IPv6Network("fd7a:115c:a1e0::/48")
-_IFF_LOOPBACK = 0x8
 
 
 class Endpoint(NamedTuple):
@@ -81,33 +79,30 @@ def detect_endpoints(listen_port: int, exclude_ifnames: Collection[str] = ()) ->
     and tailnet addresses (100.64.0.0/10, fd7a:115c:a1e0::/48) are left out.
     """
     ordered: list[IPv4Address | IPv6Address] = []
-    with IPRoute() as ipr:
-        links = {link["index"]: link for link in ipr.get_links()}
+    with Rtnl() as rt:
+        links = {link.index: link for link in rt.links()}
         excluded = {
             idx
             for idx, link in links.items()
-            if link["flags"] & _IFF_LOOPBACK or link.get_attr("IFLA_IFNAME") in exclude_ifnames
+            if link.flags & IFF_LOOPBACK or link.name in exclude_ifnames
         }
         addrs: list[tuple[int, IPv4Address | IPv6Address]] = []
-        for msg in ipr.get_addr():
-            if msg["index"] in excluded or msg["scope"] != 0:
+        for msg in rt.addresses():
+            if msg.index in excluded or msg.scope != 0:
                 continue
-            text = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-            if text:
-                addrs.append((msg["index"], ip_address(text)))
+            if msg.ip is not None:
+                addrs.append((msg.index, msg.ip))
         default_oifs: list[int] = []
         for family in (socket.AF_INET, socket.AF_INET6):
-            for route in ipr.get_routes(family=family, table=254):
-                if route["dst_len"] != 0 or route.get_attr("RTA_DST") is not None:
+            for route in rt.routes(family, RT_TABLE_MAIN):
+                if route.dst_len != 0 or route.dst is not None:
                     continue
-                oif = route.get_attr("RTA_OIF")
-                if oif in excluded:
+                if route.oif in excluded:
                     continue
-                prefsrc = route.get_attr("RTA_PREFSRC")
-                if prefsrc:
-                    ordered.append(ip_address(prefsrc))
-                if oif is not None:
-                    default_oifs.append(oif)
+                if route.prefsrc is not None:
+                    ordered.append(route.prefsrc)
+                if route.oif is not None:
+                    default_oifs.append(route.oif)
     ordered += [ip for idx, ip in addrs if idx in default_oifs]
     ordered += [ip for _, ip in addrs]
     seen: set[IPv4Address | IPv6Address] = set()

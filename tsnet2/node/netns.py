@@ -7,9 +7,12 @@ thread that forked them. Python 3.11 has no ``os.setns``, so this uses libc thro
 
 Caveat: code running in *other*, already running threads (asyncio executors) is not moved;
 threads and processes started while inside inherit the namespace of the creating thread.
-pyroute2 0.9's ``IPRoute`` opens a new socket lazily in each thread that uses it, so an
-``IPRoute`` created in one namespace and used from another thread talks to *that thread's*
-namespace. Open netlink sockets inside the ``with`` block, on the same thread.
+Open netlink sockets inside the ``with`` block. ``tsnet2.node.rtnl.Rtnl`` opens its socket in
+its constructor, so one made inside the block keeps talking to that namespace from any
+thread. pyroute2 0.9 (used only by the kernel WireGuard backend, for generic netlink) opens a
+new socket lazily in each thread that uses an object, so a pyroute2 object created in one
+namespace and used from another thread talks to *that thread's* namespace: use it inside the
+block, on the same thread.
 """
 
 from __future__ import annotations
