@@ -1,10 +1,12 @@
-"""The daemon process stays lean: no aiohttp, no coordination server or SQLite store.
+"""The daemon process stays lean: no aiohttp, no coordination server or SQLite store, no pyroute2.
 
 aiohttp alone costs tsnet2d about 10 MB of idle RSS (docs/benchmarks.md, "RSS"); it is
-only for the separate `tsnet2 control serve` and operator processes. The daemon reaches the
-coordination server through `tsnet2.controlclient`, a package of its own that imports nothing
-of `tsnet2.control`. tests/unit/test_layers.py checks that statically (tests/layers.toml);
-this test checks what a fresh interpreter actually loads.
+only for the separate `tsnet2 control serve` and operator processes. pyroute2 costs about
+13 MB: the node has its own rtnetlink client (`tsnet2.node.rtnl`) and imports pyroute2 only
+for the kernel WireGuard backend's generic netlink, when that backend is used. The daemon
+reaches the coordination server through `tsnet2.controlclient`, a package of its own that
+imports nothing of `tsnet2.control`. tests/unit/test_layers.py checks that statically
+(tests/layers.toml); this test checks what a fresh interpreter actually loads.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import sys
 import textwrap
 
 # Modules the daemon must never load (in any of its own modules or the client it uses).
-# Not sqlite3 itself: pyroute2 (the node) loads it for its NDB.
+# pyroute2 (about 13 MB, and it loads sqlite3 for its NDB): the node speaks rtnetlink itself
+# (tsnet2.node.rtnl); only the kernel WireGuard backend imports pyroute2, when it is used.
 BANNED = ("aiohttp", "tsnet2.control", "tsnet2.control.server", "tsnet2.control.sqlite_store",
-          "kopf", "kubernetes", "tsnet2_operator")
+          "kopf", "kubernetes", "tsnet2_operator", "pyroute2", "sqlite3")
 
 
 def loaded_after(code: str) -> set[str]:
@@ -50,8 +53,15 @@ def test_every_daemon_module_and_the_control_client_stay_lean() -> None:
         assert banned not in mods, f"a daemon module imported {banned}"
 
 
+def test_daemon_does_not_import_pyroute2() -> None:
+    mods = loaded_after("import tsnet2.daemon.server")
+    assert "tsnet2.node.rtnl" in mods and "tsnet2.node.device" in mods
+    assert not {m for m in mods if m.partition(".")[0] == "pyroute2"}
+
+
 def test_the_guard_can_see_the_server() -> None:
     # The guards above must not pass just because nothing can load the server.
     mods = loaded_after("import tsnet2.control.server, tsnet2.control.sqlite_store")
     assert {"tsnet2.control", "tsnet2.control.server", "tsnet2.control.sqlite_store",
             "aiohttp"} <= mods
+    assert "pyroute2" in loaded_after("from tsnet2.node.device import _pyroute2; _pyroute2()")

@@ -55,10 +55,32 @@ def test_the_client_library_needs_no_extra() -> None:
 
 
 def test_tsnet2d_names_the_daemon_extra() -> None:
-    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2d())", "pyroute2")
+    # wireguard_tools: tsnet2d imports it at start-up. (Not pyroute2: only the kernel
+    # WireGuard backend imports that, when it is used; see the next test.)
+    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2d())", "wireguard_tools")
     assert out.returncode == 1, out.stderr
-    assert out.stderr.strip() == ("tsnet2d: needs the 'daemon' extra (module 'pyroute2' is not "
-                                  "installed): pip install 'tsnet2[daemon]'")
+    assert out.stderr.strip() == ("tsnet2d: needs the 'daemon' extra (module 'wireguard_tools' "
+                                  "is not installed): pip install 'tsnet2[daemon]'")
+
+
+def test_kernel_backend_names_pyroute2_when_it_is_missing() -> None:
+    out = run("""
+        import sys
+        from wireguard_tools import WireguardKey
+        from tsnet2.node import NodeError
+        from tsnet2.node.device import KernelDevice
+        try:
+            KernelDevice("t2nopyroute2").start(WireguardKey.generate(), 41641)
+        except NodeError as exc:
+            print(exc)
+        print("pyroute2" in sys.modules)
+    """, "pyroute2")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "the kernel WireGuard backend needs pyroute2 (No module named 'pyroute2'): pip install "
+        "'tsnet2[daemon]', or use the userspace backend (wireguard-go)",
+        "False",
+    ]
 
 
 def test_operator_names_the_operator_extra() -> None:
