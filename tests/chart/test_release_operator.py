@@ -37,12 +37,12 @@ import pytest
 import yaml
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
-from wireguard_tools import WireguardKey
 
 from tests.chart.conftest import CHART, NAMESPACE, RELEASE, Helm
 from tests.k8s.apiserver import KubeAPIServer, admin_client, free_port, running_apiserver
 from tests.k8s.operator_process import OperatorRun, create_pod, http_ok
 from tests.require import needs
+from tsnet2.node.wgkey import WireguardKey
 
 REPO = Path(__file__).resolve().parents[2]
 FULLNAME = f"{RELEASE}-tsnet2"

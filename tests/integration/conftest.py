@@ -15,11 +15,11 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
-from wireguard_tools import WireguardKey
 
 from tests.require import needs
 from tsnet2.lab import Lab, LabNode, check_prerequisites, find_leftovers
 from tsnet2.node import Node
+from tsnet2.node.wgkey import WireguardKey
 
 from .plain_daemon import Daemon
 

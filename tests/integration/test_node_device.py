@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from wireguard_tools import WireguardKey
 
 from tsnet2.lab import Lab, find_leftovers
 from tsnet2.node import Node, NodeError, PeerConfig, UAPIError, detect_endpoints
@@ -27,6 +26,7 @@ from tsnet2.node.device import (
     find_wireguard_go,
 )
 from tsnet2.node.uapi import MAX_REPLY_BYTES, UAPIClient
+from tsnet2.node.wgkey import WireguardKey
 
 netns = pytest.mark.netns
 

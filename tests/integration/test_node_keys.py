@@ -7,9 +7,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from wireguard_tools import WireguardKey
 
 from tsnet2.node import KeyFileError, load_or_create_private_key, public_key_b64
+from tsnet2.node.wgkey import WireguardKey
 
 
 def test_created_0600_and_reused(tmp_path: Path) -> None:

@@ -253,7 +253,7 @@ def test_node_path_never_imports_pyroute2(lab: Lab) -> None:
     code = textwrap.dedent(f"""
         import sys
         from ipaddress import IPv4Address, IPv6Address
-        from wireguard_tools import WireguardKey
+        from tsnet2.node.wgkey import WireguardKey
         from tsnet2.node import Node, detect_endpoints
         from tsnet2.node.device import detect_backend
 

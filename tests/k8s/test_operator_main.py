@@ -29,7 +29,6 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from tsnet2_operator.store import crd_manifests
-from wireguard_tools import WireguardKey
 
 from tests.k8s.apiserver import (
     KubeAPIServer,
@@ -37,6 +36,7 @@ from tests.k8s.apiserver import (
 )
 from tests.k8s.operator_process import OperatorRun, create_pod, http_ok, log_tail
 from tests.k8s.pki import CertificateAuthority
+from tsnet2.node.wgkey import WireguardKey
 
 REPO = Path(__file__).resolve().parents[2]
 STORE_NS = "tsnet2-system"

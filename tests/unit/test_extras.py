@@ -55,19 +55,19 @@ def test_the_client_library_needs_no_extra() -> None:
 
 
 def test_tsnet2d_names_the_daemon_extra() -> None:
-    # wireguard_tools: tsnet2d imports it at start-up. (Not pyroute2: only the kernel
+    # prometheus_client: tsnet2d imports it at start-up. (Not pyroute2: only the kernel
     # WireGuard backend imports that, when it is used; see the next test.)
-    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2d())", "wireguard_tools")
+    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2d())", "prometheus_client")
     assert out.returncode == 1, out.stderr
-    assert out.stderr.strip() == ("tsnet2d: needs the 'daemon' extra (module 'wireguard_tools' "
+    assert out.stderr.strip() == ("tsnet2d: needs the 'daemon' extra (module 'prometheus_client' "
                                   "is not installed): pip install 'tsnet2[daemon]'")
 
 
 def test_kernel_backend_names_pyroute2_when_it_is_missing() -> None:
     out = run("""
         import sys
-        from wireguard_tools import WireguardKey
         from tsnet2.node import NodeError
+        from tsnet2.node.wgkey import WireguardKey
         from tsnet2.node.device import KernelDevice
         try:
             KernelDevice("t2nopyroute2").start(WireguardKey.generate(), 41641)

@@ -309,7 +309,7 @@ class Lab:
         """Move the CURRENT THREAD (only) into ``netns`` for the block.
 
         Sockets created inside stay in that namespace for their life and can be used from
-        anywhere afterwards. Threads that already exist (executors, pyroute2's per-thread
+        anywhere afterwards. Threads that already exist (executors, their per-thread
         sockets) are not moved; threads and processes started inside inherit the namespace.
         The mount namespace (and so /sys, /run) is not changed.
         """

@@ -16,8 +16,6 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from types import TracebackType
 from typing import Literal
 
-from wireguard_tools import WireguardKey
-
 from .device import Backend, Device, PeerUpdate, create_device, detect_backend
 from .endpoint import (
     TAILNET_V4,
@@ -32,6 +30,7 @@ from .keys import load_or_create_private_key, public_key_b64
 from .netns import current_netns_fd, enter_netns
 from .rtnl import IFA_F_NODAD, RT_SCOPE_LINK, Rtnl, RtnlError
 from .uapi import DeviceState, PeerState
+from .wgkey import WireguardKey
 
 __all__ = [
     "MTU",

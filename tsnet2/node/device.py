@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, Protocol
 
-from wireguard_tools import WireguardKey
-
 from .endpoint import split_endpoint
 from .errors import NodeError, UAPIError
 from .rtnl import Rtnl, RtnlError
 from .uapi import DeviceState, PeerState, UAPIClient, b64_to_hex
+from .wgkey import WireguardKey
 
 if TYPE_CHECKING:
     from pyroute2 import WireGuard

@@ -7,9 +7,8 @@ import os
 import stat
 from pathlib import Path
 
-from wireguard_tools import WireguardKey
-
 from .errors import KeyFileError
+from .wgkey import WireguardKey
 
 __all__ = ["KEY_FILE_NAME", "load_or_create_private_key", "public_key_b64"]
 

@@ -2,9 +2,9 @@
 
 Protocol: the client sends ``get=1\\n\\n`` or ``set=1\\n<key=value lines>\\n\\n``; the device
 answers ``key=value`` lines ending with ``errno=N`` and a blank line. Keys are lowercase hex on
-UAPI (never base64). This module converts them to base64 at its boundary. wireguard-tools'
-``set_config`` is not used: it always replaces all peers and mis-encodes keys (see
-docs/dataplane.md).
+UAPI (never base64). This module converts them to base64 at its boundary. (The PyPI
+wireguard-tools' ``set_config`` always replaces all peers and mis-encodes keys: see
+docs/dataplane.md.)
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wireguard_tools import WireguardKey
-
 from .errors import UAPIError
+from .wgkey import WireguardKey
 
 __all__ = ["MAX_REPLY_BYTES", "DeviceState", "PeerState", "UAPIClient", "b64_to_hex", "hex_to_b64"]
 
