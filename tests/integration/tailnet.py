@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,25 @@ def recv_exactly(sock: Any, n: int) -> bytes:
         assert chunk, f"EOF after {len(buf)} of {n} bytes"
         buf += chunk
     return buf
+
+
+def relay_sockets(timeout: float) -> tuple[socket.socket, socket.socket, socket.socket,
+                                           socket.socket]:
+    """Real sockets around a daemon's relay: ``(remote, daemon_peer, daemon_app, app)``.
+
+    ``remote`` is a tailnet peer's TCP socket (over loopback), ``daemon_peer`` the daemon's
+    end of it; ``daemon_app``/``app`` a Unix socket pair for the app side. The outer two
+    block with ``timeout``, the daemon's two are non-blocking, as the daemon has them.
+    """
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        remote = socket.create_connection(lsock.getsockname(), timeout=timeout)
+        daemon_peer, _ = lsock.accept()
+    daemon_app, app = socket.socketpair()
+    for s in (remote, app):
+        s.settimeout(timeout)
+    for s in (daemon_peer, daemon_app):
+        s.setblocking(False)
+    return remote, daemon_peer, daemon_app, app
 
 
 @dataclass

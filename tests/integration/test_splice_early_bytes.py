@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.tailnet import recv_exactly
+from tests.integration.tailnet import recv_exactly, relay_sockets
 from tsnet2.daemon.splice import Splice
 from tsnet2.traffic import TrafficLog
 
@@ -61,14 +61,7 @@ class Flow:
 
     def __init__(self, log_path: Path) -> None:
         self.log_path = log_path
-        with socket.create_server(("127.0.0.1", 0)) as lsock:
-            self.remote = socket.create_connection(lsock.getsockname(), timeout=IO_TIMEOUT)
-            self.daemon_peer, _ = lsock.accept()
-        self.daemon_app, self.app = socket.socketpair()
-        for s in (self.remote, self.app):
-            s.settimeout(IO_TIMEOUT)
-        for s in (self.daemon_peer, self.daemon_app):
-            s.setblocking(False)
+        self.remote, self.daemon_peer, self.daemon_app, self.app = relay_sockets(IO_TIMEOUT)
 
     def wait_queued(self) -> None:
         """Block until the daemon's peer socket has something to read (bytes, EOF, reset)."""
