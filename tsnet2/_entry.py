@@ -10,7 +10,7 @@ import importlib.util
 import sys
 
 EXTRA_MODULES = {
-    "daemon": frozenset({"aiohttp", "pyroute2", "prometheus_client", "cryptography"}),
+    "daemon": frozenset({"aiohttp", "pyroute2", "cryptography"}),
     "operator": frozenset({"kopf", "kubernetes"}),
 }
 """The top-level modules each extra installs (``tsnet2[operator]`` includes ``daemon``)."""

@@ -1,4 +1,5 @@
-"""The daemon process stays lean: no aiohttp, no coordination server or SQLite store, no pyroute2.
+"""The daemon process stays lean: no aiohttp, coordination server, SQLite store, pyroute2 or
+prometheus_client.
 
 aiohttp alone costs tsnet2d about 10 MB of idle RSS (docs/benchmarks.md, "RSS"); it is
 only for the separate `tsnet2 control serve` and operator processes. pyroute2 costs about
@@ -19,8 +20,10 @@ import textwrap
 # Modules the daemon must never load (in any of its own modules or the client it uses).
 # pyroute2 (about 13 MB, and it loads sqlite3 for its NDB): the node speaks rtnetlink itself
 # (tsnet2.node.rtnl); only the kernel WireGuard backend imports pyroute2, when it is used.
+# prometheus_client (about 3 MB) and wireguard_tools: tsnet2.daemon.prom and node.wgkey.
 BANNED = ("aiohttp", "tsnet2.control", "tsnet2.control.server", "tsnet2.control.sqlite_store",
-          "kopf", "kubernetes", "tsnet2_operator", "pyroute2", "sqlite3")
+          "kopf", "kubernetes", "tsnet2_operator", "pyroute2", "sqlite3", "prometheus_client",
+          "wireguard_tools")
 
 
 def loaded_after(code: str) -> set[str]:

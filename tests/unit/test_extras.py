@@ -55,11 +55,11 @@ def test_the_client_library_needs_no_extra() -> None:
 
 
 def test_tsnet2d_names_the_daemon_extra() -> None:
-    # prometheus_client: tsnet2d imports it at start-up. (Not pyroute2: only the kernel
-    # WireGuard backend imports that, when it is used; see the next test.)
-    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2d())", "prometheus_client")
+    # cryptography: tsnet2d imports it at start-up (log signing, node keys). (Not pyroute2:
+    # only the kernel WireGuard backend imports that, when it is used; see the next test.)
+    out = run("import sys, tsnet2._entry as e; sys.exit(e.tsnet2d())", "cryptography")
     assert out.returncode == 1, out.stderr
-    assert out.stderr.strip() == ("tsnet2d: needs the 'daemon' extra (module 'prometheus_client' "
+    assert out.stderr.strip() == ("tsnet2d: needs the 'daemon' extra (module 'cryptography' "
                                   "is not installed): pip install 'tsnet2[daemon]'")
 
 

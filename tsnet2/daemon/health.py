@@ -24,7 +24,6 @@ from http import HTTPStatus
 from urllib.parse import unquote, urlsplit
 
 import h11
-from prometheus_client import exposition
 
 from tsnet2.daemon.metrics import Metrics
 
@@ -32,10 +31,8 @@ log = logging.getLogger("tsnet2d.health")
 
 Check = Callable[[], tuple[bool, str]]
 
-#: The classic text format; what prometheus_client's own server sends by default.
-METRICS_CONTENT_TYPE: str = getattr(
-    exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST
-)
+#: The classic text format (tsnet2.daemon.prom writes it), as Prometheus servers send it.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 MAX_REASON = 1024  # characters of a failing check's reason sent back
 MAX_REQUEST_HEAD = 8192  # bytes of request line + headers

@@ -48,11 +48,17 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from tsnet2._version import __version__
+from tsnet2.daemon.prom import (
+    Collector,
+    Counter,
+    CounterFamily,
+    Family,
+    Gauge,
+    GaugeFamily,
+    Histogram,
+    Registry,
+)
 from tsnet2.proto.codes import ErrorCode
 
 log = logging.getLogger("tsnet2d.metrics")
@@ -185,26 +191,25 @@ class PeerCollector(Collector):
         self.errors = 0
         self._lock = threading.Lock()
 
-    def _families(self) -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily,
-                                 GaugeMetricFamily, CounterMetricFamily]:
+    def _families(self) -> tuple[Family, Family, Family, Family, Family]:
         return (
-            CounterMetricFamily("tsnet2_peer_receive_bytes",
-                                "Bytes received from a peer over WireGuard.", labels=["peer"]),
-            CounterMetricFamily("tsnet2_peer_transmit_bytes",
-                                "Bytes transmitted to a peer over WireGuard.", labels=["peer"]),
-            GaugeMetricFamily("tsnet2_peer_last_handshake_timestamp_seconds",
-                              "Unix time of the last WireGuard handshake with a peer "
-                              "(0 if none yet).", labels=["peer"]),
-            GaugeMetricFamily("tsnet2_peers", "Peers configured on the WireGuard device."),
-            CounterMetricFamily("tsnet2_peer_stats_errors",
-                                "Scrapes where the WireGuard peer counters could not be read."),
+            CounterFamily("tsnet2_peer_receive_bytes",
+                          "Bytes received from a peer over WireGuard.", labels=["peer"]),
+            CounterFamily("tsnet2_peer_transmit_bytes",
+                          "Bytes transmitted to a peer over WireGuard.", labels=["peer"]),
+            GaugeFamily("tsnet2_peer_last_handshake_timestamp_seconds",
+                        "Unix time of the last WireGuard handshake with a peer "
+                        "(0 if none yet).", labels=["peer"]),
+            GaugeFamily("tsnet2_peers", "Peers configured on the WireGuard device."),
+            CounterFamily("tsnet2_peer_stats_errors",
+                          "Scrapes where the WireGuard peer counters could not be read."),
         )
 
-    def describe(self) -> Iterator[Metric]:
-        """The families without samples (lets the registry check names without a scrape)."""
-        return iter(self._families())
+    def names(self) -> list[str]:
+        """The exposition names of its families (for the registry's clash check)."""
+        return [f.exposition_name() for f in self._families()]
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Family]:
         """Call the source once and yield the per-peer families."""
         rx, tx, hs, count, errors = self._families()
         merged: dict[str, list[float]] = {}
@@ -231,18 +236,6 @@ class PeerCollector(Collector):
         yield from (rx, tx, hs, count, errors)
 
 
-class _WithoutCreated(Collector):
-    """A view of a registry without the `*_created` series (noise in the text format)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-
-    def collect(self) -> Iterator[Metric]:
-        for family in self.registry.collect():
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
-            yield family
-
-
 class Metrics:
     """Every tsnet2d metric, in a registry of its own (several can live in one process)."""
 
@@ -264,8 +257,7 @@ class Metrics:
         # are bounded (each hook maps unknown values to "other"), so this stays small.
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.before_scrape = before_scrape
-        r = self.registry = CollectorRegistry()
-        self._view = _WithoutCreated(r)
+        r = self.registry = Registry()
         self._lock = threading.Lock()
         self._kinds: set[str] = set(RECORD_KINDS) | {OTHER}
 
@@ -344,7 +336,7 @@ class Metrics:
             "Socket connections refused, by reason (uid, a limit reached).", ["reason"],
             registry=r)
         self.peer_collector = PeerCollector(peers)
-        r.register(self.peer_collector)
+        r.register(self.peer_collector, self.peer_collector.names())
 
         # Every series of a bounded label set exists from the start, at 0.
         for d in DIRECTIONS:
@@ -507,7 +499,7 @@ class Metrics:
                 self.before_scrape()
             except Exception:
                 log.warning("before_scrape hook failed; serving the last values", exc_info=True)
-        return bytes(generate_latest(self._view))
+        return self.registry.render()
 
 
 def _direction(direction: str) -> FlowDirection:
