@@ -13,7 +13,7 @@ import json
 import socket
 from pathlib import Path
 
-from tests.integration.tailnet import recv_exactly
+from tests.integration.tailnet import recv_exactly, relay_sockets
 from tsnet2.daemon.backend import Backend, DeviceConfig
 from tsnet2.daemon.datapath import Datapath
 from tsnet2.daemon.metrics import Metrics
@@ -38,14 +38,7 @@ def test_splice_returns_at_once_and_its_end_is_accounted(tmp_path: Path) -> None
         with TrafficLog(str(log_path)) as log:
             dp = Datapath(Backend(tmp_path / "state", DeviceConfig()), log,
                           asyncio.ensure_future, metrics)
-            with socket.create_server(("127.0.0.1", 0)) as lsock:
-                remote = socket.create_connection(lsock.getsockname(), timeout=IO_TIMEOUT)
-                daemon_peer, _ = lsock.accept()
-            daemon_app, app = socket.socketpair()
-            for s in (remote, app):
-                s.settimeout(IO_TIMEOUT)
-            for s in (daemon_peer, daemon_app):
-                s.setblocking(False)
+            remote, daemon_peer, daemon_app, app = relay_sockets(IO_TIMEOUT)
             try:
                 flow = log.open_flow(direction="out", local="100.64.0.2:40000",
                                      remote="100.64.0.1:8080", whois=None)

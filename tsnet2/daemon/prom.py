@@ -18,7 +18,7 @@ import bisect
 import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 Kind = Literal["counter", "gauge", "histogram"]
 
@@ -148,50 +148,6 @@ class _Series:
         self._lock = threading.Lock()
 
 
-class _Metric(abc.ABC):
-    kind: Kind
-
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
-                 registry: Registry) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self._children: dict[tuple[str, ...], _Series] = {}
-        self._lock = threading.Lock()
-        fam = Family(self._family_name(), documentation, self.kind, labelnames)
-        registry.register(self, [fam.exposition_name()])
-        if not self.labelnames:
-            self._children[()] = self._new_series(())
-
-    def _family_name(self) -> str:
-        return self.name
-
-    def _new_series(self, values: tuple[str, ...]) -> _Series:
-        return _Series(values)
-
-    def labels(self, *values: str) -> _Series:
-        """The series for these label values (created, at 0, on first use)."""
-        if len(values) != len(self.labelnames):
-            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, "
-                             f"got {len(values)}")
-        key = tuple(str(v) for v in values)
-        child = self._children.get(key)
-        if child is None:
-            with self._lock:
-                child = self._children.get(key)
-                if child is None:
-                    child = self._children[key] = self._new_series(key)
-        return child
-
-    def _series(self) -> list[_Series]:
-        with self._lock:
-            return list(self._children.values())
-
-    @abc.abstractmethod
-    def collect(self) -> Iterator[Family]:
-        """The metric as a family, its series in the order they were created."""
-
-
 class CounterSeries(_Series):
     """A counter's series."""
 
@@ -203,37 +159,6 @@ class CounterSeries(_Series):
             raise ValueError(f"counters only go up: inc({amount})")
         with self._lock:
             self.value += amount
-
-
-class Counter(_Metric):
-    """A counter; ``name`` ends in ``_total``."""
-
-    kind: Kind = "counter"
-
-    def _family_name(self) -> str:
-        return self.name.removesuffix("_total")
-
-    def _new_series(self, values: tuple[str, ...]) -> CounterSeries:
-        return CounterSeries(values)
-
-    def labels(self, *values: str) -> CounterSeries:
-        child = super().labels(*values)
-        if not isinstance(child, CounterSeries):
-            raise TypeError("unreachable: a counter's series are CounterSeries")
-        return child
-
-    def inc(self, amount: float = 1) -> None:
-        """`inc` of the one series of an unlabelled counter."""
-        self.labels().inc(amount)
-
-    def collect(self) -> Iterator[Family]:
-        """The counter as a family."""
-        fam = Family(self._family_name(), self.documentation, "counter", self.labelnames)
-        for s in self._series():
-            with s._lock:
-                value = s.value
-            fam.add_metric(s.values, value)
-        yield fam
 
 
 class GaugeSeries(_Series):
@@ -257,42 +182,6 @@ class GaugeSeries(_Series):
             self.value -= amount
 
 
-class Gauge(_Metric):
-    """A gauge."""
-
-    kind: Kind = "gauge"
-
-    def _new_series(self, values: tuple[str, ...]) -> GaugeSeries:
-        return GaugeSeries(values)
-
-    def labels(self, *values: str) -> GaugeSeries:
-        child = super().labels(*values)
-        if not isinstance(child, GaugeSeries):
-            raise TypeError("unreachable: a gauge's series are GaugeSeries")
-        return child
-
-    def set(self, value: float) -> None:
-        """`set` of the one series of an unlabelled gauge."""
-        self.labels().set(value)
-
-    def inc(self, amount: float = 1) -> None:
-        """`inc` of the one series of an unlabelled gauge."""
-        self.labels().inc(amount)
-
-    def dec(self, amount: float = 1) -> None:
-        """`dec` of the one series of an unlabelled gauge."""
-        self.labels().dec(amount)
-
-    def collect(self) -> Iterator[Family]:
-        """The gauge as a family."""
-        fam = Family(self.name, self.documentation, "gauge", self.labelnames)
-        for s in self._series():
-            with s._lock:
-                value = s.value
-            fam.add_metric(s.values, value)
-        yield fam
-
-
 class HistogramSeries(_Series):
     """A histogram's series: a count per bucket (not cumulative), their total, the sum."""
 
@@ -311,7 +200,99 @@ class HistogramSeries(_Series):
             self.counts[i] += 1
 
 
-class Histogram(_Metric):
+S = TypeVar("S", bound=_Series)
+
+
+class _Metric(abc.ABC, Generic[S]):
+    """A metric of `kind` whose series are of type ``S``, in a `Registry`."""
+
+    kind: Kind
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
+                 registry: Registry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._children: dict[tuple[str, ...], S] = {}
+        self._lock = threading.Lock()
+        registry.register(self, [self._family().exposition_name()])
+        if not self.labelnames:
+            self._children[()] = self._new_series(())
+
+    def _family(self) -> Family:
+        return Family(self.name, self.documentation, self.kind, self.labelnames)
+
+    @abc.abstractmethod
+    def _new_series(self, values: tuple[str, ...]) -> S:
+        """A new series, at 0, for these label values."""
+
+    def labels(self, *values: str) -> S:
+        """The series for these label values (created, at 0, on first use)."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, "
+                             f"got {len(values)}")
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.get(key)
+                if child is None:
+                    child = self._children[key] = self._new_series(key)
+        return child
+
+    def _series(self) -> list[S]:
+        with self._lock:
+            return list(self._children.values())
+
+    def collect(self) -> Iterator[Family]:
+        """The metric as a family, its series in the order they were created."""
+        fam = self._family()
+        for s in self._series():
+            with s._lock:
+                value = s.value
+            fam.add_metric(s.values, value)
+        yield fam
+
+
+class Counter(_Metric[CounterSeries]):
+    """A counter; ``name`` ends in ``_total``."""
+
+    kind: Kind = "counter"
+
+    def _family(self) -> Family:
+        return Family(self.name.removesuffix("_total"), self.documentation, self.kind,
+                      self.labelnames)
+
+    def _new_series(self, values: tuple[str, ...]) -> CounterSeries:
+        return CounterSeries(values)
+
+    def inc(self, amount: float = 1) -> None:
+        """`inc` of the one series of an unlabelled counter."""
+        self.labels().inc(amount)
+
+
+class Gauge(_Metric[GaugeSeries]):
+    """A gauge."""
+
+    kind: Kind = "gauge"
+
+    def _new_series(self, values: tuple[str, ...]) -> GaugeSeries:
+        return GaugeSeries(values)
+
+    def set(self, value: float) -> None:
+        """`set` of the one series of an unlabelled gauge."""
+        self.labels().set(value)
+
+    def inc(self, amount: float = 1) -> None:
+        """`inc` of the one series of an unlabelled gauge."""
+        self.labels().inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        """`dec` of the one series of an unlabelled gauge."""
+        self.labels().dec(amount)
+
+
+class Histogram(_Metric[HistogramSeries]):
     """A histogram with fixed ``buckets`` (upper bounds; +Inf is added)."""
 
     kind: Kind = "histogram"
@@ -329,23 +310,15 @@ class Histogram(_Metric):
     def _new_series(self, values: tuple[str, ...]) -> HistogramSeries:
         return HistogramSeries(values, self.bounds)
 
-    def labels(self, *values: str) -> HistogramSeries:
-        child = super().labels(*values)
-        if not isinstance(child, HistogramSeries):
-            raise TypeError("unreachable: a histogram's series are HistogramSeries")
-        return child
-
     def observe(self, amount: float) -> None:
         """`observe` of the one series of an unlabelled histogram."""
         self.labels().observe(amount)
 
     def collect(self) -> Iterator[Family]:
         """The histogram as a family: cumulative buckets, then ``_count`` and ``_sum``."""
-        fam = Family(self.name, self.documentation, "histogram", self.labelnames)
+        fam = self._family()
         names = (*self.labelnames, "le")
         for s in self._series():
-            if not isinstance(s, HistogramSeries):
-                raise TypeError("unreachable: a histogram's series are HistogramSeries")
             with s._lock:
                 counts, total = list(s.counts), s.value
             running = 0.0
