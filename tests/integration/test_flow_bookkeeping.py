@@ -13,6 +13,8 @@ import json
 import socket
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.integration.tailnet import recv_exactly, relay_sockets
 from tsnet2.daemon.backend import Backend, DeviceConfig
 from tsnet2.daemon.datapath import Datapath
@@ -23,7 +25,7 @@ IO_TIMEOUT = 5.0
 
 
 def _value(m: Metrics, name: str, **labels: str) -> float:
-    for fam in m.registry.collect():
+    for fam in text_string_to_metric_families(m.render().decode()):
         for s in fam.samples:
             if s.name == name and s.labels == labels:
                 return float(s.value)
