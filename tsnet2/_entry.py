@@ -11,7 +11,7 @@ import sys
 
 EXTRA_MODULES = {
     "daemon": frozenset({"aiohttp", "pyroute2", "cryptography"}),
-    "operator": frozenset({"kopf", "kubernetes"}),
+    "operator": frozenset({"kopf", "kubernetes", "prometheus_client"}),
 }
 """The top-level modules each extra installs (``tsnet2[operator]`` includes ``daemon``)."""
 

@@ -50,7 +50,7 @@ IMAGES = {"full": IMAGE, "sidecar": SIDECAR_IMAGE}
 BOTH = pytest.mark.parametrize("image", list(IMAGES.values()), ids=list(IMAGES))
 # What only the full image carries: the operator and its Kubernetes client and kopf, and the
 # coordination server's aiohttp.
-FULL_ONLY = ("kopf", "kubernetes", "aiohttp", "tsnet2_operator")
+FULL_ONLY = ("kopf", "kubernetes", "aiohttp", "prometheus_client", "tsnet2_operator")
 SOCKET = "/var/run/tsnet2/tsnet2.sock"  # the injector's, the sidecar image's TSNET2_SOCKET
 
 
