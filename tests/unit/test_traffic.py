@@ -124,6 +124,14 @@ def test_data_and_close_record_bytes() -> None:
         b'{"conn_id":"9f0c2a7be1d34c55","dir":"app-\\u003epeer","kind":"data","len":3,"seq":3,'
         b'"t":"2026-05-19T16:06:10.12345Z"}\n'
     )
+    # The length alone (bytes relayed without being read) gives the same line.
+    for conn_id in (CID, "not-hex"):  # the fast path and the generic encoder
+        assert data_record(conn_id=conn_id, direction="app->peer", seq=3, data=3, t=T_NS,
+                           include_payload=False) == data_record(
+            conn_id=conn_id, direction="app->peer", seq=3, data=b"abc", t=T_NS,
+            include_payload=False)
+    with pytest.raises(ValueError, match="a payload needs the bytes"):
+        data_record(conn_id=CID, direction="app->peer", seq=3, data=3, t=T_NS)
     assert close_record(conn_id=CID, bytes_in=12, bytes_out=12, duration_ms=3, t=T_NS) == (
         b'{"bytes_in":12,"bytes_out":12,"conn_id":"9f0c2a7be1d34c55","duration_ms":3,"kind":"close",'
         b'"t":"2026-05-19T16:06:10.12345Z"}\n'

@@ -20,7 +20,6 @@ See docs/traffic-log.md.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import stat
@@ -815,12 +814,6 @@ class TrafficLog:
         self._after(out, raise_errors=self.on_error == "fail-closed")
 
 
-@functools.lru_cache(maxsize=4)
-def _zeros(size: int) -> memoryview:
-    """A read-only view of ``size`` zero bytes (record lengths without a payload)."""
-    return memoryview(bytes(size))
-
-
 class Flow:
     """One logged connection: counts bytes and writes its ``data`` and ``close`` records.
 
@@ -895,14 +888,11 @@ class Flow:
                 return
             size = log.chunk_size
             if view is None or log.mode != "payload":
-                # Lengths only: a view of zeros gives data_record each chunk's length.
-                zeros = _zeros(size)
-                for start in range(0, n, size):
+                for start in range(0, n, size):  # lengths only
                     self._seq[direction] += 1
                     log.write_record("data", data_record(
                         conn_id=self.conn_id, direction=direction, seq=self._seq[direction],
-                        data=zeros[:min(size, n - start)], t=time.time_ns(),
-                        include_payload=False))
+                        data=min(size, n - start), t=time.time_ns(), include_payload=False))
             else:
                 full, rest = view, view[n:]
                 left = self._cap_left[direction]

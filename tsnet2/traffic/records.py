@@ -119,7 +119,7 @@ def data_record(
     conn_id: str,
     direction: DataDir,
     seq: int,
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | int,
     t: _dt.datetime | int,
     include_payload: bool = True,
     truncated: bool = False,
@@ -127,12 +127,20 @@ def data_record(
     """A ``data`` line for one chunk: ``len``, ``seq`` and (unless metadata-only)
     ``payload_b64`` (standard base64, padded).
 
-    ``truncated=True`` marks a chunk past the flow's payload cap: ``"truncated":true``
-    and no payload (so ``include_payload`` must be false).
+    ``data`` may be the chunk's length alone (an int) when no payload is written (bytes
+    relayed without being read, ``Flow.count``). ``truncated=True`` marks a chunk past the
+    flow's payload cap: ``"truncated":true`` and no payload (so ``include_payload`` must be
+    false).
     """
     if truncated and include_payload:
         raise ValueError("a truncated data record carries no payload: pass include_payload=False")
-    n = len(data) if not isinstance(data, memoryview) else data.nbytes
+    if isinstance(data, int):
+        if include_payload:
+            raise ValueError("a payload needs the bytes, not their length: pass "
+                             "include_payload=False")
+        n, data = data, b""
+    else:
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
     if _SAFE_ID.fullmatch(conn_id) and direction in _DIR_JSON:
         # The hot path (one record per 16 KiB chunk): every value here is JSON-safe as it
         # stands (hex id, fixed direction, digits, RFC 3339, base64), so the line is built
