@@ -22,7 +22,7 @@ import pytest
 
 from tests.integration.tailnet import recv_exactly, relay_sockets
 from tsnet2.daemon import zerocopy
-from tsnet2.daemon.splice import Splice
+from tsnet2.daemon.splice import Relay, Splice
 from tsnet2.daemon.zerocopy import PipePool, PipeSplice
 from tsnet2.traffic import Flow, TrafficLog, TrafficLogError
 
@@ -59,11 +59,11 @@ class Sockets:
         self.pool: PipePool | None = None
 
     async def start(self, log: TrafficLog, relay: str,
-                    pending: bytes = b"") -> Splice | PipeSplice:
+                    pending: bytes = b"") -> Relay:
         """Start the relay the way the daemon does."""
         flow = log.open_flow(direction="out", local="100.64.0.2:40000",
                              remote="100.64.0.1:8080", whois=None)
-        sp: Splice | PipeSplice
+        sp: Relay
         if relay == "copy":
             sp = Splice(flow)
         else:

@@ -33,7 +33,7 @@ from tsnet2.daemon.io import (
     reset,
 )
 from tsnet2.daemon.metrics import Metrics
-from tsnet2.daemon.splice import Splice
+from tsnet2.daemon.splice import Relay, Splice
 from tsnet2.daemon.zerocopy import PipePool, PipeSplice, RelayMode
 from tsnet2.node import NodeError
 from tsnet2.node.nflog import NflogReader
@@ -126,7 +126,7 @@ class Datapath:
         # One bytes hook per direction, shared by every flow (not a partial per flow).
         self._on_bytes = {d: self.metrics.flow_bytes_counter(d) for d in ("in", "out")}
         self.listeners: dict[str, ListenerRegistration] = {}
-        self.splices: set[Splice | PipeSplice] = set()
+        self.splices: set[Relay] = set()
         # Pipes for zero-copy flows; None: every flow copies.
         self.pipes: PipePool | None = (
             PipePool() if relay == "auto" and zerocopy.available()
@@ -634,12 +634,12 @@ class Datapath:
         m.flow_opened(direction)
         started = time.monotonic()
 
-        def closed(sp: Splice | PipeSplice) -> None:
+        def closed(sp: Relay) -> None:
             if sp in self.splices:  # exactly once, whichever way the flow ended
                 self.splices.discard(sp)
                 m.flow_closed(direction, sp.result, time.monotonic() - started)
 
-        sp: Splice | PipeSplice
+        sp: Relay
         if self.pipes is not None:
             sp = PipeSplice(flow, self.pipes, on_bytes=self._on_bytes[direction],
                             on_close=closed)

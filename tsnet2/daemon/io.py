@@ -29,28 +29,18 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-async def wait_readable(sock: socket.socket) -> None:
-    """Wait until ``sock`` is readable (or has an error or EOF to report)."""
+async def _wait(sock: socket.socket, *, writable: bool) -> None:
+    """Wait until ``sock`` is readable (or writable), or has an error or EOF to report."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
     fd = sock.fileno()
-    loop.add_reader(fd, _wake, fut)
+    add, remove = ((loop.add_writer, loop.remove_writer) if writable
+                   else (loop.add_reader, loop.remove_reader))
+    add(fd, _wake, fut)
     try:
         await fut
     finally:
-        loop.remove_reader(fd)
-
-
-async def wait_writable(sock: socket.socket) -> None:
-    """Wait until ``sock`` is writable (or has an error to report)."""
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, _wake, fut)
-    try:
-        await fut
-    finally:
-        loop.remove_writer(fd)
+        remove(fd)
 
 
 async def recv(sock: socket.socket, size: int) -> bytes:
@@ -59,7 +49,7 @@ async def recv(sock: socket.socket, size: int) -> bytes:
         try:
             return sock.recv(size)
         except (BlockingIOError, InterruptedError):
-            await wait_readable(sock)
+            await _wait(sock, writable=False)
 
 
 async def sendall(sock: socket.socket, data: bytes) -> None:
@@ -69,7 +59,7 @@ async def sendall(sock: socket.socket, data: bytes) -> None:
         try:
             sent = sock.send(view)
         except (BlockingIOError, InterruptedError):
-            await wait_writable(sock)
+            await _wait(sock, writable=True)
             continue
         view = view[sent:]
 
@@ -81,7 +71,7 @@ async def accept(lsock: socket.socket) -> tuple[socket.socket, Any]:
         try:
             conn, addr = lsock.accept()
         except (BlockingIOError, InterruptedError):
-            await wait_readable(lsock)
+            await _wait(lsock, writable=False)
             continue
         conn.setblocking(False)
         return conn, addr
@@ -95,7 +85,7 @@ async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
         return
     except (BlockingIOError, InterruptedError):
         pass
-    await wait_writable(sock)
+    await _wait(sock, writable=True)
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, f"Connect call failed {address}")
@@ -180,6 +170,11 @@ def keepalive(sock: socket.socket, idle: float) -> float:
 
 def reset(sock: socket.socket) -> None:
     """Close a TCP socket with a RST (SO_LINGER 0), so the peer sees a refusal, not EOF."""
+    linger_zero(sock)
+    sock.close()
+
+
+def linger_zero(sock: socket.socket) -> None:
+    """SO_LINGER 0: the socket's close (or a transport's abort) sends a RST, not a FIN."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()

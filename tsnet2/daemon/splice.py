@@ -18,15 +18,15 @@ arrived in that window used to die with an `AssertionError`.
 
 from __future__ import annotations
 
+import abc
 import asyncio
-import contextlib
 import errno
 import logging
 import socket
-import struct
 from collections.abc import Callable
 from typing import Literal, cast
 
+from tsnet2.daemon.io import linger_zero
 from tsnet2.traffic import Flow, TrafficLogError
 
 log = logging.getLogger("tsnet2d.splice")
@@ -129,10 +129,7 @@ class _Side(asyncio.Protocol):
             self.unsent = self.transport.get_write_buffer_size()
             sock = self.transport.get_extra_info("socket")
             if sock is not None and sock.family != socket.AF_UNIX:
-                # SO_LINGER 0: the tailnet peer gets a RST, not a clean FIN.
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    struct.pack("ii", 1, 0))
+                linger_zero(sock)  # the tailnet peer gets a RST, not a clean FIN
             self.transport.abort()
 
     @property
@@ -141,25 +138,71 @@ class _Side(asyncio.Protocol):
         return self.sent - self.unsent
 
 
-class Splice:
-    """A running flow between `app_sock` and `peer_sock`; await `done` for its end."""
+class Relay(abc.ABC):
+    """A running flow between an app's socket and a tailnet socket; await `done` for its
+    end. The daemon's two relays share this: `Splice` (copying) and
+    `tsnet2.daemon.zerocopy.PipeSplice` (splice(2))."""
 
     def __init__(
         self,
         flow: Flow,
         *,
         on_bytes: Callable[[Direction, int], None] | None = None,
-        on_close: Callable[[Splice], None] | None = None,
+        on_close: Callable[[Relay], None] | None = None,
     ) -> None:
+        """``on_bytes(direction, n)`` for every read forwarded; ``on_close(relay)`` once,
+        after the ``close`` record."""
         self.flow = flow
         self.on_bytes = on_bytes
         self.on_close = on_close
         self.cut = False
-        self.app = _Side(self, "app->peer")
-        self.peer = _Side(self, "peer->app")
-        self.error: str | None = None
+        self.error: str | None = None  # the first error, as the close record names it
         self.log_paused = False  # the traffic log cannot keep up: neither side reads
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @abc.abstractmethod
+    async def start(
+        self, app_sock: socket.socket, peer_sock: socket.socket, pending: bytes = b""
+    ) -> None:
+        """Attach both sockets (the relay owns them from now on); `pending` holds app bytes
+        read along with the header, sent to the peer first."""
+
+    @abc.abstractmethod
+    def pause_for_log(self, paused: bool) -> None:
+        """Stop (or resume) reading both sockets while the traffic log's stdout reader is
+        behind, so no flow outruns the log (fail-closed)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """End the flow now (daemon shutdown): both sockets are reset."""
+
+    def _mark_cut(self) -> None:
+        """The daemon ends this flow: `result` is "cut", and the close record says why."""
+        self.cut = True
+        if self.error is None:
+            self.error = "daemon: flow cut by shutdown"
+
+    @property
+    def result(self) -> Literal["ok", "error", "cut"]:
+        """How the flow ended: "ok", "error" (a socket failed) or "cut" (shutdown)."""
+        if self.cut:
+            return "cut"
+        return "error" if self.error else "ok"
+
+
+class Splice(Relay):
+    """The copying relay: two asyncio protocols back to back (see the module docstring)."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        *,
+        on_bytes: Callable[[Direction, int], None] | None = None,
+        on_close: Callable[[Relay], None] | None = None,
+    ) -> None:
+        super().__init__(flow, on_bytes=on_bytes, on_close=on_close)
+        self.app = _Side(self, "app->peer")
+        self.peer = _Side(self, "peer->app")
 
     @property
     def attached(self) -> bool:
@@ -276,15 +319,6 @@ class Splice:
 
     def abort(self) -> None:
         """End the flow now (daemon shutdown): both sockets are reset."""
-        self.cut = True
-        if self.error is None:
-            self.error = "daemon: flow cut by shutdown"
+        self._mark_cut()
         for s in (self.app, self.peer):
             s.reset()
-
-    @property
-    def result(self) -> Literal["ok", "error", "cut"]:
-        """How the flow ended: "ok", "error" (a socket failed) or "cut" (shutdown)."""
-        if self.cut:
-            return "cut"
-        return "error" if self.error else "ok"

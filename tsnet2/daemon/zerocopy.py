@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from tsnet2.daemon.io import reset
-from tsnet2.daemon.splice import Direction, describe_error
+from tsnet2.daemon.splice import Direction, Relay, describe_error
 from tsnet2.traffic import Flow, TrafficLogError
 
 log = logging.getLogger("tsnet2d.zerocopy")
@@ -139,9 +139,9 @@ class _Dir:
         return self.inpipe > 0 or self.buf is not None
 
 
-class PipeSplice:
-    """A running flow between an app's Unix socket and a tailnet TCP socket, relayed with
-    splice(2); the same interface as `tsnet2.daemon.splice.Splice`. Await `done`."""
+class PipeSplice(Relay):
+    """The zero-copy relay: an app's Unix socket and a tailnet TCP socket joined with
+    splice(2) through pooled pipes."""
 
     def __init__(
         self,
@@ -149,27 +149,14 @@ class PipeSplice:
         pool: PipePool,
         *,
         on_bytes: Callable[[Direction, int], None] | None = None,
-        on_close: Callable[[PipeSplice], None] | None = None,
+        on_close: Callable[[Relay], None] | None = None,
     ) -> None:
-        self.flow = flow
+        super().__init__(flow, on_bytes=on_bytes, on_close=on_close)
         self.pool = pool
-        self.on_bytes = on_bytes
-        self.on_close = on_close
-        self.cut = False
-        self.error: str | None = None
-        self.log_paused = False
         self.finished = False
         self._loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[None] = self._loop.create_future()
         self._out: _Dir | None = None  # app->peer
         self._in: _Dir | None = None  # peer->app
-
-    @property
-    def result(self) -> Literal["ok", "error", "cut"]:
-        """How the flow ended: "ok", "error" (a socket failed) or "cut" (shutdown)."""
-        if self.cut:
-            return "cut"
-        return "error" if self.error else "ok"
 
     async def start(
         self, app_sock: socket.socket, peer_sock: socket.socket, pending: bytes = b""
@@ -202,9 +189,7 @@ class PipeSplice:
         """End the flow now (daemon shutdown): both sockets are reset."""
         if self.finished:
             return
-        self.cut = True
-        if self.error is None:
-            self.error = "daemon: flow cut by shutdown"
+        self._mark_cut()
         self._finish(reset_both=True)
 
     # ---- event handlers ----------------------------------------------------------------
