@@ -252,10 +252,6 @@ class Metrics:
         control connected, netmap version) can be copied in then instead of at each change.
         Either failing is logged; the scrape still succeeds.
         """
-        # Label children looked up once: `labels()` validates and locks on every call,
-        # and flows and records call these hooks per flow and per record. The label values
-        # are bounded (each hook maps unknown values to "other"), so this stays small.
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.before_scrape = before_scrape
         r = self.registry = Registry()
         self._lock = threading.Lock()
@@ -361,19 +357,11 @@ class Metrics:
 
     # ---- flows -----------------------------------------------------------------------
 
-    def _child(self, metric: Any, *values: str) -> Any:
-        """``metric.labels(*values)``, looked up once."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
-
     def flow_opened(self, direction: FlowDirection) -> None:
         """A flow opened (its `open` record is written): counts it and marks it active."""
         d = _direction(direction)
-        self._child(self.flows_opened, d).inc()
-        self._child(self.flows_active, d).inc()
+        self.flows_opened.labels(d).inc()
+        self.flows_active.labels(d).inc()
 
     def flow_bytes(self, direction: FlowDirection, stream: Stream, nbytes: int) -> None:
         """`nbytes` were read on one side of a flow and forwarded (stream as in the log)."""
@@ -403,9 +391,9 @@ class Metrics:
         d = _direction(direction)
         if result not in RESULTS:
             raise ValueError(f'result must be "ok", "error" or "cut", got {result!r}')
-        self._child(self.flows_closed, d, result).inc()
-        self._child(self.flows_active, d).dec()
-        self._child(self.flow_duration, d).observe(max(0.0, float(duration_s)))
+        self.flows_closed.labels(d, result).inc()
+        self.flows_active.labels(d).dec()
+        self.flow_duration.labels(d).observe(max(0.0, float(duration_s)))
 
     def flow_refused(self, direction: FlowDirection, reason: str) -> None:
         """A flow that never opened (dial failure, no slot, ...); see `REFUSE_REASONS`."""
@@ -431,8 +419,8 @@ class Metrics:
     def log_record(self, kind: str, nbytes: int) -> None:
         """A traffic-log record of `kind` and `nbytes` was written (`TrafficLog.on_record`)."""
         k = self._kind(kind)
-        self._child(self.log_records, k).inc()
-        self._child(self.log_bytes, k).inc(max(0, nbytes))
+        self.log_records.labels(k).inc()
+        self.log_bytes.labels(k).inc(max(0, nbytes))
 
     def log_dropped(self, reason: str) -> None:
         """A record was not written; see `LOG_DROP_REASONS`."""

@@ -227,7 +227,11 @@ class _Metric(abc.ABC, Generic[S]):
         """A new series, at 0, for these label values."""
 
     def labels(self, *values: str) -> S:
-        """The series for these label values (created, at 0, on first use)."""
+        """The series for these label values (created, at 0, on first use). An existing
+        series costs one dict lookup: hooks call this per flow and per record."""
+        child = self._children.get(values)
+        if child is not None:
+            return child
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, "
                              f"got {len(values)}")
