@@ -99,28 +99,26 @@ async def read_line(
     Raises TimeoutError, LineTooLong, or RemoteProtocolError (EOF before a full line).
     """
 
-    async def read() -> bytes:
-        while True:
-            line = reader.next_line()
-            if line is not None:
-                return line
+    def line_now() -> bytes | None:
+        # The line from what can be read without waiting; None: wait for more.
+        while (line := reader.next_line()) is None:
             if reader.eof:
                 raise RemoteProtocolError("connection closed before a full line")
-            data = await recv(sock, RECV_CHUNK)
+            try:
+                data = sock.recv(RECV_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return None
             reader.feed(data)
+        return line
 
     # Mostly the line is there already (a client sends it right after connecting): no
     # timer is armed for what needs no wait.
-    while (line := reader.next_line()) is None and not reader.eof:
-        try:
-            data = sock.recv(RECV_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            break
-        reader.feed(data)
-    if line is not None:
+    if (line := line_now()) is not None:
         return line
     async with asyncio.timeout(timeout):  # no extra task per header, unlike wait_for
-        return await read()
+        while (line := line_now()) is None:
+            await _wait(sock, writable=False)
+        return line
 
 
 def peer_uid(sock: socket.socket) -> int:
