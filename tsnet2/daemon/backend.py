@@ -464,11 +464,12 @@ class Backend:
 
         Raises BackendError with a message naming what was not found.
         """
-        hit = self._by_text.get(host.strip("[]"))
+        literal = host.strip("[]")
+        hit = self._by_text.get(literal)
         if hit is not None and family in (None, hit[0].version):
             return hit[0]  # a node's tailnet address, as text: no parsing
         try:
-            ip = ipaddress.ip_address(host.strip("[]"))
+            ip = ipaddress.ip_address(literal)
         except ValueError:
             ip = None
         if ip is not None:
