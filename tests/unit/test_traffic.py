@@ -28,6 +28,7 @@ from tsnet2.traffic import (
     format_time,
     load_schema,
     open_record,
+    reject_record,
 )
 
 T_NS = 1_779_206_770_123_450_000  # 2026-05-19T16:06:10.12345Z
@@ -436,3 +437,26 @@ def test_schema_is_strict(
     validator: jsonschema.Draft202012Validator, record: dict[str, Any]
 ) -> None:
     assert not validator.is_valid(record)
+
+
+def test_via_and_target_mark_sidecar_flows(validator: jsonschema.Draft202012Validator) -> None:
+    """``via``/``target`` appear only when given, in key order, and validate; an unknown
+    ``via`` is a ValueError, not a record the schema would refuse later."""
+    plain = json.loads(open_record(conn_id="a" * 16, direction="in", local="100.64.0.1:80",
+                                   remote="100.64.0.2:4000", whois=None, t=0))
+    assert "via" not in plain and "target" not in plain
+    line = open_record(conn_id="a" * 16, direction="in", local="100.64.0.1:80",
+                       remote="100.64.0.2:4000", whois=None, t=0, via="serve",
+                       target="unix:/tsnet2/app.sock")
+    rec = json.loads(line)
+    assert (rec["via"], rec["target"]) == ("serve", "unix:/tsnet2/app.sock")
+    assert list(rec) == sorted(rec)
+    validator.validate(rec)
+    for reason in ("bad_request", "not_tailnet", "target_failed"):
+        rej = json.loads(reject_record(conn_id="b" * 16, direction="out", remote="x:1",
+                                       reason=reason, t=0, via="socks5"))
+        validator.validate(rej)
+        assert rej["via"] == "socks5"
+    with pytest.raises(ValueError, match="via must be one of"):
+        open_record(conn_id="a" * 16, direction="in", local="l", remote="r", whois=None, t=0,
+                    via="ftp")  # type: ignore[arg-type]

@@ -39,6 +39,7 @@ from tsnet2.traffic.records import (
     DEFAULT_CHUNK_SIZE,
     DataDir,
     FlowDir,
+    FlowVia,
     RejectReason,
     checkpoint_record,
     chunks,
@@ -572,6 +573,8 @@ class TrafficLog:
         listener_id: str | None = None,
         proto: str = "tcp",
         conn_id: str | None = None,
+        via: FlowVia | None = None,
+        target: str | None = None,
     ) -> Flow:
         """Write the ``open`` record of a new flow and return it.
 
@@ -600,6 +603,8 @@ class TrafficLog:
                     whois=whois,
                     listener_id=listener_id,
                     proto=proto,
+                    via=via,
+                    target=target,
                     t=opened_ns,
                 )
                 out = self._emit("open", line)
@@ -623,6 +628,8 @@ class TrafficLog:
         listener_id: str | None = None,
         proto: str = "tcp",
         conn_id: str | None = None,
+        via: FlowVia | None = None,
+        target: str | None = None,
     ) -> str:
         """Write a ``reject`` record for a flow that never opened; return its ``conn_id``.
 
@@ -641,6 +648,8 @@ class TrafficLog:
             whois=whois,
             listener_id=listener_id,
             proto=proto,
+            via=via,
+            target=target,
             t=time.time_ns(),
         )
         if not self.writes_records:

@@ -25,10 +25,12 @@ from tsnet2.traffic.chain import CHECKPOINT_REASONS, ZERO_HASH, checkpoint_messa
 __all__ = [
     "CUT_ERROR",
     "DEFAULT_CHUNK_SIZE",
+    "FLOW_VIAS",
     "RECORD_KINDS",
     "REJECT_REASONS",
     "DataDir",
     "FlowDir",
+    "FlowVia",
     "RejectReason",
     "checkpoint_record",
     "chunks",
@@ -50,7 +52,8 @@ DataDir = Literal["app->peer", "peer->app"]
 """``data.dir``: which way the bytes went."""
 
 RejectReason = Literal[
-    "dial_failed", "app_gone", "no_listener", "no_slot", "log_unavailable", "shutdown"
+    "dial_failed", "app_gone", "no_listener", "no_slot", "log_unavailable", "shutdown",
+    "bad_request", "not_tailnet", "target_failed",
 ]
 """``reject.reason``: why a flow never opened (docs/traffic-log.md explains each)."""
 
@@ -61,8 +64,20 @@ REJECT_REASONS: tuple[RejectReason, ...] = (
     "no_slot",
     "log_unavailable",
     "shutdown",
+    "bad_request",
+    "not_tailnet",
+    "target_failed",
 )
 """Every value :data:`RejectReason` allows, in the order the docs list them."""
+
+FlowVia = Literal["serve", "socks5", "http-connect", "http-proxy"]
+"""``open.via`` / ``reject.via``: the sidecar entry point a flow came through, for flows
+that do not belong to a tsnet2 library app: ``serve`` (an inbound port the daemon forwards
+to a target in the pod), ``socks5``, ``http-connect`` and ``http-proxy`` (the egress
+proxy). Left out for the library's own dials and listeners."""
+
+FLOW_VIAS: tuple[FlowVia, ...] = ("serve", "socks5", "http-connect", "http-proxy")
+"""Every value :data:`FlowVia` allows."""
 
 RECORD_KINDS = ("open", "data", "close", "reject", "gap", "checkpoint")
 """Every ``kind`` this module writes."""
@@ -96,9 +111,15 @@ def open_record(
     t: _dt.datetime | int,
     listener_id: str | None = None,
     proto: str = "tcp",
+    via: FlowVia | None = None,
+    target: str | None = None,
 ) -> bytes:
     """An ``open`` line. ``whois`` is always present (``null`` when unknown);
-    ``listener_id`` only for inbound flows (left out when ``None`` or empty)."""
+    ``listener_id`` only for inbound flows (left out when ``None`` or empty). ``via`` names
+    the sidecar entry point of a flow no library app owns (:data:`FlowVia`), ``target``
+    where a ``serve`` flow was forwarded to (``127.0.0.1:8080``, ``unix:/path``); both are
+    left out when ``None``. Raises :class:`ValueError` for an unknown ``via``."""
+    _check_via(via)
     record: dict[str, Any] = {
         "conn_id": conn_id,
         "dir": direction,
@@ -111,7 +132,20 @@ def open_record(
     }
     if listener_id:
         record["listener_id"] = listener_id
+    _add_via(record, via, target)
     return _line(record)
+
+
+def _check_via(via: str | None) -> None:
+    if via is not None and via not in FLOW_VIAS:
+        raise ValueError(f"via must be one of {', '.join(FLOW_VIAS)}; got {via!r}")
+
+
+def _add_via(record: dict[str, Any], via: str | None, target: str | None) -> None:
+    if via is not None:
+        record["via"] = via
+    if target:
+        record["target"] = target
 
 
 def data_record(
@@ -217,13 +251,17 @@ def reject_record(
     whois: Mapping[str, Any] | None = None,
     listener_id: str | None = None,
     proto: str = "tcp",
+    via: FlowVia | None = None,
+    target: str | None = None,
 ) -> bytes:
     """A ``reject`` line: a flow that never opened (no ``open``, no ``close``).
 
     ``remote`` is the peer (inbound: its ``ip:port``; outbound: the address the app asked
-    for, resolved or not). ``local``, ``error``, ``whois`` and ``listener_id`` are left
-    out when ``None`` or empty. Raises :class:`ValueError` for an unknown ``reason``.
+    for, resolved or not). ``local``, ``error``, ``whois``, ``listener_id``, ``via`` and
+    ``target`` are left out when ``None`` or empty (``via`` and ``target`` as in
+    :func:`open_record`). Raises :class:`ValueError` for an unknown ``reason`` or ``via``.
     """
+    _check_via(via)
     if reason not in REJECT_REASONS:
         raise ValueError(
             f"reject reason must be one of {', '.join(REJECT_REASONS)}; got {reason!r}"
@@ -247,6 +285,7 @@ def reject_record(
         record["whois"] = dict(whois)
     if listener_id:
         record["listener_id"] = listener_id
+    _add_via(record, via, target)
     return _line(record)
 
 
