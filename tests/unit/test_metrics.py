@@ -90,7 +90,8 @@ def test_every_label_is_bounded() -> None:
     m = Metrics(peers=lambda: [PeerSample("web", 1, 2, 3.0)])
     m.flow_opened("out")
     m.log_record("open", 10)
-    allowed = {"direction", "result", "reason", "stream", "kind", "peer", "le", "version"}
+    allowed = {"direction", "result", "reason", "stream", "kind", "peer", "le", "version",
+               "proto", "transport"}
     for _name, labels in scrape(m):
         assert {k for k, _ in labels} <= allowed
 

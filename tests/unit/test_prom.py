@@ -209,6 +209,12 @@ def test_tsnet2d_metrics_render_as_prometheus_client_rendered_them() -> None:
     m.set_sessions(3)
     m.connection_refused("uid")
     m.connection_refused("?")
+    m.egress_request("socks5", "ok")
+    m.egress_request("http-connect", "not_tailnet")
+    m.egress_request("gopher", "weird")
+    m.dns_query("udp", "tailnet")
+    m.dns_query("tcp", "forwarded")
+    m.dns_query("sctp", "?")
     logging.getLogger("tsnet2d.metrics").disabled = True
     try:
         out = m.render() + b"---\n" + m.render() + b"---\n" + m.render()

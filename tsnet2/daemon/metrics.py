@@ -29,6 +29,8 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.node_lost()                                  # a running node's device died
     m.set_sessions(n)                              # control connections now open
     m.connection_refused(reason)                   # a connection refused (CONN_REFUSE_REASONS)
+    m.egress_request(proto, result)                # an egress proxy request ended
+    m.dns_query(transport, result)                 # the DNS responder answered a query
     m.render() -> bytes                            # text exposition format (HealthServer uses it)
 
 Label values are bounded by construction: `direction`, `stream` and `result` outside their
@@ -117,6 +119,17 @@ CONN_REFUSE_REASONS: tuple[str, ...] = (
     "localapi",  # MAX_LOCALAPI_CONNECTIONS LocalAPI connections already open
     "handshakes",  # MAX_HANDSHAKES connections had not named their channel yet
     OTHER,
+)
+#: The egress proxy's protocols and how its requests ended (tsnet2.daemon.egress).
+EGRESS_PROTOS: tuple[str, ...] = ("socks5", "http-connect", "http-proxy", "unknown")
+EGRESS_RESULTS: tuple[str, ...] = (
+    "ok", "bad_request", "timeout", "not_tailnet", "dial_failed", "not_running",
+    "log_unavailable", "over_limit", "app_gone", OTHER,
+)
+#: The DNS responder's answers (tsnet2.daemon.dns).
+DNS_TRANSPORTS: tuple[str, ...] = ("udp", "tcp")
+DNS_RESULTS: tuple[str, ...] = (
+    "tailnet", "nxdomain", "forwarded", "servfail", "refused", "bad_request", "dropped", OTHER,
 )
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
@@ -331,6 +344,14 @@ class Metrics:
             "tsnet2_connections_refused_total",
             "Socket connections refused, by reason (uid, a limit reached).", ["reason"],
             registry=r)
+        self.egress_requests = Counter(
+            "tsnet2_egress_requests_total",
+            "Egress proxy requests (SOCKS5, HTTP CONNECT, absolute-form HTTP), by protocol "
+            "and how they ended (ok: a flow opened).", ["proto", "result"], registry=r)
+        self.dns_queries = Counter(
+            "tsnet2_dns_queries_total",
+            "DNS responder queries, by transport and answer (tailnet: from the netmap).",
+            ["transport", "result"], registry=r)
         self.peer_collector = PeerCollector(peers)
         r.register(self.peer_collector, self.peer_collector.names())
 
@@ -354,6 +375,12 @@ class Metrics:
             self.log_drops.labels(reason)
         for reason in CONN_REFUSE_REASONS:
             self.connections_refused.labels(reason)
+        for p in EGRESS_PROTOS:
+            for eres in EGRESS_RESULTS:
+                self.egress_requests.labels(p, eres)
+        for t in DNS_TRANSPORTS:
+            for dres in DNS_RESULTS:
+                self.dns_queries.labels(t, dres)
 
     # ---- flows -----------------------------------------------------------------------
 
@@ -477,6 +504,16 @@ class Metrics:
         """A socket connection was refused; see `CONN_REFUSE_REASONS`."""
         self.connections_refused.labels(
             reason if reason in CONN_REFUSE_REASONS else OTHER).inc()
+
+    def egress_request(self, proto: str, result: str) -> None:
+        """An egress proxy request ended (`EGRESS_PROTOS`, `EGRESS_RESULTS`)."""
+        self.egress_requests.labels(proto if proto in EGRESS_PROTOS else "unknown",
+                                    result if result in EGRESS_RESULTS else OTHER).inc()
+
+    def dns_query(self, transport: str, result: str) -> None:
+        """The DNS responder answered (or dropped) a query (`DNS_RESULTS`)."""
+        self.dns_queries.labels(transport if transport in DNS_TRANSPORTS else "udp",
+                                result if result in DNS_RESULTS else OTHER).inc()
 
     # ---- exposition ------------------------------------------------------------------
 
