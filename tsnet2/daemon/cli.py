@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tsnet2.daemon.backend import DeviceConfig
+from tsnet2.daemon.egress_flags import add_egress_flags, egress_config
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE
 from tsnet2.daemon.server import (
     NODE_DOWN_GRACE,
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="event loop: uvloop (libuv; less CPU per flow and per byte), "
                    "asyncio (the standard library's), or auto: uvloop when it is installed "
                    "(the daemon extra installs it), else asyncio (default auto)")
+    add_egress_flags(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
 
@@ -256,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.tcp_keepalive == 0 or 1 <= args.tcp_keepalive <= 7200):
         print("tsnet2d: --tcp-keepalive takes 0 (off) or 1 to 7200 seconds", file=sys.stderr)
         return USAGE_EXIT
+    try:
+        sidecar = egress_config(args)
+    except ValueError as exc:
+        print(f"tsnet2d: {exc}", file=sys.stderr)
+        return USAGE_EXIT
     no_dumps()
     soft, hard = raise_fd_limit()
     logging.getLogger("tsnet2d").info("open files limit: soft %d, hard %d", soft, hard)
@@ -292,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         node_down_grace=args.node_down_grace,
         tcp_keepalive=args.tcp_keepalive,
         relay=args.relay,
+        **sidecar,
     )
 
     def ready() -> None:

@@ -48,6 +48,7 @@ from tsnet2.controlclient import AuthError, ControlError
 from tsnet2.daemon import io
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState
 from tsnet2.daemon.datapath import Datapath, ListenError
+from tsnet2.daemon.egress import Egress, EgressConfig
 from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
@@ -114,6 +115,7 @@ class DaemonConfig:
     node_down_grace: float = NODE_DOWN_GRACE
     tcp_keepalive: float = TCP_KEEPALIVE_IDLE  # 0: off
     relay: RelayMode = "auto"  # "auto": splice(2) when no payload is logged; "copy"
+    egress: EgressConfig | None = None  # --egress-listen / --egress-socket
 
 
 @dataclasses.dataclass(eq=False)
@@ -191,6 +193,10 @@ class Daemon:
                                  keepalive_idle=config.tcp_keepalive, relay=config.relay)
         self.backend.refusal_log = self.datapath
         self.backend.on_lost = self._wake_supervisor
+        self.egress = None if config.egress is None else Egress(
+            config.egress, self.datapath, self.spawn, allow_uids=config.allow_uids,
+            bind_unix=lambda path: bind_unix_socket(path, self._socket_mode(),
+                                                    config.socket_group))
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
         self.control_routes: dict[str, ControlRoute[Any, Any]] = {}
@@ -272,6 +278,8 @@ class Daemon:
         try:
             self.traffic.open()
             self._listen_sock = self._bind()
+            if self.egress is not None:
+                self.egress.start()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.stop)
@@ -366,6 +374,8 @@ class Daemon:
             self._listen_sock.close()
             with contextlib.suppress(FileNotFoundError):
                 self.config.socket_path.unlink()
+        if self.egress is not None:
+            self.egress.close()
         await self.datapath.close_all()
         tasks = list(self._tasks)
         for t in tasks:
@@ -398,7 +408,7 @@ class Daemon:
             raise DaemonFatalError(f"another tsnet2d is running with state dir {d}") from None
         self._lock_fd = fd
 
-    def _bind(self) -> socket.socket:
+    def _socket_mode(self) -> int:
         c = self.config
         mode = c.socket_mode
         if mode is None:
@@ -406,7 +416,11 @@ class Daemon:
             # container often runs as another uid than the sidecar). Else the daemon's uid
             # and group, which --socket-group can name.
             mode = SOCKET_MODE_ANY_UID if c.allow_uids is None else SOCKET_MODE
-        sock = bind_unix_socket(c.socket_path, mode, c.socket_group)
+        return mode
+
+    def _bind(self) -> socket.socket:
+        c = self.config
+        sock = bind_unix_socket(c.socket_path, self._socket_mode(), c.socket_group)
         sock.setblocking(False)
         return sock
 
