@@ -48,6 +48,7 @@ from tsnet2.controlclient import AuthError, ControlError
 from tsnet2.daemon import io
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState
 from tsnet2.daemon.datapath import Datapath, ListenError
+from tsnet2.daemon.dns import DnsConfig, DnsResponder
 from tsnet2.daemon.egress import Egress, EgressConfig
 from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
@@ -116,6 +117,7 @@ class DaemonConfig:
     tcp_keepalive: float = TCP_KEEPALIVE_IDLE  # 0: off
     relay: RelayMode = "auto"  # "auto": splice(2) when no payload is logged; "copy"
     egress: EgressConfig | None = None  # --egress-listen / --egress-socket
+    dns: DnsConfig | None = None  # --dns-listen / --dns-upstream
 
 
 @dataclasses.dataclass(eq=False)
@@ -197,6 +199,8 @@ class Daemon:
             config.egress, self.datapath, self.spawn, allow_uids=config.allow_uids,
             bind_unix=lambda path: bind_unix_socket(path, self._socket_mode(),
                                                     config.socket_group))
+        self.dns = None if config.dns is None else DnsResponder(
+            config.dns, self.backend, self.metrics, self.spawn)
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
         self.control_routes: dict[str, ControlRoute[Any, Any]] = {}
@@ -280,6 +284,8 @@ class Daemon:
             self._listen_sock = self._bind()
             if self.egress is not None:
                 self.egress.start()
+            if self.dns is not None:
+                await self.dns.start()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.stop)
@@ -376,6 +382,8 @@ class Daemon:
                 self.config.socket_path.unlink()
         if self.egress is not None:
             self.egress.close()
+        if self.dns is not None:
+            self.dns.close()
         await self.datapath.close_all()
         tasks = list(self._tasks)
         for t in tasks:
