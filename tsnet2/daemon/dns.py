@@ -126,6 +126,10 @@ class DnsResponder:
             loop = asyncio.get_running_loop()
             self._udp, _ = await loop.create_datagram_endpoint(
                 lambda: _UdpProtocol(self), local_addr=(host, port), family=fam)
+        except OSError as exc:
+            tcp.close()
+            raise OSError(exc.errno, f"--dns-listen {host}:{port}: {exc.strerror or exc}"
+                          ) from exc
         except BaseException:
             tcp.close()
             raise

@@ -126,8 +126,10 @@ class Egress:
         """Bind the listeners and start their accept loops (raises OSError, or the
         DaemonFatalError of `bind_unix`)."""
         c = self.config
+        where = ""
         try:
             if c.listen is not None:
+                where = "--egress-listen " + proto.format_addr(*c.listen)
                 host, port = c.listen
                 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
                 s = socket.socket(fam, socket.SOCK_STREAM)
@@ -138,10 +140,14 @@ class Egress:
                 s.setblocking(False)
                 self.addresses.append(_sockaddr(s.getsockname()))
             if c.socket_path is not None:
+                where = f"--egress-socket {c.socket_path}"
                 u = self._bind_unix(c.socket_path)
                 self._socks.append(u)
                 u.setblocking(False)
                 self.addresses.append(f"unix:{c.socket_path}")
+        except OSError as exc:
+            self.close()
+            raise OSError(exc.errno, f"{where}: {exc.strerror or exc}") from exc
         except BaseException:
             self.close()
             raise
@@ -275,11 +281,11 @@ class Egress:
                 await io.sendall(sock, out)
             peer, early = await self._dial(sock, "socks5", req.host, req.port, req.rest)
         except _Refusal as r:
+            self._reject("socks5", target, r)  # logged before the client hears of it
             if r.socks is not None:
                 with contextlib.suppress(OSError, TimeoutError):
                     async with asyncio.timeout(REFUSAL_TIMEOUT):
                         await io.sendall(sock, socks5.encode_reply(r.socks))
-            self._reject("socks5", target, r)
             return False
         local = _sockaddr(peer.getsockname())
         host, port = proto.split_host_port(local)
@@ -310,6 +316,7 @@ class Egress:
             pending = req.rest if req.kind == "connect" else req.forward_head() + req.rest
             peer, early = await self._dial(sock, kind, req.host, req.port, pending)
         except _Refusal as r:
+            self._reject(kind, target, r)  # logged before the client hears of it
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(REFUSAL_TIMEOUT):
                     await io.sendall(sock, httpproxy.encode_response(r.http, r.error))
@@ -317,7 +324,6 @@ class Egress:
                     drained = 0  # closing with unread bytes would reset the answer away
                     while drained < 65536 and (chunk := await io.recv(sock, RECV_CHUNK)):
                         drained += len(chunk)
-            self._reject(kind, target, r)
             return False
         reply = httpproxy.encode_response(200) if kind == "http-connect" else b""
         return await self._open(sock, peer, kind, target, reply, early)

@@ -282,10 +282,13 @@ class Daemon:
         try:
             self.traffic.open()
             self._listen_sock = self._bind()
-            if self.egress is not None:
-                self.egress.start()
-            if self.dns is not None:
-                await self.dns.start()
+            try:
+                if self.egress is not None:
+                    self.egress.start()
+                if self.dns is not None:
+                    await self.dns.start()
+            except OSError as exc:
+                raise DaemonFatalError(f"cannot listen on {exc.strerror}") from exc
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self.stop)
