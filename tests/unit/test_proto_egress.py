@@ -326,3 +326,12 @@ def test_cli_refuses_a_non_loopback_egress_listen(capsys: pytest.CaptureFixture[
                      "--egress-listen", "0.0.0.0:1055"])
     assert code == 2
     assert "is not a loopback address" in capsys.readouterr().err
+
+
+def test_help_describes_the_egress_flags() -> None:
+    from tsnet2.daemon import cli
+    text = " ".join(cli.build_parser().format_help().split())
+    for flag in ("--egress-listen HOST:PORT", "--egress-socket PATH", "--dns-listen HOST:PORT",
+                 "--dns-upstream IP[:PORT]"):
+        assert flag in text
+    assert "loopback" in text and "names resolve against the tailnet only" in text
