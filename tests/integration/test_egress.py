@@ -25,11 +25,16 @@ from typing import Any
 import pytest
 
 import tsnet2
+from tests.require import needs
 from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
 
 from .tailnet import read_log, running_tailnet, wait_for
 
-pytestmark = pytest.mark.netns
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(shutil.which("curl") is None,
+                       reason=needs("netns", "curl is missing (scripts/setup installs it)")),
+]
 
 PORT = 1055
 HTTP_PORT = 8080
