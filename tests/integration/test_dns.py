@@ -26,6 +26,7 @@ from .tailnet import running_tailnet
 pytestmark = pytest.mark.netns
 
 UPSTREAM_PORT = 5353
+METRICS_PORT = 9464
 OUTSIDE = "outside.example"
 OUTSIDE_IP = "192.0.2.7"
 SILENT = "silent.example"  # the upstream never answers it
@@ -108,7 +109,8 @@ def lab() -> Iterator[Lab]:
         key = net.authkey(reusable=True)
         da = net.add_daemon("tsnet2-a", auth_key=key, extra_args=(
             "--dns-listen", "127.0.0.1:53",
-            "--dns-upstream", f"127.0.0.1:{UPSTREAM_PORT}"))
+            "--dns-upstream", f"127.0.0.1:{UPSTREAM_PORT}",
+            "--metrics-addr", f"127.0.0.1:{METRICS_PORT}"))
         db = net.add_daemon("tsnet2-b", auth_key=key)
         stop = threading.Event()
         seen: list[str] = []
@@ -205,3 +207,26 @@ def test_glibc_resolver(lab: Lab) -> None:
     missing = lab.net.lab.run(lab.netns, ["getent", "hosts", f"nobody.{lab.net.domain}"],
                               check=False)
     assert missing.returncode == 2 and not missing.stdout
+
+
+def test_queries_are_metrics_not_flows(lab: Lab) -> None:
+    lab.ask("tsnet2-b", RType.A)
+    lab.ask(OUTSIDE, RType.A)
+    with lab.net.lab.in_netns(lab.netns):
+        s = socket.create_connection(("127.0.0.1", METRICS_PORT), timeout=10)
+    with s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        text = b""
+        while chunk := s.recv(65536):
+            text += chunk
+    values = {}
+    for line in text.decode().splitlines():
+        if line.startswith("tsnet2_dns_queries_total{"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    assert values['tsnet2_dns_queries_total{transport="udp",result="tailnet"}'] >= 1
+    assert values['tsnet2_dns_queries_total{transport="udp",result="forwarded"}'] >= 1
+    assert values['tsnet2_dns_queries_total{transport="tcp",result="forwarded"}'] >= 1
+    # No flow records for DNS: the only flows in A's log would be dials, and there are none.
+    log = lab.da.traffic_log.read_text() if lab.da.traffic_log.exists() else ""
+    assert '"kind":"open"' not in log.replace(" ", "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import socket
 import stat
@@ -162,3 +163,50 @@ def test_dns_while_the_node_is_down(proxy: tuple[Daemon, int, int]) -> None:
         while len(data) < size:
             data += t.recv(size - len(data))
         assert dns.parse_message(data).rcode == dns.RCode.SERVFAIL
+
+
+# Runs as root, drops to (uid, gid), sends a SOCKS5 greeting on the egress socket.
+SOCKS_CLIENT = """\
+import os, socket, sys
+path, uid = sys.argv[1], int(sys.argv[2])
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+try:
+    s.connect(path)
+except PermissionError:
+    print("EACCES"); sys.exit(0)
+try:
+    s.sendall(b"\\x05\\x01\\x00")
+    reply = s.recv(2)
+except (BrokenPipeError, ConnectionResetError):
+    reply = b""
+print("REPLY " + reply.hex() if reply else "CLOSED")
+"""
+
+
+def _socks_as(path: Path, uid: int) -> str:
+    out = subprocess.run(["/usr/bin/python3", "-I", "-c", SOCKS_CLIENT, str(path), str(uid)],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_egress_socket_checks_the_uid(open_dir: Path) -> None:
+    """The egress socket has the main socket's mode and uid check: with 0666 and no
+    --allow-uid another uid can connect but is disconnected unserved; --allow-uid lets it
+    in."""
+    sock = open_dir / "run" / "egress.sock"
+    d = Daemon(open_dir, "--egress-socket", str(sock), "--socket-mode", "0666")
+    try:
+        assert _socks_as(sock, 10001) == "CLOSED"
+        wait_for(lambda: "egress: refused a connection from uid 10001" in d.text(),
+                 what="the refusal in the daemon's log")
+    finally:
+        assert d.stop() == 0, d.text()
+    d = Daemon(open_dir, "--egress-socket", str(sock), "--allow-uid", "10001",
+               "--socket-mode", "0666")
+    try:
+        assert _socks_as(sock, 10001) == "REPLY 0500"
+    finally:
+        assert d.stop() == 0, d.text()
