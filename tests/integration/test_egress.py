@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 import tsnet2
 from tests.require import needs
 from tsnet2.lab.tailnet import DaemonProc, LocalTailnet
+from tsnet2.traffic import load_schema
 
 from .tailnet import read_log, running_tailnet, wait_for
 
@@ -369,3 +371,15 @@ def test_metrics_count_egress(eg: Egress) -> None:
           if ln.startswith('tsnet2_egress_requests_total{proto="socks5",result="ok"}')]
     assert ok and float(ok[0].split()[-1]) >= 1, ok
     assert 'tsnet2_flows_opened_total{direction="out"}' in text
+
+
+def test_the_log_is_valid(eg: Egress) -> None:
+    """Last: every record the tests above made is valid against the schema, and every
+    egress record says how it came."""
+    schema = load_schema()
+    recs = read_log(eg.da.traffic_log)
+    for r in recs:
+        jsonschema.validate(r, schema)
+    assert {r.get("via") for r in recs if r["kind"] in ("open", "reject")} <= {
+        "socks5", "http-connect", "http-proxy"}
+    assert {r["kind"] for r in recs} >= {"open", "data", "close", "reject"}
