@@ -12,9 +12,11 @@ splice (:meth:`Datapath._splice`): an ``open`` record with ``dir: "out"`` and ``
 becomes a flow gets a ``reject`` record with ``via`` and the reason (``bad_request``,
 ``not_tailnet``, ``dial_failed``, ``log_unavailable``) and an answer in its own protocol.
 
-Bounds: :data:`MAX_CLIENTS` connections being served (beyond it, a short refusal, at most
-:data:`MAX_REFUSING` at once, else a plain close), a head within :data:`HEADER_TIMEOUT`
-seconds and :data:`~tsnet2.proto.httpproxy.MAX_HEAD` bytes, every task owned by the daemon.
+Bounds: :data:`MAX_CLIENTS` connections whose request is being read or dialled (beyond it,
+a short refusal, at most :data:`MAX_REFUSING` at once, else a plain close; opened flows
+leave the count, as library dials they are bounded by descriptors), a head within
+:data:`HEADER_TIMEOUT` seconds and :data:`~tsnet2.proto.httpproxy.MAX_HEAD` bytes, every
+task owned by the daemon.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from tsnet2.traffic import FlowVia, RejectReason, TrafficLogError
 
 log = logging.getLogger("tsnet2d.egress")
 
-MAX_CLIENTS = 1024  # egress connections served at once (heads being read and live flows)
+MAX_CLIENTS = 1024  # egress requests being read or dialled at once (opened flows leave it)
 MAX_REFUSING = 64  # over-limit connections being told so at once; beyond: closed at once
 REFUSAL_TIMEOUT = 1.0
 RECV_CHUNK = 4096
@@ -202,7 +204,8 @@ class Egress:
     async def _over_limit(self, sock: socket.socket) -> None:
         """Tell an over-limit client so in its protocol (a 503, or SOCKS5 "no acceptable
         method"), log a reject, close."""
-        error = (f"egress proxy: {MAX_CLIENTS} clients are being served, the most at once; "
+        error = (f"egress proxy: {MAX_CLIENTS} clients are being served (requests being read "
+                 "or dialled), the most at once; "
                  "try again later")
         via: FlowVia | None = None
         try:
