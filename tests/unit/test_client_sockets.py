@@ -183,6 +183,74 @@ def test_tailnet_socket_attributes(pair: tuple[socket.socket, socket.socket]) ->
             assert isinstance(dup, TailnetSocket)
 
 
+def test_tailnet_socket_names_are_the_tailnet_ends(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    # What http.server, WSGI servers and urllib3 read as the client/server address: the
+    # tailnet peer and this node, not the daemon's socket path.
+    a, b = pair
+    with _adopt(a) as s:
+        assert s.getpeername() == ("fd7a:115c:a1e0::1", 8080)
+        assert s.getsockname() == ("100.64.0.2", 40000)
+        assert "laddr=('100.64.0.2', 40000)" in repr(s)
+    with TailnetSocket._adopt(b, None, None) as old:  # an old daemon said nothing
+        assert old.getpeername() == old.getsockname() == ""  # the Unix socket's own
+
+
+def test_async_conn_extra_info_is_the_tailnet_ends(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    from tsnet2.client._backend_async import make_conn
+
+    a, _ = pair
+    local = (ipaddress.ip_address("100.64.0.2"), 40000)
+    remote = (ipaddress.ip_address("100.64.0.3"), 80)
+
+    async def main() -> None:
+        conn = await make_conn(a, local, remote)
+        async with conn:
+            assert conn.get_extra_info("peername") == ("100.64.0.3", 80)
+            assert conn.writer.get_extra_info("sockname") == ("100.64.0.2", 40000)
+            assert conn.get_extra_info("ssl_object") is None
+            assert conn.get_extra_info("nothing", "default") == "default"
+
+    asyncio.run(main())
+
+
+def test_async_conn_start_tls(
+    pair: tuple[socket.socket, socket.socket], cert: tuple[str, str]
+) -> None:
+    from tsnet2.client._backend_async import make_conn
+
+    a, b = pair
+    crt, key = cert
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(crt, key)
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            with server_ctx.wrap_socket(b, server_side=True) as tb:
+                tb.sendall(tb.recv(100).upper())
+        except (OSError, ssl.SSLError) as exc:
+            errors.append(exc)
+
+    async def main() -> bytes:
+        conn = await make_conn(a, None, None)
+        async with conn:
+            await conn.start_tls(ssl.create_default_context(cafile=crt),
+                                 server_hostname="peer.tailnet", timeout=5)
+            assert conn.get_extra_info("ssl_object") is not None
+            conn.writer.write(b"secret")
+            return await conn.reader.readexactly(6)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    assert asyncio.run(main()) == b"SECRET"
+    t.join(5)
+    assert not errors
+
+
 def test_tailnet_socket_half_close(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
     with _adopt(a) as s:

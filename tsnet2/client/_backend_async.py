@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+from typing import Any
 
 from tsnet2 import proto
+from tsnet2.client._backend_sync import TailnetSocket
 from tsnet2.client._base import TailnetAddr
 
 __all__ = [
@@ -156,6 +159,10 @@ class AsyncConn:
         writer: an :class:`asyncio.StreamWriter`; ``writer.write_eof()`` half-closes.
         tailnet_local: our end as ``(ip_address, port)``, or None if unknown.
         tailnet_remote: the peer's end as ``(ip_address, port)``, or None if unknown.
+
+    The transport under the streams sits on a :class:`TailnetSocket`, so
+    ``get_extra_info("peername")`` (here or on ``writer``) is the tailnet peer as
+    ``(ip, port)`` and ``"sockname"`` this node's end, as on a TCP connection.
     """
 
     def __init__(
@@ -173,6 +180,31 @@ class AsyncConn:
     def __repr__(self) -> str:
         return (
             f"<AsyncConn tailnet_local={self.tailnet_local} tailnet_remote={self.tailnet_remote}>"
+        )
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's extra info (``writer.get_extra_info``): ``"peername"`` is the
+        tailnet peer ``(ip, port)``, ``"sockname"`` our tailnet end, ``"ssl_object"`` is
+        set after :meth:`start_tls`."""
+        return self.writer.get_extra_info(name, default)
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Upgrade the connection to TLS in place (a client handshake over the flow).
+
+        ``reader`` and ``writer`` carry the decrypted bytes afterwards (asyncio's
+        ``StreamWriter.start_tls``). ``timeout`` bounds the handshake (None: asyncio's
+        default, 60 s); the handshake's errors are raised as they are (``ssl.SSLError``,
+        ``ConnectionError``, ``TimeoutError``). Nothing the peer sent may be pending
+        before the handshake (the client speaks first, as in HTTPS).
+        """
+        await self.writer.start_tls(
+            ssl_context, server_hostname=server_hostname, ssl_handshake_timeout=timeout
         )
 
     def close(self) -> None:
@@ -202,9 +234,11 @@ async def make_conn(
 ) -> AsyncConn:
     """Hand a channel whose header has been read to the app, as asyncio streams.
 
-    The streams take ``sock``'s descriptor over (``sock`` is detached, as in the sync face).
+    The streams take ``sock``'s descriptor over (``sock`` is detached, as in the sync face),
+    as a :class:`TailnetSocket`, so the transport's ``peername``/``sockname`` are the
+    tailnet addresses.
     """
-    own = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    own = TailnetSocket._adopt(sock, local, remote)
     try:
         reader, writer = await asyncio.open_unix_connection(sock=own, limit=stream_limit())
     except BaseException:

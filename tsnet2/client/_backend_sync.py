@@ -13,8 +13,9 @@ import select
 import socket
 import threading
 import time
+from typing import Any
 
-from tsnet2.client._base import TailnetAddr
+from tsnet2.client._base import TailnetAddr, sockaddr
 
 __all__ = [
     "Condition",
@@ -134,6 +135,18 @@ class TailnetSocket(socket.socket):
         new.tailnet_local = local
         new.tailnet_remote = remote
         return new
+
+    def getpeername(self) -> Any:
+        """The tailnet peer as ``(ip, port)``; the Unix socket's peer if unknown."""
+        if self.tailnet_remote is None:
+            return super().getpeername()
+        return sockaddr(self.tailnet_remote)
+
+    def getsockname(self) -> Any:
+        """This node's tailnet end as ``(ip, port)``; the Unix socket's name if unknown."""
+        if self.tailnet_local is None:
+            return super().getsockname()
+        return sockaddr(self.tailnet_local)
 
     def __repr__(self) -> str:
         base = super().__repr__()[:-1]

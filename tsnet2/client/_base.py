@@ -135,6 +135,11 @@ def parse_tailnet_addr(s: str) -> TailnetAddr | None:
     return ip, port
 
 
+def sockaddr(addr: TailnetAddr) -> tuple[str, int]:
+    """A tailnet endpoint as ``getpeername()`` returns it: ``(ip string, port)``."""
+    return str(addr[0]), addr[1]
+
+
 def check_network(op: str, network: str) -> None:
     """Reject every network except tcp, tcp4 and tcp6 (UDP is not implemented)."""
     if network in SUPPORTED_NETWORKS:
