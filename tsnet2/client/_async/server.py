@@ -23,6 +23,11 @@ from tsnet2.client._async.channel import (
 from tsnet2.client._async.control import AsyncControlChannel
 from tsnet2.client._async.local import AsyncLocalClient
 from tsnet2.client._backend_async import AsyncConn
+
+# unasync: async-only
+from tsnet2.client._backend_sync import TailnetSocket  # AsyncServer.dial_socket's type
+
+# unasync: end
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
     RECONNECT_BACKOFF_MAX,
@@ -35,6 +40,7 @@ from tsnet2.client._base import (
     ServerBase,
     ServerState,
     Status,
+    TailnetAddr,
 )
 from tsnet2.client.errors import (
     ClosedError,
@@ -426,7 +432,39 @@ class AsyncServer(ServerBase):
         (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
         the node is not running.
         """
-        op = "tsnet2.dial"
+        sock, local, remote = await self._dial("tsnet2.dial", network, addr, timeout)
+        try:
+            return await backend.make_conn(sock, local, remote)
+        finally:
+            if sock.fileno() != -1:
+                close_quietly(sock)
+
+    # unasync: async-only
+    async def dial_socket(
+        self, network: str, addr: str, timeout: float | None = None
+    ) -> TailnetSocket:
+        """Like dial(), but return the connected flow as a non-blocking TailnetSocket.
+
+        For event-loop code that wants its own protocol on the flow, as in
+        ``await loop.create_connection(factory, sock=sock, ssl=...)`` (the aiohttp
+        connector in :mod:`tsnet2.integrations.aiohttp` does that). The caller owns
+        the socket and must close it (handing it to a transport does).
+        """
+        sock, local, remote = await self._dial("tsnet2.dial", network, addr, timeout)
+        try:
+            conn = TailnetSocket._adopt(sock, local, remote)
+        finally:
+            if sock.fileno() != -1:
+                close_quietly(sock)
+        conn.setblocking(False)
+        return conn
+    # unasync: end
+
+    async def _dial(
+        self, op: str, network: str, addr: str, timeout: float | None
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
+        """Dial through the daemon; return the channel (its header read) and the flow's
+        tailnet ends. The caller owns the socket."""
         _base.check_dial_args(op, network, addr)
         await self.start()
         if not await self._control_alive():
@@ -458,10 +496,10 @@ class AsyncServer(ServerBase):
                 raise _base.dial_error(op, reply)
             local = _base.parse_tailnet_addr(reply.local or "")
             remote = _base.parse_tailnet_addr(reply.remote or "")
-            return await backend.make_conn(sock, local, remote)
-        finally:
-            if sock.fileno() != -1:
-                close_quietly(sock)
+        except BaseException:
+            close_quietly(sock)
+            raise
+        return sock, local, remote
 
     # -- queries ----------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from tsnet2.client._sync.channel import (
 from tsnet2.client._sync.control import ControlChannel
 from tsnet2.client._sync.local import LocalClient
 from tsnet2.client._backend_sync import TailnetSocket
+
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
     RECONNECT_BACKOFF_MAX,
@@ -37,6 +38,7 @@ from tsnet2.client._base import (
     ServerBase,
     ServerState,
     Status,
+    TailnetAddr,
 )
 from tsnet2.client.errors import (
     ClosedError,
@@ -423,7 +425,19 @@ class Server(ServerBase):
         (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
         the node is not running.
         """
-        op = "tsnet2.dial"
+        sock, local, remote = self._dial("tsnet2.dial", network, addr, timeout)
+        try:
+            return backend.make_conn(sock, local, remote)
+        finally:
+            if sock.fileno() != -1:
+                close_quietly(sock)
+
+
+    def _dial(
+        self, op: str, network: str, addr: str, timeout: float | None
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
+        """Dial through the daemon; return the channel (its header read) and the flow's
+        tailnet ends. The caller owns the socket."""
         _base.check_dial_args(op, network, addr)
         self.start()
         if not self._control_alive():
@@ -455,10 +469,10 @@ class Server(ServerBase):
                 raise _base.dial_error(op, reply)
             local = _base.parse_tailnet_addr(reply.local or "")
             remote = _base.parse_tailnet_addr(reply.remote or "")
-            return backend.make_conn(sock, local, remote)
-        finally:
-            if sock.fileno() != -1:
-                close_quietly(sock)
+        except BaseException:
+            close_quietly(sock)
+            raise
+        return sock, local, remote
 
     # -- queries ----------------------------------------------------------------
 
