@@ -30,6 +30,8 @@ WORDS = {
     "AsyncConn": "TailnetSocket",
     "AsyncLocalClient": "LocalClient",
     "AsyncIPNBusWatcher": "IPNBusWatcher",
+    "AsyncTailnetTransport": "TailnetTransport",
+    "AsyncClient": "Client",
     "AsyncControlChannel": "ControlChannel",
     "_backend_async": "_backend_sync",
     "_async": "_sync",

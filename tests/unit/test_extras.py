@@ -136,3 +136,29 @@ def test_the_sidecar_extra_is_the_daemon_extra_without_the_coordination_server()
         f"`daemon` adds {sorted(added - SERVER_ONLY)} to `sidecar`: a dependency of tsnet2d "
         "belongs in the `sidecar` extra, or the sidecar image goes without it")
     assert not {_requirement_name(r) for r in extras["sidecar"]} & SERVER_ONLY
+
+
+def test_the_http_integrations_name_their_extra() -> None:
+    # tsnet2.integrations needs the HTTP library of each module; `import tsnet2` none of them.
+    out = run("""
+        import importlib, sys, tsnet2
+        assert not {"httpx", "httpcore", "requests", "urllib3", "aiohttp"} & set(sys.modules)
+        for module in ("httpx", "requests", "aiohttp"):
+            try:
+                importlib.import_module(f"tsnet2.integrations.{module}")
+            except ImportError as exc:
+                print(exc)
+        try:
+            tsnet2.Server(socket_path="/nonexistent/tsnet2.sock").http_client()
+        except ImportError as exc:
+            print(exc)
+        import tsnet2.integrations.http_client  # the standard library's: no extra
+    """, "httpx", "httpcore", "requests", "urllib3", "aiohttp")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("tsnet2.integrations.httpx needs the 'httpx' extra (")
+    assert lines[0].endswith("): pip install 'tsnet2[httpx]'")
+    assert lines[1].startswith("tsnet2.integrations.requests needs the 'requests' extra (")
+    assert lines[2].startswith("tsnet2.integrations.aiohttp needs the 'aiohttp' extra (")
+    assert lines[3].startswith("Server.http_client() needs the 'httpx' extra (")
+    assert lines[3].endswith("pip install 'tsnet2[httpx]'")

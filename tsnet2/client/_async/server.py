@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tsnet2 import proto
 from tsnet2.client import _backend_async as backend
@@ -52,6 +52,9 @@ from tsnet2.client.errors import (
     PermissionDeniedError,
     ProtocolError,
 )
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["AsyncListener", "AsyncServer"]
 
@@ -500,6 +503,31 @@ class AsyncServer(ServerBase):
             close_quietly(sock)
             raise
         return sock, local, remote
+
+    def http_client(self, **kwargs: Any) -> httpx.AsyncClient:
+        """An ``httpx.AsyncClient`` whose connections are dials through this server.
+
+        ``await srv.http_client().get("http://web:8080/")``: host names are tailnet names.
+        ``kwargs`` go to ``httpx.AsyncClient`` (``timeout``, ``headers``, ``base_url``...),
+        except the transport's (``verify``, ``cert``, ``trust_env``, ``http1``, ``http2``,
+        ``limits``, ``retries``). Needs the ``httpx`` extra (``pip install
+        'tsnet2[httpx]'``); see :mod:`tsnet2.integrations.httpx`. Close the client when
+        done (it is a context manager); that does not close the server.
+        """
+        try:
+            import httpx
+
+            from tsnet2.integrations.httpx import AsyncTailnetTransport, split_client_options
+        except ImportError as exc:
+            raise ImportError(
+                f"{type(self).__name__}.http_client() needs the 'httpx' extra ({exc}): "
+                "pip install 'tsnet2[httpx]'",
+                name=exc.name,
+            ) from exc
+        transport_options, client_options = split_client_options(kwargs)
+        return httpx.AsyncClient(
+            transport=AsyncTailnetTransport(self, **transport_options), **client_options
+        )
 
     # -- queries ----------------------------------------------------------------
 
