@@ -51,6 +51,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server: HTTPOnTailnet  # type: ignore[assignment]
 
     def do_GET(self) -> None:
+        if "hold" in self.path:  # answer once the test let go (test_read_timeout)
+            assert self.server.hold.wait(TIMEOUT)
         ip, port = self.client_address  # the TailnetSocket's getpeername()
         who = self.server.srv.local_client().whois(f"{ip}:{port}")
         body = json.dumps({
@@ -83,6 +85,7 @@ class HTTPOnTailnet:
     srv: tsnet2.Server
     ln: tsnet2.Listener
     tls: ssl.SSLContext | None = None
+    hold: threading.Event = field(default_factory=threading.Event)
     callers: list[str] = field(default_factory=list)
     finished: dict[str, threading.Event] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
@@ -116,6 +119,8 @@ class HTTPOnTailnet:
                     return
             with sock:
                 Handler(sock, peer, self)  # type: ignore[arg-type]
+        except ConnectionError:  # the client went away first (test_read_timeout)
+            pass
         except Exception as exc:  # reported by the fixture
             self.errors.append(exc)
         finally:
@@ -388,6 +393,46 @@ def test_https_checks_the_certificate(lab: Lab, client: str) -> None:
         with requests.Session() as session, pytest.raises(requests.exceptions.SSLError):
             session.mount("https://", TailnetAdapter(lab.a))
             session.get(url, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("client", ["httpx", "httpx-async", "requests", "aiohttp"])
+def test_read_timeout(lab: Lab, client: str) -> None:
+    # The server holds its answer: the client's read timeout fires, as over TCP, and the
+    # abandoned flow is closed (and logged).
+    lab.http.hold = threading.Event()
+    seen = len(lab.http.callers)
+    url = f"{lab.base}/hold"
+    try:
+        if client == "httpx":
+            with lab.a.http_client(timeout=httpx.Timeout(TIMEOUT, read=0.3)) as c, \
+                    pytest.raises(httpx.ReadTimeout):
+                c.get(url)
+        elif client == "httpx-async":
+            async def go_httpx() -> None:
+                async with tsnet2.AsyncServer(socket_path=lab.a_socket,
+                                              hostname="tsnet2-a") as s, \
+                        s.http_client(timeout=httpx.Timeout(TIMEOUT, read=0.3)) as c:
+                    with pytest.raises(httpx.ReadTimeout):
+                        await c.get(url)
+            asyncio.run(go_httpx())
+        elif client == "requests":
+            with requests.Session() as session, pytest.raises(requests.ReadTimeout):
+                session.mount("http://", TailnetAdapter(lab.a))
+                session.get(url, timeout=(TIMEOUT, 0.3))
+        else:
+            async def go_aiohttp() -> None:
+                async with tsnet2.AsyncServer(socket_path=lab.a_socket,
+                                              hostname="tsnet2-a") as s, \
+                        aiohttp.ClientSession(connector=TailnetConnector(s)) as session:
+                    with pytest.raises(aiohttp.ServerTimeoutError):
+                        await session.get(url, timeout=aiohttp.ClientTimeout(
+                            total=TIMEOUT, sock_read=0.3))
+            asyncio.run(go_aiohttp())
+    finally:
+        lab.http.hold.set()
+    [caller] = lab.http.callers[seen:]
+    lab.http.wait_closed(caller)
+    wait_logged(lab, [caller])
 
 
 @pytest.mark.parametrize("client", ["httpx", "httpx-async", "requests", "aiohttp"])
