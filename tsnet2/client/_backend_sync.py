@@ -104,6 +104,14 @@ class TailnetSocket(socket.socket):
     ``selectors`` and ``asyncio`` (``sock=``) all accept it. ``shutdown(SHUT_WR)``
     half-closes: the peer reads EOF and can still answer.
 
+    ``getpeername()`` returns the tailnet peer as ``(ip, port)`` (``ip`` a string, as a
+    TCP socket's) and ``getsockname()`` this node's tailnet end, so libraries that log
+    or check the client address (``http.server``, WSGI servers, urllib3) see tailnet
+    addresses, not the daemon's socket path. Both fall back to the Unix socket's values
+    when the daemon did not say (an old daemon). ``ssl.SSLContext.wrap_socket`` returns
+    an ``ssl.SSLSocket``, another class, whose names are the Unix socket's: take the
+    address before wrapping.
+
     Attributes:
         tailnet_local: our end of the flow as ``(ip_address, port)``, or None if unknown.
         tailnet_remote: the peer's end as ``(ip_address, port)``, or None if unknown.
