@@ -108,7 +108,7 @@ class TailnetHTTPConnection(urllib3.connection.HTTPConnection):
 
     def connect(self) -> None:
         """Open ``self.sock``: a dial through the tsnet2 Server (bounded by ``timeout``)."""
-        if self.proxy is not None or self._tunnel_host is not None:
+        if self.proxy is not None or self.proxy_is_tunneling:
             msg = "tsnet2: proxies do not apply on the tailnet"
             raise urllib3.exceptions.ProxyError(msg, ValueError(msg))
         self.sock = dial_socket(self.tsnet2_server, self._dns_host, self.port,
@@ -127,7 +127,7 @@ class TailnetHTTPSConnection(urllib3.connection.HTTPSConnection):
 
     def _new_conn(self) -> socket.socket:
         """The TCP step of ``connect()``: a dial through the tsnet2 Server."""
-        if self.proxy is not None or self._tunnel_host is not None:
+        if self.proxy is not None or self.proxy_is_tunneling:
             msg = "tsnet2: proxies do not apply on the tailnet"
             raise urllib3.exceptions.ProxyError(msg, ValueError(msg))
         return dial_socket(self.tsnet2_server, self._dns_host, self.port,
