@@ -52,10 +52,12 @@ from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
+from tsnet2.daemon.serve import ServeRules
 from tsnet2.daemon.watchdog import Watchdog
 from tsnet2.daemon.zerocopy import RelayMode
 from tsnet2.node import NodeError
 from tsnet2.proto import ErrorCode, methods
+from tsnet2.proto.serve import ServeRule
 from tsnet2.traffic import ErrorPolicy, LogMode, TrafficLog
 
 log = logging.getLogger("tsnet2d")
@@ -114,6 +116,7 @@ class DaemonConfig:
     node_down_grace: float = NODE_DOWN_GRACE
     tcp_keepalive: float = TCP_KEEPALIVE_IDLE  # 0: off
     relay: RelayMode = "auto"  # "auto": splice(2) when no payload is logged; "copy"
+    serve: tuple[ServeRule, ...] = ()  # --serve: tailnet ports forwarded into the pod
 
 
 @dataclasses.dataclass(eq=False)
@@ -190,6 +193,7 @@ class Daemon:
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics,
                                  keepalive_idle=config.tcp_keepalive, relay=config.relay)
         self.backend.refusal_log = self.datapath
+        self.serve_rules = ServeRules(config.serve, self.datapath, self.backend)
         self.backend.on_lost = self._wake_supervisor
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
@@ -286,6 +290,7 @@ class Daemon:
             self._accept_task = self.spawn(self._accept_loop(self._listen_sock), critical=True,
                                            name="socket accept loop")
             self.spawn(self._probe_traffic_log())
+            self.spawn(self.serve_rules.run(), name="serve rules")
             self.spawn(self._checkpoints(), name="traffic-log checkpoints")
             await self._stop.wait()
         finally:
