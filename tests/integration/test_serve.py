@@ -5,8 +5,12 @@ server) or to Unix sockets, and logs every flow with via/target and the caller's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -120,7 +124,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwoNodes,
     proxy_path.unlink(missing_ok=True)
     rules = ("--serve", "80=127.0.0.1:8080", "--serve", "81=127.0.0.1:9",
              "--serve", "82=http:127.0.0.1:8081", "--serve", f"83=proxy:unix:{proxy_path}",
-             "--serve", "84=http:unix:/nonexistent/x.sock")
+             "--serve", "84=http:unix:/nonexistent/x.sock",
+             # test_listen_socket_refusals: an unprivileged client (uid 4243) registers
+             "--allow-uid", "4243", "--socket-mode", "0666")
     with two_nodes(("serve-a", "serve-b"), extra_b=rules) as n:
         http_server = _start_in_netns(
             n, [sys.executable, "-u", "-m", "http.server", "8080", "--bind", "127.0.0.1",
@@ -135,8 +141,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwoNodes,
             _stop(http_server)
 
 
-def _request(n: TwoNodes, port: int, data: bytes) -> bytes:
-    with n.a.dial("tcp", f"serve-b:{port}", timeout=20) as conn:
+def _request(n: TwoNodes, port: int, data: bytes, host: str = "serve-b") -> bytes:
+    with n.a.dial("tcp", f"{host}:{port}", timeout=20) as conn:
         conn.sendall(data)
         out = b""
         while chunk := conn.recv(65536):
@@ -249,3 +255,243 @@ def test_library_listen_on_serve_port_refused(served: tuple[TwoNodes, Path]) -> 
     n, _ = served
     with pytest.raises(tsnet2.AddressInUseError):
         n.b.listen("tcp", ":80")
+
+
+def test_serve_bound_again_after_node_restart(tmp_path: Path) -> None:
+    path = Path("/tmp") / f"ts2serve-restart-{tmp_path.name[-8:]}.sock"
+    path.unlink(missing_ok=True)
+    target = ProxyTarget(path)
+    try:
+        with two_nodes(("rs-a", "rs-b"), extra_b=("--serve", f"80=proxy:unix:{path}")) as n:
+            assert json.loads(_request(n, 80, b"one\n", "rs-b"))["line"] == "one\n"
+            n.b.close()  # the last hold: B's node goes down, its listeners with it
+            wait_for(lambda: re.search(r"listener \w+ closed", n.db.log_text()),
+                     what="B's node down (the serve listener closed)")
+            with tsnet2.Server(socket_path=str(n.db.socket_path), hostname="rs-b") as b2:
+                b2.up(timeout=30)
+                wait_for(lambda: n.db.log_text().count("--serve 80=proxy") >= 2,
+                         what="the rule bound again")
+                assert json.loads(_request(n, 80, b"two\n", "rs-b"))["line"] == "two\n"
+    finally:
+        target.close()
+
+
+# ---- Python servers on listen_socket --------------------------------------------------------
+
+async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers with the framework's client address and the caller's identity."""
+    if scope["type"] == "lifespan":
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    ident = tsnet2.identity_from_asgi_scope(scope)
+    client = scope.get("client")
+    body = json.dumps({"client": client[0] if client else None,
+                       "identity": dataclasses.asdict(ident) if ident else None}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+WSGI_APP = '''
+import dataclasses, json
+import tsnet2
+
+def app(environ, start_response):
+    ident = tsnet2.identity_from_wsgi_environ(environ)
+    body = json.dumps({"client": environ.get("REMOTE_ADDR"),
+                       "identity": dataclasses.asdict(ident) if ident else None}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"),
+                              ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def _ask_who(n: TwoNodes, port: int) -> dict[str, Any]:
+    out = _request(n, port, b"GET /who HTTP/1.1\r\nHost: serve-b\r\nTailscale-User-Login: "
+                   b"mallory\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n")[0], out[:300]
+    got: dict[str, Any] = json.loads(body)
+    return got
+
+
+def _check_who(n: TwoNodes, got: dict[str, Any], ln: tsnet2.SocketListener) -> None:
+    a_ip = str(n.a.tailscale_ips()[0])
+    assert got["client"] == a_ip, got
+    ident = got["identity"]
+    assert ident["peer_ip"] == a_ip
+    assert ident["node_name"].startswith("serve-a.")
+    assert ident["node_id"]
+    assert ident["user_login"] != "mallory"
+    rec = wait_for(lambda: _records(n, "open", ln.port), what="open record")[-1]
+    assert rec["via"] == "serve" and rec["target"] == f"unix:{ln.path}"
+    assert rec["listener_id"] == ln.listener_id
+    assert rec["whois"]["node"].startswith("serve-a.")
+
+
+def test_listen_socket_uvicorn(served: tuple[TwoNodes, Path]) -> None:
+    import uvicorn  # a test extra
+
+    n, _ = served
+    with n.b.listen_socket("tcp", ":0") as ln:
+        assert ln.identity == "http" and ln.port > 0
+        assert Path(ln.path).parent == n.db.socket_path.parent
+        assert stat.S_IMODE(os.stat(ln.path).st_mode) == 0o600
+        config = uvicorn.Config(asgi_app, fd=ln.fileno(), proxy_headers=True,
+                                forwarded_allow_ips="*", log_level="warning")
+        server = uvicorn.Server(config)
+        t = threading.Thread(target=server.run)
+        t.start()
+        try:
+            got = _ask_who(n, ln.port)
+        finally:
+            server.should_exit = True
+            t.join(30)
+        _check_who(n, got, ln)
+    assert not Path(ln.path).exists()
+
+
+def test_listen_socket_hypercorn(served: tuple[TwoNodes, Path]) -> None:
+    import asyncio
+
+    from hypercorn.asyncio import serve  # a test extra
+    from hypercorn.config import Config
+    from hypercorn.middleware import ProxyFixMiddleware
+
+    n, _ = served
+    with n.b.listen_socket("tcp", ":0", identity="http") as ln:
+        config = Config()
+        config.bind = [f"fd://{os.dup(ln.fileno())}"]  # hypercorn closes what it is given
+        config.loglevel = "WARNING"
+        app = ProxyFixMiddleware(asgi_app, mode="legacy", trusted_hops=1)
+        loop = asyncio.new_event_loop()
+        stop = asyncio.Event()
+        t = threading.Thread(target=lambda: loop.run_until_complete(
+            serve(app, config, shutdown_trigger=stop.wait)))  # type: ignore[arg-type]
+        t.start()
+        try:
+            got = _ask_who(n, ln.port)
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            t.join(30)
+            loop.close()
+        _check_who(n, got, ln)
+
+
+def test_listen_socket_gunicorn(served: tuple[TwoNodes, Path], tmp_path: Path) -> None:
+    n, _ = served
+    (tmp_path / "wsgiapp.py").write_text(WSGI_APP)
+    with n.b.listen_socket("tcp", ":0", identity="http+proxy") as ln:
+        fd = ln.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--bind", f"fd://{fd}", "--proxy-protocol",
+             "v2", "--workers", "1", "--chdir", str(tmp_path), "--log-level", "warning",
+             "wsgiapp:app"], pass_fds=(fd,))
+        try:
+            got = _ask_who(n, ln.port)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        _check_who(n, got, ln)
+
+
+def test_listen_socket_reregistered_after_daemon_restart() -> None:
+    with two_nodes(("rr-a", "rr-b")) as n, \
+            n.b.listen_socket("tcp", ":8090", identity="proxy") as ln:
+
+        def serve_one() -> None:
+            conn, _ = ln.socket.accept()
+            with conn:
+                buf = b""
+                while (got := decode_proxy_v2(buf)) is None:
+                    buf += conn.recv(4096)
+                conn.sendall(json.dumps(got[0].identity()).encode())
+
+        def ask() -> dict[str, str]:
+            t = threading.Thread(target=serve_one)
+            t.start()
+            out: dict[str, str] = json.loads(_request(n, 8090, b"", "rr-b"))
+            t.join(30)
+            return out
+
+        assert ask()["node_name"].startswith("rr-a.")
+        old = ln.listener_id
+        n.lnet.stop_daemon("rr-b")
+        n.lnet.start_daemon("rr-b")
+        # The watcher reconnects (the Server's start and up) and registers the socket.
+        wait_for(lambda: ln.listener_id != old, timeout=30, what="the socket registered again")
+        assert ask()["node_name"].startswith("rr-a.")
+
+
+def test_listen_socket_refusals(served: tuple[TwoNodes, Path], tmp_path: Path) -> None:
+    """The daemon's checks on a forward socket, through the raw control protocol."""
+    from tsnet2.client._sync.server import REGISTER_LISTENER
+
+    n, _ = served
+    sock_dir = n.db.socket_path.parent
+    outside = tmp_path / "out.sock"
+    mine = sock_dir / "t-mine.sock"
+    link = sock_dir / "t-link.sock"
+    other = sock_dir / "t-other.sock"
+    socks = []
+    for p in (outside, mine, other):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(p))
+        s.listen()
+        socks.append(s)
+    link.symlink_to(mine)
+    os.chown(other, 4242, 4242)
+    try:
+        def register(path: Path, mode: str = "http") -> Any:
+            params = tsnet2.proto.RegisterListenerParams("tcp", ":0", str(path), mode)
+            return n.b._rpc("test", REGISTER_LISTENER, params, 10)
+
+        with pytest.raises(tsnet2.DaemonError, match="not in the daemon's socket directory"):
+            register(outside)
+        with pytest.raises(tsnet2.DaemonError, match="symlink"):
+            register(link)
+        with pytest.raises(tsnet2.DaemonError, match="forward_mode 'bad_mode'"):
+            register(mine, "bad_mode")
+        with pytest.raises(tsnet2.DaemonError, match="No such file"):
+            register(sock_dir / "t-missing.sock")
+        # Root registers here (the test runs as root), so another uid's socket is allowed;
+        # an unprivileged client is refused (checked by an unprivileged process below).
+        res = register(other)
+        n.b._unregister(res.listener_id)
+        script = (
+            "import sys, tsnet2\n"
+            "from tsnet2.client._sync.server import REGISTER_LISTENER\n"
+            f"s = tsnet2.Server(socket_path={str(n.db.socket_path)!r}, join=False)\n"
+            "s.start()\n"
+            "try:\n"
+            f"    s._rpc('t', REGISTER_LISTENER, tsnet2.proto.RegisterListenerParams("
+            f"'tcp', ':0', {str(mine)!r}, 'http'), 10)\n"
+            "except tsnet2.Error as e:\n"
+            "    print(type(e).__name__, e)\n"
+            "s.close()\n")
+        # Let uid 4243 reach the daemon's socket: search permission on its directories.
+        modes = {d: stat.S_IMODE(os.stat(d).st_mode) for d in (sock_dir, sock_dir.parent)}
+        for d, m in modes.items():
+            os.chmod(d, m | 0o001)
+        try:
+            out = subprocess.run(
+                ["setpriv", "--reuid=4243", "--regid=4243", "--clear-groups", sys.executable,
+                 "-c", script], capture_output=True, text=True, timeout=60, check=False,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        finally:
+            for d, m in modes.items():
+                os.chmod(d, m)
+        assert out.stdout.startswith("DaemonError "), (out.stdout, out.stderr)
+        assert "belongs to uid 0, not to the registering client's uid 4243; refused" \
+            in out.stdout
+    finally:
+        for s in socks:
+            s.close()
+        for p in (outside, mine, link, other):
+            p.unlink(missing_ok=True)

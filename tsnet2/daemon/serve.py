@@ -35,9 +35,10 @@ from tsnet2.daemon.backend import Backend, whois_summary
 from tsnet2.daemon.datapath import Datapath, ListenerRegistration, ListenError
 from tsnet2.daemon.io import reset
 from tsnet2.daemon.splice import Relay, Splice, _Side
+from tsnet2.proto import ErrorCode
 from tsnet2.proto.httpident import RequestRewriter, identity_headers
 from tsnet2.proto.proxyv2 import encode_proxy_v2, identity_tlvs
-from tsnet2.proto.serve import ServeMode, ServeRule, ServeTarget
+from tsnet2.proto.serve import SERVE_MODES, ServeMode, ServeRule, ServeTarget
 from tsnet2.traffic import Flow, TrafficLogError
 
 log = logging.getLogger("tsnet2d.serve")
@@ -46,8 +47,12 @@ TARGET_TIMEOUT = 5.0  # seconds to connect a serve target inside the pod
 RULES_OWNER = "tsnet2d --serve"  # the owner of the daemon's own serve listeners
 
 
-class ForwardError(ValueError):
-    """A forward socket the daemon will not use; the message is for the app."""
+class ForwardError(ListenError):
+    """A forward socket the daemon will not use; the message is for the app (code
+    ``permission_denied`` for a socket of another uid, else ``bad_request``)."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.BAD_REQUEST) -> None:
+        super().__init__(message, code)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,7 @@ class Forward:
 
     mode: ServeMode
     target: ServeTarget
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino) of a registered forward socket
 
     async def inbound(self, dp: Datapath, lst: ListenerRegistration,
                       conn: socket.socket) -> None:
@@ -84,8 +90,35 @@ def check_forward_socket(path: str, socket_dir: Path, uid: int) -> ServeTarget:
         raise ForwardError(f"daemon: forward socket {path!r} is not a Unix socket")
     if uid != 0 and st.st_uid != uid:
         raise ForwardError(f"daemon: forward socket {path!r} belongs to uid {st.st_uid}, "
-                           f"not to the registering client's uid {uid}; refused")
+                           f"not to the registering client's uid {uid}; refused",
+                           ErrorCode.PERMISSION_DENIED)
     return ServeTarget(path=path)
+
+
+def forward_for(path: str, mode: str, socket_dir: Path, uid: int) -> Forward:
+    """The :class:`Forward` of a ``register_listener`` with ``forward_socket``: ``mode``
+    checked (empty: ``tcp``), the socket checked (:func:`check_forward_socket`) and its
+    identity remembered, so a socket replaced after the check is refused per flow."""
+    mode = mode or "tcp"
+    if mode not in SERVE_MODES:
+        raise ForwardError(f"daemon: forward_mode {mode!r}: want one of "
+                           f"{', '.join(SERVE_MODES)}")
+    target = check_forward_socket(path, socket_dir, uid)
+    st = os.lstat(path)
+    return Forward(mode, target, (st.st_dev, st.st_ino))
+
+
+def _same_socket(fwd: Forward) -> str:
+    """Empty when a registered forward socket is still the one checked, else why not."""
+    if fwd.inode is None:
+        return ""
+    try:
+        st = os.lstat(fwd.target.path)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != fwd.inode:
+        return "the socket was replaced since it was registered"
+    return ""
 
 
 async def connect_target(target: ServeTarget, timeout: float = TARGET_TIMEOUT) -> socket.socket:
@@ -139,6 +172,9 @@ async def serve_flow(dp: Datapath, lst: ListenerRegistration, fwd: Forward,
         reset(conn)
         return
     try:
+        replaced = _same_socket(fwd)
+        if replaced:
+            raise OSError(replaced)
         target = await connect_target(fwd.target)
     except (OSError, TimeoutError) as exc:
         why = (f"timed out after {TARGET_TIMEOUT:g}s" if isinstance(exc, TimeoutError)
@@ -164,7 +200,7 @@ async def serve_flow(dp: Datapath, lst: ListenerRegistration, fwd: Forward,
         raise
     ident = _identity(node)
     peer_ip = str(remote_addr[0])
-    if fwd.mode == "proxy":
+    if fwd.mode in ("proxy", "http+proxy"):
         header = encode_proxy_v2(
             (peer_ip, int(remote_addr[1])), (str(local_addr[0]), int(local_addr[1])),
             identity_tlvs(conn_id=flow.conn_id, user_login=ident.get("user_login", ""),
@@ -180,13 +216,23 @@ async def serve_flow(dp: Datapath, lst: ListenerRegistration, fwd: Forward,
             reset(conn)
             flow.close(f"serve target {target_text}: PROXY header not sent: {exc}")
             return
-        await dp._splice("in", flow, target, conn, b"")
-    elif fwd.mode == "http":
+    if fwd.mode in ("http", "http+proxy"):
         rewriter = RequestRewriter(identity_headers(peer_ip=peer_ip, **ident))
         await dp._splice("in", flow, target, conn, b"",
                          relay=lambda f, **kw: HttpSplice(f, rewriter, **kw))
     else:
         await dp._splice("in", flow, target, conn, b"")
+
+
+class _TargetSide(_Side):
+    """The target's side of an http flow: what it was sent is counted in the caller's
+    bytes, while its write buffer holds rewritten ones; the delivered count stays within
+    0..sent."""
+
+    @property
+    def delivered(self) -> int:
+        """Caller bytes that reached the target (at most what was read)."""
+        return max(0, self.sent - self.unsent)
 
 
 class HttpSplice(Splice):
@@ -200,6 +246,7 @@ class HttpSplice(Splice):
 
     def __init__(self, flow: Flow, rewriter: RequestRewriter, **kw: Any) -> None:
         super().__init__(flow, **kw)
+        self.app = _TargetSide(self, "app->peer")
         self.rewriter = rewriter
 
     def forward(self, side: _Side, data: bytes) -> None:
@@ -275,4 +322,5 @@ class ServeRules:
 
 
 __all__ = ["RULES_OWNER", "TARGET_TIMEOUT", "Forward", "ForwardError", "HttpSplice",
-           "Relay", "ServeRules", "check_forward_socket", "connect_target", "serve_flow"]
+           "Relay", "ServeRules", "check_forward_socket", "connect_target", "forward_for",
+           "serve_flow"]

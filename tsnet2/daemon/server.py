@@ -52,7 +52,7 @@ from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
-from tsnet2.daemon.serve import ServeRules
+from tsnet2.daemon.serve import ServeRules, forward_for
 from tsnet2.daemon.watchdog import Watchdog
 from tsnet2.daemon.zerocopy import RelayMode
 from tsnet2.node import NodeError
@@ -194,6 +194,8 @@ class Daemon:
                                  keepalive_idle=config.tcp_keepalive, relay=config.relay)
         self.backend.refusal_log = self.datapath
         self.serve_rules = ServeRules(config.serve, self.datapath, self.backend)
+        # Where apps' forward sockets must be (listen_socket): the directory of --socket.
+        self.socket_dir = Path(os.path.abspath(config.socket_path)).parent
         self.backend.on_lost = self._wake_supervisor
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
@@ -759,8 +761,14 @@ class Daemon:
         if owned >= MAX_LISTENERS_PER_SESSION:
             raise ListenError(f"daemon: this client has {owned} listeners, the most one "
                               "client may register; close some", ErrorCode.LIMIT)
-        lst = await self.datapath.register_listener(params.network, params.addr, session)
-        return proto.RegisterListenerResult(listener_id=lst.id, addr=lst.addr)
+        forward = None
+        if params.forward_socket:  # tsnet2's extension: a listen_socket registration
+            forward = forward_for(params.forward_socket, params.forward_mode,
+                                  self.socket_dir, peer_uid(session.sock))
+        lst = await self.datapath.register_listener(params.network, params.addr, session,
+                                                    forward=forward)
+        return proto.RegisterListenerResult(listener_id=lst.id, addr=lst.addr,
+                                            forward_socket=params.forward_socket)
 
     async def _unregister_listener(self, params: proto.UnregisterListenerParams,
                                    session: Session) -> proto.Empty:

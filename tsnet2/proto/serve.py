@@ -4,8 +4,10 @@
 
 - ``PORT``: the tailnet port, 1-65535, bound on the node's tailnet addresses;
 - ``MODE``: ``tcp`` (the default: the bytes as they are), ``http`` (the daemon adds the
-  caller's identity as request headers, :mod:`tsnet2.proto.httpident`) or ``proxy`` (a PROXY
-  protocol v2 header first, :mod:`tsnet2.proto.proxyv2`);
+  caller's identity as request headers, :mod:`tsnet2.proto.httpident`), ``proxy`` (a PROXY
+  protocol v2 header first, :mod:`tsnet2.proto.proxyv2`) or ``http+proxy`` (both: the
+  PROXY header, then the rewritten requests; for servers such as gunicorn that take the
+  client address only from PROXY protocol);
 - ``TARGET``: ``HOST:PORT`` with HOST a loopback literal (``127.0.0.1`` or any address of
   127.0.0.0/8, ``[::1]``) or ``localhost`` (taken as 127.0.0.1, never looked up), or
   ``unix:/ABSOLUTE/PATH``.
@@ -30,7 +32,7 @@ __all__ = [
     "parse_serve_target",
 ]
 
-ServeMode = Literal["tcp", "http", "proxy"]
+ServeMode = Literal["tcp", "http", "proxy", "http+proxy"]
 SERVE_MODES: tuple[ServeMode, ...] = get_args(ServeMode)
 MAX_UNIX_PATH = 107  # bytes of sun_path without the terminating NUL
 
@@ -122,7 +124,7 @@ def parse_serve_rule(text: str) -> ServeRule:
         port = _port(port_text.strip(), "tailnet port")
         mode: ServeMode = "tcp"
         head, colon, tail = rest.partition(":")
-        if colon and head in SERVE_MODES:
+        if colon and head in SERVE_MODES:  # "http+proxy" too
             mode, rest = head, tail
         elif colon and head.isalpha() and head.lower() not in ("unix", "localhost"):
             raise ValueError(f"unknown mode {head!r} (modes: {', '.join(SERVE_MODES)})")
