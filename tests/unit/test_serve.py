@@ -340,3 +340,68 @@ def test_check_forward_socket(tmp_path: Path) -> None:
             check_forward_socket(str(d / "gone.sock"), d, me)
         with pytest.raises(ForwardError, match="absolute"):
             check_forward_socket("app.sock", d, me)
+
+
+# ---- the control-protocol extension and the library's helpers ------------------------------
+
+
+def test_register_listener_extension_is_additive() -> None:
+    from tsnet2.proto.methods import RegisterListenerParams, RegisterListenerResult
+
+    old = RegisterListenerParams("tcp", ":80")
+    assert old.to_json() == {"network": "tcp", "addr": ":80"}  # what the Go shim sends
+    assert RegisterListenerParams.from_json({"network": "tcp", "addr": ":80"}) == old
+    new = RegisterListenerParams("tcp", ":80", forward_socket="/run/x.sock")
+    assert new.to_json() == {"network": "tcp", "addr": ":80", "forward_socket": "/run/x.sock",
+                             "forward_mode": "tcp"}
+    assert RegisterListenerParams.from_json(new.to_json()).forward_mode == "tcp"
+    assert RegisterListenerResult("id", ":80").to_json() == {"listener_id": "id",
+                                                            "addr": ":80"}
+    assert RegisterListenerResult.from_json({"listener_id": "i", "addr": ":1"}) \
+        .forward_socket == ""
+    assert RegisterListenerResult.from_json(
+        {"listener_id": "i", "addr": ":1", "forward_socket": "/s"}).forward_socket == "/s"
+
+
+def test_forward_mode_checked(tmp_path: Path) -> None:
+    from tsnet2.daemon.serve import forward_for
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "a.sock"))
+        fwd = forward_for(str(tmp_path / "a.sock"), "", tmp_path, os.geteuid())
+        assert fwd.mode == "tcp" and fwd.inode is not None
+        assert forward_for(str(tmp_path / "a.sock"), "http+proxy", tmp_path, 0).mode \
+            == "http+proxy"
+        with pytest.raises(ForwardError, match="forward_mode 'gopher'"):
+            forward_for(str(tmp_path / "a.sock"), "gopher", tmp_path, 0)
+
+
+def test_identity_from_asgi_and_wsgi() -> None:
+    import tsnet2
+
+    headers = dict(identity_headers(peer_ip="100.64.0.9", user_login="bob@example.com",
+                                    user_name="Zoë", node_name="b.ts.net", node_id="nB",
+                                    tags=["tag:a", "tag:b"]))
+    scope = {"type": "http",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    ident = tsnet2.identity_from_asgi_scope(scope)
+    assert ident == tsnet2.CallerIdentity(peer_ip="100.64.0.9", user_login="bob@example.com",
+                                          user_name="Zoë", node_name="b.ts.net",
+                                          node_id="nB", tags=("tag:a", "tag:b"))
+    environ = {"HTTP_" + k.upper().replace("-", "_"): v for k, v in headers.items()}
+    environ["REMOTE_ADDR"] = ""
+    assert tsnet2.identity_from_wsgi_environ(environ) == ident
+    assert tsnet2.identity_from_asgi_scope({"type": "http", "headers": []}) is None
+    assert tsnet2.identity_from_wsgi_environ({"HTTP_HOST": "x"}) is None
+
+
+def test_listen_socket_checks_identity_first() -> None:
+    import tsnet2
+
+    with tsnet2.Server(socket_path="/nonexistent/tsnet2.sock") as srv, \
+            pytest.raises(tsnet2.AddressError, match="identity='https'"):
+        srv.listen_socket("tcp", ":80", identity="https")
+
+
+def test_rule_http_proxy_mode() -> None:
+    assert parse_serve_rule("80=http+proxy:127.0.0.1:8080").mode == "http+proxy"

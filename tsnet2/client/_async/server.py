@@ -96,7 +96,8 @@ class AsyncServer(ServerBase):
     same address; see docs/client.md, "Reconnection". Calls may run concurrently
     (from several threads, or several asyncio tasks): they share one control
     connection, each bounded by its own timeout, and while one of them reconnects
-    the others wait for it. Nothing runs in the background.
+    the others wait for it. Nothing runs in the background, except one watcher per
+    ``listen_socket`` (which has no accept() to notice a restart).
 
     Every method that needs the daemon starts the server first. Without a socket
     path those methods raise NotSupportedError (a NotImplementedError). Use it
