@@ -115,10 +115,9 @@ class ProxyTarget:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwoNodes, Path]]:
-    d = Path("/tmp") / f"ts2serve-{tmp_path_factory.getbasetemp().name}"
-    d.mkdir(exist_ok=True)
+    d = tmp_path_factory.mktemp("serve")
     www = d / "www"
-    www.mkdir(exist_ok=True)
+    www.mkdir()
     (www / "hello.txt").write_text("hello from http.server\n")
     proxy_path = d / "proxy.sock"
     proxy_path.unlink(missing_ok=True)
@@ -258,8 +257,7 @@ def test_library_listen_on_serve_port_refused(served: tuple[TwoNodes, Path]) -> 
 
 
 def test_serve_bound_again_after_node_restart(tmp_path: Path) -> None:
-    path = Path("/tmp") / f"ts2serve-restart-{tmp_path.name[-8:]}.sock"
-    path.unlink(missing_ok=True)
+    path = tmp_path / "target.sock"
     target = ProxyTarget(path)
     try:
         with two_nodes(("rs-a", "rs-b"), extra_b=("--serve", f"80=proxy:unix:{path}")) as n:
