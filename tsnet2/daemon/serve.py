@@ -300,6 +300,16 @@ class ServeRules:
         async for _ in self.backend.changes():
             if self.backend.running:
                 await self.ensure()
+            else:
+                await self.release()
+
+    async def release(self) -> None:
+        """The node is not running: drop what is still bound (the node's teardown drops
+        every listener; one bound again in the middle of it would outlive the node)."""
+        ids, self.ids = self.ids, {}
+        for lid in ids.values():
+            if lid in self.dp.listeners:
+                await self.dp.unregister_listener(lid)
 
     async def ensure(self) -> None:
         """Bind every rule that is not bound now."""
