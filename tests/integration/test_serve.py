@@ -493,3 +493,38 @@ def test_listen_socket_refusals(served: tuple[TwoNodes, Path], tmp_path: Path) -
             s.close()
         for p in (outside, mine, link, other):
             p.unlink(missing_ok=True)
+
+
+def test_listen_socket_asyncio(served: tuple[TwoNodes, Path]) -> None:
+    """The asyncio face: AsyncServer.listen_socket, served by asyncio's own Unix server."""
+    import asyncio
+
+    n, _ = served
+
+    async def main() -> dict[str, Any]:
+        async with tsnet2.AsyncServer(socket_path=str(n.db.socket_path),
+                                      hostname="serve-b") as srv:
+            ln = await srv.listen_socket("tcp", ":0", identity="http")
+            async with ln:
+
+                async def handle(reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter) -> None:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + head)
+                    await writer.drain()
+                    writer.close()
+                    await writer.wait_closed()
+
+                server = await asyncio.start_unix_server(handle, sock=ln.socket)
+                try:
+                    out = await asyncio.to_thread(
+                        _request, n, ln.port, b"GET / HTTP/1.1\r\nHost: b\r\n\r\n")
+                finally:
+                    server.close()
+                    await server.wait_closed()
+                return {"out": out.decode(), "path": ln.path}
+
+    got = asyncio.run(main())
+    assert got["out"].startswith("HTTP/1.0 200 OK")
+    assert f"X-Forwarded-For: {n.a.tailscale_ips()[0]}\r\n" in got["out"]
+    assert not Path(got["path"]).exists()
