@@ -127,6 +127,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwoNodes,
              # test_listen_socket_refusals: an unprivileged client (uid 4243) registers
              "--allow-uid", "4243", "--socket-mode", "0666")
     with two_nodes(("serve-a", "serve-b"), extra_b=rules) as n:
+        # The rules are bound once B's node runs (a moment after up() returns).
+        wait_for(lambda: n.db.log_text().count(": listening on :") >= 5,
+                 what="B's serve rules bound")
         http_server = _start_in_netns(
             n, [sys.executable, "-u", "-m", "http.server", "8080", "--bind", "127.0.0.1",
                 "--directory", str(www)], b"Serving HTTP")
@@ -261,6 +264,7 @@ def test_serve_bound_again_after_node_restart(tmp_path: Path) -> None:
     target = ProxyTarget(path)
     try:
         with two_nodes(("rs-a", "rs-b"), extra_b=("--serve", f"80=proxy:unix:{path}")) as n:
+            wait_for(lambda: "--serve 80=proxy" in n.db.log_text(), what="the rule bound")
             assert json.loads(_request(n, 80, b"one\n", "rs-b"))["line"] == "one\n"
             n.b.close()  # the last hold: B's node goes down, its listeners with it
             wait_for(lambda: re.search(r"listener \w+ closed", n.db.log_text()),
@@ -528,3 +532,16 @@ def test_listen_socket_asyncio(served: tuple[TwoNodes, Path]) -> None:
     assert got["out"].startswith("HTTP/1.0 200 OK")
     assert f"X-Forwarded-For: {n.a.tailscale_ips()[0]}\r\n" in got["out"]
     assert not Path(got["path"]).exists()
+
+
+def test_http_mode_refused_upgrade_keeps_rewriting(served: tuple[TwoNodes, Path]) -> None:
+    """A target that ignores an Upgrade (http.server does) and keeps the connection: the
+    caller's next request on it is still rewritten, not relayed raw."""
+    n, _ = served
+    req = (b"GET /up HTTP/1.1\r\nHost: b\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+           b"GET /spoof HTTP/1.1\r\nHost: b\r\nTailscale-User-Login: mallory@evil\r\n"
+           b"X-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n")
+    out = _request(n, 82, req)
+    assert out.count(b"HTTP/1.1 200") == 2, out
+    assert b"mallory" not in out and b"6.6.6.6" not in out
+    assert b'"/spoof"' in out

@@ -17,6 +17,7 @@ from tsnet2.daemon.cli import main, parse_serve_rules
 from tsnet2.daemon.serve import ForwardError, check_forward_socket
 from tsnet2.proto.httpident import (
     RequestRewriter,
+    Rewrite,
     decode_header_value,
     encode_header_value,
     identity_headers,
@@ -216,18 +217,80 @@ def test_rewriter_body_is_not_parsed_as_head() -> None:
     assert out.count(b"Tailscale-User-Login") == 2  # ours, and the body's (untouched)
 
 
-def test_rewriter_expect_continue_and_upgrade() -> None:
+def test_rewriter_expect_continue() -> None:
     rw = RequestRewriter(IDENT)
     out = rw.feed(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
     assert b"Expect: 100-continue" in out.to_target
+    assert rw.response(b"HTTP/1.1 100 Continue\r\n\r\n") == Rewrite()
     assert rw.feed(b"ok").to_target == b"ok"
-    up = rw.feed(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-                 b"\x81\x05hello")
-    assert up.to_target.endswith(b"\r\n\r\n\x81\x05hello")
-    raw = b"GET / HTTP/1.1\r\nTailscale-User-Login: x\r\n\r\n"
-    assert rw.feed(raw).to_target == raw  # raw relay after the upgrade
-    c = RequestRewriter(IDENT)
-    assert c.feed(b"CONNECT h:443 HTTP/1.1\r\n\r\nxyz").to_target.endswith(b"\r\n\r\nxyz")
+    assert rw.feed(b"GET /next HTTP/1.1\r\n\r\n").to_target.startswith(b"GET /next")
+
+
+UPGRADE = b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+SPOOF = b"GET /x HTTP/1.1\r\nTailscale-User-Login: mallory\r\n\r\n"
+
+
+def test_rewriter_upgrade_switched_goes_raw() -> None:
+    rw = RequestRewriter(IDENT)
+    first = rw.feed(b"GET /a HTTP/1.1\r\n\r\n" + UPGRADE + b"\x81\x05hello")
+    assert first.to_target.count(b"Tailscale-User-Login: alice") == 2
+    assert first.to_target.endswith(b"\r\n\r\n")  # the frame waits for the answer
+    assert rw.feed(b"more").to_target == b""
+    # the answer to /a (chunked), then the 101, in odd pieces
+    answers = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nHTTP/\r\n0\r\n"
+               b"\r\nHTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81")
+    released = b"".join(rw.response(answers[i:i + 7]).to_target
+                        for i in range(0, len(answers), 7))
+    assert released == b"\x81\x05hellomore"
+    assert rw.feed(SPOOF).to_target == SPOOF  # raw from now on: a websocket stream
+
+
+def test_rewriter_upgrade_refused_stays_http() -> None:
+    for answer in (b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!",
+                   b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n"):
+        rw = RequestRewriter(IDENT)
+        rw.feed(UPGRADE)
+        assert rw.feed(SPOOF).to_target == b""
+        out = rw.response(answer)
+        assert not out.close
+        assert b"mallory" not in out.to_target
+        assert out.to_target.startswith(b"GET /x HTTP/1.1\r\n")
+        assert b"Tailscale-User-Login: alice@example.com" in out.to_target
+        assert b"mallory" not in rw.feed(SPOOF).to_target
+
+
+def test_rewriter_connect_and_lost_tracking() -> None:
+    rw = RequestRewriter(IDENT)
+    rw.feed(b"CONNECT h:443 HTTP/1.1\r\n\r\nxyz")
+    assert rw.response(b"HTTP/1.1 200 Connection established\r\n\r\n").to_target == b"xyz"
+    # A response the daemon cannot follow (close-delimited): later upgrades count as refused.
+    rw = RequestRewriter(IDENT)
+    rw.feed(b"GET / HTTP/1.1\r\n\r\n")
+    rw.response(b"HTTP/1.0 200 OK\r\n\r\nbody until close")
+    rw.feed(UPGRADE)
+    out = rw.response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    assert rw.feed(SPOOF).to_target != SPOOF
+    assert out.to_target == b""
+    # HEAD and 304 answers carry no body
+    rw = RequestRewriter(IDENT)
+    rw.feed(b"HEAD / HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\nIf-None-Match: x\r\n\r\n" + UPGRADE)
+    got = rw.response(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"
+                      b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"
+                      b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    assert got == Rewrite()
+    assert rw.feed(SPOOF).to_target == SPOOF
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_rewriter_response_fuzz(data: bytes) -> None:
+    rw = RequestRewriter(IDENT)
+    rw.feed(b"GET / HTTP/1.1\r\n\r\n" + UPGRADE + SPOOF)
+    out = rw.response(data)
+    if out.to_target == SPOOF:  # released raw: only after a real 101 status line
+        assert b" 101" in data
+    else:
+        assert b"mallory" not in out.to_target
 
 
 def test_rewriter_oversized_head_431() -> None:
@@ -247,6 +310,7 @@ def test_rewriter_oversized_head_431() -> None:
     b"GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
     b"GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
     b"GET / HTTP/1.1\r\nX: a\nY: b\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: x\n\n",
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\naXX",
 ])

@@ -36,7 +36,7 @@ from tsnet2.daemon.datapath import Datapath, ListenerRegistration, ListenError
 from tsnet2.daemon.io import reset
 from tsnet2.daemon.splice import Relay, Splice, _Side
 from tsnet2.proto import ErrorCode
-from tsnet2.proto.httpident import RequestRewriter, identity_headers
+from tsnet2.proto.httpident import RequestRewriter, Rewrite, identity_headers
 from tsnet2.proto.proxyv2 import encode_proxy_v2, identity_tlvs
 from tsnet2.proto.serve import SERVE_MODES, ServeMode, ServeRule, ServeTarget
 from tsnet2.traffic import Flow, TrafficLogError
@@ -194,6 +194,12 @@ async def serve_flow(dp: Datapath, lst: ListenerRegistration, fwd: Forward,
         flow = dp.traffic.open_flow(direction="in", local=local, remote=remote,
                                     whois=whois_summary(node), listener_id=lst.id,
                                     via="serve", target=target_text)
+    except TrafficLogError as exc:  # fail-closed: no record, no flow
+        reset(conn)
+        target.close()
+        dp._refuse("in", "log_unavailable", remote=remote, local=local, listener_id=lst.id,
+                   error=f"traffic log unavailable: {exc}", via="serve", target=target_text)
+        return
     except BaseException:
         reset(conn)
         target.close()
@@ -251,7 +257,11 @@ class HttpSplice(Splice):
 
     def forward(self, side: _Side, data: bytes) -> None:
         if side is not self.peer:
+            # The target's bytes go on unchanged; the rewriter watches them for the answer
+            # to an Upgrade/CONNECT, which releases the caller's bytes held since.
             super().forward(side, data)
+            if self.error is None:
+                self._emit(self.rewriter.response(data), counted=0)
             return
         try:
             self.flow.data(side.direction, data)
@@ -263,14 +273,17 @@ class HttpSplice(Splice):
             return
         if self.on_bytes is not None:
             self.on_bytes(side.direction, len(data))
-        rw = self.rewriter.feed(data)
+        self._emit(self.rewriter.feed(data), counted=len(data))
+
+    def _emit(self, rw: Rewrite, counted: int) -> None:
+        """Send a rewrite's bytes on; ``counted`` caller bytes are accounted as sent to the
+        target (held ones included), not the rewritten ones."""
         app = self.app
         if app.transport is None:
             raise AssertionError("unreachable: reading starts only once both are attached")
         if rw.to_target and not app.transport.is_closing():
             app.write(rw.to_target)
-        # Counted as the caller's bytes (held ones included), not the rewritten ones.
-        app.sent += len(data) - len(rw.to_target)
+        app.sent += counted - len(rw.to_target)
         if rw.close:
             if self.error is None:
                 self.error = f"serve: {rw.error}"

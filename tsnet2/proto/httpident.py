@@ -20,6 +20,7 @@ was written by the daemon from the WireGuard peer's identity (the netmap's WhoIs
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import re
@@ -142,6 +143,7 @@ class _State(enum.Enum):
     TRAILERS = 6
     RAW = 7
     FAILED = 8
+    AWAIT = 9  # an Upgrade/CONNECT request went on: the caller's bytes wait for its answer
 
 
 class _Bad(Exception):
@@ -151,7 +153,7 @@ class _Bad(Exception):
 
 
 _REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large",
-            505: "HTTP Version Not Supported"}
+            502: "Bad Gateway", 505: "HTTP Version Not Supported"}
 
 
 def _reply(status: int, message: str) -> bytes:
@@ -179,6 +181,7 @@ class RequestRewriter:
         self._left = 0
         self._raw_after = False
         self.requests = 0  # request heads rewritten so far
+        self._responses = _ResponseTracker(max_head)
 
     def feed(self, data: bytes) -> Rewrite:
         """Take bytes from the caller; return what goes on."""
@@ -188,6 +191,27 @@ class RequestRewriter:
         if self.state == _State.RAW:
             return Rewrite(to_target=data)
         self._buf += data
+        return self._run(out)
+
+    def response(self, data: bytes) -> Rewrite:
+        """Take bytes the target sent (they go on to the caller unchanged; this only
+        watches them). When they answer an ``Upgrade``/``CONNECT`` request, the caller's
+        bytes held since then go on: raw if the target switched protocols (``101``, or
+        ``2xx`` to ``CONNECT``), else rewritten as requests. Returns what goes on."""
+        if self.state in (_State.FAILED, _State.RAW):
+            return Rewrite()
+        switched = self._responses.feed(data)
+        if switched is None or self.state != _State.AWAIT:
+            return Rewrite()
+        if switched:
+            self.state = _State.RAW
+            held = bytes(self._buf)
+            self._buf.clear()
+            return Rewrite(to_target=held)
+        self.state = _State.HEAD
+        return self._run(bytearray())
+
+    def _run(self, out: bytearray) -> Rewrite:
         try:
             while self._step(out):
                 pass
@@ -208,10 +232,18 @@ class RequestRewriter:
             out += buf
             buf.clear()
             return False
+        if st == _State.AWAIT:
+            if len(buf) > self.max_head:
+                raise _Bad(400, f"more than {self.max_head} bytes sent before the upgrade "
+                           "was answered")
+            return False
         if st == _State.HEAD:
             while buf.startswith(b"\r\n"):  # RFC 9112 §2.2: ignore CRLFs before a request
                 del buf[:2]
             end = buf.find(b"\r\n\r\n")
+            bare = buf.find(b"\n\n")
+            if bare >= 0 and (end < 0 or bare < end):
+                raise _Bad(400, "bare LF line endings in the request head")
             if end < 0:
                 if len(buf) > self.max_head:
                     raise _Bad(431, f"request head larger than {self.max_head} bytes")
@@ -288,7 +320,7 @@ class RequestRewriter:
         return False
 
     def _message_done(self) -> None:
-        self.state = _State.RAW if self._raw_after else _State.HEAD
+        self.state = _State.AWAIT if self._raw_after else _State.HEAD
 
     @staticmethod
     def _check_field(line: bytes) -> bytes:
@@ -347,6 +379,150 @@ class RequestRewriter:
         else:
             self.state = _State.HEAD
         self._raw_after = method == b"CONNECT" or (upgrade and b"upgrade" in conn_tokens)
+        self._responses.expect(method, self._raw_after)
         if self.state == _State.HEAD and self._raw_after:
-            self.state = _State.RAW
+            self.state = _State.AWAIT
         return b"\r\n".join(kept) + b"\r\n" + self._added + b"\r\n"
+
+
+_WAIT = object()  # the tracker needs more bytes
+_MORE = object()  # the tracker consumed something and can go on
+
+
+class _ResponseTracker:
+    """Follows the target's responses (status lines, framing) far enough to tell which one
+    answers an ``Upgrade``/``CONNECT`` request and whether it switched protocols. Anything
+    it cannot follow (a malformed or close-delimited response, an oversized head) ends the
+    tracking, and an upgrade then counts as refused: the caller's bytes stay HTTP."""
+
+    def __init__(self, max_head: int) -> None:
+        self.max_head = max_head
+        self.pending: collections.deque[tuple[bytes, bool]] = collections.deque()
+        self.buf = bytearray()
+        self.state = "head"  # head, body, chunk_size, chunk_data, chunk_end, trailers, done
+        self.left = 0
+        self.lost = False  # tracking ended: every later upgrade counts as refused
+
+    def expect(self, method: bytes, upgrade: bool) -> None:
+        """A request went to the target: its response comes next in turn."""
+        self.pending.append((method, upgrade))
+
+    def feed(self, data: bytes) -> bool | None:
+        """Watch target bytes; True/False once the awaited upgrade is answered (switched
+        or not), else None."""
+        if self.lost:
+            return self._lost()
+        self.buf += data
+        try:
+            while self.buf:
+                got = self._step()
+                if got is _WAIT:
+                    break
+                if isinstance(got, bool):
+                    return got
+        except _Bad:
+            self.lost = True
+            self.buf.clear()
+            return self._lost()
+        return None
+
+    def _lost(self) -> bool | None:
+        return False if self.pending and self.pending[-1][1] else None
+
+    def _step(self) -> bool | object:
+        """One piece of the buffer: _WAIT (more bytes needed), _MORE, or the decision."""
+        buf = self.buf
+        if self.state == "head":
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self.max_head:
+                    raise _Bad(502, "response head too large")
+                return _WAIT
+            head = bytes(buf[:end])
+            del buf[:end + 4]
+            decided = self._head(head)
+            return _MORE if decided is None else decided
+        if self.state == "body":
+            n = min(self.left, len(buf))
+            del buf[:n]
+            self.left -= n
+            if not self.left:
+                self.state = "head"
+            return _MORE
+        if self.state in ("chunk_size", "trailers"):
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > self.max_head:
+                    raise _Bad(502, "chunk line too long")
+                return _WAIT
+            line = bytes(buf[:end])
+            del buf[:end + 2]
+            if self.state == "trailers":
+                if not line:
+                    self.state = "head"
+                return _MORE
+            size = line.split(b";", 1)[0].strip(b" \t")
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size):
+                raise _Bad(502, "bad chunk size")
+            self.left = int(size, 16)
+            self.state = "chunk_data" if self.left else "trailers"
+            return _MORE
+        if self.state == "chunk_data":
+            n = min(self.left, len(buf))
+            del buf[:n]
+            self.left -= n
+            if not self.left:
+                self.state = "chunk_end"
+            return _MORE
+        if self.state == "chunk_end":
+            if len(buf) < 2:
+                return _WAIT
+            if buf[:2] != b"\r\n":
+                raise _Bad(502, "chunk not followed by CRLF")
+            del buf[:2]
+            self.state = "chunk_size"
+            return _MORE
+        buf.clear()  # done: nothing more to follow
+        return _WAIT
+
+    def _head(self, head: bytes) -> bool | None:
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not re.fullmatch(rb"HTTP/1\.[01]", parts[0]) \
+                or not re.fullmatch(rb"[1-5][0-9][0-9]", parts[1]):
+            raise _Bad(502, "bad status line")
+        status = int(parts[1])
+        if not self.pending:
+            raise _Bad(502, "a response without a request")
+        method, upgrade = self.pending[0]
+        if status == 101 or (method == b"CONNECT" and 200 <= status < 300):
+            self.pending.popleft()
+            self.state = "done"
+            self.lost = True  # no HTTP after a switch
+            return upgrade
+        if status < 200:
+            return None  # interim (100 Continue, 103 Early Hints): the final one follows
+        self.pending.popleft()
+        te: list[bytes] = []
+        cl: bytes | None = None
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            low = name.strip().lower()
+            if low == b"transfer-encoding":
+                te += [v.strip().lower() for v in value.split(b",") if v.strip()]
+            elif low == b"content-length":
+                cl = value.strip()
+        if method == b"HEAD" or status in (204, 304):
+            self.state = "head"
+        elif te:
+            if te[-1] != b"chunked":
+                raise _Bad(502, "close-delimited response")
+            self.state = "chunk_size"
+        elif cl is not None:
+            if not re.fullmatch(rb"[0-9]{1,18}", cl):
+                raise _Bad(502, "bad Content-Length")
+            self.left = int(cl)
+            self.state = "body" if self.left else "head"
+        else:
+            raise _Bad(502, "close-delimited response")  # the connection ends with it
+        return False if upgrade else None
