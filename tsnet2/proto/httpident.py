@@ -6,8 +6,10 @@ identity="http")``). It parses each HTTP/1.x request head (keep-alive and pipeli
 ``Content-Length`` and chunked bodies, trailers), removes every header named in
 :data:`STRIPPED` or starting with ``Tsnet2-`` (case-insensitive; whatever the caller sent)
 and appends the daemon's own (:func:`identity_headers`). Bodies pass through byte for byte.
-After a ``CONNECT`` request, or one asking for an ``Upgrade`` (WebSocket), the rest of the
-connection is relayed raw. ``Expect: 100-continue`` needs nothing: the target answers it and
+After a ``CONNECT`` request, or one asking for an ``Upgrade`` (WebSocket), the
+caller's next bytes are held until the target answers it (:meth:`RequestRewriter.response`
+follows the target's responses): relayed raw once it switched protocols, rewritten as
+requests if it did not. ``Expect: 100-continue`` needs nothing: the target answers it and
 the body follows as framed.
 
 A head longer than :data:`MAX_HEAD` gets a ``431`` answer to the caller and the connection
