@@ -469,3 +469,37 @@ def test_listen_socket_checks_identity_first() -> None:
 
 def test_rule_http_proxy_mode() -> None:
     assert parse_serve_rule("80=http+proxy:127.0.0.1:8080").mode == "http+proxy"
+
+
+def test_daemon_checks_forward_socket_before_the_node(tmp_path: Path) -> None:
+    """The control route refuses a bad forward socket with its reason (no node needed)."""
+    import asyncio
+
+    from tsnet2 import proto
+    from tsnet2.daemon.datapath import ListenError
+    from tsnet2.daemon.server import Daemon, DaemonConfig, Session
+
+    d = Daemon(DaemonConfig(socket_path=tmp_path / "s.sock", state_dir=tmp_path / "state",
+                            traffic_log=str(tmp_path / "traffic.jsonl")))
+    a, b = socket.socketpair()
+    try:
+        session = Session(a, proto.ControlServerCore())
+
+        def call(params: dict[str, str]) -> object:
+            req = proto.ControlRequest(1, "register_listener",
+                                       {"network": "tcp", "addr": ":80", **params})
+            return asyncio.run(d._call(req, session))
+
+        with pytest.raises(ForwardError, match="not in the daemon's socket directory"):
+            call({"forward_socket": "/elsewhere/x.sock", "forward_mode": "http"})
+        with pytest.raises(ForwardError, match="No such file"):
+            call({"forward_socket": str(tmp_path / "x.sock")})
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(tmp_path / "x.sock"))
+            # The socket passes; the node is not running, so the listener is refused there.
+            with pytest.raises(ListenError, match="cannot listen") as info:
+                call({"forward_socket": str(tmp_path / "x.sock"), "forward_mode": "proxy"})
+            assert not isinstance(info.value, ForwardError)
+    finally:
+        a.close()
+        b.close()
