@@ -146,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "PORT=TARGET or PORT=MODE:TARGET; MODE is tcp (default: the bytes as they "
                    "are), http (adds the caller's identity as request headers "
                    "Tailscale-User-Login, Tailscale-User-Name, Tsnet2-Node-Name, "
-                   "Tsnet2-Node-Id, X-Forwarded-For, Forwarded; removes any the caller sent) "
-                   "or proxy (a PROXY protocol v2 header with the caller's address and "
-                   "identity first); TARGET is HOST:PORT with a loopback HOST (127.0.0.1, "
-                   "[::1], localhost) or unix:/ABSOLUTE/PATH. E.g. 80=http:127.0.0.1:8080, "
+                   "Tsnet2-Node-Id, X-Forwarded-For, Forwarded; removes any the caller sent), "
+                   "proxy (a PROXY protocol v2 header with the caller's address and "
+                   "identity first) or http+proxy (both); TARGET is HOST:PORT with a "
+                   "loopback HOST (127.0.0.1, [::1], localhost) or unix:/ABSOLUTE/PATH. "
+                   "E.g. 80=http:127.0.0.1:8080, "
                    "2222=proxy:unix:/tsnet2/ssh.sock. See docs/serve.md")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
