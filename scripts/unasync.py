@@ -27,6 +27,7 @@ TARGET = ROOT / "tsnet2" / "client" / "_sync"
 WORDS = {
     "AsyncServer": "Server",
     "AsyncListener": "Listener",
+    "AsyncSocketListener": "SocketListener",
     "AsyncConn": "TailnetSocket",
     "AsyncLocalClient": "LocalClient",
     "AsyncIPNBusWatcher": "IPNBusWatcher",

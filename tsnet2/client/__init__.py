@@ -9,12 +9,12 @@ Everything public is re-exported by the top-level :mod:`tsnet2` package.
 """
 
 from tsnet2.client._async.local import AsyncIPNBusWatcher, AsyncLocalClient
-from tsnet2.client._async.server import AsyncListener, AsyncServer
+from tsnet2.client._async.server import AsyncListener, AsyncServer, AsyncSocketListener
 from tsnet2.client._backend_async import AsyncConn
 from tsnet2.client._backend_sync import TailnetSocket
 from tsnet2.client._base import FallbackTCPHandler, Status, TailnetAddr
 from tsnet2.client._sync.local import IPNBusWatcher, LocalClient
-from tsnet2.client._sync.server import Listener, Server
+from tsnet2.client._sync.server import Listener, Server, SocketListener
 from tsnet2.client.errors import (
     AddressError,
     AddressInUseError,
@@ -35,6 +35,12 @@ from tsnet2.client.errors import (
     PermissionDeniedError,
     ProtocolError,
 )
+from tsnet2.client.identity import (
+    CallerIdentity,
+    identity_from_asgi_scope,
+    identity_from_headers,
+    identity_from_wsgi_environ,
+)
 
 __all__ = [
     "AddressError",
@@ -44,7 +50,9 @@ __all__ = [
     "AsyncListener",
     "AsyncLocalClient",
     "AsyncServer",
+    "AsyncSocketListener",
     "AuthKeyError",
+    "CallerIdentity",
     "ClosedError",
     "DaemonError",
     "DaemonUnavailableError",
@@ -65,7 +73,11 @@ __all__ = [
     "PermissionDeniedError",
     "ProtocolError",
     "Server",
+    "SocketListener",
     "Status",
     "TailnetAddr",
     "TailnetSocket",
+    "identity_from_asgi_scope",
+    "identity_from_headers",
+    "identity_from_wsgi_environ",
 ]

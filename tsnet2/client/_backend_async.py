@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from tsnet2 import proto
@@ -22,6 +23,7 @@ from tsnet2.client._base import TailnetAddr
 
 __all__ = [
     "AsyncConn",
+    "Background",
     "Condition",
     "Event",
     "Lock",
@@ -245,3 +247,18 @@ async def make_conn(
         own.close()
         raise
     return AsyncConn(reader, writer, local, remote)
+
+
+class Background:
+    """Runs ``fn()`` (a coroutine function) as a task of the running loop until it returns;
+    the sync face runs it in a daemon thread."""
+
+    def __init__(self, fn: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        self._task = asyncio.get_running_loop().create_task(fn(), name=name)
+
+    async def join(self) -> None:
+        """Wait until ``fn`` returned (the caller made it return); a cancel is final."""
+        if self._task is asyncio.current_task():
+            return
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -13,11 +13,13 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tsnet2.client._base import TailnetAddr, sockaddr
 
 __all__ = [
+    "Background",
     "Condition",
     "Event",
     "Lock",
@@ -166,3 +168,17 @@ def make_conn(
 ) -> TailnetSocket:
     """Hand a channel whose header has been read to the app, as a blocking socket."""
     return TailnetSocket._adopt(sock, local, remote)
+
+
+class Background:
+    """Runs ``fn()`` in a daemon thread until it returns; the asyncio face runs it as a
+    task."""
+
+    def __init__(self, fn: Callable[[], None], name: str) -> None:
+        self._thread = threading.Thread(target=fn, name=name, daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait until ``fn`` returned (the caller made it return)."""
+        if self._thread is not threading.current_thread():
+            self._thread.join()

@@ -11,6 +11,8 @@ import enum
 import ipaddress
 import json
 import os
+import secrets
+import socket
 from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
@@ -484,13 +486,17 @@ def relisten_failed_message(path: str, addr: str, cause: BaseException) -> str:
     )
 
 
-def relisten_params(network: str, bound_addr: str) -> proto.RegisterListenerParams:
+def relisten_params(network: str, bound_addr: str, forward_socket: str = "",
+                    forward_mode: str = "") -> proto.RegisterListenerParams:
     """``register_listener`` params that re-create a listener on the same bound address.
 
     The bound address (as the daemon reported it, port 0 already resolved) is used,
-    not the one the app asked for, so a ``":0"`` listener keeps its port.
+    not the one the app asked for, so a ``":0"`` listener keeps its port. A socket
+    listener (``listen_socket``) keeps its forward socket and mode.
     """
-    return proto.RegisterListenerParams(network=network, addr=bound_addr)
+    return proto.RegisterListenerParams(network=network, addr=bound_addr,
+                                        forward_socket=forward_socket,
+                                        forward_mode=forward_mode)
 
 
 def check_relisten_addr(old_addr: str, new_addr: str) -> None:
@@ -501,6 +507,39 @@ def check_relisten_addr(old_addr: str, new_addr: str) -> None:
         raise ProtocolError(
             f"tsnet2.listen: the daemon bound {new_addr!r} when asked for {old_addr!r}"
         )
+
+
+SOCKET_IDENTITIES = ("http", "proxy", "http+proxy", "tcp")
+"""``Server.listen_socket(identity=...)`` values (the daemon's forward modes)."""
+MAX_SOCKET_PATH = 107  # bytes of sun_path, without the terminating NUL
+
+
+def bind_forward_socket(op: str, daemon_socket: str) -> tuple[socket.socket, str]:
+    """A listening ``AF_UNIX`` socket, mode 0600, under a unique name in the directory of
+    the daemon's socket (where the daemon accepts forward sockets): ``(socket, path)``.
+    The mode is set before ``listen()``, so nobody else can connect in between."""
+    directory = os.path.dirname(os.path.abspath(daemon_socket))
+    path = os.path.join(directory, f"tsnet2-fwd-{os.getpid()}-{secrets.token_hex(6)}.sock")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise AddressError(f"{op}: socket path {path!r} is longer than {MAX_SOCKET_PATH} "
+                           "bytes; use a shorter socket directory")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        try:
+            os.chmod(path, 0o600)
+            sock.listen(128)
+        except BaseException:
+            os.unlink(path)
+            raise
+    except OSError as exc:
+        sock.close()
+        raise DaemonUnavailableError(f"{op}: cannot create a socket in {directory}: "
+                                     f"{exc.strerror or exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock, path
 
 
 class ListenerBinding:
@@ -514,13 +553,16 @@ class ListenerBinding:
     accept() raises.
     """
 
-    def __init__(self, network: str, addr: str, listener_id: str, gen: int) -> None:
+    def __init__(self, network: str, addr: str, listener_id: str, gen: int,
+                 forward_socket: str = "", forward_mode: str = "") -> None:
         self.network = network
         self.addr = addr
         self.listener_id = listener_id
         self.gen = gen
         self.slots_gen = gen
         self.lost: str | None = None
+        self.forward_socket = forward_socket  # listen_socket: the app's Unix socket
+        self.forward_mode = forward_mode
 
     def rebind(self, listener_id: str, addr: str, gen: int) -> None:
         """Record the id the restarted daemon gave this listener (id first, then gen)."""

@@ -23,6 +23,7 @@ from tsnet2.daemon.server import (
     DaemonFatalError,
     no_dumps,
 )
+from tsnet2.proto.serve import ServeRule, parse_serve_rule
 
 USAGE_EXIT = 2
 MAX_GID = 2**32 - 2  # (gid_t)-1 means "unchanged" to chown
@@ -142,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "asyncio (the standard library's), or auto: uvloop when it is installed "
                    "(the daemon extra installs it), else asyncio (default auto)")
     add_egress_flags(p)
+    p.add_argument("--serve", metavar="RULE", action="append", default=[],
+                   help="forward a tailnet port to a target in this pod (repeatable). RULE is "
+                   "PORT=TARGET or PORT=MODE:TARGET; MODE is tcp (default: the bytes as they "
+                   "are), http (adds the caller's identity as request headers "
+                   "Tailscale-User-Login, Tailscale-User-Name, Tsnet2-Node-Name, "
+                   "Tsnet2-Node-Id, X-Forwarded-For, Forwarded; removes any the caller sent), "
+                   "proxy (a PROXY protocol v2 header with the caller's address and "
+                   "identity first) or http+proxy (both); TARGET is HOST:PORT with a "
+                   "loopback HOST (127.0.0.1, [::1], localhost) or unix:/ABSOLUTE/PATH. "
+                   "E.g. 80=http:127.0.0.1:8080, "
+                   "2222=proxy:unix:/tsnet2/ssh.sock. See docs/serve.md")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     return p
 
@@ -203,6 +215,19 @@ def parse_socket_group(text: str) -> int:
                          "name from /etc/group)") from None
 
 
+def parse_serve_rules(texts: list[str]) -> tuple[ServeRule, ...]:
+    """`--serve` rules (:func:`tsnet2.proto.serve.parse_serve_rule`); ValueError with the
+    message tsnet2d prints for a bad rule or a port given twice."""
+    rules: dict[int, ServeRule] = {}
+    for text in texts:
+        rule = parse_serve_rule(text)
+        if rule.port in rules:
+            raise ValueError(f"--serve {text!r}: port {rule.port} is already served "
+                             f"({rules[rule.port]})")
+        rules[rule.port] = rule
+    return tuple(rules.values())
+
+
 def raise_fd_limit() -> tuple[int, int]:
     """Raise the soft open-files limit to the hard one (each flow holds two descriptors)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -237,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         socket_mode = None if args.socket_mode is None else parse_socket_mode(args.socket_mode)
         socket_group = (None if args.socket_group is None
                         else parse_socket_group(args.socket_group))
+    except ValueError as exc:
+        print(f"tsnet2d: {exc}", file=sys.stderr)
+        return USAGE_EXIT
+    try:
+        serve = parse_serve_rules(args.serve)
     except ValueError as exc:
         print(f"tsnet2d: {exc}", file=sys.stderr)
         return USAGE_EXIT
@@ -300,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         tcp_keepalive=args.tcp_keepalive,
         relay=args.relay,
         **sidecar,
+        serve=serve,
     )
 
     def ready() -> None:

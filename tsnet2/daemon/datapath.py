@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from tsnet2 import proto
 from tsnet2.daemon import io, zerocopy
@@ -38,7 +38,7 @@ from tsnet2.daemon.zerocopy import PipePool, PipeSplice, RelayMode
 from tsnet2.node import NodeError
 from tsnet2.node.nflog import NflogReader
 from tsnet2.proto import ErrorCode
-from tsnet2.traffic import Flow, RejectReason, TrafficLog, TrafficLogError
+from tsnet2.traffic import Flow, FlowVia, RejectReason, TrafficLog, TrafficLogError
 
 log = logging.getLogger("tsnet2d.datapath")
 
@@ -63,7 +63,17 @@ REJECT_REASON: dict[str, RejectReason] = {
     "dial_timeout": "dial_failed", "app_gone": "app_gone",
     "log_unavailable": "log_unavailable", "no_listener": "no_listener",
     "listener_closed": "no_listener", "no_slot": "no_slot", "shutdown": "shutdown",
+    "target_failed": "target_failed",
 }
+
+
+class Forwarder(Protocol):
+    """A listener whose flows the daemon forwards itself (`tsnet2.daemon.serve.Forward`)
+    instead of handing them to parked slots."""
+
+    async def inbound(self, dp: Datapath, lst: ListenerRegistration,
+                      conn: socket.socket) -> None:
+        """Serve one accepted tailnet connection."""
 
 
 class ListenError(Exception):
@@ -97,6 +107,7 @@ class ListenerRegistration:
     slots: collections.deque[Slot] = dataclasses.field(default_factory=collections.deque)
     slot_added: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    forward: Forwarder | None = None  # serve: the daemon forwards flows, no slots
 
 
 class Datapath:
@@ -137,9 +148,10 @@ class Datapath:
 
     # ---- listeners -------------------------------------------------------------------
 
-    async def register_listener(self, network: str, addr: str,
-                                owner: object) -> ListenerRegistration:
-        """Bind a listener on the node's tailnet addresses; return it (port 0 resolved)."""
+    async def register_listener(self, network: str, addr: str, owner: object,
+                                forward: Forwarder | None = None) -> ListenerRegistration:
+        """Bind a listener on the node's tailnet addresses; return it (port 0 resolved).
+        With ``forward``, the daemon serves its flows itself (`tsnet2.daemon.serve`)."""
         try:
             la = proto.parse_listen_addr(network, addr)
         except proto.WireAddressError as exc:
@@ -178,7 +190,8 @@ class Datapath:
         port = socks[0].getsockname()[1]
         shown = proto.format_addr(la.host, port) if la.host is not None else f":{port}"
         lst = ListenerRegistration(id=proto.new_id(), network=la.network, port=port,
-                                   addr=shown, owner=owner, ips=ips, socks=socks)
+                                   addr=shown, owner=owner, ips=ips, socks=socks,
+                                   forward=forward)
         self.listeners[lst.id] = lst
         for s in socks:
             lst.tasks.append(self._spawn(self._accept_loop(lst, s)))
@@ -362,7 +375,8 @@ class Datapath:
                 await asyncio.sleep(0.1)
                 continue
             conn.setblocking(False)
-            self._spawn(self._inbound(lst, conn))
+            self._spawn(self._inbound(lst, conn) if lst.forward is None
+                        else lst.forward.inbound(self, lst, conn))
 
     async def _inbound(self, lst: ListenerRegistration, conn: socket.socket,
                        waited: float = 0.0) -> None:
@@ -427,6 +441,10 @@ class Datapath:
             log.warning("accept slot for unknown listener %s refused", listener_id)
             m.slot_dropped("unknown_listener")
             return False
+        if lst.forward is not None:
+            log.warning("accept slot for forwarding listener %s refused", listener_id)
+            m.slot_dropped("unknown_listener")
+            return False
         if len(lst.slots) >= MAX_SLOTS:
             log.warning("listener %s has %d parked slots; refusing another", lst.id, MAX_SLOTS)
             m.slot_dropped("over_limit")
@@ -484,7 +502,8 @@ class Datapath:
         return await self._splice("in", flow, sock, conn, b"")
 
     def _refuse(self, direction: Literal["in", "out"], reason: str, *, remote: str,
-                error: str, local: str = "", listener_id: str | None = None) -> None:
+                error: str, local: str = "", listener_id: str | None = None,
+                via: FlowVia | None = None, target: str | None = None) -> None:
         """Account for a flow that never opened: a `reject` record, metrics, daemon log."""
         log.warning("%s flow %s %s refused (%s): %s", direction,
                     "from" if direction == "in" else "to", remote, reason, error)
@@ -494,16 +513,18 @@ class Datapath:
             whois = whois_summary(self._node_at(remote))
         self.traffic.reject(direction=direction, remote=remote, local=local or None,
                             reason=REJECT_REASON.get(reason, "dial_failed"), error=error,
-                            whois=whois, listener_id=listener_id)
+                            whois=whois, listener_id=listener_id, via=via, target=target)
 
     def _log_ready(self, direction: Literal["in", "out"], *, remote: str, local: str = "",
-                   listener_id: str | None = None) -> bool:
+                   listener_id: str | None = None, via: FlowVia | None = None,
+                   target: str | None = None) -> bool:
         """False (and the flow is refused) while the traffic log cannot take records."""
         try:
             self.traffic.check_writable()
         except TrafficLogError as exc:
             self._refuse(direction, "log_unavailable", remote=remote, local=local,
-                         listener_id=listener_id, error=f"traffic log unavailable: {exc}")
+                         listener_id=listener_id, error=f"traffic log unavailable: {exc}",
+                         via=via, target=target)
             return False
         return True
 
@@ -624,7 +645,8 @@ class Datapath:
     # ---- splice ----------------------------------------------------------------------
 
     async def _splice(self, direction: Literal["in", "out"], flow: Flow,
-                      app: socket.socket, peer: socket.socket, pending: bytes) -> bool:
+                      app: socket.socket, peer: socket.socket, pending: bytes,
+                      relay: Callable[..., Relay] | None = None) -> bool:
         """Attach both sockets to a Splice and return True: the splice now owns them.
 
         Nothing waits for the flow's end: the Splice's close callback does the
@@ -640,7 +662,9 @@ class Datapath:
                 m.flow_closed(direction, sp.result, time.monotonic() - started)
 
         sp: Relay
-        if self.pipes is not None:
+        if relay is not None:  # serve's http mode: `relay(flow, on_bytes=, on_close=)`
+            sp = relay(flow, on_bytes=self._on_bytes[direction], on_close=closed)
+        elif self.pipes is not None:
             sp = PipeSplice(flow, self.pipes, on_bytes=self._on_bytes[direction],
                             on_close=closed)
         else:

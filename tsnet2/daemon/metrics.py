@@ -91,6 +91,7 @@ REFUSE_REASONS: dict[str, tuple[str, ...]] = {
         "listener_closed",  # the listener went away while the flow waited
         "no_slot",  # no parked accept slot within the slot wait limit
         "log_unavailable",
+        "target_failed",  # a serve flow's target in the pod could not be connected
         OTHER,
     ),
 }

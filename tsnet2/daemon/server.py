@@ -54,10 +54,12 @@ from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
+from tsnet2.daemon.serve import ServeRules, forward_for
 from tsnet2.daemon.watchdog import Watchdog
 from tsnet2.daemon.zerocopy import RelayMode
 from tsnet2.node import NodeError
 from tsnet2.proto import ErrorCode, methods
+from tsnet2.proto.serve import ServeRule
 from tsnet2.traffic import ErrorPolicy, LogMode, TrafficLog
 
 log = logging.getLogger("tsnet2d")
@@ -118,6 +120,7 @@ class DaemonConfig:
     relay: RelayMode = "auto"  # "auto": splice(2) when no payload is logged; "copy"
     egress: EgressConfig | None = None  # --egress-listen / --egress-socket
     dns: DnsConfig | None = None  # --dns-listen / --dns-upstream
+    serve: tuple[ServeRule, ...] = ()  # --serve: tailnet ports forwarded into the pod
 
 
 @dataclasses.dataclass(eq=False)
@@ -194,6 +197,9 @@ class Daemon:
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics,
                                  keepalive_idle=config.tcp_keepalive, relay=config.relay)
         self.backend.refusal_log = self.datapath
+        self.serve_rules = ServeRules(config.serve, self.datapath, self.backend)
+        # Where apps' forward sockets must be (listen_socket): the directory of --socket.
+        self.socket_dir = Path(os.path.abspath(config.socket_path)).parent
         self.backend.on_lost = self._wake_supervisor
         self.egress = None if config.egress is None else Egress(
             config.egress, self.datapath, self.spawn, allow_uids=config.allow_uids,
@@ -303,6 +309,7 @@ class Daemon:
             self._accept_task = self.spawn(self._accept_loop(self._listen_sock), critical=True,
                                            name="socket accept loop")
             self.spawn(self._probe_traffic_log())
+            self.spawn(self.serve_rules.run(), name="serve rules")
             self.spawn(self._checkpoints(), name="traffic-log checkpoints")
             await self._stop.wait()
         finally:
@@ -779,8 +786,14 @@ class Daemon:
         if owned >= MAX_LISTENERS_PER_SESSION:
             raise ListenError(f"daemon: this client has {owned} listeners, the most one "
                               "client may register; close some", ErrorCode.LIMIT)
-        lst = await self.datapath.register_listener(params.network, params.addr, session)
-        return proto.RegisterListenerResult(listener_id=lst.id, addr=lst.addr)
+        forward = None
+        if params.forward_socket:  # tsnet2's extension: a listen_socket registration
+            forward = forward_for(params.forward_socket, params.forward_mode,
+                                  self.socket_dir, peer_uid(session.sock))
+        lst = await self.datapath.register_listener(params.network, params.addr, session,
+                                                    forward=forward)
+        return proto.RegisterListenerResult(listener_id=lst.id, addr=lst.addr,
+                                            forward_socket=params.forward_socket)
 
     async def _unregister_listener(self, params: proto.UnregisterListenerParams,
                                    session: Session) -> proto.Empty:

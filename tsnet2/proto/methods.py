@@ -239,37 +239,59 @@ class CertDomainsResult:
 
 @dataclass(frozen=True, slots=True)
 class RegisterListenerParams:
-    """``register_listener`` params: ``{"network": "tcp", "addr": ":8080"}``."""
+    """``register_listener`` params: ``{"network": "tcp", "addr": ":8080"}``.
+
+    tsnet2 extension (optional; the prototype's shim never sends it): ``forward_socket``, an
+    absolute path of a Unix socket the app listens on in the daemon's socket directory, and
+    ``forward_mode`` (``"tcp"``, ``"http"`` or ``"proxy"``; default ``"tcp"``): the daemon
+    then connects each inbound flow to that socket itself (a serve listener) instead of
+    handing it to parked accept slots. Both keys are left out of the document when unset.
+    """
 
     network: str
     addr: str
+    forward_socket: str = ""
+    forward_mode: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The params document."""
-        return {"network": self.network, "addr": self.addr}
+        doc: dict[str, Any] = {"network": self.network, "addr": self.addr}
+        if self.forward_socket:
+            doc["forward_socket"] = self.forward_socket
+            doc["forward_mode"] = self.forward_mode or "tcp"
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Self:
         """Decode a params document."""
-        return cls(network=_param_str(doc, "network"), addr=_param_str(doc, "addr"))
+        return cls(network=_param_str(doc, "network"), addr=_param_str(doc, "addr"),
+                   forward_socket=_param_str(doc, "forward_socket"),
+                   forward_mode=_param_str(doc, "forward_mode"))
 
 
 @dataclass(frozen=True, slots=True)
 class RegisterListenerResult:
-    """``register_listener`` result: the new listener id and the bound address."""
+    """``register_listener`` result: the new listener id and the bound address; a daemon
+    that forwards (the ``forward_socket`` extension) echoes ``forward_socket``, so a client
+    can tell a daemon that ignored the key (an older one) and undo the registration."""
 
     listener_id: str
     addr: str
+    forward_socket: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """The result document."""
-        return {"listener_id": self.listener_id, "addr": self.addr}
+        doc = {"listener_id": self.listener_id, "addr": self.addr}
+        if self.forward_socket:
+            doc["forward_socket"] = self.forward_socket
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Self:
         """Decode a result document."""
         w = "register_listener result"
-        return cls(listener_id=get_str(doc, "listener_id", w), addr=get_str(doc, "addr", w))
+        return cls(listener_id=get_str(doc, "listener_id", w), addr=get_str(doc, "addr", w),
+                   forward_socket=get_str(doc, "forward_socket", w))
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from tsnet2.client._base import (
     TailnetAddr,
 )
 from tsnet2.client.errors import (
+    AddressError,
     ClosedError,
     DaemonError,
     DaemonUnavailableError,
@@ -54,9 +56,10 @@ from tsnet2.client.errors import (
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["Listener", "Server"]
+__all__ = ["Listener", "Server", "SocketListener"]
 
 START, UP, CLOSE = proto.Method.START, proto.Method.UP, proto.Method.CLOSE
+WATCH_POLL = 0.05  # seconds a socket listener's watcher waits while another call reads
 TAILSCALE_IPS, CERT_DOMAINS = proto.Method.TAILSCALE_IPS, proto.Method.CERT_DOMAINS
 REGISTER_LISTENER = proto.Method.REGISTER_LISTENER
 UNREGISTER_LISTENER = proto.Method.UNREGISTER_LISTENER
@@ -100,7 +103,8 @@ class Server(ServerBase):
     same address; see docs/client.md, "Reconnection". Calls may run concurrently
     (from several threads, or several asyncio tasks): they share one control
     connection, each bounded by its own timeout, and while one of them reconnects
-    the others wait for it. Nothing runs in the background.
+    the others wait for it. Nothing runs in the background, except one watcher per
+    ``listen_socket`` (which has no accept() to notice a restart).
 
     Every method that needs the daemon starts the server first. Without a socket
     path those methods raise NotSupportedError (a NotImplementedError). Use it
@@ -113,7 +117,7 @@ class Server(ServerBase):
         self._control: ControlChannel | None = None
         self._pending_control: ControlChannel | None = None
         self._gen = 0
-        self._listeners: set[Listener] = set()
+        self._listeners: set[Listener | SocketListener] = set()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -270,7 +274,7 @@ class Server(ServerBase):
             finally:
                 self._pending_control = None
 
-    def _ensure_bound(self, op: str, ln: Listener) -> None:
+    def _ensure_bound(self, op: str, ln: Listener | SocketListener) -> None:
         """Register ``ln`` on the current connection if a reconnect missed it (a race
         with listen()); a no-op when it is already bound or lost."""
         b = ln._binding
@@ -282,7 +286,8 @@ class Server(ServerBase):
                 self._relisten(op, control, [ln])
 
     def _relisten(
-        self, op: str, control: ControlChannel, listeners: list[Listener]
+        self, op: str, control: ControlChannel,
+        listeners: list[Listener | SocketListener],
     ) -> tuple[int, list[str]]:
         """Register listeners again on their bound addresses; return (ok, lost addrs)."""
         again, lost = 0, []
@@ -290,7 +295,8 @@ class Server(ServerBase):
             if ln._closed:
                 continue
             b = ln._binding
-            params = _base.relisten_params(b.network, b.addr)
+            params = _base.relisten_params(b.network, b.addr, b.forward_socket,
+                                           b.forward_mode)
             try:
                 listener_id, bound = _base.parse_register_result(
                     control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
@@ -392,6 +398,64 @@ class Server(ServerBase):
         except BaseException:
             ln.close()
             raise
+        return ln
+
+    def listen_socket(
+        self, network: str, addr: str, *, identity: str = "http"
+    ) -> SocketListener:
+        """Listen on the tailnet through a real listening Unix socket, for servers that
+        accept connections themselves (uvicorn, hypercorn, gunicorn, socketserver).
+
+        The library binds an ``AF_UNIX`` socket (mode 0600) under a unique name in the
+        daemon's socket directory (the directory of ``socket_path``) and registers it:
+        the daemon connects each inbound tailnet flow to it, logging the flow as any
+        other. ``identity`` says what the daemon tells the app about the caller:
+
+        - ``"http"`` (default): HTTP/1.x requests get ``Tailscale-User-Login``,
+          ``Tailscale-User-Name``, ``Tsnet2-Node-Name``, ``Tsnet2-Node-Id``,
+          ``X-Forwarded-For``, ``X-Forwarded-Proto`` and ``Forwarded`` headers (and any
+          the caller sent under those names are removed); read them with
+          :func:`tsnet2.identity_from_asgi_scope` / :func:`tsnet2.identity_from_wsgi_environ`;
+        - ``"proxy"``: a PROXY protocol v2 header (caller address, identity TLVs) first;
+        - ``"http+proxy"``: both (gunicorn's ``--proxy-protocol`` then sees the caller's
+          address and the handler the headers);
+        - ``"tcp"``: the bytes as they are.
+
+        Returns an :class:`SocketListener`: ``.socket`` (the listening socket),
+        ``.fileno()``, ``.path``, ``.port``; close it (or use it as a context manager) to
+        unregister and unlink. If the daemon restarts, a background watcher registers the
+        socket again on the same port. Raises NotSupportedError if the daemon is too old
+        to forward to sockets, PermissionDeniedError if it refuses the socket.
+        """
+        op = "tsnet2.listen_socket"
+        _base.check_listen_args(op, network, addr)
+        if identity not in _base.SOCKET_IDENTITIES:
+            raise AddressError(f"{op}: identity={identity!r}: want one of "
+                               f"{', '.join(_base.SOCKET_IDENTITIES)}")
+        self.start()
+        sock, path = _base.bind_forward_socket(op, self.socket_path)
+        try:
+            result = self._rpc(
+                op, REGISTER_LISTENER,
+                proto.RegisterListenerParams(network, addr, forward_socket=path,
+                                             forward_mode=identity),
+                RPC_TIMEOUT,
+            )
+            listener_id, bound = _base.parse_register_result(result)
+            if result.forward_socket != path:
+                self._unregister(listener_id)
+                raise NotSupportedError(
+                    f"{op}: the daemon at {self.socket_path} does not forward to sockets "
+                    "(an older tsnet2d, or the prototype's); use listen() instead")
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        binding = _base.ListenerBinding(network, bound, listener_id, self._gen,
+                                        forward_socket=path, forward_mode=identity)
+        ln = SocketListener(self, binding, sock)
+        self._listeners.add(ln)
         return ln
 
     def listen_tls(self, network: str, addr: str) -> Listener:
@@ -725,6 +789,97 @@ class Listener(_base.ListenerBase):
 
 
     def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SocketListener(_base.ListenerBase):
+    """A tailnet port whose flows the daemon connects to a Unix socket this process
+    listens on (from ``Server.listen_socket``): give ``.socket`` (or ``.fileno()``, or
+    ``.path``) to a server that accepts connections itself.
+
+    While it is open, a background watcher (a task in the asyncio face, a daemon thread
+    in the sync face) notices when the daemon goes away and registers the socket again
+    once it is back, as ``accept()`` does for a :class:`Listener`.
+
+    Attributes:
+        socket: the listening ``AF_UNIX`` socket (``socket.socket``), mode 0600.
+        path: its path, in the daemon's socket directory.
+        identity: what the daemon adds to each flow: "http", "proxy", "http+proxy", "tcp".
+        network, addr, port, listener_id: as for a Listener.
+    """
+
+    def __init__(self, server: Server, binding: _base.ListenerBinding,
+                 sock: socket.socket) -> None:
+        self._binding = binding
+        self._server = server
+        self._slots: tuple[()] = ()
+        self._closed = False
+        self._wakeup = backend.Wakeup()
+        self.socket = sock
+        self.path = binding.forward_socket
+        self.identity = binding.forward_mode
+        self._watcher = backend.Background(self._watch, f"tsnet2 listen_socket {self.path}")
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor (for ``fd://N`` style options)."""
+        return self.socket.fileno()
+
+    def _watch(self) -> None:
+        """Wait for the control channel to end; then reconnect and register again."""
+        op = "tsnet2.listen_socket"
+        server = self._server
+        delay = BACKOFF_INITIAL
+        while not self._closed:
+            control = server._control
+            if control is None:
+                return
+            ready = backend.wait_readable([control._sock], None, self._wakeup)
+            if self._closed:
+                return
+            if not ready:
+                continue  # woken: registered again, or closing
+            if control.alive():
+                backend.sleep(WATCH_POLL)  # a reply another call will read
+                continue
+            try:
+                self._server._revive(op)
+                self._server._ensure_bound(op, self)
+                delay = BACKOFF_INITIAL
+            except ClosedError:
+                return
+            except Error as exc:
+                if self._binding.lost is not None:
+                    server._log(f"tsnet2: {self._binding.lost}")
+                    return
+                server._log(f"tsnet2: {op} {self.addr}: {exc}; trying again in {delay:g}s")
+                backend.sleep(delay)
+                delay = min(delay * 2, REPARK_BACKOFF_MAX)
+
+    def close(self) -> None:
+        """Unregister the port, close the socket and remove its file (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wakeup.set()
+        self._server._listeners.discard(self)
+        if self._binding.lost is None and self._server._control_alive():
+            self._server._unregister(self.listener_id)
+        self.socket.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self._watcher.join()
+        self._wakeup.close()
+
+
+    def __enter__(self) -> SocketListener:
         return self
 
     def __exit__(
