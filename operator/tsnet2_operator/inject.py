@@ -542,7 +542,7 @@ def _is_mount(mount: object, wanted: Mapping[str, Any]) -> bool:
     """``mount`` is ``wanted`` (the injector's, found in place by a re-invocation)."""
     return (isinstance(mount, Mapping) and mount.get("name") == wanted["name"]
             and str(mount.get("mountPath", "")).rstrip("/") == wanted["mountPath"]
-            and bool(mount.get("readOnly")) == bool(wanted.get("readOnly"))
+            and (mount.get("readOnly") is True) == bool(wanted.get("readOnly"))
             and not mount.get("subPath"))
 
 
