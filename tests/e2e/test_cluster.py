@@ -937,10 +937,25 @@ def test_unmodified_apps_serve_and_reach_the_tailnet(deployed: Env) -> None:
     for pod in (web, client):
         create(env.api, pod)
     srv, cli = manifests.PLAIN_WEB, manifests.PLAIN_CLIENT
+
+    def sidecar_logs() -> str:
+        """The two sidecars' logs (why one does not start, e.g. a flag it does not know)."""
+        out = []
+        for name in (srv, cli):
+            try:  # a crash-looping sidecar's last run
+                text = env.kubectl("-n", NS, "logs", name, "-c", SIDECAR, "--previous")
+            except AssertionError:
+                try:
+                    text = env.logs(name, SIDECAR)
+                except KubeError as exc:
+                    text = str(exc)
+            out.append(f"-- {name}/{SIDECAR} log (tail)\n{text[-3000:]}")
+        return "\n".join(out)
+
     try:
         for name in (srv, cli):
             wait_for(lambda n=name: pod_ready(get(env.api, "v1", "Pod", n, NS)), APP_WAIT,
-                     f"{name} to be ready", env.detail)
+                     f"{name} to be ready", lambda: sidecar_logs() + "\n" + env.detail())
         # What the injector made of the annotations.
         made = {n: get(env.api, "v1", "Pod", n, NS) for n in (srv, cli)}
         sidecars = {n: next(c for c in p["spec"]["initContainers"] if c["name"] == SIDECAR)
