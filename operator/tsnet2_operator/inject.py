@@ -19,7 +19,13 @@ Rules, in order (the first that applies decides):
 7. otherwise -> injected; the patch adds the socket and state volumes, the token volume,
    the sidecar and the status annotation, mounts the socket in every app container, sets
    ``TSNET2_SOCKET`` and drops ``NET_RAW`` from every container. The socket's group and
-   mode follow the pod's groups (:func:`socket_access`).
+   mode follow the pod's groups (:func:`socket_access`). ``tsnet2.io/serve`` (rules checked
+   by :mod:`tsnet2_operator.serve`; ``unix:`` targets only in ``SERVE_DIR``, a volume the
+   app containers can write), ``tsnet2.io/egress`` and ``tsnet2.io/dns`` add the sidecar's
+   ``--serve``, ``--egress-*`` and ``--dns-*`` flags, the egress variables of the app
+   containers, and for dns the pod's ``dnsPolicy: None``/``dnsConfig`` and the sidecar's
+   ``NET_BIND_SERVICE``; the cluster DNS address comes from the config (the kopf layer
+   fills it in from kube-dns at start-up), never from a lookup here.
 
 "App containers" are ``spec.containers`` plus init containers with ``restartPolicy: Always``
 (other native sidecars): everything that runs while tsnet2d runs; they get the socket.
