@@ -6,9 +6,9 @@ the contract, checked at admission so that a typo is refused with a message inst
 sidecar that crash-loops:
 
     RULE   = PORT "=" [MODE ":"] TARGET
-    MODE   = "tcp" | "http" | "proxy"            (default tcp)
+    MODE   = "tcp" | "http" | "proxy" | "http+proxy"    (default tcp)
     TARGET = HOST ":" PORT | "unix:" ABSPATH
-    HOST   = "127.0.0.1" | "[::1]" | "localhost"
+    HOST   = "127.0.0.1" (or another 127.x.y.z) | "[::1]" | "localhost"
 
 ``PORT`` is 1..65535 (no sign, no leading zeros). Examples: ``80=127.0.0.1:8080``,
 ``80=http:127.0.0.1:8080``, ``2222=proxy:unix:/var/run/tsnet2-serve/ssh.sock``.
@@ -21,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["tcp", "http", "proxy"]
-MODES: tuple[Mode, ...] = ("tcp", "http", "proxy")
+# http+proxy: the PROXY header, then the requests with the identity headers (tsnet2d's
+# --serve help names it besides the three of the contract).
+Mode = Literal["tcp", "http", "proxy", "http+proxy"]
+MODES: tuple[Mode, ...] = ("tcp", "http", "proxy", "http+proxy")
 LOOPBACK_HOSTS = ("127.0.0.1", "[::1]", "localhost")
 UNIX_PREFIX = "unix:"
 MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
@@ -30,8 +32,10 @@ MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 _PORT = re.compile(r"[1-9][0-9]{0,4}")
 _SEPARATORS = re.compile(r"[,\s]+")
 
-GRAMMAR = ("PORT=TARGET or PORT=MODE:TARGET, MODE tcp (default), http or proxy, TARGET "
-           "HOST:PORT with HOST 127.0.0.1, [::1] or localhost, or unix:/ABSOLUTE/PATH "
+GRAMMAR = ("PORT=TARGET or PORT=MODE:TARGET, MODE tcp (default), http, proxy or "
+           "http+proxy, TARGET "
+           "HOST:PORT with HOST 127.0.0.1 (127.x.y.z), [::1] or localhost, or "
+           "unix:/ABSOLUTE/PATH "
            "(e.g. 80=127.0.0.1:8080, 443=http:localhost:8080)")
 
 
@@ -65,6 +69,12 @@ def _port(text: str) -> int | None:
     return port if port <= 65535 else None
 
 
+def _ipv4_loopback(host: str) -> bool:
+    """An IPv4 literal in 127.0.0.0/8, written plainly (``127.0.0.2``, not ``127.1``)."""
+    return re.fullmatch(r"127(\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}",
+                        host) is not None
+
+
 def _check_unix_path(rule: str, path: str) -> None:
     if not path.startswith("/"):
         raise ServeRuleError(f"{rule!r}: the unix socket path {path!r} is not absolute")
@@ -95,7 +105,8 @@ def parse_serve_rule(rule: str) -> ServeRule:
     else:
         if colon and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", head) and head not in (
                 "unix", "localhost") and ":" in tail:
-            raise ServeRuleError(f"{rule!r}: unknown mode {head!r} (tcp, http or proxy)")
+            raise ServeRuleError(f"{rule!r}: unknown mode {head!r} (tcp, http, proxy or "
+                                 f"http+proxy)")
     if rest.startswith(UNIX_PREFIX):
         _check_unix_path(rule, rest[len(UNIX_PREFIX):])
         return ServeRule(port, mode, rest)
@@ -103,13 +114,13 @@ def parse_serve_rule(rule: str) -> ServeRule:
     if not colon or not host:
         raise ServeRuleError(f"{rule!r}: the target {rest!r} is neither HOST:PORT nor "
                              f"unix:/PATH; a rule is {GRAMMAR}")
-    if host not in LOOPBACK_HOSTS:
+    if host not in LOOPBACK_HOSTS and not _ipv4_loopback(host):
         hint = " (write IPv6 loopback in brackets: [::1])" if host.endswith("::1") else ""
         if host.split(":")[0] in (*MODES, "unix"):
-            hint = " (one MODE at most, before the target: tcp, http or proxy)"
+            hint = " (one MODE at most, before the target: tcp, http, proxy or http+proxy)"
         raise ServeRuleError(f"{rule!r}: the target host {host!r} is not a loopback literal "
-                             f"127.0.0.1, [::1] or localhost{hint}; the sidecar forwards "
-                             f"only into the pod")
+                             f"(127.0.0.1 or another 127.x.y.z, [::1], localhost){hint}; "
+                             f"the sidecar forwards only into the pod")
     if _port(target_port) is None:
         raise ServeRuleError(f"{rule!r}: the target port {target_port!r} is not a port "
                              f"number 1..65535")

@@ -16,6 +16,10 @@ from tsnet2_operator.serve import ServeRule, ServeRuleError, parse_serve_rule, p
      "2222=proxy:unix:/tsnet2/ssh.sock"),
     ("8080=unix:/run/app.sock", 8080, "tcp", "unix:/run/app.sock", "8080=unix:/run/app.sock"),
     ("65535=127.0.0.1:1", 65535, "tcp", "127.0.0.1:1", "65535=127.0.0.1:1"),
+    ("8000=http+proxy:127.0.0.1:8000", 8000, "http+proxy", "127.0.0.1:8000",
+     "8000=http+proxy:127.0.0.1:8000"),
+    ("81=127.0.0.2:80", 81, "tcp", "127.0.0.2:80", "81=127.0.0.2:80"),
+    ("82=127.255.255.254:80", 82, "tcp", "127.255.255.254:80", "82=127.255.255.254:80"),
 ])
 def test_good_rules(text: str, port: int, mode: str, target: str, canonical: str) -> None:
     rule = parse_serve_rule(text)
@@ -33,7 +37,11 @@ def test_good_rules(text: str, port: int, mode: str, target: str, canonical: str
     ("80=10.0.0.1:80", "not a loopback literal"),
     ("80=0.0.0.0:80", "not a loopback literal"),
     ("80=web.default.svc:80", "not a loopback literal"),
-    ("80=127.0.0.2:80", "not a loopback literal"),
+    ("80=128.0.0.1:80", "not a loopback literal"),
+    ("80=127.1:80", "not a loopback literal"),
+    ("80=127.0.0.256:80", "not a loopback literal"),
+    ("80=127.0.0.01:80", "not a loopback literal"),
+    ("80=proxy+http:127.0.0.1:80", "not a loopback literal"),
     ("80=::1:80", "in brackets"),
     ("80=ftp:127.0.0.1:21", "unknown mode 'ftp'"),
     ("80=http:tcp:127.0.0.1:1", "one MODE at most"),
