@@ -13,6 +13,7 @@ arguments (defaulting to the process's), so tests never touch global state.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -37,11 +38,13 @@ NAMESPACE_ENV = "TSNET2_NAMESPACE"
 POD_NAMESPACE_ENV = "POD_NAMESPACE"  # the chart sets it from the downward API
 MAX_CONFIG_BYTES = 64 * 1024  # a config file is a handful of keys; refuse anything huge
 NATIVE_SIDECAR_MIN_VERSION = (1, 29)  # SidecarContainers is beta and on by default from 1.29
+DEFAULT_EGRESS_PORT = 1055
 
 # Whole-string patterns (re.fullmatch): "$" would also accept a trailing newline.
 _QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
 _URL = re.compile(r"https?://[^/\s]+(/\S*)?")
 _HOST_PORT = re.compile(r"\S*:[0-9]{1,5}")
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class ConfigError(ValueError):
@@ -67,6 +70,13 @@ class SidecarConfig:
     traffic_log_max_bytes: int = 100 << 20
     traffic_log_keep: int = 5
     audit_bypass_policy: AuditBypassPolicy = "refuse"
+    # tsnet2.io/egress: "true" listens on this loopback port in the pod.
+    egress_port: int = DEFAULT_EGRESS_PORT
+    # tsnet2.io/dns: the sidecar forwards non-tailnet names to this IP[:PORT] (the cluster
+    # DNS Service); empty: the operator looks up kube-system/kube-dns once at start-up.
+    dns_upstream: str = ""
+    # ...and the pod's search list is <ns>.svc.<domain> svc.<domain> <domain>.
+    dns_cluster_domain: str = "cluster.local"
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,51 @@ def _bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name}: invalid value {value!r}; allowed: true, false")
 
 
+def _listen_port(name: str, value: str) -> int:
+    port = _port(name, value.strip())
+    if port == 0:
+        raise ConfigError(f"{name}: 0 is not a port to listen on (1..65535)")
+    return port
+
+
+def _dns_upstream(name: str, value: str) -> str:
+    value = value.strip()
+    if value and parse_dns_upstream(value) is None:
+        raise ConfigError(f"{name}: {value!r} is not an IP address with an optional port "
+                          "(e.g. 10.96.0.10, 10.96.0.10:53, [fd00::a]:53); empty: the "
+                          "kube-dns Service's address")
+    return value
+
+
+def parse_dns_upstream(value: str) -> tuple[str, int] | None:
+    """(IP, port) from ``IP``, ``IP:PORT``, ``[IPv6]`` or ``[IPv6]:PORT``; None if not that."""
+    host, port = value, 53
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::([0-9]{1,5}))?", value)
+    if m:
+        host, port = m.group(1), int(m.group(2) or 53)
+    elif value.count(":") == 1:
+        host, _, text = value.partition(":")
+        if not re.fullmatch(r"[0-9]{1,5}", text):
+            return None
+        port = int(text)
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not 0 < port <= 65535:
+        return None
+    return str(addr), port
+
+
+def _cluster_domain(name: str, value: str) -> str:
+    value = value.strip().rstrip(".")
+    labels = value.split(".")
+    if not value or not all(_DNS_LABEL.fullmatch(label) for label in labels) \
+            or len(value) > 253:
+        raise ConfigError(f"{name}: {value!r} is not a DNS domain (e.g. cluster.local)")
+    return value
+
+
 def _domain(name: str, value: str) -> str:
     try:
         return validate_domain(value.strip())
@@ -233,6 +288,15 @@ FIELDS: tuple[Field, ...] = (
     Field("audit_bypass_policy", "TSNET2_AUDIT_BYPASS_POLICY", _choice("refuse", "strip"), True,
           "containers that could bypass the traffic log (privileged, NET_RAW, NET_ADMIN, ...) "
           "in pods without tsnet2.io/audit-bypass-policy: refuse the pod, or strip the setting"),
+    Field("egress_port", "TSNET2_EGRESS_PORT", _listen_port, True,
+          "loopback port of the sidecar's egress proxy (SOCKS5 and HTTP) in pods with "
+          "tsnet2.io/egress: \"true\""),
+    Field("dns_upstream", "TSNET2_DNS_UPSTREAM", _dns_upstream, True,
+          "IP[:PORT] the sidecar's DNS responder (tsnet2.io/dns) forwards non-tailnet names "
+          "to: the cluster DNS Service (empty: the ClusterIP of kube-system/kube-dns, looked "
+          "up once at start-up)"),
+    Field("dns_cluster_domain", "TSNET2_DNS_CLUSTER_DOMAIN", _cluster_domain, True,
+          "the cluster's DNS domain, for the search list of pods with tsnet2.io/dns"),
     Field("native_sidecar", "TSNET2_NATIVE_SIDECAR", _choice("auto", "on", "off"), False,
           "native sidecar (initContainer, restartPolicy Always): auto = API server >= 1.29"),
     Field("webhook_addr", "TSNET2_WEBHOOK_ADDR", _nonempty, False,

@@ -9,7 +9,8 @@ body=..., ...)``). The handlers:
 * :func:`login` (in a pod the service account, else ``$KUBECONFIG``);
 * :func:`start_injector`, a start-up handler that sets kopf's webhook server (HTTPS,
   certificate files from the config), leaves ``settings.admission.managed`` unset (the chart
-  owns the MutatingWebhookConfiguration), decides native vs regular sidecars and starts
+  owns the MutatingWebhookConfiguration), decides native vs regular sidecars, looks up the
+  cluster DNS Service once when ``dns_upstream`` is unset (for ``tsnet2.io/dns``) and starts
   ``/metrics``;
 * :func:`mutate_pod`, ``@kopf.on.mutate('pods', operations=['CREATE'], id='inject')``, served
   at ``/inject``: calls :func:`~tsnet2_operator.inject.inject`, applies its patch, emits the
@@ -29,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import jsonpatch
@@ -119,9 +120,32 @@ async def start_injector(param: Injector, settings: kopf.OperatorSettings, logge
     logger.info("tsnet2 injector: native sidecar %s (mode %s, API server %s)",
                 injector.native_sidecar, config.native_sidecar,
                 ".".join(map(str, version)) if version != (0, 0) else "not asked")
+    if not config.sidecar.dns_upstream:
+        await _find_cluster_dns(injector, lookups, logger)
     if config.metrics_addr:
         port = injector.metrics.serve(config.metrics_addr)
         logger.info("tsnet2 injector: /metrics on port %d", port)
+
+
+async def _find_cluster_dns(injector: Injector, lookups: KubeLookups,
+                            logger: kopf.Logger) -> None:
+    """No ``dns_upstream`` configured: take kube-system/kube-dns's ClusterIP, once (the
+    injector itself stays pure). Without one, pods asking for ``tsnet2.io/dns`` are refused
+    with a message saying so; everything else works."""
+    try:
+        ip = await lookups.cluster_dns()
+    except KubeLookupError as exc:
+        logger.warning("tsnet2 injector: %s; pods with tsnet2.io/dns will be refused "
+                       "(set dns_upstream, chart value dns.upstream)", exc)
+        return
+    if ip is None:
+        logger.warning("tsnet2 injector: no Service kube-system/kube-dns with a ClusterIP; "
+                       "pods with tsnet2.io/dns will be refused (set dns_upstream, chart "
+                       "value dns.upstream)")
+        return
+    sidecar = replace(injector.config.sidecar, dns_upstream=ip)
+    injector.config = replace(injector.config, sidecar=sidecar)
+    logger.info("tsnet2 injector: tsnet2.io/dns forwards to %s (kube-system/kube-dns)", ip)
 
 
 async def stop_injector(param: Injector, **_: Any) -> None:

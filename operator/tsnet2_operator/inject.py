@@ -19,7 +19,13 @@ Rules, in order (the first that applies decides):
 7. otherwise -> injected; the patch adds the socket and state volumes, the token volume,
    the sidecar and the status annotation, mounts the socket in every app container, sets
    ``TSNET2_SOCKET`` and drops ``NET_RAW`` from every container. The socket's group and
-   mode follow the pod's groups (:func:`socket_access`).
+   mode follow the pod's groups (:func:`socket_access`). ``tsnet2.io/serve`` (rules checked
+   by :mod:`tsnet2_operator.serve`; ``unix:`` targets only in ``SERVE_DIR``, a volume the
+   app containers can write), ``tsnet2.io/egress`` and ``tsnet2.io/dns`` add the sidecar's
+   ``--serve``, ``--egress-*`` and ``--dns-*`` flags, the egress variables of the app
+   containers, and for dns the pod's ``dnsPolicy: None``/``dnsConfig`` and the sidecar's
+   ``NET_BIND_SERVICE``; the cluster DNS address comes from the config (the kopf layer
+   fills it in from kube-dns at start-up), never from a lookup here.
 
 "App containers" are ``spec.containers`` plus init containers with ``restartPolicy: Always``
 (other native sidecars): everything that runs while tsnet2d runs; they get the socket.
@@ -46,7 +52,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from tsnet2_operator.config import TRAFFIC_LOG_SINKS, SidecarConfig, TrafficLogSink
+from tsnet2_operator.config import (
+    TRAFFIC_LOG_SINKS,
+    SidecarConfig,
+    TrafficLogSink,
+    parse_dns_upstream,
+)
+from tsnet2_operator.serve import ServeRule, ServeRuleError, parse_serve_rules
 
 ANNOTATION_PREFIX = "tsnet2.io/"
 INJECT = "tsnet2.io/inject"
@@ -58,6 +70,9 @@ TRAFFIC_LOG_SINK = "tsnet2.io/traffic-log-sink"
 AUDIT_BYPASS_POLICY = "tsnet2.io/audit-bypass-policy"
 ALLOW_AUDIT_BYPASS = "tsnet2.io/allow-audit-bypass"
 KEEP_NET_RAW = "tsnet2.io/keep-net-raw"  # removed: a pod that still uses it is refused
+SERVE = "tsnet2.io/serve"
+EGRESS = "tsnet2.io/egress"
+DNS = "tsnet2.io/dns"
 STATUS = "tsnet2.io/status"
 DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
 
@@ -66,8 +81,16 @@ SOCKET_VOLUME = "tsnet2-socket"
 STATE_VOLUME = "tsnet2-state"
 TOKEN_VOLUME = "tsnet2-token"
 TUN_VOLUME = "tsnet2-tun"
+SERVE_VOLUME = "tsnet2-serve"
 SOCKET_DIR = "/var/run/tsnet2"
 SOCKET_PATH = f"{SOCKET_DIR}/tsnet2.sock"
+EGRESS_SOCKET_PATH = f"{SOCKET_DIR}/egress.sock"
+# Unix sockets that tsnet2.io/serve forwards to: the app creates them here (its socket mount
+# is read-only, so a directory it can write, shared with the sidecar, is added for them).
+SERVE_DIR = "/var/run/tsnet2-serve"
+EGRESS_PROXY_ENV = "TSNET2_EGRESS_PROXY"
+EGRESS_SOCKET_ENV = "TSNET2_EGRESS_SOCKET"
+DNS_LISTEN = "127.0.0.1:53"
 STATE_DIR = "/var/lib/tsnet2"
 TRAFFIC_LOG_FILE = f"{STATE_DIR}/traffic.jsonl"  # tsnet2d's default: <state-dir>/traffic.jsonl
 TRAFFIC_LOG_STDOUT = "-"
@@ -81,7 +104,7 @@ PVC_PREFIX = "tsnet2-state-"
 MAX_GID = 2**32 - 2
 STATUS_VERSION = 1
 AUDIT_BYPASS_ENV = "TSNET2_AUDIT_BYPASS"  # on the sidecar: the waivers decided at creation
-OUR_VOLUMES = frozenset({SOCKET_VOLUME, STATE_VOLUME, TOKEN_VOLUME, TUN_VOLUME})
+OUR_VOLUMES = frozenset({SOCKET_VOLUME, STATE_VOLUME, TOKEN_VOLUME, TUN_VOLUME, SERVE_VOLUME})
 
 PRIVILEGED = "privileged"
 # What each setting lets a container do around tsnet2d (DESIGN §2.4), one line each; the
@@ -222,6 +245,14 @@ class _Settings:
     traffic_log_sink: TrafficLogSink
     policy: Policy
     waivers: frozenset[str]
+    serve: tuple[ServeRule, ...] = ()
+    egress_port: int | None = None  # tsnet2.io/egress: the loopback port, None when off
+    dns: tuple[str, str] | None = None  # tsnet2.io/dns: (upstream, namespace), None when off
+
+    @property
+    def serve_unix(self) -> bool:
+        """True when a serve rule forwards to a unix socket (the serve volume is added)."""
+        return any(rule.unix_path is not None for rule in self.serve)
 
 
 def wants_namespace_labels(pod: Mapping[str, Any]) -> bool:
@@ -320,6 +351,11 @@ def _read_settings(pod: Mapping[str, Any], config: SidecarConfig) -> _Settings:
                 tags.append(tag)
     persistent = str(ann.get(STATE, "ephemeral")) == "persistent"
     meta = pod.get("metadata") or {}
+    serve = _read_serve(ann, errors)
+    egress_port = _read_egress(ann, config, errors)
+    dns = _read_dns(pod, config, errors)
+    if dns is not None and egress_port == 53:
+        errors.append(f"annotation {EGRESS}: port 53 is where {DNS} listens; pick another")
     pod_name = str(meta.get("name") or "")
     if hostname is None and pod_name:
         if _DNS_LABEL.fullmatch(pod_name):
@@ -340,7 +376,104 @@ def _read_settings(pod: Mapping[str, Any], config: SidecarConfig) -> _Settings:
         traffic_log_sink=_sink(ann, config),
         policy=_policy(ann, config),
         waivers=waivers,
+        serve=serve,
+        egress_port=egress_port,
+        dns=dns,
     )
+
+
+def _read_serve(ann: Mapping[str, Any], errors: list[str]) -> tuple[ServeRule, ...]:
+    """The ``tsnet2.io/serve`` rules (errors appended); a unix target must be in SERVE_DIR."""
+    if SERVE not in ann:
+        return ()
+    try:
+        return parse_serve_rules(str(ann[SERVE]), _serve_path_problem)
+    except ServeRuleError as exc:
+        errors.append(f"annotation {SERVE}: {exc}")
+        return ()
+
+
+def _serve_path_problem(rule: ServeRule) -> str | None:
+    """A unix target outside SERVE_DIR (the sidecar cannot see it), else None."""
+    path = rule.unix_path
+    if path is None or (path.startswith(SERVE_DIR + "/")
+                        and "/" not in path[len(SERVE_DIR) + 1:]):
+        return None
+    return (f"the sidecar cannot see {path}: put the app's socket in {SERVE_DIR}/ (e.g. "
+            f"unix:{SERVE_DIR}/app.sock), the directory the injector shares between the app "
+            f"containers (read-write) and the sidecar")
+
+
+_EGRESS_ALLOWED = "true, false or a loopback port number 1..65535"
+
+
+def _read_egress(ann: Mapping[str, Any], config: SidecarConfig,
+                 errors: list[str]) -> int | None:
+    """The egress proxy's port from ``tsnet2.io/egress`` (None: off; errors appended)."""
+    if EGRESS not in ann:
+        return None
+    value = str(ann[EGRESS])
+    if value == "false":
+        return None
+    if value == "true":
+        return config.egress_port
+    if re.fullmatch(r"[1-9][0-9]{0,4}", value) and int(value) <= 65535:
+        port = int(value)
+        if port == METRICS_PORT:
+            errors.append(f"annotation {EGRESS}: port {port} is the sidecar's metrics port; "
+                          f"pick another")
+        return port
+    errors.append(_invalid(EGRESS, value, _EGRESS_ALLOWED))
+    return None
+
+
+_DNS_POLICIES_REPLACED = ("ClusterFirst", "ClusterFirstWithHostNet")
+
+
+def _read_dns(pod: Mapping[str, Any], config: SidecarConfig,
+              errors: list[str]) -> tuple[str, str] | None:
+    """(upstream, namespace) from ``tsnet2.io/dns`` (None: off; errors appended)."""
+    ann = _annotations(pod)
+    if DNS not in ann:
+        return None
+    value = str(ann[DNS])
+    if value not in ("true", "false"):
+        errors.append(_invalid(DNS, value, ("true", "false")))
+        return None
+    if value == "false":
+        return None
+    spec = pod.get("spec") or {}
+    policy = spec.get("dnsPolicy")
+    if policy is not None and policy not in _DNS_POLICIES_REPLACED:
+        errors.append(f"annotation {DNS}: the pod sets dnsPolicy: {policy}, and {DNS} sets "
+                      f"dnsPolicy: None with the sidecar as the nameserver; remove one of them")
+    if spec.get("dnsConfig"):
+        errors.append(f"annotation {DNS}: the pod sets its own dnsConfig, and {DNS} sets "
+                      f"dnsConfig (the sidecar as the nameserver, the namespace's search "
+                      f"list); remove one of them")
+    if not config.dns_upstream or parse_dns_upstream(config.dns_upstream) is None:
+        errors.append(f"annotation {DNS}: the operator knows no cluster DNS server to forward "
+                      f"other names to (no kube-system/kube-dns Service at start-up, and the "
+                      f"chart value dns.upstream is unset); ask the cluster admin to set it, "
+                      f"or remove {DNS}")
+        return None
+    namespace = str((pod.get("metadata") or {}).get("namespace") or "")
+    if not _DNS_LABEL.fullmatch(namespace):
+        errors.append(f"annotation {DNS}: the pod's namespace {namespace!r} is unknown, so its "
+                      f"DNS search list cannot be built")
+        return None
+    return config.dns_upstream, namespace
+
+
+def dns_config(namespace: str, cluster_domain: str) -> dict[str, Any]:
+    """The pod's ``dnsConfig`` with ``tsnet2.io/dns``: the sidecar as the only nameserver and
+    the search list and ndots the kubelet gives a ClusterFirst pod of ``namespace``."""
+    return {
+        "nameservers": [DNS_LISTEN.rpartition(":")[0]],
+        "searches": [f"{namespace}.svc.{cluster_domain}", f"svc.{cluster_domain}",
+                     cluster_domain],
+        "options": [{"name": "ndots", "value": "5"}],
+    }
 
 
 def _check_conflicts(spec: Mapping[str, Any]) -> None:
@@ -387,62 +520,96 @@ class _Confined:
 
 
 _SOCKET_MOUNT = {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR, "readOnly": True}
+_SERVE_MOUNT = {"name": SERVE_VOLUME, "mountPath": SERVE_DIR}
+_SOCKET_ENV = {"name": "TSNET2_SOCKET", "value": SOCKET_PATH}
+
+
+@dataclass(frozen=True)
+class _Wiring:
+    """What every app container gets: mounts (the socket's first) and env vars."""
+
+    mounts: tuple[Mapping[str, Any], ...] = (_SOCKET_MOUNT,)
+    env: tuple[Mapping[str, str], ...] = (_SOCKET_ENV,)
+
+
+def _wiring(settings: _Settings) -> _Wiring:
+    mounts: list[Mapping[str, Any]] = [_SOCKET_MOUNT]
+    if settings.serve_unix:
+        mounts.append(_SERVE_MOUNT)
+    env: list[Mapping[str, str]] = [_SOCKET_ENV]
+    if settings.egress_port is not None:
+        env += [{"name": EGRESS_PROXY_ENV,
+                 "value": f"socks5h://127.0.0.1:{settings.egress_port}"},
+                {"name": EGRESS_SOCKET_ENV, "value": EGRESS_SOCKET_PATH}]
+    return _Wiring(tuple(mounts), tuple(env))
+
+
+def _is_mount(mount: object, wanted: Mapping[str, Any]) -> bool:
+    """``mount`` is ``wanted`` (the injector's, found in place by a re-invocation)."""
+    return (isinstance(mount, Mapping) and mount.get("name") == wanted["name"]
+            and str(mount.get("mountPath", "")).rstrip("/") == wanted["mountPath"]
+            and (mount.get("readOnly") is True) == bool(wanted.get("readOnly"))
+            and not mount.get("subPath"))
 
 
 def _is_socket_mount(mount: object) -> bool:
     """The read-only socket mount the injector adds (a re-invocation finds it in place)."""
-    return (isinstance(mount, Mapping) and mount.get("name") == SOCKET_VOLUME
-            and str(mount.get("mountPath", "")).rstrip("/") == SOCKET_DIR
-            and mount.get("readOnly") is True and not mount.get("subPath"))
+    return _is_mount(mount, _SOCKET_MOUNT)
 
 
-def _mount_socket(base: str, container: Mapping[str, Any]) -> list[Op]:
-    """Ops that mount the socket directory read-only and set TSNET2_SOCKET."""
-    ops: list[Op] = []
-    mount = dict(_SOCKET_MOUNT)
-    if any(_is_socket_mount(m) for m in container.get("volumeMounts") or []):
-        pass  # already there (ours, from an earlier invocation, or the same thing)
-    elif isinstance(container.get("volumeMounts"), list):
-        ops.append({"op": "add", "path": f"{base}/volumeMounts/-", "value": mount})
-    else:
-        ops.append({"op": "add", "path": f"{base}/volumeMounts", "value": [mount]})
+def _add_items(base: str, key: str, container: Mapping[str, Any],
+               items: Sequence[Mapping[str, Any]]) -> list[Op]:
+    """Ops appending ``items`` to the container's list ``key`` (creating it if missing)."""
+    if not items:
+        return []
+    if isinstance(container.get(key), list):
+        return [{"op": "add", "path": f"{base}/{key}/-", "value": dict(i)} for i in items]
+    return [{"op": "add", "path": f"{base}/{key}", "value": [dict(i) for i in items]}]
+
+
+def _mount_socket(base: str, container: Mapping[str, Any],
+                  wiring: _Wiring = _Wiring()) -> list[Op]:
+    """Ops that mount the socket directory read-only (and the serve directory, with unix
+    serve targets) and set TSNET2_SOCKET (and the egress variables)."""
+    present = container.get("volumeMounts") or []
+    mounts = [m for m in wiring.mounts if not any(_is_mount(p, m) for p in present)]
     env_names = {str(e.get("name")) for e in container.get("env") or []}
-    if "TSNET2_SOCKET" not in env_names:
-        var = {"name": "TSNET2_SOCKET", "value": SOCKET_PATH}
-        if isinstance(container.get("env"), list):
-            ops.append({"op": "add", "path": f"{base}/env/-", "value": var})
-        else:
-            ops.append({"op": "add", "path": f"{base}/env", "value": [var]})
-    return ops
+    env = [e for e in wiring.env if e["name"] not in env_names]  # the container's own wins
+    return (_add_items(base, "volumeMounts", container, mounts)
+            + _add_items(base, "env", container, env))
 
 
-def _check_mounts(container: Mapping[str, Any], mount_socket: bool, remedy: str) -> None:
+def _check_mounts(container: Mapping[str, Any], mount_socket: bool, remedy: str,
+                  wiring: _Wiring = _Wiring()) -> None:
     """Refuse a container that mounts one of our volumes (keys, token, socket, TUN) or, when
-    it gets the socket, already mounts something at the socket directory."""
+    it gets the socket, already mounts something at the socket (or serve) directory."""
     name = json.dumps(str(container.get("name")))
     for mount in container.get("volumeMounts") or []:
-        if mount_socket and _is_socket_mount(mount):
+        if mount_socket and any(_is_mount(mount, m) for m in wiring.mounts):
             continue
         if str(mount.get("name")) in OUR_VOLUMES:
             raise InjectionRejected(
                 "conflict", f"tsnet2: container {name} mounts volume {mount.get('name')}, "
                 f"which belongs to the tsnet2d sidecar (its keys, token or socket); {remedy}")
-        if mount_socket and str(mount.get("mountPath", "")).rstrip("/") == SOCKET_DIR:
+        path = str(mount.get("mountPath", "")).rstrip("/")
+        if mount_socket and path in {str(m["mountPath"]) for m in wiring.mounts}:
+            what = ("the tsnet2d socket" if path == SOCKET_DIR
+                    else f"the sockets that {SERVE} forwards to")
             raise InjectionRejected(
-                "conflict", f"tsnet2: container {name} already mounts {SOCKET_DIR}, where the "
-                f"injector mounts the tsnet2d socket; {remedy}")
+                "conflict", f"tsnet2: container {name} already mounts {path}, where the "
+                f"injector mounts {what}; {remedy}")
 
 
 def _confine_all(targets: list[tuple[str, Mapping[str, Any], bool]], *, policy: Policy,
-                 waivers: frozenset[str], remedy: str,
-                 ephemeral: bool) -> tuple[_Confined, list[str]]:
+                 waivers: frozenset[str], remedy: str, ephemeral: bool,
+                 wiring: _Wiring = _Wiring()) -> tuple[_Confined, list[str]]:
     """Confine every (JSON pointer, container, mount the socket?) and add up the results,
     with the names of the containers that lost NET_RAW; every refusal is raised at once."""
     total = _Confined()
     dropped: list[str] = []
     for base, container, mount_socket in targets:
         one = _confine(base, container, mount_socket=mount_socket, policy=policy,
-                       waivers=waivers, remedy=remedy)
+                       waivers=waivers, remedy=remedy, wiring=wiring)
         total.ops += one.ops
         total.refused += one.refused
         total.stripped += one.stripped
@@ -455,7 +622,7 @@ def _confine_all(targets: list[tuple[str, Mapping[str, Any], bool]], *, policy: 
 
 
 def _confine(base: str, container: Mapping[str, Any], *, mount_socket: bool, policy: Policy,
-             waivers: frozenset[str], remedy: str) -> _Confined:
+             waivers: frozenset[str], remedy: str, wiring: _Wiring = _Wiring()) -> _Confined:
     """Check one container against the audit boundary and build its ops.
 
     Every dangerous setting is refused, stripped (policy ``strip``) or waived; ``NET_RAW`` is
@@ -463,8 +630,8 @@ def _confine(base: str, container: Mapping[str, Any], *, mount_socket: bool, pol
     the socket is mounted and ``TSNET2_SOCKET`` set.
     """
     name = str(container.get("name"))
-    _check_mounts(container, mount_socket, remedy)
-    out = _Confined(ops=_mount_socket(base, container) if mount_socket else [])
+    _check_mounts(container, mount_socket, remedy, wiring)
+    out = _Confined(ops=_mount_socket(base, container, wiring) if mount_socket else [])
     sc = container.get("securityContext")
     sc = sc if isinstance(sc, Mapping) else {}
     caps = sc.get("capabilities")
@@ -639,6 +806,13 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
         args.append("--ephemeral")
     if settings.tags:
         args += ["--advertise-tags", ",".join(settings.tags)]
+    for rule in settings.serve:
+        args += ["--serve", str(rule)]
+    if settings.egress_port is not None:
+        args += ["--egress-listen", f"127.0.0.1:{settings.egress_port}",
+                 "--egress-socket", EGRESS_SOCKET_PATH]
+    if settings.dns is not None:
+        args += ["--dns-listen", DNS_LISTEN, "--dns-upstream", settings.dns[0]]
 
     def field_env(name: str, path: str) -> dict[str, Any]:
         return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
@@ -658,6 +832,12 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
     ]
     if config.backend == "userspace":
         mounts.append({"name": TUN_VOLUME, "mountPath": TUN_PATH})
+    if settings.serve_unix:
+        # Read-only: the sidecar only connects to the app's sockets there.
+        mounts.append({"name": SERVE_VOLUME, "mountPath": SERVE_DIR, "readOnly": True})
+    # NET_ADMIN: WireGuard device, routes, the nftables guard, SO_MARK; NET_BIND_SERVICE
+    # (tsnet2.io/dns only): the DNS responder on port 53.
+    caps = ["NET_ADMIN", *(["NET_BIND_SERVICE"] if settings.dns is not None else [])]
     container: dict[str, Any] = {
         "name": SIDECAR_NAME,
         "image": config.image,
@@ -692,12 +872,12 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
         },
         "resources": resources,
         "securityContext": {
-            # NET_ADMIN: WireGuard device, routes, the nftables guard, SO_MARK. Root is needed
-            # for an added capability to be effective; everything else is dropped.
+            # Root is needed for an added capability (above) to be effective; everything
+            # else is dropped.
             "runAsUser": 0,
             "runAsNonRoot": False,
             "allowPrivilegeEscalation": False,
-            "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
+            "capabilities": {"add": caps, "drop": ["ALL"]},
         },
         "volumeMounts": mounts,
     }
@@ -727,6 +907,8 @@ def _volumes(config: SidecarConfig, settings: _Settings) -> list[dict[str, Any]]
     ]
     if config.backend == "userspace":
         volumes.append({"name": TUN_VOLUME, "hostPath": {"path": TUN_PATH, "type": "CharDevice"}})
+    if settings.serve_unix:
+        volumes.append({"name": SERVE_VOLUME, "emptyDir": {"medium": "Memory"}})
     return volumes
 
 
@@ -772,7 +954,8 @@ def inject(
     checked += [(_ptr("spec", k, i), c, False) for k, i, c in _other_containers(spec)]
     confined, dropped = _confine_all(
         checked, policy=settings.policy, waivers=settings.waivers,
-        remedy=f"remove the mount, or set {INJECT}: disabled", ephemeral=False)
+        remedy=f"remove the mount, or set {INJECT}: disabled", ephemeral=False,
+        wiring=_wiring(settings))
     ops, stripped, waived = confined.ops, confined.stripped, confined.waived
 
     status = {
@@ -810,6 +993,13 @@ def inject(
     else:
         ops.append({"op": "add", "path": "/spec/volumes", "value": volumes})
 
+    if settings.dns is not None:
+        # ClusterFirst (the API server's default) is replaced; anything else was refused.
+        op = "replace" if "dnsPolicy" in spec else "add"
+        ops.append({"op": op, "path": "/spec/dnsPolicy", "value": "None"})
+        ops.append({"op": "replace" if "dnsConfig" in spec else "add", "path": "/spec/dnsConfig",
+                    "value": dns_config(settings.dns[1], config.dns_cluster_domain)})
+
     access = socket_access(spec)
     sidecar = _sidecar(config, settings, native_sidecar, access)
     if native_sidecar:
@@ -825,6 +1015,12 @@ def inject(
              f"state {'persistent' if settings.persistent else 'ephemeral'}",
              f"traffic-log {settings.traffic_log} to {settings.traffic_log_sink}",
              access.describe()]
+    if settings.serve:
+        parts.append("serve " + " ".join(str(rule) for rule in settings.serve))
+    if settings.egress_port is not None:
+        parts.append(f"egress proxy 127.0.0.1:{settings.egress_port}")
+    if settings.dns is not None:
+        parts.append(f"dns {DNS_LISTEN} forwarding to {settings.dns[0]}")
     if dropped:
         parts.append("dropped NET_RAW from " + ", ".join(dropped))
     parts += _summary(stripped, waived)

@@ -118,6 +118,28 @@ class KubeLookups:
         except (ApiException, HTTPError, OSError) as exc:
             raise KubeLookupError(f"cannot read the API server version: {exc}") from exc
 
+    async def cluster_dns(self, namespace: str = "kube-system",
+                          name: str = "kube-dns") -> str | None:
+        """The ClusterIP of the cluster DNS Service (``kube-system/kube-dns``, which CoreDNS
+        keeps for compatibility), or None when there is no such Service or it has no
+        ClusterIP; raises :class:`KubeLookupError` when it cannot tell (e.g. Forbidden)."""
+        def read() -> str | None:
+            try:
+                svc = k8s.CoreV1Api(self.api).read_namespaced_service(
+                    name, namespace, _request_timeout=self.timeout)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            ip = svc.spec.cluster_ip if svc.spec is not None else None
+            return str(ip) if ip and ip != "None" else None
+
+        try:
+            return await asyncio.to_thread(read)
+        except (ApiException, HTTPError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            raise KubeLookupError(f"cannot read Service {namespace}/{name}: {reason}") from exc
+
     async def post_event(self, ref: dict[str, str], *, type: str, reason: str,
                          message: str, component: str) -> None:
         """Create a core/v1 Event about ``ref`` (an object reference with a namespace)."""

@@ -19,7 +19,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tsnet2_operator.config import field_names, load_config
-from tsnet2_operator.inject import inject
+from tsnet2_operator.inject import InjectionRejected, inject
 
 from tests.chart.conftest import (
     CHART,
@@ -143,6 +143,9 @@ def test_config_is_the_operators_settings(
     assert loaded.sidecar.traffic_log_max_bytes == sc["trafficLogRotation"]["maxBytes"]
     assert loaded.sidecar.traffic_log_keep == sc["trafficLogRotation"]["keep"]
     assert loaded.sidecar.audit_bypass_policy == sc["auditBypassPolicy"]
+    assert loaded.sidecar.egress_port == values["egress"]["port"]
+    assert loaded.sidecar.dns_upstream == values["dns"]["upstream"]
+    assert loaded.sidecar.dns_cluster_domain == values["dns"]["clusterDomain"]
     assert loaded.native_sidecar == sc["nativeSidecar"]
     assert loaded.sidecar.cpu_request == sc["resources"]["requests"]["cpu"]
     assert loaded.sidecar.memory_limit == sc["resources"]["limits"]["memory"]
@@ -403,6 +406,13 @@ def test_rbac(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
     peering = values["operator"]["peering"]["enabled"]
     assert (("kopf.dev", "clusterkopfpeerings", "patch") in verbs) is peering
     assert (("kopf.dev", "clusterkopfpeerings", "create") in verbs) is peering
+    # The cluster DNS lookup (tsnet2.io/dns without dns.upstream): one Service, by name.
+    dns_rules = [rule for rule in rules if "services" in rule["resources"]]
+    if values["dns"]["upstream"]:
+        assert dns_rules == []
+    else:
+        assert dns_rules == [{"apiGroups": [""], "resources": ["services"],
+                              "resourceNames": ["kube-dns"], "verbs": ["get"]}]
     role = one(objects, "Role")
     assert {r for rule in role["rules"] for r in rule["resources"]} == {
         "tailnetnodes", "tailnetusers", "tailnetauthkeys", "tailnetclaims", "tailnetcounters"}
@@ -463,9 +473,15 @@ def test_optional_objects(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
         ["--set", "webhook.failurePolicy=Sometimes"],
         ["--set", "sidecar.resources.requests.memory=lots"],
         ["--set", "sidecar.trafficLogSink=loki"],
+        ["--set", "egress.port=0"],
+        ["--set", "egress.port=70000"],
+        ["--set", "dns.upstream=kube-dns.kube-system.svc"],
+        ["--set", "dns.clusterDomain=Cluster_Local"],
+        ["--set", "dns.typo=1"],
     ],
     ids=["nested-unknown", "top-unknown", "deep-unknown", "bad-backend", "bad-native",
-         "bad-failure-policy", "bad-quantity", "bad-traffic-log-sink"],
+         "bad-failure-policy", "bad-quantity", "bad-traffic-log-sink", "bad-egress-port",
+         "big-egress-port", "dns-upstream-name", "bad-cluster-domain", "dns-unknown"],
 )
 def test_schema_rejects(helm: Helm, args: list[str]) -> None:
     """values.schema.json refuses unknown keys and bad values in template and lint."""
@@ -517,6 +533,39 @@ def test_traffic_log_sink_value_reaches_the_sidecar(
            or (i and sidecar["args"][i - 1].startswith("--traffic-log")
                and sidecar["args"][i - 1] != "--traffic-log-mode")]
     assert got == flags
+
+
+@pytest.mark.parametrize(("args", "listen", "upstream", "domain"), [
+    ([], "127.0.0.1:1055", None, "cluster.local"),
+    (["--set", "egress.port=3128", "--set", "dns.upstream=10.43.0.10",
+      "--set", "dns.clusterDomain=corp.example"], "127.0.0.1:3128", "10.43.0.10",
+     "corp.example"),
+])
+def test_egress_and_dns_values_reach_the_sidecar(
+        helm: Helm, tmp_path: Path, args: list[str], listen: str, upstream: str | None,
+        domain: str) -> None:
+    """egress.port and dns.* -> config.json -> the operator's loader -> the injected pod of
+    a pod annotated tsnet2.io/egress and tsnet2.io/dns (without dns.upstream the operator
+    looks kube-dns up at start-up, which a render cannot: such a pod is then refused)."""
+    _config_json, text = _config(helm.template(*args))
+    (tmp_path / "config.json").write_text(text, encoding="utf-8")
+    loaded = load_config({"TSNET2_OPERATOR_CONFIG": str(tmp_path / "config.json"),
+                          "POD_NAMESPACE": NAMESPACE})
+    pod = {"metadata": {"name": "web", "namespace": "apps",
+                        "annotations": {"tsnet2.io/inject": "enabled",
+                                        "tsnet2.io/egress": "true", "tsnet2.io/dns": "true"}},
+           "spec": {"containers": [{"name": "app", "image": "a:1"}]}}
+    if upstream is None:
+        with pytest.raises(InjectionRejected, match="knows no cluster DNS server"):
+            inject(pod, loaded.sidecar, native_sidecar=True)
+        return
+    decision = inject(pod, loaded.sidecar, native_sidecar=True)
+    (sidecar,) = [op["value"][0] for op in decision.patch if op["path"] == "/spec/initContainers"]
+    args_ = sidecar["args"]
+    assert args_[args_.index("--egress-listen") + 1] == listen
+    assert args_[args_.index("--dns-upstream") + 1] == upstream
+    (dns,) = [op["value"] for op in decision.patch if op["path"] == "/spec/dnsConfig"]
+    assert dns["searches"] == [f"apps.svc.{domain}", f"svc.{domain}", domain]
 
 
 def test_replicas_need_peering(helm: Helm) -> None:

@@ -181,3 +181,33 @@ def metrics_problems(samples: Mapping[str, float],
         problems.append(f"tsnet2_flows_closed_total{{direction=\"in\"}} sum = {closed}, "
                         f"the log has {closes} inbound closes")
     return problems
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One flow of a traffic log: its ``open`` record, both payloads and whether it closed."""
+
+    open: Mapping[str, Any]
+    peer_to_app: bytes
+    app_to_peer: bytes
+    closed: bool
+
+
+def flows(records: Iterable[Mapping[str, Any]], direction: str) -> list[Flow]:
+    """Every flow opened in ``direction`` (``in``/``out``), in order of their opens, with
+    the payloads of their data records (``payload`` mode) and whether a close came."""
+    records = list(records)
+    out = []
+    for opened in (r for r in records if r.get("kind") == "open"
+                   and r.get("dir") == direction):
+        payload = {"peer->app": b"", "app->peer": b""}
+        closed = False
+        for r in records:
+            if r.get("conn_id") != opened["conn_id"]:
+                continue
+            if r.get("kind") == "data" and r.get("dir") in payload and "payload_b64" in r:
+                payload[r["dir"]] += base64.b64decode(r["payload_b64"])
+            elif r.get("kind") == "close":
+                closed = True
+        out.append(Flow(opened, payload["peer->app"], payload["app->peer"], closed))
+    return out

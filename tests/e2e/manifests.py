@@ -144,6 +144,62 @@ def client_pod(name: str, image: str, server_host: str = SERVER_POD,
     }
 
 
+PLAIN_WEB = "plain-web"  # an unmodified web server, reachable on the tailnet by tsnet2.io/serve
+PLAIN_CLIENT = "plain-client"  # an unmodified client: tsnet2.io/egress and tsnet2.io/dns
+PLAIN_PORT = 80  # the tailnet port of tsnet2.io/serve
+PLAIN_TARGET_PORT = 8080  # where the stock web server listens, on loopback
+SERVE = "tsnet2.io/serve"
+EGRESS = "tsnet2.io/egress"
+DNS = "tsnet2.io/dns"
+PLAIN_FILE = "hello.txt"
+
+
+def plain_body(pod: str) -> str:
+    """What the plain web server of pod ``pod`` serves at /hello.txt."""
+    return f"hello from {pod}\n"
+
+
+def _plain_pod(name: str, image: str, command: list[str], annotations: dict[str, str],
+               namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "tsnet2-e2e",
+                                "app.kubernetes.io/name": name},
+                     "annotations": {INJECT: "enabled", **annotations}},
+        "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": APP_CONTAINER,
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": command,
+                "securityContext": {"runAsUser": APP_UID, "runAsNonRoot": True,
+                                    "allowPrivilegeEscalation": False},
+            }],
+        },
+    }
+
+
+def plain_web_pod(image: str, namespace: str = APPS_NAMESPACE) -> dict[str, Any]:
+    """A stock ``python3 -m http.server`` on 127.0.0.1:8080 (no tsnet2 in the app), served on
+    the tailnet at port 80 by its sidecar (``tsnet2.io/serve: "80=127.0.0.1:8080"``)."""
+    www = "/tmp/www"
+    script = (f"mkdir -p {www} && printf 'hello from %s\\n' \"$(hostname)\" "
+              f"> {www}/{PLAIN_FILE} && exec python3 -m http.server {PLAIN_TARGET_PORT} "
+              f"--bind 127.0.0.1 --directory {www}")
+    return _plain_pod(PLAIN_WEB, image, ["sh", "-c", script],
+                      {SERVE: f"{PLAIN_PORT}=127.0.0.1:{PLAIN_TARGET_PORT}"}, namespace)
+
+
+def plain_client_pod(image: str, namespace: str = APPS_NAMESPACE) -> dict[str, Any]:
+    """An app container that only sleeps; the test runs stdlib-only programs in it with
+    ``kubectl exec`` through its sidecar's egress proxy and DNS responder."""
+    return _plain_pod(PLAIN_CLIENT, image, ["sleep", "infinity"],
+                      {EGRESS: "true", DNS: "true"}, namespace)
+
+
 def restart_patch(stamp: str) -> dict[str, Any]:
     """A strategic-merge patch that rolls a workload's pods (as ``kubectl rollout restart``)."""
     return {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}

@@ -234,3 +234,22 @@ def test_the_real_kind_takes_the_drivers_command_lines(tmp_path: Path) -> None:
         # ... it got as far as asking the engine (for the image, for the nodes)
         assert "docker" in proc.stderr or "not present locally" in proc.stderr, proc.stderr
     assert not (tmp_path / "kubeconfig").exists()
+
+
+def test_flows_by_direction() -> None:
+    records = [
+        {"kind": "open", "dir": "in", "conn_id": "a", "remote": "100.64.0.2:1"},
+        {"kind": "open", "dir": "out", "conn_id": "b", "remote": "100.64.0.3:80"},
+        {"kind": "data", "dir": "app->peer", "conn_id": "b", "len": 3,
+         "payload_b64": base64.b64encode(b"GET").decode()},
+        {"kind": "data", "dir": "peer->app", "conn_id": "b", "len": 2,
+         "payload_b64": base64.b64encode(b"ok").decode()},
+        {"kind": "data", "dir": "peer->app", "conn_id": "a", "len": 1},  # metadata mode
+        {"kind": "close", "conn_id": "b", "bytes_in": 2, "bytes_out": 3},
+    ]
+    (out,) = checks.flows(records, "out")
+    assert (out.open["conn_id"], out.app_to_peer, out.peer_to_app, out.closed) == (
+        "b", b"GET", b"ok", True)
+    (inbound,) = checks.flows(records, "in")
+    assert (inbound.peer_to_app, inbound.closed) == (b"", False)
+    assert checks.flows(records, "sideways") == []

@@ -28,8 +28,13 @@ One cluster for the module. In order, as a user meets the product:
    continues from; deleting the ephemeral client's pod while a flow is open loses nothing a
    collector following its container log already held (every open has its close, the
    chain ends in a ``close`` checkpoint), and removes its node;
-7. ``helm upgrade`` with a changed value (the operator's uid: any uid works) and ``helm
-   uninstall``, which leaves only what charts/tsnet2/README.md says it leaves.
+7. ``helm upgrade`` with a changed value (the operator's uid: any uid works); then apps that
+   don't import tsnet2: a stock ``python3 -m http.server`` served on the tailnet by
+   ``tsnet2.io/serve``, reached by an unmodified client through its sidecar's egress proxy
+   (``tsnet2.io/egress``) by tailnet name, which its resolver (``tsnet2.io/dns``, with the
+   chart's ``dns.upstream`` set by a second upgrade) answers too; both traffic logs hold
+   the flows; and ``helm uninstall``, which leaves only what charts/tsnet2/README.md says it
+   leaves.
 
 The skip message says what is missing; with ``TSNET2_REQUIRE`` naming ``cluster`` (as
 ``.ci/run`` sets it) a missing part fails instead.
@@ -825,6 +830,213 @@ def test_helm_upgrade_with_a_changed_value(deployed: Env) -> None:
              f"{name} to be ready", env.detail)
     _exchange(env, name, manifests.SERVER_POD)
     request(env.api, "DELETE", f"/api/v1/namespaces/{NS}/pods/{name}")
+
+
+# ---- 7. apps that don't import tsnet2: serve, egress, DNS ------------------------------------
+
+# Run in the plain client's app container: the standard library only, no tsnet2. Through the
+# sidecar's egress proxy as TSNET2_EGRESS_PROXY names it (socks5h: the proxy resolves the
+# tailnet name), then the same proxy as an HTTP proxy (absolute-form, what HTTP_PROXY
+# users send); then the pod's resolver (tsnet2.io/dns): the tailnet name and a cluster name.
+PLAIN_CLIENT = r'''
+import json, os, socket, sys, urllib.request
+name, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+proxy = os.environ["TSNET2_EGRESS_PROXY"]
+assert proxy.startswith("socks5h://"), proxy
+host, _, pport = proxy[len("socks5h://"):].rpartition(":")
+
+def exactly(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise SystemExit(f"SOCKS5: connection closed after {data!r}")
+        data += chunk
+    return data
+
+out = {"egress_socket": os.environ.get("TSNET2_EGRESS_SOCKET"),
+       "http_proxy_env": sorted(k for k in os.environ if k.lower() in (
+           "http_proxy", "https_proxy", "all_proxy"))}
+with socket.create_connection((host, int(pport)), timeout=30) as s:
+    s.sendall(b"\x05\x01\x00")
+    assert exactly(s, 2) == b"\x05\x00", "SOCKS5: no-auth refused"
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name.encode()
+              + port.to_bytes(2, "big"))
+    head = exactly(s, 4)
+    if head[1] != 0:
+        raise SystemExit(f"SOCKS5: CONNECT {name}:{port} failed with reply {head[1]}")
+    exactly(s, {1: 4, 4: 16}.get(head[3]) or exactly(s, 1)[0])
+    exactly(s, 2)
+    s.sendall(f"GET {path} HTTP/1.0\r\nHost: {name}\r\n\r\n".encode())
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+out["socks5h"] = got.decode("utf-8", "replace")
+opener = urllib.request.build_opener(
+    urllib.request.ProxyHandler({"http": f"http://{host}:{pport}"}))
+with opener.open(f"http://{name}:{port}{path}", timeout=30) as r:
+    out["http_proxy"] = [r.status, r.read().decode("utf-8", "replace")]
+def addrs(n):
+    return sorted({a[4][0] for a in socket.getaddrinfo(n, 80, type=socket.SOCK_STREAM)})
+out["dns_tailnet"] = addrs(name)
+out["dns_tailnet_fqdn"] = addrs(sys.argv[4])
+out["dns_cluster"] = addrs("kubernetes.default")
+print(json.dumps(out))
+'''
+
+
+def _cluster_dns(env: Env, pod: str) -> str:
+    """The cluster DNS server as the kubelet gives it to a ClusterFirst pod (its
+    resolv.conf): what the chart's dns.upstream names."""
+    conf = env.exec(pod, manifests.APP_CONTAINER, ["cat", "/etc/resolv.conf"])
+    found = re.findall(r"^nameserver\s+(\S+)", conf, re.M)
+    assert found, conf
+    return found[0]
+
+
+def _operator_pods(env: Env) -> list[dict[str, Any]]:
+    return list_pods(env.api, OPERATOR_NS, f"app.kubernetes.io/component=operator,"
+                     f"{RELEASE_SELECTOR}")
+
+
+def test_unmodified_apps_serve_and_reach_the_tailnet(deployed: Env) -> None:
+    """An unmodified web server (a stock ``python3 -m http.server`` on 127.0.0.1:8080) with
+    ``tsnet2.io/serve: "80=127.0.0.1:8080"`` serves on the tailnet; an unmodified client
+    with ``tsnet2.io/egress`` and ``tsnet2.io/dns`` reaches it by tailnet name through its
+    sidecar's proxy (SOCKS5 by name, and HTTP absolute-form), and its resolver answers the
+    tailnet name and still the cluster's names. Both sidecars' traffic logs hold the flows,
+    opened and closed, with the request and the response."""
+    env = deployed
+    # tsnet2.io/dns forwards to the cluster DNS: the chart value, set the way an admin would
+    # (the local cluster has no kube-dns Service for the operator to find).
+    upstream = _cluster_dns(env, manifests.SERVER_POD)
+    old = {_uid(p) for p in _operator_pods(env)}
+    env.cluster.helm("upgrade", RELEASE, str(kind.CHART), "--namespace", OPERATOR_NS,
+                     "--reuse-values", "--set", f"dns.upstream={upstream}")
+
+    def rolled() -> bool:
+        pods = _operator_pods(env)
+        return (operator_available(env.api) and len(pods) == 2
+                and not {_uid(p) for p in pods} & old)
+
+    wait_for(rolled, 300, "the operator to roll with dns.upstream",
+             lambda: describe(env.api, OPERATOR_NS))
+    web, client = (manifests.plain_web_pod(env.cluster.image),
+                   manifests.plain_client_pod(env.cluster.image))
+
+    def injects() -> bool:  # the new operator's webhook answers (see test_operator_restart)
+        try:
+            made = create(env.api, client, dry_run=True)
+        except KubeError as exc:
+            if exc.status == 500 and "failed calling webhook" in str(exc):
+                return False
+            raise
+        return "tsnet2.io/status" in made["metadata"].get("annotations", {})
+
+    wait_for(injects, 120, "the webhook to inject again", lambda: describe(env.api, OPERATOR_NS))
+    for pod in (web, client):
+        create(env.api, pod)
+    srv, cli = manifests.PLAIN_WEB, manifests.PLAIN_CLIENT
+
+    def sidecar_logs() -> str:
+        """The two sidecars' logs (why one does not start, e.g. a flag it does not know)."""
+        out = []
+        for name in (srv, cli):
+            try:  # a crash-looping sidecar's last run
+                text = env.kubectl("-n", NS, "logs", name, "-c", SIDECAR, "--previous")
+            except AssertionError:
+                try:
+                    text = env.logs(name, SIDECAR)
+                except KubeError as exc:
+                    text = str(exc)
+            out.append(f"-- {name}/{SIDECAR} log (tail)\n{text[-3000:]}")
+        return "\n".join(out)
+
+    try:
+        for name in (srv, cli):
+            wait_for(lambda n=name: pod_ready(get(env.api, "v1", "Pod", n, NS)), APP_WAIT,
+                     f"{name} to be ready", lambda: sidecar_logs() + "\n" + env.detail())
+        # What the injector made of the annotations.
+        made = {n: get(env.api, "v1", "Pod", n, NS) for n in (srv, cli)}
+        sidecars = {n: next(c for c in p["spec"]["initContainers"] if c["name"] == SIDECAR)
+                    for n, p in made.items()}
+        args = sidecars[srv]["args"]
+        assert args[args.index("--serve") + 1] == "80=127.0.0.1:8080", args
+        args = sidecars[cli]["args"]
+        assert args[args.index("--egress-listen") + 1] == "127.0.0.1:1055", args
+        assert args[args.index("--dns-upstream") + 1] == upstream, args
+        assert made[cli]["spec"]["dnsPolicy"] == "None", made[cli]["spec"]
+        assert made[cli]["spec"]["dnsConfig"]["nameservers"] == ["127.0.0.1"]
+        app_env = {e["name"]: e.get("value") for e in made[cli]["spec"]["containers"][0]["env"]}
+        assert app_env["TSNET2_EGRESS_PROXY"] == "socks5h://127.0.0.1:1055", app_env
+        assert "HTTP_PROXY" not in app_env and "ALL_PROXY" not in app_env, app_env
+
+        fqdn = f"{srv}.{env.domain}"
+        path = f"/{manifests.PLAIN_FILE}"
+        argv = ["python3", "-c", PLAIN_CLIENT, srv, str(manifests.PLAIN_PORT), path, fqdn]
+        tries: list[str] = []
+
+        def fetched() -> dict[str, Any] | None:
+            try:
+                out = env.exec(cli, manifests.APP_CONTAINER, argv, timeout=90)
+            except AssertionError as exc:  # the peer may not be in the netmap yet
+                tries.append(str(exc)[-1500:])
+                return None
+            doc: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+            return doc
+
+        got = wait_for(fetched, 120, "the plain client to fetch through its sidecar",
+                       lambda: "\n".join(tries[-2:]) + env.logs(srv) + env.detail())
+        body = manifests.plain_body(srv)
+        assert got["socks5h"].startswith("HTTP/1.0 200"), got
+        assert got["socks5h"].endswith(body), got
+        assert got["http_proxy"] == [200, body], got
+        assert got["egress_socket"] == "/var/run/tsnet2/egress.sock", got
+        assert got["http_proxy_env"] == [], got  # the injector sets no HTTP_PROXY & co.
+        tailnet_ip = _tailnet_ipv4(env, srv)
+        assert tailnet_ip in got["dns_tailnet"], (got, tailnet_ip)
+        assert tailnet_ip in got["dns_tailnet_fqdn"], (got, tailnet_ip)
+        assert got["dns_cluster"], got  # cluster names still resolve, forwarded upstream
+
+        # The web server's sidecar logged both inbound flows: from the client's node, to
+        # tailnet port 80, the request in and the file out, each closed.
+        def served() -> list[checks.Flow] | None:
+            found = [f for f in checks.flows(env.traffic(srv), "in")
+                     if (f.open.get("whois") or {}).get("node") == f"{cli}.{env.domain}."]
+            return found if len(found) >= 2 and all(f.closed for f in found) else None
+
+        inbound = wait_for(served, 30, "the web server's flows, closed",
+                           lambda: json.dumps(env.traffic(srv))[-3000:])
+        for flow in inbound:
+            assert str(flow.open["local"]).endswith(f":{manifests.PLAIN_PORT}"), flow.open
+            assert f"GET {path}".encode() in flow.peer_to_app, flow
+            assert body.encode() in flow.app_to_peer, flow
+        # The client's sidecar logged the same flows outbound, to the server's tailnet
+        # address, port 80, each closed.
+        def dialled() -> list[checks.Flow] | None:
+            found = [f for f in checks.flows(env.traffic(cli), "out")
+                     if f.open.get("remote") == f"{tailnet_ip}:{manifests.PLAIN_PORT}"]
+            return found if len(found) >= 2 and all(f.closed for f in found) else None
+
+        outbound = wait_for(dialled, 30, "the client's flows, closed",
+                            lambda: json.dumps(env.traffic(cli))[-3000:])
+        for flow in outbound:
+            assert f"GET {path}".encode() in flow.app_to_peer, flow
+            assert body.encode() in flow.peer_to_app, flow
+    finally:
+        for name in (srv, cli):
+            request(env.api, "DELETE", f"/api/v1/namespaces/{NS}/pods/{name}")
+        for name in (srv, cli):
+            wait_for(lambda n=name: _gone(env.api, f"/api/v1/namespaces/{NS}/pods/{n}"), 120,
+                     f"{name} to go")
+
+
+def _tailnet_ipv4(env: Env, pod: str) -> str:
+    """The tailnet IPv4 of ``pod``'s node, from its TailnetNode."""
+    nodes = [n for n in tailnet_nodes(env.api, OPERATOR_NS)
+             if (n["spec"].get("pod") or {}).get("name") == pod]
+    assert len(nodes) == 1, [node_summary(n) for n in nodes]
+    return str(nodes[0]["spec"]["ipv4"])
 
 
 NAMESPACED_KINDS = ("deployments.apps", "services", "configmaps", "secrets", "serviceaccounts",

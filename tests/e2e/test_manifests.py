@@ -16,6 +16,7 @@ import shutil
 import stat
 from collections.abc import Iterator
 from copy import deepcopy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +394,28 @@ def test_the_pods_as_injected_are_valid(api: k8s.ApiClient,
         assert "NET_RAW" in app["securityContext"]["capabilities"]["drop"]
         if not native:
             assert out["metadata"]["annotations"][DEFAULT_CONTAINER] == "app"
+        _dry_run_create(api, out)
+
+
+def test_the_plain_pods_as_injected_are_valid(api: k8s.ApiClient,
+                                              rendered: list[dict[str, Any]]) -> None:
+    """The apps that don't import tsnet2 (serve; egress and dns, with the dns.upstream the
+    suite sets by upgrade) as the webhook makes them: Pods the API server accepts, with
+    dnsPolicy None and the namespace's search list."""
+    config = _rendered_config(rendered)
+    sidecar = replace(config.sidecar, dns_upstream="10.96.0.10")
+    web = manifests.plain_web_pod(IMAGE)
+    client = manifests.plain_client_pod(IMAGE)
+    assert web["metadata"]["annotations"]["tsnet2.io/serve"] == "80=127.0.0.1:8080"
+    assert "--bind 127.0.0.1" in web["spec"]["containers"][0]["command"][2]
+    for pod in (web, client):
+        decision = inject(pod, sidecar, native_sidecar=True)
+        assert decision.result == "injected", decision
+        out: dict[str, Any] = jsonpatch.apply_patch(pod, decision.patch)
+        if pod is client:
+            assert out["spec"]["dnsPolicy"] == "None"
+            assert out["spec"]["dnsConfig"]["searches"][0] == (
+                f"{manifests.APPS_NAMESPACE}.svc.cluster.local")
         _dry_run_create(api, out)
 
 

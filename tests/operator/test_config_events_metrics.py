@@ -119,6 +119,34 @@ def test_audit_bypass_policy_setting() -> None:
         load_config({**BASE, "TSNET2_AUDIT_BYPASS_POLICY": "allow"})
 
 
+def test_egress_and_dns_settings() -> None:
+    cfg = load_config(BASE).sidecar
+    assert (cfg.egress_port, cfg.dns_upstream, cfg.dns_cluster_domain) == (
+        1055, "", "cluster.local")
+    cfg = load_config({**BASE, "TSNET2_EGRESS_PORT": "3128",
+                       "TSNET2_DNS_UPSTREAM": " 10.96.0.10:53 ",
+                       "TSNET2_DNS_CLUSTER_DOMAIN": "corp.example."}).sidecar
+    assert (cfg.egress_port, cfg.dns_upstream, cfg.dns_cluster_domain) == (
+        3128, "10.96.0.10:53", "corp.example")
+    for upstream in ("10.96.0.10", "[fd00::a]", "[fd00::a]:5353", "fd00::a"):
+        assert load_config({**BASE, "TSNET2_DNS_UPSTREAM": upstream}
+                           ).sidecar.dns_upstream == upstream
+
+
+@pytest.mark.parametrize(("env", "value", "needle"), [
+    ("TSNET2_EGRESS_PORT", "0", "not a port to listen on"),
+    ("TSNET2_EGRESS_PORT", "70000", "outside 0..65535"),
+    ("TSNET2_DNS_UPSTREAM", "kube-dns.kube-system.svc", "not an IP address"),
+    ("TSNET2_DNS_UPSTREAM", "10.96.0.10:0", "not an IP address"),
+    ("TSNET2_DNS_UPSTREAM", "10.96.0.10:53 x", "not an IP address"),
+    ("TSNET2_DNS_CLUSTER_DOMAIN", "Cluster_Local", "not a DNS domain"),
+    ("TSNET2_DNS_CLUSTER_DOMAIN", "", "not a DNS domain"),
+])
+def test_bad_egress_and_dns_settings(env: str, value: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=f"{env}: .*{needle}"):
+        load_config({**BASE, env: value})
+
+
 @pytest.mark.parametrize(("env", "value"), [
     ("TSNET2_CONTROL_URL", "http://control:8080/\nX-Injected: 1"),
     ("TSNET2_CONTROL_URL", "http://control:8080 extra"),

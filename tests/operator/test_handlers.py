@@ -13,6 +13,7 @@ import asyncio
 import copy
 import logging
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any, cast
 
 import kopf
@@ -38,8 +39,11 @@ class FakeLookups:
     """What the injector asks of the API server, answered from memory."""
 
     def __init__(self, *, version: tuple[int, int] = (1, 30),
-                 labels: dict[str, str] | None = None, fail: bool = False) -> None:
+                 labels: dict[str, str] | None = None, fail: bool = False,
+                 dns: str | KubeLookupError | None = "10.96.0.10") -> None:
         self.version = version
+        self.dns = dns
+        self.dns_asked = 0
         self.labels = labels or {}
         self.fail = fail
         self.events: list[dict[str, Any]] = []
@@ -54,6 +58,12 @@ class FakeLookups:
 
     async def server_version(self) -> tuple[int, int]:
         return self.version
+
+    async def cluster_dns(self) -> str | None:
+        self.dns_asked += 1
+        if isinstance(self.dns, KubeLookupError):
+            raise self.dns
+        return self.dns
 
     async def post_event(self, ref: dict[str, str], **fields: str) -> None:
         self.events.append({"ref": ref, **fields})
@@ -151,6 +161,45 @@ def test_start_injector_does_not_ask_the_version_unless_auto() -> None:
     injector = Injector(_config("off"), InjectorMetrics(), no_version)
     _run(handlers.start_injector(param=injector, settings=kopf.OperatorSettings(), logger=LOG))
     assert injector.native_sidecar is False
+
+
+@pytest.mark.parametrize(("found", "upstream"), [
+    ("10.96.0.10", "10.96.0.10"),
+    (None, ""),
+    (KubeLookupError("cannot read Service kube-system/kube-dns: Forbidden"), ""),
+])
+def test_start_injector_looks_up_the_cluster_dns_once(
+        found: str | KubeLookupError | None, upstream: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """No dns_upstream: kube-system/kube-dns's ClusterIP, asked at start-up only; without
+    one, tsnet2.io/dns pods are refused with a message and other pods are injected."""
+    lookups = FakeLookups(dns=found)
+    injector = Injector(_config("off"), InjectorMetrics(), lambda: cast(KubeLookups, lookups))
+    with caplog.at_level(logging.INFO, logger=LOG.name):
+        _run(handlers.start_injector(param=injector, settings=kopf.OperatorSettings(),
+                                     logger=LOG))
+    assert injector.config.sidecar.dns_upstream == upstream and lookups.dns_asked == 1
+    assert ("pods with tsnet2.io/dns will be refused" in caplog.text) is (not upstream)
+    injector.lookups = cast(KubeLookups, lookups)
+    pod = _pod(annotations={"tsnet2.io/inject": "enabled", "tsnet2.io/dns": "true"})
+    if upstream:
+        patched, _ = _run(_admit(handlers.mutate_pod, injector, pod))
+        assert patched["spec"]["dnsPolicy"] == "None"
+        assert patched["spec"]["dnsConfig"]["nameservers"] == ["127.0.0.1"]
+    else:
+        with pytest.raises(kopf.AdmissionError, match="no cluster DNS server"):
+            _run(_admit(handlers.mutate_pod, injector, pod))
+    assert lookups.dns_asked == 1  # never again per pod
+
+
+def test_start_injector_keeps_a_configured_dns_upstream() -> None:
+    lookups = FakeLookups()
+    config = _config("off")
+    config = replace(config, sidecar=replace(config.sidecar, dns_upstream="10.0.0.53:5353"))
+    injector = Injector(config, InjectorMetrics(), lambda: cast(KubeLookups, lookups))
+    _run(handlers.start_injector(param=injector, settings=kopf.OperatorSettings(), logger=LOG))
+    assert lookups.dns_asked == 0
+    assert injector.config.sidecar.dns_upstream == "10.0.0.53:5353"
 
 
 # ---- /inject -----------------------------------------------------------------------------------

@@ -527,3 +527,191 @@ def test_ephemeral_invalid_policy_annotation() -> None:
     old["metadata"]["annotations"]["tsnet2.io/audit-bypass-policy"] = "ignore"
     with pytest.raises(InjectionRejected, match="allowed values: refuse, strip"):
         check_ephemeral(_debug(old, {"name": "dbg", "image": "b:1"}), old, CFG)
+
+
+# ---- serve, egress, dns ------------------------------------------------------------------------
+
+DNS_CFG = replace(CFG, dns_upstream="10.96.0.10")
+
+
+def _env(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in c.get("env", [])}
+
+
+def _flags(c: dict[str, Any], flag: str) -> list[str]:
+    args: list[str] = c["args"]
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def test_serve_rules_become_serve_flags() -> None:
+    p = patched(pod({**ON, "tsnet2.io/serve": "80=127.0.0.1:8080,\n443=http:localhost:8443"}))
+    assert _flags(sidecar(p), "--serve") == ["80=127.0.0.1:8080", "443=http:localhost:8443"]
+    assert "tsnet2-serve" not in {v["name"] for v in p["spec"]["volumes"]}
+    d = inject(pod({**ON, "tsnet2.io/serve": "80=127.0.0.1:8080"}), CFG, native_sidecar=True)
+    assert "serve 80=127.0.0.1:8080" in d.message
+    assert _flags(sidecar(patched(pod(ON))), "--serve") == []
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("80=10.0.0.1:80", "is not a loopback literal"),
+    ("80=http:db:5432", "is not a loopback literal"),
+    ("", "no rule"),
+    ("80=127.0.0.1:1 80=127.0.0.1:2", "already served"),
+    ("80=unix:/tmp/app.sock", "put the app's socket in /var/run/tsnet2-serve/"),
+    ("80=unix:/var/run/tsnet2/app.sock", "the sidecar cannot see /var/run/tsnet2/app.sock"),
+    ("80=unix:/var/run/tsnet2-serve/a/b.sock", "put the app's socket in"),
+])
+def test_bad_serve_rules_are_refused(value: str, needle: str) -> None:
+    with pytest.raises(InjectionRejected) as info:
+        inject(pod({**ON, "tsnet2.io/serve": value}), CFG, native_sidecar=True)
+    assert info.value.reason == "invalid_annotation"
+    assert "annotation tsnet2.io/serve" in str(info.value) and needle in str(info.value)
+
+
+def test_unix_serve_target_shares_a_writable_directory() -> None:
+    rule = "2222=proxy:unix:/var/run/tsnet2-serve/ssh.sock"
+    p = patched(pod({**ON, "tsnet2.io/serve": rule},
+                    initContainers=[{"name": "helper", "image": "h:1", "restartPolicy": "Always"},
+                                    {"name": "setup", "image": "s:1"}]))
+    assert {"name": "tsnet2-serve", "emptyDir": {"medium": "Memory"}} in p["spec"]["volumes"]
+    serve_mount = {"name": "tsnet2-serve", "mountPath": "/var/run/tsnet2-serve"}
+    app, helper, setup = (p["spec"]["containers"][0], p["spec"]["initContainers"][0],
+                          p["spec"]["initContainers"][1])
+    assert serve_mount in app["volumeMounts"] and serve_mount in helper["volumeMounts"]
+    assert "volumeMounts" not in setup  # plain init containers get neither socket nor this
+    side = sidecar(p)
+    assert {**serve_mount, "readOnly": True} in side["volumeMounts"]
+    assert _flags(side, "--serve") == [rule]
+    status = json.loads(p["metadata"]["annotations"][STATUS])
+    assert "tsnet2-serve" in status["volumes"]
+
+
+def test_our_serve_volume_is_ours() -> None:
+    clash = pod(ON, volumes=[{"name": "tsnet2-serve", "emptyDir": {}}])
+    with pytest.raises(InjectionRejected, match="tsnet2-serve"):
+        inject(clash, CFG, native_sidecar=True)
+    p = pod({**ON, "tsnet2.io/serve": "80=unix:/var/run/tsnet2-serve/a.sock"},
+            volumes=[{"name": "x", "emptyDir": {}}])
+    p["spec"]["containers"][0]["volumeMounts"] = [{"name": "x",
+                                                   "mountPath": "/var/run/tsnet2-serve"}]
+    with pytest.raises(InjectionRejected, match="already mounts /var/run/tsnet2-serve"):
+        inject(p, CFG, native_sidecar=True)
+
+
+def test_reinjecting_a_serve_pod_adds_no_second_mount() -> None:
+    p = pod({**ON, "tsnet2.io/serve": "80=unix:/var/run/tsnet2-serve/a.sock"})
+    p["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "tsnet2-socket", "mountPath": "/var/run/tsnet2", "readOnly": True},
+        {"name": "tsnet2-serve", "mountPath": "/var/run/tsnet2-serve"}]
+    d = inject(p, CFG, native_sidecar=True)
+    assert not any("/containers/0/volumeMounts" in op["path"] for op in d.patch)
+
+
+@pytest.mark.parametrize(("value", "port"), [("true", 1055), ("3128", 3128), ("false", None)])
+def test_egress(value: str, port: int | None) -> None:
+    p = patched(pod({**ON, "tsnet2.io/egress": value}))
+    side, app = sidecar(p), p["spec"]["containers"][0]
+    env = _env(app)
+    assert "HTTP_PROXY" not in env and "ALL_PROXY" not in env and "http_proxy" not in env
+    if port is None:
+        assert "--egress-listen" not in side["args"] and "TSNET2_EGRESS_PROXY" not in env
+        return
+    assert arg(side, "--egress-listen") == f"127.0.0.1:{port}"
+    assert arg(side, "--egress-socket") == "/var/run/tsnet2/egress.sock"
+    assert env["TSNET2_EGRESS_PROXY"] == f"socks5h://127.0.0.1:{port}"
+    assert env["TSNET2_EGRESS_SOCKET"] == "/var/run/tsnet2/egress.sock"
+
+
+def test_egress_default_port_from_config() -> None:
+    d = inject(pod({**ON, "tsnet2.io/egress": "true"}), replace(CFG, egress_port=8118),
+               native_sidecar=True)
+    p: dict[str, Any] = jsonpatch.apply_patch(pod({**ON, "tsnet2.io/egress": "true"}), d.patch)
+    assert arg(sidecar(p), "--egress-listen") == "127.0.0.1:8118"
+    assert "egress proxy 127.0.0.1:8118" in d.message
+
+
+def test_a_containers_own_egress_variable_wins() -> None:
+    p = pod({**ON, "tsnet2.io/egress": "true"})
+    p["spec"]["containers"][0]["env"] = [{"name": "TSNET2_EGRESS_PROXY", "value": "mine"}]
+    env = _env(patched(p)["spec"]["containers"][0])
+    assert env["TSNET2_EGRESS_PROXY"] == "mine"
+    assert env["TSNET2_EGRESS_SOCKET"] == "/var/run/tsnet2/egress.sock"
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ("yes", 'invalid value "yes"; allowed values: true, false or a loopback port'),
+    ("0", 'invalid value "0"'),
+    ("65536", 'invalid value "65536"'),
+    ("1055\n", 'invalid value "1055\\n"'),
+    ("9464", "the sidecar's metrics port"),
+])
+def test_bad_egress_values_are_refused(value: str, needle: str) -> None:
+    with pytest.raises(InjectionRejected) as info:
+        inject(pod({**ON, "tsnet2.io/egress": value}), CFG, native_sidecar=True)
+    assert "annotation tsnet2.io/egress" in str(info.value) and needle in str(info.value)
+
+
+def test_egress_on_the_dns_port_is_refused() -> None:
+    with pytest.raises(InjectionRejected, match=r"port 53 is where tsnet2\.io/dns listens"):
+        inject(pod({**ON, "tsnet2.io/egress": "53", "tsnet2.io/dns": "true"}), DNS_CFG,
+               native_sidecar=True)
+
+
+@pytest.mark.parametrize("policy", [None, "ClusterFirst", "ClusterFirstWithHostNet"])
+def test_dns(policy: str | None) -> None:
+    spec = {} if policy is None else {"dnsPolicy": policy}
+    p0 = pod({**ON, "tsnet2.io/dns": "true"}, **spec)
+    d = inject(p0, replace(DNS_CFG, dns_cluster_domain="k8s.example"), native_sidecar=True)
+    p: dict[str, Any] = jsonpatch.apply_patch(p0, d.patch)
+    side = sidecar(p)
+    assert arg(side, "--dns-listen") == "127.0.0.1:53"
+    assert _flags(side, "--dns-upstream") == ["10.96.0.10"]
+    assert side["securityContext"]["capabilities"] == {"add": ["NET_ADMIN", "NET_BIND_SERVICE"],
+                                                       "drop": ["ALL"]}
+    assert p["spec"]["dnsPolicy"] == "None"
+    assert p["spec"]["dnsConfig"] == {
+        "nameservers": ["127.0.0.1"],
+        "searches": ["ns.svc.k8s.example", "svc.k8s.example", "k8s.example"],
+        "options": [{"name": "ndots", "value": "5"}],
+    }
+    assert "dns 127.0.0.1:53 forwarding to 10.96.0.10" in d.message
+
+
+def test_no_dns_no_bind_capability_and_no_dns_settings() -> None:
+    for ann in (ON, {**ON, "tsnet2.io/dns": "false"}):
+        p = patched(pod(ann))
+        assert sidecar(p)["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+        assert "dnsPolicy" not in p["spec"] and "dnsConfig" not in p["spec"]
+        assert "--dns-listen" not in sidecar(p)["args"]
+
+
+def test_dns_upstream_with_a_port_is_passed_as_is() -> None:
+    d = inject(pod({**ON, "tsnet2.io/dns": "true"}),
+               replace(CFG, dns_upstream="[fd00::a]:5353"), native_sidecar=True)
+    p: dict[str, Any] = jsonpatch.apply_patch(pod({**ON, "tsnet2.io/dns": "true"}), d.patch)
+    assert _flags(sidecar(p), "--dns-upstream") == ["[fd00::a]:5353"]
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ({"dnsPolicy": "Default"}, "the pod sets dnsPolicy: Default"),
+    ({"dnsPolicy": "None", "dnsConfig": {"nameservers": ["1.1.1.1"]}},
+     "the pod sets dnsPolicy: None"),
+    ({"dnsConfig": {"options": [{"name": "ndots", "value": "1"}]}},
+     "the pod sets its own dnsConfig"),
+])
+def test_dns_refuses_the_pods_own_dns_settings(spec: dict[str, Any], needle: str) -> None:
+    with pytest.raises(InjectionRejected) as info:
+        inject(pod({**ON, "tsnet2.io/dns": "true"}, **spec), DNS_CFG, native_sidecar=True)
+    assert needle in str(info.value) and "remove one of them" in str(info.value)
+
+
+def test_dns_settings_without_the_annotation_are_left_alone() -> None:
+    p = patched(pod(ON, dnsPolicy="Default"))
+    assert p["spec"]["dnsPolicy"] == "Default" and "dnsConfig" not in p["spec"]
+
+
+def test_dns_without_a_known_upstream_is_refused() -> None:
+    with pytest.raises(InjectionRejected, match="knows no cluster DNS server"):
+        inject(pod({**ON, "tsnet2.io/dns": "true"}), CFG, native_sidecar=True)
+    with pytest.raises(InjectionRejected, match=r'tsnet2\.io/dns: invalid value "on"'):
+        inject(pod({**ON, "tsnet2.io/dns": "on"}), DNS_CFG, native_sidecar=True)

@@ -148,6 +148,9 @@ from the same values map), reused from existing Secrets on upgrade via `lookup` 
   "traffic_log_max_bytes" (int64 $sc.trafficLogRotation.maxBytes)
   "traffic_log_keep" (int $sc.trafficLogRotation.keep)
   "audit_bypass_policy" $sc.auditBypassPolicy
+  "egress_port" (int .Values.egress.port)
+  "dns_upstream" (toString .Values.dns.upstream)
+  "dns_cluster_domain" .Values.dns.clusterDomain
   "native_sidecar" $sc.nativeSidecar
   "webhook_addr" "0.0.0.0"
   "webhook_port" (int .Values.webhook.port)
