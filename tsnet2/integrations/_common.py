@@ -68,8 +68,9 @@ def connect_error_message(exc: Error, target: str) -> str:
 
 
 def missing_extra(module: str, extra: str, exc: ImportError) -> ImportError:
-    """The ImportError to raise when an integration's library is not installed."""
-    return ImportError(
+    """The error to raise when an integration's library is not installed: a
+    ModuleNotFoundError (an ImportError) naming the missing module, like Python's own."""
+    return ModuleNotFoundError(
         f"{module} needs the {extra!r} extra ({exc}): pip install 'tsnet2[{extra}]'",
         name=exc.name,
     )
