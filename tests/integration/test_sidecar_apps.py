@@ -38,6 +38,23 @@ EGRESS = 1055
 CURL = shutil.which("curl") or "curl"
 
 
+# An ASGI app run by uvicorn with its defaults (proxy headers trusted from 127.0.0.1): what
+# the docs tell a Kubernetes user to do instead of listen_socket.
+WHO_APP = """
+import json
+import tsnet2
+
+async def app(scope, receive, send):
+    ident = tsnet2.identity_from_asgi_scope(scope)
+    body = json.dumps({"client": scope["client"][0],
+                       "node": ident.node_name if ident else None,
+                       "user": ident.user_login if ident else None}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body})
+"""
+
+
 @dataclass
 class Apps:
     net: LocalTailnet
@@ -72,8 +89,13 @@ def _start(net: LocalTailnet, netns: str, argv: list[str], ready: bytes
     proc: subprocess.Popen[bytes] = net.lab.popen(
         netns, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
-    line = proc.stdout.readline()  # the server says it listens
-    assert ready in line, line
+    seen = b""
+    for _ in range(20):  # the server says it listens, after a few lines at most
+        line = proc.stdout.readline()
+        seen += line
+        if ready in line or not line:
+            break
+    assert ready in seen, seen
     return proc
 
 
@@ -89,7 +111,7 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
             "--dns-listen", "127.0.0.1:53", "--dns-upstream", "127.0.0.1:9"))
         db = net.add_daemon("app-b", auth_key=key, extra_args=(
             "--up", "--hostname", "app-b", "--serve", "80=127.0.0.1:8080",
-            "--serve", "81=http:127.0.0.1:8081"))
+            "--serve", "81=http:127.0.0.1:8081", "--serve", "82=http:127.0.0.1:8000"))
         etc = Path("/etc/netns") / da.node.netns
         try:
             etc.mkdir(parents=True, exist_ok=True)
@@ -99,9 +121,13 @@ def apps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Apps]:
                 "--directory", str(root)], b"Serving HTTP"))
             procs.append(_start(net, db.node.netns, [sys.executable, "-u", "-c",
                                                      ECHO_HEADERS, "8081"], b"ready"))
+            (root / "whoapp.py").write_text(WHO_APP)
+            procs.append(_start(net, db.node.netns, [
+                sys.executable, "-u", "-m", "uvicorn", "whoapp:app", "--app-dir", str(root),
+                "--host", "127.0.0.1", "--port", "8000"], b"Uvicorn running"))
             # Both rules bound on B's tailnet address (the node came up by itself: --up).
             wait_for(lambda: sum("--serve" in line and "listening on" in line
-                                 for line in db.log_text().splitlines()) >= 2,
+                                 for line in db.log_text().splitlines()) >= 3,
                      timeout=60, what="B's --serve rules bound")
             # A knows B: its responder answers B's name from the netmap.
             wait_for(lambda: net.lab.run(da.node.netns, ["getent", "ahostsv4", "app-b"],
@@ -164,3 +190,16 @@ def test_curl_resolving_names_itself_through_the_dns_responder(apps: Apps) -> No
     host = a["remote"].rsplit(":", 1)[0].strip("[]")
     assert host in ips and a["remote"].endswith(":80")
 
+
+
+def test_uvicorn_on_loopback_with_its_defaults_sees_the_tailnet_caller(apps: Apps) -> None:
+    """``--serve 82=http:127.0.0.1:8000`` to uvicorn as it comes (no flags about proxies):
+    its ``scope["client"]`` is A's tailnet address and the handler reads A's identity."""
+    before = apps.count(apps.db, "serve")
+    out = apps.curl("--socks5-hostname", f"127.0.0.1:{EGRESS}", "http://app-b:82/")
+    got = json.loads(out.stdout)
+    b = apps.flow(apps.db, "serve", before)
+    assert b["target"] == "127.0.0.1:8000"
+    assert got["client"] == b["remote"].rsplit(":", 1)[0].strip("[]")
+    assert got["node"] == b["whois"]["node"].rstrip(".")
+    assert got["user"] == b["whois"]["user"]
