@@ -23,8 +23,7 @@ Rules, in order (the first that applies decides):
    by :mod:`tsnet2_operator.serve`; ``unix:`` targets only in ``SERVE_DIR``, a volume the
    app containers can write), ``tsnet2.io/egress`` and ``tsnet2.io/dns`` add the sidecar's
    ``--serve``, ``--egress-*`` and ``--dns-*`` flags, the egress variables of the app
-   containers, and for dns the pod's ``dnsPolicy: None``/``dnsConfig`` and the sidecar's
-   ``NET_BIND_SERVICE``; the cluster DNS address comes from the config (the kopf layer
+   containers, and for dns the pod's ``dnsPolicy: None``/``dnsConfig``; the cluster DNS address comes from the config (the kopf layer
    fills it in from kube-dns at start-up), never from a lookup here.
 
 "App containers" are ``spec.containers`` plus init containers with ``restartPolicy: Always``
@@ -835,9 +834,10 @@ def _sidecar(config: SidecarConfig, settings: _Settings, native: bool,
     if settings.serve_unix:
         # Read-only: the sidecar only connects to the app's sockets there.
         mounts.append({"name": SERVE_VOLUME, "mountPath": SERVE_DIR, "readOnly": True})
-    # NET_ADMIN: WireGuard device, routes, the nftables guard, SO_MARK; NET_BIND_SERVICE
-    # (tsnet2.io/dns only): the DNS responder on port 53.
-    caps = ["NET_ADMIN", *(["NET_BIND_SERVICE"] if settings.dns is not None else [])]
+    # NET_ADMIN: WireGuard device, routes, the nftables guard, SO_MARK; NET_BIND_SERVICE:
+    # the sidecar binds the tailnet ports below 1024 (a serve rule's 80, an app's
+    # listen(":443")) and, with tsnet2.io/dns, the DNS responder's port 53.
+    caps = ["NET_ADMIN", "NET_BIND_SERVICE"]
     container: dict[str, Any] = {
         "name": SIDECAR_NAME,
         "image": config.image,

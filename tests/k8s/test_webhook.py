@@ -243,7 +243,7 @@ def test_annotated_pod_gets_one_native_sidecar(
     assert sidecar["args"][sidecar["args"].index("--hostname") + 1] == "web-1"
     assert sidecar["args"][sidecar["args"].index("--advertise-tags") + 1] == "tag:web"
     assert sidecar["args"][sidecar["args"].index("--traffic-log-mode") + 1] == "metadata"
-    assert sidecar["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert sidecar["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_BIND_SERVICE"]
     assert sidecar["startupProbe"]["httpGet"]["path"] == "/readyz"
     app = spec["containers"][0]
     assert {"name": "TSNET2_SOCKET", "value": "/var/run/tsnet2/tsnet2.sock"} in app["env"]

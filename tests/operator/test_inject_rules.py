@@ -126,7 +126,7 @@ def test_sidecar_shape() -> None:
     for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
                        ("POD_UID", "metadata.uid"), ("POD_IP", "status.podIP")):
         assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
-    assert c["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+    assert c["securityContext"]["capabilities"]["add"] == ["NET_ADMIN", "NET_BIND_SERVICE"]
     assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 9464}
     assert c["livenessProbe"] == {"httpGet": {"path": "/healthz", "port": 9464},
                                   "periodSeconds": 10, "timeoutSeconds": 5,
@@ -677,10 +677,13 @@ def test_dns(policy: str | None) -> None:
     assert "dns 127.0.0.1:53 forwarding to 10.96.0.10" in d.message
 
 
-def test_no_dns_no_bind_capability_and_no_dns_settings() -> None:
+def test_no_dns_no_dns_settings() -> None:
+    """Without dns the pod's resolver is left alone; the sidecar still has
+    NET_BIND_SERVICE, for tailnet ports below 1024 (a serve rule's 80, listen(":443"))."""
     for ann in (ON, {**ON, "tsnet2.io/dns": "false"}):
         p = patched(pod(ann))
-        assert sidecar(p)["securityContext"]["capabilities"]["add"] == ["NET_ADMIN"]
+        assert sidecar(p)["securityContext"]["capabilities"]["add"] == ["NET_ADMIN",
+                                                                       "NET_BIND_SERVICE"]
         assert "dnsPolicy" not in p["spec"] and "dnsConfig" not in p["spec"]
         assert "--dns-listen" not in sidecar(p)["args"]
 
