@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import ipaddress
 import logging
 import socket
@@ -281,16 +280,7 @@ class DnsResponder:
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
         while True:
-            try:
-                conn, _ = await io.accept(lsock)
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("DNS tcp accept: %s; backing off", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue
-                raise
+            conn = await io.accept_next(lsock, "DNS tcp")
             if self.tcp_clients >= MAX_TCP_CLIENTS:
                 self.metrics.dns_query("tcp", "refused")
                 conn.close()

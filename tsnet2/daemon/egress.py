@@ -173,16 +173,7 @@ class Egress:
     async def _accept_loop(self, lsock: socket.socket) -> None:
         unix = lsock.family == socket.AF_UNIX
         while True:
-            try:
-                conn, _ = await io.accept(lsock)
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("egress accept: %s; backing off", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue
-                raise
+            conn = await io.accept_next(lsock, "egress")
             if unix and self._allow_uids is not None:
                 uid = peer_uid(conn)
                 if uid not in self._allow_uids:

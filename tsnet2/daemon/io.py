@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import socket
 import struct
 from typing import Any
 
 from tsnet2.proto import LineReader, RemoteProtocolError
+
+log = logging.getLogger("tsnet2d")
 
 # The daemon's own sockets carry this mark so the nftables guard can tell them apart from
 # sockets an app opens in the same network namespace ("ts" in ASCII).
@@ -75,6 +79,27 @@ async def accept(lsock: socket.socket) -> tuple[socket.socket, Any]:
             continue
         conn.setblocking(False)
         return conn, addr
+
+
+ACCEPT_BACKOFF = 0.1  # seconds a listener waits when the process is out of descriptors
+
+
+async def accept_next(lsock: socket.socket, what: str) -> socket.socket:
+    """The next connection on a listening socket, over the errors an accept loop outlives:
+    out of descriptors or memory (logged as ``what``, then a short back-off) and a client
+    that gave up before it was accepted. Other errors are raised."""
+    while True:
+        try:
+            conn, _ = await accept(lsock)
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("%s accept: %s; backing off", what, exc)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                continue  # the client gave up before we accepted: nothing to do
+            raise
+        return conn
 
 
 async def connect(sock: socket.socket, address: tuple[str, int]) -> None:

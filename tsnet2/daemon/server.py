@@ -527,16 +527,7 @@ class Daemon:
 
     async def _accept_loop(self, lsock: socket.socket) -> None:
         while True:
-            try:
-                conn, _ = await io.accept(lsock)
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("accept: %s; backing off", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-                    continue  # the client gave up before we accepted: nothing to do
-                raise
+            conn = await io.accept_next(lsock, "socket")
             if self._handshakes >= MAX_HANDSHAKES:
                 # Connections that have not named their channel: a flood, not clients.
                 self.metrics.connection_refused("handshakes")
