@@ -263,16 +263,8 @@ class HttpSplice(Splice):
             if self.error is None:
                 self._emit(self.rewriter.response(data), counted=0)
             return
-        try:
-            self.flow.data(side.direction, data)
-        except TrafficLogError as exc:
-            # Fail closed: bytes that cannot be recorded are not forwarded.
-            self.error = f"traffic log: {exc}"
-            self.app.reset()
-            self.peer.reset()
+        if not self.record(side, data):
             return
-        if self.on_bytes is not None:
-            self.on_bytes(side.direction, len(data))
         self._emit(self.rewriter.feed(data), counted=len(data))
 
     def _emit(self, rw: Rewrite, counted: int) -> None:

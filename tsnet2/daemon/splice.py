@@ -257,18 +257,24 @@ class Splice(Relay):
             elif held and not other.writing_paused and not self.log_paused:
                 transport.resume_reading()
 
-    def forward(self, side: _Side, data: bytes) -> None:
-        other = side.other
+    def record(self, side: _Side, data: bytes) -> bool:
+        """Log ``data`` read from ``side`` and count it; False (and the flow is cut) when
+        the traffic log cannot take it: bytes that cannot be recorded are not forwarded."""
         try:
             self.flow.data(side.direction, data)
         except TrafficLogError as exc:
-            # Fail closed: bytes that cannot be recorded are not forwarded.
             self.error = f"traffic log: {exc}"
             self.app.reset()
             self.peer.reset()
-            return
+            return False
         if self.on_bytes is not None:
             self.on_bytes(side.direction, len(data))
+        return True
+
+    def forward(self, side: _Side, data: bytes) -> None:
+        other = side.other
+        if not self.record(side, data):
+            return
         if other.transport is None:
             raise AssertionError("unreachable: reading starts only once both are attached")
         if not other.transport.is_closing():
