@@ -23,8 +23,9 @@ Rules, in order (the first that applies decides):
    by :mod:`tsnet2_operator.serve`; ``unix:`` targets only in ``SERVE_DIR``, a volume the
    app containers can write), ``tsnet2.io/egress`` and ``tsnet2.io/dns`` add the sidecar's
    ``--serve``, ``--egress-*`` and ``--dns-*`` flags, the egress variables of the app
-   containers, and for dns the pod's ``dnsPolicy: None``/``dnsConfig``; the cluster DNS address comes from the config (the kopf layer
-   fills it in from kube-dns at start-up), never from a lookup here.
+   containers, and for dns the pod's ``dnsPolicy: None``/``dnsConfig``; the cluster DNS
+   address comes from the config (the kopf layer fills it in from kube-dns at start-up),
+   never from a lookup here.
 
 "App containers" are ``spec.containers`` plus init containers with ``restartPolicy: Always``
 (other native sidecars): everything that runs while tsnet2d runs; they get the socket.
