@@ -129,6 +129,7 @@ def test_client_limit(proxy: tuple[Daemon, int, int]) -> None:
         assert b"clients are being served" in out
         rec = wait_for(lambda: _rejects(d.dir), what="reject")[-1]
         assert rec["via"] == "http-proxy" and "clients are being served" in rec["error"]
+        assert rec["reason"] == "over_limit"
     finally:
         for s in idle:
             s.close()

@@ -10,7 +10,8 @@ tailnet domain, tailnet IPs; never DNS), dialled like a library dial
 splice (:meth:`Datapath._splice`): an ``open`` record with ``dir: "out"`` and ``via``
 (``socks5``, ``http-connect``, ``http-proxy``), data, ``close``. A request that never
 becomes a flow gets a ``reject`` record with ``via`` and the reason (``bad_request``,
-``not_tailnet``, ``dial_failed``, ``log_unavailable``) and an answer in its own protocol.
+``not_tailnet``, ``dial_failed``, ``log_unavailable``, ``over_limit``) and an answer in its
+own protocol.
 
 Bounds: :data:`MAX_CLIENTS` connections whose request is being read or dialled (beyond it,
 a short refusal, at most :data:`MAX_REFUSING` at once, else a plain close; opened flows
@@ -212,7 +213,7 @@ class Egress:
             self.metrics.egress_request(via or "unknown", "over_limit")
             self.metrics.flow_refused("out", "over_limit")
             log.warning("egress: %s", error)
-            self.datapath.traffic.reject(direction="out", remote="", reason="dial_failed",
+            self.datapath.traffic.reject(direction="out", remote="", reason="over_limit",
                                          error=error, via=via)
         finally:
             self.refusing -= 1

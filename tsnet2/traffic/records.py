@@ -53,7 +53,7 @@ DataDir = Literal["app->peer", "peer->app"]
 
 RejectReason = Literal[
     "dial_failed", "app_gone", "no_listener", "no_slot", "log_unavailable", "shutdown",
-    "bad_request", "not_tailnet", "target_failed",
+    "bad_request", "not_tailnet", "target_failed", "over_limit",
 ]
 """``reject.reason``: why a flow never opened (docs/traffic-log.md explains each)."""
 
@@ -67,6 +67,7 @@ REJECT_REASONS: tuple[RejectReason, ...] = (
     "bad_request",
     "not_tailnet",
     "target_failed",
+    "over_limit",
 )
 """Every value :data:`RejectReason` allows, in the order the docs list them."""
 
