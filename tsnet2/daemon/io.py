@@ -102,9 +102,9 @@ async def accept_next(lsock: socket.socket, what: str) -> socket.socket:
         return conn
 
 
-async def connect(sock: socket.socket, address: tuple[str, int]) -> None:
-    """Connect a non-blocking socket to a numeric ``address``; raises OSError as asyncio's
-    ``sock_connect`` does (``Connect call failed ...``)."""
+async def connect(sock: socket.socket, address: tuple[str, int] | str) -> None:
+    """Connect a non-blocking socket to a numeric ``address`` (a path for a Unix socket);
+    raises OSError as asyncio's ``sock_connect`` does (``Connect call failed ...``)."""
     try:
         sock.connect(address)
         return

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tsnet2 import proto
+from tsnet2.daemon import io
 from tsnet2.daemon.backend import Backend, whois_summary
-from tsnet2.daemon.datapath import Datapath, ListenerRegistration, ListenError
+from tsnet2.daemon.datapath import Datapath, ListenerRegistration, ListenError, _sockaddr
 from tsnet2.daemon.io import reset
 from tsnet2.daemon.splice import Relay, Splice, _Side
 from tsnet2.proto import ErrorCode
@@ -133,7 +133,7 @@ async def connect_target(target: ServeTarget, timeout: float = TARGET_TIMEOUT) -
     try:
         s.setblocking(False)
         async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(s, addr)
+            await io.connect(s, addr)
         if not target.is_unix:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except BaseException:
@@ -160,9 +160,8 @@ async def serve_flow(dp: Datapath, lst: ListenerRegistration, fwd: Forward,
     """Connect the target, log, relay; or reject with ``target_failed``."""
     try:
         remote_addr = conn.getpeername()
-        remote = proto.format_addr(str(remote_addr[0]), int(remote_addr[1]))
         local_addr = conn.getsockname()
-        local = proto.format_addr(str(local_addr[0]), int(local_addr[1]))
+        remote, local = _sockaddr(remote_addr), _sockaddr(local_addr)
     except OSError:
         conn.close()
         return
@@ -216,7 +215,7 @@ async def serve_flow(dp: Datapath, lst: ListenerRegistration, fwd: Forward,
         # Written by the daemon, before the relay: not a peer byte, not in the log.
         try:
             async with asyncio.timeout(TARGET_TIMEOUT):
-                await asyncio.get_running_loop().sock_sendall(target, header)
+                await io.sendall(target, header)
         except (OSError, TimeoutError) as exc:
             target.close()
             reset(conn)
