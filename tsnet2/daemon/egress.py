@@ -274,7 +274,8 @@ class Egress:
             target = proto.format_addr(req.host, req.port)
             if out := core.data_to_send():
                 await io.sendall(sock, out)
-            peer, early = await self._dial(sock, "socks5", req.host, req.port, req.rest)
+            peer, early, whois = await self._dial(sock, "socks5", req.host, req.port,
+                                                  req.rest)
         except _Refusal as r:
             self._reject("socks5", target, r)  # logged before the client hears of it
             if r.socks is not None:
@@ -285,7 +286,7 @@ class Egress:
         local = _sockaddr(peer.getsockname())
         host, port = proto.split_host_port(local)
         return await self._open(sock, peer, "socks5", target,
-                                socks5.encode_reply(Reply.SUCCEEDED, host, port), early)
+                                socks5.encode_reply(Reply.SUCCEEDED, host, port), early, whois)
 
     # ---- HTTP ------------------------------------------------------------------------
 
@@ -309,7 +310,7 @@ class Egress:
             kind = "http-connect" if req.kind == "connect" else "http-proxy"
             target = proto.format_addr(req.host, req.port)
             pending = req.rest if req.kind == "connect" else req.forward_head() + req.rest
-            peer, early = await self._dial(sock, kind, req.host, req.port, pending)
+            peer, early, whois = await self._dial(sock, kind, req.host, req.port, pending)
         except _Refusal as r:
             self._reject(kind, target, r)  # logged before the client hears of it
             with contextlib.suppress(OSError, TimeoutError):
@@ -321,14 +322,14 @@ class Egress:
                         drained += len(chunk)
             return False
         reply = httpproxy.encode_response(200) if kind == "http-connect" else b""
-        return await self._open(sock, peer, kind, target, reply, early)
+        return await self._open(sock, peer, kind, target, reply, early, whois)
 
     # ---- dial, open, refuse ----------------------------------------------------------
 
     async def _dial(self, sock: socket.socket, kind: Proto, host: str, port: int,
-                    pending: bytes) -> tuple[socket.socket, bytes]:
-        """Resolve (tailnet only) and connect; returns the peer socket and the bytes to
-        send it first. Raises _Refusal."""
+                    pending: bytes) -> tuple[socket.socket, bytes, dict[str, str] | None]:
+        """Resolve (tailnet only) and connect; returns the peer socket, the bytes to send
+        it first and the peer's WhoIs summary. Raises _Refusal."""
         b = self.datapath.backend
         try:
             self.datapath.traffic.check_writable()
@@ -380,10 +381,10 @@ class Egress:
                            http=502, whois=whois) from None
         finally:
             watch.stop()
-        return peer, bytes(watch.early)
+        return peer, bytes(watch.early), whois
 
     async def _open(self, sock: socket.socket, peer: socket.socket, kind: Proto, target: str,
-                    reply: bytes, early: bytes) -> bool:
+                    reply: bytes, early: bytes, whois: dict[str, str] | None) -> bool:
         local = _sockaddr(peer.getsockname())
         remote = _sockaddr(peer.getpeername())
         if reply:
@@ -396,7 +397,6 @@ class Egress:
                     "reply"))
                 return False
         via = _via(kind)
-        whois = whois_summary(self.datapath._node_at(remote))
         try:
             flow = self.datapath.traffic.open_flow(direction="out", local=local,
                                                    remote=remote, whois=whois, via=via)
