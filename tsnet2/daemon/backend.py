@@ -481,17 +481,27 @@ class Backend:
                 raise BackendError(f"no tailnet node has address {ip}", "no_such_peer",
                                    ErrorCode.NO_SUCH_PEER)
             return ip
-        name = host.rstrip(".").lower()
+        node = self.node_by_name(host)
+        if node is None:
+            raise BackendError(f"no tailnet node named {host!r}", "no_such_peer",
+                               ErrorCode.NO_SUCH_PEER)
+        candidates = [a for a in _node_ips(node) if family in (None, a.version)]
+        if not candidates:
+            raise BackendError(f"{host} has no IPv{family} tailnet address",
+                               "no_such_peer", ErrorCode.NO_SUCH_PEER)
+        return candidates[0]
+
+    def node_by_name(self, name: str) -> dict[str, Any] | None:
+        """The node called ``name``: its short name or FQDN, any case, with or without the
+        trailing dot; None when no node is."""
+        name = name.rstrip(".").lower()
+        if not name:
+            return None
         for node in self.nodes():
-            fqdn = str(node.get("fqdn", "")).rstrip(".").lower()
-            if name in (str(node.get("name", "")).lower(), fqdn):
-                candidates = [a for a in _node_ips(node) if family in (None, a.version)]
-                if not candidates:
-                    raise BackendError(f"{host} has no IPv{family} tailnet address",
-                                       "no_such_peer", ErrorCode.NO_SUCH_PEER)
-                return candidates[0]
-        raise BackendError(f"no tailnet node named {host!r}", "no_such_peer",
-                           ErrorCode.NO_SUCH_PEER)
+            if name in (str(node.get("name", "")).lower(),
+                        str(node.get("fqdn", "")).rstrip(".").lower()):
+                return node
+        return None
 
     def peer_stats(self) -> dict[str, PeerState]:
         """WireGuard counters per peer public key (base64), empty when the device is down."""

@@ -169,13 +169,7 @@ class DnsResponder:
         b = self.backend
         domain = b.domain.rstrip(".").lower()
         under = bool(domain) and (name == domain or name.endswith("." + domain))
-        node = None
-        if name:
-            for n in b.nodes():
-                if name in (str(n.get("name", "")).lower(),
-                            str(n.get("fqdn", "")).rstrip(".").lower()):
-                    node = n
-                    break
+        node = b.node_by_name(name)
         if node is None:
             if not under:
                 return None
