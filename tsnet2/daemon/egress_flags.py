@@ -11,9 +11,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tsnet2.daemon.dns import DnsConfig, default_upstreams, parse_upstream
-from tsnet2.daemon.egress import EgressConfig, parse_loopback_listen
-
 
 def add_egress_flags(p: argparse.ArgumentParser) -> None:
     """Add --egress-listen, --egress-socket, --dns-listen, --dns-upstream."""
@@ -41,6 +38,11 @@ def egress_config(args: argparse.Namespace) -> dict[str, Any]:
     """DaemonConfig keyword arguments from the parsed flags. Raises ValueError with the
     message tsnet2d prints (exit 2)."""
     out: dict[str, Any] = {}
+    if not (args.egress_listen or args.egress_socket or args.dns_listen or args.dns_upstream):
+        return out  # neither is on: their modules are not loaded
+    from tsnet2.daemon.dns import DnsConfig, default_upstreams, parse_upstream
+    from tsnet2.daemon.egress import EgressConfig, parse_loopback_listen
+
     listen = None
     if args.egress_listen:
         listen = parse_loopback_listen("--egress-listen", args.egress_listen)

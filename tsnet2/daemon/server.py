@@ -41,26 +41,28 @@ from collections.abc import Awaitable, Callable, Coroutine
 # be able to read the standard library when it first needs it.
 from concurrent.futures import ThreadPoolExecutor  # noqa: F401
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from tsnet2 import proto
 from tsnet2.controlclient import AuthError, ControlError
 from tsnet2.daemon import io
 from tsnet2.daemon.backend import Backend, BackendError, DeviceConfig, NodeState
 from tsnet2.daemon.datapath import Datapath, ListenError
-from tsnet2.daemon.dns import DnsConfig, DnsResponder
-from tsnet2.daemon.egress import Egress, EgressConfig
 from tsnet2.daemon.health import HealthServer
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE, peer_uid
 from tsnet2.daemon.localapi import LocalAPI, LocalAPIConnection
 from tsnet2.daemon.metrics import Metrics, peer_samples
-from tsnet2.daemon.serve import ServeRules, forward_for
 from tsnet2.daemon.watchdog import Watchdog
 from tsnet2.daemon.zerocopy import RelayMode
 from tsnet2.node import NodeError
 from tsnet2.proto import ErrorCode, methods
 from tsnet2.proto.serve import ServeRule
 from tsnet2.traffic import ErrorPolicy, LogMode, TrafficLog
+
+if TYPE_CHECKING:
+    from tsnet2.daemon.dns import DnsConfig, DnsResponder
+    from tsnet2.daemon.egress import Egress, EgressConfig
+    from tsnet2.daemon.serve import ServeRules
 
 log = logging.getLogger("tsnet2d")
 
@@ -197,16 +199,26 @@ class Daemon:
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics,
                                  keepalive_idle=config.tcp_keepalive, relay=config.relay)
         self.backend.refusal_log = self.datapath
-        self.serve_rules = ServeRules(config.serve, self.datapath, self.backend)
         # Where apps' forward sockets must be (listen_socket): the directory of --socket.
         self.socket_dir = Path(os.path.abspath(config.socket_path)).parent
         self.backend.on_lost = self._wake_supervisor
-        self.egress = None if config.egress is None else Egress(
-            config.egress, self.datapath, self.spawn, allow_uids=config.allow_uids,
-            bind_unix=lambda path: bind_unix_socket(path, self._socket_mode(),
-                                                    config.socket_group))
-        self.dns = None if config.dns is None else DnsResponder(
-            config.dns, self.backend, self.metrics, self.spawn)
+        # Serve, egress and DNS load their modules only when configured: a daemon without
+        # them starts no smaller for code it never runs.
+        self.serve_rules: ServeRules | None = None
+        if config.serve:
+            from tsnet2.daemon.serve import ServeRules
+            self.serve_rules = ServeRules(config.serve, self.datapath, self.backend)
+        self.egress: Egress | None = None
+        if config.egress is not None:
+            from tsnet2.daemon.egress import Egress
+            self.egress = Egress(
+                config.egress, self.datapath, self.spawn, allow_uids=config.allow_uids,
+                bind_unix=lambda path: bind_unix_socket(path, self._socket_mode(),
+                                                        config.socket_group))
+        self.dns: DnsResponder | None = None
+        if config.dns is not None:
+            from tsnet2.daemon.dns import DnsResponder
+            self.dns = DnsResponder(config.dns, self.backend, self.metrics, self.spawn)
         self.health: HealthServer | None = None
         self.localapi = LocalAPI(self.backend)
         self.control_routes: dict[str, ControlRoute[Any, Any]] = {}
@@ -309,7 +321,8 @@ class Daemon:
             self._accept_task = self.spawn(self._accept_loop(self._listen_sock), critical=True,
                                            name="socket accept loop")
             self.spawn(self._probe_traffic_log())
-            self.spawn(self.serve_rules.run(), name="serve rules")
+            if self.serve_rules is not None:
+                self.spawn(self.serve_rules.run(), name="serve rules")
             self.spawn(self._checkpoints(), name="traffic-log checkpoints")
             await self._stop.wait()
         finally:
@@ -779,6 +792,7 @@ class Daemon:
                               "client may register; close some", ErrorCode.LIMIT)
         forward = None
         if params.forward_socket:  # tsnet2's extension: a listen_socket registration
+            from tsnet2.daemon.serve import forward_for
             forward = forward_for(params.forward_socket, params.forward_mode,
                                   self.socket_dir, peer_uid(session.sock))
         lst = await self.datapath.register_listener(params.network, params.addr, session,
