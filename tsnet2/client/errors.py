@@ -14,15 +14,19 @@ most also derive from the built-in exception a caller would naturally catch::
     │   └── NodeDownError                    the node went away or is not running
     ├── DialError (ConnectionError)          the daemon could not reach the dial target
     │   ├── NoSuchPeerError                  no tailnet node has that name or address
-    │   └── PeerOfflineError                 the node exists but is offline
+    │   ├── PeerOfflineError                 the node exists but is offline
+    │   └── TLSError                         the TLS handshake with the peer failed, or its
+    │                                        certificate did not verify (dial_tls)
     ├── DaemonError                          the daemon answered an RPC with an error
     │   ├── AddressInUseError (OSError)      a listener's port is taken (errno EADDRINUSE)
     │   ├── AuthKeyError                     the control server refused the auth key
     │   ├── HostnameConflictError            the daemon's node has another hostname
-    │   └── LimitError                       a per-client or per-daemon bound was reached
+    │   ├── LimitError                       a per-client or per-daemon bound was reached
+    │   └── NoCertificateError               the node has no TLS certificate (listen_tls)
     ├── LocalAPIError                        a LocalAPI request got a non-2xx status
     ├── ProtocolError                        the daemon broke the wire protocol
     ├── AddressError (ValueError)            a bad network or address argument
+    ├── DatagramTooLargeError (OSError)      a UDP datagram over the tunnel's limit (EMSGSIZE)
     └── DeadlineExceededError (TimeoutError) an operation's timeout expired
 
 Messages start with the operation, like Go's tsnet: ``"tsnet2.dial: no route to host"``,
@@ -41,18 +45,21 @@ __all__ = [
     "ClosedError",
     "DaemonError",
     "DaemonUnavailableError",
+    "DatagramTooLargeError",
     "DeadlineExceededError",
     "DialError",
     "Error",
     "HostnameConflictError",
     "LimitError",
     "LocalAPIError",
+    "NoCertificateError",
     "NoSuchPeerError",
     "NodeDownError",
     "NotSupportedError",
     "PeerOfflineError",
     "PermissionDeniedError",
     "ProtocolError",
+    "TLSError",
 ]
 
 
@@ -100,6 +107,12 @@ class PeerOfflineError(DialError):
     """The dialed node is known but offline (not connected to the control server)."""
 
 
+class TLSError(DialError):
+    """The daemon's TLS handshake with the dialed peer failed, or the peer's certificate did
+    not verify against the tailnet CA for the expected name (``dial_tls``). The message says
+    which; the daemon's traffic log has a ``reject`` record with reason ``tls_failed``."""
+
+
 class DaemonError(Error):
     """The daemon answered a control RPC with an error.
 
@@ -141,6 +154,11 @@ class LimitError(DaemonError):
     """A bound was reached: listeners per client, clients per daemon, calls in flight."""
 
 
+class NoCertificateError(DaemonError):
+    """The node has no TLS certificate for ``listen_tls`` (yet): the control server issues
+    none, or issuing it failed. The message says why; ``tsnet2 cert`` shows the state."""
+
+
 class LocalAPIError(Error):
     """A LocalAPI request returned a non-2xx HTTP status.
 
@@ -161,6 +179,20 @@ class ProtocolError(Error):
 
 class AddressError(Error, ValueError):
     """A network or address argument is malformed or unsupported."""
+
+
+class DatagramTooLargeError(Error, OSError):
+    """A UDP datagram is larger than the tunnel carries without fragmenting
+    (``max_datagram`` of the connection); it was not sent. ``errno`` is EMSGSIZE."""
+
+    def __init__(self, message: str, *, limit: int) -> None:
+        super().__init__(message)
+        self.errno = _errno.EMSGSIZE
+        self.strerror = message
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class DeadlineExceededError(Error, TimeoutError):

@@ -87,6 +87,7 @@ from tsnet2.proto.methods import (
     encode_result,
     method_spec,
 )
+from tsnet2.proto.tls import TLSDialOptions, TLSInfo
 
 __all__ = [
     "DIAL_OP",
@@ -120,6 +121,8 @@ __all__ = [
     "RemoteProtocolError",
     "Response",
     "StartParams",
+    "TLSDialOptions",
+    "TLSInfo",
     "TailscaleIPsResult",
     "UnknownMethodError",
     "UnregisterListenerParams",

@@ -51,6 +51,15 @@ class ErrorCode(enum.StrEnum):
     """The traffic log cannot be written and new flows are refused (fail-closed)."""
     SHUTDOWN = "shutdown"
     """The daemon is shutting down."""
+    TLS_FAILED = "tls_failed"
+    """The daemon's TLS handshake with the peer failed, or the peer's certificate did not
+    verify against the tailnet CA for the expected name (``dial`` with ``tls``)."""
+    NO_CERTIFICATE = "no_certificate"
+    """The node has no TLS certificate (yet): the control server issues none, or issuing it
+    failed; the message says why."""
+    DATAGRAM_TOO_LARGE = "datagram_too_large"
+    """A UDP datagram is larger than the tunnel carries without fragmenting; it was not
+    sent (split it, or send less)."""
 
 
 def parse_code(value: object) -> ErrorCode | None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tsnet2.proto._decode import get_bool, get_str, parse_json_object
+from tsnet2.proto._decode import get_bool, get_str, get_uint64, parse_json_object
 from tsnet2.proto.channels import MAX_HEADER_LINE
 from tsnet2.proto.codes import ErrorCode, parse_code
 from tsnet2.proto.errors import ChannelRefused, LocalProtocolError, RemoteProtocolError
 from tsnet2.proto.gojson import go_json
+from tsnet2.proto.tls import TLSDialOptions, TLSInfo
 
 __all__ = [
     "DIAL_OP",
@@ -38,11 +39,18 @@ DIAL_OP = "dial"
 
 @dataclass(frozen=True, slots=True)
 class DialRequest:
-    """The first line on a dial channel: ``{"op":"dial","network":"tcp","addr":"h:p"}``."""
+    """The first line on a dial channel: ``{"op":"dial","network":"tcp","addr":"h:p"}``.
+
+    ``tls`` (tsnet2 extension, never sent by the prototype's shim): the daemon originates
+    TLS to the peer and the channel then carries plaintext (:class:`TLSDialOptions`).
+    ``network`` ``"udp"``/``"udp4"``/``"udp6"`` (extension): the channel carries datagrams
+    framed by :mod:`tsnet2.proto.udp`.
+    """
 
     op: str
     network: str
     addr: str
+    tls: TLSDialOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +58,9 @@ class DialReply:
     """The daemon's answer on a dial channel.
 
     ``local``/``remote`` are our additive extension (the flow's tailnet addresses); the
-    prototype sends neither, so both are ``""`` when talking to it.
+    prototype sends neither, so both are ``""`` when talking to it. Also additive: ``tls``
+    (the session the daemon negotiated for a TLS dial) and ``max_datagram`` (for a UDP dial,
+    the largest datagram payload the tunnel carries unfragmented; 0 otherwise).
     """
 
     ok: bool
@@ -58,15 +68,24 @@ class DialReply:
     local: str = ""
     remote: str = ""
     code: ErrorCode | None = None
+    tls: TLSInfo | None = None
+    max_datagram: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class AcceptHeader:
-    """The line the daemon writes on a parked accept slot when it hands over a flow."""
+    """The line the daemon writes on a parked accept slot when it hands over a flow.
+
+    Additive: ``tls`` for a flow of a ``listen_tls`` listener (the daemon terminated TLS);
+    ``max_datagram`` on the packet channel of a UDP listener (``remote`` is then empty and
+    every datagram carries its peer's address, :mod:`tsnet2.proto.udp`).
+    """
 
     listener_id: str
     local: str
     remote: str
+    tls: TLSInfo | None = None
+    max_datagram: int = 0
 
 
 def _line(doc: dict[str, Any], what: str) -> bytes:
@@ -78,13 +97,16 @@ def _line(doc: dict[str, Any], what: str) -> bytes:
     return data + b"\n"
 
 
-def encode_dial_request(network: str, addr: str) -> bytes:
-    """``{"op":"dial","network":..,"addr":..}\\n``; network/addr omitted when empty."""
+def encode_dial_request(network: str, addr: str, tls: TLSDialOptions | None = None) -> bytes:
+    """``{"op":"dial","network":..,"addr":..}\\n``; network/addr omitted when empty, ``tls``
+    only for a TLS dial."""
     doc: dict[str, Any] = {"op": DIAL_OP}
     if network:
         doc["network"] = network
     if addr:
         doc["addr"] = addr
+    if tls is not None:
+        doc["tls"] = tls.to_json()
     return _line(doc, "dial request")
 
 
@@ -95,15 +117,18 @@ def decode_dial_request(line: bytes) -> DialRequest:
     op = get_str(doc, "op", w)
     if op != DIAL_OP:
         raise RemoteProtocolError(f'{w}: unknown op {op!r:.60}; expected "dial"')
-    return DialRequest(op, get_str(doc, "network", w), get_str(doc, "addr", w))
+    tls = doc.get("tls")
+    return DialRequest(op, get_str(doc, "network", w), get_str(doc, "addr", w),
+                       None if tls is None else TLSDialOptions.from_json(tls, f"{w} tls"))
 
 
 def encode_dial_reply(ok: bool, err: str = "", local: str = "", remote: str = "",
-                      code: ErrorCode | None = None) -> bytes:
+                      code: ErrorCode | None = None, tls: TLSInfo | None = None,
+                      max_datagram: int = 0) -> bytes:
     """``{"ok":true}\\n`` or ``{"ok":false,"err":"...","code":"..."}\\n``.
 
-    ``local``/``remote`` are appended when non-empty, ``code`` on failures (additive; old
-    clients ignore them).
+    ``local``/``remote`` are appended when non-empty, ``code`` on failures, ``tls`` and
+    ``max_datagram`` (when non-zero) on successes (additive; old clients ignore them).
     """
     if not ok and not err:
         raise LocalProtocolError("a failed dial reply needs an error message")
@@ -116,6 +141,10 @@ def encode_dial_reply(ok: bool, err: str = "", local: str = "", remote: str = ""
         doc["local"] = local
     if remote:
         doc["remote"] = remote
+    if ok and tls is not None:
+        doc["tls"] = tls.to_json()
+    if ok and max_datagram:
+        doc["max_datagram"] = max_datagram
     return _line(doc, "dial reply")
 
 
@@ -123,12 +152,15 @@ def decode_dial_reply(line: bytes) -> DialReply:
     """Decode a dial reply (missing ``ok`` is ``false``, as in Go)."""
     w = "dial reply"
     doc = parse_json_object(line, w, MAX_HEADER_LINE)
+    tls = doc.get("tls")
     return DialReply(
         ok=get_bool(doc, "ok", w),
         err=get_str(doc, "err", w),
         local=get_str(doc, "local", w),
         remote=get_str(doc, "remote", w),
         code=parse_code(doc.get("code")),
+        tls=None if tls is None else TLSInfo.from_json(tls, f"{w} tls"),
+        max_datagram=get_uint64(doc, "max_datagram", w),
     )
 
 
@@ -148,9 +180,16 @@ def decode_accept_request(line: bytes) -> str:
     return listener_id
 
 
-def encode_accept_header(listener_id: str, local: str, remote: str) -> bytes:
-    """``{"listener_id":..,"local":..,"remote":..}\\n`` (all keys always present)."""
-    return _line({"listener_id": listener_id, "local": local, "remote": remote}, "accept header")
+def encode_accept_header(listener_id: str, local: str, remote: str,
+                         tls: TLSInfo | None = None, max_datagram: int = 0) -> bytes:
+    """``{"listener_id":..,"local":..,"remote":..}\\n`` (these keys always present; ``tls``
+    and ``max_datagram`` added when set)."""
+    doc: dict[str, Any] = {"listener_id": listener_id, "local": local, "remote": remote}
+    if tls is not None:
+        doc["tls"] = tls.to_json()
+    if max_datagram:
+        doc["max_datagram"] = max_datagram
+    return _line(doc, "accept header")
 
 
 def encode_accept_refusal(err: str, code: ErrorCode) -> bytes:
@@ -176,8 +215,11 @@ def decode_accept_header(line: bytes) -> AcceptHeader:
     if err and "listener_id" not in doc:
         code = parse_code(doc.get("code"))
         raise ChannelRefused(err, str(code or ""))
+    tls = doc.get("tls")
     return AcceptHeader(
         listener_id=get_str(doc, "listener_id", w),
         local=get_str(doc, "local", w),
         remote=get_str(doc, "remote", w),
+        tls=None if tls is None else TLSInfo.from_json(tls, f"{w} tls"),
+        max_datagram=get_uint64(doc, "max_datagram", w),
     )

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, Generic, Literal, Protocol, Self, TypeVar, overload
 
-from tsnet2.proto._decode import get_str, get_str_list
+from tsnet2.proto._decode import get_bool, get_str, get_str_list, get_uint64
 from tsnet2.proto.errors import LocalProtocolError, RemoteProtocolError
+from tsnet2.proto.tls import check_alpn
 
 __all__ = [
     "CERT_DOMAINS",
@@ -246,12 +247,20 @@ class RegisterListenerParams:
     ``forward_mode`` (``"tcp"``, ``"http"`` or ``"proxy"``; default ``"tcp"``): the daemon
     then connects each inbound flow to that socket itself (a serve listener) instead of
     handing it to parked accept slots. Both keys are left out of the document when unset.
+
+    tsnet2 extension ``tls`` (``listen_tls``): the daemon terminates TLS with the node's
+    certificate on this listener and hands the app plaintext; ``alpn`` lists the protocols
+    it offers, in preference order (None: no ALPN). Left out when unset. ``network``
+    ``"udp"``/``"udp4"``/``"udp6"`` (extension) registers a UDP listener, whose datagrams
+    travel on one packet channel (an accept request on channel 0x04, :mod:`tsnet2.proto.udp`).
     """
 
     network: str
     addr: str
     forward_socket: str = ""
     forward_mode: str = ""
+    tls: bool = False
+    alpn: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The params document."""
@@ -259,6 +268,10 @@ class RegisterListenerParams:
         if self.forward_socket:
             doc["forward_socket"] = self.forward_socket
             doc["forward_mode"] = self.forward_mode or "tcp"
+        if self.tls:
+            doc["tls"] = True
+            if self.alpn:
+                doc["alpn"] = list(self.alpn)
         return doc
 
     @classmethod
@@ -266,24 +279,35 @@ class RegisterListenerParams:
         """Decode a params document."""
         return cls(network=_param_str(doc, "network"), addr=_param_str(doc, "addr"),
                    forward_socket=_param_str(doc, "forward_socket"),
-                   forward_mode=_param_str(doc, "forward_mode"))
+                   forward_mode=_param_str(doc, "forward_mode"),
+                   tls=_param_bool(doc, "tls"),
+                   alpn=check_alpn(_param_str_list(doc, "alpn"), "register_listener"))
 
 
 @dataclass(frozen=True, slots=True)
 class RegisterListenerResult:
     """``register_listener`` result: the new listener id and the bound address; a daemon
     that forwards (the ``forward_socket`` extension) echoes ``forward_socket``, so a client
-    can tell a daemon that ignored the key (an older one) and undo the registration."""
+    can tell a daemon that ignored the key (an older one) and undo the registration. The
+    same for ``tls`` (echoed ``true`` by a daemon that terminates TLS on the listener).
+    ``max_datagram``: for a UDP listener, the largest datagram payload the tunnel carries
+    unfragmented (0 for TCP)."""
 
     listener_id: str
     addr: str
     forward_socket: str = ""
+    tls: bool = False
+    max_datagram: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """The result document."""
-        doc = {"listener_id": self.listener_id, "addr": self.addr}
+        doc: dict[str, Any] = {"listener_id": self.listener_id, "addr": self.addr}
         if self.forward_socket:
             doc["forward_socket"] = self.forward_socket
+        if self.tls:
+            doc["tls"] = True
+        if self.max_datagram:
+            doc["max_datagram"] = self.max_datagram
         return doc
 
     @classmethod
@@ -291,7 +315,9 @@ class RegisterListenerResult:
         """Decode a result document."""
         w = "register_listener result"
         return cls(listener_id=get_str(doc, "listener_id", w), addr=get_str(doc, "addr", w),
-                   forward_socket=get_str(doc, "forward_socket", w))
+                   forward_socket=get_str(doc, "forward_socket", w),
+                   tls=get_bool(doc, "tls", w),
+                   max_datagram=get_uint64(doc, "max_datagram", w))
 
 
 @dataclass(frozen=True, slots=True)

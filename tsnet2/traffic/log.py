@@ -575,8 +575,13 @@ class TrafficLog:
         conn_id: str | None = None,
         via: FlowVia | None = None,
         target: str | None = None,
+        tls: Mapping[str, Any] | None = None,
     ) -> Flow:
         """Write the ``open`` record of a new flow and return it.
+
+        ``proto="udp"``: a UDP flow (count its datagrams with :meth:`Flow.datagram`; its
+        ``close`` record carries ``proto`` and the datagram counts). ``tls``: the session
+        the daemon terminated or originated (``TLSInfo.to_json()``).
 
         Raises :class:`TrafficLogError` when the log is closed or not open, or when the
         write fails (or stdout is stalled) under ``fail-closed`` (the flow then does not
@@ -584,7 +589,7 @@ class TrafficLog:
         """
         if direction not in _FLOW_DIRS:
             raise ValueError(f'flow direction must be "in" or "out", got {direction!r}')
-        flow = Flow(self, conn_id or new_id())
+        flow = Flow(self, conn_id or new_id(), proto=proto)
         out = _Outcome()
         with self._lock:
             if self._closing or self._closed:
@@ -605,6 +610,7 @@ class TrafficLog:
                     proto=proto,
                     via=via,
                     target=target,
+                    tls=tls,
                     t=opened_ns,
                 )
                 out = self._emit("open", line)
@@ -829,14 +835,20 @@ class Flow:
     Safe to use from the two copy loops of a splice at once.
     """
 
-    def __init__(self, log: TrafficLog, conn_id: str) -> None:
+    def __init__(self, log: TrafficLog, conn_id: str, proto: str = "tcp") -> None:
         """Create a flow; use :meth:`TrafficLog.open_flow` instead."""
         self._log = log
         self.conn_id = conn_id
+        self.proto = proto
+        """``tcp`` or ``udp`` (as in the ``open`` record)."""
         self.bytes_in = 0
         """Bytes read peer->app so far."""
         self.bytes_out = 0
         """Bytes read app->peer so far."""
+        self.datagrams_in = 0
+        """UDP datagrams peer->app so far (:meth:`datagram`)."""
+        self.datagrams_out = 0
+        """UDP datagrams app->peer so far (:meth:`datagram`)."""
         self._seq = {"app->peer": 0, "peer->app": 0}
         cap = log.payload_cap
         self._cap_left: dict[str, int | None] = {"app->peer": cap, "peer->app": cap}
@@ -865,6 +877,12 @@ class Flow:
         view = memoryview(data).cast("B")
         self._account(direction, view.nbytes, view)
 
+    def datagram(self, direction: DataDir, data: bytes | bytearray | memoryview) -> None:
+        """Count one UDP datagram and log it like :meth:`data` (one ``data`` record: a
+        datagram is never larger than a chunk). Raises as :meth:`data` does."""
+        view = memoryview(data).cast("B")
+        self._account(direction, view.nbytes, view, datagram=True)
+
     def count(self, direction: DataDir, nbytes: int) -> None:
         """Like :meth:`data` for ``nbytes`` bytes relayed without being read into memory
         (zero-copy): the same counts and the same ``data`` records (``len``, ``seq``, no
@@ -878,9 +896,11 @@ class Flow:
             raise ValueError(f"byte count must be >= 0, got {nbytes}")
         self._account(direction, nbytes, None)
 
-    def _account(self, direction: DataDir, n: int, view: memoryview | None) -> None:
+    def _account(self, direction: DataDir, n: int, view: memoryview | None, *,
+                 datagram: bool = False) -> None:
         """Count ``n`` bytes read in ``direction`` and write their ``data`` records; the
-        payload comes from ``view`` (None: no payload, lengths only)."""
+        payload comes from ``view`` (None: no payload, lengths only). ``datagram``: the
+        bytes are one UDP datagram (counted; an empty one still gets its record)."""
         if direction not in _DATA_DIRS:
             raise ValueError(
                 f'data direction must be "app->peer" or "peer->app", got {direction!r}'
@@ -891,9 +911,19 @@ class Flow:
                 raise TrafficLogError(f"flow {self.conn_id} is closed")
             if direction == "peer->app":
                 self.bytes_in += n
+                self.datagrams_in += datagram
             else:
                 self.bytes_out += n
-            if not log.writes_records or n == 0:
+                self.datagrams_out += datagram
+            if not log.writes_records:
+                return
+            if n == 0:
+                if datagram:  # an empty datagram is still a datagram: one record of len 0
+                    self._seq[direction] += 1
+                    log.write_record("data", data_record(
+                        conn_id=self.conn_id, direction=direction, seq=self._seq[direction],
+                        data=b"" if log.mode == "payload" else 0, t=time.time_ns(),
+                        include_payload=log.mode == "payload"))
                 return
             size = log.chunk_size
             if view is None or log.mode != "payload":
@@ -962,12 +992,16 @@ class Flow:
             duration_ms = (time.monotonic_ns() - self._started_ns) // 1_000_000
             line = None
             if self._log.writes_records:
+                udp = self.proto == "udp"
                 line = close_record(
                     conn_id=self.conn_id,
                     bytes_in=total_in,
                     bytes_out=total_out,
                     duration_ms=duration_ms,
                     error=error,
+                    proto="udp" if udp else None,
+                    datagrams_in=self.datagrams_in if udp else None,
+                    datagrams_out=self.datagrams_out if udp else None,
                     t=time.time_ns(),
                 )
             self._log._write_close(self, line)

@@ -53,7 +53,7 @@ DataDir = Literal["app->peer", "peer->app"]
 
 RejectReason = Literal[
     "dial_failed", "app_gone", "no_listener", "no_slot", "log_unavailable", "shutdown",
-    "bad_request", "not_tailnet", "target_failed", "over_limit",
+    "bad_request", "not_tailnet", "target_failed", "over_limit", "tls_failed",
 ]
 """``reject.reason``: why a flow never opened (docs/traffic-log.md explains each)."""
 
@@ -68,6 +68,7 @@ REJECT_REASONS: tuple[RejectReason, ...] = (
     "not_tailnet",
     "target_failed",
     "over_limit",
+    "tls_failed",
 )
 """Every value :data:`RejectReason` allows, in the order the docs list them."""
 
@@ -114,12 +115,16 @@ def open_record(
     proto: str = "tcp",
     via: FlowVia | None = None,
     target: str | None = None,
+    tls: Mapping[str, Any] | None = None,
 ) -> bytes:
     """An ``open`` line. ``whois`` is always present (``null`` when unknown);
     ``listener_id`` only for inbound flows (left out when ``None`` or empty). ``via`` names
     the sidecar entry point of a flow no library app owns (:data:`FlowVia`), ``target``
     where a ``serve`` flow was forwarded to (``127.0.0.1:8080``, ``unix:/path``); both are
-    left out when ``None``. Raises :class:`ValueError` for an unknown ``via``."""
+    left out when ``None``. ``tls``: the TLS session the daemon terminated or originated for
+    this flow (``TLSInfo.to_json()``: ``version``, ``cipher``, ``sni``, ``alpn``,
+    ``peer_name``), left out for a flow without TLS in the daemon. Raises
+    :class:`ValueError` for an unknown ``via``."""
     _check_via(via)
     record: dict[str, Any] = {
         "conn_id": conn_id,
@@ -133,6 +138,8 @@ def open_record(
     }
     if listener_id:
         record["listener_id"] = listener_id
+    if tls is not None:
+        record["tls"] = dict(tls)
     _add_via(record, via, target)
     return _line(record)
 
@@ -224,9 +231,14 @@ def close_record(
     duration_ms: int,
     t: _dt.datetime | int,
     error: str | None = None,
+    proto: str | None = None,
+    datagrams_in: int | None = None,
+    datagrams_out: int | None = None,
 ) -> bytes:
     """A ``close`` line: totals (``bytes_in`` = peer->app, ``bytes_out`` = app->peer),
-    duration, and ``error`` only when non-empty."""
+    duration, and ``error`` only when non-empty. A UDP flow's close also carries
+    ``proto: "udp"`` and its datagram counts ``datagrams_in``/``datagrams_out`` (left out
+    when ``None``, as for every TCP flow, whose close keeps the prototype's keys)."""
     record: dict[str, Any] = {
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
@@ -237,6 +249,12 @@ def close_record(
     }
     if error:
         record["error"] = error
+    if proto:
+        record["proto"] = proto
+    if datagrams_in is not None:
+        record["datagrams_in"] = datagrams_in
+    if datagrams_out is not None:
+        record["datagrams_out"] = datagrams_out
     return _line(record)
 
 
