@@ -18,7 +18,8 @@ Rules, in order (the first that applies decides):
    boundary, below) -> :class:`InjectionRejected`;
 7. otherwise -> injected; the patch adds the socket and state volumes, the token volume,
    the sidecar and the status annotation, mounts the socket in every app container, sets
-   ``TSNET2_SOCKET`` and drops ``NET_RAW`` from every container. The socket's group and
+   ``TSNET2_SOCKET`` and ``TSNET2_CA_BUNDLE`` (the tailnet CA file tsnet2d writes next to
+   its socket) and drops ``NET_RAW`` from every container. The socket's group and
    mode follow the pod's groups (:func:`socket_access`). ``tsnet2.io/serve`` (rules checked
    by :mod:`tsnet2_operator.serve`; ``unix:`` targets only in ``SERVE_DIR``, a volume the
    app containers can write), ``tsnet2.io/egress`` and ``tsnet2.io/dns`` add the sidecar's
@@ -88,6 +89,10 @@ EGRESS_SOCKET_PATH = f"{SOCKET_DIR}/egress.sock"
 # Unix sockets that tsnet2.io/serve forwards to: the app creates them here (its socket mount
 # is read-only, so a directory it can write, shared with the sidecar, is added for them).
 SERVE_DIR = "/var/run/tsnet2-serve"
+# The tailnet CA bundle tsnet2d writes next to its socket (tsnet2.daemon.certs.CA_BUNDLE_NAME):
+# what an app verifies tailnet certificates with (ssl: cafile=$TSNET2_CA_BUNDLE).
+CA_BUNDLE_ENV = "TSNET2_CA_BUNDLE"
+CA_BUNDLE_PATH = f"{SOCKET_DIR}/tailnet-ca.pem"
 EGRESS_PROXY_ENV = "TSNET2_EGRESS_PROXY"
 EGRESS_SOCKET_ENV = "TSNET2_EGRESS_SOCKET"
 DNS_LISTEN = "127.0.0.1:53"
@@ -522,6 +527,7 @@ class _Confined:
 _SOCKET_MOUNT = {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR, "readOnly": True}
 _SERVE_MOUNT = {"name": SERVE_VOLUME, "mountPath": SERVE_DIR}
 _SOCKET_ENV = {"name": "TSNET2_SOCKET", "value": SOCKET_PATH}
+_CA_BUNDLE_ENV = {"name": CA_BUNDLE_ENV, "value": CA_BUNDLE_PATH}
 
 
 @dataclass(frozen=True)
@@ -529,14 +535,14 @@ class _Wiring:
     """What every app container gets: mounts (the socket's first) and env vars."""
 
     mounts: tuple[Mapping[str, Any], ...] = (_SOCKET_MOUNT,)
-    env: tuple[Mapping[str, str], ...] = (_SOCKET_ENV,)
+    env: tuple[Mapping[str, str], ...] = (_SOCKET_ENV, _CA_BUNDLE_ENV)
 
 
 def _wiring(settings: _Settings) -> _Wiring:
     mounts: list[Mapping[str, Any]] = [_SOCKET_MOUNT]
     if settings.serve_unix:
         mounts.append(_SERVE_MOUNT)
-    env: list[Mapping[str, str]] = [_SOCKET_ENV]
+    env: list[Mapping[str, str]] = [_SOCKET_ENV, _CA_BUNDLE_ENV]
     if settings.egress_port is not None:
         env += [{"name": EGRESS_PROXY_ENV,
                  "value": f"socks5h://127.0.0.1:{settings.egress_port}"},
@@ -570,7 +576,7 @@ def _add_items(base: str, key: str, container: Mapping[str, Any],
 def _mount_socket(base: str, container: Mapping[str, Any],
                   wiring: _Wiring = _Wiring()) -> list[Op]:
     """Ops that mount the socket directory read-only (and the serve directory, with unix
-    serve targets) and set TSNET2_SOCKET (and the egress variables)."""
+    serve targets) and set TSNET2_SOCKET, TSNET2_CA_BUNDLE (and the egress variables)."""
     present = container.get("volumeMounts") or []
     mounts = [m for m in wiring.mounts if not any(_is_mount(p, m) for p in present)]
     env_names = {str(e.get("name")) for e in container.get("env") or []}

@@ -11,7 +11,9 @@ import pytest
 from tsnet2_operator.config import SidecarConfig
 from tsnet2_operator.inject import (
     BYPASS_REASONS,
+    CA_BUNDLE_PATH,
     DANGEROUS_CAPABILITIES,
+    SOCKET_DIR,
     STATUS,
     InjectionRejected,
     capability_name,
@@ -223,11 +225,31 @@ def test_app_containers_get_socket_and_lose_net_raw() -> None:
     assert d.warnings == ("tsnet2: dropped capability NET_RAW from container(s) app, b",)
     for c in out["spec"]["containers"]:
         assert {"name": "TSNET2_SOCKET", "value": "/var/run/tsnet2/tsnet2.sock"} in c["env"]
+        assert {"name": "TSNET2_CA_BUNDLE", "value": "/var/run/tsnet2/tailnet-ca.pem"} \
+            in c["env"]
         assert {"name": "tsnet2-socket", "mountPath": "/var/run/tsnet2", "readOnly": True} \
             in c["volumeMounts"]
         assert "NET_RAW" in c["securityContext"]["capabilities"]["drop"]
     assert out["spec"]["containers"][1]["securityContext"]["capabilities"]["add"] == ["CHOWN"]
     assert json.loads(out["metadata"]["annotations"][STATUS])["netRawDropped"] == ["app", "b"]
+
+
+def test_ca_bundle_is_the_file_tsnet2d_writes_next_to_its_socket() -> None:
+    """TSNET2_CA_BUNDLE names the daemon's CA bundle (tsnet2.daemon.certs) in the socket
+    directory every app container mounts; a container's own value wins, and the sidecar,
+    which writes the file, gets none."""
+    from tsnet2.daemon.certs import CA_BUNDLE_NAME
+    assert f"{SOCKET_DIR}/{CA_BUNDLE_NAME}" == CA_BUNDLE_PATH
+    p = pod(ON)
+    p["spec"]["containers"].append({"name": "own", "image": "b:1", "env": [
+        {"name": "TSNET2_CA_BUNDLE", "value": "/etc/ssl/mine.pem"}]})
+    out = jsonpatch.apply_patch(p, inject(p, CFG, native_sidecar=True).patch)
+    app, own = out["spec"]["containers"]
+    assert [e for e in app["env"] if e["name"] == "TSNET2_CA_BUNDLE"] == [
+        {"name": "TSNET2_CA_BUNDLE", "value": CA_BUNDLE_PATH}]
+    assert [e for e in own["env"] if e["name"] == "TSNET2_CA_BUNDLE"] == [
+        {"name": "TSNET2_CA_BUNDLE", "value": "/etc/ssl/mine.pem"}]
+    assert "TSNET2_CA_BUNDLE" not in {e["name"] for e in sidecar(out)["env"]}
 
 
 @pytest.mark.parametrize("spelled", ["NET_RAW", "net_raw", "Net_Raw", "CAP_NET_RAW",
@@ -455,6 +477,7 @@ def test_harmless_ephemeral_container_gets_socket_and_loses_net_raw() -> None:
     (dbg,) = out["spec"]["ephemeralContainers"]
     assert dbg["securityContext"] == {"capabilities": {"drop": ["NET_RAW"]}}
     assert {"name": "TSNET2_SOCKET", "value": "/var/run/tsnet2/tsnet2.sock"} in dbg["env"]
+    assert {"name": "TSNET2_CA_BUNDLE", "value": "/var/run/tsnet2/tailnet-ca.pem"} in dbg["env"]
     assert {"name": "tsnet2-socket", "mountPath": "/var/run/tsnet2", "readOnly": True} \
         in dbg["volumeMounts"]
     assert d.warnings == ("tsnet2: dropped capability NET_RAW from container(s) dbg",)
