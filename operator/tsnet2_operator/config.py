@@ -94,6 +94,7 @@ class OperatorConfig:
     control_addr: str = "0.0.0.0:8440"
     control_tls_cert_file: str = ""
     control_tls_key_file: str = ""
+    cert_lifetime: float = 90 * 86400.0  # tsnet2.control.ca.DEFAULT_CERT_LIFETIME
     domain: str = DEFAULT_DOMAIN
     ephemeral_timeout: float = 3600.0
     sweep_interval: float = 10.0
@@ -174,6 +175,13 @@ def _listen_addr(name: str, value: str) -> str:
     if port > 65535:
         raise ConfigError(f"{name}: port {port} is outside 0..65535")
     return value
+
+
+def _cert_lifetime(name: str, value: str) -> float:
+    seconds = _seconds(name, value)
+    if seconds < 1:  # tsnet2.control.ca.MIN_CERT_LIFETIME
+        raise ConfigError(f"{name}: {value!r} must be at least 1 second")
+    return seconds
 
 
 def _seconds(name: str, value: str) -> float:
@@ -317,6 +325,9 @@ FIELDS: tuple[Field, ...] = (
           "PEM certificate: serve the control API over HTTPS (empty: plain HTTP)"),
     Field("control_tls_key_file", "TSNET2_CONTROL_TLS_KEY_FILE", _text, False,
           "PEM private key of the control server's certificate"),
+    Field("cert_lifetime", "TSNET2_CERT_LIFETIME", _cert_lifetime, False,
+          "seconds a node certificate from the tailnet CA is valid (the control server's "
+          "--cert-lifetime; nodes renew when a third is left)"),
     Field("domain", "TSNET2_DOMAIN", _domain, False, "tailnet DNS domain (MagicDNS suffix)"),
     Field("ephemeral_timeout", "TSNET2_EPHEMERAL_TIMEOUT", _seconds, False,
           "seconds offline before the control server drops an ephemeral node"),

@@ -59,12 +59,14 @@ class ControlSettings:
     sweep_interval: float = 10.0
     tls_cert: str | None = None
     tls_key: str | None = None
+    cert_lifetime: float = 90 * 86400.0
+    """Seconds a node certificate from the tailnet CA is valid (``cert_lifetime``)."""
 
     @classmethod
     def from_config(cls, config: OperatorConfig) -> ControlSettings:
         """The control server's part of the operator configuration (``TSNET2_NAMESPACE``,
         ``TSNET2_CONTROL_ADDR``, ``TSNET2_CONTROL_TLS_*``, ``TSNET2_DOMAIN``,
-        ``TSNET2_EPHEMERAL_TIMEOUT``, ``TSNET2_SWEEP_INTERVAL``; see
+        ``TSNET2_EPHEMERAL_TIMEOUT``, ``TSNET2_SWEEP_INTERVAL``, ``TSNET2_CERT_LIFETIME``; see
         :mod:`tsnet2_operator.config`). Raises ConfigError without a namespace."""
         if not config.namespace:
             raise ConfigError("namespace is required: set TSNET2_NAMESPACE (or POD_NAMESPACE)")
@@ -78,6 +80,7 @@ class ControlSettings:
             sweep_interval=config.sweep_interval,
             tls_cert=config.control_tls_cert_file or None,
             tls_key=config.control_tls_key_file or None,
+            cert_lifetime=config.cert_lifetime,
         )
 
 

@@ -152,6 +152,7 @@ def test_config_is_the_operators_settings(
     assert loaded.sidecar.image_pull_policy == sc["image"]["pullPolicy"]
     assert loaded.install_crds is (not values["crds"]["install"])
     assert loaded.domain == values["operator"]["domain"]
+    assert loaded.cert_lifetime == values["control"]["certLifetime"]
     # The certificate files live in mounted Secret volumes of the right Secrets.
     secrets = {"webhook": f"{_fullname(values)}-webhook-tls",
                "control": f"{_fullname(values)}-control-tls"}

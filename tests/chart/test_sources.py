@@ -92,6 +92,15 @@ def test_schema_rejects_unknown_keys(typo: dict[str, Any]) -> None:
         jsonschema.Draft7Validator(_schema()).validate({**_values(), **typo})
 
 
+@pytest.mark.parametrize("lifetime", [0, 0.5, -1, "90d"])
+def test_schema_rejects_a_bad_cert_lifetime(lifetime: Any) -> None:
+    """control.certLifetime is seconds, at least 1 (the control server's minimum)."""
+    values = _values()
+    bad = {**values, "control": {**values["control"], "certLifetime": lifetime}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(_schema()).validate(bad)
+
+
 def test_readme_is_generated() -> None:
     """charts/tsnet2/README.md is current: run `python -m tests.chart.gen_readme`."""
     assert (CHART / "README.md").read_text(encoding="utf-8") == gen_readme.render()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tsnet2_operator.config import FIELDS, OperatorConfig, load_config
+from tsnet2_operator.config import FIELDS, ConfigError, OperatorConfig, load_config
 from tsnet2_operator.control import ControlSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,15 +134,21 @@ def test_control_settings_from_config() -> None:
         "TSNET2_EPHEMERAL_TIMEOUT": "120",
         "TSNET2_SWEEP_INTERVAL": "2.5",
         "TSNET2_INSTALL_CRDS": "false",
+        "TSNET2_CERT_LIFETIME": "3600",
     })
     settings = ControlSettings.from_config(config)
     assert settings == ControlSettings(
         namespace="tsnet2-system", host="::", port=9440, domain="corp.example",
         ephemeral_timeout=120.0, sweep_interval=2.5, tls_cert="/t.crt", tls_key="/t.key",
+        cert_lifetime=3600.0,
     )
     assert config.install_crds is False
     defaults = ControlSettings.from_config(OperatorConfig(namespace="n"))
     assert (defaults.host, defaults.port, defaults.tls_cert) == ("0.0.0.0", 8440, None)
+    assert defaults.cert_lifetime == 90 * 86400.0
+    for bad in ("0.5", "0", "-1", "inf", "soon"):
+        with pytest.raises(ConfigError, match="TSNET2_CERT_LIFETIME"):
+            load_config({**GOOD, "TSNET2_CERT_LIFETIME": bad})
 
 
 def test_peering_identity_needs_no_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -160,6 +160,7 @@ from the same values map), reused from existing Secrets on upgrade via `lookup` 
   "control_addr" (printf "0.0.0.0:%d" (int .Values.control.port))
   "control_tls_cert_file" (ternary "/etc/tsnet2/control-tls/tls.crt" "" .Values.control.tls.enabled)
   "control_tls_key_file" (ternary "/etc/tsnet2/control-tls/tls.key" "" .Values.control.tls.enabled)
+  "cert_lifetime" .Values.control.certLifetime
   "domain" .Values.operator.domain
   "ephemeral_timeout" .Values.operator.ephemeralTimeout
   "sweep_interval" .Values.operator.sweepInterval
