@@ -211,3 +211,48 @@ def flows(records: Iterable[Mapping[str, Any]], direction: str) -> list[Flow]:
                 closed = True
         out.append(Flow(opened, payload["peer->app"], payload["app->peer"], closed))
     return out
+
+
+@dataclass(frozen=True)
+class UdpFlow:
+    """One UDP flow of a traffic log: its ``open``, the datagrams of its data records (one
+    record per datagram, ``payload`` mode) each way, and its ``close`` (None before it)."""
+
+    open: Mapping[str, Any]
+    peer_to_app: list[bytes]
+    app_to_peer: list[bytes]
+    close: Mapping[str, Any] | None
+
+
+def udp_flows(records: Iterable[Mapping[str, Any]], direction: str) -> list[UdpFlow]:
+    """Every ``proto: "udp"`` flow opened in ``direction`` (``in``/``out``), in order of
+    their opens."""
+    records = list(records)
+    out = []
+    for opened in (r for r in records if r.get("kind") == "open"
+                   and r.get("dir") == direction and r.get("proto") == "udp"):
+        grams: dict[str, list[bytes]] = {"peer->app": [], "app->peer": []}
+        close = None
+        for r in records:
+            if r.get("conn_id") != opened["conn_id"]:
+                continue
+            if r.get("kind") == "data" and r.get("dir") in grams:
+                grams[r["dir"]].append(base64.b64decode(r.get("payload_b64", "")))
+            elif r.get("kind") == "close":
+                close = r
+        out.append(UdpFlow(opened, grams["peer->app"], grams["app->peer"], close))
+    return out
+
+
+def udp_close_problems(flow: UdpFlow) -> list[str]:
+    """Where a closed UDP flow's ``close`` disagrees with its data records (``proto``,
+    datagram and byte counts each way); empty when they agree."""
+    close = flow.close
+    if close is None:
+        return [f"flow {flow.open.get('conn_id')} has no close"]
+    want = {"proto": "udp",
+            "datagrams_in": len(flow.peer_to_app), "datagrams_out": len(flow.app_to_peer),
+            "bytes_in": sum(map(len, flow.peer_to_app)),
+            "bytes_out": sum(map(len, flow.app_to_peer))}
+    return [f"close {key} = {close.get(key)!r}, the data records say {value!r}"
+            for key, value in want.items() if close.get(key) != value]

@@ -200,6 +200,26 @@ def plain_client_pod(image: str, namespace: str = APPS_NAMESPACE) -> dict[str, A
                       {EGRESS: "true", DNS: "true"}, namespace)
 
 
+SECURE_SERVER = "tls-udp-server"  # listen_tls on 443 and a UDP echo on 5353 (apps.SECURE_SERVER)
+SECURE_CLIENT = "tls-udp-client"  # an app that only sleeps: the test execs TLS/UDP clients
+TLS_PORT = 443
+UDP_PORT = 5353
+
+
+def secure_server_pod(image: str, namespace: str = APPS_NAMESPACE) -> dict[str, Any]:
+    """The TLS and UDP server (``tsnet2.Server().listen_tls`` / ``listen_packet``); its
+    traffic log to standard output, the default."""
+    return _plain_pod(SECURE_SERVER, image, ["python3", "-c", apps.SECURE_SERVER],
+                      {STATE: "ephemeral"}, namespace)
+
+
+def secure_client_pod(image: str, namespace: str = APPS_NAMESPACE) -> dict[str, Any]:
+    """An app container that only sleeps (it never asks for a certificate, nor does TLS
+    until the test runs :data:`apps.TLS_CLIENT` / :data:`apps.UDP_CLIENT` in it)."""
+    return _plain_pod(SECURE_CLIENT, image, ["sleep", "infinity"], {STATE: "ephemeral"},
+                      namespace)
+
+
 def restart_patch(stamp: str) -> dict[str, Any]:
     """A strategic-merge patch that rolls a workload's pods (as ``kubectl rollout restart``)."""
     return {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}

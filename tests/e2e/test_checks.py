@@ -253,3 +253,41 @@ def test_flows_by_direction() -> None:
     (inbound,) = checks.flows(records, "in")
     assert (inbound.peer_to_app, inbound.closed) == (b"", False)
     assert checks.flows(records, "sideways") == []
+
+
+def test_udp_flows_from_what_the_traffic_log_writes(tmp_path: Path) -> None:
+    """The UDP checks read the records tsnet2.traffic writes for a UDP flow: one data
+    record per datagram each way, and a close with proto udp and the counts."""
+    from tsnet2.traffic.log import TrafficLog
+
+    path = tmp_path / "traffic.jsonl"
+    with TrafficLog(str(path)) as log:
+        flow = log.open_flow(direction="in", local="100.64.0.1:5353",
+                             remote="100.64.0.2:40000", whois=None, proto="udp")
+        for q in (b"q0", b"q1", b"q2"):
+            flow.datagram("peer->app", q)
+            flow.datagram("app->peer", b"echo " + q)
+        tcp = log.open_flow(direction="in", local="100.64.0.1:443",
+                            remote="100.64.0.2:40001", whois=None)
+        tcp.data("peer->app", b"tcp")
+        open_udp = log.open_flow(direction="in", local="100.64.0.1:5353",
+                                 remote="100.64.0.3:40000", whois=None, proto="udp")
+        open_udp.datagram("peer->app", b"later")
+        flow.close()
+        tcp.close()
+    records = checks.traffic_records(path.read_text(encoding="utf-8"))
+    closed, still = checks.udp_flows(records, "in")  # the TCP flow is not one
+    assert closed.peer_to_app == [b"q0", b"q1", b"q2"]
+    assert closed.app_to_peer == [b"echo q0", b"echo q1", b"echo q2"]
+    assert closed.close is not None and closed.close["datagrams_in"] == 3
+    assert checks.udp_close_problems(closed) == []
+    # The log was closed with the second flow open: the daemon's shutdown close.
+    assert still.peer_to_app == [b"later"]
+    assert checks.udp_flows(records, "out") == []
+    lying = checks.UdpFlow(closed.open, closed.peer_to_app, closed.app_to_peer[:2],
+                           closed.close)
+    assert checks.udp_close_problems(lying) == [
+        "close datagrams_out = 3, the data records say 2",
+        "close bytes_out = 21, the data records say 14"]
+    assert checks.udp_close_problems(checks.UdpFlow(closed.open, [], [], None)) == [
+        f"flow {closed.open['conn_id']} has no close"]

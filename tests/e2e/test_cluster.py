@@ -1039,6 +1039,198 @@ def _tailnet_ipv4(env: Env, pod: str) -> str:
     return str(nodes[0]["spec"]["ipv4"])
 
 
+# ---- 8. TLS and UDP between pods ------------------------------------------------------------
+
+CA_BUNDLE = "/var/run/tsnet2/tailnet-ca.pem"  # what the injector sets as $TSNET2_CA_BUNDLE
+NODE_KEY = "/var/lib/tsnet2/tls/node.key"  # the node's TLS key, in the sidecar's state volume
+SIDECAR_METRICS = ("import urllib.request as u; print(u.urlopen("
+                   f"'http://127.0.0.1:{METRICS_PORT}/metrics', timeout=20).read().decode())")
+UDP_COUNT, UDP_BURST = 5, 20
+UDP_IDLE_WAIT = 180.0  # a listener's UDP flow closes when idle for 60 s (--udp-idle-timeout)
+
+
+def _ensure_apps_namespace(env: Env) -> None:
+    """The apps' namespace (made by the ``deployed`` fixture, unless run alone with -k)."""
+    try:
+        create(env.api, manifests.apps_namespace())
+    except KubeError as exc:
+        if exc.status != 409:
+            raise
+
+
+def _cert_shown(env: Env, pod: str) -> str | None:
+    """``tsnet2 cert`` in the pod's sidecar (the node's certificate), or None while it has
+    none yet."""
+    try:
+        return env.exec(pod, SIDECAR, ["tsnet2", "cert"])
+    except AssertionError as exc:
+        if "no_certificate" in str(exc) or "certificate" in str(exc).lower():
+            return None
+        raise
+
+
+def test_tls_and_udp_between_pods(env: Env) -> None:
+    """Issue 15 in a real cluster. Both sidecars get their node certificates with no app
+    action (the client's app only sleeps); the injector gives the apps
+    ``$TSNET2_CA_BUNDLE``. TLS: the server's app serves ``listen_tls("tcp", ":443")`` (the
+    daemon terminates TLS); the client's app dials it by FQDN with a plain ``dial`` and does
+    TLS itself with Python's ``ssl`` trusting only the tailnet CA; the server's sidecar log
+    holds the plaintext and an ``open`` with ``tls``, the client's only ciphertext; a wrong
+    name fails verification. UDP: ``dial("udp")`` to the server's ``listen_packet`` echo,
+    request/response and a burst; replies match, an oversized datagram is refused, and both
+    sidecars' logs hold open/data/close with ``proto: udp`` and matching counts."""
+    _ensure_apps_namespace(env)
+    srv, cli = manifests.SECURE_SERVER, manifests.SECURE_CLIENT
+    fqdn = f"{srv}.{env.domain}"
+    cli_node = f"{cli}.{env.domain}."
+    for pod in (manifests.secure_server_pod(env.cluster.image),
+                manifests.secure_client_pod(env.cluster.image)):
+        create(env.api, pod)
+    try:
+        for name in (srv, cli):
+            wait_for(lambda n=name: pod_ready(get(env.api, "v1", "Pod", n, NS)), APP_WAIT,
+                     f"{name} to be ready", env.detail)
+        made = get(env.api, "v1", "Pod", cli, NS)
+        app_env = {e["name"]: e.get("value") for e in made["spec"]["containers"][0]["env"]}
+        assert app_env["TSNET2_CA_BUNDLE"] == CA_BUNDLE, app_env
+
+        # Each sidecar has its certificate for its own name; the client's app never asked.
+        shown = {n: wait_for(lambda n=n: _cert_shown(env, n), 120,
+                             f"{n}'s sidecar to have its certificate",
+                             lambda n=n: env.logs(n, SIDECAR)[-3000:])
+                 for n in (cli, srv)}
+        for name, text in shown.items():
+            assert f"{name}.{env.domain}" in text, text
+        # The key stays in the sidecar's state volume, owner-only; no app container mounts
+        # that volume.
+        stat = f"import os; print(oct(os.stat({NODE_KEY!r}).st_mode & 0o777))"
+        for name in (srv, cli):
+            assert env.exec(name, SIDECAR, ["python3", "-c", stat]).strip() == "0o600"
+            app = get(env.api, "v1", "Pod", name, NS)["spec"]["containers"][0]
+            assert "tsnet2-state" not in {m["name"] for m in app["volumeMounts"]}, app
+        # The CA bundle the client's app sees is the tailnet CA the server's sidecar knows.
+        bundle = wait_for(lambda: _try_exec(env, cli, ["cat", CA_BUNDLE]), 60,
+                          "the tailnet CA bundle in the client's socket volume")
+        assert "BEGIN CERTIFICATE" in bundle
+        assert bundle.strip() == env.exec(srv, SIDECAR, ["tsnet2", "cert", "--ca"]).strip()
+        metrics = checks.metric_samples(env.exec(srv, SIDECAR, ["python3", "-c",
+                                                                SIDECAR_METRICS]))
+        expiry = metrics.get("tsnet2_tls_cert_expiry_timestamp_seconds", 0.0)
+        assert expiry > time.time() + 86400, metrics  # the chart's 90 days, not nearly over
+
+        # TLS: the client does TLS itself, over a plain dial, by the server's FQDN.
+        wait_for(lambda: "LISTENING" in env.logs(srv), APP_WAIT, f"{srv} to listen",
+                 lambda: env.logs(srv) + env.detail())
+        tries: list[str] = []
+
+        def tls_exchange() -> dict[str, Any] | None:
+            message = f"tls hello {len(tries)} from {cli}"
+            out = _try_exec(env, cli, ["python3", "-c", apps.TLS_CLIENT, fqdn,
+                                       str(manifests.TLS_PORT), message], tries)
+            return {**json.loads(out.strip().splitlines()[-1]), "message": message} \
+                if out else None
+
+        got = wait_for(tls_exchange, 120, "the client's TLS exchange",
+                       lambda: "\n".join(tries[-2:]) + env.logs(srv) + env.detail())
+        message = got["message"]
+        assert got["reply"] == f"tls pong: {message}\n", got
+        assert got["trusted"]["x509_ca"] == 1, got  # the tailnet CA, nothing else
+        assert got["san"] == [fqdn], got
+        assert got["version"] in ("TLSv1.2", "TLSv1.3"), got
+        assert "Hostname mismatch" in got["wrong_name"], got
+        seen = wait_for(lambda: next((r for r in env.results(srv) if r.get("kind") == "tls"
+                                      and r.get("got") == message + "\n"), None), 60,
+                        f"{srv}'s RESULT for {message!r}", lambda: env.logs(srv))
+        assert seen["error"] is None, seen
+        assert seen["whois"]["Node"]["Name"] == cli_node, seen["whois"]
+        assert seen["tls"]["sni"] == fqdn and seen["tls"]["version"] == got["version"], seen
+        # The server's sidecar log: the plaintext, and an open that says TLS; the
+        # wrong-name handshake is a reject.
+        def tls_flow() -> checks.Flow | None:
+            found = [f for f in checks.flows(env.traffic(srv), "in")
+                     if (f.open.get("whois") or {}).get("node") == cli_node
+                     and f.peer_to_app == f"{message}\n".encode()]
+            return found[0] if found and found[0].closed else None
+
+        flow = wait_for(tls_flow, 60, "the TLS flow, closed, in the server's log",
+                        lambda: json.dumps(env.traffic(srv))[-3000:])
+        assert flow.app_to_peer == f"tls pong: {message}\n".encode(), flow
+        assert str(flow.open["local"]).endswith(f":{manifests.TLS_PORT}"), flow.open
+        tls = flow.open["tls"]
+        assert (tls["version"], tls["sni"], tls["cipher"]) == (
+            got["version"], fqdn, got["cipher"]), tls
+        assert [r for r in env.traffic(srv) if r.get("kind") == "reject"
+                and r.get("reason") == "tls_failed"], env.traffic(srv)[-5:]
+        # The client's sidecar relayed ciphertext it cannot read: no tls, no plaintext.
+        srv_ip = _tailnet_ipv4(env, srv)
+        sealed = [f for f in checks.flows(env.traffic(cli), "out")
+                  if f.open.get("remote") == f"{srv_ip}:{manifests.TLS_PORT}"]
+        assert sealed and all("tls" not in f.open for f in sealed), [f.open for f in sealed]
+        assert all(message.encode() not in f.app_to_peer for f in sealed)
+        assert any(len(f.app_to_peer) > len(message) for f in sealed)
+
+        # UDP: request/response, then a burst, by name; an oversized datagram is refused.
+        out = env.exec(cli, manifests.APP_CONTAINER,
+                       ["python3", "-c", apps.UDP_CLIENT, srv, str(manifests.UDP_PORT),
+                        str(UDP_COUNT), str(UDP_BURST), cli], timeout=90)
+        udp = json.loads(out.strip().splitlines()[-1])
+        assert udp["replies"] == [f"echo {q}" for q in udp["sent"]], udp
+        assert sorted(udp["burst_replies"]) == sorted(f"echo {q}" for q in udp["burst_sent"])
+        assert 1000 < udp["max_datagram"] < 65507, udp
+        assert udp["too_large"][0] == udp["max_datagram"], udp
+        sent = [q.encode() for q in udp["sent"] + udp["burst_sent"]]
+        echoed = [b"echo " + q for q in sent]
+        # The client's sidecar: one outbound flow to the server's :5353, closed with the
+        # dial; the server's: one inbound flow from the client's node, closed when idle.
+        def udp_closed(pod: str, direction: str) -> checks.UdpFlow | None:
+            found = [f for f in checks.udp_flows(env.traffic(pod), direction)
+                     if set(f.peer_to_app + f.app_to_peer) & set(sent)]
+            return found[0] if len(found) == 1 and found[0].close is not None else None
+
+        for pod, direction, ins, outs in ((cli, "out", echoed, sent),
+                                          (srv, "in", sent, echoed)):
+            flow_u = wait_for(lambda p=pod, d=direction: udp_closed(p, d), UDP_IDLE_WAIT,
+                              f"{pod}'s UDP flow, closed",
+                              lambda p=pod: json.dumps(env.traffic(p))[-3000:])
+            assert sorted(flow_u.peer_to_app) == sorted(ins), flow_u
+            assert sorted(flow_u.app_to_peer) == sorted(outs), flow_u
+            assert flow_u.open["proto"] == "udp", flow_u.open
+            problems = checks.udp_close_problems(flow_u)
+            assert not problems, (problems, flow_u.close)
+            assert flow_u.close is not None
+            assert flow_u.close["datagrams_in"] == flow_u.close["datagrams_out"] == len(sent)
+        inbound = udp_closed(srv, "in")
+        assert inbound is not None
+        assert (inbound.open.get("whois") or {}).get("node") == cli_node, inbound.open
+        assert str(inbound.open["local"]).endswith(f":{manifests.UDP_PORT}"), inbound.open
+        outbound = udp_closed(cli, "out")
+        assert outbound is not None
+        assert outbound.open["remote"] == f"{srv_ip}:{manifests.UDP_PORT}", outbound.open
+    finally:
+        nodes = [n["metadata"]["name"] for n in tailnet_nodes(env.api, OPERATOR_NS)
+                 if (n["spec"].get("pod") or {}).get("name") in (srv, cli)]
+        for name in (srv, cli):
+            request(env.api, "DELETE", f"/api/v1/namespaces/{NS}/pods/{name}")
+        for name in (srv, cli):
+            wait_for(lambda n=name: _gone(env.api, f"/api/v1/namespaces/{NS}/pods/{n}"), 120,
+                     f"{name} to go")
+        wait_for(lambda: not {n["metadata"]["name"] for n in tailnet_nodes(
+            env.api, OPERATOR_NS)} & set(nodes), GC_WAIT, "their nodes to be removed",
+            env.detail)
+
+
+def _try_exec(env: Env, pod: str, argv: list[str], errors: list[str] | None = None) -> str:
+    """``kubectl exec`` in the pod's app container; its output, or "" when it failed (the
+    error is kept in ``errors``): for what works once something else has happened (the
+    peer is in the netmap, the CA file is written)."""
+    try:
+        return env.exec(pod, manifests.APP_CONTAINER, argv, timeout=90)
+    except AssertionError as exc:
+        if errors is not None:
+            errors.append(str(exc)[-1500:])
+        return ""
+
+
 NAMESPACED_KINDS = ("deployments.apps", "services", "configmaps", "secrets", "serviceaccounts",
                     "roles.rbac.authorization.k8s.io",
                     "rolebindings.rbac.authorization.k8s.io",

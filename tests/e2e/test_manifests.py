@@ -419,6 +419,26 @@ def test_the_plain_pods_as_injected_are_valid(api: k8s.ApiClient,
         _dry_run_create(api, out)
 
 
+def test_the_tls_udp_pods_as_injected_are_valid(api: k8s.ApiClient,
+                                                rendered: list[dict[str, Any]]) -> None:
+    """The TLS/UDP server and the sleeping client as the webhook makes them: Pods the API
+    server accepts, whose app containers get $TSNET2_CA_BUNDLE next to the socket."""
+    config = _rendered_config(rendered)
+    server = manifests.secure_server_pod(IMAGE)
+    client = manifests.secure_client_pod(IMAGE)
+    assert server["spec"]["containers"][0]["command"] == ["python3", "-c", apps.SECURE_SERVER]
+    assert client["spec"]["containers"][0]["command"] == ["sleep", "infinity"]
+    for pod in (server, client):
+        assert pod["metadata"]["annotations"]["tsnet2.io/state"] == "ephemeral"
+        decision = inject(pod, config.sidecar, native_sidecar=True)
+        assert decision.result == "injected", decision
+        out: dict[str, Any] = jsonpatch.apply_patch(pod, decision.patch)
+        app = out["spec"]["containers"][0]
+        assert {"name": "TSNET2_CA_BUNDLE", "value": "/var/run/tsnet2/tailnet-ca.pem"} in (
+            app["env"])
+        _dry_run_create(api, out)
+
+
 def test_the_node_fields_the_suite_reads_are_in_the_crd() -> None:
     (crd,) = [c for c in crd_manifests() if c["spec"]["names"]["kind"] == "TailnetNode"]
     (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
