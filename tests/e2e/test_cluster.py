@@ -33,8 +33,11 @@ One cluster for the module. In order, as a user meets the product:
    ``tsnet2.io/serve``, reached by an unmodified client through its sidecar's egress proxy
    (``tsnet2.io/egress``) by tailnet name, which its resolver (``tsnet2.io/dns``, with the
    chart's ``dns.upstream`` set by a second upgrade) answers too; both traffic logs hold
-   the flows; and ``helm uninstall``, which leaves only what charts/tsnet2/README.md says it
-   leaves.
+   the flows;
+8. TLS and UDP between two more pods (issue 15): sidecars that got their certificates on
+   their own, ``listen_tls`` reached by ``ssl`` trusting only ``$TSNET2_CA_BUNDLE`` (the
+   server's log has the plaintext), a UDP echo whose records count every datagram; and
+   ``helm uninstall``, which leaves only what charts/tsnet2/README.md says it leaves.
 
 The skip message says what is missing; with ``TSNET2_REQUIRE`` naming ``cluster`` (as
 ``.ci/run`` sets it) a missing part fails instead.
