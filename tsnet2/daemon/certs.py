@@ -335,6 +335,14 @@ class NodeCerts:
         """What the current certificate says, or None while the node has none."""
         return self._info
 
+    def server_context_error(self) -> str:
+        """Why :meth:`server_context` raises now ("" when it would not)."""
+        try:
+            self.server_context()
+        except CertUnavailable as exc:
+            return str(exc)
+        return ""
+
     def _why_none(self) -> str:
         if self.unsupported:
             return f"daemon: the node has no TLS certificate: {self.unsupported}"
