@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from tsnet2._version import __version__
 from tsnet2.control.authkeys import DEFAULT_DOMAIN
+from tsnet2.control.ca import DEFAULT_CERT_LIFETIME, MIN_CERT_LIFETIME
 from tsnet2.control.names import validate_domain
 
 Backend = Literal["userspace", "kernel"]
@@ -94,7 +95,7 @@ class OperatorConfig:
     control_addr: str = "0.0.0.0:8440"
     control_tls_cert_file: str = ""
     control_tls_key_file: str = ""
-    cert_lifetime: float = 90 * 86400.0  # tsnet2.control.ca.DEFAULT_CERT_LIFETIME
+    cert_lifetime: float = DEFAULT_CERT_LIFETIME
     domain: str = DEFAULT_DOMAIN
     ephemeral_timeout: float = 3600.0
     sweep_interval: float = 10.0
@@ -179,8 +180,8 @@ def _listen_addr(name: str, value: str) -> str:
 
 def _cert_lifetime(name: str, value: str) -> float:
     seconds = _seconds(name, value)
-    if seconds < 1:  # tsnet2.control.ca.MIN_CERT_LIFETIME
-        raise ConfigError(f"{name}: {value!r} must be at least 1 second")
+    if seconds < MIN_CERT_LIFETIME:
+        raise ConfigError(f"{name}: {value!r} must be at least {MIN_CERT_LIFETIME:g} seconds")
     return seconds
 
 

@@ -27,6 +27,7 @@ import kopf
 from kubernetes import client as k8s
 
 from tsnet2.control.authkeys import DEFAULT_DOMAIN
+from tsnet2.control.ca import DEFAULT_CERT_LIFETIME
 from tsnet2.control.server import ControlServer
 from tsnet2_operator.auth import ANNOTATION_STATUS, TokenReviewAuthenticator
 from tsnet2_operator.config import ConfigError, OperatorConfig
@@ -59,7 +60,7 @@ class ControlSettings:
     sweep_interval: float = 10.0
     tls_cert: str | None = None
     tls_key: str | None = None
-    cert_lifetime: float = 90 * 86400.0
+    cert_lifetime: float = DEFAULT_CERT_LIFETIME
     """Seconds a node certificate from the tailnet CA is valid (``cert_lifetime``)."""
 
     @classmethod
@@ -98,6 +99,7 @@ class ControlRuntime:
             settings.domain,
             settings.ephemeral_timeout,
             authenticator=self.authenticator,
+            cert_lifetime=settings.cert_lifetime,
         )
         self.nodes = NodeCollector(api, self.store)
         self._claimed: set[str] = set()

@@ -151,6 +151,19 @@ def test_control_settings_from_config() -> None:
             load_config({**GOOD, "TSNET2_CERT_LIFETIME": bad})
 
 
+def test_the_control_server_issues_certificates_for_cert_lifetime() -> None:
+    """The chart's control.certLifetime (cert_lifetime) reaches the ControlServer the
+    operator runs: what POST /v1/cert gives a node."""
+    from kubernetes import client as k8s
+    from tsnet2_operator.control import ControlRuntime
+
+    with k8s.ApiClient() as api:
+        runtime = ControlRuntime(api, ControlSettings(namespace="n", cert_lifetime=3600.0))
+        assert runtime.server.cert_lifetime == 3600.0
+        assert ControlRuntime(api, ControlSettings(namespace="n")).server.cert_lifetime == (
+            90 * 86400.0)
+
+
 def test_peering_identity_needs_no_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     """kopf's own identity starts with ``getpass.getuser()``, a ``KeyError`` for a uid
     without a passwd entry (the chart's old default 65532 crash-looped the operator on a
