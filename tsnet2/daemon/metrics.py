@@ -31,6 +31,8 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.connection_refused(reason)                   # a connection refused (CONN_REFUSE_REASONS)
     m.egress_request(proto, result)                # an egress proxy request ended
     m.dns_query(transport, result)                 # the DNS responder answered a query
+    m.udp_datagram(stream)                         # one UDP datagram relayed (tsnet2.daemon.udp)
+    m.udp_dropped(reason)                          # one UDP datagram dropped (UDP_DROP_REASONS)
     m.render() -> bytes                            # text exposition format (HealthServer uses it)
 
 Label values are bounded by construction: `direction`, `stream` and `result` outside their
@@ -131,6 +133,17 @@ EGRESS_RESULTS: tuple[str, ...] = (
 DNS_TRANSPORTS: tuple[str, ...] = ("udp", "tcp")
 DNS_RESULTS: tuple[str, ...] = (
     "tailnet", "nxdomain", "forwarded", "servfail", "refused", "bad_request", "dropped", OTHER,
+)
+#: Why the daemon dropped a UDP datagram (tsnet2.daemon.udp).
+UDP_DROP_REASONS: tuple[str, ...] = (
+    "too_large",  # a frame from the app over max_datagram (answered with a notice)
+    "app_slow",  # the app's channel buffer was full (the app does not read)
+    "send_failed",  # the kernel refused the datagram (buffer full, ICMP error)
+    "not_tailnet",  # sendto an address that is no tailnet node's (answered with a notice)
+    "flow_limit",  # a new peer for a listener that has its maximum of flows
+    "no_channel",  # a listener's packet channel is not attached
+    "log_unavailable",  # the traffic log could not take the flow's records
+    OTHER,
 )
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
@@ -353,6 +366,12 @@ class Metrics:
             "tsnet2_dns_queries_total",
             "DNS responder queries, by transport and answer (tailnet: from the netmap).",
             ["transport", "result"], registry=r)
+        self.udp_datagrams = Counter(
+            "tsnet2_udp_datagrams_total",
+            "UDP datagrams relayed, by stream (app->peer, peer->app).", ["stream"], registry=r)
+        self.udp_drops = Counter(
+            "tsnet2_udp_datagrams_dropped_total",
+            "UDP datagrams the daemon dropped, by reason.", ["reason"], registry=r)
         self.peer_collector = PeerCollector(peers)
         r.register(self.peer_collector, self.peer_collector.names())
 
@@ -382,6 +401,10 @@ class Metrics:
         for t in DNS_TRANSPORTS:
             for dres in DNS_RESULTS:
                 self.dns_queries.labels(t, dres)
+        for s in STREAMS:
+            self.udp_datagrams.labels(s)
+        for reason in UDP_DROP_REASONS:
+            self.udp_drops.labels(reason)
 
     # ---- flows -----------------------------------------------------------------------
 
@@ -516,6 +539,16 @@ class Metrics:
         self.dns_queries.labels(transport if transport in DNS_TRANSPORTS else "udp",
                                 result if result in DNS_RESULTS else OTHER).inc()
 
+    def udp_datagram(self, stream: Stream) -> None:
+        """One UDP datagram was relayed in `stream` ("app->peer" or "peer->app")."""
+        if stream not in STREAMS:
+            raise ValueError(f'stream must be "app->peer" or "peer->app", got {stream!r}')
+        self.udp_datagrams.labels(stream).inc()
+
+    def udp_dropped(self, reason: str) -> None:
+        """The daemon dropped a UDP datagram; see `UDP_DROP_REASONS`."""
+        self.udp_drops.labels(reason if reason in UDP_DROP_REASONS else OTHER).inc()
+
     # ---- exposition ------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -540,6 +573,7 @@ __all__ = [
     "LOG_DROP_REASONS",
     "REFUSE_REASONS",
     "SLOT_DROP_REASONS",
+    "UDP_DROP_REASONS",
     "Metrics",
     "PeerCollector",
     "PeerSample",
