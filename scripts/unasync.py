@@ -29,6 +29,8 @@ WORDS = {
     "AsyncListener": "Listener",
     "AsyncSocketListener": "SocketListener",
     "AsyncConn": "TailnetSocket",
+    "AsyncPacketConn": "PacketConn",
+    "AsyncPacketListener": "PacketListener",
     "AsyncLocalClient": "LocalClient",
     "AsyncIPNBusWatcher": "IPNBusWatcher",
     "AsyncTailnetTransport": "TailnetTransport",

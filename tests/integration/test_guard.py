@@ -127,6 +127,22 @@ elif mode == "listen":
             break
     srv.close()
     out["accepted"] = accepted
+elif mode == "udplisten":
+    host = args.get("host", "::")
+    sock = socket.socket(fam(host), socket.SOCK_DGRAM)
+    if fam(host) == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(args.get("v6only", 0)))
+    sock.bind((host, args["port"]))
+    print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+    received = []
+    while True:
+        ready, _, _ = select.select([sock, sys.stdin], [], [], 30)
+        if sock in ready:
+            received.append(sock.recvfrom(64)[0].decode())
+        if sys.stdin in ready or not ready:
+            break
+    sock.close()
+    out["received"] = received
 print(json.dumps(out), flush=True)
 """
 
@@ -204,8 +220,9 @@ def child(
 
 
 class ChildListener:
-    """CHILD in "listen" mode, running in the background until ``result()``; by default on
-    ``[::]`` for IPv4 and IPv6, else on ``host`` (``v6only``: IPv6 only)."""
+    """CHILD in "listen" mode (or ``mode`` "udplisten": a UDP socket reporting what it
+    ``received``), running in the background until ``result()``; by default on ``[::]`` for
+    IPv4 and IPv6, else on ``host`` (``v6only``: IPv6 only)."""
 
     def __init__(
         self,
@@ -215,10 +232,11 @@ class ChildListener:
         drop: bool = True,
         host: str = "::",
         v6only: bool = False,
+        mode: str = "listen",
     ) -> None:
         args = json.dumps({"port": port, "drop": drop, "host": host, "v6only": int(v6only)})
         self.proc = lab.popen(
-            netns, [SYSTEM_PYTHON, "-I", "-c", CHILD, "listen", args],
+            netns, [SYSTEM_PYTHON, "-I", "-c", CHILD, mode, args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
@@ -367,6 +385,96 @@ def test_unprivileged_udp_does_not_leave(pair: Pair, make_guard: MakeGuard) -> N
             sender.sendto(b"daemon", (B4, port))
         sink.settimeout(5)
         assert sink.recvfrom(64)[0] == b"daemon"
+
+
+def udp_socket(lab: Lab, netns: str, host: str, *, marked: bool, port: int = 0) -> socket.socket:
+    """A UDP socket in ``netns`` bound to ``host:port`` (with the daemon's mark if
+    ``marked``), blocking with a 10 s timeout."""
+    with lab.in_netns(netns):
+        sock = socket.socket(family(host), socket.SOCK_DGRAM)
+    if marked:
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
+    sock.bind((host, port))
+    sock.settimeout(10)
+    return sock
+
+
+def test_udp_inbound_only_to_registered_udp_listeners(pair: Pair, make_guard: MakeGuard) -> None:
+    """An unprivileged process in A's namespace receives no UDP from the tailnet; the
+    daemon's registered UDP sockets do (their own sets: a TCP pair opens no UDP)."""
+    lab, a, b = pair.lab, pair.a, pair.b
+    guard = make_guard(a)
+    app = ChildListener(lab, a.netns, mode="udplisten")  # uid 65534, [::] for both families
+    daemon = [udp_socket(lab, a.netns, host, marked=True) for host in (A4, A6)]
+    peer = [udp_socket(lab, b.netns, host, marked=False) for host in (B4, B6)]
+    try:
+        udp_pairs = {pair_of(s) for s in daemon}
+        guard.set_listeners({(ip_address(A4), app.port)}, udp_pairs)
+        assert guard.read_udp_listeners() == udp_pairs == guard.udp_listeners
+        assert guard.read_listeners() == {(ip_address(A4), app.port)}
+        for src, dst in ((peer[0], A4), (peer[1], A6)):
+            src.sendto(b"to-app", (dst, app.port))
+        # Sent after the app's datagrams on the same path: once these arrive, so would they.
+        for src, dst in zip(peer, daemon, strict=True):
+            src.sendto(b"to-daemon", dst.getsockname()[:2])
+            data, sender = dst.recvfrom(64)
+            assert data == b"to-daemon" and sender[:2] == src.getsockname()[:2]
+            dst.sendto(b"answer", sender)  # the daemon's answer leaves (marked)
+            assert src.recvfrom(64)[0] == b"answer"
+    finally:
+        for sock in daemon + peer:
+            sock.close()
+        result = app.result()
+    assert result["uid"] == 65534 and result["received"] == [], result
+
+
+def test_udp_conntrack_outliving_a_daemon_socket_does_not_reach_the_app(
+    pair: Pair, make_guard: MakeGuard
+) -> None:
+    """A daemon UDP flow leaves a conntrack entry behind when its socket closes; an app
+    binding that port must not get the peer's later datagrams as "established"."""
+    lab, a, b = pair.lab, pair.a, pair.b
+    guard = make_guard(a)
+    peer = udp_socket(lab, b.netns, B4, marked=False)
+    marker = udp_socket(lab, a.netns, A4, marked=True)
+    try:
+        guard.set_listeners(set(), {pair_of(marker)})
+        flow = udp_socket(lab, a.netns, A4, marked=True)
+        with flow:
+            flow.connect(peer.getsockname()[:2])
+            flow.send(b"out")
+            data, where = peer.recvfrom(64)
+            assert data == b"out"
+            peer.sendto(b"reply", where)
+            assert flow.recv(64) == b"reply"  # established, to the daemon's socket
+            port = flow.getsockname()[1]
+        app = ChildListener(lab, a.netns, mode="udplisten", host="0.0.0.0", port=port)
+        try:
+            assert app.port == port
+            peer.sendto(b"stolen", (A4, port))
+            peer.sendto(b"marker", marker.getsockname()[:2])
+            assert marker.recvfrom(64)[0] == b"marker"
+        finally:
+            result = app.result()
+        assert result["uid"] == 65534 and result["received"] == [], result
+        # Control: without the guard the same app does get the conntrack flow's datagrams.
+        guard.remove()
+        app = ChildListener(lab, a.netns, mode="udplisten", host="0.0.0.0", port=port)
+        try:
+            peer.sendto(b"now", (A4, port))
+            with lab.in_netns(a.netns):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with probe:  # after "now" on the same path: the app has it by then
+                probe.bind((A4, 0))
+                probe.settimeout(10)
+                peer.sendto(b"probe", probe.getsockname()[:2])
+                assert probe.recvfrom(64)[0] == b"probe"
+        finally:
+            result = app.result()
+        assert result["received"] == ["now"], result
+    finally:
+        peer.close()
+        marker.close()
 
 
 def test_marked_socket_reaches_a_peer(pair: Pair, make_guard: MakeGuard) -> None:

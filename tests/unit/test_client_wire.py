@@ -450,8 +450,10 @@ def test_dial_validates_before_touching_the_socket(face: Any, peer: WirePeer) ->
         s.dial("tcp", "no-port")
     with pytest.raises(tsnet2.AddressError):
         s.dial("tcp", ":80")
-    with pytest.raises(NotImplementedError):
-        s.dial("udp", "100.64.0.1:53")
+    with pytest.raises(tsnet2.AddressError):
+        s.dial("udp", "no-port")
+    with pytest.raises(tsnet2.AddressError):
+        s.listen("udp", ":dns")
     with pytest.raises(tsnet2.AddressError):
         s.listen("tcp4", "[fd7a::1]:80")
     with pytest.raises(tsnet2.AddressError):

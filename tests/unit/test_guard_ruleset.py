@@ -83,13 +83,19 @@ def test_input_rules_without_log_group() -> None:
     text = ruleset("wg0")
     inp = input_chain(text)
     assert 'iifname "wg0" jump tailnet_in' in rule_lines(text)
-    assert inp[0] == "ct state established,related accept"
-    # Address-precise, and no `socket mark`: that lookup breaks for a SYN matching a TIME_WAIT
-    # socket, refusing a peer that reuses a source port.
-    assert inp[1].startswith("ip daddr . tcp dport @listen4 accept comment ")
-    assert inp[2].startswith("ip6 daddr . tcp dport @listen6 accept comment ")
-    assert "socket" not in " ".join(inp)
-    assert inp[3:] == [
+    # UDP first: only to a socket of the daemon, even for an "established" conntrack entry
+    # (it outlives the daemon's socket; an app could bind the port and get its datagrams).
+    assert inp[0].startswith("meta l4proto udp socket mark != 0x7473 "
+                             "reject with icmpx admin-prohibited comment ")
+    assert inp[1] == "ct state established,related accept"
+    # TCP: address-precise, and no `socket mark`: that lookup breaks for a SYN matching a
+    # TIME_WAIT socket, refusing a peer that reuses a source port.
+    assert inp[2].startswith("ip daddr . tcp dport @listen4 accept comment ")
+    assert inp[3].startswith("ip6 daddr . tcp dport @listen6 accept comment ")
+    assert "socket" not in " ".join(inp[1:])
+    assert inp[4].startswith("ip daddr . udp dport @ulisten4 accept comment ")
+    assert inp[5].startswith("ip6 daddr . udp dport @ulisten6 accept comment ")
+    assert inp[6:] == [
         "meta l4proto tcp reject with tcp reset",
         "reject with icmpx admin-prohibited",
     ]
@@ -99,8 +105,8 @@ def test_input_rules_without_log_group() -> None:
 def test_log_group_logs_refused_syns_rate_limited_then_rejects() -> None:
     text = ruleset("wg0", log_group=7)
     inp = input_chain(text)
-    assert inp[:3] == input_chain(ruleset("wg0"))[:3]  # the accepts come first, unchanged
-    assert inp[3].startswith(
+    assert inp[:6] == input_chain(ruleset("wg0"))[:6]  # the accepts come first, unchanged
+    assert inp[6].startswith(
         "tcp flags & (fin | syn | rst | ack) == syn "
         "limit rate 100/second burst 200 packets "
         'log prefix "tsnet2-refused" group 7 snaplen 128 comment '
@@ -108,12 +114,31 @@ def test_log_group_logs_refused_syns_rate_limited_then_rejects() -> None:
     assert (LOG_RATE, LOG_BURST, LOG_PREFIX, LOG_SNAPLEN) == (
         "100/second", 200, "tsnet2-refused", 128)  # fmt: skip
     # The log statement does not end the chain: the SYN is still rejected with a reset.
-    assert inp[4:] == [
+    assert inp[7:] == [
         "meta l4proto tcp reject with tcp reset",
         "reject with icmpx admin-prohibited",
     ]
     assert "nat" not in text and "redirect" not in text
     assert "group 0 " in ruleset("wg0", log_group=0)
+
+
+def test_udp_listeners_have_their_own_sets() -> None:
+    text = ruleset("wg0", listeners=[(A4, 53)], udp_listeners=[(A4, 53), (A6, 5353)])
+    assert set_block(text, "listen4")[1] == "elements = { 100.64.0.1 . 53 }"
+    assert set_block(text, "ulisten4") == ["type ipv4_addr . inet_service",
+                                           "elements = { 100.64.0.1 . 53 }"]
+    assert set_block(text, "ulisten6") == ["type ipv6_addr . inet_service",
+                                           "elements = { fd7a:115c:a1e0::1 . 5353 }"]
+    assert set_listeners_script("t", [(A4, 80)], [(A6, 53)]) == (
+        "flush set inet t listen4\n"
+        "flush set inet t listen6\n"
+        "flush set inet t ulisten4\n"
+        "flush set inet t ulisten6\n"
+        "add element inet t listen4 { 100.64.0.1 . 80 }\n"
+        "add element inet t ulisten6 { fd7a:115c:a1e0::1 . 53 }\n"
+    )
+    with pytest.raises(GuardError):
+        ruleset("wg0", udp_listeners=[(ip_address("0.0.0.0"), 53)])
 
 
 def set_block(text: str, name: str) -> list[str]:

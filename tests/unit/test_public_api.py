@@ -148,8 +148,10 @@ def test_validation_never_touches_the_socket(tmp_path: Path) -> None:
     # bound no slow machine gets near for validation alone).
     srv = tsnet2.Server(socket_path=str(tmp_path / "nothing.sock"), connect_timeout=60)
     t0 = time.monotonic()
-    with pytest.raises(NotImplementedError, match="unsupported network"):
-        srv.listen("udp", ":53")
+    with pytest.raises(tsnet2.AddressError, match="bad port"):
+        srv.listen("udp", ":53x")
+    with pytest.raises(tsnet2.AddressError, match="unsupported network"):
+        srv.listen_packet("tcp", ":53")
     with pytest.raises(tsnet2.AddressError, match="bad port"):
         srv.listen("tcp", ":http")
     with pytest.raises(ValueError):

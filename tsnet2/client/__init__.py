@@ -9,11 +9,13 @@ Everything public is re-exported by the top-level :mod:`tsnet2` package.
 """
 
 from tsnet2.client._async.local import AsyncIPNBusWatcher, AsyncLocalClient
+from tsnet2.client._async.packet import AsyncPacketConn, AsyncPacketListener
 from tsnet2.client._async.server import AsyncListener, AsyncServer, AsyncSocketListener
 from tsnet2.client._backend_async import AsyncConn
 from tsnet2.client._backend_sync import TailnetSocket
 from tsnet2.client._base import FallbackTCPHandler, Status, TailnetAddr
 from tsnet2.client._sync.local import IPNBusWatcher, LocalClient
+from tsnet2.client._sync.packet import PacketConn, PacketListener
 from tsnet2.client._sync.server import Listener, Server, SocketListener
 from tsnet2.client.errors import (
     AddressError,
@@ -52,6 +54,8 @@ __all__ = [
     "AsyncIPNBusWatcher",
     "AsyncListener",
     "AsyncLocalClient",
+    "AsyncPacketConn",
+    "AsyncPacketListener",
     "AsyncServer",
     "AsyncSocketListener",
     "AuthKeyError",
@@ -74,6 +78,8 @@ __all__ = [
     "NoSuchPeerError",
     "NodeDownError",
     "NotSupportedError",
+    "PacketConn",
+    "PacketListener",
     "PeerOfflineError",
     "PermissionDeniedError",
     "ProtocolError",

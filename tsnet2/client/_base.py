@@ -64,6 +64,8 @@ REPARK_CONNECT_TIMEOUT = 0.25
 REPARK_BACKOFF_MAX = 0.25
 
 SUPPORTED_NETWORKS = ("tcp", "tcp4", "tcp6")
+UDP_NETWORKS = ("udp", "udp4", "udp6")
+"""Networks of ``dial``/``listen``/``listen_packet`` that carry datagrams (docs/udp.md)."""
 NO_SOCKET_MESSAGE = (
     "socket_path is required (pass Server(socket_path=...) or set TSNET2_SOCKET): not implemented"
 )
@@ -142,18 +144,28 @@ def sockaddr(addr: TailnetAddr) -> tuple[str, int]:
     return str(addr[0]), addr[1]
 
 
-def check_network(op: str, network: str) -> None:
-    """Reject every network except tcp, tcp4 and tcp6 (UDP is not implemented)."""
-    if network in SUPPORTED_NETWORKS:
+def check_network(op: str, network: str, *, udp: bool = False) -> None:
+    """Reject every network except tcp, tcp4 and tcp6 (with ``udp``: only udp, udp4,
+    udp6)."""
+    if network in (UDP_NETWORKS if udp else SUPPORTED_NETWORKS):
         return
+    if udp:
+        raise AddressError(f"{op}: unsupported network {network!r} (want udp, udp4 or udp6)")
     if network.startswith("udp"):
-        raise NotSupportedError(f"{op}: unsupported network {network!r} (UDP is not implemented)")
+        raise NotSupportedError(f"{op}: unsupported network {network!r} here; UDP goes "
+                                "through dial() and listen()/listen_packet()")
     raise AddressError(f"{op}: unsupported network {network!r} (want tcp, tcp4 or tcp6)")
 
 
-def check_dial_args(op: str, network: str, addr: str) -> None:
+def udp_unsupported(op: str, path: str) -> NotSupportedError:
+    """The daemon answered a UDP request without ``max_datagram``: it has no UDP."""
+    return NotSupportedError(f"{op}: the daemon at {path} does not relay UDP (an older "
+                             "tsnet2d, or the prototype's); upgrade the daemon")
+
+
+def check_dial_args(op: str, network: str, addr: str, *, udp: bool = False) -> None:
     """Validate dial arguments before any socket is touched."""
-    check_network(op, network)
+    check_network(op, network, udp=udp)
     try:
         host, _ = proto.split_host_port(addr)
     except ValueError as exc:
@@ -162,10 +174,14 @@ def check_dial_args(op: str, network: str, addr: str) -> None:
         raise AddressError(f"{op}: bad addr {addr!r}: missing host")
 
 
-def check_listen_args(op: str, network: str, addr: str) -> None:
+def check_listen_args(op: str, network: str, addr: str, *, udp: bool = False) -> None:
     """Validate listen arguments (network and bind address) before any socket is touched."""
-    check_network(op, network)
+    check_network(op, network, udp=udp)
     try:
+        if udp:
+            from tsnet2.proto.udp import parse_udp_listen_addr
+            parse_udp_listen_addr(network, addr)
+            return
         proto.parse_listen_addr(network, addr)
     except ValueError as exc:
         raise AddressError(f"{op}: {exc}") from None

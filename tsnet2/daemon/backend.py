@@ -415,10 +415,12 @@ class Backend:
                 v6 = v6 or ip
         return v4, v6
 
-    async def set_listeners(self, listeners: set[tuple[IPAddress, int]]) -> None:
-        """Open exactly these (tailnet address, port) pairs for inbound flows (the guard)."""
+    async def set_listeners(self, listeners: set[tuple[IPAddress, int]],
+                            udp: set[tuple[IPAddress, int]] | None = None) -> None:
+        """Open exactly these (tailnet address, port) pairs for inbound TCP flows, and
+        ``udp`` for inbound UDP (the guard)."""
         if self._guard is not None:
-            await asyncio.to_thread(self._guard.set_listeners, listeners)
+            await asyncio.to_thread(self._guard.set_listeners, listeners, udp or ())
 
     # ---- queries ---------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from tsnet2.daemon.server import (
     DaemonFatalError,
     no_dumps,
 )
+from tsnet2.daemon.udp import UDP_IDLE_TIMEOUT
 from tsnet2.proto.serve import ServeRule, parse_serve_rule
 
 USAGE_EXIT = 2
@@ -133,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "flow whose peer vanished (no FIN or RST) ends, with its close record, "
                    "about twice that later; 0 turns it off (default "
                    f"{TCP_KEEPALIVE_IDLE:g}: at most 60 s)")
+    p.add_argument("--udp-idle-timeout", metavar="SECONDS", type=float,
+                   default=UDP_IDLE_TIMEOUT,
+                   help="a UDP flow (a dial, or one peer of a UDP listener) that no datagram "
+                   "crossed for this many seconds is closed, with its close record; a "
+                   "closed dial's channel ends (docs/udp.md; 0.1 to 86400, default "
+                   f"{UDP_IDLE_TIMEOUT:g})")
     p.add_argument("--relay", choices=["auto", "copy"], default="auto",
                    help="how flows are relayed: auto moves the bytes with splice(2) through "
                    "pipes, never into the daemon's memory, when the traffic log records no "
@@ -288,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.tcp_keepalive == 0 or 1 <= args.tcp_keepalive <= 7200):
         print("tsnet2d: --tcp-keepalive takes 0 (off) or 1 to 7200 seconds", file=sys.stderr)
         return USAGE_EXIT
+    if not 0.1 <= args.udp_idle_timeout <= 86400:
+        print("tsnet2d: --udp-idle-timeout takes 0.1 to 86400 seconds", file=sys.stderr)
+        return USAGE_EXIT
     try:
         sidecar = egress_config(args)
     except ValueError as exc:
@@ -328,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         watchdog_timeout=args.watchdog,
         node_down_grace=args.node_down_grace,
         tcp_keepalive=args.tcp_keepalive,
+        udp_idle_timeout=args.udp_idle_timeout,
         relay=args.relay,
         **sidecar,
         serve=serve,

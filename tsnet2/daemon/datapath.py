@@ -34,6 +34,7 @@ from tsnet2.daemon.io import (
 )
 from tsnet2.daemon.metrics import Metrics
 from tsnet2.daemon.splice import Relay, Splice
+from tsnet2.daemon.udp import UDP_IDLE_TIMEOUT, UDP_NETWORKS, UdpDatapath
 from tsnet2.daemon.zerocopy import PipePool, PipeSplice, RelayMode
 from tsnet2.node import NodeError
 from tsnet2.node.nflog import NflogReader
@@ -108,6 +109,7 @@ class ListenerRegistration:
     slot_added: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
     forward: Forwarder | None = None  # serve: the daemon forwards flows, no slots
+    udp: Any = None  # a UDP listener's tsnet2.daemon.udp.UdpListener (no slots)
 
 
 class Datapath:
@@ -121,6 +123,7 @@ class Datapath:
         metrics: Metrics | None = None,
         keepalive_idle: float = TCP_KEEPALIVE_IDLE,
         relay: RelayMode = "auto",
+        udp_idle_timeout: float = UDP_IDLE_TIMEOUT,
     ) -> None:
         """``keepalive_idle``: TCP keepalive of every tailnet socket (see
         :func:`~tsnet2.daemon.io.keepalive`; 0 turns it off). ``relay``: ``"auto"`` relays
@@ -145,6 +148,7 @@ class Datapath:
         self.log_stalled = False  # the traffic log's stdout is behind: flows are paused
         self._ephemeral_count = 0  # port-0 ports handed out or skipped (the Go counter)
         self._nflog: NflogReader | None = None
+        self.udp = UdpDatapath(self, udp_idle_timeout)  # UDP dials and listeners
 
     # ---- listeners -------------------------------------------------------------------
 
@@ -152,8 +156,10 @@ class Datapath:
                                 forward: Forwarder | None = None) -> ListenerRegistration:
         """Bind a listener on the node's tailnet addresses; return it (port 0 resolved).
         With ``forward``, the daemon serves its flows itself (`tsnet2.daemon.serve`)."""
+        udp = network in UDP_NETWORKS
         try:
-            la = proto.parse_listen_addr(network, addr)
+            la = (self.udp.check_listen(network, addr) if udp
+                  else proto.parse_listen_addr(network, addr))
         except proto.WireAddressError as exc:
             raise ListenError(f"daemon: {exc}", ErrorCode.BAD_REQUEST) from exc
         if not self.backend.running:
@@ -173,42 +179,47 @@ class Datapath:
                                   ErrorCode.BAD_REQUEST)
             ips = [la.host]
         else:
-            if la.network in ("tcp", "tcp4") and v4 is not None:
+            if la.network in ("tcp", "tcp4", "udp", "udp4") and v4 is not None:
                 ips.append(v4)
-            if la.network in ("tcp", "tcp6") and v6 is not None:
+            if la.network in ("tcp", "tcp6", "udp", "udp6") and v6 is not None:
                 ips.append(v6)
         if not ips:
             raise ListenError(f"daemon: node has no address for {la.network}",
                               ErrorCode.BAD_REQUEST)
         for other in self.listeners.values():
-            if other.port == la.port and la.port != 0 and set(other.ips) & set(ips):
+            if (other.port == la.port and la.port != 0 and set(other.ips) & set(ips)
+                    and (other.udp is None) != udp):
                 raise ListenError(
                     f"daemon: listener already registered for {{{other.network} {la.port}}}",
                     ErrorCode.ADDRESS_IN_USE,
                 )
-        socks = self._bind(ips, la.port)
+        socks = self._bind(ips, la.port, udp=udp)
         port = socks[0].getsockname()[1]
         shown = proto.format_addr(la.host, port) if la.host is not None else f":{port}"
         lst = ListenerRegistration(id=proto.new_id(), network=la.network, port=port,
                                    addr=shown, owner=owner, ips=ips, socks=socks,
                                    forward=forward)
         self.listeners[lst.id] = lst
-        for s in socks:
+        if udp:
+            self.udp.add_listener(lst)
+        for s in socks if not udp else ():
             lst.tasks.append(self._spawn(self._accept_loop(lst, s)))
         await self._sync_guard()
         log.info("listener %s: %s %s on %s", lst.id, la.network, shown,
                  ", ".join(str(i) for i in ips))
         return lst
 
-    def _bind(self, ips: list[IPAddress], requested: int) -> list[socket.socket]:
+    def _bind(self, ips: list[IPAddress], requested: int, *,
+              udp: bool = False) -> list[socket.socket]:
         """Bind `requested` on every address; a fixed port that is taken is an error
         (`address_in_use`), never silently replaced by another one. Port 0 takes the next
         free port of :data:`EPHEMERAL_PORTS` (see :meth:`_ephemeral_ports`); one that
         another socket on these addresses holds is skipped, and a range with no free port
         left is an `address_in_use` error."""
+        bind = self.udp.bind if udp else self._bind_port
         if requested:
             try:
-                return self._bind_port(ips, requested)
+                return bind(ips, requested)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     raise ListenError(f"daemon: port {requested} is in use on this node "
@@ -217,7 +228,7 @@ class Datapath:
                 raise ListenError(f"daemon: cannot listen: {exc}") from exc
         for port in self._ephemeral_ports():
             try:
-                return self._bind_port(ips, port)
+                return bind(ips, port)
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise ListenError(f"daemon: cannot listen: {exc}") from exc
@@ -273,6 +284,8 @@ class Datapath:
         if lst is None:
             return False
         await self._sync_guard()  # closed to peers before the sockets go
+        if lst.udp is not None:
+            self.udp.remove_listener(lst)
         for t in lst.tasks:
             t.cancel()
         for t in lst.tasks:
@@ -288,9 +301,12 @@ class Datapath:
         return True
 
     async def _sync_guard(self) -> None:
-        pairs = {(ip, lst.port) for lst in self.listeners.values() for ip in lst.ips}
+        pairs = {(ip, lst.port) for lst in self.listeners.values() for ip in lst.ips
+                 if lst.udp is None}
+        udp = {(ip, lst.port) for lst in self.listeners.values() for ip in lst.ips
+               if lst.udp is not None}
         try:
-            await self.backend.set_listeners(pairs)
+            await self.backend.set_listeners(pairs, udp)
         except NodeError as exc:
             log.error("nftables guard: cannot open listeners %s: %s", sorted(map(str, pairs)),
                       exc)
@@ -338,6 +354,7 @@ class Datapath:
                 if not slot.handed.done():
                     with contextlib.suppress(OSError):
                         slot.sock.send(refusal)  # a slot's buffer is empty: never blocks
+        await self.udp.close_all(notice=(message, ErrorCode.NODE_DOWN))
         await self.close_all()
 
     def log_pressure(self) -> None:
@@ -353,6 +370,7 @@ class Datapath:
 
     async def close_all(self) -> None:
         """Daemon or node shutdown: listeners go, live flows are cut (and logged)."""
+        await self.udp.close_all()  # UDP flows are cut before their listeners go
         for lid in list(self.listeners):
             await self.unregister_listener(lid)
         cut = list(self.splices)
@@ -441,6 +459,8 @@ class Datapath:
             log.warning("accept slot for unknown listener %s refused", listener_id)
             m.slot_dropped("unknown_listener")
             return False
+        if lst.udp is not None:  # a UDP listener's one packet channel
+            return await self.udp.attach(lst, sock, reader)
         if lst.forward is not None:
             log.warning("accept slot for forwarding listener %s refused", listener_id)
             m.slot_dropped("unknown_listener")
@@ -538,6 +558,8 @@ class Datapath:
         """
         line = await read_line(sock, reader, HEADER_TIMEOUT)
         req = proto.decode_dial_request(line)
+        if req.network in UDP_NETWORKS:
+            return await self.udp.dial(sock, req, reader)
         if not self._log_ready("out", remote=req.addr):
             with contextlib.suppress(OSError):
                 await io.sendall(sock, proto.encode_dial_reply(

@@ -32,6 +32,8 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.egress_request(proto, result)                # an egress proxy request ended
     m.dns_query(transport, result)                 # the DNS responder answered a query
     m.tls_cert_renewal(result, not_after)          # a certificate request ended ("ok"|"error")
+    m.udp_datagram(stream)                         # one UDP datagram relayed (tsnet2.daemon.udp)
+    m.udp_dropped(reason)                          # one UDP datagram dropped (UDP_DROP_REASONS)
     m.render() -> bytes                            # text exposition format (HealthServer uses it)
 
 Label values are bounded by construction: `direction`, `stream` and `result` outside their
@@ -135,6 +137,17 @@ DNS_RESULTS: tuple[str, ...] = (
 )
 #: How a request for the node's TLS certificate ended (tsnet2.daemon.certs).
 TLS_RENEWAL_RESULTS: tuple[str, ...] = ("ok", "error")
+#: Why the daemon dropped a UDP datagram (tsnet2.daemon.udp).
+UDP_DROP_REASONS: tuple[str, ...] = (
+    "too_large",  # a frame from the app over max_datagram (answered with a notice)
+    "app_slow",  # the app's channel buffer was full (the app does not read)
+    "send_failed",  # the kernel refused the datagram (buffer full, ICMP error)
+    "not_tailnet",  # sendto an address that is no tailnet node's (answered with a notice)
+    "flow_limit",  # a new peer for a listener that has its maximum of flows
+    "no_channel",  # a listener's packet channel is not attached
+    "log_unavailable",  # the traffic log could not take the flow's records
+    OTHER,
+)
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
 MAX_RECORD_KINDS = 16
@@ -366,6 +379,12 @@ class Metrics:
             ["result"], registry=r)
         for tls_result in TLS_RENEWAL_RESULTS:
             self.tls_cert_renewals.labels(tls_result)
+        self.udp_datagrams = Counter(
+            "tsnet2_udp_datagrams_total",
+            "UDP datagrams relayed, by stream (app->peer, peer->app).", ["stream"], registry=r)
+        self.udp_drops = Counter(
+            "tsnet2_udp_datagrams_dropped_total",
+            "UDP datagrams the daemon dropped, by reason.", ["reason"], registry=r)
         self.peer_collector = PeerCollector(peers)
         r.register(self.peer_collector, self.peer_collector.names())
 
@@ -395,6 +414,10 @@ class Metrics:
         for t in DNS_TRANSPORTS:
             for dres in DNS_RESULTS:
                 self.dns_queries.labels(t, dres)
+        for s in STREAMS:
+            self.udp_datagrams.labels(s)
+        for reason in UDP_DROP_REASONS:
+            self.udp_drops.labels(reason)
 
     # ---- flows -----------------------------------------------------------------------
 
@@ -542,6 +565,16 @@ class Metrics:
         """The certificate in use expires at ``not_after`` (unix seconds; 0: none)."""
         self.tls_cert_expiry.set(not_after)
 
+    def udp_datagram(self, stream: Stream) -> None:
+        """One UDP datagram was relayed in `stream` ("app->peer" or "peer->app")."""
+        if stream not in STREAMS:
+            raise ValueError(f'stream must be "app->peer" or "peer->app", got {stream!r}')
+        self.udp_datagrams.labels(stream).inc()
+
+    def udp_dropped(self, reason: str) -> None:
+        """The daemon dropped a UDP datagram; see `UDP_DROP_REASONS`."""
+        self.udp_drops.labels(reason if reason in UDP_DROP_REASONS else OTHER).inc()
+
     # ---- exposition ------------------------------------------------------------------
 
     def render(self) -> bytes:
@@ -566,6 +599,7 @@ __all__ = [
     "LOG_DROP_REASONS",
     "REFUSE_REASONS",
     "SLOT_DROP_REASONS",
+    "UDP_DROP_REASONS",
     "Metrics",
     "PeerCollector",
     "PeerSample",

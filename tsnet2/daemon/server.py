@@ -123,6 +123,7 @@ class DaemonConfig:
     egress: EgressConfig | None = None  # --egress-listen / --egress-socket
     dns: DnsConfig | None = None  # --dns-listen / --dns-upstream
     serve: tuple[ServeRule, ...] = ()  # --serve: tailnet ports forwarded into the pod
+    udp_idle_timeout: float = 60.0  # --udp-idle-timeout (tsnet2.daemon.udp.UDP_IDLE_TIMEOUT)
 
 
 @dataclasses.dataclass(eq=False)
@@ -197,7 +198,8 @@ class Daemon:
         self.traffic.on_drop = self._log_dropped
         self.traffic.on_pressure = self._log_pressure
         self.datapath = Datapath(self.backend, self.traffic, self.spawn, self.metrics,
-                                 keepalive_idle=config.tcp_keepalive, relay=config.relay)
+                                 keepalive_idle=config.tcp_keepalive, relay=config.relay,
+                                 udp_idle_timeout=config.udp_idle_timeout)
         self.backend.refusal_log = self.datapath
         # Where apps' forward sockets must be (listen_socket): the directory of --socket.
         self.socket_dir = Path(os.path.abspath(config.socket_path)).parent
@@ -798,8 +800,9 @@ class Daemon:
                                   self.socket_dir, peer_uid(session.sock))
         lst = await self.datapath.register_listener(params.network, params.addr, session,
                                                     forward=forward)
-        return proto.RegisterListenerResult(listener_id=lst.id, addr=lst.addr,
-                                            forward_socket=params.forward_socket)
+        return proto.RegisterListenerResult(
+            listener_id=lst.id, addr=lst.addr, forward_socket=params.forward_socket,
+            max_datagram=lst.udp.limit if lst.udp is not None else 0)
 
     async def _unregister_listener(self, params: proto.UnregisterListenerParams,
                                    session: Session) -> proto.Empty:

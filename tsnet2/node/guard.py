@@ -12,8 +12,13 @@ guard is one nftables table (family ``inet``, so IPv4 and IPv6) per WireGuard de
 - **input**, packets arriving on the device: replies of flows already accepted
   (``ct state established,related``), and new TCP to an (address, port) pair in the named set
   ``listen4`` (``ipv4_addr . inet_service``) or ``listen6`` (``ipv6_addr . inet_service``):
-  the daemon's registered listeners, each bound to exactly that pair. Everything else is
-  rejected.
+  the daemon's registered listeners, each bound to exactly that pair; new UDP to a pair in
+  ``ulisten4``/``ulisten6``, the daemon's UDP listeners. Before all of that, a UDP datagram
+  is accepted only for a socket that carries the daemon's mark (``socket mark``): a UDP
+  conntrack entry outlives the daemon's socket, so without the check an app that binds the
+  port of a closed daemon flow would receive that flow's datagrams as "established"
+  (UDP has no TIME_WAIT, so the socket lookup cannot miss a live daemon socket the way it
+  can for TCP). Everything else is rejected.
 - **refusal log** (optional, ``log_group``): before that reject, a new inbound TCP SYN (flags
   SYN without ACK/RST/FIN) is also copied to NFLOG group ``log_group`` (prefix
   ``LOG_PREFIX``, the first ``LOG_SNAPLEN`` bytes: IP and TCP headers), rate-limited to
@@ -55,6 +60,8 @@ __all__ = [
     "LOG_SNAPLEN",
     "SET4",
     "SET6",
+    "USET4",
+    "USET6",
     "Guard",
     "GuardError",
     "Listener",
@@ -74,6 +81,10 @@ SET4 = "listen4"
 """The named set (``ipv4_addr . inet_service``) of registered IPv4 listeners in the table."""
 SET6 = "listen6"
 """The named set (``ipv6_addr . inet_service``) of registered IPv6 listeners in the table."""
+USET4 = "ulisten4"
+"""The named set (``ipv4_addr . inet_service``) of registered IPv4 UDP listeners."""
+USET6 = "ulisten6"
+"""The named set (``ipv6_addr . inet_service``) of registered IPv6 UDP listeners."""
 LOG_PREFIX = "tsnet2-refused"
 """The NFLOG prefix of the refused-SYN rule (``RefusedSyn.prefix``)."""
 LOG_RATE = "100/second"
@@ -197,16 +208,19 @@ def ruleset(
     log_group: int | None = None,
     table: str | None = None,
     listeners: Iterable[Listener] = (),
+    udp_listeners: Iterable[Listener] = (),
 ) -> str:
     """The ``nft -f`` script that (re)installs the guard for device ``ifname`` atomically.
 
     It creates the table if missing, deletes it (dropping leftovers of an earlier daemon), and
-    defines it again with ``listeners`` as the elements of ``listen4`` and ``listen6``, all in
-    one transaction. Raises ``GuardError`` on bad input.
+    defines it again with ``listeners`` as the elements of ``listen4`` and ``listen6`` (TCP)
+    and ``udp_listeners`` as those of ``ulisten4`` and ``ulisten6``, all in one transaction.
+    Raises ``GuardError`` on bad input.
     """
     table = table if table is not None else table_name(ifname)
     _check_settings(ifname, mark, log_group, table)
     v4, v6 = _check_listeners(listeners)
+    u4, u6 = _check_listeners(udp_listeners)
     dev = f'"{ifname}"'
     lines = [
         f"# tsnet2 audit guard for WireGuard device {ifname}",
@@ -217,6 +231,8 @@ def ruleset(
     sets: tuple[tuple[str, str, _Pairs4 | _Pairs6], ...] = (
         (SET4, "ipv4_addr", v4),
         (SET6, "ipv6_addr", v6),
+        (USET4, "ipv4_addr", u4),
+        (USET6, "ipv6_addr", u6),
     )
     for name, addr_type, pairs in sets:
         lines += [f"\tset {name} {{", f"\t\ttype {addr_type} . inet_service"]
@@ -243,6 +259,8 @@ def ruleset(
         "\t}",
         "",
         "\tchain tailnet_in {",
+        f"\t\tmeta l4proto udp socket mark != {mark:#x} reject with icmpx admin-prohibited "
+        'comment "UDP only to the daemon\'s own sockets (conntrack outlives them)"',
         "\t\tct state established,related accept",
         # No `socket mark` check here. For a SYN whose 4-tuple matches a TIME_WAIT (or request)
         # socket, nft's socket lookup finds no full socket and the expression breaks, so a
@@ -256,6 +274,10 @@ def ruleset(
         'comment "a registered IPv4 listener (address . port)"',
         f"\t\tip6 daddr . tcp dport @{SET6} accept "
         'comment "a registered IPv6 listener (address . port)"',
+        f"\t\tip daddr . udp dport @{USET4} accept "
+        'comment "a registered IPv4 UDP listener (address . port)"',
+        f"\t\tip6 daddr . udp dport @{USET6} accept "
+        'comment "a registered IPv6 UDP listener (address . port)"',
     ]
     if log_group is not None:
         lines.append(
@@ -273,19 +295,27 @@ def ruleset(
     return "\n".join(lines)
 
 
-def set_listeners_script(table: str, listeners: Iterable[Listener]) -> str:
-    """The ``nft -f`` script that makes ``listen4`` and ``listen6`` exactly ``listeners``.
+def set_listeners_script(table: str, listeners: Iterable[Listener],
+                         udp_listeners: Iterable[Listener] | None = None) -> str:
+    """The ``nft -f`` script that makes ``listen4`` and ``listen6`` exactly ``listeners``
+    (and, unless ``udp_listeners`` is None, ``ulisten4``/``ulisten6`` exactly those).
 
-    Both sets are flushed and refilled in one transaction. Raises ``GuardError`` on bad input.
+    The sets are flushed and refilled in one transaction. Raises ``GuardError`` on bad input.
     """
     if not _TABLE_RE.match(table):
         raise GuardError(f"bad nftables table name {table!r}")
-    v4, v6 = _check_listeners(listeners)
-    lines = [f"flush set inet {table} {SET4}", f"flush set inet {table} {SET6}"]
-    if v4:
-        lines.append(f"add element inet {table} {SET4} {_elements(v4)}")
-    if v6:
-        lines.append(f"add element inet {table} {SET6} {_elements(v6)}")
+    groups = [(SET4, SET6, listeners)]
+    if udp_listeners is not None:
+        groups.append((USET4, USET6, udp_listeners))
+    checked = [(n4, n6, *_check_listeners(pairs)) for n4, n6, pairs in groups]
+    lines: list[str] = []
+    for n4, n6, _v4, _v6 in checked:
+        lines += [f"flush set inet {table} {n4}", f"flush set inet {table} {n6}"]
+    for n4, n6, v4, v6 in checked:
+        if v4:
+            lines.append(f"add element inet {table} {n4} {_elements(v4)}")
+        if v6:
+            lines.append(f"add element inet {table} {n6} {_elements(v6)}")
     return "\n".join(lines) + "\n"
 
 
@@ -438,6 +468,7 @@ class Guard:
         self.table = table if table is not None else table_name(ifname)
         _check_settings(ifname, mark, log_group, self.table)
         self._listeners: frozenset[Listener] = frozenset()
+        self._udp_listeners: frozenset[Listener] = frozenset()
         self._netns_fd: int | None = None
         self._installed = False
         self._lock = threading.RLock()
@@ -452,6 +483,11 @@ class Guard:
         """The (address, port) pairs this guard last put in the sets (``install()`` re-applies
         them)."""
         return self._listeners
+
+    @property
+    def udp_listeners(self) -> frozenset[Listener]:
+        """The UDP (address, port) pairs this guard last put in ``ulisten4``/``ulisten6``."""
+        return self._udp_listeners
 
     @contextlib.contextmanager
     def _in_netns(self) -> Iterator[None]:
@@ -476,6 +512,7 @@ class Guard:
                 log_group=self.log_group,
                 table=self.table,
                 listeners=self._listeners,
+                udp_listeners=self._udp_listeners,
             )
             if self._netns_fd is not None:
                 with self._in_netns():
@@ -490,27 +527,38 @@ class Guard:
                 self._netns_fd = fd
             self._installed = True
 
-    def set_listeners(self, listeners: Iterable[Listener]) -> None:
-        """Make the registered listeners exactly ``listeners``: (IPv4Address | IPv6Address,
-        port) pairs, each the exact address and port the daemon has bound.
+    def set_listeners(self, listeners: Iterable[Listener],
+                      udp: Iterable[Listener] = ()) -> None:
+        """Make the registered listeners exactly ``listeners`` (TCP) and ``udp``:
+        (IPv4Address | IPv6Address, port) pairs, each the exact address and port the daemon
+        has bound.
 
-        One atomic transaction flushes ``listen4`` and ``listen6`` and adds the new pairs.
-        Validates first (``GuardError``, nothing changed); needs ``install()`` first.
+        One atomic transaction flushes the four sets and adds the new pairs. Validates first
+        (``GuardError``, nothing changed); needs ``install()`` first.
         """
         v4, v6 = _check_listeners(listeners)
+        u4, u6 = _check_listeners(udp)
         pairs = frozenset[Listener]([*v4, *v6])
+        upairs = frozenset[Listener]([*u4, *u6])
         with self._lock:
             if not self._installed:
                 raise GuardError(f"guard {self.table} is not installed; call install() first")
             with self._in_netns():
-                _run_nft(["-f", "-"], set_listeners_script(self.table, pairs))
+                _run_nft(["-f", "-"], set_listeners_script(self.table, pairs, upairs))
             self._listeners = pairs
+            self._udp_listeners = upairs
 
     def read_listeners(self) -> set[Listener]:
         """The pairs in ``listen4`` and ``listen6`` as nftables has them now (``nft -j``)."""
         with self._lock, self._in_netns():
             out = _run_nft(["-j", "list", "table", "inet", self.table])  # one consistent read
         return _set_elements(out, SET4) | _set_elements(out, SET6)
+
+    def read_udp_listeners(self) -> set[Listener]:
+        """The pairs in ``ulisten4`` and ``ulisten6`` as nftables has them now."""
+        with self._lock, self._in_netns():
+            out = _run_nft(["-j", "list", "table", "inet", self.table])
+        return _set_elements(out, USET4) | _set_elements(out, USET6)
 
     def exists(self) -> bool:
         """True if the table is present in the guard's namespace (read back from nftables)."""

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from tsnet2 import proto
 from tsnet2.client import _backend_async as backend
@@ -23,6 +23,7 @@ from tsnet2.client._async.channel import (
 )
 from tsnet2.client._async.control import AsyncControlChannel
 from tsnet2.client._async.local import AsyncLocalClient
+from tsnet2.client._async.packet import AsyncPacketConn, AsyncPacketListener, dial_packet
 from tsnet2.client._backend_async import AsyncConn
 
 # unasync: async-only
@@ -119,7 +120,7 @@ class AsyncServer(ServerBase):
         self._control: AsyncControlChannel | None = None
         self._pending_control: AsyncControlChannel | None = None
         self._gen = 0
-        self._listeners: set[AsyncListener | AsyncSocketListener] = set()
+        self._listeners: set[AsyncListener | AsyncSocketListener | AsyncPacketListener] = set()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -276,7 +277,9 @@ class AsyncServer(ServerBase):
             finally:
                 self._pending_control = None
 
-    async def _ensure_bound(self, op: str, ln: AsyncListener | AsyncSocketListener) -> None:
+    async def _ensure_bound(
+        self, op: str, ln: AsyncListener | AsyncSocketListener | AsyncPacketListener
+    ) -> None:
         """Register ``ln`` on the current connection if a reconnect missed it (a race
         with listen()); a no-op when it is already bound or lost."""
         b = ln._binding
@@ -289,7 +292,7 @@ class AsyncServer(ServerBase):
 
     async def _relisten(
         self, op: str, control: AsyncControlChannel,
-        listeners: list[AsyncListener | AsyncSocketListener],
+        listeners: list[AsyncListener | AsyncSocketListener | AsyncPacketListener],
     ) -> tuple[int, list[str]]:
         """Register listeners again on their bound addresses; return (ok, lost addrs)."""
         again, lost = 0, []
@@ -384,13 +387,24 @@ class AsyncServer(ServerBase):
 
     # -- inbound ----------------------------------------------------------------
 
-    async def listen(self, network: str, addr: str) -> AsyncListener:
+    @overload
+    async def listen(  # type: ignore[overload-overlap]
+        self, network: Literal["udp", "udp4", "udp6"], addr: str
+    ) -> AsyncPacketListener: ...
+
+    @overload
+    async def listen(self, network: str, addr: str) -> AsyncListener: ...
+
+    async def listen(self, network: str, addr: str) -> AsyncListener | AsyncPacketListener:
         """Listen on the tailnet: ``network`` is tcp, tcp4 or tcp6; ``addr`` like ``":8080"``.
 
         Arguments are validated before the daemon is contacted. Port 0 lets the
-        daemon pick a port (see ``Listener.addr``).
+        daemon pick a port (see ``Listener.addr``). With udp, udp4 or udp6 this is
+        :meth:`listen_packet`.
         """
         op = "tsnet2.listen"
+        if network in _base.UDP_NETWORKS:
+            return await self.listen_packet(network, addr)
         _base.check_listen_args(op, network, addr)
         await self.start()
         result = await self._rpc(
@@ -402,6 +416,37 @@ class AsyncServer(ServerBase):
         self._listeners.add(ln)
         try:
             await ln._park_initial()
+        except BaseException:
+            await ln.aclose()
+            raise
+        return ln
+
+    async def listen_packet(self, network: str, addr: str) -> AsyncPacketListener:
+        """Listen for UDP on the tailnet: ``network`` is udp, udp4 or udp6; ``addr`` like
+        ``":53"`` (port 0: the daemon picks one). Returns an :class:`AsyncPacketListener`
+        (``recvfrom``/``sendto``; docs/udp.md)::
+
+            async with await srv.listen_packet("udp", ":5353") as pl:
+                data, peer = await pl.recvfrom()
+                await pl.sendto(data, peer)
+
+        Raises NotSupportedError if the daemon does not relay UDP.
+        """
+        op = "tsnet2.listen_packet"
+        _base.check_listen_args(op, network, addr, udp=True)
+        await self.start()
+        result = await self._rpc(
+            op, REGISTER_LISTENER, proto.RegisterListenerParams(network, addr), RPC_TIMEOUT
+        )
+        listener_id, bound = _base.parse_register_result(result)
+        if not result.max_datagram:
+            await self._unregister(listener_id)
+            raise _base.udp_unsupported(op, self.socket_path)
+        binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
+        ln = AsyncPacketListener(self, binding, result.max_datagram)
+        self._listeners.add(ln)
+        try:
+            await ln._attach(op)
         except BaseException:
             await ln.aclose()
             raise
@@ -489,8 +534,21 @@ class AsyncServer(ServerBase):
 
     # -- outbound ---------------------------------------------------------------
 
-    async def dial(self, network: str, addr: str, timeout: float | None = None) -> AsyncConn:
+    @overload
+    async def dial(  # type: ignore[overload-overlap]
+        self, network: Literal["udp", "udp4", "udp6"], addr: str, timeout: float | None = None
+    ) -> AsyncPacketConn: ...
+
+    @overload
+    async def dial(self, network: str, addr: str, timeout: float | None = None) -> AsyncConn: ...
+
+    async def dial(
+        self, network: str, addr: str, timeout: float | None = None
+    ) -> AsyncConn | AsyncPacketConn:
         """Connect to ``addr`` (``"host:port"``; host may be a tailnet name) through the daemon.
+
+        With network udp, udp4 or udp6 the result is an :class:`AsyncPacketConn`, a UDP
+        flow to the peer (``send``/``recv`` of whole datagrams; docs/udp.md).
 
         ``timeout`` bounds both connecting to the daemon socket and waiting for the
         daemon's reply; None means ``connect_timeout`` for the connect and no bound
@@ -499,6 +557,8 @@ class AsyncServer(ServerBase):
         (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
         the node is not running.
         """
+        if network in _base.UDP_NETWORKS:
+            return await dial_packet(self, "tsnet2.dial", network, addr, timeout)
         sock, local, remote = await self._dial("tsnet2.dial", network, addr, timeout)
         try:
             return await backend.make_conn(sock, local, remote)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from tsnet2 import proto
 from tsnet2.client import _backend_sync as backend
@@ -25,6 +25,7 @@ from tsnet2.client._sync.channel import (
 )
 from tsnet2.client._sync.control import ControlChannel
 from tsnet2.client._sync.local import LocalClient
+from tsnet2.client._sync.packet import PacketConn, PacketListener, dial_packet
 from tsnet2.client._backend_sync import TailnetSocket
 
 from tsnet2.client._base import (
@@ -117,7 +118,7 @@ class Server(ServerBase):
         self._control: ControlChannel | None = None
         self._pending_control: ControlChannel | None = None
         self._gen = 0
-        self._listeners: set[Listener | SocketListener] = set()
+        self._listeners: set[Listener | SocketListener | PacketListener] = set()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -274,7 +275,9 @@ class Server(ServerBase):
             finally:
                 self._pending_control = None
 
-    def _ensure_bound(self, op: str, ln: Listener | SocketListener) -> None:
+    def _ensure_bound(
+        self, op: str, ln: Listener | SocketListener | PacketListener
+    ) -> None:
         """Register ``ln`` on the current connection if a reconnect missed it (a race
         with listen()); a no-op when it is already bound or lost."""
         b = ln._binding
@@ -287,7 +290,7 @@ class Server(ServerBase):
 
     def _relisten(
         self, op: str, control: ControlChannel,
-        listeners: list[Listener | SocketListener],
+        listeners: list[Listener | SocketListener | PacketListener],
     ) -> tuple[int, list[str]]:
         """Register listeners again on their bound addresses; return (ok, lost addrs)."""
         again, lost = 0, []
@@ -377,13 +380,24 @@ class Server(ServerBase):
 
     # -- inbound ----------------------------------------------------------------
 
-    def listen(self, network: str, addr: str) -> Listener:
+    @overload
+    def listen(  # type: ignore[overload-overlap]
+        self, network: Literal["udp", "udp4", "udp6"], addr: str
+    ) -> PacketListener: ...
+
+    @overload
+    def listen(self, network: str, addr: str) -> Listener: ...
+
+    def listen(self, network: str, addr: str) -> Listener | PacketListener:
         """Listen on the tailnet: ``network`` is tcp, tcp4 or tcp6; ``addr`` like ``":8080"``.
 
         Arguments are validated before the daemon is contacted. Port 0 lets the
-        daemon pick a port (see ``Listener.addr``).
+        daemon pick a port (see ``Listener.addr``). With udp, udp4 or udp6 this is
+        :meth:`listen_packet`.
         """
         op = "tsnet2.listen"
+        if network in _base.UDP_NETWORKS:
+            return self.listen_packet(network, addr)
         _base.check_listen_args(op, network, addr)
         self.start()
         result = self._rpc(
@@ -395,6 +409,37 @@ class Server(ServerBase):
         self._listeners.add(ln)
         try:
             ln._park_initial()
+        except BaseException:
+            ln.close()
+            raise
+        return ln
+
+    def listen_packet(self, network: str, addr: str) -> PacketListener:
+        """Listen for UDP on the tailnet: ``network`` is udp, udp4 or udp6; ``addr`` like
+        ``":53"`` (port 0: the daemon picks one). Returns an :class:`PacketListener`
+        (``recvfrom``/``sendto``; docs/udp.md)::
+
+            with srv.listen_packet("udp", ":5353") as pl:
+                data, peer = pl.recvfrom()
+                pl.sendto(data, peer)
+
+        Raises NotSupportedError if the daemon does not relay UDP.
+        """
+        op = "tsnet2.listen_packet"
+        _base.check_listen_args(op, network, addr, udp=True)
+        self.start()
+        result = self._rpc(
+            op, REGISTER_LISTENER, proto.RegisterListenerParams(network, addr), RPC_TIMEOUT
+        )
+        listener_id, bound = _base.parse_register_result(result)
+        if not result.max_datagram:
+            self._unregister(listener_id)
+            raise _base.udp_unsupported(op, self.socket_path)
+        binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
+        ln = PacketListener(self, binding, result.max_datagram)
+        self._listeners.add(ln)
+        try:
+            ln._attach(op)
         except BaseException:
             ln.close()
             raise
@@ -482,8 +527,21 @@ class Server(ServerBase):
 
     # -- outbound ---------------------------------------------------------------
 
-    def dial(self, network: str, addr: str, timeout: float | None = None) -> TailnetSocket:
+    @overload
+    def dial(  # type: ignore[overload-overlap]
+        self, network: Literal["udp", "udp4", "udp6"], addr: str, timeout: float | None = None
+    ) -> PacketConn: ...
+
+    @overload
+    def dial(self, network: str, addr: str, timeout: float | None = None) -> TailnetSocket: ...
+
+    def dial(
+        self, network: str, addr: str, timeout: float | None = None
+    ) -> TailnetSocket | PacketConn:
         """Connect to ``addr`` (``"host:port"``; host may be a tailnet name) through the daemon.
+
+        With network udp, udp4 or udp6 the result is an :class:`PacketConn`, a UDP
+        flow to the peer (``send``/``recv`` of whole datagrams; docs/udp.md).
 
         ``timeout`` bounds both connecting to the daemon socket and waiting for the
         daemon's reply; None means ``connect_timeout`` for the connect and no bound
@@ -492,6 +550,8 @@ class Server(ServerBase):
         (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
         the node is not running.
         """
+        if network in _base.UDP_NETWORKS:
+            return dial_packet(self, "tsnet2.dial", network, addr, timeout)
         sock, local, remote = self._dial("tsnet2.dial", network, addr, timeout)
         try:
             return backend.make_conn(sock, local, remote)
