@@ -1183,6 +1183,7 @@ def test_tls_and_udp_between_pods(env: Env) -> None:
         assert sorted(udp["burst_replies"]) == sorted(f"echo {q}" for q in udp["burst_sent"])
         assert 1000 < udp["max_datagram"] < 65507, udp
         assert udp["too_large"][0] == udp["max_datagram"], udp
+        assert udp["bypass"][0] == "blocked", udp  # a plain UDP socket: the guard stops it
         sent = [q.encode() for q in udp["sent"] + udp["burst_sent"]]
         echoed = [b"echo " + q for q in sent]
         # The client's sidecar: one outbound flow to the server's :5353, closed with the
@@ -1211,6 +1212,9 @@ def test_tls_and_udp_between_pods(env: Env) -> None:
         outbound = udp_closed(cli, "out")
         assert outbound is not None
         assert outbound.open["remote"] == f"{srv_ip}:{manifests.UDP_PORT}", outbound.open
+        # The datagram sent around the daemon (a minute ago) never reached the server's app.
+        assert not [r for r in env.results(srv) if "bypass" in str(r.get("got"))], \
+            env.logs(srv)[-2000:]
     finally:
         nodes = [n["metadata"]["name"] for n in tailnet_nodes(env.api, OPERATOR_NS)
                  if (n["spec"].get("pod") or {}).get("name") in (srv, cli)]

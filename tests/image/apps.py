@@ -176,9 +176,10 @@ print(json.dumps(out))
 
 # A UDP client (kubectl exec): DNS-like request/response, one datagram each way at a time,
 # then a burst; a datagram over the tunnel's limit is refused before it is sent. A lost
-# datagram fails the run (SIGALRM) instead of hanging it.
+# datagram fails the run (SIGALRM) instead of hanging it. Last, the same app tries a plain
+# UDP socket to the peer's tailnet address, around the daemon: the guard must stop it.
 UDP_CLIENT = r'''
-import json, signal, sys, tsnet2
+import json, signal, socket, sys, tsnet2
 host, port, count, burst, tag = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
                                  int(sys.argv[4]), sys.argv[5])
 signal.alarm(60)
@@ -202,5 +203,13 @@ with tsnet2.Server(join=False) as srv:
             out["too_large"] = "sent"
         except tsnet2.DatagramTooLargeError as exc:
             out["too_large"] = [exc.limit, str(exc)]
+        peer = str(conn.remote_addr[0])
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain:
+    plain.settimeout(2)
+    try:
+        plain.sendto(f"bypass from {tag}".encode(), (peer, port))
+        out["bypass"] = ["answered", plain.recv(65535).decode()]
+    except OSError as exc:  # EPERM: the guard's reject; a timeout: dropped on the way
+        out["bypass"] = ["blocked", repr(exc)]
 print(json.dumps(out))
 '''
