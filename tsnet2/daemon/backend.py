@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from tsnet2.controlclient import AuthError, ControlClient, ControlError
+from tsnet2.daemon.certs import NodeCerts
 from tsnet2.daemon.io import DAEMON_MARK
 from tsnet2.node import Node, NodeError, PeerConfig, PeerState
 from tsnet2.node.device import UserspaceDevice
@@ -150,6 +151,7 @@ class Backend:
         self._changed = asyncio.Condition()
         self._change_seq = 0
         self._lock = asyncio.Lock()
+        self.certs = NodeCerts()
 
     # ---- lifecycle -------------------------------------------------------------------
 

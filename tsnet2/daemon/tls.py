@@ -31,6 +31,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, cast
 
+from tsnet2.daemon.io import linger_zero
 from tsnet2.daemon.splice import Splice
 from tsnet2.proto.tls import TLSInfo
 
@@ -330,10 +331,19 @@ class TLSLayer(asyncio.Protocol):
         self.raw.close()
 
     def abort(self) -> None:
-        """Reset: drop what is queued, close now."""
+        """Drop what is queued, close now."""
         self.closing = True
         if self.raw is not None:
             self.raw.abort()
+
+    def reset(self, *, rst: bool = True) -> None:
+        """End a flow that never reached a relay: the peer gets a TCP reset (unless
+        ``rst`` is false: then a plain close)."""
+        if rst and self.raw is not None and not self.raw.is_closing():
+            sock = self.raw.get_extra_info("socket")
+            if sock is not None:
+                linger_zero(sock)
+        self.abort()
 
     def pause_reading(self) -> None:
         """Stop handing plaintext to the app (and reading the peer)."""
