@@ -59,6 +59,7 @@ BACKLOG = 512
 # numbers than the Go daemon does.
 EPHEMERAL_PORTS = range(10002, 20000)
 EARLY_DATA_MAX = 256 * 1024  # app bytes buffered while a dial connects (then we stop reading)
+CERT_WAIT = 10.0  # seconds listen_tls waits for a node's first certificate being requested
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -184,7 +185,7 @@ class Datapath:
                 down = self.backend.down_error()
                 raise ListenError(f"daemon: cannot listen, the node is not running: {down}",
                                   down.code) from exc
-        tls_ctx = self._tls_server_context(la.network, forward) if tls else None
+        tls_ctx = await self._tls_server_context(la.network, forward) if tls else None
         v4, v6 = self.backend.addresses()
         ips: list[IPAddress] = []
         if la.host is not None and not la.host.is_unspecified:
@@ -220,8 +221,12 @@ class Datapath:
                  ", ".join(str(i) for i in ips), " (TLS)" if tls else "")
         return lst
 
-    def _tls_server_context(self, network: str, forward: Forwarder | None) -> ssl.SSLContext:
-        """The node's server context for a listen_tls listener, or a ListenError."""
+    async def _tls_server_context(self, network: str,
+                                  forward: Forwarder | None) -> ssl.SSLContext:
+        """The node's server context for a listen_tls listener, or a ListenError (code
+        ``no_certificate`` when the node has none). A node that just came up and is still
+        asking for its first certificate is waited for, up to :data:`CERT_WAIT` seconds,
+        so that ``up()`` then ``listen_tls()`` works."""
         from tsnet2.daemon.certs import CertUnavailable
         if forward is not None:
             raise ListenError("daemon: a listener that forwards to a socket cannot also "
@@ -230,11 +235,21 @@ class Datapath:
         if network not in ("tcp", "tcp4", "tcp6"):
             raise ListenError(f"daemon: TLS needs a tcp listener, not {network}",
                               ErrorCode.BAD_REQUEST)
-        try:
-            return self.backend.certs.server_context()
-        except CertUnavailable as exc:
-            raise ListenError(f"daemon: cannot listen with TLS: {exc}",
-                              ErrorCode.NO_CERTIFICATE) from exc
+        certs = self.backend.certs
+        deadline = time.monotonic() + CERT_WAIT
+        while True:
+            since = certs.changes
+            try:
+                return certs.server_context()
+            except CertUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or certs.unsupported or certs.last_error or \
+                        certs.tls_dir is None:
+                    raise ListenError(f"daemon: cannot listen with TLS: "
+                                      f"{str(exc).removeprefix('daemon: ')}",
+                                      ErrorCode.NO_CERTIFICATE) from exc
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(certs.wait_changed(since), left)
 
     def _bind(self, ips: list[IPAddress], requested: int) -> list[socket.socket]:
         """Bind `requested` on every address; a fixed port that is taken is an error
