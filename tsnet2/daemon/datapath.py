@@ -480,8 +480,15 @@ class Datapath:
         listener); None when it failed and the flow was refused (``tls_failed``, or
         ``over_limit`` past :data:`~tsnet2.daemon.tls.MAX_HANDSHAKES`)."""
         from tsnet2.daemon import tls as dtls
-        if lst.tls is None:
-            raise AssertionError("unreachable: a TLS handshake on a listener without TLS")
+        from tsnet2.daemon.certs import CertUnavailable
+        try:
+            # The listener's context, unless the certificate expired (renewals failing).
+            ctx = self.backend.certs.server_context()
+        except CertUnavailable as exc:
+            reset(conn)
+            self._refuse("in", "tls_failed", local=local, remote=remote, listener_id=lst.id,
+                         error=f"TLS: {str(exc).removeprefix('daemon: ')}")
+            return None
         if lst.handshakes >= dtls.MAX_HANDSHAKES:
             reset(conn)
             self._refuse("in", "tls_busy", local=local, remote=remote, listener_id=lst.id,
@@ -491,7 +498,7 @@ class Datapath:
         lst.handshakes += 1
         started = time.monotonic()
         try:
-            session = await dtls.server_handshake(conn, lst.tls, lst.alpn)
+            session = await dtls.server_handshake(conn, ctx, lst.alpn)
         except dtls.TLSHandshakeFailed as exc:
             self.metrics.tls_handshake("in", "error", time.monotonic() - started)
             self._refuse("in", "tls_failed", local=local, remote=remote, listener_id=lst.id,
