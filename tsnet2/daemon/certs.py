@@ -280,7 +280,9 @@ class NodeCerts:
         self._chain_pem: bytes | None = None
         self._info: CertInfo | None = None
         self._task: asyncio.Task[None] | None = None
-        self._changed: asyncio.Event | None = None
+        self.changes = 0
+        """Counts certificate events (see :meth:`wait_changed`)."""
+        self._changed = asyncio.Event()
 
     def configure(self, *, bundle_dir: Path | None = None,
                   metrics: CertMetrics | None = None) -> None:
@@ -375,16 +377,19 @@ class NodeCerts:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def wait_changed(self) -> None:
-        """Wait for the next certificate change (issue, renewal, or giving up)."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        await self._changed.wait()
+    async def wait_changed(self, since: int | None = None) -> int:
+        """Wait until :attr:`changes` exceeds ``since`` (default: its value now): a
+        certificate was issued, renewed or loaded, a request failed, or the node gave up on
+        certificates. Returns the new count."""
+        target = self.changes if since is None else since
+        while self.changes <= target:
+            await self._changed.wait()
+        return self.changes
 
     def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
+        self.changes += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     # ---- the renewal task --------------------------------------------------------------
 
@@ -459,6 +464,7 @@ class NodeCerts:
         self._install(chain, ca, info)
         log.info("TLS certificate loaded for %s: serial %s, not_after %s", fqdn, info.serial,
                  _rfc3339(info.not_after))
+        self._notify()
 
     async def _request(self, control: ControlClient, credential: str, key_pem: bytes,
                        fqdn: str) -> None:

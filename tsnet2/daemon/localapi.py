@@ -176,10 +176,13 @@ class LocalAPI:
         if kind != "cert":
             return _error(400, f"invalid 'type' parameter {kind!r}: only type=cert is served")
         domain = unquote(req.endpoint[len("cert/"):]).rstrip(".").lower()
-        domains = self.backend.cert_domains() or []
+        domains = self.backend.cert_domains()
+        if domains is None:
+            return _error(503, "the node is not running yet; it gets its certificate when it "
+                          "is up")
         if domain not in domains:
             return _error(404, f"{domain or '(none)'} is not a cert domain of this node; it "
-                          f"has {', '.join(domains) or 'none (the node is not running)'}")
+                          f"has {', '.join(domains) or 'none'}")
         certs = self.backend.certs
         chain, info = certs.chain_pem(), certs.info()
         if chain is None or info is None or domain not in info.names:
