@@ -617,6 +617,10 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     client = _one_pod(env, CLIENT_SELECTOR)
     assert client is not None
     key = log_key(env, _name(old), asked_from=_name(client))
+    # The node's TLS key lives in the persistent state volume too (written by the sidecar
+    # running in the pod's fsGroup): the new pod serves with the same key.
+    tls_key = wait_for(lambda: _node_key_digest(env, _name(old)), 120,
+                       "the server's TLS key", lambda: env.logs(_name(old), SIDECAR)[-3000:])
     follower = env.follow(old)
     try:
         strategic_patch(env.api, "apps/v1", "StatefulSet", manifests.SERVER,
@@ -656,6 +660,10 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     assert same["spec"]["name"] == manifests.SERVER_POD
     status = json.loads(env.exec(_name(new), "app", ["tsnet2", "status", "--json"]))
     assert status["Self"]["HostName"] == manifests.SERVER_POD, status["Self"]
+    assert _node_key_digest(env, _name(new)) == tls_key
+    cert = json.loads(wait_for(lambda: _cert_shown(env, _name(new), "--json"), 60,
+                               "the rolled server's certificate"))
+    assert cert["names"] == [f"{manifests.SERVER_POD}.{env.domain}"], cert
     assert status["Self"]["DNSName"] == f"{manifests.SERVER_POD}.{env.domain}.", status["Self"]
     # The traffic-log file (sink `both`) lives in the state volume too: the first exchange
     # is still there; and the client reaches the new pod by the same name.
@@ -668,6 +676,15 @@ def test_rolling_update_keeps_the_server_identity(deployed: Env) -> None:
     reply = wait_for(lambda: _try_ping(env, cli, target, message), 60,
                      "the client to reach the rolled server")
     assert reply == f"pong: {message}\n"
+
+
+def _node_key_digest(env: Env, pod: str) -> str | None:
+    """SHA-256 of the node's TLS key file in the pod's sidecar (never the key itself), or
+    None while there is none yet."""
+    code = ("import hashlib, os, sys; p = '/var/lib/tsnet2/tls/node.key'; "
+            "print(hashlib.sha256(open(p, 'rb').read()).hexdigest() if os.path.exists(p) "
+            "else '')")
+    return env.exec(pod, SIDECAR, ["python3", "-c", code]).strip() or None
 
 
 def _whole_and_closed(collected: str, key: str) -> dict[str, Any]:
@@ -1061,11 +1078,11 @@ def _ensure_apps_namespace(env: Env) -> None:
             raise
 
 
-def _cert_shown(env: Env, pod: str) -> str | None:
-    """``tsnet2 cert`` in the pod's sidecar (the node's certificate), or None while it has
-    none yet."""
+def _cert_shown(env: Env, pod: str, *flags: str) -> str | None:
+    """``tsnet2 cert [flags]`` in the pod's sidecar (the node's certificate), or None while
+    it has none yet."""
     try:
-        return env.exec(pod, SIDECAR, ["tsnet2", "cert"])
+        return env.exec(pod, SIDECAR, ["tsnet2", "cert", *flags])
     except AssertionError as exc:
         # "the node has no cert domains", or the LocalAPI's 503 while none is issued yet
         text = str(exc).lower()
