@@ -254,6 +254,18 @@ def test_node_certs_reuse_the_saved_certificate_after_a_restart(tmp_path: Path) 
                 await changed(other, 0, "the refused request")
                 assert other.info() is None and metrics.results == ["error"]
                 assert "may not have a certificate for 'www." in other.last_error
+            # The same NodeCerts, node restarted under another name: the old name's
+            # certificate is no longer served.
+            async with node_certs(tmp_path, client, node, Recorder()) as same:
+                await changed(same, 0, "the saved certificate")
+                assert same.info() == first
+                await same.stop()
+                seen = same.changes
+                same.start(client, node.node_credential, lambda: f"www.{DOMAIN}")
+                await changed(same, seen, "the refused request for the new name")
+                assert same.info() is None and same.chain_pem() is None
+                with pytest.raises(CertUnavailable, match="may not have a certificate"):
+                    same.server_context()
 
     run(main)
 
