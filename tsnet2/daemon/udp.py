@@ -456,6 +456,14 @@ class UdpListener(_Endpoint):
                         ErrorCode.NO_SUCH_PEER, ev.addr)
             return
         remote = proto.format_addr(ip, port)
+        family_limit = max_datagram(ip.version)
+        if len(ev.payload) > family_limit:  # an IPv6 peer of a dual-stack listener
+            m.udp_dropped("too_large")
+            self.notice(f"daemon: datagram of {len(ev.payload)} bytes to {remote} dropped: "
+                        f"larger than {family_limit}, the most an IPv{ip.version} packet "
+                        "carries through the tunnel; send smaller ones",
+                        ErrorCode.DATAGRAM_TOO_LARGE, ev.addr)
+            return
         peer = self.flows.get(remote)
         if peer is None:
             if len(self.flows) >= MAX_FLOWS_PER_LISTENER:
@@ -660,8 +668,10 @@ class UdpDatapath:
         return socks
 
     def add_listener(self, lst: ListenerRegistration) -> int:
-        """Start serving a bound UDP listener; returns its max_datagram."""
-        limit = min(max_datagram(ip.version) for ip in lst.ips)
+        """Start serving a bound UDP listener; returns its max_datagram: the largest of its
+        families' (IPv4's on a dual-stack listener; a datagram to an IPv6 peer may be 20
+        bytes less, else it is dropped with a notice)."""
+        limit = max(max_datagram(ip.version) for ip in lst.ips)
         ul = UdpListener(self, lst, limit)
         self.listeners[lst.id] = ul
         lst.udp = ul
