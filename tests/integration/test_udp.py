@@ -389,3 +389,37 @@ def test_idle_flows_are_reaped() -> None:
     assert "error" not in out["close"]
     assert (inb["close"]["datagrams_in"], inb["close"]["datagrams_out"]) == (1, 1)
     assert got == [b"once", b"twice"]
+
+
+def test_daemon_restart_cuts_flows_and_the_listener_comes_back() -> None:
+    """B's daemon stops: its UDP flows get their close record (cut). It starts again: the
+    PacketListener's next recvfrom reconnects and registers it on the same port."""
+    with two_nodes(("ra", "rb")) as n, n.b.listen("udp", ":7200") as pl:
+        got: list[bytes] = []
+        t = serve_echo(pl, 1, got)
+        with n.a.dial("udp", "rb:7200") as pc:
+            pc.send(b"before")
+            assert pc.recv(timeout=10) == b"before"
+            t.join(10)
+            me = f"{pc.local_addr[0]}:{pc.local_addr[1]}" if pc.local_addr else ""
+            assert n.lnet.stop_daemon("rb") == 0
+            inb = closed_flow(n.db.traffic_log, remote=me)
+            assert inb["close"]["error"] == "daemon: flow cut by shutdown"
+            assert inb["close"]["datagrams_in"] == 1
+            n.lnet.start_daemon("rb")
+            after: list[Any] = []
+
+            def again() -> None:
+                try:
+                    after.append(pl.recvfrom(timeout=60))
+                except Exception as exc:  # reported below
+                    after.append(exc)
+
+            t2 = threading.Thread(target=again, daemon=True)
+            t2.start()
+            # A's flow lives on; B drops what arrives before its listener is back.
+            wait_for(lambda: pc.send(b"after") and not t2.is_alive(), 60,
+                     "the re-registered listener to get a datagram")
+            t2.join(10)
+    assert after and not isinstance(after[0], BaseException), after
+    assert after[0][0] == b"after" and after[0][1][0] == "100.64.0.1"

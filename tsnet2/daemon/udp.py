@@ -9,7 +9,11 @@ split), and never set ``SO_REUSEADDR``/``SO_REUSEPORT``.
 
 A *flow* is (dial or listener, peer address): ``open`` (``proto: "udp"``, WhoIs), one
 ``data`` record per datagram (:meth:`Flow.datagram`), ``close`` with datagram and byte
-counts. A flow no datagram crossed for ``idle_timeout`` seconds (``--udp-idle-timeout``,
+counts. A datagram is logged before it is sent to the peer or queued for the app: one the
+log refuses (fail-closed) is dropped, never relayed unlogged; one the kernel then refuses
+to send (a full socket buffer, an ICMP error) stays counted, and counted in
+``tsnet2_udp_datagrams_dropped_total{reason="send_failed"}``. A flow no datagram crossed
+for ``idle_timeout`` seconds (``--udp-idle-timeout``,
 default :data:`UDP_IDLE_TIMEOUT`) is reaped: its close record is written, and a reaped dial
 channel is closed. Everything is a callback on the event loop (no task per flow or
 channel); one reaper task owned by the daemon wakes a few times per timeout.
@@ -345,6 +349,8 @@ class UdpDial(_Endpoint):
             peer = self._open("out", self.local, self.remote)
             if peer is None:
                 return
+        if not self._record(peer, "app->peer", ev.payload):
+            return  # logged before it leaves: a datagram the log refuses is not sent
         try:
             self.sock.send(ev.payload)
         except (BlockingIOError, InterruptedError):
@@ -355,8 +361,6 @@ class UdpDial(_Endpoint):
             self.notice(f"daemon: send to {self.remote}: {exc.strerror or exc}",
                         ErrorCode.DATAGRAM_TOO_LARGE if exc.errno == errno.EMSGSIZE
                         else ErrorCode.DIAL_FAILED)
-            return
-        self._record(peer, "app->peer", ev.payload)
 
     def _from_peer(self) -> None:
         m = self.udp.metrics
@@ -475,6 +479,8 @@ class UdpListener(_Endpoint):
             peer = self._open("out", _sockaddr(sock.getsockname()), remote)
             if peer is None:
                 return
+        if not self._record(peer, "app->peer", ev.payload):
+            return  # logged before it leaves: a datagram the log refuses is not sent
         try:
             sock.sendto(ev.payload, (str(ip), port))
         except (BlockingIOError, InterruptedError):
@@ -486,8 +492,6 @@ class UdpListener(_Endpoint):
             self.notice(f"daemon: sendto {remote}: {exc.strerror or exc}",
                         ErrorCode.DATAGRAM_TOO_LARGE if too_large else ErrorCode.DIAL_FAILED,
                         ev.addr)
-            return
-        self._record(peer, "app->peer", ev.payload)
 
     def _from_peer(self, sock: socket.socket) -> None:
         m = self.udp.metrics
