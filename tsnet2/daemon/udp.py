@@ -251,6 +251,7 @@ class _Endpoint:
         self.listener_id = listener_id
         self.flows: dict[str, _Peer] = {}
         self.channel: _Channel | None = None
+        self._refused_at = -1.0  # when the log last refused a flow here (quiets repeats)
 
     def _open(self, direction: Literal["in", "out"], local: str, remote: str) -> _Peer | None:
         """Open a flow (its `open` record); None (and a `reject`) when the log refuses."""
@@ -261,9 +262,14 @@ class _Endpoint:
                                         whois=whois, listener_id=self.listener_id,
                                         proto="udp")
         except TrafficLogError as exc:
-            self.udp.refuse(direction, "log_unavailable", remote=remote, local=local,
-                            listener_id=self.listener_id,
-                            error=f"traffic log unavailable: {exc}")
+            # Every datagram would try again while the log is stalled: one reject record
+            # (and log line) per endpoint and second, the rest only counted.
+            now = time.monotonic()
+            if now - self._refused_at >= 1.0:
+                self._refused_at = now
+                self.udp.refuse(direction, "log_unavailable", remote=remote, local=local,
+                                listener_id=self.listener_id,
+                                error=f"traffic log unavailable: {exc}")
             self.udp.metrics.udp_dropped("log_unavailable")
             return None
         peer = _Peer(flow, direction)
@@ -554,13 +560,15 @@ class UdpDatapath:
                error: str, local: str = "", listener_id: str | None = None) -> None:
         """A UDP flow that never opened: a `reject` record (proto udp) and metrics."""
         from tsnet2.daemon.datapath import REJECT_REASON
+        from tsnet2.traffic.records import REJECT_REASONS
         log.warning("UDP %s flow %s %s refused (%s): %s", direction,
                     "from" if direction == "in" else "to", remote, reason, error)
         self.metrics.flow_refused(direction, reason)
         whois = None
         with contextlib.suppress(ValueError):
             whois = whois_summary(self.dp._node_at(remote))
-        why: RejectReason = REJECT_REASON.get(reason, "dial_failed")
+        why: RejectReason = next((r for r in REJECT_REASONS if r == reason),
+                                 REJECT_REASON.get(reason, "dial_failed"))
         self.dp.traffic.reject(direction=direction, remote=remote, local=local or None,
                                reason=why, error=error, whois=whois, listener_id=listener_id,
                                proto="udp")
@@ -642,8 +650,8 @@ class UdpDatapath:
         self.per_client[client] = mine + 1
         self.dials.add(d)
         if not d.start(sock, reader.take_rest()):
-            d.close()
-            return True  # closed it (and the app's socket) already
+            d.close()  # the log refused the flow (a reject is written): the app sees EOF
+            return False  # the caller closes the app's socket
         self._ensure_reaper()
         log.info("UDP dial %s -> %s (max datagram %d)", local, remote, limit)
         return True
