@@ -111,6 +111,20 @@ def test_echo_by_name_both_ways(nodes: TwoNodes) -> None:
         assert (inb["close"]["datagrams_in"], inb["close"]["datagrams_out"]) == (2, 2)
 
 
+def test_ipv6_echo(nodes: TwoNodes) -> None:
+    got: list[bytes] = []
+    with nodes.b.listen("udp6", ":7010") as pl:
+        assert pl.max_datagram == 1232
+        t = serve_echo(pl, 1, got)
+        with nodes.a.dial("udp6", "ub:7010", timeout=10) as pc:
+            assert pc.max_datagram == 1232 and pc.remote_addr is not None
+            assert pc.remote_addr[0].version == 6
+            pc.send(b"v6" * 616)  # exactly 1232
+            assert pc.recv(timeout=10) == b"v6" * 616
+        t.join(10)
+    assert got == [b"v6" * 616]
+
+
 def dns_query(qid: int, name: str) -> bytes:
     labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
     return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 1, 1)
