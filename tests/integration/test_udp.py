@@ -437,3 +437,44 @@ def test_daemon_restart_cuts_flows_and_the_listener_comes_back() -> None:
             t2.join(10)
     assert after and not isinstance(after[0], BaseException), after
     assert after[0][0] == b"after" and after[0][1][0] == "100.64.0.1"
+
+
+def test_node_down_is_told_and_the_listener_registers_again() -> None:
+    """wireguard-go dies under B's node: a blocked recvfrom raises NodeDownError (the
+    daemon's notice), B's flows get their close record, and the next recvfrom reconnects,
+    registers the listener again and receives."""
+    import os
+    import signal
+
+    from .test_shared_node import wireguard_go_pid
+
+    with two_nodes(("na", "nb")) as n, n.b.listen("udp", ":7300") as pl:
+        errors: list[BaseException] = []
+
+        def blocked() -> None:
+            try:
+                pl.recvfrom(timeout=60)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        t = threading.Thread(target=blocked, daemon=True)
+        t.start()
+        with n.a.dial("udp", "nb:7300") as pc:
+            os.kill(wireguard_go_pid(n.db.node.ifname), signal.SIGKILL)
+            t.join(30)
+            assert len(errors) == 1 and isinstance(errors[0], tsnet2.NodeDownError), errors
+            got: list[Any] = []
+
+            def again() -> None:
+                try:
+                    got.append(pl.recvfrom(timeout=60))
+                except BaseException as exc:  # reported below
+                    got.append(exc)
+
+            t2 = threading.Thread(target=again, daemon=True)
+            t2.start()
+            wait_for(lambda: pc.send(b"back") and not t2.is_alive(), 60,
+                     "the listener to receive again")
+            t2.join(10)
+    assert got and not isinstance(got[0], BaseException), got
+    assert got[0][0] == b"back"
