@@ -259,8 +259,10 @@ def test_dial_errors_and_duplicate_listen(nodes: Nodes) -> None:
             with pytest.raises(tsnet2.DaemonError, match="already") as ei:
                 await a.listen("tcp", ":8083")
             assert ei.value.method == "register_listener"
-        with pytest.raises(tsnet2.NotSupportedError, match="UDP"):
-            await a.listen("udp", ":8084")
+        async with await a.listen("udp", ":8084") as pl:  # UDP ports are not TCP's
+            assert isinstance(pl, tsnet2.AsyncPacketListener) and pl.port == 8084
+            with pytest.raises(tsnet2.AddressInUseError):
+                await a.listen_packet("udp", ":8084")
         with pytest.raises(tsnet2.AddressError):
             await a.listen("tcp", ":99999")
         async with await a.listen_tls("tcp", ":443") as tls_ln:  # see test_tls_lab.py

@@ -220,8 +220,12 @@ def test_errors(pair: Pair) -> None:
         pair.b.dial("tcp", f"{a_ip}:9", timeout=10)  # nobody listens: refused
     with pair.a.listen("tcp", ":8083"), pytest.raises(tsnet2.DaemonError, match="already"):
         pair.a.listen("tcp", ":8083")
-    with pytest.raises((ValueError, tsnet2.Error)):
-        pair.a.listen("udp", ":8084")
+    # UDP has its own ports: a UDP listener on a TCP listener's port is fine, a second
+    # UDP one is not.
+    with pair.a.listen("tcp", ":8084"), pair.a.listen("udp", ":8084") as pl, \
+            pytest.raises(tsnet2.AddressInUseError):
+        assert pl.port == 8084
+        pair.a.listen_packet("udp", ":8084")
     with pair.a.listen_tls("tcp", ":443") as ln:  # implemented: tests/integration/test_tls_lab.py
         assert ln.tls
     with pytest.raises(tsnet2.AddressError):

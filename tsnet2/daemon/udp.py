@@ -9,7 +9,11 @@ split), and never set ``SO_REUSEADDR``/``SO_REUSEPORT``.
 
 A *flow* is (dial or listener, peer address): ``open`` (``proto: "udp"``, WhoIs), one
 ``data`` record per datagram (:meth:`Flow.datagram`), ``close`` with datagram and byte
-counts. A flow no datagram crossed for ``idle_timeout`` seconds (``--udp-idle-timeout``,
+counts. A datagram is logged before it is sent to the peer or queued for the app: one the
+log refuses (fail-closed) is dropped, never relayed unlogged; one the kernel then refuses
+to send (a full socket buffer, an ICMP error) stays counted, and counted in
+``tsnet2_udp_datagrams_dropped_total{reason="send_failed"}``. A flow no datagram crossed
+for ``idle_timeout`` seconds (``--udp-idle-timeout``,
 default :data:`UDP_IDLE_TIMEOUT`) is reaped: its close record is written, and a reaped dial
 channel is closed. Everything is a callback on the event loop (no task per flow or
 channel); one reaper task owned by the daemon wakes a few times per timeout.
@@ -247,6 +251,7 @@ class _Endpoint:
         self.listener_id = listener_id
         self.flows: dict[str, _Peer] = {}
         self.channel: _Channel | None = None
+        self._refused_at = -1.0  # when the log last refused a flow here (quiets repeats)
 
     def _open(self, direction: Literal["in", "out"], local: str, remote: str) -> _Peer | None:
         """Open a flow (its `open` record); None (and a `reject`) when the log refuses."""
@@ -257,9 +262,14 @@ class _Endpoint:
                                         whois=whois, listener_id=self.listener_id,
                                         proto="udp")
         except TrafficLogError as exc:
-            self.udp.refuse(direction, "log_unavailable", remote=remote, local=local,
-                            listener_id=self.listener_id,
-                            error=f"traffic log unavailable: {exc}")
+            # Every datagram would try again while the log is stalled: one reject record
+            # (and log line) per endpoint and second, the rest only counted.
+            now = time.monotonic()
+            if now - self._refused_at >= 1.0:
+                self._refused_at = now
+                self.udp.refuse(direction, "log_unavailable", remote=remote, local=local,
+                                listener_id=self.listener_id,
+                                error=f"traffic log unavailable: {exc}")
             self.udp.metrics.udp_dropped("log_unavailable")
             return None
         peer = _Peer(flow, direction)
@@ -345,6 +355,8 @@ class UdpDial(_Endpoint):
             peer = self._open("out", self.local, self.remote)
             if peer is None:
                 return
+        if not self._record(peer, "app->peer", ev.payload):
+            return  # logged before it leaves: a datagram the log refuses is not sent
         try:
             self.sock.send(ev.payload)
         except (BlockingIOError, InterruptedError):
@@ -355,8 +367,6 @@ class UdpDial(_Endpoint):
             self.notice(f"daemon: send to {self.remote}: {exc.strerror or exc}",
                         ErrorCode.DATAGRAM_TOO_LARGE if exc.errno == errno.EMSGSIZE
                         else ErrorCode.DIAL_FAILED)
-            return
-        self._record(peer, "app->peer", ev.payload)
 
     def _from_peer(self) -> None:
         m = self.udp.metrics
@@ -456,6 +466,14 @@ class UdpListener(_Endpoint):
                         ErrorCode.NO_SUCH_PEER, ev.addr)
             return
         remote = proto.format_addr(ip, port)
+        family_limit = max_datagram(ip.version)
+        if len(ev.payload) > family_limit:  # an IPv6 peer of a dual-stack listener
+            m.udp_dropped("too_large")
+            self.notice(f"daemon: datagram of {len(ev.payload)} bytes to {remote} dropped: "
+                        f"larger than {family_limit}, the most an IPv{ip.version} packet "
+                        "carries through the tunnel; send smaller ones",
+                        ErrorCode.DATAGRAM_TOO_LARGE, ev.addr)
+            return
         peer = self.flows.get(remote)
         if peer is None:
             if len(self.flows) >= MAX_FLOWS_PER_LISTENER:
@@ -467,6 +485,8 @@ class UdpListener(_Endpoint):
             peer = self._open("out", _sockaddr(sock.getsockname()), remote)
             if peer is None:
                 return
+        if not self._record(peer, "app->peer", ev.payload):
+            return  # logged before it leaves: a datagram the log refuses is not sent
         try:
             sock.sendto(ev.payload, (str(ip), port))
         except (BlockingIOError, InterruptedError):
@@ -478,8 +498,6 @@ class UdpListener(_Endpoint):
             self.notice(f"daemon: sendto {remote}: {exc.strerror or exc}",
                         ErrorCode.DATAGRAM_TOO_LARGE if too_large else ErrorCode.DIAL_FAILED,
                         ev.addr)
-            return
-        self._record(peer, "app->peer", ev.payload)
 
     def _from_peer(self, sock: socket.socket) -> None:
         m = self.udp.metrics
@@ -542,13 +560,15 @@ class UdpDatapath:
                error: str, local: str = "", listener_id: str | None = None) -> None:
         """A UDP flow that never opened: a `reject` record (proto udp) and metrics."""
         from tsnet2.daemon.datapath import REJECT_REASON
+        from tsnet2.traffic.records import REJECT_REASONS
         log.warning("UDP %s flow %s %s refused (%s): %s", direction,
                     "from" if direction == "in" else "to", remote, reason, error)
         self.metrics.flow_refused(direction, reason)
         whois = None
         with contextlib.suppress(ValueError):
             whois = whois_summary(self.dp._node_at(remote))
-        why: RejectReason = REJECT_REASON.get(reason, "dial_failed")
+        why: RejectReason = next((r for r in REJECT_REASONS if r == reason),
+                                 REJECT_REASON.get(reason, "dial_failed"))
         self.dp.traffic.reject(direction=direction, remote=remote, local=local or None,
                                reason=why, error=error, whois=whois, listener_id=listener_id,
                                proto="udp")
@@ -630,8 +650,8 @@ class UdpDatapath:
         self.per_client[client] = mine + 1
         self.dials.add(d)
         if not d.start(sock, reader.take_rest()):
-            d.close()
-            return True  # closed it (and the app's socket) already
+            d.close()  # the log refused the flow (a reject is written): the app sees EOF
+            return False  # the caller closes the app's socket
         self._ensure_reaper()
         log.info("UDP dial %s -> %s (max datagram %d)", local, remote, limit)
         return True
@@ -660,8 +680,10 @@ class UdpDatapath:
         return socks
 
     def add_listener(self, lst: ListenerRegistration) -> int:
-        """Start serving a bound UDP listener; returns its max_datagram."""
-        limit = min(max_datagram(ip.version) for ip in lst.ips)
+        """Start serving a bound UDP listener; returns its max_datagram: the largest of its
+        families' (IPv4's on a dual-stack listener; a datagram to an IPv6 peer may be 20
+        bytes less, else it is dropped with a notice)."""
+        limit = max(max_datagram(ip.version) for ip in lst.ips)
         ul = UdpListener(self, lst, limit)
         self.listeners[lst.id] = ul
         lst.udp = ul

@@ -30,7 +30,7 @@ from tsnet2.client._async.channel import (
     recv,
     send_all,
 )
-from tsnet2.client._base import SLOT_CONNECT_TIMEOUT, TailnetAddr
+from tsnet2.client._base import BACKOFF_INITIAL, SLOT_CONNECT_TIMEOUT, TailnetAddr
 from tsnet2.client.errors import (
     AddressError,
     ClosedError,
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncPacketConn", "AsyncPacketListener"]
 
 READ_CHUNK = 65536 + 4
+LOST_TRIES = 4  # packet channels lost in a row (no datagram between) before giving up
 
 
 class _Frames:
@@ -351,6 +352,12 @@ class AsyncPacketListener(_base.ListenerBase):
         b = self._binding
         if b.lost is not None:
             raise DaemonUnavailableError(b.lost)
+        if (self._frames is None and self._server.reconnects
+                and not await self._server._control_alive()):
+            # The daemon restarted, or the node went away (the daemon then hangs up every
+            # client): reconnect, which registers this listener again.
+            await self._server._revive(op)
+            await self._server._ensure_bound(op, self)
         async with self._attach_lock:
             if self._frames is None or b.slots_stale():
                 self._drop_channel()
@@ -366,21 +373,23 @@ class AsyncPacketListener(_base.ListenerBase):
         self._slots = []
         self._frames = None
 
-    async def _lost_channel(self, op: str) -> None:
-        """The packet channel ended: the daemon restarted (reconnect and register again)
-        or dropped the listener."""
+    async def _lost_channel(self, op: str, tries: int) -> None:
+        """The packet channel ended (the daemon restarted, the node went away, or the
+        daemon dropped the listener): the next :meth:`_channel` reconnects if the control
+        channel is gone too, else attaches again. ``tries``: channels lost in a row in
+        this call; after a few, give up (the daemon keeps closing it)."""
         self._drop_channel()
         if not self._server.reconnects:
             raise DaemonUnavailableError(
                 f"{op}: the daemon went away, so UDP listener {self.addr} is gone and "
                 "reconnect_timeout is 0; start a new Server (or set reconnect_timeout > 0)")
-        if not await self._server._control_alive():
-            await self._server._revive(op)
-            await self._server._ensure_bound(op, self)
-        elif not self._binding.slots_stale():
+        if tries > LOST_TRIES:
             raise DaemonUnavailableError(
-                f"{op}: the daemon closed the packet channel of UDP listener {self.addr}; "
-                "close it and listen again")
+                f"{op}: the daemon closed the packet channel of UDP listener {self.addr} "
+                f"{tries} times in a row; close the listener and listen again")
+        # A daemon taking its node down closes channels first and hangs up clients last:
+        # give it a moment, so that the next try sees the control channel gone.
+        await backend.sleep(min(BACKOFF_INITIAL * 2 ** tries, 1.0))
 
     async def recvfrom(self, bufsize: int = 65535,
                        timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
@@ -391,9 +400,10 @@ class AsyncPacketListener(_base.ListenerBase):
         """
         op = "tsnet2.PacketListener.recvfrom"
         deadline = self._deadline(timeout)
+        lost = 0
         async with self._rlock:
             while True:
-                frames = await self._channel(op)
+                frames = await self._channel(op)  # its errors are the caller's
                 try:
                     ev = await frames.next(op, deadline)
                 except DaemonUnavailableError:
@@ -401,7 +411,8 @@ class AsyncPacketListener(_base.ListenerBase):
                 if ev is None:
                     if self._closed:
                         raise ClosedError(f"{op}: listener {self.addr} is closed")
-                    await self._lost_channel(op)
+                    lost += 1
+                    await self._lost_channel(op, lost)
                     continue
                 if isinstance(ev, Notice):
                     raise _notice_error(op, ev, self.max_datagram)
@@ -425,7 +436,7 @@ class AsyncPacketListener(_base.ListenerBase):
                     await send_all(frames.sock, frame, op, self._deadline(timeout))
                     return len(data)
                 except OSError:
-                    await self._lost_channel(op)
+                    await self._lost_channel(op, _attempt)
         raise DaemonUnavailableError(f"{op}: the packet channel of {self.addr} failed twice")
 
     async def aclose(self) -> None:

@@ -32,7 +32,7 @@ from tsnet2.client._sync.channel import (
     recv,
     send_all,
 )
-from tsnet2.client._base import SLOT_CONNECT_TIMEOUT, TailnetAddr
+from tsnet2.client._base import BACKOFF_INITIAL, SLOT_CONNECT_TIMEOUT, TailnetAddr
 from tsnet2.client.errors import (
     AddressError,
     ClosedError,
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["PacketConn", "PacketListener"]
 
 READ_CHUNK = 65536 + 4
+LOST_TRIES = 4  # packet channels lost in a row (no datagram between) before giving up
 
 
 class _Frames:
@@ -348,6 +349,12 @@ class PacketListener(_base.ListenerBase):
         b = self._binding
         if b.lost is not None:
             raise DaemonUnavailableError(b.lost)
+        if (self._frames is None and self._server.reconnects
+                and not self._server._control_alive()):
+            # The daemon restarted, or the node went away (the daemon then hangs up every
+            # client): reconnect, which registers this listener again.
+            self._server._revive(op)
+            self._server._ensure_bound(op, self)
         with self._attach_lock:
             if self._frames is None or b.slots_stale():
                 self._drop_channel()
@@ -363,21 +370,23 @@ class PacketListener(_base.ListenerBase):
         self._slots = []
         self._frames = None
 
-    def _lost_channel(self, op: str) -> None:
-        """The packet channel ended: the daemon restarted (reconnect and register again)
-        or dropped the listener."""
+    def _lost_channel(self, op: str, tries: int) -> None:
+        """The packet channel ended (the daemon restarted, the node went away, or the
+        daemon dropped the listener): the next :meth:`_channel` reconnects if the control
+        channel is gone too, else attaches again. ``tries``: channels lost in a row in
+        this call; after a few, give up (the daemon keeps closing it)."""
         self._drop_channel()
         if not self._server.reconnects:
             raise DaemonUnavailableError(
                 f"{op}: the daemon went away, so UDP listener {self.addr} is gone and "
                 "reconnect_timeout is 0; start a new Server (or set reconnect_timeout > 0)")
-        if not self._server._control_alive():
-            self._server._revive(op)
-            self._server._ensure_bound(op, self)
-        elif not self._binding.slots_stale():
+        if tries > LOST_TRIES:
             raise DaemonUnavailableError(
-                f"{op}: the daemon closed the packet channel of UDP listener {self.addr}; "
-                "close it and listen again")
+                f"{op}: the daemon closed the packet channel of UDP listener {self.addr} "
+                f"{tries} times in a row; close the listener and listen again")
+        # A daemon taking its node down closes channels first and hangs up clients last:
+        # give it a moment, so that the next try sees the control channel gone.
+        backend.sleep(min(BACKOFF_INITIAL * 2 ** tries, 1.0))
 
     def recvfrom(self, bufsize: int = 65535,
                        timeout: float | None = None) -> tuple[bytes, tuple[str, int]]:
@@ -388,9 +397,10 @@ class PacketListener(_base.ListenerBase):
         """
         op = "tsnet2.PacketListener.recvfrom"
         deadline = self._deadline(timeout)
+        lost = 0
         with self._rlock:
             while True:
-                frames = self._channel(op)
+                frames = self._channel(op)  # its errors are the caller's
                 try:
                     ev = frames.next(op, deadline)
                 except DaemonUnavailableError:
@@ -398,7 +408,8 @@ class PacketListener(_base.ListenerBase):
                 if ev is None:
                     if self._closed:
                         raise ClosedError(f"{op}: listener {self.addr} is closed")
-                    self._lost_channel(op)
+                    lost += 1
+                    self._lost_channel(op, lost)
                     continue
                 if isinstance(ev, Notice):
                     raise _notice_error(op, ev, self.max_datagram)
@@ -422,7 +433,7 @@ class PacketListener(_base.ListenerBase):
                     send_all(frames.sock, frame, op, self._deadline(timeout))
                     return len(data)
                 except OSError:
-                    self._lost_channel(op)
+                    self._lost_channel(op, _attempt)
         raise DaemonUnavailableError(f"{op}: the packet channel of {self.addr} failed twice")
 
     def close(self) -> None:
