@@ -5,6 +5,7 @@ TCP connection, the app on a Unix socket pair, a real traffic log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -293,3 +294,47 @@ def test_no_alpn_listener_then_alpn_listener_on_one_context(
         return [await one(["b"]), await one(None), await one(["a", "b"])]
 
     assert run(main()) == [("b", "b"), ("", None), ("a", "a")]
+
+
+def test_a_corrupt_record_ends_the_flow_with_a_tls_error(ca: TailnetCA, tmp_path: Path,
+                                                        run: Callable[..., Any]) -> None:
+    """Garbage after the handshake: both sides reset, the close record names the TLS
+    error (not an errno)."""
+    import os
+    server_ctx = ca.server_context(NAME)
+    client_ctx = ca.client_context()
+    outside, inside = _tcp_pair()
+    log_path = tmp_path / "t.jsonl"
+    tlog = TrafficLog(str(log_path), mode="payload")
+    tlog.open()
+
+    def client() -> None:
+        tls = client_ctx.wrap_socket(outside, server_hostname=NAME)
+        tls.sendall(b"ok ")
+        raw = socket.socket(fileno=os.dup(tls.fileno()))
+        raw.sendall(b"\x17\x03\x03\x00\x20" + b"\xee" * 32)  # application data, bad MAC
+        raw.close()
+        with contextlib.suppress(OSError):
+            tls.recv(10)
+        tls.close()
+
+    async def main() -> None:
+        t, _out = _in_thread(client)
+        layer, info = await server_handshake(inside, server_ctx, None)
+        flow = tlog.open_flow(direction="in", whois=None, local="100.64.0.2:443",
+                              remote="100.64.0.1:40000", tls=info.to_json())
+        daemon_app, app = socket.socketpair()
+        daemon_app.setblocking(False)
+        sp = TLSSplice(flow, layer)
+        await sp.start(daemon_app, inside)
+        await asyncio.wait_for(sp.done, TIMEOUT)
+        await asyncio.to_thread(t.join, TIMEOUT)
+        assert sp.result == "error"
+        app.close()
+
+    run(main())
+    outside.close()
+    tlog.close()
+    close = next(r for r in _records(log_path) if r["kind"] == "close")
+    assert close["error"].startswith("peer: TLSSessionError: TLS: "), close
+    assert "EPERM" not in close["error"]
