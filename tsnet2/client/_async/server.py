@@ -543,7 +543,7 @@ class AsyncServer(ServerBase):
         (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
         the node is not running.
         """
-        sock, local, remote, _ = await self._dial("tsnet2.dial", network, addr, timeout)
+        sock, local, remote = await self._dial("tsnet2.dial", network, addr, timeout)
         try:
             return await backend.make_conn(sock, local, remote)
         finally:
@@ -574,7 +574,7 @@ class AsyncServer(ServerBase):
         """
         op = "tsnet2.dial_tls"
         options = _base.tls_dial_options(op, server_name, alpn)
-        sock, local, remote, info = await self._dial(op, network, addr, timeout, options)
+        sock, local, remote, info = await self._dial_flow(op, network, addr, timeout, options)
         try:
             return await backend.make_conn(sock, local, remote, info)
         finally:
@@ -592,7 +592,7 @@ class AsyncServer(ServerBase):
         connector in :mod:`tsnet2.integrations.aiohttp` does that). The caller owns
         the socket and must close it (handing it to a transport does).
         """
-        sock, local, remote, _ = await self._dial("tsnet2.dial", network, addr, timeout)
+        sock, local, remote = await self._dial("tsnet2.dial", network, addr, timeout)
         try:
             conn = TailnetSocket._adopt(sock, local, remote)
         finally:
@@ -603,8 +603,16 @@ class AsyncServer(ServerBase):
     # unasync: end
 
     async def _dial(
+        self, op: str, network: str, addr: str, timeout: float | None
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
+        """Dial through the daemon; return the channel (its header read) and the flow's
+        tailnet ends. The caller owns the socket."""
+        sock, local, remote, _ = await self._dial_flow(op, network, addr, timeout, None)
+        return sock, local, remote
+
+    async def _dial_flow(
         self, op: str, network: str, addr: str, timeout: float | None,
-        tls: proto.TLSDialOptions | None = None,
+        tls: proto.TLSDialOptions | None,
     ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None, proto.TLSInfo | None]:
         """Dial through the daemon; return the channel (its header read), the flow's
         tailnet ends and, for a TLS dial (``tls``), the session. The caller owns the

@@ -536,7 +536,7 @@ class Server(ServerBase):
         (NoSuchPeerError, PeerOfflineError when it knows why), NodeDownError while
         the node is not running.
         """
-        sock, local, remote, _ = self._dial("tsnet2.dial", network, addr, timeout)
+        sock, local, remote = self._dial("tsnet2.dial", network, addr, timeout)
         try:
             return backend.make_conn(sock, local, remote)
         finally:
@@ -567,7 +567,7 @@ class Server(ServerBase):
         """
         op = "tsnet2.dial_tls"
         options = _base.tls_dial_options(op, server_name, alpn)
-        sock, local, remote, info = self._dial(op, network, addr, timeout, options)
+        sock, local, remote, info = self._dial_flow(op, network, addr, timeout, options)
         try:
             return backend.make_conn(sock, local, remote, info)
         finally:
@@ -576,8 +576,16 @@ class Server(ServerBase):
 
 
     def _dial(
+        self, op: str, network: str, addr: str, timeout: float | None
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
+        """Dial through the daemon; return the channel (its header read) and the flow's
+        tailnet ends. The caller owns the socket."""
+        sock, local, remote, _ = self._dial_flow(op, network, addr, timeout, None)
+        return sock, local, remote
+
+    def _dial_flow(
         self, op: str, network: str, addr: str, timeout: float | None,
-        tls: proto.TLSDialOptions | None = None,
+        tls: proto.TLSDialOptions | None,
     ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None, proto.TLSInfo | None]:
         """Dial through the daemon; return the channel (its header read), the flow's
         tailnet ends and, for a TLS dial (``tls``), the session. The caller owns the
