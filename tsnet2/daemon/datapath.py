@@ -706,7 +706,8 @@ class Datapath:
             ctx = self.backend.certs.client_context()
         except (BackendError, CertUnavailable, OSError) as exc:
             peer.close()
-            raise BackendError(f"daemon: dial {addr}: TLS: {exc}", "tls_failed",
+            raise BackendError(f"daemon: dial {addr}: TLS: "
+                               f"{str(exc).removeprefix('daemon: ')}", "tls_failed",
                                ErrorCode.TLS_FAILED) from exc
         except BaseException:
             peer.close()
