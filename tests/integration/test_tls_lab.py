@@ -16,10 +16,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
 import pytest
 
 import tsnet2
 from tsnet2.daemon.certs import CA_BUNDLE_NAME
+from tsnet2.traffic import load_schema
 
 from .tailnet import TwoNodes, read_log, two_nodes, wait_for
 
@@ -242,3 +244,14 @@ def test_plain_dial_to_a_tls_port_and_socket_names(nodes: TwoNodes) -> None:
             conn.sendall(b"x\n")
             assert _read_until_eof(conn) == b"echo: x\n"
         t.join(30)
+
+
+def test_every_record_matches_the_schema(nodes: TwoNodes) -> None:
+    """Runs last in the module: the open records with tls and the tls_failed rejects the
+    tests above wrote are valid against tsnet2/traffic/schema.json."""
+    schema = load_schema()
+    recs = read_log(nodes.da.traffic_log) + read_log(nodes.db.traffic_log)
+    assert any("tls" in r for r in recs)
+    assert any(r.get("reason") == "tls_failed" for r in recs)
+    for r in recs:
+        jsonschema.validate(r, schema)
