@@ -31,6 +31,7 @@ from tsnet2.client._backend_sync import TailnetSocket  # AsyncServer.dial_socket
 # unasync: end
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
+    LISTEN_TLS_TIMEOUT,
     RECONNECT_BACKOFF_MAX,
     REPARK_BACKOFF_MAX,
     REPARK_CONNECT_TIMEOUT,
@@ -300,7 +301,8 @@ class AsyncServer(ServerBase):
             params = _base.relisten_params(b.network, b.addr, b.forward_socket,
                                            b.forward_mode, b.tls, b.alpn)
             try:
-                result = await control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
+                result = await control.request(op, REGISTER_LISTENER, params,
+                                               LISTEN_TLS_TIMEOUT if b.tls else RPC_TIMEOUT)
                 listener_id, bound = _base.parse_register_result(result)
                 if b.tls and not result.tls:
                     await self._unregister(listener_id)
@@ -496,7 +498,8 @@ class AsyncServer(ServerBase):
         await self.start()
         result = await self._rpc(
             op, REGISTER_LISTENER,
-            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols), RPC_TIMEOUT
+            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols),
+            LISTEN_TLS_TIMEOUT,
         )
         listener_id, bound = _base.parse_register_result(result)
         if not result.tls:
