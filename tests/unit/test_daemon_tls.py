@@ -338,3 +338,57 @@ def test_a_corrupt_record_ends_the_flow_with_a_tls_error(ca: TailnetCA, tmp_path
     close = next(r for r in _records(log_path) if r["kind"] == "close")
     assert close["error"].startswith("peer: TLSSessionError: TLS: "), close
     assert "EPERM" not in close["error"]
+
+
+def test_pause_for_log_stops_reading_and_abort_cuts(ca: TailnetCA, tmp_path: Path,
+                                                    run: Callable[..., Any]) -> None:
+    """The Relay contract on a TLS flow: pause_for_log stops reading the TLS peer (and the
+    app), resuming delivers what waited; abort resets both sides and the close record says
+    the flow was cut."""
+    server_ctx = ca.server_context(NAME)
+    client_ctx = ca.client_context()
+    outside, inside = _tcp_pair()
+    log_path = tmp_path / "t.jsonl"
+    tlog = TrafficLog(str(log_path), mode="payload")
+    tlog.open()
+    sent = threading.Event()
+    done = threading.Event()
+
+    def client() -> None:
+        with client_ctx.wrap_socket(outside, server_hostname=NAME) as tls:
+            tls.sendall(b"while paused")
+            sent.set()
+            done.wait(TIMEOUT)
+
+    async def main() -> str:
+        t, _out = _in_thread(client)
+        layer, info = await server_handshake(inside, server_ctx, None)
+        flow = tlog.open_flow(direction="in", whois=None, local="100.64.0.2:443",
+                              remote="100.64.0.1:40000", tls=info.to_json())
+        daemon_app, app = socket.socketpair()
+        daemon_app.setblocking(False)
+        app.setblocking(False)
+        sp = TLSSplice(flow, layer)
+        sp.pause_for_log(True)  # before start, as Datapath._splice does while stalled
+        await sp.start(daemon_app, inside)
+        assert layer.paused and not layer.raw.is_reading()
+        assert sp.app.transport is not None and not sp.app.transport.is_reading()
+        await asyncio.to_thread(sent.wait, TIMEOUT)
+        sp.pause_for_log(False)
+        loop = asyncio.get_running_loop()
+        got = b""
+        while len(got) < 12:
+            got += await asyncio.wait_for(loop.sock_recv(app, 100), TIMEOUT)
+        assert got == b"while paused"
+        sp.abort()
+        await asyncio.wait_for(sp.done, TIMEOUT)
+        done.set()
+        await asyncio.to_thread(t.join, TIMEOUT)
+        app.close()
+        return sp.result
+
+    assert run(main()) == "cut"
+    outside.close()
+    tlog.close()
+    close = next(r for r in _records(log_path) if r["kind"] == "close")
+    assert close["error"] == "daemon: flow cut by shutdown" and close["bytes_in"] == 12

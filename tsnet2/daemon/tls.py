@@ -498,3 +498,5 @@ class TLSSplice(Splice):
                 return
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(lambda: self.app, app_sock)
+        if self.log_paused:  # paused before the sockets were attached: now it can apply
+            self.pause_for_log(True)
