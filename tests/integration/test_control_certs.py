@@ -27,7 +27,14 @@ from tests.integration.test_control_server import control, register, run, within
 from tsnet2.control import ca
 from tsnet2.control.server import ControlServer
 from tsnet2.control.sqlite_store import SQLiteStore
-from tsnet2.controlclient import AuthError, ControlClient, ControlError, RegisterResult
+from tsnet2.control.store import StoreError
+from tsnet2.controlclient import (
+    AuthError,
+    ControlClient,
+    ControlError,
+    ControlUnavailable,
+    RegisterResult,
+)
 from tsnet2.daemon.certs import CA_BUNDLE_NAME, CertUnavailable, NodeCerts
 
 DOMAIN = "tsnet2.internal"
@@ -254,6 +261,18 @@ def test_node_certs_reuse_the_saved_certificate_after_a_restart(tmp_path: Path) 
                 await changed(other, 0, "the refused request")
                 assert other.info() is None and metrics.results == ["error"]
                 assert "may not have a certificate for 'www." in other.last_error
+            # The same NodeCerts, node restarted under another name: the old name's
+            # certificate is no longer served.
+            async with node_certs(tmp_path, client, node, Recorder()) as same:
+                await changed(same, 0, "the saved certificate")
+                assert same.info() == first
+                await same.stop()
+                seen = same.changes
+                same.start(client, node.node_credential, lambda: f"www.{DOMAIN}")
+                await changed(same, seen, "the refused request for the new name")
+                assert same.info() is None and same.chain_pem() is None
+                with pytest.raises(CertUnavailable, match="may not have a certificate"):
+                    same.server_context()
 
     run(main)
 
@@ -302,5 +321,32 @@ def test_failed_requests_back_off_and_count(tmp_path: Path) -> None:
                     certs.server_context()
                 await changed(certs, seen, "the retry")
                 assert metrics.results == ["error", "error"]
+
+    run(main)
+
+
+class NoCAStore(SQLiteStore):
+    """A store whose CA cannot be read (e.g. the operator may not read its Secret)."""
+
+    async def get_ca(self) -> Any:
+        raise StoreError("kubernetes store: API server answered 403 Forbidden")
+
+
+def test_a_store_that_cannot_hold_the_ca_is_503(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        async with NoCAStore(tmp_path / "c.db") as store:
+            server = ControlServer(store)
+            await server.start()
+            try:
+                async with ControlClient(server.url) as client:
+                    node = await register(client, await server.create_auth_key(), "web")
+                    with pytest.raises(ControlUnavailable, match="tailnet CA cannot be loaded"):
+                        await client.issue_cert(node.node_credential, csr_for(f"web.{DOMAIN}"))
+                    with pytest.raises(ControlUnavailable):
+                        await client.ca()
+            finally:
+                await server.close()
+        assert any("403 Forbidden" in r.getMessage() for r in caplog.records)
 
     run(main)

@@ -34,6 +34,7 @@ from tsnet2.control.store import (
     NodeRecord,
     PublicKeyInUseError,
     Store,
+    StoreError,
 )
 from tsnet2.control.tokens import (
     MAX_SECRET_LEN,
@@ -713,13 +714,19 @@ class ControlServer:
         async with self._ca_lock:
             if self._ca is not None:
                 return self._ca
-            record = await self.store.get_ca()
-            if record is None:
-                key_pem, cert_pem = await asyncio.to_thread(ca.new_ca, self.domain)
-                record = await self.store.put_ca_if_absent(key_pem.decode(), cert_pem.decode())
-                created = record.cert_pem == cert_pem.decode()
-            else:
-                created = False
+            try:
+                record = await self.store.get_ca()
+                if record is None:
+                    key_pem, cert_pem = await asyncio.to_thread(ca.new_ca, self.domain)
+                    record = await self.store.put_ca_if_absent(key_pem.decode(),
+                                                               cert_pem.decode())
+                    created = record.cert_pem == cert_pem.decode()
+                else:
+                    created = False
+            except StoreError as e:
+                log.error("control: cannot load or create the tailnet CA: %s", e)
+                raise ApiError(503, "the tailnet CA cannot be loaded or created from the "
+                               "store right now; see the control server log") from None
             try:
                 loaded = await asyncio.to_thread(ca.load_ca, record.key_pem, record.cert_pem)
             except ValueError as e:

@@ -408,7 +408,12 @@ class NodeCerts:
             log.error("%s; the node runs without a TLS certificate", self.unsupported)
             self._notify()
             return
-        if self._info is None or fqdn() not in self._info.names:
+        if self._info is not None and fqdn() not in self._info.names:
+            # Renamed since the last run: the old name's certificate is not served.
+            self._info = self._chain_pem = None
+            if self.metrics is not None:
+                self.metrics.set_tls_cert_expiry(0)
+        if self._info is None:
             await self._load_saved(key_pem, fqdn())
         delay = RETRY_MIN
         while True:
