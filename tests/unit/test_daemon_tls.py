@@ -392,3 +392,39 @@ def test_pause_for_log_stops_reading_and_abort_cuts(ca: TailnetCA, tmp_path: Pat
     tlog.close()
     close = next(r for r in _records(log_path) if r["kind"] == "close")
     assert close["error"] == "daemon: flow cut by shutdown" and close["bytes_in"] == 12
+
+
+def test_a_renewed_chain_loaded_into_the_shared_context_is_served(
+        ca: TailnetCA, tmp_path: Path, run: Callable[..., Any]) -> None:
+    """NodeCerts loads a renewal into the same server context: the next handshake serves
+    the new certificate, with the listener's ALPN and the SNI still applied."""
+    server_ctx = ca.server_context(NAME)
+
+    def client(sock: socket.socket) -> tuple[bytes, str | None]:
+        ctx = ca.client_context()
+        ctx.set_alpn_protocols(["x"])
+        with ctx.wrap_socket(sock, server_hostname=NAME) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der, tls.selected_alpn_protocol()
+
+    async def one() -> tuple[tuple[bytes, str | None], TLSInfo]:
+        outside, inside = _tcp_pair()
+        t, out = _in_thread(lambda: client(outside))
+        layer, info = await server_handshake(inside, server_ctx, ["x"])
+        layer.abort()
+        await asyncio.to_thread(t.join, TIMEOUT)
+        outside.close()
+        return out[0], info
+
+    async def main() -> list[tuple[tuple[bytes, str | None], TLSInfo]]:
+        first = await one()
+        chain, key = ca.issue(NAME)
+        (tmp_path / "c.pem").write_bytes(chain)
+        (tmp_path / "k.pem").write_bytes(key)
+        server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")  # a renewal
+        return [first, await one()]
+
+    [((cert_a, alpn_a), info_a), ((cert_b, alpn_b), info_b)] = run(main())
+    assert alpn_a == "x" and info_a.sni == NAME
+    assert cert_a != cert_b and alpn_b == "x" and info_b.sni == NAME and info_b.alpn == "x"
