@@ -94,6 +94,15 @@ class FakeNodeCerts:
         self.ca = ca
         self._server = ca.server_context(*names) if names else None
         self._client = ca.client_context()
+        # What the daemon reads of NodeCerts besides the contexts (a certificate being
+        # requested is waited for; these say none is).
+        self.changes = 0
+        self.unsupported: str | None = None if names else "no certificate in this test"
+        self.last_error = ""
+        self.tls_dir = None
+
+    async def wait_changed(self, since: int | None = None) -> int:
+        raise AssertionError("unreachable: the test's certificates never change")
 
     def server_context(self) -> ssl.SSLContext:
         from tsnet2.daemon.certs import CertUnavailable

@@ -16,10 +16,12 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
 import pytest
 
 import tsnet2
 from tsnet2.daemon.certs import CA_BUNDLE_NAME
+from tsnet2.traffic import load_schema
 
 from .tailnet import TwoNodes, read_log, two_nodes, wait_for
 
@@ -168,7 +170,7 @@ def test_dial_tls_with_a_wrong_name_fails_verification(nodes: TwoNodes) -> None:
 def test_a_peer_that_does_not_speak_tls_is_refused_and_the_listener_serves_on(
         nodes: TwoNodes) -> None:
     """(d): garbage instead of a ClientHello: reject tls_failed on B, the client's
-    connection ends; the next (real) TLS client is served."""
+    connection ends; a client that sends nothing does not hold up the next (real) one."""
     n = nodes
     with n.b.listen_tls("tcp", ":10443") as ln:
         with n.a.dial("tcp", "tlsb:10443", timeout=10) as sock:
@@ -181,6 +183,9 @@ def test_a_peer_that_does_not_speak_tls_is_refused_and_the_listener_serves_on(
                           "B's reject")[-1]
         assert reject["reason"] == "tls_failed" and reject["dir"] == "in"
         assert reject["error"].startswith("TLS: "), reject
+        # A client that connects and says nothing holds one handshake (up to 10 s), not
+        # the listener: a real client is served meanwhile.
+        silent = n.a.dial("tcp", "tlsb:10443", timeout=10)
         seen: list[Any] = []
         t = _echo_line(ln, seen)
         with n.a.dial_tls("tcp", "tlsb:10443", timeout=15) as conn:
@@ -188,6 +193,11 @@ def test_a_peer_that_does_not_speak_tls_is_refused_and_the_listener_serves_on(
             assert _read_until_eof(conn) == b"echo: still here\n"
         t.join(30)
         assert seen[0].sni == FQDN_B
+        silent.close()  # its handshake ends: refused too
+        wait_for(lambda: len([r for r in read_log(n.db.traffic_log)
+                              if r.get("kind") == "reject"
+                              and r.get("listener_id") == ln.listener_id]) == 2, 15,
+                 "the silent client's reject")
 
 
 def test_the_asyncio_face(nodes: TwoNodes) -> None:
@@ -234,3 +244,14 @@ def test_plain_dial_to_a_tls_port_and_socket_names(nodes: TwoNodes) -> None:
             conn.sendall(b"x\n")
             assert _read_until_eof(conn) == b"echo: x\n"
         t.join(30)
+
+
+def test_every_record_matches_the_schema(nodes: TwoNodes) -> None:
+    """Runs last in the module: the open records with tls and the tls_failed rejects the
+    tests above wrote are valid against tsnet2/traffic/schema.json."""
+    schema = load_schema()
+    recs = read_log(nodes.da.traffic_log) + read_log(nodes.db.traffic_log)
+    assert any("tls" in r for r in recs)
+    assert any(r.get("reason") == "tls_failed" for r in recs)
+    for r in recs:
+        jsonschema.validate(r, schema)

@@ -5,6 +5,7 @@ TCP connection, the app on a Unix socket pair, a real traffic log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -293,3 +294,137 @@ def test_no_alpn_listener_then_alpn_listener_on_one_context(
         return [await one(["b"]), await one(None), await one(["a", "b"])]
 
     assert run(main()) == [("b", "b"), ("", None), ("a", "a")]
+
+
+def test_a_corrupt_record_ends_the_flow_with_a_tls_error(ca: TailnetCA, tmp_path: Path,
+                                                        run: Callable[..., Any]) -> None:
+    """Garbage after the handshake: both sides reset, the close record names the TLS
+    error (not an errno)."""
+    import os
+    server_ctx = ca.server_context(NAME)
+    client_ctx = ca.client_context()
+    outside, inside = _tcp_pair()
+    log_path = tmp_path / "t.jsonl"
+    tlog = TrafficLog(str(log_path), mode="payload")
+    tlog.open()
+
+    def client() -> None:
+        tls = client_ctx.wrap_socket(outside, server_hostname=NAME)
+        tls.sendall(b"ok ")
+        raw = socket.socket(fileno=os.dup(tls.fileno()))
+        raw.sendall(b"\x17\x03\x03\x00\x20" + b"\xee" * 32)  # application data, bad MAC
+        raw.close()
+        with contextlib.suppress(OSError):
+            tls.recv(10)
+        tls.close()
+
+    async def main() -> None:
+        t, _out = _in_thread(client)
+        layer, info = await server_handshake(inside, server_ctx, None)
+        flow = tlog.open_flow(direction="in", whois=None, local="100.64.0.2:443",
+                              remote="100.64.0.1:40000", tls=info.to_json())
+        daemon_app, app = socket.socketpair()
+        daemon_app.setblocking(False)
+        sp = TLSSplice(flow, layer)
+        await sp.start(daemon_app, inside)
+        await asyncio.wait_for(sp.done, TIMEOUT)
+        await asyncio.to_thread(t.join, TIMEOUT)
+        assert sp.result == "error"
+        app.close()
+
+    run(main())
+    outside.close()
+    tlog.close()
+    close = next(r for r in _records(log_path) if r["kind"] == "close")
+    assert close["error"].startswith("peer: TLSSessionError: TLS: "), close
+    assert "EPERM" not in close["error"]
+
+
+def test_pause_for_log_stops_reading_and_abort_cuts(ca: TailnetCA, tmp_path: Path,
+                                                    run: Callable[..., Any]) -> None:
+    """The Relay contract on a TLS flow: pause_for_log stops reading the TLS peer (and the
+    app), resuming delivers what waited; abort resets both sides and the close record says
+    the flow was cut."""
+    server_ctx = ca.server_context(NAME)
+    client_ctx = ca.client_context()
+    outside, inside = _tcp_pair()
+    log_path = tmp_path / "t.jsonl"
+    tlog = TrafficLog(str(log_path), mode="payload")
+    tlog.open()
+    sent = threading.Event()
+    done = threading.Event()
+
+    def client() -> None:
+        with client_ctx.wrap_socket(outside, server_hostname=NAME) as tls:
+            tls.sendall(b"while paused")
+            sent.set()
+            done.wait(TIMEOUT)
+
+    async def main() -> str:
+        t, _out = _in_thread(client)
+        layer, info = await server_handshake(inside, server_ctx, None)
+        flow = tlog.open_flow(direction="in", whois=None, local="100.64.0.2:443",
+                              remote="100.64.0.1:40000", tls=info.to_json())
+        daemon_app, app = socket.socketpair()
+        daemon_app.setblocking(False)
+        app.setblocking(False)
+        sp = TLSSplice(flow, layer)
+        sp.pause_for_log(True)  # before start, as Datapath._splice does while stalled
+        await sp.start(daemon_app, inside)
+        assert layer.paused and not layer.raw.is_reading()
+        assert sp.app.transport is not None and not sp.app.transport.is_reading()
+        await asyncio.to_thread(sent.wait, TIMEOUT)
+        sp.pause_for_log(False)
+        loop = asyncio.get_running_loop()
+        got = b""
+        while len(got) < 12:
+            got += await asyncio.wait_for(loop.sock_recv(app, 100), TIMEOUT)
+        assert got == b"while paused"
+        sp.abort()
+        await asyncio.wait_for(sp.done, TIMEOUT)
+        done.set()
+        await asyncio.to_thread(t.join, TIMEOUT)
+        app.close()
+        return sp.result
+
+    assert run(main()) == "cut"
+    outside.close()
+    tlog.close()
+    close = next(r for r in _records(log_path) if r["kind"] == "close")
+    assert close["error"] == "daemon: flow cut by shutdown" and close["bytes_in"] == 12
+
+
+def test_a_renewed_chain_loaded_into_the_shared_context_is_served(
+        ca: TailnetCA, tmp_path: Path, run: Callable[..., Any]) -> None:
+    """NodeCerts loads a renewal into the same server context: the next handshake serves
+    the new certificate, with the listener's ALPN and the SNI still applied."""
+    server_ctx = ca.server_context(NAME)
+
+    def client(sock: socket.socket) -> tuple[bytes, str | None]:
+        ctx = ca.client_context()
+        ctx.set_alpn_protocols(["x"])
+        with ctx.wrap_socket(sock, server_hostname=NAME) as tls:
+            der = tls.getpeercert(binary_form=True)
+            assert der is not None
+            return der, tls.selected_alpn_protocol()
+
+    async def one() -> tuple[tuple[bytes, str | None], TLSInfo]:
+        outside, inside = _tcp_pair()
+        t, out = _in_thread(lambda: client(outside))
+        layer, info = await server_handshake(inside, server_ctx, ["x"])
+        layer.abort()
+        await asyncio.to_thread(t.join, TIMEOUT)
+        outside.close()
+        return out[0], info
+
+    async def main() -> list[tuple[tuple[bytes, str | None], TLSInfo]]:
+        first = await one()
+        chain, key = ca.issue(NAME)
+        (tmp_path / "c.pem").write_bytes(chain)
+        (tmp_path / "k.pem").write_bytes(key)
+        server_ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")  # a renewal
+        return [first, await one()]
+
+    [((cert_a, alpn_a), info_a), ((cert_b, alpn_b), info_b)] = run(main())
+    assert alpn_a == "x" and info_a.sni == NAME
+    assert cert_a != cert_b and alpn_b == "x" and info_b.sni == NAME and info_b.alpn == "x"

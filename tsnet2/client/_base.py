@@ -52,6 +52,9 @@ FallbackTCPHandler = Callable[[TailnetAddr, TailnetAddr], tuple[Callable[[Any], 
 # Timeouts (seconds). Go tsnet2 uses the same numbers (seed-spec §2.8).
 START_TIMEOUT = 30.0
 RPC_TIMEOUT = 5.0
+LISTEN_TLS_TIMEOUT = 15.0
+"""``register_listener`` with TLS: the daemon waits up to 10 s for a node's first
+certificate being requested (docs/tls.md)."""
 SHUTDOWN_RPC_TIMEOUT = 2.0
 SLOT_CONNECT_TIMEOUT = 5.0
 BACKOFF_INITIAL = 0.05

@@ -120,12 +120,12 @@ class ListenerRegistration:
     slots: collections.deque[Slot] = dataclasses.field(default_factory=collections.deque)
     slot_added: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
-    forward: Forwarder | None = None  # serve: the daemon forwards flows, no slots
     udp: Any = None  # a UDP listener's tsnet2.daemon.udp.UdpListener (no slots)
     # listen_tls: the daemon terminates TLS with the node's certificate (its context)
     tls: ssl.SSLContext | None = None
     alpn: tuple[str, ...] | None = None
     handshakes: int = 0  # TLS handshakes in progress (at most tls.MAX_HANDSHAKES)
+    forward: Forwarder | None = None  # serve: the daemon forwards flows, no slots
 
 
 class Datapath:
@@ -191,6 +191,8 @@ class Datapath:
                 down = self.backend.down_error()
                 raise ListenError(f"daemon: cannot listen, the node is not running: {down}",
                                   down.code) from exc
+        # With ``tls`` (listen_tls) the daemon terminates TLS on every flow with the node's
+        # certificate, offering ``alpn``; no certificate is code ``no_certificate``.
         tls_ctx = await self._tls_server_context(la.network, forward) if tls else None
         v4, v6 = self.backend.addresses()
         ips: list[IPAddress] = []
@@ -229,36 +231,6 @@ class Datapath:
         log.info("listener %s: %s %s on %s%s", lst.id, la.network, shown,
                  ", ".join(str(i) for i in ips), " (TLS)" if tls else "")
         return lst
-
-    async def _tls_server_context(self, network: str,
-                                  forward: Forwarder | None) -> ssl.SSLContext:
-        """The node's server context for a listen_tls listener, or a ListenError (code
-        ``no_certificate`` when the node has none). A node that just came up and is still
-        asking for its first certificate is waited for, up to :data:`CERT_WAIT` seconds,
-        so that ``up()`` then ``listen_tls()`` works."""
-        from tsnet2.daemon.certs import CertUnavailable
-        if forward is not None:
-            raise ListenError("daemon: a listener that forwards to a socket cannot also "
-                              "terminate TLS; use listen_tls without forward_socket",
-                              ErrorCode.BAD_REQUEST)
-        if network not in ("tcp", "tcp4", "tcp6"):
-            raise ListenError(f"daemon: TLS needs a tcp listener, not {network}",
-                              ErrorCode.BAD_REQUEST)
-        certs = self.backend.certs
-        deadline = time.monotonic() + CERT_WAIT
-        while True:
-            since = certs.changes
-            try:
-                return certs.server_context()
-            except CertUnavailable as exc:
-                left = deadline - time.monotonic()
-                if left <= 0 or certs.unsupported or certs.last_error or \
-                        certs.tls_dir is None:
-                    raise ListenError(f"daemon: cannot listen with TLS: "
-                                      f"{str(exc).removeprefix('daemon: ')}",
-                                      ErrorCode.NO_CERTIFICATE) from exc
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(certs.wait_changed(since), left)
 
     def _bind(self, ips: list[IPAddress], requested: int, *,
               udp: bool = False) -> list[socket.socket]:
@@ -527,6 +499,36 @@ class Datapath:
         self.metrics.tls_handshake("in", "ok", time.monotonic() - started)
         return session
 
+    async def _tls_server_context(self, network: str,
+                                  forward: Forwarder | None) -> ssl.SSLContext:
+        """The node's server context for a listen_tls listener, or a ListenError (code
+        ``no_certificate`` when the node has none). A node that just came up and is still
+        asking for its first certificate is waited for, up to :data:`CERT_WAIT` seconds,
+        so that ``up()`` then ``listen_tls()`` works."""
+        from tsnet2.daemon.certs import CertUnavailable
+        if forward is not None:
+            raise ListenError("daemon: a listener that forwards to a socket cannot also "
+                              "terminate TLS; use listen_tls without forward_socket",
+                              ErrorCode.BAD_REQUEST)
+        if network not in ("tcp", "tcp4", "tcp6"):
+            raise ListenError(f"daemon: TLS needs a tcp listener, not {network}",
+                              ErrorCode.BAD_REQUEST)
+        certs = self.backend.certs
+        deadline = time.monotonic() + CERT_WAIT
+        while True:
+            since = certs.changes
+            try:
+                return certs.server_context()
+            except CertUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or certs.unsupported or certs.last_error or \
+                        certs.tls_dir is None:
+                    raise ListenError(f"daemon: cannot listen with TLS: "
+                                      f"{str(exc).removeprefix('daemon: ')}",
+                                      ErrorCode.NO_CERTIFICATE) from exc
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(certs.wait_changed(since), left)
+
     @staticmethod
     def _take_slot(lst: ListenerRegistration) -> Slot | None:
         while lst.slots:
@@ -729,7 +731,8 @@ class Datapath:
             ctx = self.backend.certs.client_context()
         except (BackendError, CertUnavailable, OSError) as exc:
             peer.close()
-            raise BackendError(f"daemon: dial {addr}: TLS: {exc}", "tls_failed",
+            raise BackendError(f"daemon: dial {addr}: TLS: "
+                               f"{str(exc).removeprefix('daemon: ')}", "tls_failed",
                                ErrorCode.TLS_FAILED) from exc
         except BaseException:
             peer.close()

@@ -57,6 +57,11 @@ class TLSHandshakeFailed(Exception):
     ``reject`` record and the dial reply)."""
 
 
+class TLSSessionError(ConnectionError):
+    """A TLS error after the handshake (a corrupt record, an unexpected alert): the flow
+    ends as on a socket error; the ``close`` record reads ``TLSSessionError: TLS: ...``."""
+
+
 def describe_tls_error(exc: BaseException) -> str:
     """A handshake failure as words: ``certificate verify failed: Hostname mismatch, ...``
     for a verification error, the OpenSSL reason (``wrong version number``) for others."""
@@ -214,7 +219,8 @@ class TLSLayer(asyncio.Protocol):
         """End the session on a TLS error: the raw connection is reset, the app (or the
         handshake's waiter) gets ``exc``."""
         if self._fatal is None:
-            self._fatal = exc
+            # Not the SSLError itself: its errno is OpenSSL's code, not an OS errno.
+            self._fatal = TLSSessionError(f"TLS: {describe_tls_error(exc)}")
         if not self.handshake.done():
             self.handshake.set_exception(TLSHandshakeFailed(describe_tls_error(exc)))
             self.handshake.exception()
@@ -492,3 +498,5 @@ class TLSSplice(Splice):
                 return
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(lambda: self.app, app_sock)
+        if self.log_paused:  # paused before the sockets were attached: now it can apply
+            self.pause_for_log(True)

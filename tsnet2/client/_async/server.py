@@ -32,6 +32,7 @@ from tsnet2.client._backend_sync import TailnetSocket  # AsyncServer.dial_socket
 # unasync: end
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
+    LISTEN_TLS_TIMEOUT,
     RECONNECT_BACKOFF_MAX,
     REPARK_BACKOFF_MAX,
     REPARK_CONNECT_TIMEOUT,
@@ -303,7 +304,8 @@ class AsyncServer(ServerBase):
             params = _base.relisten_params(b.network, b.addr, b.forward_socket,
                                            b.forward_mode, b.tls, b.alpn)
             try:
-                result = await control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
+                result = await control.request(op, REGISTER_LISTENER, params,
+                                               LISTEN_TLS_TIMEOUT if b.tls else RPC_TIMEOUT)
                 listener_id, bound = _base.parse_register_result(result)
                 if b.tls and not result.tls:
                     await self._unregister(listener_id)
@@ -541,7 +543,8 @@ class AsyncServer(ServerBase):
         await self.start()
         result = await self._rpc(
             op, REGISTER_LISTENER,
-            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols), RPC_TIMEOUT
+            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols),
+            LISTEN_TLS_TIMEOUT,
         )
         listener_id, bound = _base.parse_register_result(result)
         if not result.tls:
@@ -603,7 +606,7 @@ class AsyncServer(ServerBase):
         """
         if network in _base.UDP_NETWORKS:
             return await dial_packet(self, "tsnet2.dial", network, addr, timeout)
-        sock, local, remote, _ = await self._dial("tsnet2.dial", network, addr, timeout)
+        sock, local, remote = await self._dial("tsnet2.dial", network, addr, timeout)
         try:
             return await backend.make_conn(sock, local, remote)
         finally:
@@ -634,7 +637,7 @@ class AsyncServer(ServerBase):
         """
         op = "tsnet2.dial_tls"
         options = _base.tls_dial_options(op, server_name, alpn)
-        sock, local, remote, info = await self._dial(op, network, addr, timeout, options)
+        sock, local, remote, info = await self._dial_flow(op, network, addr, timeout, options)
         try:
             return await backend.make_conn(sock, local, remote, info)
         finally:
@@ -652,7 +655,7 @@ class AsyncServer(ServerBase):
         connector in :mod:`tsnet2.integrations.aiohttp` does that). The caller owns
         the socket and must close it (handing it to a transport does).
         """
-        sock, local, remote, _ = await self._dial("tsnet2.dial", network, addr, timeout)
+        sock, local, remote = await self._dial("tsnet2.dial", network, addr, timeout)
         try:
             conn = TailnetSocket._adopt(sock, local, remote)
         finally:
@@ -663,8 +666,16 @@ class AsyncServer(ServerBase):
     # unasync: end
 
     async def _dial(
+        self, op: str, network: str, addr: str, timeout: float | None
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
+        """Dial through the daemon; return the channel (its header read) and the flow's
+        tailnet ends. The caller owns the socket."""
+        sock, local, remote, _ = await self._dial_flow(op, network, addr, timeout, None)
+        return sock, local, remote
+
+    async def _dial_flow(
         self, op: str, network: str, addr: str, timeout: float | None,
-        tls: proto.TLSDialOptions | None = None,
+        tls: proto.TLSDialOptions | None,
     ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None, proto.TLSInfo | None]:
         """Dial through the daemon; return the channel (its header read), the flow's
         tailnet ends and, for a TLS dial (``tls``), the session. The caller owns the

@@ -30,6 +30,7 @@ from tsnet2.client._backend_sync import TailnetSocket
 
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
+    LISTEN_TLS_TIMEOUT,
     RECONNECT_BACKOFF_MAX,
     REPARK_BACKOFF_MAX,
     REPARK_CONNECT_TIMEOUT,
@@ -301,7 +302,8 @@ class Server(ServerBase):
             params = _base.relisten_params(b.network, b.addr, b.forward_socket,
                                            b.forward_mode, b.tls, b.alpn)
             try:
-                result = control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
+                result = control.request(op, REGISTER_LISTENER, params,
+                                               LISTEN_TLS_TIMEOUT if b.tls else RPC_TIMEOUT)
                 listener_id, bound = _base.parse_register_result(result)
                 if b.tls and not result.tls:
                     self._unregister(listener_id)
@@ -534,7 +536,8 @@ class Server(ServerBase):
         self.start()
         result = self._rpc(
             op, REGISTER_LISTENER,
-            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols), RPC_TIMEOUT
+            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols),
+            LISTEN_TLS_TIMEOUT,
         )
         listener_id, bound = _base.parse_register_result(result)
         if not result.tls:
@@ -596,7 +599,7 @@ class Server(ServerBase):
         """
         if network in _base.UDP_NETWORKS:
             return dial_packet(self, "tsnet2.dial", network, addr, timeout)
-        sock, local, remote, _ = self._dial("tsnet2.dial", network, addr, timeout)
+        sock, local, remote = self._dial("tsnet2.dial", network, addr, timeout)
         try:
             return backend.make_conn(sock, local, remote)
         finally:
@@ -627,7 +630,7 @@ class Server(ServerBase):
         """
         op = "tsnet2.dial_tls"
         options = _base.tls_dial_options(op, server_name, alpn)
-        sock, local, remote, info = self._dial(op, network, addr, timeout, options)
+        sock, local, remote, info = self._dial_flow(op, network, addr, timeout, options)
         try:
             return backend.make_conn(sock, local, remote, info)
         finally:
@@ -636,8 +639,16 @@ class Server(ServerBase):
 
 
     def _dial(
+        self, op: str, network: str, addr: str, timeout: float | None
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
+        """Dial through the daemon; return the channel (its header read) and the flow's
+        tailnet ends. The caller owns the socket."""
+        sock, local, remote, _ = self._dial_flow(op, network, addr, timeout, None)
+        return sock, local, remote
+
+    def _dial_flow(
         self, op: str, network: str, addr: str, timeout: float | None,
-        tls: proto.TLSDialOptions | None = None,
+        tls: proto.TLSDialOptions | None,
     ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None, proto.TLSInfo | None]:
         """Dial through the daemon; return the channel (its header read), the flow's
         tailnet ends and, for a TLS dial (``tls``), the session. The caller owns the
