@@ -31,6 +31,7 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.connection_refused(reason)                   # a connection refused (CONN_REFUSE_REASONS)
     m.egress_request(proto, result)                # an egress proxy request ended
     m.dns_query(transport, result)                 # the DNS responder answered a query
+    m.tls_cert_renewal(result, not_after)          # a certificate request ended ("ok"|"error")
     m.render() -> bytes                            # text exposition format (HealthServer uses it)
 
 Label values are bounded by construction: `direction`, `stream` and `result` outside their
@@ -132,6 +133,8 @@ DNS_TRANSPORTS: tuple[str, ...] = ("udp", "tcp")
 DNS_RESULTS: tuple[str, ...] = (
     "tailnet", "nxdomain", "forwarded", "servfail", "refused", "bad_request", "dropped", OTHER,
 )
+#: How a request for the node's TLS certificate ended (tsnet2.daemon.certs).
+TLS_RENEWAL_RESULTS: tuple[str, ...] = ("ok", "error")
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
 MAX_RECORD_KINDS = 16
@@ -353,6 +356,16 @@ class Metrics:
             "tsnet2_dns_queries_total",
             "DNS responder queries, by transport and answer (tailnet: from the netmap).",
             ["transport", "result"], registry=r)
+        # The node's TLS certificate (tsnet2.daemon.certs).
+        self.tls_cert_expiry = Gauge(
+            "tsnet2_tls_cert_expiry_timestamp_seconds",
+            "Unix time the node's TLS certificate expires (0 while it has none).", registry=r)
+        self.tls_cert_renewals = Counter(
+            "tsnet2_tls_cert_renewals_total",
+            "Requests for the node's TLS certificate (first issue and renewals), by result.",
+            ["result"], registry=r)
+        for tls_result in TLS_RENEWAL_RESULTS:
+            self.tls_cert_renewals.labels(tls_result)
         self.peer_collector = PeerCollector(peers)
         r.register(self.peer_collector, self.peer_collector.names())
 
@@ -515,6 +528,19 @@ class Metrics:
         """The DNS responder answered (or dropped) a query (`DNS_RESULTS`)."""
         self.dns_queries.labels(transport if transport in DNS_TRANSPORTS else "udp",
                                 result if result in DNS_RESULTS else OTHER).inc()
+
+    def tls_cert_renewal(self, result: str, not_after: float | None = None) -> None:
+        """A certificate request ended: "ok" (``not_after``: the new expiry, unix seconds)
+        or "error"."""
+        if result not in TLS_RENEWAL_RESULTS:
+            raise ValueError(f'result must be "ok" or "error", got {result!r}')
+        self.tls_cert_renewals.labels(result).inc()
+        if not_after is not None:
+            self.tls_cert_expiry.set(not_after)
+
+    def set_tls_cert_expiry(self, not_after: float) -> None:
+        """The certificate in use expires at ``not_after`` (unix seconds; 0: none)."""
+        self.tls_cert_expiry.set(not_after)
 
     # ---- exposition ------------------------------------------------------------------
 

@@ -201,6 +201,7 @@ class Daemon:
         self.backend.refusal_log = self.datapath
         # Where apps' forward sockets must be (listen_socket): the directory of --socket.
         self.socket_dir = Path(os.path.abspath(config.socket_path)).parent
+        self.backend.certs.configure(bundle_dir=self.socket_dir, metrics=self.metrics)
         self.backend.on_lost = self._wake_supervisor
         # Serve, egress and DNS load their modules only when configured: a daemon without
         # them starts no smaller for code it never runs.
