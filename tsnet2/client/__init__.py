@@ -44,6 +44,7 @@ from tsnet2.client.identity import (
     identity_from_headers,
     identity_from_wsgi_environ,
 )
+from tsnet2.proto.tls import TLSInfo
 
 __all__ = [
     "AddressError",
@@ -81,6 +82,7 @@ __all__ = [
     "SocketListener",
     "Status",
     "TLSError",
+    "TLSInfo",
     "TailnetAddr",
     "TailnetSocket",
     "identity_from_asgi_scope",

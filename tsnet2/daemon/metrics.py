@@ -13,6 +13,7 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.flow_closed(direction, result, duration_s)   # once per opened flow; result "ok"|"error"|"cut"
     m.flow_refused(direction, reason)              # a flow that never opened (see REFUSE_REASONS)
     # accept slots (parked app connections waiting for inbound flows)
+    m.tls_handshake(direction, result, seconds)    # a TLS handshake of the daemon ended
     m.slot_parked(+1) / m.slot_parked(-1)          # a slot joins / leaves a listener's queue
     m.slot_wait(seconds)                           # how long an inbound flow waited for a slot
     m.slot_dropped(reason)                         # removed without a flow (SLOT_DROP_REASONS)
@@ -85,6 +86,7 @@ REFUSE_REASONS: dict[str, tuple[str, ...]] = {
         "dial_timeout",  # the TCP connect timed out
         "app_gone",  # the app hung up before the dial reply reached it
         "log_unavailable",  # the `open` record could not be written
+        "tls_failed",  # a TLS dial's handshake or certificate check failed
         OTHER,
     ),
     "in": (
@@ -93,6 +95,8 @@ REFUSE_REASONS: dict[str, tuple[str, ...]] = {
         "no_slot",  # no parked accept slot within the slot wait limit
         "log_unavailable",
         "target_failed",  # a serve flow's target in the pod could not be connected
+        "tls_failed",  # a listen_tls flow's handshake failed or timed out
+        "tls_busy",  # a listen_tls listener had its maximum of handshakes in progress
         OTHER,
     ),
 }
@@ -145,6 +149,9 @@ FLOW_DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 18
                          4 * 3600.0)
 # Seconds. An inbound flow waits at most SLOT_WAIT (10 s) for a slot.
 SLOT_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Seconds. A TLS handshake in the daemon is given up after 10 s.
+TLS_HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+TLS_RESULTS: tuple[str, ...] = ("ok", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +307,13 @@ class Metrics:
             "tsnet2_accept_slot_wait_seconds",
             "Time an inbound flow waited for a parked accept slot (handed over or given up).",
             buckets=SLOT_WAIT_BUCKETS, registry=r)
+        self.tls_handshakes = Counter(
+            "tsnet2_tls_handshakes_total",
+            "TLS handshakes the daemon did (in: listen_tls, out: TLS dials), by result.",
+            ["direction", "result"], registry=r)
+        self.tls_handshake_seconds = Histogram(
+            "tsnet2_tls_handshake_seconds", "Duration of the daemon's TLS handshakes.",
+            ["direction"], buckets=TLS_HANDSHAKE_BUCKETS, registry=r)
         self.slots_dropped = Counter(
             "tsnet2_accept_slots_dropped_total", "Accept slots removed without a flow, by reason.",
             ["reason"], registry=r)
@@ -380,6 +394,9 @@ class Metrics:
                 self.flow_bytes_total.labels(d, s)
             for reason in REFUSE_REASONS[d]:
                 self.flows_refused.labels(d, reason)
+            self.tls_handshake_seconds.labels(d)
+            for tres in TLS_RESULTS:
+                self.tls_handshakes.labels(d, tres)
         for reason in SLOT_DROP_REASONS:
             self.slots_dropped.labels(reason)
         for kind in RECORD_KINDS:
@@ -440,6 +457,15 @@ class Metrics:
         """A flow that never opened (dial failure, no slot, ...); see `REFUSE_REASONS`."""
         d = _direction(direction)
         self.flows_refused.labels(d, reason if reason in REFUSE_REASONS[d] else OTHER).inc()
+
+    def tls_handshake(self, direction: FlowDirection, result: str, seconds: float) -> None:
+        """A TLS handshake of the daemon ended: ``"ok"`` or ``"error"`` (failed, timed
+        out), after ``seconds``."""
+        d = _direction(direction)
+        if result not in TLS_RESULTS:
+            raise ValueError(f'result must be "ok" or "error", got {result!r}')
+        self.tls_handshakes.labels(d, result).inc()
+        self.tls_handshake_seconds.labels(d).observe(max(0.0, float(seconds)))
 
     # ---- accept slots ----------------------------------------------------------------
 

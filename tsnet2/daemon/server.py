@@ -797,9 +797,11 @@ class Daemon:
             forward = forward_for(params.forward_socket, params.forward_mode,
                                   self.socket_dir, peer_uid(session.sock))
         lst = await self.datapath.register_listener(params.network, params.addr, session,
-                                                    forward=forward)
+                                                    forward=forward, tls=params.tls,
+                                                    alpn=params.alpn)
         return proto.RegisterListenerResult(listener_id=lst.id, addr=lst.addr,
-                                            forward_socket=params.forward_socket)
+                                            forward_socket=params.forward_socket,
+                                            tls=lst.tls is not None)
 
     async def _unregister_listener(self, params: proto.UnregisterListenerParams,
                                    session: Session) -> proto.Empty:
