@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import errno
+import hashlib
 import ipaddress
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Iterator
@@ -187,6 +190,118 @@ def _ping(args: argparse.Namespace) -> int:
                      f"{max(times):.2f} ms")
         print(line)
     return 1 if failures else 0
+
+
+def describe_cert(pem: bytes, now: float | None = None) -> dict[str, Any]:
+    """What the first certificate of ``pem`` says: names, subject, issuer, serial (hex),
+    not_before/not_after (RFC 3339), seconds_left, sha256_fingerprint. Uses cryptography when
+    installed (``tsnet2[sidecar]``), else the standard library's certificate decoder."""
+    text = pem.decode("ascii", "replace")
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    if begin not in text or end not in text:
+        raise CommandError("the daemon sent no PEM certificate")
+    first = text[text.index(begin):text.index(end) + len(end)] + "\n"
+    der = ssl.PEM_cert_to_DER_cert(first)
+    digest = hashlib.sha256(der).hexdigest().upper()
+    info: dict[str, Any]
+    try:
+        from cryptography import x509
+    except ImportError:
+        info = _describe_with_ssl(first)
+    else:
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = list(san.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            names = []
+        info = {"names": names, "subject": cert.subject.rfc4514_string(),
+                "issuer": cert.issuer.rfc4514_string(),
+                "serial": format(cert.serial_number, "x"),
+                "not_before": cert.not_valid_before_utc.timestamp(),
+                "not_after": cert.not_valid_after_utc.timestamp()}
+    left = info["not_after"] - (time.time() if now is None else now)
+    for field in ("not_before", "not_after"):
+        info[field] = datetime.datetime.fromtimestamp(info[field], datetime.UTC).isoformat(
+            timespec="seconds").replace("+00:00", "Z")
+    info["seconds_left"] = round(left)
+    info["sha256_fingerprint"] = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    return info
+
+
+def _describe_with_ssl(pem: str) -> dict[str, Any]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:
+        f.write(pem)
+        f.flush()
+        decoded = ssl._ssl._test_decode_cert(f.name)  # type: ignore[attr-defined]
+
+    def name(rdns: Any) -> str:
+        short = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+                 "countryName": "C", "localityName": "L", "stateOrProvinceName": "ST"}
+        return ",".join(f"{short.get(k, k)}={v}" for rdn in reversed(rdns) for k, v in rdn)
+
+    return {"names": [v for k, v in decoded.get("subjectAltName", ()) if k == "DNS"],
+            "subject": name(decoded.get("subject", ())), "issuer": name(decoded.get("issuer", ())),
+            "serial": str(decoded.get("serialNumber", "")).lstrip("0").lower() or "0",
+            "not_before": ssl.cert_time_to_seconds(decoded["notBefore"]),
+            "not_after": ssl.cert_time_to_seconds(decoded["notAfter"])}
+
+
+def _duration(seconds: float) -> str:
+    if seconds <= 0:
+        return "expired"
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {secs}s" if minutes else f"{secs}s"
+
+
+def _cert(args: argparse.Namespace) -> int:
+    client = _local_client(args)
+    if args.ca:
+        sys.stdout.write(_cert_call(client.tailnet_ca_pem).decode())
+        return 0
+    domains = client.status().get("CertDomains") or []
+    if not domains:
+        raise CommandError("the node has no cert domains (is it running? tsnet2 status)")
+    chain = _cert_call(lambda: client.cert_pem(str(domains[0])))
+    if args.pem:
+        sys.stdout.write(chain.decode())
+        return 0
+    info = describe_cert(chain)
+    if args.json:
+        _print_json({"domain": domains[0], **info})
+        return 0
+    print(f"Names:       {', '.join(info['names'])}")
+    print(f"Subject:     {info['subject']}")
+    print(f"Issuer:      {info['issuer']}")
+    print(f"Serial:      {info['serial']}")
+    print(f"Not before:  {info['not_before']}")
+    print(f"Not after:   {info['not_after']}")
+    print(f"Time left:   {_duration(info['seconds_left'])}")
+    print(f"SHA-256:     {info['sha256_fingerprint']}")
+    return 0
+
+
+def _cert_call(call: Any) -> bytes:
+    """Run a LocalAPI certificate call; a 503 (no certificate yet) says why."""
+    try:
+        return bytes(call())
+    except tsnet2.LocalAPIError as exc:
+        if exc.status in (404, 503):
+            try:
+                detail = json.loads(exc.body).get("error") or exc.body
+            except (ValueError, AttributeError):
+                detail = exc.body
+            if detail:
+                raise CommandError(str(detail)) from None
+        raise
 
 
 def _log_key(value: str) -> str:
@@ -420,6 +535,23 @@ def build_parser() -> argparse.ArgumentParser:
     _json_arg(g, "print one JSON object per dial: seq, target, ok, then ms and remote, "
               "or error")
     g.set_defaults(func=_ping, parser=g)
+
+    c = sub.add_parser("cert", help="show the node's TLS certificate",
+                       description="Show the node's TLS certificate (for its FQDN, issued by "
+                       "the tailnet CA and renewed by tsnet2d): subject names, issuer, "
+                       "serial, validity, time left and SHA-256 fingerprint. The private key "
+                       f"never leaves tsnet2d. {queries}")
+    _socket_arg(c)
+    what = c.add_mutually_exclusive_group()
+    what.add_argument("--pem", action="store_true",
+                      help="print the certificate chain (PEM: the node's, then the CA's)")
+    what.add_argument("--ca", action="store_true",
+                      help="print the tailnet CA certificate (PEM), what verifiers trust; "
+                      "tsnet2d also writes it as tailnet-ca.pem next to its socket")
+    what.add_argument("--json", action="store_true",
+                      help="print one JSON object: domain, names, subject, issuer, serial, "
+                      "not_before, not_after, seconds_left, sha256_fingerprint")
+    c.set_defaults(func=_cert, parser=c)
     return p
 
 

@@ -25,6 +25,7 @@ See docs/kubernetes-store.md.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -44,6 +45,7 @@ from tsnet2.control.store import (
     AddressPoolExhaustedError,
     AuthKeyRecord,
     AuthKeyUsedError,
+    CARecord,
     IPAllocation,
     NewNode,
     NodeRecord,
@@ -84,6 +86,10 @@ ANNOTATION_TRAFFIC_LOG_KEY = "tsnet2.io/traffic-log-key"
 """The node's traffic-log public key, on its ``TailnetNode`` (absent: none). An annotation,
 not a spec field: the CRD's structural schema would prune an unknown spec field on an API
 server whose CRD predates it, and annotations survive any CRD version."""
+
+CA_SECRET = "tsnet2-tailnet-ca"
+"""The Secret (in the store's namespace) holding the tailnet CA: ``tls.key`` and ``tls.crt``
+(type ``kubernetes.io/tls``). Created once, by whichever replica needs it first."""
 
 _MAX_CONFLICT_RETRIES = 64
 _MAX_NAME_TRIES = 1000
@@ -262,6 +268,7 @@ class KubernetesStore:
         self.api = api
         self.namespace = namespace
         self._objects = k8s.CustomObjectsApi(api)
+        self._core = k8s.CoreV1Api(api)
         self._open = False
 
     async def __aenter__(self) -> KubernetesStore:
@@ -859,6 +866,66 @@ class KubernetesStore:
             return deleted
 
         return await self._run(run)
+
+
+    # -- Store: the tailnet CA (a Secret) ------------------------------------------------
+
+    def _read_ca(self) -> CARecord | None:
+        try:
+            secret = self._core.read_namespaced_secret(
+                CA_SECRET, self.namespace, _request_timeout=_TIMEOUT)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return _ca_record(secret.data or {})
+
+    async def get_ca(self) -> CARecord | None:
+        """The tailnet CA from Secret :data:`CA_SECRET`, or None if it does not exist."""
+        return await self._run(self._read_ca)
+
+    async def put_ca_if_absent(self, key_pem: str, cert_pem: str) -> CARecord:
+        """Create Secret :data:`CA_SECRET` unless it exists; return the stored CA. Two
+        replicas racing: the API server lets one create succeed, the other gets 409 and
+        reads the winner's."""
+
+        def run() -> CARecord:
+            body = k8s.V1Secret(
+                metadata=k8s.V1ObjectMeta(
+                    name=CA_SECRET, labels={LABEL_MANAGED: "tsnet2"},
+                    annotations={"tsnet2.io/what": "the tailnet CA; its key signs every "
+                                 "node certificate"}),
+                type="kubernetes.io/tls",
+                data={"tls.key": _b64(key_pem), "tls.crt": _b64(cert_pem)},
+            )
+            try:
+                secret = self._core.create_namespaced_secret(
+                    self.namespace, body, _request_timeout=_TIMEOUT)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                existing = self._read_ca()
+                if existing is None:
+                    raise StoreError(f"Secret {self.namespace}/{CA_SECRET} was reported to "
+                                     "exist but cannot be read; retry") from None
+                return existing
+            return _ca_record(secret.data or {})
+
+        return await self._run(run)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _ca_record(data: dict[str, Any]) -> CARecord:
+    try:
+        key_pem = base64.b64decode(data["tls.key"]).decode()
+        cert_pem = base64.b64decode(data["tls.crt"]).decode()
+    except (KeyError, ValueError) as e:
+        raise StoreError(f"Secret {CA_SECRET} does not hold a tailnet CA (tls.key and "
+                         f"tls.crt): {e!r}; delete it to create a new CA") from None
+    return CARecord(key_pem=key_pem, cert_pem=cert_pem)
 
 
 def _attempts() -> Iterator[int]:

@@ -35,6 +35,9 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
@@ -367,6 +370,25 @@ def test_release_rbac_is_enough(operator: Operator, api_client: k8s.ApiClient) -
     with urllib.request.urlopen(request, timeout=30) as resp:
         reply = json.loads(resp.read(1 << 20))
     assert reply["node"]["name"] == "db" and reply["node"]["ephemeral"] is False
+    # The node's certificate: the first one creates the tailnet CA Secret (get + create on
+    # Secrets in the release namespace, by the chart's Role).
+    fqdn = reply["node"]["fqdn"].rstrip(".")
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, fqdn)]))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName(fqdn)]), critical=False)
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+    request = urllib.request.Request(
+        f"{operator.control_url}/v1/cert", data=json.dumps({"csr": csr}).encode(),
+        headers={"Authorization": f"Bearer {reply['node_credential']}",
+                 "Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        chain = json.loads(resp.read(1 << 20))["cert_chain"]
+    with urllib.request.urlopen(f"{operator.control_url}/v1/ca", timeout=30) as resp:
+        ca_pem = resp.read(1 << 20).decode()
+    assert chain.endswith(ca_pem) and chain.count("BEGIN CERTIFICATE") == 2
+    secret = core.read_namespaced_secret("tsnet2-tailnet-ca", NAMESPACE)
+    assert base64.b64decode(secret.data["tls.crt"]).decode() == ca_pem
     log = operator.log()
     assert "Forbidden" not in log and " 403" not in log, log[-6000:]
 

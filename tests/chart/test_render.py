@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from tsnet2_operator.config import field_names, load_config
 from tsnet2_operator.inject import InjectionRejected, inject
+from tsnet2_operator.store import CA_SECRET
 
 from tests.chart.conftest import (
     CHART,
@@ -415,7 +416,14 @@ def test_rbac(rendered: tuple[Path, list[dict[str, Any]]]) -> None:
                               "resourceNames": ["kube-dns"], "verbs": ["get"]}]
     role = one(objects, "Role")
     assert {r for rule in role["rules"] for r in rule["resources"]} == {
-        "tailnetnodes", "tailnetusers", "tailnetauthkeys", "tailnetclaims", "tailnetcounters"}
+        "tailnetnodes", "tailnetusers", "tailnetauthkeys", "tailnetclaims", "tailnetcounters",
+        "secrets"}
+    # Secrets: read only the tailnet CA's (by name); create it (create takes no name).
+    secret_rules = [rule for rule in role["rules"] if "secrets" in rule["resources"]]
+    assert secret_rules == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [CA_SECRET],
+         "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]
 
 
 def test_crd_toggles(rendered: tuple[Path, list[dict[str, Any]]]) -> None:

@@ -63,6 +63,8 @@ QUERIES = [
     ("status", "--json"),
     ("whois", "100.64.0.1"),
     ("whois", "--json", "some-peer.tail-scale.ts.net"),
+    ("cert",),
+    ("cert", "--ca"),
 ]
 
 

@@ -210,7 +210,7 @@ def test_half_close(pair: Pair) -> None:
 
 
 def test_errors(pair: Pair) -> None:
-    """S8: unreachable dial, duplicate listen, non-tcp listen, listen_tls."""
+    """S8: unreachable dial, duplicate listen, non-tcp listen, listen_tls arguments."""
     with pytest.raises(tsnet2.DialError):
         pair.b.dial("tcp", "100.127.1.1:80", timeout=10)
     with pytest.raises(tsnet2.DialError, match="no tailnet node named"):
@@ -226,8 +226,10 @@ def test_errors(pair: Pair) -> None:
             pytest.raises(tsnet2.AddressInUseError):
         assert pl.port == 8084
         pair.a.listen_packet("udp", ":8084")
-    with pytest.raises(NotImplementedError):
-        pair.a.listen_tls("tcp", ":443")
+    with pair.a.listen_tls("tcp", ":443") as ln:  # implemented: tests/integration/test_tls_lab.py
+        assert ln.tls
+    with pytest.raises(tsnet2.AddressError):
+        pair.a.listen_tls("tcp", ":443", alpn="h2")
 
 
 def test_failed_dials_and_refused_flows_keep_daemon_serving(pair: Pair) -> None:

@@ -9,6 +9,7 @@ store instances (two operator replicas) sharing one state.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client as k8s
-from tsnet2_operator.store import CLAIMS, KubernetesStore
+from tsnet2_operator.store import CA_SECRET, CLAIMS, KubernetesStore
 
 from tests.k8s.test_store_fixtures import api_client, apiserver, new_namespace
 from tests.unit.test_control_store import _pub, _spec
 from tsnet2.control.authkeys import create_auth_key
+from tsnet2.control.ca import load_ca, new_ca
 from tsnet2.control.server import ControlServer
 from tsnet2.control.sqlite_store import SQLiteStore
 from tsnet2.control.store import (
@@ -252,6 +254,49 @@ def test_control_server_over_kubernetes_store(api_client: k8s.ApiClient) -> None
             finally:
                 await server_a.close()
                 await server_b.close()
+
+    asyncio.run(main())
+
+
+def test_tailnet_ca_is_stored_once_and_racing_instances_agree(
+        make_store: StoreFactory) -> None:
+    """put_ca_if_absent: the first CA stored wins; every racer (operator replicas creating
+    the CA at once) gets the winner's, and later calls never replace it."""
+    async def body(store: Store) -> None:
+        assert await store.get_ca() is None
+        candidates = [new_ca("tsnet2.internal") for _ in range(6)]
+        async with make_store() as two:
+            results = await asyncio.gather(*(
+                s.put_ca_if_absent(k.decode(), c.decode())
+                for s, (k, c) in zip((store, two) * 3, candidates, strict=True)))
+            winner = results[0]
+            assert all(r == winner for r in results)
+            assert (winner.key_pem.encode(), winner.cert_pem.encode()) in candidates
+            assert await two.get_ca() == winner == await store.get_ca()
+            load_ca(winner.key_pem, winner.cert_pem)  # key and certificate belong together
+            assert await store.put_ca_if_absent(*[x.decode() for x in new_ca("x.y")]) == winner
+            assert "BEGIN PRIVATE KEY" not in repr(winner)
+
+    run(make_store, body)
+
+
+def test_tailnet_ca_secret_and_two_servers(api_client: k8s.ApiClient) -> None:
+    """The Kubernetes store keeps the CA in Secret tsnet2-tailnet-ca (type kubernetes.io/tls);
+    two control servers (replicas) creating it at once sign with the same CA."""
+    namespace = new_namespace(api_client)
+
+    async def main() -> None:
+        async with (
+            KubernetesStore(api_client, namespace) as store_a,
+            KubernetesStore(api_client, namespace) as store_b,
+        ):
+            servers = [ControlServer(store_a), ControlServer(store_b)]
+            cas = await asyncio.gather(*(s.tailnet_ca() for s in servers))
+            assert cas[0].cert_pem == cas[1].cert_pem
+            secret = k8s.CoreV1Api(api_client).read_namespaced_secret(CA_SECRET, namespace)
+            assert secret.type == "kubernetes.io/tls"
+            assert base64.b64decode(secret.data["tls.crt"]) == cas[0].cert_pem
+            assert secret.metadata.labels["app.kubernetes.io/managed-by"] == "tsnet2"
 
     asyncio.run(main())
 

@@ -123,6 +123,7 @@ class _Conn:
         self.conn = conn
         self.tailnet_local = conn.tailnet_local
         self.tailnet_remote = conn.tailnet_remote
+        self.tls = conn.tls
 
     def _run(self, fn: Callable[[], Any]) -> Any:
         """Call ``fn`` on the loop (streams are not thread-safe) and await what it returns."""

@@ -141,7 +141,7 @@ def test_sqlite_migrates_old_rows_to_no_key(tmp_path: Path) -> None:
 
     asyncio.run(main())
     with sqlite3.connect(db) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 2
+        assert check.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
     check.close()
 
 

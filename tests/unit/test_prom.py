@@ -215,6 +215,8 @@ def test_tsnet2d_metrics_render_as_prometheus_client_rendered_them() -> None:
     m.dns_query("udp", "tailnet")
     m.dns_query("tcp", "forwarded")
     m.dns_query("sctp", "?")
+    m.tls_cert_renewal("error")
+    m.tls_cert_renewal("ok", 1800000000.0)
     logging.getLogger("tsnet2d.metrics").disabled = True
     try:
         out = m.render() + b"---\n" + m.render() + b"---\n" + m.render()

@@ -41,8 +41,9 @@ METHODS = {
     "up": ["timeout"],
     "close": [],
     "listen": ["network", "addr"],
-    "listen_tls": ["network", "addr"],
+    "listen_tls": ["network", "addr", "alpn"],
     "dial": ["network", "addr", "timeout"],
+    "dial_tls": ["network", "addr", "server_name", "alpn", "timeout"],
     "local_client": [],
     "tailscale_ips": [],
     "cert_domains": [],
@@ -106,7 +107,7 @@ def test_method_signatures(cls: type) -> None:
         else:
             assert not inspect.iscoroutinefunction(fn), name
         assert inspect.getdoc(fn), f"{cls.__name__}.{name} has no docstring"
-    for name in ("up", "dial"):
+    for name in ("up", "dial", "dial_tls"):
         assert inspect.signature(getattr(cls, name)).parameters["timeout"].default is None
 
 

@@ -460,3 +460,56 @@ def test_via_and_target_mark_sidecar_flows(validator: jsonschema.Draft202012Vali
     with pytest.raises(ValueError, match="via must be one of"):
         open_record(conn_id="a" * 16, direction="in", local="l", remote="r", whois=None, t=0,
                     via="ftp")  # type: ignore[arg-type]
+
+
+def test_tls_object_on_open_and_tls_failed_reject(
+    validator: jsonschema.Draft202012Validator,
+) -> None:
+    """A flow the daemon terminated or originated TLS for carries ``tls`` on its open
+    record (empty keys left out); ``tls_failed`` is a reject reason."""
+    from tsnet2.proto import TLSInfo
+
+    info = TLSInfo(version="TLSv1.3", cipher="TLS_AES_256_GCM_SHA384", sni="b.ts.example",
+                   alpn="h2", peer_name="")
+    rec = json.loads(open_record(conn_id="a" * 16, direction="in", local="100.64.0.1:443",
+                                 remote="100.64.0.2:4000", whois=None, t=0,
+                                 tls=info.to_json()))
+    assert rec["tls"] == {"alpn": "h2", "cipher": "TLS_AES_256_GCM_SHA384",
+                          "sni": "b.ts.example", "version": "TLSv1.3"}
+    assert list(rec) == sorted(rec) and list(rec["tls"]) == sorted(rec["tls"])
+    validator.validate(rec)
+    assert TLSInfo.from_json(rec["tls"]) == info
+    bad = dict(rec, tls={"version": "TLSv1.3"})  # no cipher
+    assert not validator.is_valid(bad)
+    rej = json.loads(reject_record(conn_id="b" * 16, direction="out", remote="b:443",
+                                   reason="tls_failed", t=0,
+                                   error="TLS: certificate verify failed"))
+    validator.validate(rej)
+
+
+def test_udp_flow_counts_datagrams(tmp_path: Path,
+                                   validator: jsonschema.Draft202012Validator) -> None:
+    """A UDP flow: one data record per datagram (an empty one too), and a close record
+    with ``proto`` and the datagram counts; a TCP flow's close keeps the prototype's keys."""
+    path = tmp_path / "u.jsonl"
+    with TrafficLog(str(path), mode="payload") as log:
+        flow = log.open_flow(direction="out", local="100.64.0.1:40000",
+                             remote="100.64.0.2:53", whois=None, proto="udp")
+        flow.datagram("app->peer", b"query")
+        flow.datagram("peer->app", b"answer!")
+        flow.datagram("peer->app", b"")
+        flow.close()
+        tcp = log.open_flow(direction="out", local="a:1", remote="b:2", whois=None)
+        tcp.close()
+    records = assert_valid(validator, path)
+    opened, *data, closed = records[:5]
+    assert opened["proto"] == "udp"
+    assert [(r["dir"], r["len"], r["seq"]) for r in data] == [
+        ("app->peer", 5, 1), ("peer->app", 7, 1), ("peer->app", 0, 2)]
+    assert base64.b64decode(data[1]["payload_b64"]) == b"answer!"
+    assert (closed["proto"], closed["datagrams_in"], closed["datagrams_out"],
+            closed["bytes_in"], closed["bytes_out"]) == ("udp", 2, 1, 7, 5)
+    assert "proto" not in records[-1] and "datagrams_in" not in records[-1]
+    # The counts come with proto, and proto with the counts.
+    assert not validator.is_valid({k: v for k, v in closed.items() if k != "proto"})
+    assert not validator.is_valid({k: v for k, v in closed.items() if k != "datagrams_in"})

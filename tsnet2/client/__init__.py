@@ -46,6 +46,7 @@ from tsnet2.client.identity import (
     identity_from_headers,
     identity_from_wsgi_environ,
 )
+from tsnet2.proto.tls import TLSInfo
 
 __all__ = [
     "AddressError",
@@ -87,6 +88,7 @@ __all__ = [
     "SocketListener",
     "Status",
     "TLSError",
+    "TLSInfo",
     "TailnetAddr",
     "TailnetSocket",
     "identity_from_asgi_scope",

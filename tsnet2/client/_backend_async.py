@@ -20,6 +20,7 @@ from typing import Any
 from tsnet2 import proto
 from tsnet2.client._backend_sync import TailnetSocket
 from tsnet2.client._base import TailnetAddr
+from tsnet2.proto.tls import TLSInfo
 
 __all__ = [
     "AsyncConn",
@@ -161,6 +162,10 @@ class AsyncConn:
         writer: an :class:`asyncio.StreamWriter`; ``writer.write_eof()`` half-closes.
         tailnet_local: our end as ``(ip_address, port)``, or None if unknown.
         tailnet_remote: the peer's end as ``(ip_address, port)``, or None if unknown.
+        tls: for a flow whose TLS the daemon terminated (``listen_tls``) or originated
+            (``dial_tls``), the session as a :class:`~tsnet2.TLSInfo` (``version``,
+            ``cipher``, ``sni``, ``alpn``, ``peer_name``); None for a plain flow. The
+            streams carry plaintext either way.
 
     The transport under the streams sits on a :class:`TailnetSocket`, so
     ``get_extra_info("peername")`` (here or on ``writer``) is the tailnet peer as
@@ -173,11 +178,13 @@ class AsyncConn:
         writer: asyncio.StreamWriter,
         tailnet_local: TailnetAddr | None,
         tailnet_remote: TailnetAddr | None,
+        tls: TLSInfo | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
         self.tailnet_local = tailnet_local
         self.tailnet_remote = tailnet_remote
+        self.tls = tls
 
     def __repr__(self) -> str:
         return (
@@ -232,21 +239,22 @@ def stream_limit() -> int:
 
 
 async def make_conn(
-    sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None
+    sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None,
+    tls: TLSInfo | None = None,
 ) -> AsyncConn:
     """Hand a channel whose header has been read to the app, as asyncio streams.
 
     The streams take ``sock``'s descriptor over (``sock`` is detached, as in the sync face),
     as a :class:`TailnetSocket`, so the transport's ``peername``/``sockname`` are the
-    tailnet addresses.
+    tailnet addresses. ``tls``: the session the daemon negotiated for a TLS flow.
     """
-    own = TailnetSocket._adopt(sock, local, remote)
+    own = TailnetSocket._adopt(sock, local, remote, tls)
     try:
         reader, writer = await asyncio.open_unix_connection(sock=own, limit=stream_limit())
     except BaseException:
         own.close()
         raise
-    return AsyncConn(reader, writer, local, remote)
+    return AsyncConn(reader, writer, local, remote, tls)
 
 
 class Background:

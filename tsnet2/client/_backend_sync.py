@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tsnet2.client._base import TailnetAddr, sockaddr
+from tsnet2.proto.tls import TLSInfo
 
 __all__ = [
     "Background",
@@ -117,12 +118,17 @@ class TailnetSocket(socket.socket):
     Attributes:
         tailnet_local: our end of the flow as ``(ip_address, port)``, or None if unknown.
         tailnet_remote: the peer's end as ``(ip_address, port)``, or None if unknown.
+        tls: for a flow whose TLS the daemon terminated (``listen_tls``) or originated
+            (``dial_tls``), the session as a :class:`~tsnet2.TLSInfo` (``version``,
+            ``cipher``, ``sni``, ``alpn``, ``peer_name``); None for a plain flow. The
+            socket carries plaintext either way: do not wrap it in ``ssl`` again.
     """
 
-    __slots__ = ("tailnet_local", "tailnet_remote")
+    __slots__ = ("tailnet_local", "tailnet_remote", "tls")
 
     tailnet_local: TailnetAddr | None
     tailnet_remote: TailnetAddr | None
+    tls: TLSInfo | None
 
     def __init__(
         self,
@@ -134,16 +140,19 @@ class TailnetSocket(socket.socket):
         super().__init__(family, type, proto, fileno)
         self.tailnet_local = None
         self.tailnet_remote = None
+        self.tls = None
 
     @classmethod
     def _adopt(
-        cls, sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None
+        cls, sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None,
+        tls: TLSInfo | None = None,
     ) -> TailnetSocket:
         """Take over ``sock``'s descriptor (``sock`` is detached) as a blocking TailnetSocket."""
         new = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
         new.settimeout(None)
         new.tailnet_local = local
         new.tailnet_remote = remote
+        new.tls = tls
         return new
 
     def getpeername(self) -> Any:
@@ -164,10 +173,12 @@ class TailnetSocket(socket.socket):
 
 
 def make_conn(
-    sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None
+    sock: socket.socket, local: TailnetAddr | None, remote: TailnetAddr | None,
+    tls: TLSInfo | None = None,
 ) -> TailnetSocket:
-    """Hand a channel whose header has been read to the app, as a blocking socket."""
-    return TailnetSocket._adopt(sock, local, remote)
+    """Hand a channel whose header has been read to the app, as a blocking socket
+    (``tls``: the session the daemon negotiated for a TLS flow)."""
+    return TailnetSocket._adopt(sock, local, remote, tls)
 
 
 class Background:

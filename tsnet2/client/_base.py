@@ -30,13 +30,16 @@ from tsnet2.client.errors import (
     Error,
     HostnameConflictError,
     LimitError,
+    NoCertificateError,
     NodeDownError,
     NoSuchPeerError,
     NotSupportedError,
     PeerOfflineError,
     PermissionDeniedError,
     ProtocolError,
+    TLSError,
 )
+from tsnet2.proto.tls import check_alpn as _check_alpn
 
 IPAddress = IPv4Address | IPv6Address
 TailnetAddr = tuple[IPAddress, int]
@@ -49,6 +52,9 @@ FallbackTCPHandler = Callable[[TailnetAddr, TailnetAddr], tuple[Callable[[Any], 
 # Timeouts (seconds). Go tsnet2 uses the same numbers (seed-spec §2.8).
 START_TIMEOUT = 30.0
 RPC_TIMEOUT = 5.0
+LISTEN_TLS_TIMEOUT = 15.0
+"""``register_listener`` with TLS: the daemon waits up to 10 s for a node's first
+certificate being requested (docs/tls.md)."""
 SHUTDOWN_RPC_TIMEOUT = 2.0
 SLOT_CONNECT_TIMEOUT = 5.0
 BACKOFF_INITIAL = 0.05
@@ -210,6 +216,7 @@ _RPC_ERRORS: dict[proto.ErrorCode, type[DaemonError]] = {
     proto.ErrorCode.AUTH_FAILED: AuthKeyError,
     proto.ErrorCode.HOSTNAME_CONFLICT: HostnameConflictError,
     proto.ErrorCode.LIMIT: LimitError,
+    proto.ErrorCode.NO_CERTIFICATE: NoCertificateError,
 }
 
 
@@ -237,6 +244,8 @@ def dial_error(op: str, reply: proto.DialReply) -> Error:
         return NoSuchPeerError(msg)
     if code == proto.ErrorCode.PEER_OFFLINE:
         return PeerOfflineError(msg)
+    if code == proto.ErrorCode.TLS_FAILED:
+        return TLSError(msg)
     return refused_error(msg, code) or DialError(msg)
 
 
@@ -503,16 +512,64 @@ def relisten_failed_message(path: str, addr: str, cause: BaseException) -> str:
 
 
 def relisten_params(network: str, bound_addr: str, forward_socket: str = "",
-                    forward_mode: str = "") -> proto.RegisterListenerParams:
+                    forward_mode: str = "", tls: bool = False,
+                    alpn: tuple[str, ...] | None = None) -> proto.RegisterListenerParams:
     """``register_listener`` params that re-create a listener on the same bound address.
 
     The bound address (as the daemon reported it, port 0 already resolved) is used,
     not the one the app asked for, so a ``":0"`` listener keeps its port. A socket
-    listener (``listen_socket``) keeps its forward socket and mode.
+    listener (``listen_socket``) keeps its forward socket and mode, a ``listen_tls``
+    listener its TLS and ALPN list.
     """
     return proto.RegisterListenerParams(network=network, addr=bound_addr,
                                         forward_socket=forward_socket,
-                                        forward_mode=forward_mode)
+                                        forward_mode=forward_mode, tls=tls, alpn=alpn)
+
+
+def check_tls_echo(op: str, path: str, result: proto.RegisterListenerResult) -> None:
+    """Raise NotSupportedError if a daemon asked for a ``listen_tls`` listener did not
+    echo ``tls`` (an older tsnet2d, or the prototype's, which listens without TLS); the
+    caller unregisters the listener first."""
+    if not result.tls:
+        raise NotSupportedError(
+            f"{op}: the daemon at {path} does not terminate TLS (an older tsnet2d, or the "
+            "prototype's); upgrade tsnet2d, or use listen() and do TLS in the app (the "
+            "traffic log then holds only ciphertext)")
+
+
+def tls_dial_options(op: str, server_name: str | None,
+                     alpn: Sequence[str] | None) -> proto.TLSDialOptions:
+    """The ``tls`` object of a ``dial_tls`` request (AddressError for a bad name or
+    ALPN list)."""
+    try:
+        return proto.TLSDialOptions(server_name=server_name or "",
+                                    alpn=None if alpn is None else tuple(alpn))
+    except proto.WireError as exc:
+        raise AddressError(f"{op}: {exc}") from None
+
+
+def check_alpn(op: str, alpn: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A ``listen_tls`` ALPN list as a tuple (AddressError if a name or the count is
+    out of bounds: 1-255 ASCII characters each, at most 16)."""
+    if alpn is None:
+        return None
+    if isinstance(alpn, str):
+        raise AddressError(f"{op}: alpn must be a list of protocol names, like ['h2'], "
+                           f"not the string {alpn!r}")
+    try:
+        return _check_alpn(tuple(alpn), op)
+    except proto.WireError as exc:
+        raise AddressError(str(exc)) from None
+
+
+def check_tls_reply(op: str, path: str, reply: proto.DialReply) -> None:
+    """Raise NotSupportedError if a TLS dial's successful reply has no ``tls`` (a daemon
+    that ignored the request's ``tls`` and connected in plain TCP)."""
+    if reply.tls is None:
+        raise NotSupportedError(
+            f"{op}: the daemon at {path} does not originate TLS (an older tsnet2d, or the "
+            "prototype's); upgrade tsnet2d, or dial() and do TLS in the app (the traffic "
+            "log then holds only ciphertext)")
 
 
 def check_relisten_addr(old_addr: str, new_addr: str) -> None:
@@ -570,7 +627,8 @@ class ListenerBinding:
     """
 
     def __init__(self, network: str, addr: str, listener_id: str, gen: int,
-                 forward_socket: str = "", forward_mode: str = "") -> None:
+                 forward_socket: str = "", forward_mode: str = "", tls: bool = False,
+                 alpn: tuple[str, ...] | None = None) -> None:
         self.network = network
         self.addr = addr
         self.listener_id = listener_id
@@ -579,6 +637,8 @@ class ListenerBinding:
         self.lost: str | None = None
         self.forward_socket = forward_socket  # listen_socket: the app's Unix socket
         self.forward_mode = forward_mode
+        self.tls = tls  # listen_tls: the daemon terminates TLS (kept across restarts)
+        self.alpn = alpn
 
     def rebind(self, listener_id: str, addr: str, gen: int) -> None:
         """Record the id the restarted daemon gave this listener (id first, then gen)."""
@@ -615,6 +675,12 @@ class ListenerBase:
     def addr(self) -> str:
         """The bound address as the daemon reported it, like ``":8080"``."""
         return self._binding.addr
+
+    @property
+    def tls(self) -> bool:
+        """True for a ``listen_tls`` listener: the daemon terminates TLS and its accepted
+        connections carry plaintext (and ``.tls``, the session)."""
+        return self._binding.tls
 
     @property
     def listener_id(self) -> str:

@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from tsnet2.control import limits
+from tsnet2.control import ca, limits
 from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key, default_user
 from tsnet2.control.names import parse_tags, validate_domain
 from tsnet2.control.server import ControlServer
@@ -41,6 +41,14 @@ def _positive(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
     if not number > 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def _cert_lifetime(value: str) -> float:
+    number = _positive(value)
+    if number < ca.MIN_CERT_LIFETIME:
+        raise argparse.ArgumentTypeError(
+            f"expected at least {ca.MIN_CERT_LIFETIME:g} seconds, got {value!r}")
     return number
 
 
@@ -91,6 +99,7 @@ async def _serve(args: argparse.Namespace) -> int:
                     idle_timeout=args.idle_timeout,
                     body_timeout=args.body_timeout,
                 ),
+                cert_lifetime=args.cert_lifetime,
             )
             try:
                 url = await server.start(host, port, tls_cert=args.tls_cert, tls_key=args.tls_key)
@@ -200,6 +209,14 @@ def add_control_commands(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="a request body (at most 64 KiB) must arrive within S seconds of its head, "
         f"else 408 (default {limits.DEFAULT_BODY_TIMEOUT:g})",
+    )
+    serve.add_argument(
+        "--cert-lifetime",
+        type=_cert_lifetime,
+        default=ca.DEFAULT_CERT_LIFETIME,
+        metavar="S",
+        help="seconds a node certificate (POST /v1/cert, from the tailnet CA) is valid; "
+        f"nodes renew when a third is left (default {ca.DEFAULT_CERT_LIFETIME:.0f} = 90 days)",
     )
     serve.set_defaults(func=cmd_serve)
 

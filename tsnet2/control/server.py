@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tsnet2.control import api
+from tsnet2.control import api, ca
 from tsnet2.control.authkeys import DEFAULT_DOMAIN, create_auth_key
 from tsnet2.control.limits import ConnectionGuard, GuardedSite, ServerLimits, fd_room, http_log
 from tsnet2.control.names import validate_domain
@@ -34,6 +34,7 @@ from tsnet2.control.store import (
     NodeRecord,
     PublicKeyInUseError,
     Store,
+    StoreError,
 )
 from tsnet2.control.tokens import (
     MAX_SECRET_LEN,
@@ -111,6 +112,7 @@ class ControlServer:
         authenticator: api.Authenticator | None = None,
         limits: ServerLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
+        cert_lifetime: float = ca.DEFAULT_CERT_LIFETIME,
     ) -> None:
         """Configure the server; nothing runs until :meth:`start`.
 
@@ -122,9 +124,13 @@ class ControlServer:
         ``clock``: the monotonic seconds that online grace and ephemeral idleness are measured
         in (a test passes a fake one it advances, then awaits :meth:`next_sweep`; long-poll
         timeouts and the sweep interval stay in real time).
+        ``cert_lifetime``: seconds a node certificate issued by ``POST /v1/cert`` is valid
+        (default 90 days; at least :data:`tsnet2.control.ca.MIN_CERT_LIFETIME`).
         """
         if not ephemeral_timeout > 0:
             raise ValueError("ephemeral_timeout must be > 0 seconds")
+        if not ca.MIN_CERT_LIFETIME <= cert_lifetime < float("inf"):
+            raise ValueError(f"cert_lifetime must be at least {ca.MIN_CERT_LIFETIME:g} seconds")
         self.store = store
         self.ready: Callable[[], str | None] | None = None
         """Readiness beyond this server: returns why it is not ready, or None; ``/healthz``
@@ -153,6 +159,11 @@ class ControlServer:
         self._last_active: dict[int, float] = {}
         self._online: dict[int, bool] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self.cert_lifetime = float(cert_lifetime)
+        self.cert_stats: dict[str, int] = {"issued": 0, "refused": 0}
+        """Certificates issued and CSRs refused by this process (``POST /v1/cert``)."""
+        self._ca: ca.TailnetCA | None = None
+        self._ca_lock = asyncio.Lock()
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         self.app = web.Application(
@@ -164,6 +175,8 @@ class ControlServer:
                 web.get("/v1/netmap", self._netmap),
                 web.post("/v1/endpoints", self._endpoints),
                 web.post("/v1/deregister", self._deregister),
+                web.post("/v1/cert", self._cert),
+                web.get("/v1/ca", self._ca_pem),
                 web.get("/healthz", self._healthz),
             ]
         )
@@ -690,3 +703,67 @@ class ControlServer:
             self._publish(version)
             log.info("control: node %d (%s) deregistered", node.id, node.name)
         return web.json_response({})
+
+    # -- certificates --------------------------------------------------------------------
+
+    async def tailnet_ca(self) -> ca.TailnetCA:
+        """The tailnet CA, created in the store on first use (every replica agrees on the
+        one stored first: :meth:`Store.put_ca_if_absent`)."""
+        if self._ca is not None:
+            return self._ca
+        async with self._ca_lock:
+            if self._ca is not None:
+                return self._ca
+            try:
+                record = await self.store.get_ca()
+                if record is None:
+                    key_pem, cert_pem = await asyncio.to_thread(ca.new_ca, self.domain)
+                    record = await self.store.put_ca_if_absent(key_pem.decode(),
+                                                               cert_pem.decode())
+                    created = record.cert_pem == cert_pem.decode()
+                else:
+                    created = False
+            except StoreError as e:
+                log.error("control: cannot load or create the tailnet CA: %s", e)
+                raise ApiError(503, "the tailnet CA cannot be loaded or created from the "
+                               "store right now; see the control server log") from None
+            try:
+                loaded = await asyncio.to_thread(ca.load_ca, record.key_pem, record.cert_pem)
+            except ValueError as e:
+                raise ApiError(500, f"the stored tailnet CA is unusable ({e}); restore it "
+                               "from a backup") from None
+            log.info("control: tailnet CA %s %s (SHA-256 %s)", ca.ca_name(self.domain),
+                     "created" if created else "loaded", loaded.fingerprint)
+            self._ca = loaded
+            return loaded
+
+    async def _ca_pem(self, request: web.Request) -> web.Response:
+        authority = await self.tailnet_ca()
+        return web.Response(body=authority.cert_pem, content_type="application/x-pem-file")
+
+    async def _cert(self, request: web.Request) -> web.Response:
+        node = await self._authenticate(request)
+        body = await self._body(request)
+        unknown = sorted(set(body) - {"csr"})
+        if unknown:
+            raise ApiError(400, f"unknown fields {', '.join(unknown)}: send {{\"csr\": PEM}}")
+        authority = await self.tailnet_ca()
+        fqdn = f"{node.name}.{self.domain}"
+        try:
+            issued = await asyncio.to_thread(
+                ca.issue_from_csr, authority, body.get("csr"), [fqdn],
+                lifetime=self.cert_lifetime)
+        except ca.CSRError as e:
+            self.cert_stats["refused"] += 1
+            log.info("control: certificate for node %d (%s) refused: %s", node.id, node.name, e)
+            raise ApiError(e.status, str(e)) from None
+        self.cert_stats["issued"] += 1
+        not_after = issued.not_after.timestamp()
+        log.info("control: issued certificate serial %s for node %d (%s) names=%s "
+                 "not_after=%s", issued.serial_hex, node.id, node.name,
+                 ",".join(issued.names), api.rfc3339(not_after))
+        return web.json_response({
+            "cert_chain": issued.chain_pem.decode(),
+            "not_after": api.rfc3339(not_after),
+            "serial": issued.serial_hex,
+        })

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from tsnet2.control.store import (
     AddressPoolExhaustedError,
     AuthKeyRecord,
     AuthKeyUsedError,
+    CARecord,
     IPAllocation,
     NewNode,
     NodeRecord,
@@ -77,6 +79,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     # 2: the node's traffic-log public key; NULL (no key) for nodes registered before.
     ("ALTER TABLE nodes ADD COLUMN traffic_log_key TEXT",),
+    # 3: the tailnet CA (one row; its key is as secret as the database file).
+    (
+        """CREATE TABLE tailnet_ca (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            key_pem TEXT NOT NULL,
+            cert_pem TEXT NOT NULL,
+            created REAL NOT NULL)""",
+    ),
 )
 """Schema migrations; after applying ``MIGRATIONS[i]`` the user_version is ``i + 1``."""
 
@@ -193,6 +203,19 @@ class SQLiteStore:
             raise StoreError(f"sqlite store {self.path}: {e}") from e
 
     def _connect(self) -> sqlite3.Connection:
+        # The database holds the tailnet CA's private key: owner-only (SQLite gives its
+        # -wal and -shm files the database file's mode).
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open sqlite store {self.path}: {e.strerror}") from e
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError:
+            pass  # not ours to change (read by another account on purpose): leave it
+        finally:
+            os.close(fd)
         conn = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
@@ -466,5 +489,30 @@ class SQLiteStore:
                 "SELECT ip_offset, ipv4, ipv6, node_id FROM ip_allocations ORDER BY ip_offset"
             ).fetchall()
             return [IPAllocation(r[0], r[1], r[2], r[3]) for r in rows]
+
+        return await self._tx(run)
+
+    # -- tailnet CA -------------------------------------------------------------------
+
+    async def get_ca(self) -> CARecord | None:
+        """The stored tailnet CA, or None."""
+
+        def run(conn: sqlite3.Connection) -> CARecord | None:
+            row = conn.execute("SELECT key_pem, cert_pem FROM tailnet_ca WHERE id = 1").fetchone()
+            return CARecord(key_pem=row[0], cert_pem=row[1]) if row is not None else None
+
+        return await self._tx(run)
+
+    async def put_ca_if_absent(self, key_pem: str, cert_pem: str) -> CARecord:
+        """Store the CA unless one is; return the stored one (atomic: the first wins)."""
+
+        def run(conn: sqlite3.Connection) -> CARecord:
+            conn.execute(
+                "INSERT OR IGNORE INTO tailnet_ca (id, key_pem, cert_pem, created)"
+                " VALUES (1, ?, ?, ?)",
+                (key_pem, cert_pem, time.time()),
+            )
+            row = conn.execute("SELECT key_pem, cert_pem FROM tailnet_ca WHERE id = 1").fetchone()
+            return CARecord(key_pem=row[0], cert_pem=row[1])
 
         return await self._tx(run)

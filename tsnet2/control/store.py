@@ -13,7 +13,7 @@ The caller owns the store's lifecycle (``open``/``close``); the server never clo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -113,6 +113,15 @@ class IPAllocation:
     node_id: int
 
 
+@dataclass(frozen=True)
+class CARecord:
+    """The tailnet CA as stored: its PEM key (secret: never logged, so not in ``repr``)
+    and its PEM certificate (public)."""
+
+    key_pem: str = field(repr=False)
+    cert_pem: str
+
+
 @runtime_checkable
 class Store(Protocol):
     """Persistent tailnet state. All methods are coroutines and atomic."""
@@ -190,3 +199,13 @@ class Store(Protocol):
 
     async def list_allocations(self) -> list[IPAllocation]:
         """All address allocations ordered by offset."""
+
+    async def get_ca(self) -> CARecord | None:
+        """The tailnet CA, or None before one was stored."""
+
+    async def put_ca_if_absent(self, key_pem: str, cert_pem: str) -> CARecord:
+        """Store this CA unless one is stored already; return the stored one.
+
+        Atomic: when several servers (replicas) race to create the CA, exactly one wins
+        and every caller gets the winner, so all of them sign with the same CA.
+        """

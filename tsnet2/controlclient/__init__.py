@@ -10,6 +10,7 @@ Modules: :mod:`~tsnet2.controlclient.client` (the client and its errors),
 
 from tsnet2.controlclient.client import (
     AuthError,
+    CertResult,
     ControlClient,
     ControlError,
     ControlUnavailable,
@@ -18,6 +19,7 @@ from tsnet2.controlclient.client import (
 
 __all__ = [
     "AuthError",
+    "CertResult",
     "ControlClient",
     "ControlError",
     "ControlUnavailable",

@@ -57,6 +57,19 @@ class RegisterResult:
     domain: str
 
 
+@dataclass(frozen=True)
+class CertResult:
+    """The reply of ``POST /v1/cert``: the chain (leaf PEM then CA PEM) and its end."""
+
+    cert_chain: str
+    not_after: str
+    """RFC 3339 UTC, e.g. ``2026-03-01T12:00:00Z``."""
+
+
+MAX_CA_PEM = 64 * 1024
+"""Largest tailnet CA bundle accepted from ``GET /v1/ca``."""
+
+
 class _Unreachable(Exception):
     """Transport-level failure of one exchange (mapped to ControlUnavailable)."""
 
@@ -354,3 +367,30 @@ class ControlClient:
         status, raw = await self._request("GET", "/healthz")
         if status != 200 or raw.decode("utf-8", "replace").strip() != "ok":
             raise ControlUnavailable(f"control server {self.url} is not healthy", status)
+
+    async def issue_cert(self, credential: str, csr_pem: str) -> CertResult:
+        """Ask for this node's certificate (``POST /v1/cert``) with a PEM CSR whose DNS names
+        are the node's own. The private key stays with the caller. Raises ControlError with
+        status 404 when the server issues no certificates (an older control server), 400
+        for a CSR it cannot use, 403 for a name the node may not have."""
+        data = await self._call("POST", "/v1/cert", credential=credential,
+                                body={"csr": csr_pem})
+        chain, not_after = data.get("cert_chain"), data.get("not_after")
+        if not isinstance(chain, str) or "-----BEGIN CERTIFICATE-----" not in chain \
+                or not isinstance(not_after, str):
+            raise ControlError("control server sent an invalid cert reply")
+        return CertResult(cert_chain=chain, not_after=not_after)
+
+    async def ca(self) -> str:
+        """The tailnet CA certificate (PEM) from ``GET /v1/ca`` (public, no credential).
+        Raises ControlError (status 404 from a server without certificates)."""
+        status, raw = await self._request("GET", "/v1/ca")
+        text = raw[:MAX_CA_PEM].decode("utf-8", "replace")
+        if status == 200 and len(raw) <= MAX_CA_PEM and "-----BEGIN CERTIFICATE-----" in text:
+            return text
+        if status in (502, 503, 504):
+            raise ControlUnavailable(f"control server {self.url}: /v1/ca answered {status}",
+                                     status)
+        if status == 200:
+            raise ControlError(f"control server {self.url} sent an invalid tailnet CA", status)
+        raise ControlError(f"control server {self.url}: /v1/ca answered {status}", status)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from tsnet2.controlclient import AuthError, ControlClient, ControlError
+from tsnet2.daemon.certs import TLS_DIR, NodeCerts
 from tsnet2.daemon.io import DAEMON_MARK
 from tsnet2.node import Node, NodeError, PeerConfig, PeerState
 from tsnet2.node.device import UserspaceDevice
@@ -140,6 +141,8 @@ class Backend:
         # the kernel as text, and parsing them with ipaddress is a measurable per-flow cost.
         self._by_text: dict[str, tuple[IPAddress, dict[str, Any]]] = {}
         self._guard: Guard | None = None
+        self.certs = NodeCerts(state_dir / TLS_DIR)
+        """The node's TLS certificate and the tailnet CA (kept while the node runs)."""
         self.refusal_log: RefusalLog | None = None
         self._control: ControlClient | None = None
         self._credential = ""
@@ -180,6 +183,9 @@ class Backend:
                 raise
             self.last_error = ""
             await self._set_state(NodeState.RUNNING)
+            if self._control is not None:
+                self.certs.start(self._control, self._credential,
+                                 lambda: (self.cert_domains() or [""])[0])
 
     async def _bring_up(self, params: StartParams) -> None:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -280,6 +286,7 @@ class Backend:
             await self._set_state(NodeState.NO_STATE)
 
     async def _teardown(self, *, deregister: bool) -> None:
+        await self.certs.stop()
         for task in (self._poll_task, self._monitor_task):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()

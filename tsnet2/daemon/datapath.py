@@ -19,7 +19,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tsnet2 import proto
 from tsnet2.daemon import io, zerocopy
@@ -41,6 +41,12 @@ from tsnet2.node.nflog import NflogReader
 from tsnet2.proto import ErrorCode
 from tsnet2.traffic import Flow, FlowVia, RejectReason, TrafficLog, TrafficLogError
 
+if TYPE_CHECKING:
+    import ssl
+
+    from tsnet2.daemon.tls import TLSLayer
+    from tsnet2.proto.tls import TLSDialOptions, TLSInfo
+
 log = logging.getLogger("tsnet2d.datapath")
 
 DIAL_TIMEOUT = 30.0  # seconds for the kernel TCP connect to a peer
@@ -54,6 +60,7 @@ BACKLOG = 512
 # numbers than the Go daemon does.
 EPHEMERAL_PORTS = range(10002, 20000)
 EARLY_DATA_MAX = 256 * 1024  # app bytes buffered while a dial connects (then we stop reading)
+CERT_WAIT = 10.0  # seconds listen_tls waits for a node's first certificate being requested
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -64,8 +71,12 @@ REJECT_REASON: dict[str, RejectReason] = {
     "dial_timeout": "dial_failed", "app_gone": "app_gone",
     "log_unavailable": "log_unavailable", "no_listener": "no_listener",
     "listener_closed": "no_listener", "no_slot": "no_slot", "shutdown": "shutdown",
-    "target_failed": "target_failed",
+    "target_failed": "target_failed", "tls_failed": "tls_failed", "tls_busy": "over_limit",
 }
+
+# A flow's TLS session (listen_tls, TLS dials): the layer on its tailnet socket, what was
+# negotiated. tsnet2.daemon.tls is imported only when a TLS flow comes (daemon RSS).
+TLSSession = tuple["TLSLayer", "TLSInfo"]
 
 
 class Forwarder(Protocol):
@@ -91,7 +102,8 @@ class Slot:
     """A parked accept connection waiting for a flow."""
 
     sock: socket.socket
-    handed: asyncio.Future[tuple[socket.socket, str, str, float]]
+    # (tailnet socket, local, remote, seconds waited, TLS session of a listen_tls flow)
+    handed: asyncio.Future[tuple[socket.socket, str, str, float, TLSSession | None]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -108,6 +120,10 @@ class ListenerRegistration:
     slots: collections.deque[Slot] = dataclasses.field(default_factory=collections.deque)
     slot_added: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    # listen_tls: the daemon terminates TLS with the node's certificate (its context)
+    tls: ssl.SSLContext | None = None
+    alpn: tuple[str, ...] | None = None
+    handshakes: int = 0  # TLS handshakes in progress (at most tls.MAX_HANDSHAKES)
     forward: Forwarder | None = None  # serve: the daemon forwards flows, no slots
     udp: Any = None  # a UDP listener's tsnet2.daemon.udp.UdpListener (no slots)
 
@@ -153,7 +169,8 @@ class Datapath:
     # ---- listeners -------------------------------------------------------------------
 
     async def register_listener(self, network: str, addr: str, owner: object,
-                                forward: Forwarder | None = None) -> ListenerRegistration:
+                                forward: Forwarder | None = None, *, tls: bool = False,
+                                alpn: tuple[str, ...] | None = None) -> ListenerRegistration:
         """Bind a listener on the node's tailnet addresses; return it (port 0 resolved).
         With ``forward``, the daemon serves its flows itself (`tsnet2.daemon.serve`)."""
         udp = network in UDP_NETWORKS
@@ -162,6 +179,9 @@ class Datapath:
                   else proto.parse_listen_addr(network, addr))
         except proto.WireAddressError as exc:
             raise ListenError(f"daemon: {exc}", ErrorCode.BAD_REQUEST) from exc
+        if udp and (tls or forward is not None):
+            raise ListenError("daemon: a UDP listener has one packet channel; TLS (DTLS) and "
+                              "forward sockets are for TCP listeners", ErrorCode.BAD_REQUEST)
         if not self.backend.running:
             try:
                 await self.backend.wait_running(timeout=10)
@@ -171,6 +191,9 @@ class Datapath:
                 down = self.backend.down_error()
                 raise ListenError(f"daemon: cannot listen, the node is not running: {down}",
                                   down.code) from exc
+        # With ``tls`` (listen_tls) the daemon terminates TLS on every flow with the node's
+        # certificate, offering ``alpn``; no certificate is code ``no_certificate``.
+        tls_ctx = await self._tls_server_context(la.network, forward) if tls else None
         v4, v6 = self.backend.addresses()
         ips: list[IPAddress] = []
         if la.host is not None and not la.host.is_unspecified:
@@ -198,15 +221,15 @@ class Datapath:
         shown = proto.format_addr(la.host, port) if la.host is not None else f":{port}"
         lst = ListenerRegistration(id=proto.new_id(), network=la.network, port=port,
                                    addr=shown, owner=owner, ips=ips, socks=socks,
-                                   forward=forward)
+                                   forward=forward, tls=tls_ctx, alpn=alpn if tls else None)
         self.listeners[lst.id] = lst
         if udp:
             self.udp.add_listener(lst)
         for s in socks if not udp else ():
             lst.tasks.append(self._spawn(self._accept_loop(lst, s)))
         await self._sync_guard()
-        log.info("listener %s: %s %s on %s", lst.id, la.network, shown,
-                 ", ".join(str(i) for i in ips))
+        log.info("listener %s: %s %s on %s%s", lst.id, la.network, shown,
+                 ", ".join(str(i) for i in ips), " (TLS)" if tls else "")
         return lst
 
     def _bind(self, ips: list[IPAddress], requested: int, *,
@@ -397,21 +420,25 @@ class Datapath:
                         else lst.forward.inbound(self, lst, conn))
 
     async def _inbound(self, lst: ListenerRegistration, conn: socket.socket,
-                       waited: float = 0.0) -> None:
+                       waited: float = 0.0, tls: TLSSession | None = None) -> None:
         try:
             remote = _sockaddr(conn.getpeername())
             local = _sockaddr(conn.getsockname())
         except OSError:
-            conn.close()
+            _drop(conn, tls)
             return
         loop = asyncio.get_running_loop()
-        start = loop.time() - waited
-        deadline = start + SLOT_WAIT
         handed = False
         try:
             if not waited and not self._log_ready("in", remote=remote, local=local,
                                                   listener_id=lst.id):
                 return
+            if lst.tls is not None and tls is None:
+                tls = await self._tls_accept(lst, conn, local, remote)
+                if tls is None:
+                    return
+            start = loop.time() - waited
+            deadline = start + SLOT_WAIT
             while True:
                 if lst.id not in self.listeners:
                     self._refuse("in", "listener_closed", local=local, remote=remote,
@@ -420,7 +447,7 @@ class Datapath:
                 slot = self._take_slot(lst)
                 if slot is not None:
                     self.metrics.slot_wait(loop.time() - start)
-                    slot.handed.set_result((conn, local, remote, loop.time() - start))
+                    slot.handed.set_result((conn, local, remote, loop.time() - start, tls))
                     handed = True
                     return
                 remaining = deadline - loop.time()
@@ -435,7 +462,72 @@ class Datapath:
                     await asyncio.wait_for(lst.slot_added.wait(), remaining)
         finally:
             if not handed:
-                reset(conn)
+                _drop(conn, tls)
+
+    async def _tls_accept(self, lst: ListenerRegistration, conn: socket.socket, local: str,
+                          remote: str) -> TLSSession | None:
+        """The TLS server handshake of a listen_tls flow (bounded in time, and in number per
+        listener); None when it failed and the flow was refused (``tls_failed``, or
+        ``over_limit`` past :data:`~tsnet2.daemon.tls.MAX_HANDSHAKES`)."""
+        from tsnet2.daemon import tls as dtls
+        from tsnet2.daemon.certs import CertUnavailable
+        try:
+            # The listener's context, unless the certificate expired (renewals failing).
+            ctx = self.backend.certs.server_context()
+        except CertUnavailable as exc:
+            reset(conn)
+            self._refuse("in", "tls_failed", local=local, remote=remote, listener_id=lst.id,
+                         error=f"TLS: {str(exc).removeprefix('daemon: ')}")
+            return None
+        if lst.handshakes >= dtls.MAX_HANDSHAKES:
+            reset(conn)
+            self._refuse("in", "tls_busy", local=local, remote=remote, listener_id=lst.id,
+                         error=f"TLS: {dtls.MAX_HANDSHAKES} handshakes already in progress "
+                               "on this listener")
+            return None
+        lst.handshakes += 1
+        started = time.monotonic()
+        try:
+            session = await dtls.server_handshake(conn, ctx, lst.alpn)
+        except dtls.TLSHandshakeFailed as exc:
+            self.metrics.tls_handshake("in", "error", time.monotonic() - started)
+            self._refuse("in", "tls_failed", local=local, remote=remote, listener_id=lst.id,
+                         error=f"TLS: {exc}")
+            return None
+        finally:
+            lst.handshakes -= 1
+        self.metrics.tls_handshake("in", "ok", time.monotonic() - started)
+        return session
+
+    async def _tls_server_context(self, network: str,
+                                  forward: Forwarder | None) -> ssl.SSLContext:
+        """The node's server context for a listen_tls listener, or a ListenError (code
+        ``no_certificate`` when the node has none). A node that just came up and is still
+        asking for its first certificate is waited for, up to :data:`CERT_WAIT` seconds,
+        so that ``up()`` then ``listen_tls()`` works."""
+        from tsnet2.daemon.certs import CertUnavailable
+        if forward is not None:
+            raise ListenError("daemon: a listener that forwards to a socket cannot also "
+                              "terminate TLS; use listen_tls without forward_socket",
+                              ErrorCode.BAD_REQUEST)
+        if network not in ("tcp", "tcp4", "tcp6"):
+            raise ListenError(f"daemon: TLS needs a tcp listener, not {network}",
+                              ErrorCode.BAD_REQUEST)
+        certs = self.backend.certs
+        deadline = time.monotonic() + CERT_WAIT
+        while True:
+            since = certs.changes
+            try:
+                return certs.server_context()
+            except CertUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or certs.unsupported or certs.last_error or \
+                        certs.tls_dir is None:
+                    raise ListenError(f"daemon: cannot listen with TLS: "
+                                      f"{str(exc).removeprefix('daemon: ')}",
+                                      ErrorCode.NO_CERTIFICATE) from exc
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(certs.wait_changed(since), left)
 
     @staticmethod
     def _take_slot(lst: ListenerRegistration) -> Slot | None:
@@ -502,24 +594,27 @@ class Datapath:
             m.slot_dropped("listener_closed" if lst.id not in self.listeners
                            else "app_closed")
             return False
-        conn, local, remote, waited = slot.handed.result()
+        conn, local, remote, waited, tls = slot.handed.result()
+        info = None if tls is None else tls[1]
         try:
-            await io.sendall(sock, proto.encode_accept_header(lst.id, local, remote))
+            await io.sendall(sock, proto.encode_accept_header(lst.id, local, remote,
+                                                              tls=info))
         except OSError as exc:
             # The app vanished between the check and the hand-off: give the flow to the
             # next slot instead of losing it.
             log.warning("accept slot for %s died (%s); re-queueing flow", lst.id, exc)
             m.slot_dropped("handoff_failed")
-            self._spawn(self._inbound(lst, conn, waited))
+            self._spawn(self._inbound(lst, conn, waited, tls))
             return False
         whois = whois_summary(self._node_at(remote))
         try:
             flow = self.traffic.open_flow(direction="in", local=local, remote=remote,
-                                          whois=whois, listener_id=lst.id)
+                                          whois=whois, listener_id=lst.id,
+                                          tls=None if info is None else info.to_json())
         except BaseException:
-            reset(conn)
+            _drop(conn, tls)
             raise
-        return await self._splice("in", flow, sock, conn, b"")
+        return await self._splice("in", flow, sock, conn, b"", relay=_tls_relay(tls))
 
     def _refuse(self, direction: Literal["in", "out"], reason: str, *, remote: str,
                 error: str, local: str = "", listener_id: str | None = None,
@@ -568,7 +663,7 @@ class Datapath:
             return False
         watch = _AppWatch(sock, bytearray(reader.take_rest()))
         try:
-            peer = await self._connect(req.network or "tcp", req.addr)
+            peer, tls = await self._connect_flow(req.network or "tcp", req.addr, req.tls)
         except asyncio.CancelledError:
             watch.stop()
             if not watch.gone(cancelled=True):
@@ -596,25 +691,70 @@ class Datapath:
         finally:
             watch.stop()  # idempotent; also on an unexpected error
         early = watch.early
+        info = None if tls is None else tls[1]
         local = _sockaddr(peer.getsockname())
         remote = _sockaddr(peer.getpeername())
         try:
             await io.sendall(
-                sock, proto.encode_dial_reply(True, local=local, remote=remote)
+                sock, proto.encode_dial_reply(True, local=local, remote=remote, tls=info)
             )
         except OSError:
-            peer.close()
+            _drop(peer, tls, rst=False)
             self._refuse("out", "app_gone", remote=remote, local=local,
                          error="the app hung up before the dial reply")
             return False
         whois = whois_summary(self._node_at(remote))
         try:
             flow = self.traffic.open_flow(direction="out", local=local, remote=remote,
-                                          whois=whois)
+                                          whois=whois,
+                                          tls=None if info is None else info.to_json())
+        except BaseException:
+            _drop(peer, tls, rst=False)
+            raise
+        return await self._splice("out", flow, sock, peer, bytes(early),
+                                  relay=_tls_relay(tls))
+
+    async def _connect_flow(self, network: str, addr: str, tls: TLSDialOptions | None
+                            ) -> tuple[socket.socket, TLSSession | None]:
+        """Connect to the peer (:meth:`_connect`), then, for a TLS dial, do the client
+        handshake with the node's client context: the peer's certificate must verify
+        against the tailnet CA for ``tls.server_name`` or else the dialled node's FQDN. A
+        failed handshake is a BackendError with reason and code ``tls_failed``."""
+        peer = await self._connect(network, addr)
+        if tls is None:
+            return peer, None
+        from tsnet2.daemon import tls as dtls
+        from tsnet2.daemon.certs import CertUnavailable
+        started = time.monotonic()
+        try:
+            name = tls.server_name or self._tls_peer_name(peer, addr)
+            ctx = self.backend.certs.client_context()
+        except (BackendError, CertUnavailable, OSError) as exc:
+            peer.close()
+            raise BackendError(f"daemon: dial {addr}: TLS: "
+                               f"{str(exc).removeprefix('daemon: ')}", "tls_failed",
+                               ErrorCode.TLS_FAILED) from exc
         except BaseException:
             peer.close()
             raise
-        return await self._splice("out", flow, sock, peer, bytes(early))
+        try:
+            session = await dtls.client_handshake(peer, ctx, name, tls.alpn)
+        except dtls.TLSHandshakeFailed as exc:
+            self.metrics.tls_handshake("out", "error", time.monotonic() - started)
+            raise BackendError(f"daemon: dial {addr}: TLS: {exc}", "tls_failed",
+                               ErrorCode.TLS_FAILED) from exc
+        self.metrics.tls_handshake("out", "ok", time.monotonic() - started)
+        return peer, session
+
+    def _tls_peer_name(self, peer: socket.socket, addr: str) -> str:
+        """The name a TLS dial verifies when the app gave none: the connected node's FQDN
+        from the netmap (without the trailing dot)."""
+        node = self._node_at(_sockaddr(peer.getpeername()))
+        name = str((node or {}).get("fqdn") or "").rstrip(".")
+        if not name:
+            raise BackendError(f"the netmap has no name for the peer at {addr} to verify "
+                               "its certificate for; pass server_name")
+        return name
 
     async def _connect(self, network: str, addr: str) -> socket.socket:
         if network not in ("tcp", "tcp4", "tcp6"):
@@ -703,6 +843,26 @@ class Datapath:
             closed(sp)
             raise
         return True
+
+
+def _drop(conn: socket.socket, tls: TLSSession | None, *, rst: bool = True) -> None:
+    """Close a tailnet socket that never reached a relay (with a reset unless ``rst`` is
+    false); a TLS flow's socket belongs to its layer's transport, which is aborted."""
+    if tls is not None:
+        tls[0].reset(rst=rst)
+    elif rst:
+        reset(conn)
+    else:
+        conn.close()
+
+
+def _tls_relay(tls: TLSSession | None) -> Callable[..., Relay] | None:
+    """The relay factory of `Datapath._splice` for a TLS flow (None: the default one)."""
+    if tls is None:
+        return None
+    from tsnet2.daemon.tls import TLSSplice
+    layer = tls[0]
+    return lambda flow, **kw: TLSSplice(flow, layer, **kw)
 
 
 class _AppWatch:

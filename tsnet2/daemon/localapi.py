@@ -23,7 +23,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
 
@@ -104,9 +104,12 @@ class LocalAPI:
         self.register("status", read_only=True, handler=self.status)
         self.register("whois", read_only=True, handler=self.whois)
         self.register("watch-ipn-bus", read_only=True, handler=self.watch_ipn_bus)
+        self.register("cert/", read_only=True, handler=self.cert)
+        self.register("tailnet-ca", read_only=True, handler=self.tailnet_ca)
 
     def register(self, name: str, *, read_only: bool, handler: Handler) -> None:
-        """Add an endpoint; a duplicate name is a programming error."""
+        """Add an endpoint; a duplicate name is a programming error. A name ending in
+        ``/`` (``cert/``) serves every path under it."""
         if name in self.routes:
             raise ValueError(f"duplicate LocalAPI endpoint {name!r}")
         self.routes[name] = (read_only, handler)
@@ -117,6 +120,8 @@ class LocalAPI:
             if req.endpoint == name or (name.endswith("/") and req.endpoint.startswith(name)):
                 return _error(403, f"{req.endpoint}: {reason}")
         route = self.routes.get(req.endpoint)
+        if route is None and "/" in req.endpoint:
+            route = self.routes.get(req.endpoint.split("/", 1)[0] + "/")
         if route is None:
             return _error(404, f"{req.endpoint}: no such LocalAPI endpoint")
         read_only, handler = route
@@ -159,6 +164,38 @@ class LocalAPI:
         if node is None:
             return _error(404, "no match for IP:port")
         return _json(200, tailscale.whois_response(node, self.backend.domain))
+
+    async def cert(self, req: LocalAPIRequest) -> Reply:
+        """GET /localapi/v0/cert/<domain>?type=cert: the node's certificate chain (PEM: leaf,
+        then the tailnet CA). ``type=key`` and ``type=pair`` (Tailscale's default) are
+        refused: the key stays in tsnet2d, which terminates TLS itself (listen_tls)."""
+        kind = req.query.get("type", ["pair"])[0]
+        if kind in ("key", "pair", ""):
+            return _error(403, "the node's private key never leaves tsnet2d; use listen_tls "
+                          "(the daemon terminates TLS) or ?type=cert for the certificate")
+        if kind != "cert":
+            return _error(400, f"invalid 'type' parameter {kind!r}: only type=cert is served")
+        domain = unquote(req.endpoint[len("cert/"):]).rstrip(".").lower()
+        domains = self.backend.cert_domains()
+        if domains is None:
+            return _error(503, "the node is not running yet; it gets its certificate when it "
+                          "is up")
+        if domain not in domains:
+            return _error(404, f"{domain or '(none)'} is not a cert domain of this node; it "
+                          f"has {', '.join(domains) or 'none'}")
+        certs = self.backend.certs
+        chain, info = certs.chain_pem(), certs.info()
+        if chain is None or info is None or domain not in info.names:
+            return _error(503, certs.server_context_error())
+        return Reply(200, chain, "application/x-pem-file")
+
+    async def tailnet_ca(self, req: LocalAPIRequest) -> Reply:
+        """GET /localapi/v0/tailnet-ca: the tailnet CA certificate (PEM) that every node's
+        certificate chains to; what an app verifying tailnet TLS trusts."""
+        ca = self.backend.certs.ca_pem()
+        if ca is None:
+            return _error(503, self.backend.certs.server_context_error())
+        return Reply(200, ca, "application/x-pem-file")
 
     async def watch_ipn_bus(self, req: LocalAPIRequest) -> None:
         """GET /localapi/v0/watch-ipn-bus?mask=N: a stream of ipn.Notify JSON lines."""

@@ -13,6 +13,7 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.flow_closed(direction, result, duration_s)   # once per opened flow; result "ok"|"error"|"cut"
     m.flow_refused(direction, reason)              # a flow that never opened (see REFUSE_REASONS)
     # accept slots (parked app connections waiting for inbound flows)
+    m.tls_handshake(direction, result, seconds)    # a TLS handshake of the daemon ended
     m.slot_parked(+1) / m.slot_parked(-1)          # a slot joins / leaves a listener's queue
     m.slot_wait(seconds)                           # how long an inbound flow waited for a slot
     m.slot_dropped(reason)                         # removed without a flow (SLOT_DROP_REASONS)
@@ -33,6 +34,7 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.dns_query(transport, result)                 # the DNS responder answered a query
     m.udp_datagram(stream)                         # one UDP datagram relayed (tsnet2.daemon.udp)
     m.udp_dropped(reason)                          # one UDP datagram dropped (UDP_DROP_REASONS)
+    m.tls_cert_renewal(result, not_after)          # a certificate request ended ("ok"|"error")
     m.render() -> bytes                            # text exposition format (HealthServer uses it)
 
 Label values are bounded by construction: `direction`, `stream` and `result` outside their
@@ -86,6 +88,7 @@ REFUSE_REASONS: dict[str, tuple[str, ...]] = {
         "dial_timeout",  # the TCP connect timed out
         "app_gone",  # the app hung up before the dial reply reached it
         "log_unavailable",  # the `open` record could not be written
+        "tls_failed",  # a TLS dial's handshake or certificate check failed
         OTHER,
     ),
     "in": (
@@ -94,6 +97,8 @@ REFUSE_REASONS: dict[str, tuple[str, ...]] = {
         "no_slot",  # no parked accept slot within the slot wait limit
         "log_unavailable",
         "target_failed",  # a serve flow's target in the pod could not be connected
+        "tls_failed",  # a listen_tls flow's handshake failed or timed out
+        "tls_busy",  # a listen_tls listener had its maximum of handshakes in progress
         OTHER,
     ),
 }
@@ -145,6 +150,8 @@ UDP_DROP_REASONS: tuple[str, ...] = (
     "log_unavailable",  # the traffic log could not take the flow's records
     OTHER,
 )
+#: How a request for the node's TLS certificate ended (tsnet2.daemon.certs).
+TLS_RENEWAL_RESULTS: tuple[str, ...] = ("ok", "error")
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
 MAX_RECORD_KINDS = 16
@@ -155,6 +162,9 @@ FLOW_DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 18
                          4 * 3600.0)
 # Seconds. An inbound flow waits at most SLOT_WAIT (10 s) for a slot.
 SLOT_WAIT_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Seconds. A TLS handshake in the daemon is given up after 10 s.
+TLS_HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+TLS_RESULTS: tuple[str, ...] = ("ok", "error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,6 +320,13 @@ class Metrics:
             "tsnet2_accept_slot_wait_seconds",
             "Time an inbound flow waited for a parked accept slot (handed over or given up).",
             buckets=SLOT_WAIT_BUCKETS, registry=r)
+        self.tls_handshakes = Counter(
+            "tsnet2_tls_handshakes_total",
+            "TLS handshakes the daemon did (in: listen_tls, out: TLS dials), by result.",
+            ["direction", "result"], registry=r)
+        self.tls_handshake_seconds = Histogram(
+            "tsnet2_tls_handshake_seconds", "Duration of the daemon's TLS handshakes.",
+            ["direction"], buckets=TLS_HANDSHAKE_BUCKETS, registry=r)
         self.slots_dropped = Counter(
             "tsnet2_accept_slots_dropped_total", "Accept slots removed without a flow, by reason.",
             ["reason"], registry=r)
@@ -372,6 +389,16 @@ class Metrics:
         self.udp_drops = Counter(
             "tsnet2_udp_datagrams_dropped_total",
             "UDP datagrams the daemon dropped, by reason.", ["reason"], registry=r)
+        # The node's TLS certificate (tsnet2.daemon.certs).
+        self.tls_cert_expiry = Gauge(
+            "tsnet2_tls_cert_expiry_timestamp_seconds",
+            "Unix time the node's TLS certificate expires (0 while it has none).", registry=r)
+        self.tls_cert_renewals = Counter(
+            "tsnet2_tls_cert_renewals_total",
+            "Requests for the node's TLS certificate (first issue and renewals), by result.",
+            ["result"], registry=r)
+        for tls_result in TLS_RENEWAL_RESULTS:
+            self.tls_cert_renewals.labels(tls_result)
         self.peer_collector = PeerCollector(peers)
         r.register(self.peer_collector, self.peer_collector.names())
 
@@ -386,6 +413,9 @@ class Metrics:
                 self.flow_bytes_total.labels(d, s)
             for reason in REFUSE_REASONS[d]:
                 self.flows_refused.labels(d, reason)
+            self.tls_handshake_seconds.labels(d)
+            for tres in TLS_RESULTS:
+                self.tls_handshakes.labels(d, tres)
         for reason in SLOT_DROP_REASONS:
             self.slots_dropped.labels(reason)
         for kind in RECORD_KINDS:
@@ -450,6 +480,15 @@ class Metrics:
         """A flow that never opened (dial failure, no slot, ...); see `REFUSE_REASONS`."""
         d = _direction(direction)
         self.flows_refused.labels(d, reason if reason in REFUSE_REASONS[d] else OTHER).inc()
+
+    def tls_handshake(self, direction: FlowDirection, result: str, seconds: float) -> None:
+        """A TLS handshake of the daemon ended: ``"ok"`` or ``"error"`` (failed, timed
+        out), after ``seconds``."""
+        d = _direction(direction)
+        if result not in TLS_RESULTS:
+            raise ValueError(f'result must be "ok" or "error", got {result!r}')
+        self.tls_handshakes.labels(d, result).inc()
+        self.tls_handshake_seconds.labels(d).observe(max(0.0, float(seconds)))
 
     # ---- accept slots ----------------------------------------------------------------
 
@@ -548,6 +587,19 @@ class Metrics:
     def udp_dropped(self, reason: str) -> None:
         """The daemon dropped a UDP datagram; see `UDP_DROP_REASONS`."""
         self.udp_drops.labels(reason if reason in UDP_DROP_REASONS else OTHER).inc()
+
+    def tls_cert_renewal(self, result: str, not_after: float | None = None) -> None:
+        """A certificate request ended: "ok" (``not_after``: the new expiry, unix seconds)
+        or "error"."""
+        if result not in TLS_RENEWAL_RESULTS:
+            raise ValueError(f'result must be "ok" or "error", got {result!r}')
+        self.tls_cert_renewals.labels(result).inc()
+        if not_after is not None:
+            self.tls_cert_expiry.set(not_after)
+
+    def set_tls_cert_expiry(self, not_after: float) -> None:
+        """The certificate in use expires at ``not_after`` (unix seconds; 0: none)."""
+        self.tls_cert_expiry.set(not_after)
 
     # ---- exposition ------------------------------------------------------------------
 

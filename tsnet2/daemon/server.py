@@ -203,6 +203,7 @@ class Daemon:
         self.backend.refusal_log = self.datapath
         # Where apps' forward sockets must be (listen_socket): the directory of --socket.
         self.socket_dir = Path(os.path.abspath(config.socket_path)).parent
+        self.backend.certs.configure(bundle_dir=self.socket_dir, metrics=self.metrics)
         self.backend.on_lost = self._wake_supervisor
         # Serve, egress and DNS load their modules only when configured: a daemon without
         # them starts no smaller for code it never runs.
@@ -798,9 +799,11 @@ class Daemon:
             forward = forward_for(params.forward_socket, params.forward_mode,
                                   self.socket_dir, peer_uid(session.sock))
         lst = await self.datapath.register_listener(params.network, params.addr, session,
-                                                    forward=forward)
+                                                    forward=forward, tls=params.tls,
+                                                    alpn=params.alpn)
         return proto.RegisterListenerResult(
             listener_id=lst.id, addr=lst.addr, forward_socket=params.forward_socket,
+            tls=lst.tls is not None,
             max_datagram=lst.udp.limit if lst.udp is not None else 0)
 
     async def _unregister_listener(self, params: proto.UnregisterListenerParams,

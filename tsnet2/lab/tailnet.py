@@ -67,8 +67,10 @@ class LocalTailnet:
     """Control server + daemons in a lab; `close()` stops everything it started."""
 
     def __init__(self, lab: Lab, *, domain: str = "tail-scale.ts.net",
-                 ephemeral_timeout: float = 30.0) -> None:
+                 ephemeral_timeout: float = 30.0, control_args: tuple[str, ...] = ()) -> None:
+        """``control_args``: more ``tsnet2 control serve`` flags (e.g. ``--cert-lifetime``)."""
         self.lab = lab
+        self.control_args = control_args
         self.domain = domain
         self.ephemeral_timeout = ephemeral_timeout
         self.dir = lab.dir / "tailnet"
@@ -92,7 +94,8 @@ class LocalTailnet:
         """Start (or restart) the control server in the hub; return its URL."""
         argv = [sys.executable, "-m", "tsnet2.control", "serve",
                 "--listen", f"{self.lab.hub_ip}:{CONTROL_PORT}", "--db", str(self.db),
-                "--domain", self.domain, "--ephemeral-timeout", str(self.ephemeral_timeout)]
+                "--domain", self.domain, "--ephemeral-timeout", str(self.ephemeral_timeout),
+                *self.control_args]
         with open(self.control_log, "ab") as logf:
             size = self.control_log.stat().st_size
             proc = self.lab.popen(self.lab.hub, argv, stdout=logf, stderr=logf)

@@ -7,6 +7,7 @@ import socket
 import time
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 from tsnet2 import proto
 from tsnet2.client import _backend_async as backend
@@ -96,6 +97,21 @@ class AsyncLocalClient:
         """
         op = "tsnet2.LocalClient.whois"
         return decode_json_object(op, await self._request(op, whois_target(addr)))
+
+    async def cert_pem(self, domain: str) -> bytes:
+        """The node's certificate chain for ``domain`` (one of ``cert_domains()``), PEM:
+        the leaf, then the tailnet CA. Only the certificate: the key stays in tsnet2d
+        (``listen_tls``). Raises LocalAPIError: 404 for a domain not the node's, 503 while
+        it has no certificate."""
+        op = "tsnet2.LocalClient.cert_pem"
+        target = "/localapi/v0/cert/" + quote(domain, safe="") + "?type=cert"
+        return await self._request(op, target)
+
+    async def tailnet_ca_pem(self) -> bytes:
+        """The tailnet CA certificate (PEM) that peers' certificates chain to (also written
+        as ``tailnet-ca.pem`` next to the daemon socket). Raises LocalAPIError (503 while
+        the daemon does not know it yet)."""
+        return await self._request("tsnet2.LocalClient.tailnet_ca_pem", "/localapi/v0/tailnet-ca")
 
     async def watch_ipn_bus(self, mask: int = 0) -> AsyncIPNBusWatcher:
         """Stream IPN bus notifications (``/localapi/v0/watch-ipn-bus?mask=N``).

@@ -6,7 +6,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -32,6 +32,7 @@ from tsnet2.client._backend_sync import TailnetSocket  # AsyncServer.dial_socket
 # unasync: end
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
+    LISTEN_TLS_TIMEOUT,
     RECONNECT_BACKOFF_MAX,
     REPARK_BACKOFF_MAX,
     REPARK_CONNECT_TIMEOUT,
@@ -301,11 +302,14 @@ class AsyncServer(ServerBase):
                 continue
             b = ln._binding
             params = _base.relisten_params(b.network, b.addr, b.forward_socket,
-                                           b.forward_mode)
+                                           b.forward_mode, b.tls, b.alpn)
             try:
-                listener_id, bound = _base.parse_register_result(
-                    await control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
-                )
+                result = await control.request(op, REGISTER_LISTENER, params,
+                                               LISTEN_TLS_TIMEOUT if b.tls else RPC_TIMEOUT)
+                listener_id, bound = _base.parse_register_result(result)
+                if b.tls and not result.tls:
+                    await self._unregister(listener_id)
+                    _base.check_tls_echo(op, self.socket_path, result)
                 _base.check_relisten_addr(b.addr, bound)
             except DaemonUnavailableError:
                 break  # gone again: the listeners' accept() will reconnect once more
@@ -510,9 +514,52 @@ class AsyncServer(ServerBase):
         self._listeners.add(ln)
         return ln
 
-    async def listen_tls(self, network: str, addr: str) -> AsyncListener:
-        """Not implemented: always raises NotSupportedError."""
-        raise NotSupportedError("tsnet2.listen_tls: not implemented")
+    async def listen_tls(
+        self, network: str, addr: str, *, alpn: Sequence[str] | None = None
+    ) -> AsyncListener:
+        """Listen on the tailnet with TLS that the daemon terminates with the node's
+        certificate (for its FQDN, issued by the tailnet CA): accepted connections carry
+        plaintext, the daemon's traffic log keeps the plaintext, and this process never
+        holds a key.
+
+        ``network``/``addr`` as for :meth:`listen` (``":443"``); ``alpn`` lists the
+        application protocols to offer, in preference order (``["h2", "http/1.1"]``;
+        None: no ALPN). Each accepted connection's ``.tls`` is the session
+        (:class:`~tsnet2.TLSInfo`: ``version``, ``cipher``, the ``sni`` the client asked
+        for and the negotiated ``alpn``). Clients verify the node with the tailnet CA
+        (``tailnet-ca.pem`` next to the daemon's socket; docs/tls.md)::
+
+            ln = await srv.listen_tls("tcp", ":443", alpn=["http/1.1"])
+            conn = await ln.accept()
+            print(conn.tls.alpn, conn.tls.sni)   # http/1.1 web.tailnet.example
+            # conn carries plaintext; the daemon decrypted it
+
+        Raises NoCertificateError while the node has no certificate (the control server
+        issues none yet), NotSupportedError if the daemon is too old to terminate TLS.
+        """
+        op = "tsnet2.listen_tls"
+        _base.check_listen_args(op, network, addr)
+        protocols = _base.check_alpn(op, alpn)
+        await self.start()
+        result = await self._rpc(
+            op, REGISTER_LISTENER,
+            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols),
+            LISTEN_TLS_TIMEOUT,
+        )
+        listener_id, bound = _base.parse_register_result(result)
+        if not result.tls:
+            await self._unregister(listener_id)
+            _base.check_tls_echo(op, self.socket_path, result)
+        binding = _base.ListenerBinding(network, bound, listener_id, self._gen, tls=True,
+                                        alpn=protocols)
+        ln = AsyncListener(self, binding, self.accept_slots)
+        self._listeners.add(ln)
+        try:
+            await ln._park_initial()
+        except BaseException:
+            await ln.aclose()
+            raise
+        return ln
 
     async def _unregister(self, listener_id: str) -> None:
         control = self._control
@@ -566,6 +613,37 @@ class AsyncServer(ServerBase):
             if sock.fileno() != -1:
                 close_quietly(sock)
 
+    async def dial_tls(
+        self, network: str, addr: str, *, server_name: str | None = None,
+        alpn: Sequence[str] | None = None, timeout: float | None = None,
+    ) -> AsyncConn:
+        """Connect to ``addr`` with TLS that the daemon originates: it verifies the peer's
+        certificate against the tailnet CA, for ``server_name`` or else the dialled node's
+        FQDN, and the connection carries plaintext (the traffic log keeps it, and records
+        the session on the flow's ``open`` record).
+
+        ``alpn`` lists protocols to offer; ``timeout`` as for :meth:`dial` (it bounds the
+        handshake too). The connection's ``.tls`` is the session (:class:`~tsnet2.TLSInfo`,
+        ``peer_name`` the verified name)::
+
+            conn = await srv.dial_tls("tcp", "web:443", alpn=["http/1.1"])
+            print(conn.tls.peer_name, conn.tls.version)   # web.tailnet.example TLSv1.3
+            # conn carries plaintext; the daemon encrypts it
+
+        Raises TLSError (a DialError) when the handshake or the verification fails (the
+        message says why, like ``certificate verify failed: Hostname mismatch``), the
+        errors of :meth:`dial` otherwise, NotSupportedError if the daemon is too old to
+        originate TLS.
+        """
+        op = "tsnet2.dial_tls"
+        options = _base.tls_dial_options(op, server_name, alpn)
+        sock, local, remote, info = await self._dial_flow(op, network, addr, timeout, options)
+        try:
+            return await backend.make_conn(sock, local, remote, info)
+        finally:
+            if sock.fileno() != -1:
+                close_quietly(sock)
+
     # unasync: async-only
     async def dial_socket(
         self, network: str, addr: str, timeout: float | None = None
@@ -592,6 +670,16 @@ class AsyncServer(ServerBase):
     ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
         """Dial through the daemon; return the channel (its header read) and the flow's
         tailnet ends. The caller owns the socket."""
+        sock, local, remote, _ = await self._dial_flow(op, network, addr, timeout, None)
+        return sock, local, remote
+
+    async def _dial_flow(
+        self, op: str, network: str, addr: str, timeout: float | None,
+        tls: proto.TLSDialOptions | None,
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None, proto.TLSInfo | None]:
+        """Dial through the daemon; return the channel (its header read), the flow's
+        tailnet ends and, for a TLS dial (``tls``), the session. The caller owns the
+        socket."""
         _base.check_dial_args(op, network, addr)
         await self.start()
         if not await self._control_alive():
@@ -604,7 +692,7 @@ class AsyncServer(ServerBase):
             int(proto.ChannelKind.DIAL),
             op,
             connect_deadline,
-            payload=proto.encode_dial_request(network, addr),
+            payload=proto.encode_dial_request(network, addr, tls),
         )
         try:
             try:
@@ -621,12 +709,14 @@ class AsyncServer(ServerBase):
                 raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
             if not reply.ok:
                 raise _base.dial_error(op, reply)
+            if tls is not None:
+                _base.check_tls_reply(op, self.socket_path, reply)
             local = _base.parse_tailnet_addr(reply.local or "")
             remote = _base.parse_tailnet_addr(reply.remote or "")
         except BaseException:
             close_quietly(sock)
             raise
-        return sock, local, remote
+        return sock, local, remote, reply.tls if tls is not None else None
 
     def http_client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` whose connections are dials through this server.
@@ -691,6 +781,7 @@ class AsyncListener(_base.ListenerBase):
         network: "tcp", "tcp4" or "tcp6".
         addr: the bound address as the daemon reported it, like ``":8080"``.
         listener_id: the daemon's id for this listener.
+        tls: True for a ``listen_tls`` listener (connections carry plaintext and ``.tls``).
     """
 
     def __init__(
@@ -805,7 +896,7 @@ class AsyncListener(_base.ListenerBase):
             local = _base.parse_tailnet_addr(header.local)
             remote = _base.parse_tailnet_addr(header.remote)
             self._backoff = BACKOFF_INITIAL
-            return await backend.make_conn(sock, local, remote)
+            return await backend.make_conn(sock, local, remote, header.tls)
         finally:
             if sock.fileno() != -1:
                 close_quietly(sock)

@@ -9,6 +9,7 @@ import socket
 import time
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 from tsnet2 import proto
 from tsnet2.client import _backend_sync as backend
@@ -98,6 +99,21 @@ class LocalClient:
         """
         op = "tsnet2.LocalClient.whois"
         return decode_json_object(op, self._request(op, whois_target(addr)))
+
+    def cert_pem(self, domain: str) -> bytes:
+        """The node's certificate chain for ``domain`` (one of ``cert_domains()``), PEM:
+        the leaf, then the tailnet CA. Only the certificate: the key stays in tsnet2d
+        (``listen_tls``). Raises LocalAPIError: 404 for a domain not the node's, 503 while
+        it has no certificate."""
+        op = "tsnet2.LocalClient.cert_pem"
+        target = "/localapi/v0/cert/" + quote(domain, safe="") + "?type=cert"
+        return self._request(op, target)
+
+    def tailnet_ca_pem(self) -> bytes:
+        """The tailnet CA certificate (PEM) that peers' certificates chain to (also written
+        as ``tailnet-ca.pem`` next to the daemon socket). Raises LocalAPIError (503 while
+        the daemon does not know it yet)."""
+        return self._request("tsnet2.LocalClient.tailnet_ca_pem", "/localapi/v0/tailnet-ca")
 
     def watch_ipn_bus(self, mask: int = 0) -> IPNBusWatcher:
         """Stream IPN bus notifications (``/localapi/v0/watch-ipn-bus?mask=N``).

@@ -8,7 +8,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -30,6 +30,7 @@ from tsnet2.client._backend_sync import TailnetSocket
 
 from tsnet2.client._base import (
     BACKOFF_INITIAL,
+    LISTEN_TLS_TIMEOUT,
     RECONNECT_BACKOFF_MAX,
     REPARK_BACKOFF_MAX,
     REPARK_CONNECT_TIMEOUT,
@@ -299,11 +300,14 @@ class Server(ServerBase):
                 continue
             b = ln._binding
             params = _base.relisten_params(b.network, b.addr, b.forward_socket,
-                                           b.forward_mode)
+                                           b.forward_mode, b.tls, b.alpn)
             try:
-                listener_id, bound = _base.parse_register_result(
-                    control.request(op, REGISTER_LISTENER, params, RPC_TIMEOUT)
-                )
+                result = control.request(op, REGISTER_LISTENER, params,
+                                               LISTEN_TLS_TIMEOUT if b.tls else RPC_TIMEOUT)
+                listener_id, bound = _base.parse_register_result(result)
+                if b.tls and not result.tls:
+                    self._unregister(listener_id)
+                    _base.check_tls_echo(op, self.socket_path, result)
                 _base.check_relisten_addr(b.addr, bound)
             except DaemonUnavailableError:
                 break  # gone again: the listeners' accept() will reconnect once more
@@ -503,9 +507,52 @@ class Server(ServerBase):
         self._listeners.add(ln)
         return ln
 
-    def listen_tls(self, network: str, addr: str) -> Listener:
-        """Not implemented: always raises NotSupportedError."""
-        raise NotSupportedError("tsnet2.listen_tls: not implemented")
+    def listen_tls(
+        self, network: str, addr: str, *, alpn: Sequence[str] | None = None
+    ) -> Listener:
+        """Listen on the tailnet with TLS that the daemon terminates with the node's
+        certificate (for its FQDN, issued by the tailnet CA): accepted connections carry
+        plaintext, the daemon's traffic log keeps the plaintext, and this process never
+        holds a key.
+
+        ``network``/``addr`` as for :meth:`listen` (``":443"``); ``alpn`` lists the
+        application protocols to offer, in preference order (``["h2", "http/1.1"]``;
+        None: no ALPN). Each accepted connection's ``.tls`` is the session
+        (:class:`~tsnet2.TLSInfo`: ``version``, ``cipher``, the ``sni`` the client asked
+        for and the negotiated ``alpn``). Clients verify the node with the tailnet CA
+        (``tailnet-ca.pem`` next to the daemon's socket; docs/tls.md)::
+
+            ln = srv.listen_tls("tcp", ":443", alpn=["http/1.1"])
+            conn = ln.accept()
+            print(conn.tls.alpn, conn.tls.sni)   # http/1.1 web.tailnet.example
+            # conn carries plaintext; the daemon decrypted it
+
+        Raises NoCertificateError while the node has no certificate (the control server
+        issues none yet), NotSupportedError if the daemon is too old to terminate TLS.
+        """
+        op = "tsnet2.listen_tls"
+        _base.check_listen_args(op, network, addr)
+        protocols = _base.check_alpn(op, alpn)
+        self.start()
+        result = self._rpc(
+            op, REGISTER_LISTENER,
+            proto.RegisterListenerParams(network, addr, tls=True, alpn=protocols),
+            LISTEN_TLS_TIMEOUT,
+        )
+        listener_id, bound = _base.parse_register_result(result)
+        if not result.tls:
+            self._unregister(listener_id)
+            _base.check_tls_echo(op, self.socket_path, result)
+        binding = _base.ListenerBinding(network, bound, listener_id, self._gen, tls=True,
+                                        alpn=protocols)
+        ln = Listener(self, binding, self.accept_slots)
+        self._listeners.add(ln)
+        try:
+            ln._park_initial()
+        except BaseException:
+            ln.close()
+            raise
+        return ln
 
     def _unregister(self, listener_id: str) -> None:
         control = self._control
@@ -559,12 +606,53 @@ class Server(ServerBase):
             if sock.fileno() != -1:
                 close_quietly(sock)
 
+    def dial_tls(
+        self, network: str, addr: str, *, server_name: str | None = None,
+        alpn: Sequence[str] | None = None, timeout: float | None = None,
+    ) -> TailnetSocket:
+        """Connect to ``addr`` with TLS that the daemon originates: it verifies the peer's
+        certificate against the tailnet CA, for ``server_name`` or else the dialled node's
+        FQDN, and the connection carries plaintext (the traffic log keeps it, and records
+        the session on the flow's ``open`` record).
+
+        ``alpn`` lists protocols to offer; ``timeout`` as for :meth:`dial` (it bounds the
+        handshake too). The connection's ``.tls`` is the session (:class:`~tsnet2.TLSInfo`,
+        ``peer_name`` the verified name)::
+
+            conn = srv.dial_tls("tcp", "web:443", alpn=["http/1.1"])
+            print(conn.tls.peer_name, conn.tls.version)   # web.tailnet.example TLSv1.3
+            # conn carries plaintext; the daemon encrypts it
+
+        Raises TLSError (a DialError) when the handshake or the verification fails (the
+        message says why, like ``certificate verify failed: Hostname mismatch``), the
+        errors of :meth:`dial` otherwise, NotSupportedError if the daemon is too old to
+        originate TLS.
+        """
+        op = "tsnet2.dial_tls"
+        options = _base.tls_dial_options(op, server_name, alpn)
+        sock, local, remote, info = self._dial_flow(op, network, addr, timeout, options)
+        try:
+            return backend.make_conn(sock, local, remote, info)
+        finally:
+            if sock.fileno() != -1:
+                close_quietly(sock)
+
 
     def _dial(
         self, op: str, network: str, addr: str, timeout: float | None
     ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
         """Dial through the daemon; return the channel (its header read) and the flow's
         tailnet ends. The caller owns the socket."""
+        sock, local, remote, _ = self._dial_flow(op, network, addr, timeout, None)
+        return sock, local, remote
+
+    def _dial_flow(
+        self, op: str, network: str, addr: str, timeout: float | None,
+        tls: proto.TLSDialOptions | None,
+    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None, proto.TLSInfo | None]:
+        """Dial through the daemon; return the channel (its header read), the flow's
+        tailnet ends and, for a TLS dial (``tls``), the session. The caller owns the
+        socket."""
         _base.check_dial_args(op, network, addr)
         self.start()
         if not self._control_alive():
@@ -577,7 +665,7 @@ class Server(ServerBase):
             int(proto.ChannelKind.DIAL),
             op,
             connect_deadline,
-            payload=proto.encode_dial_request(network, addr),
+            payload=proto.encode_dial_request(network, addr, tls),
         )
         try:
             try:
@@ -594,12 +682,14 @@ class Server(ServerBase):
                 raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
             if not reply.ok:
                 raise _base.dial_error(op, reply)
+            if tls is not None:
+                _base.check_tls_reply(op, self.socket_path, reply)
             local = _base.parse_tailnet_addr(reply.local or "")
             remote = _base.parse_tailnet_addr(reply.remote or "")
         except BaseException:
             close_quietly(sock)
             raise
-        return sock, local, remote
+        return sock, local, remote, reply.tls if tls is not None else None
 
     def http_client(self, **kwargs: Any) -> httpx.Client:
         """An ``httpx.Client`` whose connections are dials through this server.
@@ -664,6 +754,7 @@ class Listener(_base.ListenerBase):
         network: "tcp", "tcp4" or "tcp6".
         addr: the bound address as the daemon reported it, like ``":8080"``.
         listener_id: the daemon's id for this listener.
+        tls: True for a ``listen_tls`` listener (connections carry plaintext and ``.tls``).
     """
 
     def __init__(
@@ -778,7 +869,7 @@ class Listener(_base.ListenerBase):
             local = _base.parse_tailnet_addr(header.local)
             remote = _base.parse_tailnet_addr(header.remote)
             self._backoff = BACKOFF_INITIAL
-            return backend.make_conn(sock, local, remote)
+            return backend.make_conn(sock, local, remote, header.tls)
         finally:
             if sock.fileno() != -1:
                 close_quietly(sock)
