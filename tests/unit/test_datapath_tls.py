@@ -40,7 +40,7 @@ class Backend:
     def addresses(self) -> tuple[ipaddress.IPv4Address, None]:
         return LO, None
 
-    async def set_listeners(self, pairs: object) -> None:
+    async def set_listeners(self, pairs: object, udp: object = None) -> None:
         pass
 
     def node_by_addr(self, text: str) -> None:
