@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 import tsnet2
 from tsnet2 import proto
 from tsnet2.proto.udp import Datagram, FrameDecoder, Notice, encode_datagram
+from tsnet2.traffic import load_schema
 
 from .tailnet import TwoNodes, read_log, two_nodes, wait_for
 
@@ -35,10 +37,15 @@ def nodes() -> Iterator[TwoNodes]:
         yield n
 
 
+SCHEMA = jsonschema.Draft202012Validator(load_schema())
+
+
 def flows(path: Path) -> dict[str, dict[str, Any]]:
-    """The log's flows by conn_id: ``open``, ``data`` (list) and ``close`` records."""
+    """The log's flows by conn_id: ``open``, ``data`` (list) and ``close`` records (every
+    record checked against the traffic log's JSON Schema)."""
     out: dict[str, dict[str, Any]] = {}
     for r in read_log(path):
+        SCHEMA.validate({k: v for k, v in r.items() if k not in ("log_seq", "log_hash")})
         if r.get("kind") in ("open", "data", "close"):
             f = out.setdefault(r["conn_id"], {"open": None, "data": [], "close": None})
             if r["kind"] == "data":

@@ -155,3 +155,46 @@ def test_listener_buffer_is_bounded_and_records_match(tmp_path: Path) -> None:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_udp_dials_per_client_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tsnet2.daemon import udp as udp_mod
+
+    monkeypatch.setattr(udp_mod, "MAX_UDP_DIALS_PER_CLIENT", 1)
+
+    class Backend(FakeBackend):
+        def resolve(self, host: str, family: int | None) -> Any:
+            return LO
+
+    async def dial(dp: Datapath, target: str) -> tuple[socket.socket, bool, bytes]:
+        app, daemon_end = socket.socketpair()
+        daemon_end.setblocking(False)
+        req = proto.decode_dial_request(proto.encode_dial_request("udp", target))
+        owned = await dp.udp.dial(daemon_end, req, proto.LineReader(4096))
+        if not owned:
+            daemon_end.close()
+        buf = b""
+        while not buf.endswith(b"\n"):
+            buf += app.recv(1)
+        return app, owned, buf
+
+    async def main() -> None:
+        with TrafficLog(str(tmp_path / "t.jsonl"), mode="metadata") as log:
+            dp = Datapath(Backend(), log, lambda c: asyncio.ensure_future(c))  # type: ignore[arg-type]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer:
+                peer.bind(("127.0.0.1", 0))
+                target = f"127.0.0.1:{peer.getsockname()[1]}"
+                app1, owned1, reply1 = await dial(dp, target)
+                app2, owned2, reply2 = await dial(dp, target)
+                r1, r2 = proto.decode_dial_reply(reply1), proto.decode_dial_reply(reply2)
+                assert owned1 and r1.ok and r1.max_datagram == 1252
+                assert not owned2 and not r2.ok and r2.code == proto.ErrorCode.LIMIT
+                assert "at most 1 per client" in r2.err
+                await dp.udp.close_all()
+                app1.close()
+                app2.close()
+        recs = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+        rejects = [r for r in recs if r["kind"] == "reject"]
+        assert [(r["reason"], r["proto"]) for r in rejects] == [("over_limit", "udp")]
+
+    asyncio.run(main())

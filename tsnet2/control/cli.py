@@ -216,7 +216,7 @@ def add_control_commands(parser: argparse.ArgumentParser) -> None:
         default=ca.DEFAULT_CERT_LIFETIME,
         metavar="S",
         help="seconds a node certificate (POST /v1/cert, from the tailnet CA) is valid; "
-        f"nodes renew when a third is left (default {ca.DEFAULT_CERT_LIFETIME:g} = 90 days)",
+        f"nodes renew when a third is left (default {ca.DEFAULT_CERT_LIFETIME:.0f} = 90 days)",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -120,12 +120,12 @@ class ListenerRegistration:
     slots: collections.deque[Slot] = dataclasses.field(default_factory=collections.deque)
     slot_added: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
-    udp: Any = None  # a UDP listener's tsnet2.daemon.udp.UdpListener (no slots)
     # listen_tls: the daemon terminates TLS with the node's certificate (its context)
     tls: ssl.SSLContext | None = None
     alpn: tuple[str, ...] | None = None
     handshakes: int = 0  # TLS handshakes in progress (at most tls.MAX_HANDSHAKES)
     forward: Forwarder | None = None  # serve: the daemon forwards flows, no slots
+    udp: Any = None  # a UDP listener's tsnet2.daemon.udp.UdpListener (no slots)
 
 
 class Datapath:
@@ -172,16 +172,16 @@ class Datapath:
                                 forward: Forwarder | None = None, *, tls: bool = False,
                                 alpn: tuple[str, ...] | None = None) -> ListenerRegistration:
         """Bind a listener on the node's tailnet addresses; return it (port 0 resolved).
-        With ``forward``, the daemon serves its flows itself (`tsnet2.daemon.serve`).
-        With ``tls`` (``listen_tls``), the daemon terminates TLS on every flow with the
-        node's certificate, offering ``alpn``; no certificate is a ListenError with code
-        ``no_certificate``."""
+        With ``forward``, the daemon serves its flows itself (`tsnet2.daemon.serve`)."""
         udp = network in UDP_NETWORKS
         try:
             la = (self.udp.check_listen(network, addr) if udp
                   else proto.parse_listen_addr(network, addr))
         except proto.WireAddressError as exc:
             raise ListenError(f"daemon: {exc}", ErrorCode.BAD_REQUEST) from exc
+        if udp and (tls or forward is not None):
+            raise ListenError("daemon: a UDP listener has one packet channel; TLS (DTLS) and "
+                              "forward sockets are for TCP listeners", ErrorCode.BAD_REQUEST)
         if not self.backend.running:
             try:
                 await self.backend.wait_running(timeout=10)

@@ -32,9 +32,9 @@ API for wiring (the daemon calls these at each event; all are cheap, thread-safe
     m.connection_refused(reason)                   # a connection refused (CONN_REFUSE_REASONS)
     m.egress_request(proto, result)                # an egress proxy request ended
     m.dns_query(transport, result)                 # the DNS responder answered a query
-    m.tls_cert_renewal(result, not_after)          # a certificate request ended ("ok"|"error")
     m.udp_datagram(stream)                         # one UDP datagram relayed (tsnet2.daemon.udp)
     m.udp_dropped(reason)                          # one UDP datagram dropped (UDP_DROP_REASONS)
+    m.tls_cert_renewal(result, not_after)          # a certificate request ended ("ok"|"error")
     m.render() -> bytes                            # text exposition format (HealthServer uses it)
 
 Label values are bounded by construction: `direction`, `stream` and `result` outside their
@@ -139,8 +139,6 @@ DNS_TRANSPORTS: tuple[str, ...] = ("udp", "tcp")
 DNS_RESULTS: tuple[str, ...] = (
     "tailnet", "nxdomain", "forwarded", "servfail", "refused", "bad_request", "dropped", OTHER,
 )
-#: How a request for the node's TLS certificate ended (tsnet2.daemon.certs).
-TLS_RENEWAL_RESULTS: tuple[str, ...] = ("ok", "error")
 #: Why the daemon dropped a UDP datagram (tsnet2.daemon.udp).
 UDP_DROP_REASONS: tuple[str, ...] = (
     "too_large",  # a frame from the app over max_datagram (answered with a notice)
@@ -152,6 +150,8 @@ UDP_DROP_REASONS: tuple[str, ...] = (
     "log_unavailable",  # the traffic log could not take the flow's records
     OTHER,
 )
+#: How a request for the node's TLS certificate ended (tsnet2.daemon.certs).
+TLS_RENEWAL_RESULTS: tuple[str, ...] = ("ok", "error")
 _ERROR_CODES = frozenset(c.value for c in ErrorCode)
 RECORD_KINDS: tuple[str, ...] = ("open", "data", "close")
 MAX_RECORD_KINDS = 16
@@ -383,6 +383,12 @@ class Metrics:
             "tsnet2_dns_queries_total",
             "DNS responder queries, by transport and answer (tailnet: from the netmap).",
             ["transport", "result"], registry=r)
+        self.udp_datagrams = Counter(
+            "tsnet2_udp_datagrams_total",
+            "UDP datagrams relayed, by stream (app->peer, peer->app).", ["stream"], registry=r)
+        self.udp_drops = Counter(
+            "tsnet2_udp_datagrams_dropped_total",
+            "UDP datagrams the daemon dropped, by reason.", ["reason"], registry=r)
         # The node's TLS certificate (tsnet2.daemon.certs).
         self.tls_cert_expiry = Gauge(
             "tsnet2_tls_cert_expiry_timestamp_seconds",
@@ -393,12 +399,6 @@ class Metrics:
             ["result"], registry=r)
         for tls_result in TLS_RENEWAL_RESULTS:
             self.tls_cert_renewals.labels(tls_result)
-        self.udp_datagrams = Counter(
-            "tsnet2_udp_datagrams_total",
-            "UDP datagrams relayed, by stream (app->peer, peer->app).", ["stream"], registry=r)
-        self.udp_drops = Counter(
-            "tsnet2_udp_datagrams_dropped_total",
-            "UDP datagrams the daemon dropped, by reason.", ["reason"], registry=r)
         self.peer_collector = PeerCollector(peers)
         r.register(self.peer_collector, self.peer_collector.names())
 
@@ -578,6 +578,16 @@ class Metrics:
         self.dns_queries.labels(transport if transport in DNS_TRANSPORTS else "udp",
                                 result if result in DNS_RESULTS else OTHER).inc()
 
+    def udp_datagram(self, stream: Stream) -> None:
+        """One UDP datagram was relayed in `stream` ("app->peer" or "peer->app")."""
+        if stream not in STREAMS:
+            raise ValueError(f'stream must be "app->peer" or "peer->app", got {stream!r}')
+        self.udp_datagrams.labels(stream).inc()
+
+    def udp_dropped(self, reason: str) -> None:
+        """The daemon dropped a UDP datagram; see `UDP_DROP_REASONS`."""
+        self.udp_drops.labels(reason if reason in UDP_DROP_REASONS else OTHER).inc()
+
     def tls_cert_renewal(self, result: str, not_after: float | None = None) -> None:
         """A certificate request ended: "ok" (``not_after``: the new expiry, unix seconds)
         or "error"."""
@@ -590,16 +600,6 @@ class Metrics:
     def set_tls_cert_expiry(self, not_after: float) -> None:
         """The certificate in use expires at ``not_after`` (unix seconds; 0: none)."""
         self.tls_cert_expiry.set(not_after)
-
-    def udp_datagram(self, stream: Stream) -> None:
-        """One UDP datagram was relayed in `stream` ("app->peer" or "peer->app")."""
-        if stream not in STREAMS:
-            raise ValueError(f'stream must be "app->peer" or "peer->app", got {stream!r}')
-        self.udp_datagrams.labels(stream).inc()
-
-    def udp_dropped(self, reason: str) -> None:
-        """The daemon dropped a UDP datagram; see `UDP_DROP_REASONS`."""
-        self.udp_drops.labels(reason if reason in UDP_DROP_REASONS else OTHER).inc()
 
     # ---- exposition ------------------------------------------------------------------
 

@@ -803,8 +803,8 @@ class Daemon:
                                                     alpn=params.alpn)
         return proto.RegisterListenerResult(
             listener_id=lst.id, addr=lst.addr, forward_socket=params.forward_socket,
-            max_datagram=lst.udp.limit if lst.udp is not None else 0,
-            tls=lst.tls is not None)
+            tls=lst.tls is not None,
+            max_datagram=lst.udp.limit if lst.udp is not None else 0)
 
     async def _unregister_listener(self, params: proto.UnregisterListenerParams,
                                    session: Session) -> proto.Empty:

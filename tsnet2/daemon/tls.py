@@ -386,7 +386,7 @@ class ServerTLS:
     """
 
     def __init__(self, ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
+        # No reference to ctx here: ctx holds this object (its callback), not the reverse.
         self.sni: SNIMap = weakref.WeakKeyDictionary()
         self._alpn: weakref.WeakKeyDictionary[ssl.SSLObject, list[str]] = (
             weakref.WeakKeyDictionary())
@@ -400,25 +400,25 @@ class ServerTLS:
         except Exception:  # never let a callback error abort OpenSSL's handshake oddly
             log.exception("TLS SNI callback")
 
-    def wrap(self, alpn: Sequence[str] | None) -> tuple[ssl.SSLObject, ssl.MemoryBIO,
-                                                         ssl.MemoryBIO]:
-        """A server-side SSLObject offering ``alpn`` (None: no ALPN)."""
+    def wrap(self, ctx: ssl.SSLContext, alpn: Sequence[str] | None
+             ) -> tuple[ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+        """A server-side SSLObject of ``ctx`` offering ``alpn`` (None: no ALPN)."""
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        sslobj = self.ctx.wrap_bio(incoming, outgoing, server_side=True)
+        sslobj = ctx.wrap_bio(incoming, outgoing, server_side=True)
         if alpn:
             self._alpn[sslobj] = list(alpn)
         return sslobj, incoming, outgoing
 
 
-_server_tls: weakref.WeakKeyDictionary[ssl.SSLContext, ServerTLS] = (
-    weakref.WeakKeyDictionary())
+_SERVER_TLS = "_tsnet2_server_tls"  # the context's attribute holding its ServerTLS
 
 
 def server_tls(ctx: ssl.SSLContext) -> ServerTLS:
-    """The :class:`ServerTLS` of the node's server context (one per context)."""
-    st = _server_tls.get(ctx)
-    if st is None:
-        st = _server_tls[ctx] = ServerTLS(ctx)
+    """The :class:`ServerTLS` of the node's server context (one per context, kept on it)."""
+    st = getattr(ctx, _SERVER_TLS, None)
+    if not isinstance(st, ServerTLS):
+        st = ServerTLS(ctx)
+        setattr(ctx, _SERVER_TLS, st)
     return st
 
 
@@ -448,7 +448,7 @@ async def server_handshake(sock: socket.socket, ctx: ssl.SSLContext,
     the session. Raises :class:`TLSHandshakeFailed`."""
     st = server_tls(ctx)
     try:
-        sslobj, incoming, outgoing = st.wrap(alpn)
+        sslobj, incoming, outgoing = st.wrap(ctx, alpn)
     except BaseException:
         sock.close()
         raise

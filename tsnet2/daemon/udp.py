@@ -81,6 +81,7 @@ MAX_UDP_DIALS = 1024
 """UDP dial channels open at once in one daemon."""
 MAX_UDP_DIALS_PER_CLIENT = 256
 """UDP dial channels open at once per client process (SO_PEERCRED pid)."""
+NOTICE_SLACK = 16 * 1024  # notices may fill the app buffer this far past APP_BUFFER
 RECV_BATCH = 64  # datagrams read per readiness callback before yielding to the loop
 APP_READ = 65536 + 4
 
@@ -180,10 +181,10 @@ class _Channel:
 
     def send(self, frame: bytes, *, force: bool = False) -> bool:
         """Queue one frame for the app; False (nothing queued) when the buffer is full
-        (``force``: a notice, which may pass the bound by one frame)."""
+        (``force``: a notice, which may use :data:`NOTICE_SLACK` bytes more)."""
         if self.closed:
             return False
-        if not force and self.out_bytes + len(frame) > APP_BUFFER:
+        if self.out_bytes + len(frame) > APP_BUFFER + (NOTICE_SLACK if force else 0):
             return False
         view = memoryview(frame)
         if not self.out:
@@ -311,7 +312,7 @@ class _Endpoint:
     def reap(self, now: float, idle: float) -> None:
         for peer in list(self.flows.values()):
             if now - peer.last >= idle:
-                log.info("UDP flow %s idle for %.0fs; closed", peer.flow.conn_id, idle)
+                log.debug("UDP flow %s idle for %gs; closed", peer.flow.conn_id, idle)
                 self._close_peer(peer)
 
 
