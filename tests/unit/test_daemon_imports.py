@@ -41,12 +41,14 @@ def test_daemon_entry_points_do_not_import_aiohttp() -> None:
         assert banned not in mods, f"the daemon imported {banned}"
 
 
-def test_the_tls_datapath_is_loaded_only_for_tls_flows() -> None:
-    """tsnet2.daemon.tls is imported when a listen_tls flow or a TLS dial comes, not at
-    start-up (a daemon without TLS flows does not pay for it)."""
+def test_the_tls_and_udp_datapaths_are_loaded_only_when_used() -> None:
+    """tsnet2.daemon.tls is imported when a listen_tls flow or a TLS dial comes, and
+    tsnet2.daemon.udp with the first UDP dial or listener, not at start-up (a daemon
+    without them does not pay for them)."""
     mods = loaded_after("import tsnet2.daemon.server, tsnet2.daemon.cli")
     assert "tsnet2.daemon.datapath" in mods
     assert "tsnet2.daemon.tls" not in mods
+    assert "tsnet2.daemon.udp" not in mods
 
 
 def test_every_daemon_module_and_the_control_client_stay_lean() -> None:

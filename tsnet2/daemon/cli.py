@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tsnet2.daemon.backend import DeviceConfig
+from tsnet2.daemon.datapath import UDP_IDLE_TIMEOUT
 from tsnet2.daemon.egress_flags import add_egress_flags, egress_config
 from tsnet2.daemon.io import TCP_KEEPALIVE_IDLE
 from tsnet2.daemon.server import (
@@ -23,7 +24,6 @@ from tsnet2.daemon.server import (
     DaemonFatalError,
     no_dumps,
 )
-from tsnet2.daemon.udp import UDP_IDLE_TIMEOUT
 from tsnet2.proto.serve import ServeRule, parse_serve_rule
 
 USAGE_EXIT = 2
@@ -257,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         format="tsnet2d: %(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("tsnet2d").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # The node's certificate lifecycle is rare and worth seeing by default (one line per
+    # issue or renewal, docs/certs.md): a sidecar runs without -v.
+    logging.getLogger("tsnet2d.certs").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     metrics_addr = None
     if args.metrics_addr:
         host, sep, port = args.metrics_addr.rpartition(":")

@@ -34,17 +34,18 @@ from tsnet2.daemon.io import (
 )
 from tsnet2.daemon.metrics import Metrics
 from tsnet2.daemon.splice import Relay, Splice
-from tsnet2.daemon.udp import UDP_IDLE_TIMEOUT, UDP_NETWORKS, UdpDatapath
 from tsnet2.daemon.zerocopy import PipePool, PipeSplice, RelayMode
 from tsnet2.node import NodeError
 from tsnet2.node.nflog import NflogReader
 from tsnet2.proto import ErrorCode
+from tsnet2.proto.udp import UDP_NETWORKS
 from tsnet2.traffic import Flow, FlowVia, RejectReason, TrafficLog, TrafficLogError
 
 if TYPE_CHECKING:
     import ssl
 
     from tsnet2.daemon.tls import TLSLayer
+    from tsnet2.daemon.udp import UdpDatapath
     from tsnet2.proto.tls import TLSDialOptions, TLSInfo
 
 log = logging.getLogger("tsnet2d.datapath")
@@ -59,6 +60,8 @@ BACKLOG = 512
 # cmd/tsnet2d/daemon/daemon.go): the kernel's own ephemeral range would show the app other
 # numbers than the Go daemon does.
 EPHEMERAL_PORTS = range(10002, 20000)
+UDP_IDLE_TIMEOUT = 60.0
+"""Seconds without a datagram after which a UDP flow is reaped (``--udp-idle-timeout``)."""
 EARLY_DATA_MAX = 256 * 1024  # app bytes buffered while a dial connects (then we stop reading)
 CERT_WAIT = 10.0  # seconds listen_tls waits for a node's first certificate being requested
 
@@ -164,7 +167,18 @@ class Datapath:
         self.log_stalled = False  # the traffic log's stdout is behind: flows are paused
         self._ephemeral_count = 0  # port-0 ports handed out or skipped (the Go counter)
         self._nflog: NflogReader | None = None
-        self.udp = UdpDatapath(self, udp_idle_timeout)  # UDP dials and listeners
+        self.udp_idle_timeout = udp_idle_timeout
+        self._udp: UdpDatapath | None = None  # loaded with the first UDP dial or listener
+
+    @property
+    def udp(self) -> UdpDatapath:
+        """UDP dials and listeners (`tsnet2.daemon.udp`), imported on first use so a daemon
+        that never sees UDP does not carry the module."""
+        if self._udp is None:
+            from tsnet2.daemon.udp import UdpDatapath
+
+            self._udp = UdpDatapath(self, self.udp_idle_timeout)
+        return self._udp
 
     # ---- listeners -------------------------------------------------------------------
 
@@ -377,7 +391,8 @@ class Datapath:
                 if not slot.handed.done():
                     with contextlib.suppress(OSError):
                         slot.sock.send(refusal)  # a slot's buffer is empty: never blocks
-        await self.udp.close_all(notice=(message, ErrorCode.NODE_DOWN))
+        if self._udp is not None:
+            await self._udp.close_all(notice=(message, ErrorCode.NODE_DOWN))
         await self.close_all()
 
     def log_pressure(self) -> None:
@@ -393,7 +408,8 @@ class Datapath:
 
     async def close_all(self) -> None:
         """Daemon or node shutdown: listeners go, live flows are cut (and logged)."""
-        await self.udp.close_all()  # UDP flows are cut before their listeners go
+        if self._udp is not None:
+            await self._udp.close_all()  # UDP flows are cut before their listeners go
         for lid in list(self.listeners):
             await self.unregister_listener(lid)
         cut = list(self.splices)

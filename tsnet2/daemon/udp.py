@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from tsnet2 import proto
 from tsnet2.daemon import io
 from tsnet2.daemon.backend import BackendError, whois_summary
+from tsnet2.daemon.datapath import UDP_IDLE_TIMEOUT
 from tsnet2.node import MTU
 from tsnet2.proto import ErrorCode
 from tsnet2.proto.udp import (
@@ -71,8 +72,6 @@ __all__ = [
     "max_datagram",
 ]
 
-UDP_IDLE_TIMEOUT = 60.0
-"""Seconds without a datagram after which a UDP flow is reaped (``--udp-idle-timeout``)."""
 APP_BUFFER = 256 * 1024
 """Bytes of frames a channel holds for an app that does not read; more are dropped."""
 MAX_FLOWS_PER_LISTENER = 1024
