@@ -215,6 +215,12 @@ class Splice(Relay):
         """Attach both sockets; `pending` holds app bytes read along with the header."""
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(lambda: self.peer, peer_sock)
+        await self._attach_app(app_sock, pending)
+
+    async def _attach_app(self, app_sock: socket.socket, pending: bytes) -> None:
+        """With the peer side attached: forward ``pending`` (app bytes read along with the
+        header), then attach the app's socket; a log that refuses ``pending`` ends the flow
+        before the app is attached."""
         if pending:
             self.forward(self.app, pending)
             if self.error is not None:  # the log refused the early bytes: never attach
@@ -222,7 +228,7 @@ class Splice(Relay):
                 self.app.lost = True
                 self.side_lost(self.app, None)
                 return
-        await loop.connect_accepted_socket(lambda: self.app, app_sock)
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self.app, app_sock)
 
     def pause_for_log(self, paused: bool) -> None:
         """Stop (or resume) reading both sockets while the traffic log's stdout reader is

@@ -489,14 +489,6 @@ class TLSSplice(Splice):
         """Attach the TLS layer (``peer_sock`` is its socket, already on a transport) and
         the app's socket; ``pending`` goes to the peer first."""
         self.layer.attach(self.peer)
-        if pending:
-            self.forward(self.app, pending)
-            if self.error is not None:  # the log refused the early bytes: never attach
-                app_sock.close()
-                self.app.lost = True
-                self.side_lost(self.app, None)
-                return
-        loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: self.app, app_sock)
+        await self._attach_app(app_sock, pending)
         if self.log_paused:  # paused before the sockets were attached: now it can apply
             self.pause_for_log(True)

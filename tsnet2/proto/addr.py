@@ -75,14 +75,18 @@ def split_host_port(s: str) -> tuple[str, int]:
     return host, _parse_port(port, s)
 
 
-def parse_listen_addr(network: str, addr: str) -> ListenAddr:
+def parse_listen_addr(network: str, addr: str, *,
+                      networks: tuple[str, ...] = LISTEN_NETWORKS) -> ListenAddr:
     """Validate a listen request: network ``tcp``/``tcp4``/``tcp6`` and an IP-or-empty host.
 
     The host's family must match ``tcp4``/``tcp6`` (an IPv4-mapped IPv6 address counts
-    as IPv4). Raises :class:`WireAddressError`.
+    as IPv4). ``networks``: the accepted names, the plain one first and its ``4``/``6``
+    variants after it (``tsnet2.proto.udp.UDP_NETWORKS`` for UDP). Raises
+    :class:`WireAddressError`.
     """
-    if network not in LISTEN_NETWORKS:
-        raise WireAddressError(f'unsupported network "{network}"; expected tcp, tcp4 or tcp6')
+    if network not in networks:
+        raise WireAddressError(f'unsupported network "{network}"; expected '
+                               f'{", ".join(networks[:-1])} or {networks[-1]}')
     host_s, port = split_host_port(addr)
     host: IPAddress | None = None
     if host_s:
@@ -95,10 +99,10 @@ def parse_listen_addr(network: str, addr: str) -> ListenAddr:
             ) from None
         if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
             host = host.ipv4_mapped
-        if network == "tcp4" and host.version != 4:
-            raise WireAddressError(f"bad addr {addr!r}: network tcp4 needs an IPv4 host")
-        if network == "tcp6" and host.version != 6:
-            raise WireAddressError(f"bad addr {addr!r}: network tcp6 needs an IPv6 host")
+        if network.endswith("4") and host.version != 4:
+            raise WireAddressError(f"bad addr {addr!r}: network {network} needs an IPv4 host")
+        if network.endswith("6") and host.version != 6:
+            raise WireAddressError(f"bad addr {addr!r}: network {network} needs an IPv6 host")
         if host.is_unspecified:
             host = None
     return ListenAddr(network, host, port)

@@ -28,9 +28,9 @@ import json
 import struct
 from dataclasses import dataclass
 
-from tsnet2.proto.addr import IPAddress, ListenAddr, split_host_port
+from tsnet2.proto.addr import ListenAddr, parse_listen_addr, split_host_port
 from tsnet2.proto.codes import ErrorCode, parse_code
-from tsnet2.proto.errors import LocalProtocolError, RemoteProtocolError, WireAddressError
+from tsnet2.proto.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "KIND_DATAGRAM",
@@ -272,23 +272,4 @@ def parse_udp_listen_addr(network: str, addr: str) -> ListenAddr:
     """Validate a UDP listen request: network ``udp``/``udp4``/``udp6`` and an IP-or-empty
     host (the rules of :func:`~tsnet2.proto.addr.parse_listen_addr` for TCP). Raises
     :class:`WireAddressError`."""
-    if network not in UDP_NETWORKS:
-        raise WireAddressError(f'unsupported network "{network}"; expected udp, udp4 or udp6')
-    host_s, port = split_host_port(addr)
-    host: IPAddress | None = None
-    if host_s:
-        try:
-            host = ipaddress.ip_address(host_s)
-        except ValueError:
-            raise WireAddressError(
-                f"bad addr {addr!r}: host {host_s!r} is not an IP address "
-                "(listen hosts must be empty or an IP literal)") from None
-        if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
-            host = host.ipv4_mapped
-        if network == "udp4" and host.version != 4:
-            raise WireAddressError(f"bad addr {addr!r}: network udp4 needs an IPv4 host")
-        if network == "udp6" and host.version != 6:
-            raise WireAddressError(f"bad addr {addr!r}: network udp6 needs an IPv6 host")
-        if host.is_unspecified:
-            host = None
-    return ListenAddr(network, host, port)
+    return parse_listen_addr(network, addr, networks=UDP_NETWORKS)

@@ -416,14 +416,7 @@ class AsyncServer(ServerBase):
         )
         listener_id, bound = _base.parse_register_result(result)
         binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
-        ln = AsyncListener(self, binding, self.accept_slots)
-        self._listeners.add(ln)
-        try:
-            await ln._park_initial()
-        except BaseException:
-            await ln.aclose()
-            raise
-        return ln
+        return await self._park_listener(binding)
 
     async def listen_packet(self, network: str, addr: str) -> AsyncPacketListener:
         """Listen for UDP on the tailnet: ``network`` is udp, udp4 or udp6; ``addr`` like
@@ -552,6 +545,11 @@ class AsyncServer(ServerBase):
             _base.check_tls_echo(op, self.socket_path, result)
         binding = _base.ListenerBinding(network, bound, listener_id, self._gen, tls=True,
                                         alpn=protocols)
+        return await self._park_listener(binding)
+
+    async def _park_listener(self, binding: _base.ListenerBinding) -> AsyncListener:
+        """A new listener for a registered binding, its first accept slots parked (closed
+        again if parking fails)."""
         ln = AsyncListener(self, binding, self.accept_slots)
         self._listeners.add(ln)
         try:

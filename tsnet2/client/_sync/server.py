@@ -409,14 +409,7 @@ class Server(ServerBase):
         )
         listener_id, bound = _base.parse_register_result(result)
         binding = _base.ListenerBinding(network, bound, listener_id, self._gen)
-        ln = Listener(self, binding, self.accept_slots)
-        self._listeners.add(ln)
-        try:
-            ln._park_initial()
-        except BaseException:
-            ln.close()
-            raise
-        return ln
+        return self._park_listener(binding)
 
     def listen_packet(self, network: str, addr: str) -> PacketListener:
         """Listen for UDP on the tailnet: ``network`` is udp, udp4 or udp6; ``addr`` like
@@ -545,6 +538,11 @@ class Server(ServerBase):
             _base.check_tls_echo(op, self.socket_path, result)
         binding = _base.ListenerBinding(network, bound, listener_id, self._gen, tls=True,
                                         alpn=protocols)
+        return self._park_listener(binding)
+
+    def _park_listener(self, binding: _base.ListenerBinding) -> Listener:
+        """A new listener for a registered binding, its first accept slots parked (closed
+        again if parking fails)."""
         ln = Listener(self, binding, self.accept_slots)
         self._listeners.add(ln)
         try:
