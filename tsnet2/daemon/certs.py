@@ -3,8 +3,8 @@
 :class:`NodeCerts` belongs to the backend (``Backend.certs``). When the node reaches RUNNING
 the backend calls :meth:`NodeCerts.start`; one task it owns then:
 
-1. loads or creates the node's key, ``<state dir>/tls/node.key`` (EC P-256, mode 0600,
-   created once and reused across restarts; it never leaves the daemon);
+1. has the node's key, ``<state dir>/tls/node.key`` (EC P-256, mode 0600, created once and
+   reused across restarts; it never leaves the daemon's container);
 2. loads ``tls/node.crt`` and ``tls/ca.pem`` from a previous run if the certificate is still
    valid, matches the key and names the node's current FQDN;
 3. otherwise, and whenever a third of the certificate's lifetime is left, sends a CSR for
@@ -14,6 +14,11 @@ the backend calls :meth:`NodeCerts.start`; one task it owns then:
    (:data:`CA_BUNDLE_NAME`, mode 0644, atomic rename) and logs one line (serial, not_after);
 4. retries a failed request with exponential backoff (:data:`RETRY_MIN` .. :data:`RETRY_MAX`
    seconds, and never longer than a quarter of the time the current certificate has left).
+
+The X.509 work (making the key, the CSR, checking a chain) runs in a short-lived child
+process, :mod:`tsnet2.daemon.certtool`, so the daemon does not carry ``cryptography``'s X.509
+code and OpenSSL state for good (about 2.7 MB); the daemon loads the result with :mod:`ssl`.
+The server context is made when a TLS listener first asks for it.
 
 A control server without ``/v1/cert`` (404: an older ``tsnet2 control``) means the node runs
 without a certificate; :class:`CertUnavailable` says so. :meth:`NodeCerts.stop` cancels and
@@ -27,9 +32,11 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import ssl
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +78,9 @@ RETRY_MAX = 300.0
 """Longest pause (seconds) between attempts."""
 MAX_PEM = 64 * 1024
 """Largest certificate or key file read from the state dir."""
+TOOL_TIMEOUT = 60.0
+"""Seconds one :mod:`tsnet2.daemon.certtool` run may take (a loaded machine starts Python
+slowly); it is killed after that and the attempt counts as failed."""
 
 
 class CertUnavailable(Exception):
@@ -78,6 +88,50 @@ class CertUnavailable(Exception):
     says why and what to do. ``code`` is :data:`ErrorCode.NO_CERTIFICATE`."""
 
     code = ErrorCode.NO_CERTIFICATE
+
+
+class CertToolError(ValueError):
+    """A :mod:`tsnet2.daemon.certtool` run failed; ``key_problem`` when the node's key
+    cannot be read or created (the node then runs without a certificate)."""
+
+    def __init__(self, message: str, *, key_problem: bool = False) -> None:
+        super().__init__(message)
+        self.key_problem = key_problem
+
+
+async def run_certtool(command: str, key: Path, fqdn: str, stdin: bytes = b"") -> Any:
+    """Run ``python -m tsnet2.daemon.certtool command key fqdn`` and return its JSON.
+
+    The child gets this process's Python and finds this copy of the package; it is killed
+    after :data:`TOOL_TIMEOUT` seconds (or when the caller is cancelled). Raises
+    :class:`CertToolError` with the tool's message."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tsnet2.daemon.certtool", command, str(key), fqdn,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    try:
+        async with asyncio.timeout(TOOL_TIMEOUT):
+            out, err = await proc.communicate(stdin)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise CertToolError(lines[-1] if lines else f"certtool {command} exited with "
+                            f"status {proc.returncode}", key_problem=proc.returncode == 3)
+    try:
+        return json.loads(out)
+    except ValueError:
+        raise CertToolError(f"certtool {command} printed no JSON") from None
+
+
+def _info_from_json(doc: dict[str, Any]) -> CertInfo:
+    return CertInfo(**{**doc, "names": tuple(doc["names"])})
 
 
 class CertMetrics(Protocol):
@@ -298,8 +352,18 @@ class NodeCerts:
         """An SSLContext for terminating TLS with the node's certificate (TLS 1.2+). It is
         the same object across renewals (the renewed chain is loaded into it), so a
         listener may keep it. Raises :class:`CertUnavailable`."""
-        if self._server_ctx is None or self._info is None:
+        if self._info is None:
             raise CertUnavailable(self._why_none())
+        if self._server_ctx is None:  # made on first use: an idle daemon does not pay for it
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            tls_dir = self._dir()
+            try:
+                ctx.load_cert_chain(tls_dir / CERT_FILE, tls_dir / KEY_FILE)
+            except (OSError, ssl.SSLError) as exc:
+                raise CertUnavailable(f"daemon: cannot load the node's certificate from "
+                                      f"{tls_dir}: {exc}") from None
+            self._server_ctx = ctx
         if self._info.not_after <= time.time():
             raise CertUnavailable(
                 f"daemon: the node's certificate expired at {_rfc3339(self._info.not_after)} "
@@ -400,21 +464,13 @@ class NodeCerts:
 
     async def _run(self, control: ControlClient, credential: str,
                    fqdn: Callable[[], str]) -> None:
-        tls_dir = self._dir()
-        try:
-            key_pem = await asyncio.to_thread(_load_or_create_key, tls_dir / KEY_FILE)
-        except (OSError, ValueError) as exc:
-            self.unsupported = f"cannot create the node's TLS key in {tls_dir}: {exc}"
-            log.error("%s; the node runs without a TLS certificate", self.unsupported)
-            self._notify()
-            return
         if self._info is not None and fqdn() not in self._info.names:
             # Renamed since the last run: the old name's certificate is not served.
             self._info = self._chain_pem = None
             if self.metrics is not None:
                 self.metrics.set_tls_cert_expiry(0)
         if self._info is None:
-            await self._load_saved(key_pem, fqdn())
+            await self._load_saved(fqdn())
         delay = RETRY_MIN
         while True:
             info = self._info
@@ -423,7 +479,14 @@ class NodeCerts:
                 if wait > 0:
                     await asyncio.sleep(wait)
             try:
-                await self._request(control, credential, key_pem, fqdn())
+                await self._request(control, credential, fqdn())
+            except CertToolError as exc:
+                if exc.key_problem:
+                    self.unsupported = f"cannot use the node's TLS key: {exc}"
+                    log.error("%s; the node runs without a TLS certificate", self.unsupported)
+                    self._notify()
+                    return
+                delay = await self._failed(str(exc), delay)
             except ControlError as exc:
                 if exc.status == 404:
                     self.unsupported = (f"the control server {control.url} issues no "
@@ -456,11 +519,14 @@ class NodeCerts:
         await asyncio.sleep(pause)
         return min(delay * 2, RETRY_MAX)
 
-    async def _load_saved(self, key_pem: bytes, fqdn: str) -> None:
+    async def _load_saved(self, fqdn: str) -> None:
         """Use the certificate of a previous run if it is still good for ``fqdn``."""
+        tls_dir = self._dir()
         try:
-            chain = await asyncio.to_thread(_read, self._dir() / CERT_FILE)
-            ca, info = await asyncio.to_thread(_check_chain, chain, key_pem, fqdn)
+            chain = await asyncio.to_thread(_read, tls_dir / CERT_FILE)
+            if not (tls_dir / KEY_FILE).exists():
+                raise ValueError("the node's key is gone")
+            ca, info = await self._check(chain, fqdn)
         except FileNotFoundError:
             return
         except (OSError, ValueError) as exc:
@@ -471,16 +537,23 @@ class NodeCerts:
                  _rfc3339(info.not_after))
         self._notify()
 
-    async def _request(self, control: ControlClient, credential: str, key_pem: bytes,
-                       fqdn: str) -> None:
+    async def _check(self, chain: bytes, fqdn: str) -> tuple[bytes, CertInfo]:
+        """``_check_chain`` in the certtool child: the CA PEM and the leaf's info."""
+        out = await run_certtool("check", self._dir() / KEY_FILE, fqdn, chain)
+        return out["ca"].encode(), _info_from_json(out["info"])
+
+    async def _request(self, control: ControlClient, credential: str, fqdn: str) -> None:
         if not fqdn:
             raise ValueError("the node has no FQDN yet")
-        csr = await asyncio.to_thread(_make_csr, key_pem, fqdn)
-        result = await control.issue_cert(credential, csr)
+        key = self._dir() / KEY_FILE
+        made = await run_certtool("csr", key, fqdn)
+        if made["created_key"]:
+            log.info("created the node's TLS key %s", key)
+        result = await control.issue_cert(credential, made["csr"])
         chain = result.cert_chain.encode()
         if len(chain) > MAX_PEM:
             raise ValueError(f"the certificate chain is larger than {MAX_PEM} bytes")
-        ca, info = await asyncio.to_thread(_check_chain, chain, key_pem, fqdn)
+        ca, info = await self._check(chain, fqdn)
         await asyncio.to_thread(_write_atomic, self._dir() / CERT_FILE, chain, 0o600)
         renewed = self._info is not None
         self._install(chain, ca, info)
@@ -494,12 +567,9 @@ class NodeCerts:
     def _install(self, chain: bytes, ca: bytes, info: CertInfo) -> None:
         """Make ``chain`` (already in tls/node.crt) the certificate in use; write the CA."""
         tls_dir = self._dir()
-        if self._server_ctx is None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            self._server_ctx = ctx
-        # The same context object: listeners keep it, new handshakes use the new chain.
-        self._server_ctx.load_cert_chain(tls_dir / CERT_FILE, tls_dir / KEY_FILE)
+        if self._server_ctx is not None:
+            # The same context object: listeners keep it, new handshakes use the new chain.
+            self._server_ctx.load_cert_chain(tls_dir / CERT_FILE, tls_dir / KEY_FILE)
         self._chain_pem, self._info = chain, info
         if ca != self._ca_pem:
             self._ca_pem = ca
