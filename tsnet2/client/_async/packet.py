@@ -36,7 +36,6 @@ from tsnet2.client.errors import (
     ClosedError,
     DaemonUnavailableError,
     DatagramTooLargeError,
-    DeadlineExceededError,
     Error,
     ProtocolError,
 )
@@ -232,37 +231,8 @@ class AsyncPacketConn:
 async def dial_packet(server: AsyncServer, op: str, network: str, addr: str,
                       timeout: float | None) -> AsyncPacketConn:
     """Dial a UDP flow through the daemon (``Server.dial`` with a udp network)."""
-    _base.check_dial_args(op, network, addr, udp=True)
-    await server.start()
-    if not await server._control_alive():
-        await server._revive(op)
-    now = time.monotonic()
-    connect_deadline = now + (server.connect_timeout if timeout is None else timeout)
-    reply_deadline = None if timeout is None else now + timeout
-    sock = await connect_channel(server.socket_path, int(proto.ChannelKind.DIAL), op,
-                                 connect_deadline,
-                                 payload=proto.encode_dial_request(network, addr))
-    try:
-        try:
-            line = await read_header_line(sock, op, reply_deadline)
-        except HeaderEOF:
-            raise DaemonUnavailableError(
-                f"{op}: the daemon closed the connection without a reply") from None
-        except DeadlineExceededError:
-            raise DeadlineExceededError(f"{op}: no reply from the daemon in time") from None
-        try:
-            reply = proto.decode_dial_reply(line)
-        except proto.WireError as exc:
-            raise ProtocolError(f"{op}: bad dial reply: {exc}") from None
-        if not reply.ok:
-            raise _base.dial_error(op, reply)
-        if not reply.max_datagram:
-            raise _base.udp_unsupported(op, server.socket_path)
-        local = _base.parse_tailnet_addr(reply.local or "")
-        remote = _base.parse_tailnet_addr(reply.remote or "")
-    except BaseException:
-        close_quietly(sock)
-        raise
+    sock, reply, local, remote = await server._dial_flow(op, network, addr, timeout, None,
+                                                         udp=True)
     return AsyncPacketConn(sock, local, remote, reply.max_datagram)
 
 

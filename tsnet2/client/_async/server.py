@@ -635,9 +635,10 @@ class AsyncServer(ServerBase):
         """
         op = "tsnet2.dial_tls"
         options = _base.tls_dial_options(op, server_name, alpn)
-        sock, local, remote, info = await self._dial_flow(op, network, addr, timeout, options)
+        sock, reply, local, remote = await self._dial_flow(op, network, addr, timeout,
+                                                           options)
         try:
-            return await backend.make_conn(sock, local, remote, info)
+            return await backend.make_conn(sock, local, remote, reply.tls)
         finally:
             if sock.fileno() != -1:
                 close_quietly(sock)
@@ -668,17 +669,18 @@ class AsyncServer(ServerBase):
     ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None]:
         """Dial through the daemon; return the channel (its header read) and the flow's
         tailnet ends. The caller owns the socket."""
-        sock, local, remote, _ = await self._dial_flow(op, network, addr, timeout, None)
+        sock, _, local, remote = await self._dial_flow(op, network, addr, timeout, None)
         return sock, local, remote
 
     async def _dial_flow(
         self, op: str, network: str, addr: str, timeout: float | None,
-        tls: proto.TLSDialOptions | None,
-    ) -> tuple[socket.socket, TailnetAddr | None, TailnetAddr | None, proto.TLSInfo | None]:
-        """Dial through the daemon; return the channel (its header read), the flow's
-        tailnet ends and, for a TLS dial (``tls``), the session. The caller owns the
-        socket."""
-        _base.check_dial_args(op, network, addr)
+        tls: proto.TLSDialOptions | None, *, udp: bool = False,
+    ) -> tuple[socket.socket, proto.DialReply, TailnetAddr | None, TailnetAddr | None]:
+        """Dial through the daemon; return the channel (its header read), the daemon's
+        successful reply and the flow's tailnet ends. ``tls``: a TLS dial (the reply must
+        carry the session); ``udp``: a UDP dial (a udp ``network``; the reply must carry
+        ``max_datagram``). The caller owns the socket."""
+        _base.check_dial_args(op, network, addr, udp=udp)
         await self.start()
         if not await self._control_alive():
             await self._revive(op)  # DaemonUnavailableError if the daemon does not come back
@@ -709,12 +711,14 @@ class AsyncServer(ServerBase):
                 raise _base.dial_error(op, reply)
             if tls is not None:
                 _base.check_tls_reply(op, self.socket_path, reply)
+            if udp and not reply.max_datagram:
+                raise _base.udp_unsupported(op, self.socket_path)
             local = _base.parse_tailnet_addr(reply.local or "")
             remote = _base.parse_tailnet_addr(reply.remote or "")
         except BaseException:
             close_quietly(sock)
             raise
-        return sock, local, remote, reply.tls if tls is not None else None
+        return sock, reply, local, remote
 
     def http_client(self, **kwargs: Any) -> httpx.AsyncClient:
         """An ``httpx.AsyncClient`` whose connections are dials through this server.
