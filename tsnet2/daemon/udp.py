@@ -308,6 +308,15 @@ class _Endpoint:
         if self.channel is not None:
             self.channel.send(encode_notice(err, code, addr), force=True)
 
+    def too_large(self, ev: Oversized, limit: int) -> None:
+        """A frame from the app over ``limit`` (max_datagram): skipped by the decoder,
+        counted, and the app told (with the peer's address on a listener's channel)."""
+        self.udp.metrics.udp_dropped("too_large")
+        to = f" to {ev.addr}" if ev.addr else ""
+        self.notice(f"daemon: datagram of {ev.size} bytes{to} dropped: larger than "
+                    f"max_datagram {limit} (the tunnel MTU); send smaller ones",
+                    ErrorCode.DATAGRAM_TOO_LARGE, ev.addr)
+
     def reap(self, now: float, idle: float) -> None:
         for peer in list(self.flows.values()):
             if now - peer.last >= idle:
@@ -343,10 +352,7 @@ class UdpDial(_Endpoint):
     def _from_app(self, ev: Datagram | Notice | Oversized) -> None:
         m = self.udp.metrics
         if isinstance(ev, Oversized):
-            m.udp_dropped("too_large")
-            self.notice(f"daemon: datagram of {ev.size} bytes dropped: larger than "
-                        f"max_datagram {self.limit} (the tunnel MTU); send smaller ones",
-                        ErrorCode.DATAGRAM_TOO_LARGE)
+            self.too_large(ev, self.limit)
             return
         if not isinstance(ev, Datagram):
             return
@@ -446,10 +452,7 @@ class UdpListener(_Endpoint):
     def _from_app(self, ev: Datagram | Notice | Oversized) -> None:
         m = self.udp.metrics
         if isinstance(ev, Oversized):
-            m.udp_dropped("too_large")
-            self.notice(f"daemon: datagram of {ev.size} bytes to {ev.addr} dropped: larger "
-                        f"than max_datagram {self.limit} (the tunnel MTU); send smaller ones",
-                        ErrorCode.DATAGRAM_TOO_LARGE, ev.addr)
+            self.too_large(ev, self.limit)
             return
         if not isinstance(ev, Datagram):
             return
